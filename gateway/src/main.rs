@@ -1,1 +1,5 @@
-fn main() {}
+//! The `ferry` binary: the gateway daemon and the CLI that talks to it.
+
+fn main() -> std::process::ExitCode {
+    ferry::cli::main()
+}

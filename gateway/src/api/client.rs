@@ -1,0 +1,188 @@
+//! HTTPS client of the REST API, used by the CLI: trusts exactly the gateway certificate
+//! whose fingerprint it was given.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+use tokio_rustls::TlsConnector;
+
+use super::types::ErrorBody;
+use crate::identity::{self, Fingerprint, IdentityError};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("API URL {0:?} must look like https://HOST:PORT")]
+    BadUrl(String),
+    #[error("cannot connect to the gateway at {url}: {detail}; is `ferry gateway` running there?")]
+    Connect { url: String, detail: String },
+    #[error("TLS with the gateway at {url} failed: {detail} (check --fingerprint / the config's certificate)")]
+    Tls { url: String, detail: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("HTTP exchange with the gateway failed: {0}")]
+    Http(String),
+    #[error("{message} (HTTP {status}, {code})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("cannot decode the gateway's answer: {0}")]
+    Decode(String),
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    url: String,
+    authority: String,
+    token: String,
+    tls: TlsConnector,
+}
+
+impl ApiClient {
+    pub fn new(url: &str, token: &str, fingerprint: Fingerprint) -> Result<Self, ClientError> {
+        let authority = url
+            .strip_prefix("https://")
+            .map(|s| s.trim_end_matches('/'))
+            .filter(|s| !s.is_empty() && !s.contains('/'))
+            .ok_or_else(|| ClientError::BadUrl(url.to_string()))?
+            .to_string();
+        let cfg = identity::client_config(fingerprint, None, b"http/1.1")?;
+        Ok(Self {
+            url: url.trim_end_matches('/').to_string(),
+            authority,
+            token: token.to_string(),
+            tls: TlsConnector::from(Arc::new(cfg)),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None::<&()>)
+            .await
+            .map(|(_, v)| v)
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None::<&()>)
+            .await
+            .map(|(_, v)| v)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(StatusCode, T), ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// Sends raw bytes (used to check how the API treats bad input).
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.exchange(method, path, body).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(StatusCode, T), ClientError> {
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let (status, body) = self.exchange(method, path, bytes).await?;
+        if !status.is_success() {
+            let err: ErrorBody = serde_json::from_slice(&body).unwrap_or(ErrorBody {
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                code: err.code,
+                message: err.message,
+            });
+        }
+        let value =
+            serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((status, value))
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let connect = |detail: String| ClientError::Connect {
+            url: self.url.clone(),
+            detail,
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| connect("no answer within 10 s".into()))?
+        .map_err(|e| connect(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from("ferry-gateway")
+            .map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ClientError::Tls {
+                url: self.url.clone(),
+                detail: e.to_string(),
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let headers = req.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(v) = HeaderValue::from_str(&self.authority) {
+            headers.insert(HOST, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", self.token)) {
+            headers.insert(AUTHORIZATION, v);
+        }
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, bytes))
+    }
+}

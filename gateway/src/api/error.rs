@@ -1,0 +1,70 @@
+//! The one place where errors become HTTP responses.
+
+use hyper::StatusCode;
+
+use super::types::ErrorBody;
+use crate::migration::MigrationError;
+use crate::workload::WorkloadError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code.to_string(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl From<WorkloadError> for ApiError {
+    fn from(e: WorkloadError) -> Self {
+        use WorkloadError as W;
+        let (status, code) = match &e {
+            W::Name(_) | W::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_workload"),
+            W::Exists(_) => (StatusCode::CONFLICT, "workload_exists"),
+            W::NotFound(_) => (StatusCode::NOT_FOUND, "workload_not_found"),
+            W::Busy { .. } => (StatusCode::CONFLICT, "workload_busy"),
+            W::NotRunning { .. } => (StatusCode::CONFLICT, "workload_not_running"),
+            W::PortInUse(_) => (StatusCode::CONFLICT, "port_in_use"),
+            W::ExitedEarly { .. } | W::NotHealthy { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "workload_failed_to_start")
+            }
+            W::Io { .. } | W::Journal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<MigrationError> for ApiError {
+    fn from(e: MigrationError) -> Self {
+        use MigrationError as M;
+        match e {
+            M::Workload(w) => w.into(),
+            M::UnknownSite(_) => Self::new(StatusCode::BAD_REQUEST, "unknown_site", e.to_string()),
+            M::SameSite => Self::new(StatusCode::BAD_REQUEST, "same_site", e.to_string()),
+            M::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "migration_not_found", e.to_string())
+            }
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Request routing, authentication and the handlers of the REST API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::types::{MigrationRequest, PeerStatus};
+use super::ApiState;
+use crate::peer::wire;
+use crate::workload::WorkloadSpec;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+type Reply = Result<Response<Full<Bytes>>, ApiError>;
+
+#[derive(Clone)]
+pub struct Api {
+    state: Arc<ApiState>,
+}
+
+impl Api {
+    pub fn new(state: Arc<ApiState>) -> Self {
+        Self { state }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let result = self.route(req).await;
+        let response = result.unwrap_or_else(|e| json(e.status, &e.body()));
+        tracing::debug!(%method, %path, status = response.status().as_u16(), us = started.elapsed().as_micros() as u64, "api request");
+        response
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(value) = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let Some(token) = value.strip_prefix("Bearer ") else {
+            return false;
+        };
+        constant_time_eq(token.as_bytes(), self.state.token.as_bytes())
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        if segments == ["healthz"] {
+            return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+        }
+        if !self.authorized(&req) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token; pass the api.token from site.toml as 'Authorization: Bearer TOKEN'",
+            ));
+        }
+        let method = req.method().clone();
+        match (method.clone(), segments.as_slice()) {
+            (Method::GET, ["v1", "site"]) => Ok(json(StatusCode::OK, &self.state.site)),
+            (Method::GET, ["v1", "peers"]) => Ok(json(StatusCode::OK, &self.peer_status().await)),
+            (Method::GET, ["v1", "workloads"]) => {
+                Ok(json(StatusCode::OK, &self.state.workloads.list()))
+            }
+            (Method::POST, ["v1", "workloads"]) => {
+                let spec: WorkloadSpec = read_json(req).await?;
+                let w = self.state.workloads.run(spec).await?;
+                let mut r = json(StatusCode::CREATED, &w);
+                set_location(&mut r, &format!("/v1/workloads/{}", w.spec.name));
+                Ok(r)
+            }
+            (Method::GET, ["v1", "workloads", name]) => self
+                .state
+                .workloads
+                .get(name)
+                .map(|w| json(StatusCode::OK, &w))
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("workload {name:?} not found on this site"))
+                }),
+            (Method::DELETE, ["v1", "workloads", name]) => {
+                let w = self.state.workloads.remove(name)?;
+                Ok(json(StatusCode::OK, &w))
+            }
+            (Method::GET, ["v1", "migrations"]) => {
+                Ok(json(StatusCode::OK, &self.state.engine.list()))
+            }
+            (Method::POST, ["v1", "migrations"]) => {
+                let body: MigrationRequest = read_json(req).await?;
+                let m = self.state.engine.start(&body.workload, &body.to)?;
+                let mut r = json(StatusCode::ACCEPTED, &m);
+                set_location(&mut r, &format!("/v1/migrations/{}", m.id));
+                Ok(r)
+            }
+            (Method::GET, ["v1", "migrations", id]) => self
+                .state
+                .engine
+                .get(id)
+                .map(|m| json(StatusCode::OK, &m))
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("migration {id:?} not found on this site"))
+                }),
+            (_, ["v1", "site" | "peers" | "workloads" | "migrations", ..]) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            )),
+            _ => Err(ApiError::not_found(format!("no such endpoint: {path}"))),
+        }
+    }
+
+    async fn peer_status(&self) -> Vec<PeerStatus> {
+        let mut out = Vec::new();
+        for p in self.state.peers.peers() {
+            let started = Instant::now();
+            let probe = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.state.peers.request(&p.name, &wire::Request::Hello),
+            )
+            .await;
+            let rtt = started.elapsed().as_secs_f64() * 1000.0;
+            let mut s = PeerStatus {
+                name: p.name.clone(),
+                address: p.address,
+                reachable: false,
+                version: None,
+                rtt_ms: None,
+                error: None,
+            };
+            match probe {
+                Ok(Ok(wire::Response::Hello { site, version })) if site == p.name => {
+                    s.reachable = true;
+                    s.version = Some(version);
+                    s.rtt_ms = Some(rtt);
+                }
+                Ok(Ok(wire::Response::Hello { site, .. })) => {
+                    s.error = Some(format!("answered as site {site:?}"));
+                }
+                Ok(Ok(other)) => s.error = Some(format!("unexpected answer {other:?}")),
+                Ok(Err(e)) => s.error = Some(e.to_string()),
+                Err(_) => s.error = Some("no answer within 5 s".into()),
+            }
+            out.push(s);
+        }
+        out
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("request body exceeds {MAX_BODY} bytes"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_json",
+            format!("request body is not valid: {e}"),
+        )
+    })
+}
+
+/// Compares without an early exit, so response timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| {
+        format!("{{\"code\":\"internal\",\"message\":\"cannot encode the response: {e}\"}}")
+            .into_bytes()
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn set_location(r: &mut Response<Full<Bytes>>, location: &str) {
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(LOCATION, v);
+    }
+}

@@ -1,0 +1,53 @@
+//! JSON bodies of the REST API that are not records of their own module (workloads and
+//! migrations serialize their durable records directly).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/migrations`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub workload: String,
+    pub to: String,
+}
+
+/// `GET /v1/site`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteInfo {
+    pub name: String,
+    pub version: String,
+    pub fingerprint: String,
+    pub api: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub peers: Vec<PeerInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: String,
+    pub address: SocketAddr,
+    pub fingerprint: String,
+}
+
+/// `GET /v1/peers`: each configured peer, probed now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub address: SocketAddr,
+    pub reachable: bool,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Every error response: a stable machine-readable `code` and a human `message`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}

@@ -1,0 +1,88 @@
+//! `ferry init`: create a site's identity and a starter configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::config::{
+    ApiConfig, CriuConfig, IdentityConfig, PeerListenConfig, SiteConfig, WorkloadConfig,
+};
+use crate::identity::Identity;
+use crate::names;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The site's name (a-z, 0-9, '-').
+    #[arg(long)]
+    name: String,
+    /// Directory for site.toml, the key and the certificate.
+    #[arg(long)]
+    dir: PathBuf,
+    /// HTTPS listen address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    api_listen: SocketAddr,
+    /// UDP listen address of the QUIC peer link.
+    #[arg(long, default_value = "0.0.0.0:7444")]
+    peer_listen: SocketAddr,
+    /// Data directory (journal, images, logs); default DIR/data.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overwrite an existing identity and config.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    names::validate("site", &args.name)?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let config_path = args.dir.join("site.toml");
+    if config_path.exists() && !args.force {
+        bail!(
+            "{} already exists; pass --force to replace the site's identity and config",
+            config_path.display()
+        );
+    }
+    let cert = args.dir.join("cert.pem");
+    let key = args.dir.join("key.pem");
+    let identity = Identity::generate(&args.name, &cert, &key)?;
+    let cfg = SiteConfig {
+        name: args.name.clone(),
+        data_dir: args.data_dir.unwrap_or_else(|| PathBuf::from("data")),
+        identity: IdentityConfig {
+            cert: PathBuf::from("cert.pem"),
+            key: PathBuf::from("key.pem"),
+        },
+        api: ApiConfig {
+            listen: args.api_listen,
+            token: new_token()?,
+        },
+        peer: PeerListenConfig {
+            listen: args.peer_listen,
+        },
+        peers: Vec::new(),
+        workloads: WorkloadConfig::default(),
+        criu: CriuConfig::default(),
+    };
+    cfg.save(&config_path)?;
+    println!("site        {}", args.name);
+    println!("config      {}", config_path.display());
+    println!("fingerprint {}", identity.fingerprint());
+    println!();
+    println!("Give the fingerprint to each peer site; add peers here with");
+    println!(
+        "  ferry peer add --config {} NAME ADDRESS:PORT FINGERPRINT",
+        config_path.display()
+    );
+    Ok(())
+}
+
+fn new_token() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 24];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("no system randomness for the API token"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

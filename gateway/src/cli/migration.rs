@@ -1,0 +1,78 @@
+//! `ferry migration`: list and inspect migrations.
+
+use super::output::{self, Output};
+use super::Connect;
+use crate::migration::Migration;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Cmd {
+    /// List this site's migrations (outgoing and incoming).
+    Ls,
+    /// Show one migration with its phase timings.
+    Show { id: String },
+}
+
+pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
+    let client = connect.client()?;
+    match cmd {
+        Cmd::Ls => {
+            let list: Vec<Migration> = client.get("/v1/migrations").await?;
+            if out == Output::Json {
+                return output::json(&list);
+            }
+            output::table(
+                &[
+                    "ID", "WORKLOAD", "ROLE", "FROM", "TO", "PHASE", "DOWNTIME", "TOTAL", "ERROR",
+                ],
+                list.iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.workload.clone(),
+                            format!("{:?}", m.role).to_lowercase(),
+                            m.source.clone(),
+                            m.target.clone(),
+                            m.phase.to_string(),
+                            ms(m.timings.freeze_ms),
+                            ms(m.timings.total_ms),
+                            output::opt(m.error.as_ref()),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        Cmd::Show { id } => {
+            let m: Migration = client.get(&format!("/v1/migrations/{id}")).await?;
+            if out == Output::Json {
+                return output::json(&m);
+            }
+            print_migration(&m);
+            Ok(())
+        }
+    }
+}
+
+fn ms(v: Option<u64>) -> String {
+    v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into())
+}
+
+/// Human summary of a migration, with its phase timings.
+pub fn print_migration(m: &Migration) {
+    println!("migration   {}", m.id);
+    println!("workload    {} ({} -> {})", m.workload, m.source, m.target);
+    println!("phase       {}", m.phase);
+    if let Some(e) = &m.error {
+        println!("reason      {e}");
+    }
+    let t = &m.timings;
+    println!(
+        "downtime    {}   (checkpoint start -> destination confirmed)",
+        ms(t.freeze_ms)
+    );
+    println!("  dump      {}", ms(t.dump_ms));
+    println!("  transfer  {}", ms(t.transfer_ms));
+    println!("  restore   {}", ms(t.restore_ms));
+    println!("total       {}", ms(t.total_ms));
+    println!("moved       {} bytes in {} files", m.bytes_moved, m.files);
+}

@@ -1,0 +1,104 @@
+//! `ferry workload`: run, list, show and remove workloads.
+
+use anyhow::Context;
+
+use super::output::{self, Output};
+use super::Connect;
+use crate::workload::{Workload, WorkloadSpec};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Cmd {
+    /// Start a process workload: `ferry workload run NAME [--port P] -- CMD ARGS…`.
+    Run {
+        name: String,
+        /// TCP port the workload serves (checked free, then waited for).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List this site's workloads.
+    Ls,
+    /// Show one workload.
+    Show { name: String },
+    /// Stop and remove a workload.
+    Rm { name: String },
+}
+
+pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
+    let client = connect.client()?;
+    match cmd {
+        Cmd::Run {
+            name,
+            port,
+            env,
+            command,
+        } => {
+            let mut vars = std::collections::BTreeMap::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--env {kv:?} must be KEY=VALUE"))?;
+                vars.insert(k.to_string(), v.to_string());
+            }
+            let spec = WorkloadSpec {
+                name,
+                command,
+                port,
+                env: vars,
+            };
+            let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
+            if out == Output::Json {
+                return output::json(&w);
+            }
+            println!(
+                "workload {} running (pid {}) at site {}",
+                w.spec.name,
+                output::opt(w.pid),
+                w.site
+            );
+            Ok(())
+        }
+        Cmd::Ls => {
+            let list: Vec<Workload> = client.get("/v1/workloads").await?;
+            if out == Output::Json {
+                return output::json(&list);
+            }
+            output::table(
+                &["NAME", "STATE", "PID", "PORT", "ORIGIN", "COMMAND"],
+                list.iter()
+                    .map(|w| {
+                        vec![
+                            w.spec.name.clone(),
+                            w.state.to_string(),
+                            output::opt(w.pid),
+                            output::opt(w.spec.port),
+                            w.restored_from
+                                .as_ref()
+                                .map(|o| format!("{} ({})", o.site, o.migration))
+                                .unwrap_or_else(|| "-".into()),
+                            w.spec.command.join(" "),
+                        ]
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        Cmd::Show { name } => {
+            let w: Workload = client.get(&format!("/v1/workloads/{name}")).await?;
+            output::json(&w)
+        }
+        Cmd::Rm { name } => {
+            let w: Workload = client.delete(&format!("/v1/workloads/{name}")).await?;
+            if out == Output::Json {
+                return output::json(&w);
+            }
+            println!("workload {} removed", w.spec.name);
+            Ok(())
+        }
+    }
+}

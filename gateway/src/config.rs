@@ -1,0 +1,313 @@
+//! The site configuration (`site.toml`): parsed, resolved and validated before anything binds.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::identity::Fingerprint;
+use crate::names;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("cannot write config {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A site's configuration as written in `site.toml`. Relative paths are relative to the
+/// directory holding the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// This site's name, as its peers list it.
+    pub name: String,
+    /// Where the gateway keeps its journal, images and workload logs.
+    pub data_dir: PathBuf,
+    pub identity: IdentityConfig,
+    pub api: ApiConfig,
+    pub peer: PeerListenConfig,
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub workloads: WorkloadConfig,
+    #[serde(default)]
+    pub criu: CriuConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM certificate (self-signed); its SHA-256 fingerprint is what peers pin.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// HTTPS listen address of the REST API.
+    pub listen: SocketAddr,
+    /// Bearer token every API call must present.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerListenConfig {
+    /// UDP listen address of the QUIC peer link.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    /// The peer gateway's QUIC address.
+    pub address: SocketAddr,
+    /// SHA-256 fingerprint of the peer's certificate (printed by its `ferry init`).
+    pub fingerprint: Fingerprint,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Parent of each workload's working directory. The same path on every site, because a
+    /// restored process keeps the working directory it had when it was checkpointed.
+    #[serde(default = "default_work_root")]
+    pub work_root: PathBuf,
+    /// cgroup (v2) under which each workload gets its own group.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
+    /// Seconds a restored workload has to answer on its port before the restore counts as
+    /// failed.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_secs: u64,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            work_root: default_work_root(),
+            cgroup_parent: default_cgroup_parent(),
+            health_timeout_secs: default_health_timeout(),
+        }
+    }
+}
+
+fn default_work_root() -> PathBuf {
+    PathBuf::from("/var/lib/ferry/workdirs")
+}
+fn default_cgroup_parent() -> String {
+    "ferry".to_string()
+}
+fn default_health_timeout() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriuConfig {
+    /// Path of the criu binary; by default /usr/local/sbin/criu (where `scripts/setup`
+    /// installs it), else `criu` on PATH.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl SiteConfig {
+    /// Reads, resolves relative paths against the file's directory, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: SiteConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve(base);
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads the file as written, relative paths unresolved (for editing it in place).
+    pub fn read_raw(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Adds a peer (or replaces the one of the same name) after validating it.
+    pub fn upsert_peer(&mut self, peer: PeerConfig) -> Result<(), String> {
+        self.peers.retain(|p| p.name != peer.name);
+        self.peers.push(peer);
+        self.validate()
+    }
+
+    /// Writes the config as TOML (used by `ferry init` and `ferry peer add`).
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.data_dir);
+        abs(&mut self.identity.cert);
+        abs(&mut self.identity.key);
+        abs(&mut self.workloads.work_root);
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        names::validate("site", &self.name).map_err(|e| e.to_string())?;
+        if self.api.token.len() < 16 {
+            return Err("api.token must be at least 16 characters".into());
+        }
+        let mut seen = HashSet::new();
+        for p in &self.peers {
+            names::validate("peer", &p.name).map_err(|e| e.to_string())?;
+            if p.name == self.name {
+                return Err(format!("peer {:?} has this site's own name", p.name));
+            }
+            if !seen.insert(p.name.as_str()) {
+                return Err(format!("peer {:?} is listed twice", p.name));
+            }
+        }
+        if self.workloads.cgroup_parent.contains("..") || self.workloads.cgroup_parent.is_empty() {
+            return Err("workloads.cgroup_parent must be a plain relative cgroup path".into());
+        }
+        if !self.workloads.work_root.is_absolute() {
+            return Err("workloads.work_root must be an absolute path".into());
+        }
+        Ok(())
+    }
+
+    pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+
+    pub fn criu_path(&self) -> PathBuf {
+        if let Some(p) = &self.criu.path {
+            return p.clone();
+        }
+        let local = PathBuf::from("/usr/local/sbin/criu");
+        if local.exists() {
+            local
+        } else {
+            PathBuf::from("criu")
+        }
+    }
+
+    /// The URL clients use to reach this site's API (a wildcard listen address is reached
+    /// through loopback).
+    pub fn api_url(&self) -> String {
+        let mut addr = self.api.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("https://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        r#"
+name = "a"
+data_dir = "data"
+[identity]
+cert = "cert.pem"
+key = "key.pem"
+[api]
+listen = "127.0.0.1:7443"
+token = "0123456789abcdef0123"
+[peer]
+listen = "0.0.0.0:7444"
+[[peers]]
+name = "b"
+address = "10.0.0.2:7444"
+fingerprint = "aa:bb"
+"#
+        .to_string()
+    }
+
+    fn load_str(text: &str) -> Result<SiteConfig, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("ferry-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join(format!("site-{}.toml", text.len()));
+        std::fs::write(&path, text).expect("write");
+        SiteConfig::load(&path)
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let text = sample().replace("aa:bb", &"ab".repeat(32));
+        let cfg = load_str(&text).expect("valid");
+        assert!(cfg.data_dir.is_absolute());
+        assert!(cfg.identity.cert.ends_with("cert.pem"));
+        assert_eq!(cfg.peer("b").map(|p| p.address.port()), Some(7444));
+    }
+
+    #[test]
+    fn a_bad_fingerprint_is_rejected_with_the_field() {
+        let err = load_str(&sample()).unwrap_err().to_string();
+        assert!(err.contains("fingerprint"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let text = sample().replace("aa:bb", &"ab".repeat(32)) + "\nbogus = 1\n";
+        let err = load_str(&text).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn short_tokens_are_rejected() {
+        let text = sample()
+            .replace("aa:bb", &"ab".repeat(32))
+            .replace("0123456789abcdef0123", "short");
+        let err = load_str(&text).unwrap_err().to_string();
+        assert!(err.contains("api.token"), "{err}");
+    }
+}

@@ -1,0 +1,257 @@
+//! CRIU driver: checkpoint a process tree to an image directory and restore it, with the
+//! options Ferry's workloads need. The only place that builds a `criu` command line.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::process::Command;
+
+#[derive(Debug, Error)]
+pub enum CriuError {
+    #[error("cannot start criu ({bin}): {source}; run scripts/setup to install CRIU >= 4.2")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("criu {action} failed (exit {code:?}): {tail}")]
+    Failed {
+        action: &'static str,
+        code: Option<i32>,
+        /// The last error lines of CRIU's log, which name the cause.
+        tail: String,
+    },
+    #[error("criu restore did not report the restored pid: {0}")]
+    NoPid(String),
+}
+
+/// Files at the source that the restored tree must get from the destination instead,
+/// keyed as CRIU names them (`--inherit-fd fd[N]:KEY`).
+pub struct Inherit {
+    pub fd: OwnedFd,
+    /// Path of the file at checkpoint time.
+    pub source_path: PathBuf,
+}
+
+pub struct DumpRequest<'a> {
+    pub pid: i32,
+    pub images: &'a Path,
+}
+
+pub struct RestoreRequest<'a> {
+    pub images: &'a Path,
+    pub inherit: Vec<Inherit>,
+    /// cgroup (v2) directory the restored tree is placed in: criu joins it before
+    /// forking, so every restored task starts inside it.
+    pub cgroup: Option<&'a Path>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// Host pid of the restored tree's root.
+    pub pid: i32,
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Criu {
+    bin: PathBuf,
+}
+
+/// Options shared by dump and restore. Established TCP connections are closed rather than
+/// moved: clients reconnect through the ingress, and a moved connection would need the
+/// same address at the destination. The network is never locked with firewall rules, so a
+/// checkpoint leaves no DROP chain behind.
+const COMMON: &[&str] = &["--tcp-close", "--manage-cgroups=ignore", "--file-locks"];
+
+impl Criu {
+    pub fn new(bin: PathBuf) -> Self {
+        Self { bin }
+    }
+
+    /// Checkpoints the tree rooted at `pid` and leaves it stopped (not killed), so the
+    /// source can be resumed if the migration fails.
+    pub async fn dump(&self, req: DumpRequest<'_>) -> Result<Duration, CriuError> {
+        let start = Instant::now();
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("dump")
+            .arg("-t")
+            .arg(req.pid.to_string())
+            .arg("-D")
+            .arg(req.images)
+            .args([
+                "-o",
+                "dump.log",
+                "--leave-stopped",
+                "--network-lock",
+                "skip",
+            ])
+            .args(COMMON);
+        self.run(cmd, "dump", &req.images.join("dump.log")).await?;
+        Ok(start.elapsed())
+    }
+
+    /// Restores the tree detached from criu; it is re-parented to the gateway (a child
+    /// subreaper), which reaps it.
+    pub async fn restore(&self, req: RestoreRequest<'_>) -> Result<Restored, CriuError> {
+        let start = Instant::now();
+        let pidfile = req.images.join("restore.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("restore")
+            .arg("-D")
+            .arg(req.images)
+            .args(["-o", "restore.log", "--restore-detached", "--pidfile"])
+            .arg(&pidfile)
+            .args(COMMON);
+        // Inherited files go to fds 3.. in the criu process.
+        let mut moves: Vec<(i32, i32)> = Vec::new();
+        for (i, inh) in req.inherit.iter().enumerate() {
+            let target = 3 + i as i32;
+            let key = inh.source_path.to_string_lossy();
+            cmd.arg("--inherit-fd")
+                .arg(format!("fd[{target}]:{}", key.trim_start_matches('/')));
+            moves.push((inh.fd.as_raw_fd(), target));
+        }
+        let cgroup_procs = match req.cgroup {
+            Some(dir) => Some(
+                std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .map_err(|_| CriuError::NoPid("cgroup path contains NUL".into()))?,
+            ),
+            None => None,
+        };
+        // SAFETY: only async-signal-safe calls (dup/dup2/open/write/close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Duplicate first to fds above the targets so a move cannot clobber a source.
+                let mut staged = Vec::with_capacity(moves.len());
+                for (src, _) in &moves {
+                    let tmp = libc::fcntl(*src, libc::F_DUPFD, 100);
+                    if tmp < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    staged.push(tmp);
+                }
+                for (tmp, (_, target)) in staged.iter().zip(&moves) {
+                    if libc::dup2(*tmp, *target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(*tmp);
+                }
+                if let Some(path) = &cgroup_procs {
+                    join_cgroup(path)?;
+                }
+                Ok(())
+            });
+        }
+        self.run(cmd, "restore", &req.images.join("restore.log"))
+            .await?;
+        drop(req.inherit);
+        let text = tokio::fs::read_to_string(&pidfile)
+            .await
+            .map_err(|e| CriuError::NoPid(e.to_string()))?;
+        let pid = text
+            .trim()
+            .parse()
+            .map_err(|_| CriuError::NoPid(format!("pidfile holds {text:?}")))?;
+        Ok(Restored {
+            pid,
+            took: start.elapsed(),
+        })
+    }
+
+    async fn run(
+        &self,
+        mut cmd: Command,
+        action: &'static str,
+        log: &Path,
+    ) -> Result<(), CriuError> {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        tracing::debug!(?cmd, "running criu");
+        let out = cmd.output().await.map_err(|source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let log_text = std::fs::read_to_string(log).unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(CriuError::Failed {
+            action,
+            code: out.status.code(),
+            tail: error_tail(&format!("{stderr}\n{log_text}")),
+        })
+    }
+}
+
+/// Writes "0" to a cgroup.procs file: moves the calling process into that cgroup.
+/// Async-signal-safe (used between fork and exec).
+pub(crate) fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on a valid NUL-terminated path.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        libc::close(fd);
+        if n != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The lines of a CRIU log that explain a failure: its `Error` lines (without the harmless
+/// RLIMIT_NOFILE complaint every run makes), else its last lines.
+pub fn error_tail(log: &str) -> String {
+    let noise = |l: &&str| l.contains("RLIMIT_NOFILE") || l.trim().is_empty();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .filter(|l| !noise(l))
+        .collect();
+    let chosen: Vec<&str> = if errors.is_empty() {
+        let all: Vec<&str> = log.lines().filter(|l| !noise(l)).collect();
+        all[all.len().saturating_sub(5)..].to_vec()
+    } else {
+        errors[errors.len().saturating_sub(5)..].to_vec()
+    };
+    let text = chosen
+        .iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if text.is_empty() {
+        "criu printed nothing".to_string()
+    } else {
+        text.chars().take(2000).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_tail_keeps_errors_and_drops_rlimit_noise() {
+        let log = "(00.0) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self\n\
+                   (00.1) info\n\
+                   (00.2) Error (criu/sk-inet.c:1): Can't bind inet socket: Address already in use\n";
+        let tail = error_tail(log);
+        assert!(tail.contains("Address already in use"), "{tail}");
+        assert!(!tail.contains("RLIMIT"), "{tail}");
+    }
+
+    #[test]
+    fn error_tail_falls_back_to_the_last_lines() {
+        assert_eq!(error_tail("a\nb\n"), "a | b");
+        assert_eq!(error_tail(""), "criu printed nothing");
+    }
+}

@@ -1,0 +1,338 @@
+//! Migrations: the durable record of each move, the engine that owns them, and the
+//! rules both sides follow so that a service runs at exactly one site, or is frozen at
+//! the source with a complete image, until the destination confirms a healthy restore.
+//!
+//! The source drives ([`source`]); the destination answers peer requests ([`target`]);
+//! a restarted gateway finishes or rolls back what its journal says was under way
+//! ([`recovery`]).
+
+mod recovery;
+mod source;
+mod target;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::SiteConfig;
+use crate::criu::{Criu, CriuError};
+use crate::journal::{Collection, Journal, JournalError};
+use crate::peer::wire::FileMeta;
+use crate::peer::{PeerError, PeerLink};
+use crate::workload::{now_ms, WorkloadError, WorkloadSpec, Workloads};
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("site {0:?} is not a configured peer of this site")]
+    UnknownSite(String),
+    #[error("cannot migrate to this site itself")]
+    SameSite,
+    #[error("migration {0:?} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("site {site} refused the migration: {message}")]
+    Refused { site: String, message: String },
+    #[error("restore at site {site} failed: {message}")]
+    RestoreFailed { site: String, message: String },
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Source,
+    Target,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Planned,
+    Preparing,
+    Checkpointing,
+    Transferring,
+    Restoring,
+    CuttingOver,
+    Completed,
+    RollingBack,
+    RolledBack,
+    /// Rolled back, but the source could not be resumed (it had exited).
+    Failed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::RolledBack | Phase::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planned => "planned",
+            Phase::Preparing => "preparing",
+            Phase::Checkpointing => "checkpointing",
+            Phase::Transferring => "transferring",
+            Phase::Restoring => "restoring",
+            Phase::CuttingOver => "cutting_over",
+            Phase::Completed => "completed",
+            Phase::RollingBack => "rolling_back",
+            Phase::RolledBack => "rolled_back",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Phase durations in milliseconds. `freeze_ms` is the service's downtime: from the
+/// start of the checkpoint until the destination confirmed a healthy restore.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub freeze_ms: Option<u64>,
+    pub dump_ms: Option<u64>,
+    pub transfer_ms: Option<u64>,
+    pub restore_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+}
+
+/// A migration's durable record, also what the API returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Migration {
+    pub id: String,
+    pub workload: String,
+    pub role: Role,
+    pub source: String,
+    pub target: String,
+    pub phase: Phase,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// Why the migration rolled back or failed, or what it is waiting for.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub timings: Timings,
+    #[serde(default)]
+    pub bytes_moved: u64,
+    #[serde(default)]
+    pub files: u32,
+    pub spec: WorkloadSpec,
+    /// Source only: the restore request may have reached the destination, so a rollback
+    /// needs the destination's word that it holds no running copy.
+    #[serde(default)]
+    pub restore_requested: bool,
+    /// Target only: files received and verified so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub received: Vec<FileMeta>,
+}
+
+/// Owns every migration of this site, as source or as destination.
+pub struct Engine {
+    site: String,
+    journal: Arc<Journal>,
+    workloads: Arc<Workloads>,
+    peers: Arc<PeerLink>,
+    criu: Criu,
+    images_dir: PathBuf,
+    incoming_dir: PathBuf,
+    health_timeout: std::time::Duration,
+    migrations: DashMap<String, Migration>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Engine {
+    pub fn new(
+        cfg: &SiteConfig,
+        journal: Arc<Journal>,
+        workloads: Arc<Workloads>,
+        peers: Arc<PeerLink>,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, MigrationError> {
+        let images_dir = cfg.data_dir.join("images");
+        let incoming_dir = cfg.data_dir.join("incoming");
+        for d in [&images_dir, &incoming_dir] {
+            std::fs::create_dir_all(d).map_err(|source| MigrationError::Io {
+                what: "create directory",
+                path: d.clone(),
+                source,
+            })?;
+        }
+        Ok(Arc::new(Self {
+            site: cfg.name.clone(),
+            journal,
+            workloads,
+            peers,
+            criu: Criu::new(cfg.criu_path()),
+            images_dir,
+            incoming_dir,
+            health_timeout: std::time::Duration::from_secs(cfg.workloads.health_timeout_secs),
+            migrations: DashMap::new(),
+            tasks: TaskTracker::new(),
+            cancel,
+        }))
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    pub fn list(&self) -> Vec<Migration> {
+        let mut v: Vec<Migration> = self.migrations.iter().map(|e| e.value().clone()).collect();
+        v.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<Migration> {
+        self.migrations.get(id).map(|e| e.value().clone())
+    }
+
+    /// Plans a migration of `workload` to `to` and starts driving it in the background.
+    pub fn start(self: &Arc<Self>, workload: &str, to: &str) -> Result<Migration, MigrationError> {
+        if to == self.site {
+            return Err(MigrationError::SameSite);
+        }
+        if !self.peers.peers().iter().any(|p| p.name == to) {
+            return Err(MigrationError::UnknownSite(to.to_string()));
+        }
+        let id = new_id();
+        let held = self.workloads.begin_migration(workload, &id)?;
+        let now = now_ms();
+        let m = Migration {
+            id: id.clone(),
+            workload: workload.to_string(),
+            role: Role::Source,
+            source: self.site.clone(),
+            target: to.to_string(),
+            phase: Phase::Planned,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            error: None,
+            timings: Timings::default(),
+            bytes_moved: 0,
+            files: 0,
+            spec: held.spec.clone(),
+            restore_requested: false,
+            received: Vec::new(),
+        };
+        if let Err(e) = self.journal.put(Collection::Migrations, &id, &m) {
+            let _ = self.workloads.resume_after_migration(workload);
+            return Err(e.into());
+        }
+        self.migrations.insert(id.clone(), m.clone());
+        tracing::info!(migration = %id, workload, to, "migration planned");
+        let this = Arc::clone(self);
+        self.tasks.spawn(tracing::Instrument::instrument(
+            async move { source::run(this, id).await },
+            tracing::info_span!("migration", migration = %m.id, workload = %m.workload, role = "source"),
+        ));
+        Ok(m)
+    }
+
+    /// Applies `f` to a migration's record and journals the result before anyone acts on it.
+    fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Migration),
+    ) -> Result<Migration, MigrationError> {
+        let mut entry = self
+            .migrations
+            .get_mut(id)
+            .ok_or_else(|| MigrationError::NotFound(id.to_string()))?;
+        let mut next = entry.value().clone();
+        f(&mut next);
+        next.updated_at_ms = now_ms();
+        if next.phase.is_terminal() && next.finished_at_ms.is_none() {
+            next.finished_at_ms = Some(next.updated_at_ms);
+            next.timings.total_ms = Some(next.updated_at_ms.saturating_sub(next.created_at_ms));
+        }
+        self.journal.put(Collection::Migrations, id, &next)?;
+        *entry.value_mut() = next.clone();
+        Ok(next)
+    }
+
+    fn set_phase(&self, id: &str, phase: Phase) -> Result<Migration, MigrationError> {
+        tracing::info!(migration = %id, phase = %phase, "phase");
+        self.update(id, |m| m.phase = phase)
+    }
+
+    /// Waits (bounded) for running migrations to reach a stopping point.
+    pub async fn drain(&self, timeout: std::time::Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "migrations still running at shutdown; the journal resumes them on restart"
+            );
+        }
+    }
+}
+
+fn new_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // Fall back to time + pid; ids only need to be unique per site.
+        let t = now_ms() ^ ((std::process::id() as u64) << 40);
+        bytes = t.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Removes a directory tree, logging rather than failing (cleanup is best effort).
+fn remove_dir(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_hex() {
+        let a = new_id();
+        let b = new_id();
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn only_final_phases_are_terminal() {
+        assert!(Phase::Completed.is_terminal());
+        assert!(Phase::RolledBack.is_terminal());
+        assert!(!Phase::Restoring.is_terminal());
+        assert_eq!(
+            serde_json::to_string(&Phase::RolledBack).expect("json"),
+            "\"rolled_back\""
+        );
+    }
+}

@@ -1,0 +1,109 @@
+//! After a restart: load every journaled migration and bring the unfinished ones to an
+//! end that keeps the service at exactly one site.
+
+use std::sync::Arc;
+
+use super::source::{self, Verdict};
+use super::{Engine, Migration, MigrationError, Phase, Role};
+use crate::journal::Collection;
+use crate::workload::process;
+
+impl Engine {
+    /// Loads the journal and finishes or rolls back what was under way. Source migrations
+    /// that need the destination's word continue in the background.
+    pub fn recover(self: &Arc<Self>) -> Result<(), MigrationError> {
+        let all: Vec<Migration> = self.journal.load_all(Collection::Migrations)?;
+        for m in all {
+            let id = m.id.clone();
+            let unfinished = !m.phase.is_terminal();
+            let role = m.role;
+            self.migrations.insert(id.clone(), m);
+            if !unfinished {
+                continue;
+            }
+            tracing::info!(migration = %id, ?role, "recovering an unfinished migration");
+            match role {
+                Role::Target => self.recover_target(&id),
+                Role::Source => {
+                    let this = Arc::clone(self);
+                    self.tasks.spawn(tracing::Instrument::instrument(
+                        async move { this.recover_source(&id).await },
+                        tracing::info_span!("recovery", role = "source"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn recover_target(&self, id: &str) {
+        let Some(m) = self.get(id) else { return };
+        let adopted = self
+            .workloads
+            .get(&m.workload)
+            .filter(|w| w.restored_from.as_ref().map(|o| o.migration.as_str()) == Some(id));
+        if m.phase == Phase::Restoring && adopted.is_some() {
+            // The workload was journaled before the crash: that was the confirmation.
+            if let Err(e) = self.update(id, |m| {
+                m.phase = Phase::Completed;
+                m.received.clear();
+            }) {
+                tracing::error!(migration = id, error = %e, "cannot journal the recovered restore");
+            }
+            super::remove_dir(&self.incoming_dir.join(id));
+            return;
+        }
+        if m.phase == Phase::Restoring {
+            // A restore interrupted by the crash may have left a tree running: end it.
+            let pidfile = self.incoming_dir.join(id).join("restore.pid");
+            if let Some(pid) = std::fs::read_to_string(pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                if process::start_time(pid).is_some() {
+                    process::kill(pid);
+                }
+            }
+        }
+        self.abort_local(
+            id,
+            &m.workload,
+            "the destination gateway restarted before confirming",
+        );
+    }
+
+    async fn recover_source(self: Arc<Self>, id: &str) {
+        let Some(m) = self.get(id) else { return };
+        let verdict = match m.phase {
+            Phase::CuttingOver => Verdict::Confirmed,
+            _ if m.restore_requested => source::resolve(&self, id, &m.target).await,
+            _ => Verdict::NotRestored,
+        };
+        match verdict {
+            Verdict::Confirmed => {
+                if let Err(e) = source::cut_over(&self, id, None) {
+                    tracing::error!(migration = id, error = %e, "recovered cut-over failed");
+                }
+            }
+            Verdict::NotRestored => {
+                if !m.restore_requested {
+                    let _ = self
+                        .peers
+                        .request(
+                            &m.target,
+                            &crate::peer::wire::Request::Abort {
+                                migration: id.to_string(),
+                            },
+                        )
+                        .await;
+                }
+                let reason = m
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the source gateway restarted during the migration".into());
+                source::finish_rollback(&self, id, &m.workload, reason);
+            }
+            Verdict::Pending => {}
+        }
+    }
+}

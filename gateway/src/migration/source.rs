@@ -1,0 +1,352 @@
+//! The source side of a migration: prepare the destination, checkpoint, stream the
+//! image, ask for the restore, then release the source or roll back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::{remove_dir, Engine, MigrationError, Phase};
+use crate::criu::DumpRequest;
+use crate::peer::wire::{FileMeta, Request, Response, TargetState};
+
+/// Image files sent at once over the peer link.
+const PARALLEL_FILES: usize = 4;
+
+/// What the destination says about a restore whose outcome the source did not hear.
+pub(super) enum Verdict {
+    Confirmed,
+    NotRestored,
+    /// Shutting down before the destination answered: stay frozen, recovery continues.
+    Pending,
+}
+
+pub(super) async fn run(engine: Arc<Engine>, id: String) {
+    let started = Instant::now();
+    match drive(&engine, &id).await {
+        Ok(freeze) => {
+            if let Err(e) = cut_over(&engine, &id, Some(freeze)) {
+                tracing::error!(error = %e, "cut-over failed; recovery finishes it on restart");
+            } else {
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "migration completed"
+                );
+            }
+        }
+        Err(failure) => {
+            tracing::warn!(error = %failure, "migration failed");
+            rollback(&engine, &id, failure.to_string()).await;
+        }
+    }
+}
+
+/// Runs the forward path; returns the freeze start once the destination has confirmed.
+async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError> {
+    let m = engine.set_phase(id, Phase::Preparing)?;
+    let target = m.target.clone();
+    match engine
+        .peers
+        .request(
+            &target,
+            &Request::Prepare {
+                migration: id.to_string(),
+                workload: m.spec.clone(),
+            },
+        )
+        .await?
+    {
+        Response::Ready => {}
+        Response::Error { message, .. } => {
+            return Err(MigrationError::Refused {
+                site: target,
+                message,
+            })
+        }
+        other => {
+            return Err(MigrationError::Refused {
+                site: target,
+                message: format!("unexpected answer {other:?}"),
+            })
+        }
+    }
+
+    let workload = engine.workloads.get(&m.workload).ok_or_else(|| {
+        MigrationError::Workload(crate::workload::WorkloadError::NotFound(m.workload.clone()))
+    })?;
+    let pid = workload.pid.ok_or_else(|| {
+        MigrationError::Workload(crate::workload::WorkloadError::NotRunning {
+            name: m.workload.clone(),
+            state: workload.state,
+        })
+    })?;
+    let images = engine.images_dir.join(id);
+    std::fs::create_dir_all(&images).map_err(|source| MigrationError::Io {
+        what: "create the image directory",
+        path: images.clone(),
+        source,
+    })?;
+
+    engine.set_phase(id, Phase::Checkpointing)?;
+    let freeze = Instant::now();
+    let dump = engine
+        .criu
+        .dump(DumpRequest {
+            pid,
+            images: &images,
+        })
+        .await?;
+    engine.update(id, |m| m.timings.dump_ms = Some(ms(dump)))?;
+
+    engine.set_phase(id, Phase::Transferring)?;
+    let t = Instant::now();
+    let manifest = send_image(engine, id, &target, &images).await?;
+    let bytes: u64 = manifest.iter().map(|f| f.size).sum();
+    engine.update(id, |m| {
+        m.timings.transfer_ms = Some(ms(t.elapsed()));
+        m.bytes_moved = bytes;
+        m.files = manifest.len() as u32;
+    })?;
+
+    // From here the destination may restore: record that before asking.
+    engine.update(id, |m| {
+        m.phase = Phase::Restoring;
+        m.restore_requested = true;
+    })?;
+    let answer = engine
+        .peers
+        .request(
+            &target,
+            &Request::Restore {
+                migration: id.to_string(),
+                workload: m.spec.clone(),
+                source_log: workload.log.clone(),
+                manifest,
+            },
+        )
+        .await;
+    match answer {
+        Ok(Response::Restored { restore_ms, pid }) => {
+            tracing::info!(
+                peer_pid = pid,
+                restore_ms,
+                "destination confirmed the restore"
+            );
+            engine.update(id, |m| m.timings.restore_ms = Some(restore_ms))?;
+            Ok(freeze)
+        }
+        Ok(Response::Error { message, .. }) => Err(MigrationError::RestoreFailed {
+            site: target,
+            message,
+        }),
+        Ok(other) => Err(MigrationError::RestoreFailed {
+            site: target,
+            message: format!("unexpected answer {other:?}"),
+        }),
+        Err(e) => {
+            // The restore may or may not have happened: only the destination knows.
+            tracing::warn!(error = %e, "lost the restore answer; asking the destination");
+            match resolve(engine, id, &target).await {
+                Verdict::Confirmed => Ok(freeze),
+                Verdict::NotRestored => Err(MigrationError::RestoreFailed {
+                    site: target,
+                    message: format!(
+                        "link lost during the restore ({e}); destination holds no copy"
+                    ),
+                }),
+                Verdict::Pending => Err(MigrationError::Peer(e)),
+            }
+        }
+    }
+}
+
+/// Sends every image file, a few at a time, and returns the verified manifest.
+async fn send_image(
+    engine: &Arc<Engine>,
+    id: &str,
+    target: &str,
+    images: &Path,
+) -> Result<Vec<FileMeta>, MigrationError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(images)
+        .map_err(|source| MigrationError::Io {
+            what: "list the image directory",
+            path: images.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()) != Some("log"))
+        .collect();
+    // Largest first, so the long transfer starts at once.
+    files.sort_by_key(|p| std::cmp::Reverse(p.metadata().map(|m| m.len()).unwrap_or(0)));
+    let mut manifest = Vec::with_capacity(files.len());
+    let mut set = JoinSet::new();
+    let mut queue = files.into_iter();
+    loop {
+        while set.len() < PARALLEL_FILES {
+            let Some(path) = queue.next() else { break };
+            let engine = Arc::clone(engine);
+            let (id, target) = (id.to_string(), target.to_string());
+            set.spawn(async move { engine.peers.send_file(&target, &id, &path).await });
+        }
+        match set.join_next().await {
+            None => break,
+            Some(Ok(Ok(meta))) => manifest.push(meta),
+            Some(Ok(Err(e))) => return Err(e.into()),
+            Some(Err(join)) => {
+                return Err(MigrationError::Io {
+                    what: "send",
+                    path: images.to_path_buf(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            }
+        }
+    }
+    Ok(manifest)
+}
+
+/// Asks the destination, until it answers, whether it restored the workload.
+pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Verdict {
+    let mut delay = Duration::from_millis(200);
+    let mut noted = false;
+    loop {
+        match engine
+            .peers
+            .request(
+                target,
+                &Request::Status {
+                    migration: id.to_string(),
+                },
+            )
+            .await
+        {
+            Ok(Response::Status {
+                state: TargetState::Confirmed,
+            }) => return Verdict::Confirmed,
+            Ok(Response::Status {
+                state: TargetState::Restoring,
+            }) => {}
+            Ok(Response::Status { .. }) => {
+                match engine
+                    .peers
+                    .request(
+                        target,
+                        &Request::Abort {
+                            migration: id.to_string(),
+                        },
+                    )
+                    .await
+                {
+                    Ok(Response::Aborted) => return Verdict::NotRestored,
+                    Ok(Response::Status {
+                        state: TargetState::Confirmed,
+                    }) => return Verdict::Confirmed,
+                    _ => {}
+                }
+            }
+            Ok(_) | Err(_) => {
+                if !noted {
+                    noted = true;
+                    let _ = engine.update(id, |m| {
+                        m.error = Some(format!(
+                            "waiting for site {target} to report the restore; the source stays frozen with its image until it does"
+                        ))
+                    });
+                }
+            }
+        }
+        tokio::select! {
+            _ = engine.cancel.cancelled() => return Verdict::Pending,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The destination confirmed: end the source and drop its image.
+pub(super) fn cut_over(
+    engine: &Arc<Engine>,
+    id: &str,
+    freeze: Option<Instant>,
+) -> Result<(), MigrationError> {
+    let m = engine.update(id, |m| {
+        m.phase = Phase::CuttingOver;
+        if let Some(f) = freeze {
+            m.timings.freeze_ms = Some(ms(f.elapsed()));
+        }
+    })?;
+    engine.workloads.release_after_migration(&m.workload)?;
+    remove_dir(&engine.images_dir.join(id));
+    engine.update(id, |m| {
+        m.phase = Phase::Completed;
+        m.error = None;
+    })?;
+    Ok(())
+}
+
+/// Undoes a failed migration: the destination must hold no running copy, then the source
+/// resumes. If the destination may have restored and cannot say, the source stays frozen.
+pub(super) async fn rollback(engine: &Arc<Engine>, id: &str, reason: String) {
+    let Ok(m) = engine.update(id, |m| {
+        m.phase = Phase::RollingBack;
+        m.error = Some(reason.clone());
+    }) else {
+        tracing::error!("cannot journal the rollback; leaving the source as it is");
+        return;
+    };
+    if m.restore_requested {
+        match resolve(engine, id, &m.target).await {
+            Verdict::NotRestored => {}
+            Verdict::Confirmed => {
+                tracing::warn!("destination confirmed after all; completing instead");
+                if let Err(e) = cut_over(engine, id, None) {
+                    tracing::error!(error = %e, "cut-over failed");
+                }
+                return;
+            }
+            Verdict::Pending => return,
+        }
+    } else {
+        // Nothing can be running there; tell it to drop what it received.
+        let _ = engine
+            .peers
+            .request(
+                &m.target,
+                &Request::Abort {
+                    migration: id.to_string(),
+                },
+            )
+            .await;
+    }
+    finish_rollback(engine, id, &m.workload, reason);
+}
+
+pub(super) fn finish_rollback(engine: &Arc<Engine>, id: &str, workload: &str, reason: String) {
+    let resumed = engine.workloads.resume_after_migration(workload);
+    let running = engine
+        .workloads
+        .get(workload)
+        .map(|w| w.state == crate::workload::WorkloadState::Running)
+        .unwrap_or(false);
+    remove_dir(&engine.images_dir.join(id));
+    let outcome = engine.update(id, |m| {
+        m.phase = if running {
+            Phase::RolledBack
+        } else {
+            Phase::Failed
+        };
+        m.error = Some(match &resumed {
+            Ok(()) if running => reason.clone(),
+            Ok(()) => format!("{reason}; the source had exited and could not be resumed"),
+            Err(e) => format!("{reason}; resuming the source failed: {e}"),
+        });
+    });
+    match outcome {
+        Ok(m) => tracing::info!(phase = %m.phase, "rolled back"),
+        Err(e) => tracing::error!(error = %e, "cannot journal the rollback's end"),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}

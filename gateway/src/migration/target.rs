@@ -1,0 +1,377 @@
+//! The destination side: answers the source's peer requests, receives and verifies the
+//! image, restores it, and confirms only once the restored workload is healthy and
+//! journaled.
+
+use std::collections::BTreeMap;
+
+use std::time::Instant;
+
+use quinn::RecvStream;
+
+use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role, Timings};
+use crate::criu::{Inherit, RestoreRequest};
+use crate::journal::Collection;
+use crate::peer::files;
+use crate::peer::wire::{ErrorCode, FileMeta, Request, Response, TargetState};
+use crate::peer::Handler;
+use crate::workload::{now_ms, process, Origin, WorkloadSpec};
+
+impl Handler for Engine {
+    async fn handle(&self, peer: String, req: Request, body: &mut RecvStream) -> Response {
+        match req {
+            Request::Hello => {
+                Response::error(ErrorCode::BadRequest, "hello is answered by the link")
+            }
+            Request::Prepare {
+                migration,
+                workload,
+            } => self.prepare(&peer, &migration, workload),
+            Request::File {
+                migration,
+                name,
+                size,
+            } => self.receive(&peer, &migration, &name, size, body).await,
+            Request::Restore {
+                migration,
+                workload,
+                source_log,
+                manifest,
+            } => {
+                self.restore(&peer, &migration, &workload, &source_log, &manifest)
+                    .await
+            }
+            Request::Status { migration } => Response::Status {
+                state: self.target_state(&peer, &migration),
+            },
+            Request::Abort { migration } => self.abort(&peer, &migration),
+        }
+    }
+}
+
+fn bad_id(id: &str) -> bool {
+    id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+impl Engine {
+    /// This site's record of an incoming migration from `peer`.
+    fn incoming(&self, peer: &str, id: &str) -> Option<Migration> {
+        self.get(id)
+            .filter(|m| m.role == Role::Target && m.source == peer)
+    }
+
+    fn prepare(&self, peer: &str, id: &str, spec: WorkloadSpec) -> Response {
+        if bad_id(id) {
+            return Response::error(ErrorCode::BadRequest, format!("bad migration id {id:?}"));
+        }
+        if let Some(m) = self.get(id) {
+            return if m.role == Role::Target && m.source == peer && m.phase == Phase::Preparing {
+                Response::Ready
+            } else {
+                Response::error(
+                    ErrorCode::Refused,
+                    format!("migration {id} already exists here"),
+                )
+            };
+        }
+        if let Err(e) = self.workloads.reserve_incoming(&spec) {
+            return Response::error(ErrorCode::Refused, e.to_string());
+        }
+        let dir = self.incoming_dir.join(id);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.workloads.release_incoming(&spec.name);
+            return Response::error(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", dir.display()),
+            );
+        }
+        let now = now_ms();
+        let m = Migration {
+            id: id.to_string(),
+            workload: spec.name.clone(),
+            role: Role::Target,
+            source: peer.to_string(),
+            target: self.site.clone(),
+            phase: Phase::Preparing,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            error: None,
+            timings: Timings::default(),
+            bytes_moved: 0,
+            files: 0,
+            spec,
+            restore_requested: false,
+            received: Vec::new(),
+        };
+        if let Err(e) = self.journal.put(Collection::Migrations, id, &m) {
+            self.workloads.release_incoming(&m.workload);
+            remove_dir(&dir);
+            return Response::error(ErrorCode::Internal, e.to_string());
+        }
+        tracing::info!(migration = id, workload = %m.workload, from = peer, "incoming migration prepared");
+        self.migrations.insert(id.to_string(), m);
+        Response::Ready
+    }
+
+    async fn receive(
+        &self,
+        peer: &str,
+        id: &str,
+        name: &str,
+        size: u64,
+        body: &mut RecvStream,
+    ) -> Response {
+        match self.incoming(peer, id) {
+            Some(m) if m.phase == Phase::Preparing => {}
+            _ => {
+                return Response::error(
+                    ErrorCode::Refused,
+                    format!("no transfer open for migration {id}"),
+                )
+            }
+        }
+        match files::receive(&self.incoming_dir.join(id), name, size, body).await {
+            Ok(meta) => {
+                let blake3 = meta.blake3.clone();
+                let stored = self.update(id, |m| {
+                    m.bytes_moved += meta.size;
+                    m.files += 1;
+                    m.received.retain(|f| f.name != meta.name);
+                    m.received.push(meta);
+                });
+                match stored {
+                    Ok(_) => Response::Stored {
+                        name: name.to_string(),
+                        blake3,
+                    },
+                    Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
+                }
+            }
+            Err(e @ files::ReceiveError::Digest { .. }) => {
+                Response::error(ErrorCode::Integrity, e.to_string())
+            }
+            Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+        }
+    }
+
+    async fn restore(
+        &self,
+        peer: &str,
+        id: &str,
+        spec: &WorkloadSpec,
+        source_log: &std::path::Path,
+        manifest: &[FileMeta],
+    ) -> Response {
+        let m = match self.incoming(peer, id) {
+            Some(m) if m.phase == Phase::Preparing => m,
+            Some(m) if m.phase == Phase::Completed => {
+                return match self.workloads.get(&m.workload).and_then(|w| w.pid) {
+                    Some(pid) => Response::Restored {
+                        pid,
+                        restore_ms: m.timings.restore_ms.unwrap_or(0),
+                    },
+                    None => Response::error(ErrorCode::Internal, "restored workload vanished"),
+                }
+            }
+            _ => {
+                return Response::error(
+                    ErrorCode::Refused,
+                    format!("migration {id} is not ready to restore"),
+                )
+            }
+        };
+        if &m.spec != spec {
+            return Response::error(
+                ErrorCode::BadRequest,
+                "workload differs from the prepared one",
+            );
+        }
+        if let Err(msg) = check_manifest(manifest, &m.received) {
+            let reason = format!("image incomplete: {msg}");
+            self.abort_local(id, &m.workload, &reason);
+            return Response::error(ErrorCode::Integrity, reason);
+        }
+        if let Err(e) = self.set_phase(id, Phase::Restoring) {
+            return Response::error(ErrorCode::Internal, e.to_string());
+        }
+        let started = Instant::now();
+        match self.restore_and_check(id, spec, source_log, peer).await {
+            Ok(pid) => {
+                let restore_ms = started.elapsed().as_millis() as u64;
+                // The workload record is journaled by adopt(); that is the confirmation.
+                let done = self.update(id, |m| {
+                    m.phase = Phase::Completed;
+                    m.timings.restore_ms = Some(restore_ms);
+                    m.received.clear();
+                });
+                remove_dir(&self.incoming_dir.join(id));
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "restored, but cannot journal the migration's end");
+                }
+                tracing::info!(migration = id, pid, restore_ms, "restore confirmed");
+                Response::Restored { pid, restore_ms }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::warn!(migration = id, error = %reason, "restore failed");
+                self.abort_local(id, &m.workload, &reason);
+                Response::error(ErrorCode::RestoreFailed, reason)
+            }
+        }
+    }
+
+    /// Restores the image, waits for the workload to answer, and adopts it.
+    async fn restore_and_check(
+        &self,
+        id: &str,
+        spec: &WorkloadSpec,
+        source_log: &std::path::Path,
+        peer: &str,
+    ) -> Result<i32, MigrationError> {
+        let placement = self.workloads.place(&spec.name)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&placement.log)
+            .map_err(|source| MigrationError::Io {
+                what: "open the workload log",
+                path: placement.log.clone(),
+                source,
+            })?;
+        let images = self.incoming_dir.join(id);
+        let restored = self
+            .criu
+            .restore(RestoreRequest {
+                images: &images,
+                inherit: vec![Inherit {
+                    fd: log.into(),
+                    source_path: source_log.to_path_buf(),
+                }],
+                cgroup: placement.cgroup.as_deref(),
+            })
+            .await?;
+        if let Some(port) = spec.port {
+            if !process::wait_port(port, self.health_timeout).await {
+                process::kill(restored.pid);
+                let _ = process::wait_exit(restored.pid).await;
+                return Err(MigrationError::RestoreFailed {
+                    site: self.site.clone(),
+                    message: format!(
+                        "restored workload did not answer on port {port} within {} s",
+                        self.health_timeout.as_secs()
+                    ),
+                });
+            }
+        }
+        // adopt() replaces the reservation with the running workload's record.
+        let adopted = self.workloads.adopt(
+            spec,
+            &placement,
+            restored.pid,
+            Origin {
+                site: peer.to_string(),
+                migration: id.to_string(),
+            },
+        );
+        if let Err(e) = adopted {
+            process::kill(restored.pid);
+            return Err(e.into());
+        }
+        Ok(restored.pid)
+    }
+
+    /// Forgets an incoming migration that will not complete: release the name, drop the
+    /// image, record why.
+    pub(super) fn abort_local(&self, id: &str, workload: &str, reason: &str) {
+        self.workloads.release_incoming(workload);
+        remove_dir(&self.incoming_dir.join(id));
+        if let Err(e) = self.update(id, |m| {
+            m.phase = Phase::RolledBack;
+            m.error = Some(reason.to_string());
+            m.received.clear();
+        }) {
+            tracing::error!(migration = id, error = %e, "cannot journal the abort");
+        }
+    }
+
+    fn target_state(&self, peer: &str, id: &str) -> TargetState {
+        match self.incoming(peer, id).map(|m| m.phase) {
+            None => TargetState::Unknown,
+            Some(Phase::Restoring) => TargetState::Restoring,
+            Some(Phase::Completed) => TargetState::Confirmed,
+            Some(p) if p.is_terminal() => TargetState::Aborted,
+            Some(_) => TargetState::Receiving,
+        }
+    }
+
+    fn abort(&self, peer: &str, id: &str) -> Response {
+        let Some(m) = self.incoming(peer, id) else {
+            return Response::Aborted;
+        };
+        match m.phase {
+            Phase::Completed => Response::Status {
+                state: TargetState::Confirmed,
+            },
+            Phase::Restoring => Response::error(ErrorCode::Busy, "restore in progress; ask again"),
+            p if p.is_terminal() => Response::Aborted,
+            _ => {
+                self.abort_local(id, &m.workload, "aborted by the source");
+                tracing::info!(migration = id, "incoming migration aborted by the source");
+                Response::Aborted
+            }
+        }
+    }
+}
+
+/// Every file of the manifest was received with the same size and digest, and nothing else.
+fn check_manifest(manifest: &[FileMeta], received: &[FileMeta]) -> Result<(), String> {
+    let got: BTreeMap<&str, &FileMeta> = received.iter().map(|f| (f.name.as_str(), f)).collect();
+    for f in manifest {
+        match got.get(f.name.as_str()) {
+            None => return Err(format!("{} was never received", f.name)),
+            Some(r) if *r != f => return Err(format!("{} differs from the manifest", f.name)),
+            Some(_) => {}
+        }
+    }
+    if manifest.len() != received.len() {
+        return Err(format!(
+            "received {} files, manifest lists {}",
+            received.len(),
+            manifest.len()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(name: &str, size: u64) -> FileMeta {
+        FileMeta {
+            name: name.into(),
+            size,
+            blake3: format!("{size:064x}"),
+        }
+    }
+
+    #[test]
+    fn manifest_must_match_what_was_received() {
+        let got = vec![f("a", 1), f("b", 2)];
+        assert!(check_manifest(&[f("b", 2), f("a", 1)], &got).is_ok());
+        assert!(check_manifest(&[f("a", 1), f("c", 2)], &got)
+            .unwrap_err()
+            .contains("c was never received"));
+        assert!(check_manifest(&[f("a", 1), f("b", 3)], &got)
+            .unwrap_err()
+            .contains("differs"));
+        assert!(check_manifest(&[f("a", 1)], &got).is_err());
+    }
+
+    #[test]
+    fn migration_ids_from_peers_are_checked() {
+        assert!(!bad_id("0123abcd"));
+        assert!(bad_id("../x"));
+        assert!(bad_id(""));
+    }
+}

@@ -1,0 +1,369 @@
+//! The peer link: one mutually authenticated QUIC endpoint per site. It dials configured
+//! peers (pinning their certificate fingerprints), accepts only configured peers, and
+//! carries one request per bidirectional stream.
+
+pub mod files;
+pub mod wire;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use quinn::{RecvStream, SendStream};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{PeerConfig, SiteConfig};
+use crate::identity::{self, Fingerprint, Identity, IdentityError};
+use wire::{CloseCode, ErrorCode, Request, Response, ALPN, MAX_HEADER};
+
+#[derive(Debug, Error)]
+pub enum PeerError {
+    #[error("site {0:?} is not a configured peer; add it to [[peers]] in site.toml")]
+    UnknownPeer(String),
+    #[error("cannot bind the peer link on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] IdentityError),
+    #[error("QUIC TLS setup: {0}")]
+    Quic(String),
+    #[error("cannot reach peer {peer} at {addr}: {detail}")]
+    Connect {
+        peer: String,
+        addr: SocketAddr,
+        detail: String,
+    },
+    #[error("link to peer {peer} failed: {detail}")]
+    Link { peer: String, detail: String },
+    #[error("peer {peer} sent an invalid message: {detail}")]
+    Protocol { peer: String, detail: String },
+    #[error("local file {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves requests arriving from peers.
+pub trait Handler: Send + Sync + 'static {
+    /// `body` carries the bytes that follow the header (image files).
+    fn handle(
+        &self,
+        peer: String,
+        req: Request,
+        body: &mut RecvStream,
+    ) -> impl Future<Output = Response> + Send;
+}
+
+pub struct PeerLink {
+    site: String,
+    endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+    peers: Vec<PeerConfig>,
+    transport: Arc<quinn::TransportConfig>,
+    connections: DashMap<String, quinn::Connection>,
+}
+
+/// Socket buffer size for the UDP socket: the kernel default drops packets at 1 Gbit/s.
+const UDP_BUFFER: usize = 16 << 20;
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // Windows sized for 1 Gbit/s at up to ~100 ms round trip.
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
+        .receive_window(quinn::VarInt::from_u32(64 << 20))
+        .send_window(64 << 20)
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(64))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let fd = socket.as_raw_fd();
+    let size = UDP_BUFFER as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: setsockopt with a valid fd and an int option.
+        let set = |opt| unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // The FORCE variant needs CAP_NET_ADMIN; without it, take what the limit allows.
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+    Ok(socket)
+}
+
+impl PeerLink {
+    /// Binds the peer endpoint. Only the configured peers' certificates are accepted.
+    pub fn bind(cfg: &SiteConfig, identity: Arc<Identity>) -> Result<Arc<Self>, PeerError> {
+        let allowed: Vec<Fingerprint> = cfg.peers.iter().map(|p| p.fingerprint).collect();
+        let tls = identity::server_config(&identity, Some(allowed), ALPN)?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| PeerError::Quic(e.to_string()))?;
+        let transport = Arc::new(transport());
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server.transport_config(Arc::clone(&transport));
+        let addr = cfg.peer.listen;
+        let socket = udp_socket(addr).map_err(|source| PeerError::Bind { addr, source })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| PeerError::Bind { addr, source })?;
+        Ok(Arc::new(Self {
+            site: cfg.name.clone(),
+            endpoint,
+            identity,
+            peers: cfg.peers.clone(),
+            transport,
+            connections: DashMap::new(),
+        }))
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    pub fn peers(&self) -> &[PeerConfig] {
+        &self.peers
+    }
+
+    fn peer_config(&self, name: &str) -> Result<&PeerConfig, PeerError> {
+        self.peers
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| PeerError::UnknownPeer(name.to_string()))
+    }
+
+    /// The live connection to `peer`, dialled if needed.
+    pub async fn connection(&self, peer: &str) -> Result<quinn::Connection, PeerError> {
+        if let Some(c) = self.connections.get(peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let pc = self.peer_config(peer)?;
+        let tls = identity::client_config(pc.fingerprint, Some(&self.identity), ALPN)?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| PeerError::Quic(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        client.transport_config(Arc::clone(&self.transport));
+        let connect_err = |detail: String| PeerError::Connect {
+            peer: peer.to_string(),
+            addr: pc.address,
+            detail,
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(client, pc.address, "ferry-peer")
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| connect_err("no answer within 10 s".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        tracing::debug!(peer, addr = %pc.address, "peer link established");
+        self.connections.insert(peer.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn request(&self, peer: &str, req: &Request) -> Result<Response, PeerError> {
+        let (mut send, mut recv) = self.open(peer).await?;
+        write_frame(peer, &mut send, req).await?;
+        finish(peer, &mut send)?;
+        read_response(peer, &mut recv).await
+    }
+
+    pub(crate) async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), PeerError> {
+        let conn = self.connection(peer).await?;
+        conn.open_bi().await.map_err(|e| PeerError::Link {
+            peer: peer.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Accepts peers until `cancel` fires; each connection and each stream is a task.
+    pub async fn serve<H: Handler>(self: Arc<Self>, handler: Arc<H>, cancel: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                _ = cancel.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let this = Arc::clone(&self);
+            let handler = Arc::clone(&handler);
+            let cancel = cancel.clone();
+            let remote = incoming.remote_address();
+            tokio::spawn(
+                async move {
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "peer handshake failed");
+                            return;
+                        }
+                    };
+                    let Some(peer) = this.identify(&conn) else {
+                        conn.close(
+                            quinn::VarInt::from_u32(CloseCode::Protocol as u32),
+                            b"unknown peer",
+                        );
+                        return;
+                    };
+                    tracing::debug!(peer, "peer connected");
+                    this.serve_connection(peer, conn, handler, cancel).await;
+                }
+                .instrument(tracing::info_span!("peer_conn", %remote)),
+            );
+        }
+        self.endpoint.close(
+            quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
+            b"shutdown",
+        );
+    }
+
+    fn identify(&self, conn: &quinn::Connection) -> Option<String> {
+        let certs = conn
+            .peer_identity()?
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        let fp = Fingerprint::of(certs.first()?);
+        self.peers
+            .iter()
+            .find(|p| p.fingerprint == fp)
+            .map(|p| p.name.clone())
+    }
+
+    async fn serve_connection<H: Handler>(
+        &self,
+        peer: String,
+        conn: quinn::Connection,
+        handler: Arc<H>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let (mut send, mut recv) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = conn.accept_bi() => match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(peer, reason = %e, "peer connection closed");
+                        return;
+                    }
+                },
+            };
+            let handler = Arc::clone(&handler);
+            let peer = peer.clone();
+            let site = self.site.clone();
+            tokio::spawn(
+                async move {
+                    let response = match read_frame::<Request>(&peer, &mut recv).await {
+                        Ok(Request::Hello) => Response::Hello {
+                            site,
+                            version: crate::VERSION.to_string(),
+                        },
+                        Ok(req) => handler.handle(peer.clone(), req, &mut recv).await,
+                        Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+                    };
+                    if let Err(e) = write_frame(&peer, &mut send, &response).await {
+                        tracing::debug!(error = %e, "could not answer a peer request");
+                        return;
+                    }
+                    let _ = send.finish();
+                    // Let the response reach the peer before the stream is dropped.
+                    let _ = send.stopped().await;
+                }
+                .instrument(tracing::debug_span!("peer_request")),
+            );
+        }
+    }
+
+    /// Closes the endpoint and waits briefly for connections to drain.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(
+            quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
+            b"shutdown",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+pub(crate) async fn write_frame<T: serde::Serialize>(
+    peer: &str,
+    send: &mut SendStream,
+    msg: &T,
+) -> Result<(), PeerError> {
+    let frame = wire::encode(msg).map_err(|e| PeerError::Protocol {
+        peer: peer.to_string(),
+        detail: e.to_string(),
+    })?;
+    send.write_all(&frame).await.map_err(|e| PeerError::Link {
+        peer: peer.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+pub(crate) fn finish(peer: &str, send: &mut SendStream) -> Result<(), PeerError> {
+    send.finish().map_err(|e| PeerError::Link {
+        peer: peer.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+pub(crate) async fn read_frame<T: serde::de::DeserializeOwned>(
+    peer: &str,
+    recv: &mut RecvStream,
+) -> Result<T, PeerError> {
+    let link = |detail: String| PeerError::Link {
+        peer: peer.to_string(),
+        detail,
+    };
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| link(e.to_string()))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(PeerError::Protocol {
+            peer: peer.to_string(),
+            detail: format!("header of {len} bytes exceeds the {MAX_HEADER} byte limit"),
+        });
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|e| link(e.to_string()))?;
+    serde_json::from_slice(&buf).map_err(|e| PeerError::Protocol {
+        peer: peer.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+async fn read_response(peer: &str, recv: &mut RecvStream) -> Result<Response, PeerError> {
+    read_frame(peer, recv).await
+}

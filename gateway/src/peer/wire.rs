@@ -1,0 +1,138 @@
+//! The peer protocol's messages and framing: one request per bidirectional stream, a
+//! length-prefixed JSON header (bounded), then for image files the raw bytes and a BLAKE3
+//! trailer.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::workload::WorkloadSpec;
+
+/// ALPN of the peer protocol; a new incompatible protocol gets a new version here.
+pub const ALPN: &[u8] = b"ferry/1";
+
+/// Largest header a peer may send.
+pub const MAX_HEADER: usize = 1 << 20;
+
+/// Largest image file a peer may send.
+pub const MAX_FILE: u64 = 256 << 30;
+
+/// Connection close codes.
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum CloseCode {
+    Shutdown = 0,
+    Protocol = 1,
+}
+
+/// Checksum of one image file as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMeta {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness and identity check.
+    Hello,
+    /// Reserve the workload's name and port for an incoming migration.
+    Prepare {
+        migration: String,
+        workload: WorkloadSpec,
+    },
+    /// One image file follows: `size` bytes, then its 32-byte BLAKE3 digest.
+    File {
+        migration: String,
+        name: String,
+        size: u64,
+    },
+    /// Every file is sent; verify them against the manifest and restore.
+    Restore {
+        migration: String,
+        workload: WorkloadSpec,
+        /// Path of the workload's log at the source (its stdout/stderr are re-pointed to
+        /// the destination's log).
+        source_log: PathBuf,
+        manifest: Vec<FileMeta>,
+    },
+    /// What is the destination's state for this migration?
+    Status { migration: String },
+    /// Give up this migration (refused once the destination has confirmed).
+    Abort { migration: String },
+}
+
+/// The destination's view of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetState {
+    Unknown,
+    Receiving,
+    Restoring,
+    Confirmed,
+    Aborted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Refused,
+    Integrity,
+    RestoreFailed,
+    Busy,
+    Internal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Hello { site: String, version: String },
+    Ready,
+    Stored { name: String, blake3: String },
+    Restored { pid: i32, restore_ms: u64 },
+    Status { state: TargetState },
+    Aborted,
+    Error { code: ErrorCode, message: String },
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Encodes a header frame: big-endian u32 length, then JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let body = serde_json::to_vec(msg)?;
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknown_fields() {
+        let req = Request::Status {
+            migration: "m1".into(),
+        };
+        let frame = encode(&req).expect("encode");
+        let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+        assert_eq!(len, frame.len() - 4);
+        let back: Request = serde_json::from_slice(&frame[4..]).expect("decode");
+        assert!(matches!(back, Request::Status { migration } if migration == "m1"));
+        let bad = br#"{"type":"status","migration":"m1","extra":1}"#;
+        assert!(serde_json::from_slice::<Request>(bad).is_err());
+        assert!(serde_json::from_slice::<Request>(br#"{"type":"launch"}"#).is_err());
+    }
+}

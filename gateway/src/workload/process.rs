@@ -1,0 +1,279 @@
+//! Process-tree mechanics for workloads: start a command in its own PID namespace as
+//! session leader inside a cgroup, find and signal its tree, and wait for its end.
+
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::process::{Child, Command};
+
+use super::WorkloadError;
+
+/// PATH given to every workload: the same on every site, whatever the gateway's own.
+pub const WORKLOAD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct Started {
+    /// `unshare`, the holder process that waits for the namespace's init; reaped by tokio.
+    pub holder: Child,
+    /// Host pid of the namespace's init: the workload's command itself.
+    pub pid: i32,
+}
+
+pub struct Launch<'a> {
+    pub command: &'a [String],
+    pub env: &'a std::collections::BTreeMap<String, String>,
+    pub work_dir: &'a Path,
+    pub log: &'a Path,
+    pub cgroup: Option<&'a Path>,
+}
+
+/// Starts `command` as PID 1 of a new PID namespace and leader of its own session, with
+/// stdin from /dev/null and stdout/stderr appended to `log`. This is the shape CRIU can
+/// dump and restore on another site without help from its parent.
+pub async fn start(l: Launch<'_>) -> Result<Started, WorkloadError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(l.log)
+        .map_err(|source| WorkloadError::Io {
+            what: "open the workload log",
+            path: l.log.to_path_buf(),
+            source,
+        })?;
+    let log2 = log.try_clone().map_err(|source| WorkloadError::Io {
+        what: "duplicate the workload log",
+        path: l.log.to_path_buf(),
+        source,
+    })?;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--", "setsid"])
+        .args(l.command)
+        .env_clear()
+        .env("PATH", WORKLOAD_PATH)
+        .envs(l.env)
+        .current_dir(l.work_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .kill_on_drop(false);
+    let procs = match l.cgroup {
+        Some(dir) => Some(cstring(&dir.join("cgroup.procs"))?),
+        None => None,
+    };
+    // SAFETY: setsid and the cgroup write are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The holder leads a new session, so its forked child is not a group leader and
+            // `setsid` makes the namespace init the leader of a session of its own.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(p) = &procs {
+                crate::criu::join_cgroup(p)?;
+            }
+            Ok(())
+        });
+    }
+    let holder = cmd.spawn().map_err(|source| WorkloadError::Io {
+        what: "start unshare (util-linux)",
+        path: PathBuf::from("unshare"),
+        source,
+    })?;
+    let holder_pid = holder.id().ok_or(WorkloadError::ExitedEarly {
+        log: l.log.to_path_buf(),
+    })? as i32;
+    let pid = find_child(holder_pid)
+        .await
+        .ok_or(WorkloadError::ExitedEarly {
+            log: l.log.to_path_buf(),
+        })?;
+    Ok(Started { holder, pid })
+}
+
+fn cstring(p: &Path) -> Result<CString, WorkloadError> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| WorkloadError::Io {
+        what: "use a path with a NUL byte",
+        path: p.to_path_buf(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })
+}
+
+/// The holder's forked child (the namespace init), once it exists.
+async fn find_child(holder: i32) -> Option<i32> {
+    let path = format!("/proc/{holder}/task/{holder}/children");
+    for _ in 0..200 {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    return Some(pid);
+                }
+            }
+            Err(_) => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with
+/// the pid it identifies a process across pid reuse.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Is this exact process (pid + start time) still alive and not a zombie?
+pub fn alive(pid: i32, started: u64) -> bool {
+    start_time(pid) == Some(started)
+}
+
+/// Process state letter from /proc (R, S, T for stopped, …).
+pub fn state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+fn pid_ns(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
+/// Every host pid in the PID namespace whose init is `init`.
+pub fn tree(init: i32) -> Vec<i32> {
+    let Some(ns) = pid_ns(init) else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![init];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| pid_ns(*pid).as_ref() == Some(&ns))
+        .collect()
+}
+
+/// Resumes a tree CRIU left stopped.
+pub fn resume(init: i32) -> usize {
+    let pids = tree(init);
+    for pid in &pids {
+        // SAFETY: kill(2) with a valid signal.
+        unsafe { libc::kill(*pid, libc::SIGCONT) };
+    }
+    pids.len()
+}
+
+/// Kills the whole tree: SIGKILL to a namespace's init takes every process in it along.
+pub fn kill(init: i32) {
+    // SAFETY: kill(2) with a valid signal.
+    unsafe { libc::kill(init, libc::SIGKILL) };
+}
+
+/// Waits until `pid` has exited, then reaps it if it is our child (a restored tree is
+/// re-parented to the gateway). Returns the exit code when we reaped it.
+pub async fn wait_exit(pid: i32) -> Option<i32> {
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return reap(pid);
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd stays open and unchanged for the AsyncFd's whole life.
+    if let Ok(async_fd) =
+        unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+    {
+        let _ = async_fd.readable().await;
+    }
+    reap(pid)
+}
+
+fn reap(pid: i32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waitpid on a specific pid, non-blocking.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r == pid {
+        if libc::WIFEXITED(status) {
+            Some(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            Some(128 + libc::WTERMSIG(status))
+        } else {
+            None
+        }
+    } else {
+        None
+    }
+}
+
+/// Makes the gateway the reaper of orphans in its subtree, so restored trees (whose
+/// parent, criu, exits) become its children.
+pub fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The cgroup v2 mount point, if any (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// Can `port` be bound on this site right now?
+pub fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub async fn wait_port(port: u16, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await;
+        if matches!(attempt, Ok(Ok(_))) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_identifies_this_process() {
+        let me = std::process::id() as i32;
+        let t = start_time(me).expect("own stat");
+        assert!(alive(me, t));
+        assert!(!alive(me, t + 1));
+    }
+
+    #[test]
+    fn own_tree_contains_self() {
+        let me = std::process::id() as i32;
+        assert!(tree(me).contains(&me));
+    }
+}
