@@ -84,7 +84,9 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
 
     tracing::info!("shutting down");
     engine.drain(Duration::from_secs(10)).await;
+    tracing::debug!("migrations drained");
     peers.shutdown().await;
     let _ = peer_task.await;
+    tracing::info!("gateway stopped");
     Ok(())
 }

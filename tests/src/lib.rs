@@ -1,1 +1,497 @@
-//! Test harness shared by the end-to-end tests.
+//! Harness for Ferry's end-to-end tests and demo: two sites as network namespaces joined
+//! by a veth pair, one real `ferry gateway` process in each, driven through the real CLI.
+//! Everything it creates (namespaces, cgroups, processes, files) is removed on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// Where the `ferry` binary is: `FERRY_BIN`, else next to this executable's target dir.
+pub fn ferry_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("FERRY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/test-binary or target/<profile>/binary
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("ferry");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "ferry binary not found next to {}; build it first (cargo build -p ferry) or set FERRY_BIN",
+        exe.display()
+    )
+}
+
+/// Runs a command, returning its output; fails with stderr when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc_geteuid() };
+    assert_eq!(
+        uid, 0,
+        "end-to-end tests need root (namespaces, CRIU); run them with sudo, as CI does"
+    );
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// How the pair of sites is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Short unique tag (≤ 6 chars): names namespaces, links and cgroups.
+    pub tag: String,
+    /// Does B list A as a peer? (false: B refuses A's certificate.)
+    pub b_knows_a: bool,
+    /// Shell snippet run inside a private mount namespace before B's gateway starts
+    /// (to give site B a different filesystem, as a real second host would have).
+    pub b_mount_setup: Option<String>,
+}
+
+impl Options {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            tag: tag.to_string(),
+            b_knows_a: true,
+            b_mount_setup: None,
+        }
+    }
+}
+
+pub struct Site {
+    pub name: String,
+    pub netns: String,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub fingerprint: String,
+    gateway: Option<Child>,
+    log: PathBuf,
+}
+
+impl Site {
+    fn nsenter(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns));
+        c
+    }
+
+    /// `ferry --config SITE ARGS…` inside the site's network namespace.
+    pub fn ferry_cmd(&self, args: &[&str]) -> Result<Command> {
+        let mut c = self.nsenter();
+        c.arg(ferry_bin()?)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args);
+        Ok(c)
+    }
+
+    /// Runs a CLI verb and returns stdout; fails on a non-zero exit.
+    pub fn ferry(&self, args: &[&str]) -> Result<String> {
+        run(&mut self.ferry_cmd(args)?)
+    }
+
+    /// Runs a CLI verb that is expected to fail; returns its output.
+    pub fn ferry_output(&self, args: &[&str]) -> Result<Output> {
+        Ok(self.ferry_cmd(args)?.output()?)
+    }
+
+    /// Runs a read verb with `--output json`.
+    pub fn ferry_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let text = self.ferry(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+    }
+
+    /// Any command inside the site's network namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut c = self.nsenter();
+        c.arg(program).args(args);
+        run(&mut c)
+    }
+
+    /// `redis-cli -p PORT ARGS…` at this site; the reply, trimmed.
+    pub fn redis(&self, port: u16, args: &[&str]) -> Result<String> {
+        let p = port.to_string();
+        let mut all = vec!["redis-cli", "-p", p.as_str()];
+        all.extend_from_slice(args);
+        Ok(self.exec(all[0], &all[1..])?.trim().to_string())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.gateway.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("gateway {} exited ({status}): {}", self.name, self.log());
+                }
+            }
+            if self.ferry(&["site"]).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gateway {} not ready within 30 s: {}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the gateway (SIGTERM, then SIGKILL) and waits for it.
+    pub fn stop_gateway(&mut self) {
+        if let Some(mut child) = self.gateway.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the gateway abruptly, as a crash would.
+    pub fn crash_gateway(&mut self) {
+        if let Some(mut child) = self.gateway.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Two sites, `a` and `b`, joined by a veth pair.
+pub struct TwoSites {
+    pub a: Site,
+    pub b: Site,
+    pub root: PathBuf,
+    pub work_root: PathBuf,
+    cgroup_parent: String,
+    opts: Options,
+}
+
+const SUBNET: &str = "10.213.0";
+
+impl TwoSites {
+    pub fn start(opts: Options) -> Result<Self> {
+        require_root();
+        assert!(opts.tag.len() <= 6, "tag must be at most 6 characters");
+        let root = std::env::temp_dir().join(format!("ferry-e2e-{}", opts.tag));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root)?;
+        let work_root = root.join("work");
+        let cgroup_parent = format!("ferry-e2e-{}", opts.tag);
+        let ns_a = format!("fy-{}-a", opts.tag);
+        let ns_b = format!("fy-{}-b", opts.tag);
+        // Leftovers of an interrupted earlier run.
+        let _ = ip(&["netns", "del", &ns_a]);
+        let _ = ip(&["netns", "del", &ns_b]);
+        ip(&["netns", "add", &ns_a])?;
+        ip(&["netns", "add", &ns_b])?;
+        let (va, vb) = (format!("fy{}a", opts.tag), format!("fy{}b", opts.tag));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", &ns_a])?;
+        ip(&["link", "set", &vb, "netns", &ns_b])?;
+        for (ns, dev, host) in [(&ns_a, &va, 1), (&ns_b, &vb, 2)] {
+            let addr = format!("{SUBNET}.{host}/24");
+            ip(&["-n", ns, "addr", "add", &addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let a = init_site(
+            "a",
+            &ns_a,
+            &format!("{SUBNET}.1"),
+            &root,
+            &work_root,
+            &cgroup_parent,
+        )?;
+        let b = init_site(
+            "b",
+            &ns_b,
+            &format!("{SUBNET}.2"),
+            &root,
+            &work_root,
+            &cgroup_parent,
+        )?;
+        add_peer(&a, &b)?;
+        if opts.b_knows_a {
+            add_peer(&b, &a)?;
+        }
+        let mut sites = Self {
+            a,
+            b,
+            root,
+            work_root,
+            cgroup_parent,
+            opts,
+        };
+        sites.start_gateway_a()?;
+        sites.start_gateway_b()?;
+        Ok(sites)
+    }
+
+    pub fn start_gateway_a(&mut self) -> Result<()> {
+        let child = spawn_gateway(&self.a, None)?;
+        self.a.gateway = Some(child);
+        self.a.wait_ready()
+    }
+
+    pub fn start_gateway_b(&mut self) -> Result<()> {
+        let child = spawn_gateway(&self.b, self.opts.b_mount_setup.as_deref())?;
+        self.b.gateway = Some(child);
+        self.b.wait_ready()
+    }
+
+    /// Starts `redis-server` on `port` at site A through the API, with DEBUG enabled
+    /// (for DEBUG DIGEST / POPULATE) and persistence off.
+    pub fn run_redis_at_a(&self, name: &str, port: u16) -> Result<()> {
+        let p = port.to_string();
+        self.a.ferry(&[
+            "workload",
+            "run",
+            name,
+            "--port",
+            &p,
+            "--",
+            "redis-server",
+            "--port",
+            &p,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+            "--daemonize",
+            "no",
+        ])?;
+        Ok(())
+    }
+
+    /// Follows a migration through `ferry migrate` and returns the final record (JSON).
+    pub fn migrate(&self, workload: &str, to: &str) -> Result<(bool, Value)> {
+        let out = self
+            .a
+            .ferry_output(&["--output", "json", "migrate", workload, "--to", to])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value: Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "migrate printed no JSON: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.success(), value))
+    }
+
+    /// Gateway logs of both sites (printed when a test fails).
+    pub fn logs(&self) -> String {
+        format!(
+            "--- gateway a ---\n{}\n--- gateway b ---\n{}",
+            self.a.log(),
+            self.b.log()
+        )
+    }
+}
+
+fn init_site(
+    name: &str,
+    netns: &str,
+    addr: &str,
+    root: &Path,
+    work_root: &Path,
+    cgroup_parent: &str,
+) -> Result<Site> {
+    let dir = root.join(name);
+    let out = run(Command::new(ferry_bin()?)
+        .args(["init", "--name", name, "--dir"])
+        .arg(&dir)
+        .args([
+            "--api-listen",
+            "127.0.0.1:7443",
+            "--peer-listen",
+            &format!("{addr}:7444"),
+        ]))?;
+    let fingerprint = out
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint "))
+        .map(|f| f.trim().to_string())
+        .context("ferry init printed no fingerprint")?;
+    let config = dir.join("site.toml");
+    let text = fs::read_to_string(&config)?;
+    // Per-test work root and cgroup, so parallel tests never share them.
+    let re_work = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("work_root") {
+                format!("work_root = {:?}", work_root.display().to_string())
+            } else if l.starts_with("cgroup_parent") {
+                format!("cgroup_parent = {cgroup_parent:?}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&config, re_work + "\n")?;
+    Ok(Site {
+        name: name.to_string(),
+        netns: netns.to_string(),
+        addr: addr.to_string(),
+        log: root.join(format!("gateway-{name}.log")),
+        dir,
+        config,
+        fingerprint,
+        gateway: None,
+    })
+}
+
+fn add_peer(at: &Site, peer: &Site) -> Result<()> {
+    run(Command::new(ferry_bin()?)
+        .arg("--config")
+        .arg(&at.config)
+        .args([
+            "peer",
+            "add",
+            &peer.name,
+            &format!("{}:7444", peer.addr),
+            &peer.fingerprint,
+        ]))?;
+    Ok(())
+}
+
+fn spawn_gateway(site: &Site, mount_setup: Option<&str>) -> Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&site.log)?;
+    let bin = ferry_bin()?;
+    let netns = format!("/run/netns/{}", site.netns);
+    let mut cmd = match mount_setup {
+        None => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={netns}")).arg(&bin);
+            c
+        }
+        Some(setup) => {
+            // A private mount namespace: the site sees its own filesystem changes.
+            let script = format!(
+                "set -e; {setup}; exec nsenter --net={netns} {} \"$@\"",
+                bin.display()
+            );
+            let mut c = Command::new("unshare");
+            c.args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+                "sh",
+            ]);
+            c
+        }
+    };
+    cmd.arg("gateway")
+        .arg("--config")
+        .arg(&site.config)
+        .env("FERRY_LOG", "info,ferry=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(cmd.spawn()?)
+}
+
+impl Drop for TwoSites {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.a.stop_gateway();
+        self.b.stop_gateway();
+        // Kill every workload the test started or restored, via their cgroups.
+        for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let parent = Path::new(mount).join(&self.cgroup_parent);
+            if !parent.is_dir() {
+                continue;
+            }
+            for site in ["a", "b"] {
+                let base = parent.join(site);
+                if let Ok(entries) = fs::read_dir(&base) {
+                    for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                        let _ = fs::write(e.path().join("cgroup.kill"), "1");
+                        for _ in 0..50 {
+                            if fs::remove_dir(e.path()).is_ok() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+                let _ = fs::remove_dir(&base);
+            }
+            let _ = fs::remove_dir(&parent);
+        }
+        let _ = ip(&["netns", "del", &self.a.netns]);
+        let _ = ip(&["netns", "del", &self.b.netns]);
+        // FERRY_E2E_KEEP=1 keeps the sites' files (configs, journals, logs) for a look.
+        if !std::thread::panicking() && std::env::var_os("FERRY_E2E_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

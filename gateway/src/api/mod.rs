@@ -100,6 +100,7 @@ impl ApiServer {
                         async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(Duration::from_secs(10))
                         .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);

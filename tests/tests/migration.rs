@@ -1,0 +1,182 @@
+//! End-to-end migrations between two real sites (network namespaces joined by a veth
+//! pair), each with a real `ferry gateway`, moving a real `redis-server` with real CRIU.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferry_e2e::{wait_for, Options, TwoSites};
+use serde_json::Value;
+
+const PORT: u16 = 6379;
+
+fn dataset(site: &ferry_e2e::Site) -> Result<(String, String)> {
+    Ok((
+        site.redis(PORT, &["DBSIZE"])?,
+        site.redis(PORT, &["DEBUG", "DIGEST"])?,
+    ))
+}
+
+fn workloads(site: &ferry_e2e::Site) -> Result<Vec<Value>> {
+    Ok(site
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn pid_alive(pid: i64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+#[test]
+fn redis_moves_between_sites_with_its_data() -> Result<()> {
+    let sites = TwoSites::start(Options::new("move"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["SET", "greeting", "hello from a"])?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "50000", "key", "64"])?;
+    let before = dataset(&sites.a)?;
+    assert_eq!(before.0, "50001");
+    let source_pid = workloads(&sites.a)?[0]["pid"].as_i64().expect("pid");
+
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "migration failed: {m}\n{}", sites.logs());
+    assert_eq!(m["phase"], "completed");
+    for t in [
+        "freeze_ms",
+        "dump_ms",
+        "transfer_ms",
+        "restore_ms",
+        "total_ms",
+    ] {
+        assert!(m["timings"][t].is_u64(), "timing {t} missing: {m}");
+    }
+    assert!(m["bytes_moved"].as_u64().unwrap_or(0) > 1_000_000, "{m}");
+
+    // The dataset at B equals the one A had; B answers; A has nothing left.
+    assert_eq!(dataset(&sites.b)?, before);
+    assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "hello from a");
+    sites.b.redis(PORT, &["SET", "after", "move"])?;
+    assert_eq!(sites.b.redis(PORT, &["GET", "after"])?, "move");
+    assert!(workloads(&sites.a)?.is_empty(), "A still lists workloads");
+    wait_for(
+        "the source process to be gone",
+        Duration::from_secs(5),
+        || (!pid_alive(source_pid)).then_some(()),
+    )?;
+    assert!(
+        sites.a.redis(PORT, &["PING"]).is_err(),
+        "A still answers on the port"
+    );
+
+    let at_b = workloads(&sites.b)?;
+    assert_eq!(at_b.len(), 1);
+    assert_eq!(at_b[0]["state"], "running");
+    assert_eq!(at_b[0]["restored_from"]["site"], "a");
+
+    // Both sides recorded the migration; the destination's copy of the image is gone.
+    let id = m["id"].as_str().expect("id");
+    let at_b_m = sites.b.ferry_json(&["migration", "show", id])?;
+    assert_eq!(at_b_m["role"], "target");
+    assert_eq!(at_b_m["phase"], "completed");
+    assert!(!sites.b.dir.join("data/incoming").join(id).exists());
+    assert!(!sites.a.dir.join("data/images").join(id).exists());
+
+    // And it can come back.
+    let (ok, back) = {
+        let out = sites
+            .b
+            .ferry_output(&["--output", "json", "migrate", "redis", "--to", "a"])?;
+        (
+            out.status.success(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+        )
+    };
+    assert!(ok, "migration back failed: {back}\n{}", sites.logs());
+    assert_eq!(sites.a.redis(PORT, &["GET", "after"])?, "move");
+    assert_eq!(sites.a.redis(PORT, &["DBSIZE"])?, "50002");
+    Ok(())
+}
+
+#[test]
+fn restore_failure_resumes_source() -> Result<()> {
+    // Site B has a different redis-server binary than A (as a differently provisioned
+    // host would): CRIU cannot restore A's image there.
+    let mut opts = Options::new("rfail");
+    opts.b_mount_setup = Some("mount --bind /usr/bin/true /usr/bin/redis-server".into());
+    let sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["DEBUG", "POPULATE", "20000"])?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    let before = dataset(&sites.a)?;
+
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(!ok, "migration should fail: {m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}\n{}", sites.logs());
+    let reason = m["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("restore at site b failed"),
+        "reason: {reason}"
+    );
+    assert!(
+        m["timings"]["dump_ms"].is_u64(),
+        "the source was checkpointed: {m}"
+    );
+
+    // The source runs again at A with its data; B holds nothing.
+    assert_eq!(dataset(&sites.a)?, before);
+    sites.a.redis(PORT, &["SET", "still", "writable"])?;
+    let at_a = workloads(&sites.a)?;
+    assert_eq!(at_a[0]["state"], "running");
+    assert!(workloads(&sites.b)?.is_empty());
+    let id = m["id"].as_str().expect("id");
+    let at_b = sites.b.ferry_json(&["migration", "show", id])?;
+    assert_eq!(at_b["phase"], "rolled_back");
+    Ok(())
+}
+
+#[test]
+fn port_taken_at_destination_refuses_before_freeze() -> Result<()> {
+    let sites = TwoSites::start(Options::new("port"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    // Something else already serves the port at B.
+    let mut blocker = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sites.b.netns))
+        .args([
+            "redis-server",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    wait_for("the blocker at B", Duration::from_secs(10), || {
+        sites.b.redis(PORT, &["PING"]).ok().filter(|r| r == "PONG")
+    })?;
+
+    let result = sites.migrate("redis", "b");
+    let _ = blocker.kill();
+    let _ = blocker.wait();
+    let (ok, m) = result?;
+    assert!(!ok, "migration should fail: {m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    let reason = m["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("port 6379 is already in use"),
+        "reason: {reason}"
+    );
+    assert!(
+        m["timings"]["dump_ms"].is_null(),
+        "the source must not be frozen: {m}"
+    );
+    assert_eq!(sites.a.redis(PORT, &["GET", "k"])?, "v");
+    Ok(())
+}
