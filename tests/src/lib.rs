@@ -88,6 +88,8 @@ impl Options {
 pub struct Site {
     pub name: String,
     pub netns: String,
+    /// The site's end of the veth pair.
+    pub dev: String,
     pub addr: String,
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -144,6 +146,24 @@ impl Site {
         let mut all = vec!["redis-cli", "-p", p.as_str()];
         all.extend_from_slice(args);
         Ok(self.exec(all[0], &all[1..])?.trim().to_string())
+    }
+
+    /// Limits what the site sends over its link (a token bucket: `rate` like "20mbit").
+    pub fn limit_egress(&self, rate: &str) -> Result<()> {
+        self.exec(
+            "tc",
+            &[
+                "qdisc", "replace", "dev", &self.dev, "root", "tbf", "rate", rate, "burst", "64kb",
+                "latency", "200ms",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Process state letter (R, S, T = stopped, …) of `pid`.
+    pub fn process_state(pid: i64) -> Option<char> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].chars().next()
     }
 
     pub fn log(&self) -> String {
@@ -238,7 +258,7 @@ impl TwoSites {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        let a = init_site(
+        let mut a = init_site(
             "a",
             &ns_a,
             &format!("{SUBNET}.1"),
@@ -246,7 +266,7 @@ impl TwoSites {
             &work_root,
             &cgroup_parent,
         )?;
-        let b = init_site(
+        let mut b = init_site(
             "b",
             &ns_b,
             &format!("{SUBNET}.2"),
@@ -254,6 +274,8 @@ impl TwoSites {
             &work_root,
             &cgroup_parent,
         )?;
+        a.dev = va;
+        b.dev = vb;
         add_peer(&a, &b)?;
         if opts.b_knows_a {
             add_peer(&b, &a)?;
@@ -377,6 +399,7 @@ fn init_site(
     Ok(Site {
         name: name.to_string(),
         netns: netns.to_string(),
+        dev: String::new(),
         addr: addr.to_string(),
         log: root.join(format!("gateway-{name}.log")),
         dir,

@@ -131,6 +131,9 @@ impl Engine {
             }
         }
         match files::receive(&self.incoming_dir.join(id), name, size, body).await {
+            Ok(_) if self.incoming(peer, id).map(|m| m.phase) != Some(Phase::Preparing) => {
+                Response::error(ErrorCode::Refused, format!("migration {id} was aborted"))
+            }
             Ok(meta) => {
                 let blake3 = meta.blake3.clone();
                 let stored = self.update(id, |m| {

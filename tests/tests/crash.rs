@@ -1,0 +1,111 @@
+//! The migration invariant across gateway crashes: the service runs at exactly one site,
+//! or is frozen at the source with a complete image, until the destination confirms.
+//! The link is slowed (tbf) so the crash lands while the image is in flight.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferry_e2e::{wait_for, Options, Site, TwoSites};
+use serde_json::Value;
+
+const PORT: u16 = 6379;
+
+/// Redis at A with ~20 MB of data, a 40 Mbit/s link A→B, and a migration under way in
+/// its transfer phase. Returns (migration id, source pid, dataset digest).
+fn start_slow_migration(sites: &TwoSites) -> Result<(String, i64, String)> {
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "100"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let pid = sites.a.ferry_json(&["workload", "ls"])?[0]["pid"]
+        .as_i64()
+        .unwrap_or(0);
+    sites.a.limit_egress("40mbit")?;
+    let m = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    wait_for("the transfer phase", Duration::from_secs(20), || {
+        let m = sites.a.ferry_json(&["migration", "show", &id]).ok()?;
+        (m["phase"] == "transferring").then_some(())
+    })?;
+    Ok((id, pid, digest))
+}
+
+fn phase(site: &Site, id: &str) -> Result<Value> {
+    Ok(site.ferry_json(&["migration", "show", id])?["phase"].clone())
+}
+
+#[test]
+fn source_gateway_crash_during_transfer_rolls_back_on_restart() -> Result<()> {
+    let mut sites = TwoSites::start(Options::new("crasha"))?;
+    let (id, pid, digest) = start_slow_migration(&sites)?;
+
+    sites.a.crash_gateway();
+    // Gateway gone, migration unfinished: the source is frozen, not running, not lost.
+    assert_eq!(
+        Site::process_state(pid),
+        Some('T'),
+        "source must stay frozen"
+    );
+    assert!(
+        sites.b.ferry_json(&["workload", "ls"])?[0]["pid"].is_null(),
+        "B must not run it"
+    );
+
+    sites.start_gateway_a()?;
+    wait_for("the rollback", Duration::from_secs(30), || {
+        (phase(&sites.a, &id).ok()? == "rolled_back").then_some(())
+    })?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    assert_eq!(Site::process_state(pid).map(|s| s != 'T'), Some(true));
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("restarted"),
+        "{m}"
+    );
+    // B dropped what it had received.
+    wait_for("B to abort", Duration::from_secs(15), || {
+        (phase(&sites.b, &id).ok()? == "rolled_back").then_some(())
+    })?;
+    assert!(sites
+        .b
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
+    assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
+    Ok(())
+}
+
+#[test]
+fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
+    let mut sites = TwoSites::start(Options::new("crashb"))?;
+    let (id, pid, digest) = start_slow_migration(&sites)?;
+
+    sites.b.crash_gateway();
+    // A notices the dead link, and since no restore was requested, resumes the source.
+    wait_for("the rollback at A", Duration::from_secs(40), || {
+        (phase(&sites.a, &id).ok()? == "rolled_back").then_some(())
+    })?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    assert_ne!(Site::process_state(pid), Some('T'));
+
+    // B, restarted, aborts what its journal says was half received.
+    sites.start_gateway_b()?;
+    assert_eq!(phase(&sites.b, &id)?, "rolled_back");
+    assert!(sites
+        .b
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
+    assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
+    // And the next migration goes through.
+    sites
+        .a
+        .exec("tc", &["qdisc", "del", "dev", &sites.a.dev, "root"])?;
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    Ok(())
+}
