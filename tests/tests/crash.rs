@@ -109,3 +109,28 @@ fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
     assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
     Ok(())
 }
+
+#[test]
+fn workload_held_by_an_unknown_migration_is_released_on_restart() -> Result<()> {
+    // The gateway stopped between journaling the workload as held by a migration and
+    // journaling the migration itself: the journal names a migration that does not exist.
+    let mut sites = TwoSites::start(Options::new("recon"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    sites.a.stop_gateway();
+    let record = sites.a.dir.join("data/journal/workloads/redis.json");
+    let mut w: Value = serde_json::from_str(&std::fs::read_to_string(&record)?)?;
+    w["state"] = "migrating".into();
+    w["migration"] = "00000000deadbeef".into();
+    std::fs::write(&record, serde_json::to_vec(&w)?)?;
+
+    sites.start_gateway_a()?;
+    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
+    assert_eq!(w["state"], "running", "{w}");
+    assert!(w["migration"].is_null(), "{w}");
+    // It is free to move again.
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(sites.b.redis(PORT, &["GET", "k"])?, "v");
+    Ok(())
+}

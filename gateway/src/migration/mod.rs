@@ -147,6 +147,38 @@ pub struct Migration {
     pub received: Vec<FileMeta>,
 }
 
+impl Migration {
+    /// A fresh record of a migration of `spec` from `source` to `target`.
+    fn new(
+        id: &str,
+        spec: WorkloadSpec,
+        role: Role,
+        source: &str,
+        target: &str,
+        phase: Phase,
+    ) -> Self {
+        let now = now_ms();
+        Self {
+            id: id.to_string(),
+            workload: spec.name.clone(),
+            role,
+            source: source.to_string(),
+            target: target.to_string(),
+            phase,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            error: None,
+            timings: Timings::default(),
+            bytes_moved: 0,
+            files: 0,
+            spec,
+            restore_requested: false,
+            received: Vec::new(),
+        }
+    }
+}
+
 /// Owns every migration of this site, as source or as destination.
 pub struct Engine {
     site: String,
@@ -218,25 +250,7 @@ impl Engine {
         }
         let id = new_id();
         let held = self.workloads.begin_migration(workload, &id)?;
-        let now = now_ms();
-        let m = Migration {
-            id: id.clone(),
-            workload: workload.to_string(),
-            role: Role::Source,
-            source: self.site.clone(),
-            target: to.to_string(),
-            phase: Phase::Planned,
-            created_at_ms: now,
-            updated_at_ms: now,
-            finished_at_ms: None,
-            error: None,
-            timings: Timings::default(),
-            bytes_moved: 0,
-            files: 0,
-            spec: held.spec.clone(),
-            restore_requested: false,
-            received: Vec::new(),
-        };
+        let m = Migration::new(&id, held.spec, Role::Source, &self.site, to, Phase::Planned);
         if let Err(e) = self.journal.put(Collection::Migrations, &id, &m) {
             let _ = self.workloads.resume_after_migration(workload);
             return Err(e.into());

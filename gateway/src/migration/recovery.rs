@@ -33,7 +33,30 @@ impl Engine {
                 }
             }
         }
+        self.reconcile_workloads();
         Ok(())
+    }
+
+    /// A workload held by a migration the journal does not know (the gateway stopped
+    /// between the two writes that start a migration) was never frozen: release the hold.
+    /// One held by a finished migration gets that migration's outcome.
+    fn reconcile_workloads(&self) {
+        for w in self.workloads.list() {
+            let Some(mid) = w.migration.as_deref() else {
+                continue;
+            };
+            let outcome = match self.get(mid) {
+                Some(m) if !m.phase.is_terminal() => continue,
+                Some(m) if m.phase == Phase::Completed => {
+                    self.workloads.release_after_migration(&w.spec.name)
+                }
+                _ => self.workloads.resume_after_migration(&w.spec.name),
+            };
+            tracing::warn!(workload = %w.spec.name, migration = mid, "released a workload held by a finished or unknown migration");
+            if let Err(e) = outcome {
+                tracing::error!(workload = %w.spec.name, error = %e, "cannot release the workload");
+            }
+        }
     }
 
     fn recover_target(&self, id: &str) {

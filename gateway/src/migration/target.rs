@@ -8,13 +8,13 @@ use std::time::Instant;
 
 use quinn::RecvStream;
 
-use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role, Timings};
+use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
 use crate::criu::{Inherit, RestoreRequest};
 use crate::journal::Collection;
 use crate::peer::files;
 use crate::peer::wire::{ErrorCode, FileMeta, Request, Response, TargetState};
 use crate::peer::Handler;
-use crate::workload::{now_ms, process, Origin, WorkloadSpec};
+use crate::workload::{process, Origin, WorkloadSpec};
 
 impl Handler for Engine {
     async fn handle(&self, peer: String, req: Request, body: &mut RecvStream) -> Response {
@@ -84,25 +84,7 @@ impl Engine {
                 format!("cannot create {}: {e}", dir.display()),
             );
         }
-        let now = now_ms();
-        let m = Migration {
-            id: id.to_string(),
-            workload: spec.name.clone(),
-            role: Role::Target,
-            source: peer.to_string(),
-            target: self.site.clone(),
-            phase: Phase::Preparing,
-            created_at_ms: now,
-            updated_at_ms: now,
-            finished_at_ms: None,
-            error: None,
-            timings: Timings::default(),
-            bytes_moved: 0,
-            files: 0,
-            spec,
-            restore_requested: false,
-            received: Vec::new(),
-        };
+        let m = Migration::new(id, spec, Role::Target, peer, &self.site, Phase::Preparing);
         if let Err(e) = self.journal.put(Collection::Migrations, id, &m) {
             self.workloads.release_incoming(&m.workload);
             remove_dir(&dir);

@@ -258,26 +258,55 @@ impl Workloads {
         })
     }
 
+    /// A record for `spec` placed at `placement`: running as `pid`, or without a pid a
+    /// reservation (shown as migrating) that no one else may take.
+    fn record(
+        &self,
+        spec: &WorkloadSpec,
+        placement: &Placement,
+        pid: Option<i32>,
+        origin: Option<Origin>,
+    ) -> Workload {
+        Workload {
+            spec: spec.clone(),
+            site: self.site.clone(),
+            state: if pid.is_some() {
+                WorkloadState::Running
+            } else {
+                WorkloadState::Migrating
+            },
+            pid,
+            pid_start: pid.and_then(process::start_time),
+            started_at_ms: now_ms(),
+            work_dir: placement.work_dir.clone(),
+            log: placement.log.clone(),
+            cgroup: placement.cgroup.clone(),
+            migration: None,
+            exit_code: None,
+            restored_from: origin,
+        }
+    }
+
+    /// Journals a running workload, lists it, and watches its process.
+    fn register(
+        self: &Arc<Self>,
+        w: &Workload,
+        pid: i32,
+        waiter: Waiter,
+    ) -> Result<(), WorkloadError> {
+        self.journal.put(Collection::Workloads, &w.spec.name, w)?;
+        self.map.insert(w.spec.name.clone(), w.clone());
+        self.monitor(w.spec.name.clone(), pid, waiter);
+        Ok(())
+    }
+
     /// Reserves `spec.name` (it must be free) with a placeholder record, so two concurrent
     /// starts or restores of one name cannot both win.
     fn reserve(&self, spec: &WorkloadSpec, placement: &Placement) -> Result<(), WorkloadError> {
         match self.map.entry(spec.name.clone()) {
             Entry::Occupied(_) => Err(WorkloadError::Exists(spec.name.clone())),
             Entry::Vacant(v) => {
-                v.insert(Workload {
-                    spec: spec.clone(),
-                    site: self.site.clone(),
-                    state: WorkloadState::Migrating,
-                    pid: None,
-                    pid_start: None,
-                    started_at_ms: now_ms(),
-                    work_dir: placement.work_dir.clone(),
-                    log: placement.log.clone(),
-                    cgroup: placement.cgroup.clone(),
-                    migration: None,
-                    exit_code: None,
-                    restored_from: None,
-                });
+                v.insert(self.record(spec, placement, None, None));
                 Ok(())
             }
         }
@@ -326,23 +355,8 @@ impl Workloads {
         })
         .await?;
         let pid = started.pid;
-        let w = Workload {
-            spec: spec.clone(),
-            site: self.site.clone(),
-            state: WorkloadState::Running,
-            pid: Some(pid),
-            pid_start: process::start_time(pid),
-            started_at_ms: now_ms(),
-            work_dir: placement.work_dir.clone(),
-            log: placement.log.clone(),
-            cgroup: placement.cgroup.clone(),
-            migration: None,
-            exit_code: None,
-            restored_from: None,
-        };
-        self.journal.put(Collection::Workloads, &spec.name, &w)?;
-        self.map.insert(spec.name.clone(), w.clone());
-        self.monitor(spec.name.clone(), pid, Waiter::Holder(started.holder));
+        let w = self.record(spec, placement, Some(pid), None);
+        self.register(&w, pid, Waiter::Holder(started.holder))?;
         if let Some(port) = spec.port {
             if !process::wait_port(port, self.health_timeout).await {
                 process::kill(pid);
@@ -365,23 +379,8 @@ impl Workloads {
         pid: i32,
         origin: Origin,
     ) -> Result<Workload, WorkloadError> {
-        let w = Workload {
-            spec: spec.clone(),
-            site: self.site.clone(),
-            state: WorkloadState::Running,
-            pid: Some(pid),
-            pid_start: process::start_time(pid),
-            started_at_ms: now_ms(),
-            work_dir: placement.work_dir.clone(),
-            log: placement.log.clone(),
-            cgroup: placement.cgroup.clone(),
-            migration: None,
-            exit_code: None,
-            restored_from: Some(origin),
-        };
-        self.journal.put(Collection::Workloads, &spec.name, &w)?;
-        self.map.insert(spec.name.clone(), w.clone());
-        self.monitor(spec.name.clone(), pid, Waiter::Pid);
+        let w = self.record(spec, placement, Some(pid), Some(origin));
+        self.register(&w, pid, Waiter::Pid)?;
         Ok(w)
     }
 
@@ -456,14 +455,7 @@ impl Workloads {
             return Ok(());
         };
         self.journal.remove(Collection::Workloads, name)?;
-        if let (Some(pid), Some(start)) = (w.pid, w.pid_start) {
-            if process::alive(pid, start) {
-                process::kill(pid);
-            }
-        }
-        if let Some(cg) = w.cgroup {
-            remove_cgroup_later(cg);
-        }
+        end_process(&w);
         tracing::info!(workload = %name, "source released");
         Ok(())
     }
@@ -487,14 +479,7 @@ impl Workloads {
         }
         self.journal.remove(Collection::Workloads, name)?;
         self.map.remove(name);
-        if let (Some(pid), Some(start)) = (w.pid, w.pid_start) {
-            if process::alive(pid, start) {
-                process::kill(pid);
-            }
-        }
-        if let Some(cg) = w.cgroup.clone() {
-            remove_cgroup_later(cg);
-        }
+        end_process(&w);
         tracing::info!(workload = %name, "workload removed");
         Ok(w)
     }
@@ -539,6 +524,18 @@ fn mkdir(p: &Path) -> Result<(), WorkloadError> {
         path: p.to_path_buf(),
         source,
     })
+}
+
+/// Kills a workload's tree (if it is still the same process) and removes its cgroup.
+fn end_process(w: &Workload) {
+    if let (Some(pid), Some(start)) = (w.pid, w.pid_start) {
+        if process::alive(pid, start) {
+            process::kill(pid);
+        }
+    }
+    if let Some(cg) = w.cgroup.clone() {
+        remove_cgroup_later(cg);
+    }
 }
 
 /// A cgroup can be removed only once its processes are gone; try for a few seconds.
