@@ -3,6 +3,7 @@
 //! migrates it to site b with `ferry migrate`, and checks the dataset arrived intact.
 //!
 //! Usage: ferry-demo [KEYS] [VALUE_BYTES]   (default 200000 keys of 100 bytes)
+//! FERRY_DEMO_RATE=1gbit caps the link from a to b (tc tbf), as a WAN link would.
 
 use anyhow::{bail, Context, Result};
 use ferry_e2e::{Options, TwoSites};
@@ -32,6 +33,10 @@ fn main() -> Result<()> {
     let sites = TwoSites::start(Options::new("demo"))?;
     for s in [&sites.a, &sites.b] {
         println!("site {}  fingerprint {}", s.name, s.fingerprint);
+    }
+    if let Ok(rate) = std::env::var("FERRY_DEMO_RATE") {
+        sites.a.limit_egress(&rate)?;
+        println!("link a -> b limited to {rate}");
     }
     print!("{}", sites.a.ferry(&["peer", "ls"])?);
 
