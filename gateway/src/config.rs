@@ -52,6 +52,8 @@ pub struct SiteConfig {
     pub workloads: WorkloadConfig,
     #[serde(default)]
     pub criu: CriuConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +127,91 @@ fn default_health_timeout() -> u64 {
     10
 }
 
+/// Adapters (WebAssembly components) and what this site lets each of them do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Folder of `NAME.wasm` components, each beside its `NAME.toml` manifest.
+    #[serde(default = "default_plugin_dir")]
+    pub dir: PathBuf,
+    /// Where precompiled components are cached (default: DATA_DIR/plugin-cache).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Deadline of one call into an adapter.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout_ms: u64,
+    /// Linear-memory limit of one adapter instance.
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit_mb: u64,
+    /// Capabilities granted per adapter name; nothing is granted by default.
+    #[serde(default)]
+    pub grants: std::collections::BTreeMap<String, Grant>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_plugin_dir(),
+            cache_dir: None,
+            call_timeout_ms: default_call_timeout(),
+            memory_limit_mb: default_memory_limit(),
+            grants: Default::default(),
+        }
+    }
+}
+
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("plugins")
+}
+fn default_call_timeout() -> u64 {
+    120_000
+}
+fn default_memory_limit() -> u64 {
+    64
+}
+
+/// What a site grants one adapter. An adapter gets a capability only if its manifest asks
+/// for it too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    /// Programs the adapter may run through `exec` (names looked up on PATH, or paths).
+    #[serde(default)]
+    pub exec: Vec<String>,
+}
+
+/// A host capability an adapter can be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Log,
+    Exec,
+    Criu,
+    Process,
+    /// WASI access to the workload's image and work directories (nothing else).
+    Files,
+}
+
+impl Capability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Log => "log",
+            Capability::Exec => "exec",
+            Capability::Criu => "criu",
+            Capability::Process => "process",
+            Capability::Files => "files",
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CriuConfig {
@@ -195,6 +282,17 @@ impl SiteConfig {
         abs(&mut self.identity.cert);
         abs(&mut self.identity.key);
         abs(&mut self.workloads.work_root);
+        abs(&mut self.plugins.dir);
+        if let Some(c) = self.plugins.cache_dir.as_mut() {
+            abs(c);
+        }
+    }
+
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugins
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugin-cache"))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -214,6 +312,9 @@ impl SiteConfig {
         }
         if self.workloads.cgroup_parent.contains("..") || self.workloads.cgroup_parent.is_empty() {
             return Err("workloads.cgroup_parent must be a plain relative cgroup path".into());
+        }
+        if self.plugins.call_timeout_ms < 10 || self.plugins.memory_limit_mb == 0 {
+            return Err("plugins.call_timeout_ms must be at least 10 and plugins.memory_limit_mb at least 1".into());
         }
         if !self.workloads.work_root.is_absolute() {
             return Err("workloads.work_root must be an absolute path".into());

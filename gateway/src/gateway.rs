@@ -10,10 +10,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::types::{PeerInfo, SiteInfo};
 use crate::api::{ApiServer, ApiServerError, ApiState};
 use crate::config::SiteConfig;
+use crate::criu::Criu;
 use crate::identity::{Identity, IdentityError};
 use crate::journal::{Journal, JournalError};
 use crate::migration::{Engine, MigrationError};
 use crate::peer::{PeerError, PeerLink};
+use crate::plugins::{PluginError, PluginHost};
 use crate::workload::{process, WorkloadError, Workloads};
 
 #[derive(Debug, Error)]
@@ -30,6 +32,8 @@ pub enum GatewayError {
     Migration(#[from] MigrationError),
     #[error(transparent)]
     Api(#[from] ApiServerError),
+    #[error(transparent)]
+    Plugins(#[from] PluginError),
     #[error("cannot become the reaper of restored workloads: {0}")]
     Subreaper(#[source] std::io::Error),
 }
@@ -40,7 +44,8 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let journal = Arc::new(Journal::open(&cfg.data_dir)?);
     process::become_subreaper().map_err(GatewayError::Subreaper)?;
 
-    let workloads = Workloads::new(&cfg, Arc::clone(&journal))?;
+    let plugins = PluginHost::load(&cfg, Criu::new(cfg.criu_path())).await?;
+    let workloads = Workloads::new(&cfg, Arc::clone(&journal), Arc::clone(&plugins))?;
     workloads.recover()?;
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;
     let engine = Engine::new(
@@ -48,6 +53,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         Arc::clone(&journal),
         Arc::clone(&workloads),
         Arc::clone(&peers),
+        Arc::clone(&plugins),
         cancel.clone(),
     )?;
     let api = ApiServer::bind(cfg.api.listen, &identity).await?;
@@ -78,6 +84,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         workloads,
         engine: Arc::clone(&engine),
         peers: Arc::clone(&peers),
+        plugins,
     });
     tracing::info!(site = %cfg.name, api = %api_addr, peer = %peer_addr, fingerprint = %identity.fingerprint(), "gateway ready");
     api.serve(state, cancel.clone()).await;

@@ -15,6 +15,7 @@ pub mod journal;
 pub mod migration;
 pub mod names;
 pub mod peer;
+pub mod plugins;
 pub mod workload;
 
 /// Version string reported by `GET /v1/site` and the peer handshake.

@@ -73,6 +73,12 @@ pub struct Options {
     /// Shell snippet run inside a private mount namespace before B's gateway starts
     /// (to give site B a different filesystem, as a real second host would have).
     pub b_mount_setup: Option<String>,
+    /// Adapters installed at both sites (built from ../plugins by build.rs).
+    pub adapters: Vec<String>,
+    /// Extra grants: (adapter, capabilities, exec allow-list).
+    pub grants: Vec<(String, Vec<String>, Vec<String>)>,
+    pub call_timeout_ms: Option<u64>,
+    pub memory_limit_mb: Option<u64>,
 }
 
 impl Options {
@@ -81,8 +87,30 @@ impl Options {
             tag: tag.to_string(),
             b_knows_a: true,
             b_mount_setup: None,
+            adapters: vec!["process".into()],
+            grants: Vec::new(),
+            call_timeout_ms: None,
+            memory_limit_mb: None,
         }
     }
+}
+
+/// Where build.rs put the compiled adapters.
+pub fn adapter_build_dir() -> PathBuf {
+    PathBuf::from(env!("FERRY_PLUGIN_BUILD_DIR"))
+}
+
+/// Copies adapter `name` (component + manifest) into a plugin folder.
+pub fn install_adapter(name: &str, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    let wasm = adapter_build_dir().join(format!("ferry_adapter_{}.wasm", name.replace('-', "_")));
+    fs::copy(&wasm, dir.join(format!("{name}.wasm")))
+        .with_context(|| format!("no adapter at {}", wasm.display()))?;
+    let manifest = PathBuf::from(env!("FERRY_PLUGIN_SRC_DIR"))
+        .join(name)
+        .join("ferry-plugin.toml");
+    fs::copy(&manifest, dir.join(format!("{name}.toml")))?;
+    Ok(())
 }
 
 pub struct Site {
@@ -265,6 +293,7 @@ impl TwoSites {
             &root,
             &work_root,
             &cgroup_parent,
+            &opts,
         )?;
         let mut b = init_site(
             "b",
@@ -273,6 +302,7 @@ impl TwoSites {
             &root,
             &work_root,
             &cgroup_parent,
+            &opts,
         )?;
         a.dev = va;
         b.dev = vb;
@@ -363,6 +393,7 @@ fn init_site(
     root: &Path,
     work_root: &Path,
     cgroup_parent: &str,
+    opts: &Options,
 ) -> Result<Site> {
     let dir = root.join(name);
     let out = run(Command::new(ferry_bin()?)
@@ -380,22 +411,43 @@ fn init_site(
         .map(|f| f.trim().to_string())
         .context("ferry init printed no fingerprint")?;
     let config = dir.join("site.toml");
-    let text = fs::read_to_string(&config)?;
+    let mut cfg: toml::Table = toml::from_str(&fs::read_to_string(&config)?)?;
     // Per-test work root and cgroup, so parallel tests never share them.
-    let re_work = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("work_root") {
-                format!("work_root = {:?}", work_root.display().to_string())
-            } else if l.starts_with("cgroup_parent") {
-                format!("cgroup_parent = {cgroup_parent:?}")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    fs::write(&config, re_work + "\n")?;
+    let table = |cfg: &mut toml::Table, key: &str| -> Result<toml::Table> {
+        Ok(cfg
+            .get(key)
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default())
+    };
+    let mut workloads = table(&mut cfg, "workloads")?;
+    workloads.insert("work_root".into(), work_root.display().to_string().into());
+    workloads.insert("cgroup_parent".into(), cgroup_parent.into());
+    cfg.insert("workloads".into(), workloads.into());
+    let mut plugins = table(&mut cfg, "plugins")?;
+    if let Some(ms) = opts.call_timeout_ms {
+        plugins.insert("call_timeout_ms".into(), (ms as i64).into());
+    }
+    if let Some(mb) = opts.memory_limit_mb {
+        plugins.insert("memory_limit_mb".into(), (mb as i64).into());
+    }
+    let mut grants = plugins
+        .get("grants")
+        .and_then(|v| v.as_table())
+        .cloned()
+        .unwrap_or_default();
+    for (adapter, caps, exec) in &opts.grants {
+        let mut g = toml::Table::new();
+        g.insert("capabilities".into(), caps.clone().into());
+        g.insert("exec".into(), exec.clone().into());
+        grants.insert(adapter.clone(), g.into());
+    }
+    plugins.insert("grants".into(), grants.into());
+    cfg.insert("plugins".into(), plugins.into());
+    fs::write(&config, toml::to_string(&cfg)?)?;
+    for adapter in &opts.adapters {
+        install_adapter(adapter, &dir.join("plugins"))?;
+    }
     Ok(Site {
         name: name.to_string(),
         netns: netns.to_string(),

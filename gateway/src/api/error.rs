@@ -48,6 +48,10 @@ impl From<WorkloadError> for ApiError {
             W::ExitedEarly { .. } | W::NotHealthy { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "workload_failed_to_start")
             }
+            W::Adapter(crate::plugins::PluginError::NoAdapter { .. }) => {
+                (StatusCode::BAD_REQUEST, "no_adapter")
+            }
+            W::Adapter(_) => (StatusCode::UNPROCESSABLE_ENTITY, "adapter_failed"),
             W::Io { .. } | W::Journal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         Self::new(status, code, e.to_string())

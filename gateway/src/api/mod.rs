@@ -43,6 +43,7 @@ pub struct ApiState {
     pub workloads: Arc<Workloads>,
     pub engine: Arc<Engine>,
     pub peers: Arc<PeerLink>,
+    pub plugins: Arc<crate::plugins::PluginHost>,
 }
 
 pub struct ApiServer {

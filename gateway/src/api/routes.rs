@@ -71,6 +71,9 @@ impl Api {
         let method = req.method().clone();
         match (method.clone(), segments.as_slice()) {
             (Method::GET, ["v1", "site"]) => Ok(json(StatusCode::OK, &self.state.site)),
+            (Method::GET, ["v1", "plugins"]) => {
+                Ok(json(StatusCode::OK, &self.state.plugins.list()))
+            }
             (Method::GET, ["v1", "peers"]) => Ok(json(StatusCode::OK, &self.peer_status().await)),
             (Method::GET, ["v1", "workloads"]) => {
                 Ok(json(StatusCode::OK, &self.state.workloads.list()))
@@ -91,7 +94,7 @@ impl Api {
                     ApiError::not_found(format!("workload {name:?} not found on this site"))
                 }),
             (Method::DELETE, ["v1", "workloads", name]) => {
-                let w = self.state.workloads.remove(name)?;
+                let w = self.state.workloads.remove(name).await?;
                 Ok(json(StatusCode::OK, &w))
             }
             (Method::GET, ["v1", "migrations"]) => {
@@ -112,11 +115,13 @@ impl Api {
                 .ok_or_else(|| {
                     ApiError::not_found(format!("migration {id:?} not found on this site"))
                 }),
-            (_, ["v1", "site" | "peers" | "workloads" | "migrations", ..]) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {path}"),
-            )),
+            (_, ["v1", "site" | "peers" | "plugins" | "workloads" | "migrations", ..]) => {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}"),
+                ))
+            }
             _ => Err(ApiError::not_found(format!("no such endpoint: {path}"))),
         }
     }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use crate::config::{
-    ApiConfig, CriuConfig, IdentityConfig, PeerListenConfig, SiteConfig, WorkloadConfig,
+    ApiConfig, Capability, CriuConfig, Grant, IdentityConfig, PeerListenConfig, PluginsConfig,
+    SiteConfig, WorkloadConfig,
 };
 use crate::identity::Identity;
 use crate::names;
@@ -64,6 +65,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         peers: Vec::new(),
         workloads: WorkloadConfig::default(),
         criu: CriuConfig::default(),
+        plugins: PluginsConfig {
+            grants: default_grants(),
+            ..PluginsConfig::default()
+        },
     };
     cfg.save(&config_path)?;
     println!("site        {}", args.name);
@@ -76,6 +81,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config_path.display()
     );
     Ok(())
+}
+
+/// Grants for the adapters Ferry ships; operators edit them in site.toml.
+fn default_grants() -> std::collections::BTreeMap<String, Grant> {
+    use Capability::*;
+    let grant = |caps: &[Capability], exec: &[&str]| Grant {
+        capabilities: caps.to_vec(),
+        exec: exec.iter().map(|p| p.to_string()).collect(),
+    };
+    [("process", grant(&[Log, Criu, Process], &[]))]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 fn new_token() -> anyhow::Result<String> {

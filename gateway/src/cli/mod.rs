@@ -6,6 +6,7 @@ mod migrate;
 mod migration;
 mod output;
 mod peer;
+mod plugin;
 mod site;
 mod workload;
 
@@ -65,6 +66,9 @@ enum Command {
     /// Configure and check peer sites.
     #[command(subcommand)]
     Peer(peer::Cmd),
+    /// The site's adapters (WebAssembly plugins).
+    #[command(subcommand)]
+    Plugin(plugin::Cmd),
     /// Run, list and remove workloads.
     #[command(subcommand)]
     Workload(workload::Cmd),
@@ -151,6 +155,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(args) => gateway::run(args).await,
         Command::Site => site::run(&cli.connect, out).await,
         Command::Peer(cmd) => peer::run(cmd, &cli.connect, out).await,
+        Command::Plugin(cmd) => plugin::run(cmd, &cli.connect, out).await,
         Command::Workload(cmd) => workload::run(cmd, &cli.connect, out).await,
         Command::Migrate(args) => migrate::run(args, &cli.connect, out).await,
         Command::Migration(cmd) => migration::run(cmd, &cli.connect, out).await,

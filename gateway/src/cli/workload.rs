@@ -17,6 +17,12 @@ pub enum Cmd {
         /// Environment variable KEY=VALUE (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// The adapter that runs it: process (default), runc, …
+        #[arg(long, default_value = "process")]
+        runtime: String,
+        /// Runtime-specific setting KEY=VALUE for the adapter (repeatable).
+        #[arg(long = "setting", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -29,6 +35,20 @@ pub enum Cmd {
     Rm { name: String },
 }
 
+fn pairs(
+    flag: &str,
+    items: Vec<String>,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for kv in items {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("{flag} {kv:?} must be KEY=VALUE"))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
 pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
     let client = connect.client()?;
     match cmd {
@@ -36,20 +56,17 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             name,
             port,
             env,
+            runtime,
+            settings,
             command,
         } => {
-            let mut vars = std::collections::BTreeMap::new();
-            for kv in env {
-                let (k, v) = kv
-                    .split_once('=')
-                    .with_context(|| format!("--env {kv:?} must be KEY=VALUE"))?;
-                vars.insert(k.to_string(), v.to_string());
-            }
             let spec = WorkloadSpec {
                 name,
                 command,
                 port,
-                env: vars,
+                env: pairs("--env", env)?,
+                runtime,
+                settings: pairs("--setting", settings)?,
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             if out == Output::Json {

@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::SiteConfig;
-use crate::criu::{Criu, CriuError};
 use crate::journal::{Collection, Journal, JournalError};
 use crate::peer::wire::FileMeta;
 use crate::peer::{PeerError, PeerLink};
+use crate::plugins::{PluginError, PluginHost};
 use crate::workload::{now_ms, WorkloadError, WorkloadSpec, Workloads};
 
 #[derive(Debug, Error)]
@@ -41,7 +41,7 @@ pub enum MigrationError {
     #[error(transparent)]
     Peer(#[from] PeerError),
     #[error(transparent)]
-    Criu(#[from] CriuError),
+    Adapter(#[from] PluginError),
     #[error("site {site} refused the migration: {message}")]
     Refused { site: String, message: String },
     #[error("restore at site {site} failed: {message}")]
@@ -142,6 +142,11 @@ pub struct Migration {
     /// needs the destination's word that it holds no running copy.
     #[serde(default)]
     pub restore_requested: bool,
+    /// The approach the adapter chose, and why (from its probe).
+    #[serde(default)]
+    pub approach: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
     /// Target only: files received and verified so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub received: Vec<FileMeta>,
@@ -174,6 +179,8 @@ impl Migration {
             files: 0,
             spec,
             restore_requested: false,
+            approach: None,
+            plan: None,
             received: Vec::new(),
         }
     }
@@ -185,7 +192,7 @@ pub struct Engine {
     journal: Arc<Journal>,
     workloads: Arc<Workloads>,
     peers: Arc<PeerLink>,
-    criu: Criu,
+    plugins: Arc<PluginHost>,
     images_dir: PathBuf,
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
@@ -200,6 +207,7 @@ impl Engine {
         journal: Arc<Journal>,
         workloads: Arc<Workloads>,
         peers: Arc<PeerLink>,
+        plugins: Arc<PluginHost>,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, MigrationError> {
         let images_dir = cfg.data_dir.join("images");
@@ -216,7 +224,7 @@ impl Engine {
             journal,
             workloads,
             peers,
-            criu: Criu::new(cfg.criu_path()),
+            plugins,
             images_dir,
             incoming_dir,
             health_timeout: std::time::Duration::from_secs(cfg.workloads.health_timeout_secs),
@@ -252,7 +260,8 @@ impl Engine {
         let held = self.workloads.begin_migration(workload, &id)?;
         let m = Migration::new(&id, held.spec, Role::Source, &self.site, to, Phase::Planned);
         if let Err(e) = self.journal.put(Collection::Migrations, &id, &m) {
-            let _ = self.workloads.resume_after_migration(workload);
+            // Nothing was frozen yet: only the hold is released.
+            self.workloads.unhold(workload);
             return Err(e.into());
         }
         self.migrations.insert(id.clone(), m.clone());

@@ -33,14 +33,16 @@ impl Engine {
                 }
             }
         }
-        self.reconcile_workloads();
+        let this = Arc::clone(self);
+        self.tasks
+            .spawn(async move { this.reconcile_workloads().await });
         Ok(())
     }
 
     /// A workload held by a migration the journal does not know (the gateway stopped
     /// between the two writes that start a migration) was never frozen: release the hold.
     /// One held by a finished migration gets that migration's outcome.
-    fn reconcile_workloads(&self) {
+    async fn reconcile_workloads(&self) {
         for w in self.workloads.list() {
             let Some(mid) = w.migration.as_deref() else {
                 continue;
@@ -48,9 +50,9 @@ impl Engine {
             let outcome = match self.get(mid) {
                 Some(m) if !m.phase.is_terminal() => continue,
                 Some(m) if m.phase == Phase::Completed => {
-                    self.workloads.release_after_migration(&w.spec.name)
+                    self.workloads.release_after_migration(&w.spec.name).await
                 }
-                _ => self.workloads.resume_after_migration(&w.spec.name),
+                _ => self.workloads.resume_after_migration(&w.spec.name).await,
             };
             tracing::warn!(workload = %w.spec.name, migration = mid, "released a workload held by a finished or unknown migration");
             if let Err(e) = outcome {
@@ -104,7 +106,7 @@ impl Engine {
         };
         match verdict {
             Verdict::Confirmed => {
-                if let Err(e) = source::cut_over(&self, id, None) {
+                if let Err(e) = source::cut_over(&self, id, None).await {
                     tracing::error!(migration = id, error = %e, "recovered cut-over failed");
                 }
             }
@@ -124,7 +126,7 @@ impl Engine {
                     .error
                     .clone()
                     .unwrap_or_else(|| "the source gateway restarted during the migration".into());
-                source::finish_rollback(&self, id, &m.workload, reason);
+                source::finish_rollback(&self, id, &m.workload, reason).await;
             }
             Verdict::Pending => {}
         }

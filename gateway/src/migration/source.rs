@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::{remove_dir, Engine, MigrationError, Phase};
-use crate::criu::DumpRequest;
 use crate::peer::wire::{FileMeta, Request, Response, TargetState};
+use crate::workload::WorkloadError;
 
 /// Image files sent at once over the peer link.
 const PARALLEL_FILES: usize = 4;
@@ -26,7 +26,7 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
     let started = Instant::now();
     match drive(&engine, &id).await {
         Ok(freeze) => {
-            if let Err(e) = cut_over(&engine, &id, Some(freeze)) {
+            if let Err(e) = cut_over(&engine, &id, Some(freeze)).await {
                 tracing::error!(error = %e, "cut-over failed; recovery finishes it on restart");
             } else {
                 tracing::info!(
@@ -44,8 +44,37 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
 
 /// Runs the forward path; returns the freeze start once the destination has confirmed.
 async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError> {
-    let m = engine.set_phase(id, Phase::Preparing)?;
+    let m = engine
+        .get(id)
+        .ok_or_else(|| MigrationError::NotFound(id.to_string()))?;
     let target = m.target.clone();
+    let workload = engine
+        .workloads
+        .get(&m.workload)
+        .ok_or_else(|| MigrationError::Workload(WorkloadError::NotFound(m.workload.clone())))?;
+    if workload.pid.is_none() {
+        return Err(MigrationError::Workload(WorkloadError::NotRunning {
+            name: m.workload.clone(),
+            state: workload.state,
+        }));
+    }
+    let adapter = engine.plugins.adapter(&m.spec.runtime)?;
+    let plan = adapter
+        .probe(engine.workloads.view(&workload, None, Some(&target)))
+        .await?;
+    let approach = plan.approach.map(|a| format!("{a:?}").to_lowercase());
+    engine.update(id, |m| {
+        m.approach = approach.clone();
+        m.plan = Some(format!("{} (adapter {})", plan.reason, adapter.name()));
+    })?;
+    if !plan.feasible {
+        return Err(MigrationError::Refused {
+            site: engine.site.clone(),
+            message: format!("adapter {} says it cannot: {}", adapter.name(), plan.reason),
+        });
+    }
+
+    engine.set_phase(id, Phase::Preparing)?;
     match engine
         .peers
         .request(
@@ -72,15 +101,6 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         }
     }
 
-    let workload = engine.workloads.get(&m.workload).ok_or_else(|| {
-        MigrationError::Workload(crate::workload::WorkloadError::NotFound(m.workload.clone()))
-    })?;
-    let pid = workload.pid.ok_or_else(|| {
-        MigrationError::Workload(crate::workload::WorkloadError::NotRunning {
-            name: m.workload.clone(),
-            state: workload.state,
-        })
-    })?;
     let images = engine.images_dir.join(id);
     std::fs::create_dir_all(&images).map_err(|source| MigrationError::Io {
         what: "create the image directory",
@@ -90,14 +110,17 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
 
     engine.set_phase(id, Phase::Checkpointing)?;
     let freeze = Instant::now();
-    let dump = engine
-        .criu
-        .dump(DumpRequest {
-            pid,
-            images: &images,
-        })
+    let mut ctx = engine.workloads.context(&workload);
+    ctx.images = Some(images.clone());
+    let notes = adapter
+        .checkpoint(
+            engine
+                .workloads
+                .view(&workload, Some(&images), Some(&target)),
+            ctx,
+        )
         .await?;
-    engine.update(id, |m| m.timings.dump_ms = Some(ms(dump)))?;
+    engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
     engine.set_phase(id, Phase::Transferring)?;
     let t = Instant::now();
@@ -123,6 +146,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
                 workload: m.spec.clone(),
                 source_log: workload.log.clone(),
                 manifest,
+                notes,
             },
         )
         .await;
@@ -264,7 +288,7 @@ pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Ver
 }
 
 /// The destination confirmed: end the source and drop its image.
-pub(super) fn cut_over(
+pub(super) async fn cut_over(
     engine: &Arc<Engine>,
     id: &str,
     freeze: Option<Instant>,
@@ -275,7 +299,10 @@ pub(super) fn cut_over(
             m.timings.freeze_ms = Some(ms(f.elapsed()));
         }
     })?;
-    engine.workloads.release_after_migration(&m.workload)?;
+    engine
+        .workloads
+        .release_after_migration(&m.workload)
+        .await?;
     remove_dir(&engine.images_dir.join(id));
     engine.update(id, |m| {
         m.phase = Phase::Completed;
@@ -299,7 +326,7 @@ pub(super) async fn rollback(engine: &Arc<Engine>, id: &str, reason: String) {
             Verdict::NotRestored => {}
             Verdict::Confirmed => {
                 tracing::warn!("destination confirmed after all; completing instead");
-                if let Err(e) = cut_over(engine, id, None) {
+                if let Err(e) = cut_over(engine, id, None).await {
                     tracing::error!(error = %e, "cut-over failed");
                 }
                 return;
@@ -318,11 +345,16 @@ pub(super) async fn rollback(engine: &Arc<Engine>, id: &str, reason: String) {
             )
             .await;
     }
-    finish_rollback(engine, id, &m.workload, reason);
+    finish_rollback(engine, id, &m.workload, reason).await;
 }
 
-pub(super) fn finish_rollback(engine: &Arc<Engine>, id: &str, workload: &str, reason: String) {
-    let resumed = engine.workloads.resume_after_migration(workload);
+pub(super) async fn finish_rollback(
+    engine: &Arc<Engine>,
+    id: &str,
+    workload: &str,
+    reason: String,
+) {
+    let resumed = engine.workloads.resume_after_migration(workload).await;
     let running = engine
         .workloads
         .get(workload)

@@ -9,7 +9,6 @@ use std::time::Instant;
 use quinn::RecvStream;
 
 use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
-use crate::criu::{Inherit, RestoreRequest};
 use crate::journal::Collection;
 use crate::peer::files;
 use crate::peer::wire::{ErrorCode, FileMeta, Request, Response, TargetState};
@@ -25,7 +24,7 @@ impl Handler for Engine {
             Request::Prepare {
                 migration,
                 workload,
-            } => self.prepare(&peer, &migration, workload),
+            } => self.prepare(&peer, &migration, workload).await,
             Request::File {
                 migration,
                 name,
@@ -36,8 +35,9 @@ impl Handler for Engine {
                 workload,
                 source_log,
                 manifest,
+                notes,
             } => {
-                self.restore(&peer, &migration, &workload, &source_log, &manifest)
+                self.restore(&peer, &migration, &workload, &source_log, &manifest, notes)
                     .await
             }
             Request::Status { migration } => Response::Status {
@@ -59,7 +59,7 @@ impl Engine {
             .filter(|m| m.role == Role::Target && m.source == peer)
     }
 
-    fn prepare(&self, peer: &str, id: &str, spec: WorkloadSpec) -> Response {
+    async fn prepare(&self, peer: &str, id: &str, spec: WorkloadSpec) -> Response {
         if bad_id(id) {
             return Response::error(ErrorCode::BadRequest, format!("bad migration id {id:?}"));
         }
@@ -73,8 +73,23 @@ impl Engine {
                 )
             };
         }
+        let adapter = match self.plugins.adapter(&spec.runtime) {
+            Ok(a) => a,
+            Err(e) => return Response::error(ErrorCode::Refused, e.to_string()),
+        };
         if let Err(e) = self.workloads.reserve_incoming(&spec) {
             return Response::error(ErrorCode::Refused, e.to_string());
+        }
+        // Warm the destination: the adapter creates what it can before the freeze.
+        if let Some(reserved) = self.workloads.get(&spec.name) {
+            let ctx = self.workloads.context(&reserved);
+            if let Err(e) = adapter
+                .prepare(self.workloads.view(&reserved, None, Some(peer)), ctx)
+                .await
+            {
+                self.workloads.release_incoming(&spec.name);
+                return Response::error(ErrorCode::Refused, e.to_string());
+            }
         }
         let dir = self.incoming_dir.join(id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -146,6 +161,7 @@ impl Engine {
         spec: &WorkloadSpec,
         source_log: &std::path::Path,
         manifest: &[FileMeta],
+        notes: Vec<(String, String)>,
     ) -> Response {
         let m = match self.incoming(peer, id) {
             Some(m) if m.phase == Phase::Preparing => m,
@@ -180,7 +196,10 @@ impl Engine {
             return Response::error(ErrorCode::Internal, e.to_string());
         }
         let started = Instant::now();
-        match self.restore_and_check(id, spec, source_log, peer).await {
+        match self
+            .restore_and_check(id, spec, source_log, peer, notes)
+            .await
+        {
             Ok(pid) => {
                 let restore_ms = started.elapsed().as_millis() as u64;
                 // The workload record is journaled by adopt(); that is the confirmation.
@@ -212,29 +231,36 @@ impl Engine {
         spec: &WorkloadSpec,
         source_log: &std::path::Path,
         peer: &str,
+        notes: Vec<(String, String)>,
     ) -> Result<i32, MigrationError> {
+        let adapter = self.plugins.adapter(&spec.runtime)?;
         let placement = self.workloads.place(&spec.name)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&placement.log)
-            .map_err(|source| MigrationError::Io {
-                what: "open the workload log",
-                path: placement.log.clone(),
-                source,
-            })?;
+        // The reservation made at prepare time describes the workload as it will run here.
+        let reserved = self.workloads.get(&spec.name).ok_or_else(|| {
+            MigrationError::Workload(crate::workload::WorkloadError::NotFound(spec.name.clone()))
+        })?;
         let images = self.incoming_dir.join(id);
-        let restored = self
-            .criu
-            .restore(RestoreRequest {
-                images: &images,
-                inherit: vec![Inherit {
-                    fd: log.into(),
-                    source_path: source_log.to_path_buf(),
-                }],
-                cgroup: placement.cgroup.as_deref(),
-            })
+        let mut ctx = self.workloads.context(&reserved);
+        ctx.images = Some(images.clone());
+        ctx.source_log = Some(source_log.to_path_buf());
+        let started = Instant::now();
+        let pid = adapter
+            .restore(
+                self.workloads.view(&reserved, Some(&images), Some(peer)),
+                notes,
+                ctx,
+            )
             .await?;
+        tracing::debug!(
+            migration = id,
+            pid,
+            ms = started.elapsed().as_millis() as u64,
+            "adapter restored"
+        );
+        let restored = crate::criu::Restored {
+            pid,
+            took: started.elapsed(),
+        };
         if let Some(port) = spec.port {
             if !process::wait_port(port, self.health_timeout).await {
                 process::kill(restored.pid);

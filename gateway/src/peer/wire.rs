@@ -58,6 +58,9 @@ pub enum Request {
         /// the destination's log).
         source_log: PathBuf,
         manifest: Vec<FileMeta>,
+        /// What the source adapter's checkpoint handed to the destination's restore.
+        #[serde(default)]
+        notes: Vec<(String, String)>,
     },
     /// What is the destination's state for this migration?
     Status { migration: String },

@@ -17,6 +17,7 @@ use tokio::process::Child;
 use crate::config::SiteConfig;
 use crate::journal::{Collection, Journal, JournalError};
 use crate::names::{self, NameError};
+use crate::plugins::{self, CallContext, PluginError, PluginHost};
 
 #[derive(Debug, Error)]
 pub enum WorkloadError {
@@ -47,6 +48,8 @@ pub enum WorkloadError {
     NotHealthy { port: u16, secs: u64, log: PathBuf },
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    Adapter(#[from] PluginError),
 }
 
 /// What to run, as given to `POST /v1/workloads`.
@@ -62,6 +65,16 @@ pub struct WorkloadSpec {
     pub port: Option<u16>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Which adapter runs it: "process" (a bare process tree), "runc", …
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+    /// Runtime-specific settings handed to the adapter.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+fn default_runtime() -> String {
+    "process".to_string()
 }
 
 impl WorkloadSpec {
@@ -78,6 +91,17 @@ impl WorkloadSpec {
         if self.command.len() > 256 || self.command.iter().any(|a| a.contains('\0')) {
             return Err(WorkloadError::Invalid(
                 "command has more than 256 arguments or a NUL byte".into(),
+            ));
+        }
+        names::validate("runtime", &self.runtime)?;
+        if self.settings.len() > 64
+            || self
+                .settings
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 4096)
+        {
+            return Err(WorkloadError::Invalid(
+                "settings: at most 64, keys 1-128 and values up to 4096 bytes".into(),
             ));
         }
         if self.port == Some(0) {
@@ -171,6 +195,7 @@ pub struct Workloads {
     work_root: PathBuf,
     cgroup_base: Option<PathBuf>,
     health_timeout: Duration,
+    plugins: Arc<PluginHost>,
 }
 
 enum Waiter {
@@ -179,7 +204,11 @@ enum Waiter {
 }
 
 impl Workloads {
-    pub fn new(cfg: &SiteConfig, journal: Arc<Journal>) -> Result<Arc<Self>, WorkloadError> {
+    pub fn new(
+        cfg: &SiteConfig,
+        journal: Arc<Journal>,
+        plugins: Arc<PluginHost>,
+    ) -> Result<Arc<Self>, WorkloadError> {
         let logs_dir = cfg.data_dir.join("logs");
         mkdir(&logs_dir)?;
         mkdir(&cfg.workloads.work_root)?;
@@ -207,6 +236,7 @@ impl Workloads {
             work_root: cfg.workloads.work_root.clone(),
             cgroup_base,
             health_timeout: Duration::from_secs(cfg.workloads.health_timeout_secs),
+            plugins,
         }))
     }
 
@@ -346,20 +376,26 @@ impl Workloads {
         spec: &WorkloadSpec,
         placement: &Placement,
     ) -> Result<Workload, WorkloadError> {
-        let started = process::start(process::Launch {
-            command: &spec.command,
-            env: &spec.env,
-            work_dir: &placement.work_dir,
-            log: &placement.log,
-            cgroup: placement.cgroup.as_deref(),
-        })
-        .await?;
-        let pid = started.pid;
+        let adapter = self.plugins.adapter(&spec.runtime)?;
+        let draft = self.record(spec, placement, None, None);
+        let ctx = CallContext {
+            spec: Some(spec.clone()),
+            placement: Some(placement.clone()),
+            ..CallContext::default()
+        };
+        let (pid, ctx) = adapter
+            .start_fresh(self.view(&draft, None, None), ctx)
+            .await;
+        let pid = pid?;
+        let waiter = match ctx.spawned {
+            Some(started) => Waiter::Holder(started.holder),
+            None => Waiter::Pid,
+        };
         let w = self.record(spec, placement, Some(pid), None);
-        self.register(&w, pid, Waiter::Holder(started.holder))?;
+        self.register(&w, pid, waiter)?;
         if let Some(port) = spec.port {
             if !process::wait_port(port, self.health_timeout).await {
-                process::kill(pid);
+                self.stop(&w).await;
                 return Err(WorkloadError::NotHealthy {
                     port,
                     secs: self.health_timeout.as_secs(),
@@ -367,8 +403,66 @@ impl Workloads {
                 });
             }
         }
-        tracing::info!(workload = %spec.name, pid, "workload started");
+        tracing::info!(workload = %spec.name, pid, adapter = adapter.name(), "workload started");
         Ok(self.get(&spec.name).unwrap_or(w))
+    }
+
+    /// How an adapter sees workload `w` at this site.
+    pub fn view(
+        &self,
+        w: &Workload,
+        images: Option<&Path>,
+        peer: Option<&str>,
+    ) -> plugins::Workload {
+        let pairs =
+            |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        plugins::Workload {
+            name: w.spec.name.clone(),
+            runtime: w.spec.runtime.clone(),
+            command: w.spec.command.clone(),
+            port: w.spec.port,
+            env: pairs(&w.spec.env),
+            settings: pairs(&w.spec.settings),
+            pid: w.pid,
+            work_dir: w.work_dir.display().to_string(),
+            log_path: w.log.display().to_string(),
+            images_dir: images.map(|p| p.display().to_string()),
+            site: self.site.clone(),
+            peer: peer.map(str::to_string),
+        }
+    }
+
+    /// What the host lets an adapter act on during a call about `w`.
+    pub fn context(&self, w: &Workload) -> CallContext {
+        CallContext {
+            spec: Some(w.spec.clone()),
+            pid: w.pid,
+            placement: Some(Placement {
+                work_dir: w.work_dir.clone(),
+                log: w.log.clone(),
+                cgroup: w.cgroup.clone(),
+            }),
+            ..CallContext::default()
+        }
+    }
+
+    /// Has the adapter stop the workload; if it cannot, the gateway kills the tree itself
+    /// (a removed or moved workload must not keep running).
+    async fn stop(&self, w: &Workload) {
+        let alive = matches!((w.pid, w.pid_start), (Some(p), Some(s)) if process::alive(p, s));
+        if alive {
+            let outcome = match self.plugins.adapter(&w.spec.runtime) {
+                Ok(a) => {
+                    a.release_source(self.view(w, None, None), self.context(w))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(workload = %w.spec.name, error = %e, "adapter could not stop the workload; killing its tree");
+            }
+        }
+        end_process(w);
     }
 
     /// Registers a tree restored on this site by a migration, once it is healthy.
@@ -426,14 +520,45 @@ impl Workloads {
         Ok(next)
     }
 
-    /// Rollback: the migration failed; resume the (possibly stopped) source tree.
-    pub fn resume_after_migration(&self, name: &str) -> Result<(), WorkloadError> {
+    /// Drops a migration's hold on a workload that was never frozen.
+    pub fn unhold(&self, name: &str) {
+        if let Some(mut entry) = self.map.get_mut(name) {
+            let w = entry.value_mut();
+            w.migration = None;
+            w.state = WorkloadState::Running;
+            if let Err(e) = self.journal.put(Collection::Workloads, name, &*w) {
+                tracing::error!(workload = %name, error = %e, "cannot journal the released hold");
+            }
+        }
+    }
+
+    /// Rollback: the migration failed; the adapter resumes the (possibly frozen) source.
+    /// If it cannot, the gateway resumes the tree itself: a rolled-back source must run.
+    pub async fn resume_after_migration(&self, name: &str) -> Result<(), WorkloadError> {
+        let w = self
+            .get(name)
+            .ok_or_else(|| WorkloadError::NotFound(name.to_string()))?;
+        let alive = matches!((w.pid, w.pid_start), (Some(p), Some(s)) if process::alive(p, s));
+        if let (true, Some(pid)) = (alive, w.pid) {
+            let outcome = match self.plugins.adapter(&w.spec.runtime) {
+                Ok(a) => {
+                    a.resume_source(self.view(&w, None, None), self.context(&w))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(workload = %name, error = %e, "adapter could not resume the source; resuming its tree");
+            }
+            if process::state(pid) == Some('T') {
+                process::resume(pid);
+            }
+            tracing::info!(workload = %name, pid, "source resumed");
+        }
         let Some(mut entry) = self.map.get_mut(name) else {
             return Err(WorkloadError::NotFound(name.to_string()));
         };
-        let w = entry.value_mut();
-        let mut next = w.clone();
-        let alive = matches!((w.pid, w.pid_start), (Some(p), Some(s)) if process::alive(p, s));
+        let mut next = entry.value().clone();
         next.migration = None;
         next.state = if alive {
             WorkloadState::Running
@@ -441,27 +566,24 @@ impl Workloads {
             WorkloadState::Exited
         };
         self.journal.put(Collection::Workloads, name, &next)?;
-        *w = next;
-        if let (true, Some(pid)) = (alive, w.pid) {
-            let n = process::resume(pid);
-            tracing::info!(workload = %name, pid, processes = n, "source resumed");
-        }
+        *entry.value_mut() = next;
         Ok(())
     }
 
     /// Success: the destination runs the workload; end the source for good.
-    pub fn release_after_migration(&self, name: &str) -> Result<(), WorkloadError> {
-        let Some((_, w)) = self.map.remove(name) else {
+    pub async fn release_after_migration(&self, name: &str) -> Result<(), WorkloadError> {
+        let Some(w) = self.get(name) else {
             return Ok(());
         };
         self.journal.remove(Collection::Workloads, name)?;
-        end_process(&w);
+        self.map.remove(name);
+        self.stop(&w).await;
         tracing::info!(workload = %name, "source released");
         Ok(())
     }
 
     /// Stops and forgets a workload (refused while a migration holds it).
-    pub fn remove(&self, name: &str) -> Result<Workload, WorkloadError> {
+    pub async fn remove(&self, name: &str) -> Result<Workload, WorkloadError> {
         let w = self
             .get(name)
             .ok_or_else(|| WorkloadError::NotFound(name.to_string()))?;
@@ -479,7 +601,7 @@ impl Workloads {
         }
         self.journal.remove(Collection::Workloads, name)?;
         self.map.remove(name);
-        end_process(&w);
+        self.stop(&w).await;
         tracing::info!(workload = %name, "workload removed");
         Ok(w)
     }
@@ -561,6 +683,8 @@ mod tests {
             command: cmd.iter().map(|s| s.to_string()).collect(),
             port: None,
             env: BTreeMap::new(),
+            runtime: "process".into(),
+            settings: BTreeMap::new(),
         }
     }
 

@@ -1,0 +1,340 @@
+//! What an adapter instance can reach: the store's state, and the host interfaces, each
+//! checked against the adapter's grant on every call and confined to the workload the
+//! current call is about.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Result as WtResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::ferry::adapter::{criu, exec, log, process as process_if};
+use super::manifest::Granted;
+use crate::config::Capability;
+use crate::criu::{Criu, DumpRequest, Inherit, RestoreRequest};
+use crate::workload::process::{self, Started, WORKLOAD_PATH};
+use crate::workload::{Placement, WorkloadSpec};
+
+/// Most stdout an `exec` call returns.
+const MAX_STDOUT: usize = 1 << 20;
+/// How much of stderr an `exec` call returns (its end).
+const STDERR_TAIL: usize = 4096;
+
+/// What the host needs to serve one call: the workload it is about and, for migrations,
+/// where its image lives. Filled by the engine before the call; `spawned` is filled by
+/// the host during it.
+#[derive(Default)]
+pub struct CallContext {
+    pub spec: Option<WorkloadSpec>,
+    pub pid: Option<i32>,
+    pub placement: Option<Placement>,
+    pub images: Option<PathBuf>,
+    /// The workload's log path at the source (restores re-point it to `placement.log`).
+    pub source_log: Option<PathBuf>,
+    /// Set by `process.spawn`: the holder to reap and watch.
+    pub spawned: Option<Started>,
+}
+
+/// Memory accounting for one instance; remembers whether the limit was hit so a trap can
+/// be reported as what it is.
+pub struct MemoryLimit {
+    pub max_bytes: usize,
+    pub hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> WtResult<bool> {
+        if desired > self.max_bytes {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> WtResult<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+pub struct State {
+    pub plugin: String,
+    pub granted: Arc<Granted>,
+    pub criu: Criu,
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub memory: MemoryLimit,
+    pub ctx: CallContext,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl State {
+    fn check(&self, c: Capability) -> Result<(), String> {
+        if self.granted.allows(c) {
+            Ok(())
+        } else {
+            tracing::warn!(plugin = %self.plugin, capability = %c, "adapter denied a capability");
+            Err(format!(
+                "denied: capability {c} is not granted to adapter {}; grant it in [plugins.grants.{}] of site.toml if the adapter should have it",
+                self.plugin, self.plugin
+            ))
+        }
+    }
+
+    fn pid(&self) -> Result<i32, String> {
+        self.ctx
+            .pid
+            .ok_or_else(|| "the workload has no process at this site".to_string())
+    }
+
+    fn images(&self) -> Result<PathBuf, String> {
+        self.ctx
+            .images
+            .clone()
+            .ok_or_else(|| "no migration image directory for this call".to_string())
+    }
+
+    /// Rebuilds the WASI context for the next call: no environment, no network, and file
+    /// access only to the current workload's work and image directories, if granted.
+    pub fn reset_wasi(&mut self) {
+        let mut b = wasmtime_wasi::WasiCtxBuilder::new();
+        b.allow_ip_name_lookup(false);
+        if self.granted.allows(Capability::Files) {
+            let dirs = [
+                (
+                    self.ctx.placement.as_ref().map(|p| p.work_dir.clone()),
+                    "/work",
+                ),
+                (self.ctx.images.clone(), "/images"),
+            ];
+            for (dir, guest) in dirs {
+                if let Some(dir) = dir.filter(|d| d.is_dir()) {
+                    if let Err(e) = b.preopened_dir(&dir, guest, wasmtime_wasi::FsPerms::ReadWrite)
+                    {
+                        tracing::warn!(plugin = %self.plugin, dir = %dir.display(), error = %e, "cannot preopen");
+                    }
+                }
+            }
+        }
+        self.wasi = b.build();
+    }
+}
+
+impl log::Host for State {
+    async fn log(&mut self, level: log::Level, message: String) -> WtResult<()> {
+        if !self.granted.allows(Capability::Log) {
+            return Ok(());
+        }
+        let message: String = message.chars().take(4096).collect();
+        let plugin = &self.plugin;
+        match level {
+            log::Level::Debug => tracing::debug!(plugin, "{message}"),
+            log::Level::Info => tracing::info!(plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, "{message}"),
+            log::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl exec::Host for State {
+    async fn run(&mut self, cmd: exec::Command) -> WtResult<Result<exec::Output, String>> {
+        if let Err(e) = self.check(Capability::Exec) {
+            return Ok(Err(e));
+        }
+        if !self.granted.allows_program(&cmd.program) {
+            tracing::warn!(plugin = %self.plugin, program = %cmd.program, "adapter denied a program");
+            return Ok(Err(format!(
+                "denied: adapter {} may not run {:?}; its exec allow-list is {:?}",
+                self.plugin, cmd.program, self.granted.exec
+            )));
+        }
+        let plugin = self.plugin.clone();
+        Ok(run_program(&plugin, cmd).await)
+    }
+}
+
+async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, String> {
+    let mut c = tokio::process::Command::new(&cmd.program);
+    c.args(&cmd.args)
+        .env_clear()
+        .env("PATH", WORKLOAD_PATH)
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    tracing::debug!(plugin, program = %cmd.program, args = ?cmd.args, "adapter runs a program");
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cmd.program))?;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let collect = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.take(MAX_STDOUT as u64).read_to_end(&mut out).await;
+        }
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut err).await;
+        }
+        let status = child.wait().await;
+        (out, err, status)
+    };
+    let timeout = Duration::from_millis(u64::from(cmd.timeout_ms.max(1)));
+    let (out, err, status) = tokio::time::timeout(timeout, collect).await.map_err(|_| {
+        format!(
+            "{} did not finish within {} ms",
+            cmd.program, cmd.timeout_ms
+        )
+    })?;
+    let status = status.map_err(|e| format!("waiting for {}: {e}", cmd.program))?;
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or(status.signal().map(|s| 128 + s))
+        .unwrap_or(-1);
+    let tail = &err[err.len().saturating_sub(STDERR_TAIL)..];
+    Ok(exec::Output {
+        status: code,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr_tail: String::from_utf8_lossy(tail).into_owned(),
+    })
+}
+
+impl criu::Host for State {
+    async fn dump(&mut self) -> WtResult<Result<u64, String>> {
+        // Take what the dump needs first: the store state is not held across the await.
+        let prep = (|| {
+            self.check(Capability::Criu)?;
+            Ok::<_, String>((self.pid()?, self.images()?, self.criu.clone()))
+        })();
+        let (pid, images, criu) = match prep {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(criu
+            .dump(DumpRequest {
+                pid,
+                images: &images,
+            })
+            .await
+            .map(|took| took.as_millis() as u64)
+            .map_err(|e| e.to_string()))
+    }
+
+    async fn restore(&mut self) -> WtResult<Result<i32, String>> {
+        let prep = (|| {
+            self.check(Capability::Criu)?;
+            let images = self.images()?;
+            let placement = self
+                .ctx
+                .placement
+                .clone()
+                .ok_or("no placement for the restored workload")?;
+            let source_log = self.ctx.source_log.clone().ok_or("no source log path")?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&placement.log)
+                .map_err(|e| format!("cannot open {}: {e}", placement.log.display()))?;
+            Ok::<_, String>((images, placement, source_log, log, self.criu.clone()))
+        })();
+        let (images, placement, source_log, log, criu) = match prep {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(criu
+            .restore(RestoreRequest {
+                images: &images,
+                inherit: vec![Inherit {
+                    fd: log.into(),
+                    source_path: source_log,
+                }],
+                cgroup: placement.cgroup.as_deref(),
+            })
+            .await
+            .map(|r| r.pid)
+            .map_err(|e| e.to_string()))
+    }
+}
+
+impl process_if::Host for State {
+    async fn spawn(&mut self) -> WtResult<Result<i32, String>> {
+        let prep = (|| {
+            self.check(Capability::Process)?;
+            let spec = self.ctx.spec.clone().ok_or("no workload for this call")?;
+            let placement = self
+                .ctx
+                .placement
+                .clone()
+                .ok_or("no placement for this call")?;
+            Ok::<_, String>((spec, placement))
+        })();
+        let (spec, placement) = match prep {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        let started = process::start(process::Launch {
+            command: &spec.command,
+            env: &spec.env,
+            work_dir: &placement.work_dir,
+            log: &placement.log,
+            cgroup: placement.cgroup.as_deref(),
+        })
+        .await;
+        Ok(match started {
+            Ok(started) => {
+                let pid = started.pid;
+                self.ctx.spawned = Some(started);
+                Ok(pid)
+            }
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
+    async fn resume(&mut self) -> WtResult<Result<(), String>> {
+        let run = || {
+            self.check(Capability::Process)?;
+            let pid = self.pid()?;
+            if process::resume(pid) == 0 {
+                return Err(format!("process {pid} is gone"));
+            }
+            Ok(())
+        };
+        Ok(run())
+    }
+
+    async fn kill(&mut self) -> WtResult<Result<(), String>> {
+        let run = || {
+            self.check(Capability::Process)?;
+            process::kill(self.pid()?);
+            Ok(())
+        };
+        Ok(run())
+    }
+}
+
+impl super::bindings::ferry::adapter::types::Host for State {}

@@ -1,0 +1,511 @@
+//! The adapter host: loads WebAssembly components (wasmtime, component model) from the
+//! site's plugin folder, grants each only what its manifest asks for and the site allows,
+//! and runs each in its own task under a call deadline and a memory limit. The migration
+//! engine reaches runtimes only through [`AdapterHandle`]s.
+
+mod actor;
+mod bindings;
+mod host;
+mod manifest;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::Engine;
+
+use crate::config::{Capability, SiteConfig};
+use crate::criu::Criu;
+use actor::{Actor, Call, Limits, Reply, Request};
+pub use bindings::{AdapterInfo, Approach, Plan, Workload};
+pub use host::CallContext;
+pub use manifest::{Granted, Manifest};
+
+/// Granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Error)]
+pub enum PluginError {
+    #[error("cannot read plugin folder {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plugin {name}: {detail}")]
+    Load { name: String, detail: String },
+    #[error("no adapter serves runtime {runtime:?} on this site (adapters: {installed}); install one in the plugin folder")]
+    NoAdapter { runtime: String, installed: String },
+    #[error("adapter {plugin}: {call} exceeded its {ms} ms deadline")]
+    Deadline {
+        plugin: String,
+        call: &'static str,
+        ms: u64,
+    },
+    #[error("adapter {plugin}: {call} exceeded its memory limit of {mb} MiB")]
+    Memory {
+        plugin: String,
+        call: &'static str,
+        mb: usize,
+    },
+    #[error("adapter {plugin}: {call} trapped: {detail}")]
+    Trap {
+        plugin: String,
+        call: &'static str,
+        detail: String,
+    },
+    #[error("adapter {plugin}: {call} denied: {detail}")]
+    Denied {
+        plugin: String,
+        call: &'static str,
+        detail: String,
+    },
+    #[error("adapter {plugin}: {call} is not supported: {detail}")]
+    Unsupported {
+        plugin: String,
+        call: &'static str,
+        detail: String,
+    },
+    #[error("adapter {plugin}: {call} failed: {detail}")]
+    Failed {
+        plugin: String,
+        call: &'static str,
+        detail: String,
+    },
+    #[error("adapter {plugin}: unexpected answer to {call}")]
+    Protocol { plugin: String, call: &'static str },
+    #[error("adapter {plugin} is not running (its task ended)")]
+    Gone { plugin: String },
+}
+
+impl PluginError {
+    fn from_adapter(plugin: &str, call: &'static str, e: bindings::AdapterError) -> Self {
+        let plugin = plugin.to_string();
+        match e {
+            bindings::AdapterError::Denied(detail) => PluginError::Denied {
+                plugin,
+                call,
+                detail,
+            },
+            bindings::AdapterError::Unsupported(detail) => PluginError::Unsupported {
+                plugin,
+                call,
+                detail,
+            },
+            bindings::AdapterError::Failed(detail) => PluginError::Failed {
+                plugin,
+                call,
+                detail,
+            },
+        }
+    }
+}
+
+/// A loaded adapter, as `GET /v1/plugins` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub file: PathBuf,
+    pub runtimes: Vec<String>,
+    pub approaches: Vec<String>,
+    pub asks: Vec<Capability>,
+    pub granted: Granted,
+    /// "loaded", or why it could not be.
+    pub status: String,
+}
+
+/// Calls into one adapter. Cheap to clone.
+#[derive(Clone)]
+pub struct AdapterHandle {
+    name: String,
+    tx: mpsc::Sender<Request>,
+}
+
+impl AdapterHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn call(
+        &self,
+        call: Call,
+        ctx: CallContext,
+    ) -> (Result<Reply, PluginError>, CallContext) {
+        let (reply, rx) = oneshot::channel();
+        let gone = || PluginError::Gone {
+            plugin: self.name.clone(),
+        };
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request { call, ctx, reply }).await {
+            return (Err(gone()), req.ctx);
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => (Err(gone()), CallContext::default()),
+        }
+    }
+
+    fn protocol(&self, call: &'static str) -> PluginError {
+        PluginError::Protocol {
+            plugin: self.name.clone(),
+            call,
+        }
+    }
+
+    pub async fn describe(&self) -> Result<AdapterInfo, PluginError> {
+        match self.call(Call::Describe, CallContext::default()).await.0? {
+            Reply::Info(i) => Ok(i),
+            _ => Err(self.protocol("describe")),
+        }
+    }
+
+    pub async fn probe(&self, w: Workload) -> Result<Plan, PluginError> {
+        match self.call(Call::Probe(w), CallContext::default()).await.0? {
+            Reply::Plan(p) => Ok(p),
+            _ => Err(self.protocol("probe")),
+        }
+    }
+
+    pub async fn prepare(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {
+        self.call(Call::Prepare(w), ctx).await.0.map(|_| ())
+    }
+
+    /// Starts a workload; returns its pid and the context (holding a spawned holder).
+    pub async fn start_fresh(
+        &self,
+        w: Workload,
+        ctx: CallContext,
+    ) -> (Result<i32, PluginError>, CallContext) {
+        let (r, ctx) = self.call(Call::StartFresh(w), ctx).await;
+        let r = match r {
+            Ok(Reply::Pid(p)) => Ok(p),
+            Ok(_) => Err(self.protocol("start-fresh")),
+            Err(e) => Err(e),
+        };
+        (r, ctx)
+    }
+
+    pub async fn checkpoint(
+        &self,
+        w: Workload,
+        ctx: CallContext,
+    ) -> Result<Vec<(String, String)>, PluginError> {
+        match self.call(Call::Checkpoint(w), ctx).await.0? {
+            Reply::Notes(n) => Ok(n),
+            _ => Err(self.protocol("checkpoint")),
+        }
+    }
+
+    pub async fn restore(
+        &self,
+        w: Workload,
+        notes: Vec<(String, String)>,
+        ctx: CallContext,
+    ) -> Result<i32, PluginError> {
+        match self.call(Call::Restore(w, notes), ctx).await.0? {
+            Reply::Pid(p) => Ok(p),
+            _ => Err(self.protocol("restore")),
+        }
+    }
+
+    pub async fn resume_source(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {
+        self.call(Call::ResumeSource(w), ctx).await.0.map(|_| ())
+    }
+
+    pub async fn release_source(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {
+        self.call(Call::ReleaseSource(w), ctx).await.0.map(|_| ())
+    }
+}
+
+/// All adapters of a site.
+pub struct PluginHost {
+    infos: Vec<PluginInfo>,
+    by_runtime: BTreeMap<String, AdapterHandle>,
+}
+
+/// How an interface of the `ferry:adapter` package maps to a capability.
+fn capability_of(import: &str) -> Option<Option<Capability>> {
+    let iface = import.strip_prefix("ferry:adapter/")?;
+    let iface = iface.split('@').next().unwrap_or(iface);
+    Some(match iface {
+        "log" => Some(Capability::Log),
+        "exec" => Some(Capability::Exec),
+        "criu" => Some(Capability::Criu),
+        "process" => Some(Capability::Process),
+        _ => None,
+    })
+}
+
+fn engine() -> Result<Engine, PluginError> {
+    let mut cfg = wasmtime::Config::new();
+    cfg.epoch_interruption(true).wasm_component_model(true);
+    let engine = Engine::new(&cfg).map_err(|e| PluginError::Load {
+        name: "(engine)".into(),
+        detail: e.to_string(),
+    })?;
+    // The epoch clock behind every call deadline; stops when the engine is dropped.
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("ferry-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(e) => e.increment_epoch(),
+                None => return,
+            }
+        })
+        .map_err(|e| PluginError::Load {
+            name: "(engine)".into(),
+            detail: format!("cannot start the epoch thread: {e}"),
+        })?;
+    Ok(engine)
+}
+
+/// Compiles a component, or loads its precompiled form from the cache, keyed by the
+/// engine's compatibility hash (wasmtime version and settings) and the component's hash.
+fn compile(
+    engine: &Engine,
+    name: &str,
+    wasm: &Path,
+    cache_dir: &Path,
+) -> Result<Component, String> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(wasm).map_err(|e| format!("cannot read {}: {e}", wasm.display()))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let key = format!(
+        "{name}-{:016x}-{}.cwasm",
+        h.finish(),
+        &blake3::hash(&bytes).to_hex()[..32]
+    );
+    let cached = cache_dir.join(key);
+    if cached.is_file() {
+        // SAFETY: the cache holds only what this gateway serialized, keyed by the
+        // engine's compatibility hash; a file that fails to load is recompiled.
+        match unsafe { Component::deserialize_file(engine, &cached) } {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::warn!(plugin = name, error = %e, "stale compile cache entry; recompiling")
+            }
+        }
+    }
+    let component =
+        Component::new(engine, &bytes).map_err(|e| format!("not a valid component: {e:#}"))?;
+    if std::fs::create_dir_all(cache_dir).is_ok() {
+        if let Ok(ser) = component.serialize() {
+            let tmp = cached.with_extension("tmp");
+            if std::fs::write(&tmp, ser)
+                .and_then(|_| std::fs::rename(&tmp, &cached))
+                .is_err()
+            {
+                tracing::warn!(plugin = name, "cannot write the compile cache");
+            }
+        }
+    }
+    Ok(component)
+}
+
+impl PluginHost {
+    /// Loads every `NAME.wasm` with a `NAME.toml` manifest from the plugin folder. A plugin
+    /// that fails to load is reported (and listed with its reason), not fatal.
+    pub async fn load(cfg: &SiteConfig, criu: Criu) -> Result<Arc<Self>, PluginError> {
+        let dir = &cfg.plugins.dir;
+        let mut infos = Vec::new();
+        let mut by_runtime = BTreeMap::new();
+        if !dir.is_dir() {
+            tracing::warn!(dir = %dir.display(), "no plugin folder: no adapters, so no workloads can run; install adapters with scripts/plugins");
+            return Ok(Arc::new(Self { infos, by_runtime }));
+        }
+        let engine = engine()?;
+        let mut linker: Linker<host::State> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Load {
+            name: "(linker)".into(),
+            detail: e.to_string(),
+        })?;
+        bindings::RuntimeAdapter::add_to_linker::<host::State, HasSelf<host::State>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| PluginError::Load {
+            name: "(linker)".into(),
+            detail: e.to_string(),
+        })?;
+        let linker = Arc::new(linker);
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| PluginError::Dir {
+                path: dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("wasm"))
+            .collect();
+        entries.sort();
+        for wasm in entries {
+            let stem = wasm
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            match Self::load_one(cfg, &engine, &linker, &criu, &wasm, &stem).await {
+                Ok((info, handle)) => {
+                    for rt in &info.runtimes {
+                        if let Some(other) = by_runtime.get(rt) {
+                            let other: &AdapterHandle = other;
+                            tracing::warn!(runtime = %rt, kept = %other.name, ignored = %info.name, "two adapters serve one runtime");
+                            continue;
+                        }
+                        by_runtime.insert(rt.clone(), handle.clone());
+                    }
+                    tracing::info!(plugin = %info.name, version = %info.version, runtimes = ?info.runtimes, granted = ?info.granted.capabilities, "adapter loaded");
+                    infos.push(info);
+                }
+                Err(info) => infos.push(info),
+            }
+        }
+        Ok(Arc::new(Self { infos, by_runtime }))
+    }
+
+    async fn load_one(
+        cfg: &SiteConfig,
+        engine: &Engine,
+        linker: &Arc<Linker<host::State>>,
+        criu: &Criu,
+        wasm: &Path,
+        stem: &str,
+    ) -> Result<(PluginInfo, AdapterHandle), PluginInfo> {
+        let mut info = PluginInfo {
+            name: stem.to_string(),
+            version: String::new(),
+            file: wasm.to_path_buf(),
+            runtimes: Vec::new(),
+            approaches: Vec::new(),
+            asks: Vec::new(),
+            granted: Granted::default(),
+            status: String::new(),
+        };
+        // A plugin that cannot load is listed with the reason, and logged.
+        let fail = |mut info: PluginInfo, detail: String| {
+            let err = PluginError::Load {
+                name: info.name.clone(),
+                detail: detail.clone(),
+            };
+            tracing::error!(error = %err, "adapter not loaded");
+            info.status = format!("not loaded: {detail}");
+            Err(info)
+        };
+        let manifest = match Manifest::load(&wasm.with_extension("toml")) {
+            Ok(m) if m.name == stem => m,
+            Ok(m) => {
+                return fail(
+                    info,
+                    format!("manifest names {:?}, file is {stem}.wasm", m.name),
+                )
+            }
+            Err(e) => {
+                return fail(
+                    info,
+                    format!("manifest {}: {e}", wasm.with_extension("toml").display()),
+                )
+            }
+        };
+        info.version = manifest.version.clone();
+        info.asks = manifest.capabilities.clone();
+        let granted = Granted::intersect(&manifest, cfg.plugins.grants.get(&manifest.name));
+        info.granted = granted.clone();
+        let component = match compile(engine, &manifest.name, wasm, &cfg.plugin_cache_dir()) {
+            Ok(c) => c,
+            Err(e) => return fail(info, e),
+        };
+        // Checked at load: a component may import only host interfaces its manifest asks for.
+        for (import, _) in component.component_type().imports(engine) {
+            if let Some(Some(cap)) = capability_of(import) {
+                if !manifest.capabilities.contains(&cap) {
+                    return fail(
+                        info,
+                        format!("imports {import} but its manifest does not ask for {cap}"),
+                    );
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let actor = Actor {
+            name: manifest.name.clone(),
+            engine: engine.clone(),
+            component,
+            linker: Arc::clone(linker),
+            granted: Arc::new(granted),
+            criu: criu.clone(),
+            limits: Limits {
+                call_timeout: Duration::from_millis(cfg.plugins.call_timeout_ms),
+                memory_bytes: (cfg.plugins.memory_limit_mb as usize) << 20,
+            },
+        };
+        tokio::spawn(tracing::Instrument::instrument(
+            actor.run(rx),
+            tracing::info_span!("plugin", plugin = %manifest.name),
+        ));
+        let handle = AdapterHandle {
+            name: manifest.name.clone(),
+            tx,
+        };
+        match handle.describe().await {
+            Ok(d) => {
+                info.runtimes = d.runtimes;
+                info.approaches = d
+                    .approaches
+                    .iter()
+                    .map(|a| match a {
+                        Approach::Orchestrator => "orchestrator".to_string(),
+                        Approach::Container => "container".to_string(),
+                    })
+                    .collect();
+                info.status = "loaded".into();
+                Ok((info, handle))
+            }
+            Err(e) => fail(info, e.to_string()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<PluginInfo> {
+        self.infos.clone()
+    }
+
+    /// The adapter serving `runtime`.
+    pub fn adapter(&self, runtime: &str) -> Result<AdapterHandle, PluginError> {
+        self.by_runtime
+            .get(runtime)
+            .cloned()
+            .ok_or_else(|| PluginError::NoAdapter {
+                runtime: runtime.to_string(),
+                installed: if self.by_runtime.is_empty() {
+                    "none".into()
+                } else {
+                    self.by_runtime
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_map_to_capabilities() {
+        assert_eq!(
+            capability_of("ferry:adapter/exec@0.1.0"),
+            Some(Some(Capability::Exec))
+        );
+        assert_eq!(capability_of("ferry:adapter/types@0.1.0"), Some(None));
+        assert_eq!(capability_of("wasi:cli/environment@0.2.6"), None);
+    }
+}

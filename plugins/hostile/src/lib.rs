@@ -1,0 +1,80 @@
+//! `hostile` adapter, for the sandbox tests only: runs real process workloads, but its
+//! `checkpoint` misbehaves as the workload's `mode` setting says: `loop` spins forever,
+//! `memory` grows without bound, `exec` calls a capability the site does not grant,
+//! `trap` traps. Any other mode checkpoints normally.
+
+use ferry_adapter_sdk::*;
+
+struct Hostile;
+
+fn misbehave(w: &Workload) -> Result<(), AdapterError> {
+    match setting(w, "mode") {
+        Some("loop") => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Some("memory") => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![0xa5; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        Some("exec") => {
+            run("sh", &["-c", "echo escaped"], 1000)?;
+            Ok(())
+        }
+        Some("trap") => panic!("hostile adapter traps in checkpoint"),
+        _ => Ok(()),
+    }
+}
+
+impl RuntimeAdapter for Hostile {
+    fn describe() -> AdapterInfo {
+        AdapterInfo {
+            name: "hostile".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            approaches: vec![Approach::Container],
+            runtimes: vec!["hostile".into()],
+        }
+    }
+
+    fn probe(_w: Workload) -> Plan {
+        Plan {
+            feasible: true,
+            approach: Some(Approach::Container),
+            reason: "test adapter".into(),
+            expected_downtime_ms: None,
+        }
+    }
+
+    fn prepare(_w: Workload) -> Result<(), AdapterError> {
+        Ok(())
+    }
+
+    fn start_fresh(_w: Workload) -> Result<i32, AdapterError> {
+        process::spawn().map_err(host_error)
+    }
+
+    fn checkpoint(w: Workload) -> Result<Notes, AdapterError> {
+        misbehave(&w)?;
+        criu::dump().map_err(host_error)?;
+        Ok(Vec::new())
+    }
+
+    fn restore(_w: Workload, _notes: Notes) -> Result<i32, AdapterError> {
+        criu::restore().map_err(host_error)
+    }
+
+    fn resume_source(_w: Workload) -> Result<(), AdapterError> {
+        process::resume().map_err(host_error)
+    }
+
+    fn release_source(_w: Workload) -> Result<(), AdapterError> {
+        process::kill().map_err(host_error)
+    }
+}
+
+export_runtime_adapter!(Hostile with_types_in ferry_adapter_sdk);
