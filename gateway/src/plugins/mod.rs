@@ -364,7 +364,7 @@ impl PluginHost {
                     tracing::info!(plugin = %info.name, version = %info.version, runtimes = ?info.runtimes, granted = ?info.granted.capabilities, "adapter loaded");
                     infos.push(info);
                 }
-                Err(info) => infos.push(info),
+                Err(info) => infos.push(*info),
             }
         }
         Ok(Arc::new(Self { infos, by_runtime }))
@@ -377,7 +377,7 @@ impl PluginHost {
         criu: &Criu,
         wasm: &Path,
         stem: &str,
-    ) -> Result<(PluginInfo, AdapterHandle), PluginInfo> {
+    ) -> Result<(PluginInfo, AdapterHandle), Box<PluginInfo>> {
         let mut info = PluginInfo {
             name: stem.to_string(),
             version: String::new(),
@@ -396,7 +396,7 @@ impl PluginHost {
             };
             tracing::error!(error = %err, "adapter not loaded");
             info.status = format!("not loaded: {detail}");
-            Err(info)
+            Err(Box::new(info))
         };
         let manifest = match Manifest::load(&wasm.with_extension("toml")) {
             Ok(m) if m.name == stem => m,
