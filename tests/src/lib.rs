@@ -338,13 +338,15 @@ impl TwoSites {
     /// Starts `redis-server` on `port` at site A through the API, with DEBUG enabled
     /// (for DEBUG DIGEST / POPULATE) and persistence off.
     pub fn run_redis_at_a(&self, name: &str, port: u16) -> Result<()> {
+        self.run_redis_at_a_with(name, port, &[])
+    }
+
+    /// As [`Self::run_redis_at_a`], with extra `workload run` flags (`--runtime`, `--setting`).
+    pub fn run_redis_at_a_with(&self, name: &str, port: u16, flags: &[&str]) -> Result<()> {
         let p = port.to_string();
-        self.a.ferry(&[
-            "workload",
-            "run",
-            name,
-            "--port",
-            &p,
+        let mut args = vec!["workload", "run", name, "--port", &p];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[
             "--",
             "redis-server",
             "--port",
@@ -357,7 +359,8 @@ impl TwoSites {
             "yes",
             "--daemonize",
             "no",
-        ])?;
+        ]);
+        self.a.ferry(&args)?;
         Ok(())
     }
 

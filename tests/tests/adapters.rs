@@ -1,0 +1,111 @@
+//! Migrations driven through adapters: the engine reaches runtimes only through them, and
+//! a misbehaving adapter fails the migration while the source keeps running with its data.
+
+use anyhow::Result;
+use ferry_e2e::{Options, TwoSites};
+
+const PORT: u16 = 6379;
+
+fn hostile_sites(tag: &str, call_timeout_ms: u64) -> Result<TwoSites> {
+    let mut opts = Options::new(tag);
+    opts.adapters.push("hostile".into());
+    opts.grants.push((
+        "hostile".into(),
+        vec!["log".into(), "criu".into(), "process".into()],
+        Vec::new(),
+    ));
+    opts.call_timeout_ms = Some(call_timeout_ms);
+    TwoSites::start(opts)
+}
+
+fn misbehaving_checkpoint_keeps_the_source(tag: &str, mode: &str, reason: &str) -> Result<()> {
+    let sites = hostile_sites(tag, 2_000)?;
+    let setting = format!("mode={mode}");
+    sites.run_redis_at_a_with(
+        "redis",
+        PORT,
+        &["--runtime", "hostile", "--setting", &setting],
+    )?;
+    sites.a.redis(PORT, &["DEBUG", "POPULATE", "10000"])?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(!ok, "{m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}\n{}", sites.logs());
+    let error = m["error"].as_str().unwrap_or_default();
+    assert!(error.contains(reason), "error {error:?} lacks {reason:?}");
+
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    sites.a.redis(PORT, &["SET", "after", "rollback"])?;
+    assert_eq!(
+        sites.a.ferry_json(&["workload", "ls"])?[0]["state"],
+        "running"
+    );
+    assert!(sites
+        .b
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
+    Ok(())
+}
+
+#[test]
+fn a_trap_in_checkpoint_fails_the_migration_and_the_source_keeps_running() -> Result<()> {
+    misbehaving_checkpoint_keeps_the_source("trap", "trap", "adapter hostile: checkpoint trapped")
+}
+
+#[test]
+fn an_endless_checkpoint_hits_the_deadline_and_the_source_keeps_running() -> Result<()> {
+    misbehaving_checkpoint_keeps_the_source("loop", "loop", "exceeded its 2000 ms deadline")
+}
+
+#[test]
+fn adapters_are_listed_with_their_grants() -> Result<()> {
+    let sites = hostile_sites("plist", 2_000)?;
+    let list = sites.a.ferry_json(&["plugin", "ls"])?;
+    let by_name = |n: &str| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == n)
+            .cloned()
+    };
+    let process = by_name("process").expect("process adapter listed");
+    assert_eq!(process["status"], "loaded");
+    assert_eq!(process["runtimes"][0], "process");
+    assert_eq!(
+        process["granted"]["capabilities"],
+        serde_json::json!(["log", "criu", "process"])
+    );
+    let hostile = by_name("hostile").expect("hostile adapter listed");
+    assert!(hostile["asks"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|c| c == "exec")));
+    assert!(!hostile["granted"]["capabilities"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|c| c == "exec")));
+    let text = sites.a.ferry(&["plugin", "ls"])?;
+    assert!(
+        text.contains("process") && text.contains("loaded"),
+        "{text}"
+    );
+    // A workload for a runtime no adapter serves is refused with what to do.
+    let out = sites.a.ferry_output(&[
+        "workload",
+        "run",
+        "x",
+        "--runtime",
+        "nosuch",
+        "--",
+        "sleep",
+        "1",
+    ])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no adapter serves runtime \"nosuch\""),
+        "{stderr}"
+    );
+    Ok(())
+}
