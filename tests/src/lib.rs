@@ -573,3 +573,47 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Builds an OCI bundle running `redis-server` on `port` from this machine's own files
+/// (the binary and the libraries it links; no image registry). The container shares the
+/// network namespace of whoever starts it, so it serves on its site's network.
+pub fn redis_oci_bundle(dir: &Path, port: u16) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
+    let _ = fs::remove_dir_all(dir);
+    for d in ["bin", "tmp", "data", "proc", "dev", "sys", "etc"] {
+        fs::create_dir_all(rootfs.join(d))?;
+    }
+    let server = Path::new("/usr/bin/redis-server");
+    fs::copy(server, rootfs.join("bin/redis-server"))?;
+    let ldd = run(Command::new("ldd").arg(server))?;
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let dest = rootfs.join(lib.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::copy(lib, &dest).with_context(|| format!("copy {lib}"))?;
+    }
+    run(Command::new("runc").args(["spec", "--bundle"]).arg(dir))?;
+    let path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!([
+        "/bin/redis-server",
+        "--port",
+        port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "yes",
+        "--dir",
+        "/data"
+    ]);
+    cfg["root"]["readonly"] = false.into();
+    if let Some(ns) = cfg["linux"]["namespaces"].as_array_mut() {
+        ns.retain(|n| n["type"] != "network");
+    }
+    fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
+    Ok(dir.to_path_buf())
+}

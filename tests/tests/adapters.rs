@@ -109,3 +109,74 @@ fn adapters_are_listed_with_their_grants() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn redis_in_runc_moves_between_sites() -> Result<()> {
+    let mut opts = Options::new("runc");
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let bundle = ferry_e2e::redis_oci_bundle(&sites.root.join("bundle"), PORT)?;
+    let setting = format!("bundle={}", bundle.display());
+    sites.a.ferry(&[
+        "workload",
+        "run",
+        "redis",
+        "--runtime",
+        "runc",
+        "--setting",
+        &setting,
+        "--port",
+        "6379",
+        "--",
+        "redis-server",
+    ])?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "30000", "key", "64"])?;
+    sites
+        .a
+        .redis(PORT, &["SET", "greeting", "from a container"])?;
+    let before = (
+        sites.a.redis(PORT, &["DBSIZE"])?,
+        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["approach"], "orchestrator", "{m}");
+    let after = (
+        sites.b.redis(PORT, &["DBSIZE"])?,
+        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    assert_eq!(after, before);
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "greeting"])?,
+        "from a container"
+    );
+    // The source container is gone from A's runc state; A lists no workload.
+    let at_a = sites
+        .a
+        .exec("runc", &["--root", "/run/ferry-runc/a", "list", "-q"])?;
+    assert!(
+        !at_a.contains("a-redis"),
+        "source container still there: {at_a}"
+    );
+    assert!(sites
+        .a
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
+    let at_b = sites
+        .b
+        .exec("runc", &["--root", "/run/ferry-runc/b", "list", "-q"])?;
+    assert!(at_b.contains("b-redis"), "{at_b}");
+    sites.b.ferry(&["workload", "rm", "redis"])?;
+    let at_b = sites
+        .b
+        .exec("runc", &["--root", "/run/ferry-runc/b", "list", "-q"])?;
+    assert!(
+        !at_b.contains("b-redis"),
+        "removal left the container: {at_b}"
+    );
+    Ok(())
+}

@@ -90,10 +90,13 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
         capabilities: caps.to_vec(),
         exec: exec.iter().map(|p| p.to_string()).collect(),
     };
-    [("process", grant(&[Log, Criu, Process], &[]))]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+    [
+        ("process", grant(&[Log, Criu, Process], &[])),
+        ("runc", grant(&[Log, Exec], &["runc"])),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 fn new_token() -> anyhow::Result<String> {

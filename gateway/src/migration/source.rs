@@ -62,7 +62,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     let plan = adapter
         .probe(engine.workloads.view(&workload, None, Some(&target)))
         .await?;
-    let approach = plan.approach.map(|a| format!("{a:?}").to_lowercase());
+    let approach = plan
+        .approach
+        .map(|a| crate::plugins::approach_name(a).to_string());
     engine.update(id, |m| {
         m.approach = approach.clone();
         m.plan = Some(format!("{} (adapter {})", plan.reason, adapter.name()));

@@ -171,20 +171,94 @@ impl exec::Host for State {
             )));
         }
         let plugin = self.plugin.clone();
+        if cmd.output == exec::OutputMode::WorkloadLog {
+            let Some(log) = self.ctx.placement.as_ref().map(|p| p.log.clone()) else {
+                return Ok(Err("no workload log for this call".into()));
+            };
+            return Ok(run_into_log(&plugin, cmd, &log).await);
+        }
         Ok(run_program(&plugin, cmd).await)
     }
 }
 
-async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, String> {
+fn command(cmd: &exec::Command) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(&cmd.program);
     c.args(&cmd.args)
         .env_clear()
         .env("PATH", WORKLOAD_PATH)
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .kill_on_drop(true);
+    c
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or(status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Runs a program whose stdout/stderr (and those of what it leaves running) flow through a
+/// pipe into the workload's log; waits for the program only, not for the pipe to close.
+async fn run_into_log(
+    plugin: &str,
+    cmd: exec::Command,
+    log: &std::path::Path,
+) -> Result<exec::Output, String> {
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate a pipe: {e}"))?;
+    let mut c = command(&cmd);
+    c.stdout(Stdio::from(writer)).stderr(Stdio::from(writer2));
+    tracing::debug!(plugin, program = %cmd.program, args = ?cmd.args, log = %log.display(), "adapter runs a program into the workload log");
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cmd.program))?;
+    // Our copies of the write end went into the child; the drain ends when the last
+    // holder (the workload) closes it. A plain thread: it may outlive any runtime task.
+    let mut reader = reader;
+    let drained = std::thread::Builder::new()
+        .name("ferry-log-drain".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut file);
+        });
+    if let Err(e) = drained {
+        return Err(format!("cannot start the log drain: {e}"));
+    }
+    let timeout = Duration::from_millis(u64::from(cmd.timeout_ms.max(1)));
+    let status = tokio::time::timeout(timeout, child.wait())
+        .await
+        .map_err(|_| {
+            format!(
+                "{} did not finish within {} ms",
+                cmd.program, cmd.timeout_ms
+            )
+        })?
+        .map_err(|e| format!("waiting for {}: {e}", cmd.program))?;
+    let code = exit_code(status);
+    let stderr_tail = if code == 0 {
+        String::new()
+    } else {
+        format!("{} failed; its output is in {}", cmd.program, log.display())
+    };
+    Ok(exec::Output {
+        status: code,
+        stdout: String::new(),
+        stderr_tail,
+    })
+}
+
+async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, String> {
+    let mut c = command(&cmd);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
     tracing::debug!(plugin, program = %cmd.program, args = ?cmd.args, "adapter runs a program");
     let mut child = c
         .spawn()

@@ -26,6 +26,14 @@ pub use bindings::{AdapterInfo, Approach, Plan, Workload};
 pub use host::CallContext;
 pub use manifest::{Granted, Manifest};
 
+/// How an approach is named in records and listings.
+pub fn approach_name(a: Approach) -> &'static str {
+    match a {
+        Approach::Orchestrator => "orchestrator",
+        Approach::Container => "container",
+    }
+}
+
 /// Granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -459,10 +467,7 @@ impl PluginHost {
                 info.approaches = d
                     .approaches
                     .iter()
-                    .map(|a| match a {
-                        Approach::Orchestrator => "orchestrator".to_string(),
-                        Approach::Container => "container".to_string(),
-                    })
+                    .map(|a| approach_name(*a).to_string())
                     .collect();
                 info.status = "loaded".into();
                 Ok((info, handle))

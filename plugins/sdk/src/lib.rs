@@ -39,11 +39,27 @@ pub fn setting<'a>(w: &'a Workload, key: &str) -> Option<&'a str> {
 
 /// Runs an allowed program; a non-zero exit is a failure carrying its stderr tail.
 pub fn run(program: &str, args: &[&str], timeout_ms: u32) -> Result<exec::Output, AdapterError> {
+    run_with(program, args, timeout_ms, exec::OutputMode::Capture)
+}
+
+/// Runs an allowed program whose stdout and stderr go to the workload's log (for
+/// programs that start the workload and leave it running, like `runc run -d`).
+pub fn run_into_log(program: &str, args: &[&str], timeout_ms: u32) -> Result<exec::Output, AdapterError> {
+    run_with(program, args, timeout_ms, exec::OutputMode::WorkloadLog)
+}
+
+fn run_with(
+    program: &str,
+    args: &[&str],
+    timeout_ms: u32,
+    output: exec::OutputMode,
+) -> Result<exec::Output, AdapterError> {
     let out = exec::run(&exec::Command {
         program: program.to_string(),
         args: args.iter().map(|a| a.to_string()).collect(),
         env: Vec::new(),
         timeout_ms,
+        output,
     })
     .map_err(host_error)?;
     if out.status != 0 {

@@ -45,7 +45,12 @@ fn workload() -> Workload {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let calls: usize = std::env::args().nth(1).map(|a| a.parse()).transpose().context("CALLS must be a number")?.unwrap_or(5000);
+    let calls: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()
+        .context("CALLS must be a number")?
+        .unwrap_or(5000);
     let dir = std::env::temp_dir().join("ferry-plugin-bench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -61,11 +66,17 @@ async fn main() -> Result<()> {
 
     let t = Instant::now();
     let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
-    println!("load, compiling the component      {:>8.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "load, compiling the component      {:>8.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     drop(host);
     let t = Instant::now();
     let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
-    println!("load, from the compile cache       {:>8.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "load, from the compile cache       {:>8.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let adapter = host.adapter("process")?;
 
     for _ in 0..200 {
