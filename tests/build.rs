@@ -11,7 +11,7 @@ fn main() {
     for dir in [&plugins, &wit] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
-    for krate in ["sdk", "process", "runc", "hostile"] {
+    for krate in ["sdk", "process", "runc", "podman", "hostile"] {
         println!(
             "cargo:rerun-if-changed={}",
             plugins.join(krate).join("src").display()

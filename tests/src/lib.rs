@@ -574,12 +574,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// Builds an OCI bundle running `redis-server` on `port` from this machine's own files
-/// (the binary and the libraries it links; no image registry). The container shares the
-/// network namespace of whoever starts it, so it serves on its site's network.
-pub fn redis_oci_bundle(dir: &Path, port: u16) -> Result<PathBuf> {
-    let rootfs = dir.join("rootfs");
-    let _ = fs::remove_dir_all(dir);
+/// A root filesystem holding `redis-server` and the libraries it links, copied from this
+/// machine (no image registry is reachable).
+pub fn redis_rootfs(rootfs: &Path) -> Result<()> {
+    let _ = fs::remove_dir_all(rootfs);
     for d in ["bin", "tmp", "data", "proc", "dev", "sys", "etc"] {
         fs::create_dir_all(rootfs.join(d))?;
     }
@@ -593,14 +591,16 @@ pub fn redis_oci_bundle(dir: &Path, port: u16) -> Result<PathBuf> {
         }
         fs::copy(lib, &dest).with_context(|| format!("copy {lib}"))?;
     }
-    run(Command::new("runc").args(["spec", "--bundle"]).arg(dir))?;
-    let path = dir.join("config.json");
-    let mut cfg: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
-    cfg["process"]["terminal"] = false.into();
-    cfg["process"]["args"] = serde_json::json!([
+    Ok(())
+}
+
+/// The arguments that run Redis inside a container on `port`.
+pub fn redis_container_args(port: u16) -> Vec<String> {
+    let p = port.to_string();
+    [
         "/bin/redis-server",
         "--port",
-        port.to_string(),
+        &p,
         "--save",
         "",
         "--appendonly",
@@ -608,12 +608,62 @@ pub fn redis_oci_bundle(dir: &Path, port: u16) -> Result<PathBuf> {
         "--enable-debug-command",
         "yes",
         "--dir",
-        "/data"
-    ]);
+        "/data",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Builds an OCI bundle running `redis-server` on `port`. The container shares the
+/// network namespace of whoever starts it, so it serves on its site's network.
+pub fn redis_oci_bundle(dir: &Path, port: u16) -> Result<PathBuf> {
+    let _ = fs::remove_dir_all(dir);
+    redis_rootfs(&dir.join("rootfs"))?;
+    run(Command::new("runc").args(["spec", "--bundle"]).arg(dir))?;
+    let path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = redis_container_args(port).into();
     cfg["root"]["readonly"] = false.into();
     if let Some(ns) = cfg["linux"]["namespaces"].as_array_mut() {
         ns.retain(|n| n["type"] != "network");
     }
     fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
     Ok(dir.to_path_buf())
+}
+
+/// Imports a Redis root filesystem into Podman's local storage as `reference`.
+pub fn redis_podman_image(dir: &Path, reference: &str) -> Result<()> {
+    let rootfs = dir.join("rootfs");
+    redis_rootfs(&rootfs)?;
+    let tar = dir.join("rootfs.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."))?;
+    run(Command::new("podman")
+        .args(["import", "-q"])
+        .arg(&tar)
+        .arg(reference))?;
+    Ok(())
+}
+
+/// Runs cleanup commands when dropped (containers a failed test would leave behind).
+pub struct Cleanup(pub Vec<Vec<String>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for cmd in &self.0 {
+            if let Some((program, args)) = cmd.split_first() {
+                let _ = Command::new(program)
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }

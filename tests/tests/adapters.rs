@@ -115,6 +115,24 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
     let mut opts = Options::new("runc");
     opts.adapters.push("runc".into());
     let sites = TwoSites::start(opts)?;
+    let _cleanup = ferry_e2e::Cleanup(
+        ["a", "b"]
+            .iter()
+            .map(|s| {
+                [
+                    "runc",
+                    "--root",
+                    &format!("/run/ferry-runc/{s}"),
+                    "delete",
+                    "-f",
+                    &format!("{s}-redis"),
+                ]
+                .iter()
+                .map(|x| x.to_string())
+                .collect()
+            })
+            .collect(),
+    );
     let bundle = ferry_e2e::redis_oci_bundle(&sites.root.join("bundle"), PORT)?;
     let setting = format!("bundle={}", bundle.display());
     sites.a.ferry(&[
@@ -178,5 +196,84 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
         !at_b.contains("b-redis"),
         "removal left the container: {at_b}"
     );
+    Ok(())
+}
+
+#[test]
+fn redis_in_podman_moves_between_sites() -> Result<()> {
+    let mut opts = Options::new("podman");
+    opts.adapters.push("podman".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = ferry_e2e::Cleanup(
+        ["a-redis", "b-redis"]
+            .iter()
+            .map(|c| {
+                ["podman", "rm", "-f", "-t", "0", c]
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect()
+            })
+            .collect(),
+    );
+    let image = "localhost/ferry-e2e-redis:latest";
+    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let mut args: Vec<String> = [
+        "workload",
+        "run",
+        "redis",
+        "--runtime",
+        "podman",
+        "--setting",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(format!("image={image}"));
+    args.extend(["--port".into(), PORT.to_string(), "--".into()]);
+    args.extend(ferry_e2e::redis_container_args(PORT));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    sites.a.ferry(&refs)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "30000", "key", "64"])?;
+    sites
+        .a
+        .redis(PORT, &["SET", "greeting", "from a podman container"])?;
+    let before = (
+        sites.a.redis(PORT, &["DBSIZE"])?,
+        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["approach"], "orchestrator");
+    let after = (
+        sites.b.redis(PORT, &["DBSIZE"])?,
+        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    assert_eq!(after, before);
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "greeting"])?,
+        "from a podman container"
+    );
+    let containers = ferry_e2e::run(std::process::Command::new("podman").args([
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+    ]))?;
+    assert!(
+        !containers.lines().any(|c| c == "a-redis"),
+        "source container left: {containers}"
+    );
+    assert!(containers.lines().any(|c| c == "b-redis"), "{containers}");
+    assert!(sites
+        .a
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
+    // No CRIU firewall chain is left in the source's namespace.
+    let rules = sites.a.exec("iptables", &["-S"]).unwrap_or_default();
+    assert!(!rules.contains("CRIU"), "{rules}");
     Ok(())
 }

@@ -93,6 +93,7 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
     [
         ("process", grant(&[Log, Criu, Process], &[])),
         ("runc", grant(&[Log, Exec], &["runc"])),
+        ("podman", grant(&[Log, Exec, Files], &["podman"])),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -47,6 +47,7 @@ pub enum Reply {
     Plan(Plan),
     Unit,
     Pid(i32),
+    MaybePid(Option<i32>),
     Notes(Vec<(String, String)>),
 }
 
@@ -181,7 +182,7 @@ impl Actor {
             Call::ResumeSource(w) => rt
                 .call_resume_source(&mut *store, &w)
                 .await
-                .map(|r| r.map(|_| Reply::Unit)),
+                .map(|r| r.map(Reply::MaybePid)),
             Call::ReleaseSource(w) => rt
                 .call_release_source(&mut *store, &w)
                 .await

@@ -31,6 +31,8 @@ const STDERR_TAIL: usize = 4096;
 pub struct CallContext {
     pub spec: Option<WorkloadSpec>,
     pub pid: Option<i32>,
+    /// Start time of `pid`: the host signals only that exact process, never a reused pid.
+    pub pid_start: Option<u64>,
     pub placement: Option<Placement>,
     pub images: Option<PathBuf>,
     /// The workload's log path at the source (restores re-point it to `placement.log`).
@@ -106,6 +108,14 @@ impl State {
         self.ctx
             .pid
             .ok_or_else(|| "the workload has no process at this site".to_string())
+    }
+
+    /// The workload's pid if that very process is still alive.
+    fn live_pid(&self) -> Option<i32> {
+        match (self.ctx.pid, self.ctx.pid_start) {
+            (Some(p), Some(s)) if process::alive(p, s) => Some(p),
+            _ => None,
+        }
     }
 
     fn images(&self) -> Result<PathBuf, String> {
@@ -392,10 +402,8 @@ impl process_if::Host for State {
     async fn resume(&mut self) -> WtResult<Result<(), String>> {
         let run = || {
             self.check(Capability::Process)?;
-            let pid = self.pid()?;
-            if process::resume(pid) == 0 {
-                return Err(format!("process {pid} is gone"));
-            }
+            let pid = self.live_pid().ok_or("the workload's process is gone")?;
+            process::resume(pid);
             Ok(())
         };
         Ok(run())
@@ -404,7 +412,9 @@ impl process_if::Host for State {
     async fn kill(&mut self) -> WtResult<Result<(), String>> {
         let run = || {
             self.check(Capability::Process)?;
-            process::kill(self.pid()?);
+            if let Some(pid) = self.live_pid() {
+                process::kill(pid);
+            }
             Ok(())
         };
         Ok(run())

@@ -221,8 +221,16 @@ impl AdapterHandle {
         }
     }
 
-    pub async fn resume_source(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {
-        self.call(Call::ResumeSource(w), ctx).await.0.map(|_| ())
+    /// Returns the source's new pid if resuming started a new process.
+    pub async fn resume_source(
+        &self,
+        w: Workload,
+        ctx: CallContext,
+    ) -> Result<Option<i32>, PluginError> {
+        match self.call(Call::ResumeSource(w), ctx).await.0? {
+            Reply::MaybePid(p) => Ok(p),
+            _ => Err(self.protocol("resume-source")),
+        }
     }
 
     pub async fn release_source(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {

@@ -437,6 +437,7 @@ impl Workloads {
         CallContext {
             spec: Some(w.spec.clone()),
             pid: w.pid,
+            pid_start: w.pid_start,
             placement: Some(Placement {
                 work_dir: w.work_dir.clone(),
                 log: w.log.clone(),
@@ -449,18 +450,17 @@ impl Workloads {
     /// Has the adapter stop the workload; if it cannot, the gateway kills the tree itself
     /// (a removed or moved workload must not keep running).
     async fn stop(&self, w: &Workload) {
-        let alive = matches!((w.pid, w.pid_start), (Some(p), Some(s)) if process::alive(p, s));
-        if alive {
-            let outcome = match self.plugins.adapter(&w.spec.runtime) {
-                Ok(a) => {
-                    a.release_source(self.view(w, None, None), self.context(w))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(workload = %w.spec.name, error = %e, "adapter could not stop the workload; killing its tree");
+        // Asked even when the process is gone: a checkpointed container still has state
+        // (a stopped container, a kept checkpoint) only the adapter knows how to remove.
+        let outcome = match self.plugins.adapter(&w.spec.runtime) {
+            Ok(a) => {
+                a.release_source(self.view(w, None, None), self.context(w))
+                    .await
             }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(workload = %w.spec.name, error = %e, "adapter could not release the workload; killing its tree");
         }
         end_process(w);
     }
@@ -534,32 +534,42 @@ impl Workloads {
 
     /// Rollback: the migration failed; the adapter resumes the (possibly frozen) source.
     /// If it cannot, the gateway resumes the tree itself: a rolled-back source must run.
-    pub async fn resume_after_migration(&self, name: &str) -> Result<(), WorkloadError> {
+    pub async fn resume_after_migration(self: &Arc<Self>, name: &str) -> Result<(), WorkloadError> {
         let w = self
             .get(name)
             .ok_or_else(|| WorkloadError::NotFound(name.to_string()))?;
-        let alive = matches!((w.pid, w.pid_start), (Some(p), Some(s)) if process::alive(p, s));
-        if let (true, Some(pid)) = (alive, w.pid) {
-            let outcome = match self.plugins.adapter(&w.spec.runtime) {
-                Ok(a) => {
-                    a.resume_source(self.view(&w, None, None), self.context(&w))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(workload = %name, error = %e, "adapter could not resume the source; resuming its tree");
+        // The adapter is asked even if the old process is gone: resuming may start a new
+        // one (a local restore of the checkpoint it kept).
+        let outcome = match self.plugins.adapter(&w.spec.runtime) {
+            Ok(a) => {
+                a.resume_source(self.view(&w, None, None), self.context(&w))
+                    .await
             }
-            if process::state(pid) == Some('T') {
-                process::resume(pid);
+            Err(e) => Err(e),
+        };
+        let mut pid = w.pid;
+        let mut pid_start = w.pid_start;
+        match outcome {
+            Ok(Some(new_pid)) => {
+                pid = Some(new_pid);
+                pid_start = process::start_time(new_pid);
             }
-            tracing::info!(workload = %name, pid, "source resumed");
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(workload = %name, error = %e, "adapter could not resume the source; resuming its tree")
+            }
         }
+        if let Some(p) = pid.filter(|p| process::state(*p) == Some('T')) {
+            process::resume(p);
+        }
+        let alive = matches!((pid, pid_start), (Some(p), Some(s)) if process::alive(p, s));
         let Some(mut entry) = self.map.get_mut(name) else {
             return Err(WorkloadError::NotFound(name.to_string()));
         };
         let mut next = entry.value().clone();
         next.migration = None;
+        next.pid = pid;
+        next.pid_start = pid_start;
         next.state = if alive {
             WorkloadState::Running
         } else {
@@ -567,6 +577,13 @@ impl Workloads {
         };
         self.journal.put(Collection::Workloads, name, &next)?;
         *entry.value_mut() = next;
+        drop(entry);
+        if let (true, Some(p)) = (alive, pid) {
+            if pid != w.pid {
+                self.monitor(name.to_string(), p, Waiter::Pid);
+            }
+            tracing::info!(workload = %name, pid = p, "source resumed");
+        }
         Ok(())
     }
 

@@ -45,8 +45,9 @@ impl RuntimeAdapter for Process {
         criu::restore().map_err(host_error)
     }
 
-    fn resume_source(_w: Workload) -> Result<(), AdapterError> {
-        process::resume().map_err(host_error)
+    fn resume_source(_w: Workload) -> Result<Option<i32>, AdapterError> {
+        process::resume().map_err(host_error)?;
+        Ok(None)
     }
 
     fn release_source(_w: Workload) -> Result<(), AdapterError> {

@@ -126,13 +126,13 @@ impl RuntimeAdapter for Runc {
         pid(&w)
     }
 
-    fn resume_source(w: Workload) -> Result<(), AdapterError> {
+    fn resume_source(w: Workload) -> Result<Option<i32>, AdapterError> {
         let id = id(&w);
         let state = runc(&w, &["state", &id], QUICK_MS)?.stdout;
         if state.contains("\"paused\"") {
             runc(&w, &["resume", &id], QUICK_MS)?;
         }
-        Ok(())
+        Ok(None)
     }
 
     fn release_source(w: Workload) -> Result<(), AdapterError> {
