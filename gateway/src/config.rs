@@ -180,6 +180,9 @@ pub struct Grant {
     /// Programs the adapter may run through `exec` (names looked up on PATH, or paths).
     #[serde(default)]
     pub exec: Vec<String>,
+    /// Addresses the adapter may connect to (with the `sockets` capability).
+    #[serde(default)]
+    pub sockets: Vec<SocketAddr>,
 }
 
 /// A host capability an adapter can be granted.
@@ -192,6 +195,8 @@ pub enum Capability {
     Process,
     /// WASI access to the workload's image and work directories (nothing else).
     Files,
+    /// WASI TCP/UDP connections to the granted addresses only.
+    Sockets,
 }
 
 impl Capability {
@@ -202,6 +207,7 @@ impl Capability {
             Capability::Criu => "criu",
             Capability::Process => "process",
             Capability::Files => "files",
+            Capability::Sockets => "sockets",
         }
     }
 }

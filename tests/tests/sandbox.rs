@@ -175,3 +175,55 @@ async fn a_component_importing_what_its_manifest_does_not_ask_for_is_not_loaded(
     assert!(host.adapter("process").is_ok(), "other adapters still load");
     Ok(())
 }
+
+#[tokio::test]
+async fn sockets_reach_only_granted_addresses() -> Result<()> {
+    let allowed = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let allowed_addr = allowed.local_addr()?;
+    let other = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let other_addr = other.local_addr()?;
+    let dir = std::env::temp_dir().join("ferry-sandbox-sockets");
+    site(&dir, 30_000, 64)?;
+    let path = dir.join("site.toml");
+    let text = std::fs::read_to_string(&path)?.replace(
+        "[plugins.grants.hostile]\ncapabilities = [\"log\", \"criu\", \"process\"]",
+        &format!("[plugins.grants.hostile]\ncapabilities = [\"log\", \"criu\", \"process\", \"sockets\"]\nsockets = [\"{allowed_addr}\"]"),
+    );
+    std::fs::write(&path, text)?;
+    let cfg = SiteConfig::load(&path)?;
+    let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
+    let adapter = host.adapter("hostile")?;
+    let connect = |target: std::net::SocketAddr| {
+        let mut w = workload("connect");
+        w.settings.push(("target".into(), target.to_string()));
+        w
+    };
+    // To a non-granted address: refused before any packet leaves.
+    let err = adapter
+        .checkpoint(connect(other_addr), CallContext::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Denied { .. }), "{err}");
+    assert!(err.to_string().contains(&other_addr.to_string()), "{err}");
+    other.set_nonblocking(true)?;
+    assert!(
+        other.accept().is_err(),
+        "the denied connection reached the listener"
+    );
+    // To the granted address: the connection is made (the checkpoint then fails for want
+    // of a workload process, which is not what this test is about).
+    let err = adapter
+        .checkpoint(connect(allowed_addr), CallContext::default())
+        .await
+        .unwrap_err();
+    assert!(
+        !err.to_string().contains("socket"),
+        "granted connect failed: {err}"
+    );
+    allowed.set_nonblocking(true)?;
+    assert!(
+        allowed.accept().is_ok(),
+        "the granted connection did not arrive"
+    );
+    Ok(())
+}

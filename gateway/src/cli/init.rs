@@ -89,6 +89,7 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
     let grant = |caps: &[Capability], exec: &[&str]| Grant {
         capabilities: caps.to_vec(),
         exec: exec.iter().map(|p| p.to_string()).collect(),
+        sockets: Vec::new(),
     };
     [
         ("process", grant(&[Log, Criu, Process], &[])),

@@ -125,11 +125,31 @@ impl State {
             .ok_or_else(|| "no migration image directory for this call".to_string())
     }
 
-    /// Rebuilds the WASI context for the next call: no environment, no network, and file
-    /// access only to the current workload's work and image directories, if granted.
+    /// Rebuilds the WASI context for the next call: no environment; connections only to
+    /// granted addresses; file access only to the current workload's work and image
+    /// directories; each only if granted.
     pub fn reset_wasi(&mut self) {
         let mut b = wasmtime_wasi::WasiCtxBuilder::new();
         b.allow_ip_name_lookup(false);
+        if self.granted.allows(Capability::Sockets) {
+            // TCP and UDP sockets exist only with the grant; each address is checked too.
+            b.allow_tcp(true).allow_udp(true);
+            let allowed = Arc::new(self.granted.sockets.clone());
+            let plugin = self.plugin.clone();
+            b.socket_addr_check(move |addr, use_| {
+                use wasmtime_wasi::sockets::SocketAddrUse as U;
+                let ok = match use_ {
+                    U::TcpConnect | U::UdpSend | U::UdpReceive => allowed.contains(&addr),
+                    // The implicit bind a connect performs: wildcard address, any port.
+                    U::TcpBind | U::UdpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                    _ => false,
+                };
+                if !ok {
+                    tracing::warn!(plugin = %plugin, %addr, ?use_, "adapter denied a socket address");
+                }
+                Box::pin(async move { ok })
+            });
+        }
         if self.granted.allows(Capability::Files) {
             let dirs = [
                 (

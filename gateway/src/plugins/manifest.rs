@@ -41,6 +41,7 @@ impl Manifest {
 pub struct Granted {
     pub capabilities: Vec<Capability>,
     pub exec: Vec<String>,
+    pub sockets: Vec<std::net::SocketAddr>,
 }
 
 impl Granted {
@@ -61,7 +62,16 @@ impl Granted {
         } else {
             Vec::new()
         };
-        Self { capabilities, exec }
+        let sockets = if capabilities.contains(&Capability::Sockets) {
+            grant.sockets.clone()
+        } else {
+            Vec::new()
+        };
+        Self {
+            capabilities,
+            exec,
+            sockets,
+        }
     }
 
     pub fn allows(&self, c: Capability) -> bool {
@@ -93,6 +103,7 @@ mod tests {
         let g = Grant {
             capabilities: vec![Capability::Log, Capability::Process, Capability::Criu],
             exec: vec!["runc".into()],
+            sockets: Vec::new(),
         };
         let got = Granted::intersect(&m, Some(&g));
         assert_eq!(got.capabilities, vec![Capability::Log, Capability::Criu]);
@@ -111,6 +122,7 @@ mod tests {
         let g = Grant {
             capabilities: vec![Capability::Exec],
             exec: vec!["runc".into()],
+            sockets: Vec::new(),
         };
         let got = Granted::intersect(&m, Some(&g));
         assert!(got.allows_program("runc"));
