@@ -257,14 +257,9 @@ impl Engine {
             ms = started.elapsed().as_millis() as u64,
             "adapter restored"
         );
-        let restored = crate::criu::Restored {
-            pid,
-            took: started.elapsed(),
-        };
         if let Some(port) = spec.port {
             if !process::wait_port(port, self.health_timeout).await {
-                process::kill(restored.pid);
-                let _ = process::wait_exit(restored.pid).await;
+                self.discard_restored(&adapter, &reserved, pid).await;
                 return Err(MigrationError::RestoreFailed {
                     site: self.site.clone(),
                     message: format!(
@@ -278,17 +273,35 @@ impl Engine {
         let adopted = self.workloads.adopt(
             spec,
             &placement,
-            restored.pid,
+            pid,
             Origin {
                 site: peer.to_string(),
                 migration: id.to_string(),
             },
         );
         if let Err(e) = adopted {
-            process::kill(restored.pid);
+            self.discard_restored(&adapter, &reserved, pid).await;
             return Err(e.into());
         }
-        Ok(restored.pid)
+        Ok(pid)
+    }
+
+    /// Ends a restored copy that will not be confirmed: through its adapter (which knows
+    /// the runtime's own state), and by killing its tree if that is not enough.
+    async fn discard_restored(&self, adapter: &crate::plugins::AdapterHandle, reserved: &crate::workload::Workload, pid: i32) {
+        let mut w = reserved.clone();
+        w.pid = Some(pid);
+        w.pid_start = process::start_time(pid);
+        if let Err(e) = adapter
+            .release_source(self.workloads.view(&w, None, None), self.workloads.context(&w))
+            .await
+        {
+            tracing::warn!(error = %e, "adapter could not discard the restored copy");
+        }
+        if process::start_time(pid) == w.pid_start && w.pid_start.is_some() {
+            process::kill(pid);
+            let _ = process::wait_exit(pid).await;
+        }
     }
 
     /// Forgets an incoming migration that will not complete: release the name, drop the
