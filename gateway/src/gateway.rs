@@ -16,6 +16,7 @@ use crate::journal::{Journal, JournalError};
 use crate::migration::{Engine, MigrationError};
 use crate::peer::{PeerError, PeerLink};
 use crate::plugins::{PluginError, PluginHost};
+use crate::proxy::{HoldLimits, Ingress};
 use crate::workload::{process, WorkloadError, Workloads};
 
 #[derive(Debug, Error)]
@@ -45,15 +46,22 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     process::become_subreaper().map_err(GatewayError::Subreaper)?;
 
     let plugins = PluginHost::load(&cfg, Criu::new(cfg.criu_path())).await?;
-    let workloads = Workloads::new(&cfg, Arc::clone(&journal), Arc::clone(&plugins))?;
-    workloads.recover()?;
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;
+    let ingress = Ingress::new(Arc::clone(&peers), HoldLimits::default(), cancel.clone());
+    let workloads = Workloads::new(
+        &cfg,
+        Arc::clone(&journal),
+        Arc::clone(&plugins),
+        Arc::clone(&ingress),
+    )?;
+    workloads.recover()?;
     let engine = Engine::new(
         &cfg,
         Arc::clone(&journal),
         Arc::clone(&workloads),
         Arc::clone(&peers),
         Arc::clone(&plugins),
+        Arc::clone(&ingress),
         cancel.clone(),
     )?;
     let api = ApiServer::bind(cfg.api.listen, &identity).await?;

@@ -16,6 +16,7 @@ pub mod migration;
 pub mod names;
 pub mod peer;
 pub mod plugins;
+pub mod proxy;
 pub mod workload;
 
 /// Version string reported by `GET /v1/site` and the peer handshake.

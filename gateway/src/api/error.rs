@@ -44,7 +44,7 @@ impl From<WorkloadError> for ApiError {
             W::NotFound(_) => (StatusCode::NOT_FOUND, "workload_not_found"),
             W::Busy { .. } => (StatusCode::CONFLICT, "workload_busy"),
             W::NotRunning { .. } => (StatusCode::CONFLICT, "workload_not_running"),
-            W::PortInUse(_) => (StatusCode::CONFLICT, "port_in_use"),
+            W::PortInUse(_) | W::Route(_) => (StatusCode::CONFLICT, "port_in_use"),
             W::ExitedEarly { .. } | W::NotHealthy { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "workload_failed_to_start")
             }

@@ -23,6 +23,10 @@ pub enum Cmd {
         /// Runtime-specific setting KEY=VALUE for the adapter (repeatable).
         #[arg(long = "setting", value_name = "KEY=VALUE")]
         settings: Vec<String>,
+        /// Ingress route: ADDRESS:PORT at this site whose TCP traffic goes to --port
+        /// (repeatable). Clients using it are held, not refused, during a migration.
+        #[arg(long = "route", value_name = "ADDR:PORT")]
+        routes: Vec<std::net::SocketAddr>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -58,6 +62,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             env,
             runtime,
             settings,
+            routes,
             command,
         } => {
             let spec = WorkloadSpec {
@@ -67,6 +72,13 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 env: pairs("--env", env)?,
                 runtime,
                 settings: pairs("--setting", settings)?,
+                routes: routes
+                    .into_iter()
+                    .map(|listen| crate::workload::RouteSpec {
+                        listen,
+                        mode: crate::workload::RouteMode::Tcp,
+                    })
+                    .collect(),
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             if out == Output::Json {

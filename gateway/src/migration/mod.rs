@@ -24,6 +24,7 @@ use crate::journal::{Collection, Journal, JournalError};
 use crate::peer::wire::FileMeta;
 use crate::peer::{PeerError, PeerLink};
 use crate::plugins::{PluginError, PluginHost};
+use crate::proxy::Ingress;
 use crate::workload::{now_ms, WorkloadError, WorkloadSpec, Workloads};
 
 #[derive(Debug, Error)]
@@ -193,6 +194,7 @@ pub struct Engine {
     workloads: Arc<Workloads>,
     peers: Arc<PeerLink>,
     plugins: Arc<PluginHost>,
+    ingress: Arc<Ingress>,
     images_dir: PathBuf,
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
@@ -208,6 +210,7 @@ impl Engine {
         workloads: Arc<Workloads>,
         peers: Arc<PeerLink>,
         plugins: Arc<PluginHost>,
+        ingress: Arc<Ingress>,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, MigrationError> {
         let images_dir = cfg.data_dir.join("images");
@@ -225,6 +228,7 @@ impl Engine {
             workloads,
             peers,
             plugins,
+            ingress,
             images_dir,
             incoming_dir,
             health_timeout: std::time::Duration::from_secs(cfg.workloads.health_timeout_secs),

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 
 use super::{remove_dir, Engine, MigrationError, Phase};
 use crate::peer::wire::{FileMeta, Request, Response, TargetState};
+use crate::proxy::Target;
 use crate::workload::WorkloadError;
 
 /// Image files sent at once over the peer link.
@@ -110,8 +111,16 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         source,
     })?;
 
-    engine.set_phase(id, Phase::Checkpointing)?;
+    // Clients see the pause from here: their traffic is held until the workload runs again.
     let freeze = Instant::now();
+    let held = engine.ingress.hold(&m.workload).await;
+    if !held.drained {
+        tracing::warn!(
+            connections = held.connections,
+            "some client connections were still busy at the drain deadline"
+        );
+    }
+    engine.set_phase(id, Phase::Checkpointing)?;
     let mut ctx = engine.workloads.context(&workload);
     ctx.images = Some(images.clone());
     let notes = adapter
@@ -301,6 +310,10 @@ pub(super) async fn cut_over(
             m.timings.freeze_ms = Some(ms(f.elapsed()));
         }
     })?;
+    // Held and future clients of this site go to the destination through the peer link.
+    engine
+        .ingress
+        .release(&m.workload, Target::Remote(m.target.clone()));
     engine
         .workloads
         .release_after_migration(&m.workload)
@@ -357,6 +370,7 @@ pub(super) async fn finish_rollback(
     reason: String,
 ) {
     let resumed = engine.workloads.resume_after_migration(workload).await;
+    engine.ingress.release(workload, Target::Local);
     let running = engine
         .workloads
         .get(workload)

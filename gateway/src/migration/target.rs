@@ -44,7 +44,30 @@ impl Handler for Engine {
                 state: self.target_state(&peer, &migration),
             },
             Request::Abort { migration } => self.abort(&peer, &migration),
+            Request::Tunnel { .. } => {
+                Response::error(ErrorCode::BadRequest, "tunnels are answered by the link")
+            }
         }
+    }
+
+    async fn tunnel(
+        &self,
+        peer: String,
+        workload: String,
+    ) -> Result<tokio::net::TcpStream, String> {
+        let w = self
+            .workloads
+            .get(&workload)
+            .filter(|w| w.state == crate::workload::WorkloadState::Running)
+            .ok_or_else(|| format!("workload {workload} is not running at site {}", self.site))?;
+        let port = w
+            .spec
+            .port
+            .ok_or_else(|| format!("workload {workload} has no port"))?;
+        tracing::debug!(peer, workload, port, "tunnel opened");
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("workload {workload} does not answer on port {port}: {e}"))
     }
 }
 
@@ -269,6 +292,10 @@ impl Engine {
                 });
             }
         }
+        if let Err(e) = self.workloads.open_routes(spec).await {
+            // The restore stands: clients can still come through the source site's tunnel.
+            tracing::warn!(migration = id, error = %e, "cannot open the workload's routes here");
+        }
         // adopt() replaces the reservation with the running workload's record.
         let adopted = self.workloads.adopt(
             spec,
@@ -288,12 +315,20 @@ impl Engine {
 
     /// Ends a restored copy that will not be confirmed: through its adapter (which knows
     /// the runtime's own state), and by killing its tree if that is not enough.
-    async fn discard_restored(&self, adapter: &crate::plugins::AdapterHandle, reserved: &crate::workload::Workload, pid: i32) {
+    async fn discard_restored(
+        &self,
+        adapter: &crate::plugins::AdapterHandle,
+        reserved: &crate::workload::Workload,
+        pid: i32,
+    ) {
         let mut w = reserved.clone();
         w.pid = Some(pid);
         w.pid_start = process::start_time(pid);
         if let Err(e) = adapter
-            .release_source(self.workloads.view(&w, None, None), self.workloads.context(&w))
+            .release_source(
+                self.workloads.view(&w, None, None),
+                self.workloads.context(&w),
+            )
             .await
         {
             tracing::warn!(error = %e, "adapter could not discard the restored copy");

@@ -61,6 +61,13 @@ pub trait Handler: Send + Sync + 'static {
         req: Request,
         body: &mut RecvStream,
     ) -> impl Future<Output = Response> + Send;
+
+    /// Opens the local end of a tunnel for a client of `workload` arriving through `peer`.
+    fn tunnel(
+        &self,
+        peer: String,
+        workload: String,
+    ) -> impl Future<Output = Result<tokio::net::TcpStream, String>> + Send;
 }
 
 pub struct PeerLink {
@@ -288,6 +295,12 @@ impl PeerLink {
                             site,
                             version: crate::VERSION.to_string(),
                         },
+                        Ok(Request::Tunnel { workload }) => {
+                            match handler.tunnel(peer.clone(), workload).await {
+                                Ok(tcp) => return pipe(&peer, tcp, send, recv).await,
+                                Err(message) => Response::error(ErrorCode::Refused, message),
+                            }
+                        }
                         Ok(req) => handler.handle(peer.clone(), req, &mut recv).await,
                         Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
                     };
@@ -311,6 +324,22 @@ impl PeerLink {
             b"shutdown",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Answers a tunnel request, then copies bytes both ways until either side ends.
+async fn pipe(peer: &str, mut tcp: tokio::net::TcpStream, mut send: SendStream, recv: RecvStream) {
+    if write_frame(peer, &mut send, &Response::TunnelOpen)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = tcp.set_nodelay(true);
+    let mut stream = tokio::io::join(recv, send);
+    match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+        Ok((up, down)) => tracing::debug!(peer, up, down, "tunnel closed"),
+        Err(e) => tracing::debug!(peer, error = %e, "tunnel ended"),
     }
 }
 

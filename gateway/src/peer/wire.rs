@@ -66,6 +66,9 @@ pub enum Request {
     Status { migration: String },
     /// Give up this migration (refused once the destination has confirmed).
     Abort { migration: String },
+    /// Carry one client connection to `workload` at the peer: after the `TunnelOpen`
+    /// answer the stream is a raw byte pipe to the workload's port there.
+    Tunnel { workload: String },
 }
 
 /// The destination's view of a migration.
@@ -99,6 +102,7 @@ pub enum Response {
     Restored { pid: i32, restore_ms: u64 },
     Status { state: TargetState },
     Aborted,
+    TunnelOpen,
     Error { code: ErrorCode, message: String },
 }
 

@@ -18,6 +18,7 @@ use crate::config::SiteConfig;
 use crate::journal::{Collection, Journal, JournalError};
 use crate::names::{self, NameError};
 use crate::plugins::{self, CallContext, PluginError, PluginHost};
+use crate::proxy::{Ingress, ProxyError};
 
 #[derive(Debug, Error)]
 pub enum WorkloadError {
@@ -50,6 +51,8 @@ pub enum WorkloadError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Adapter(#[from] PluginError),
+    #[error(transparent)]
+    Route(#[from] ProxyError),
 }
 
 /// What to run, as given to `POST /v1/workloads`.
@@ -71,6 +74,26 @@ pub struct WorkloadSpec {
     /// Runtime-specific settings handed to the adapter.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// Ingress routes: where clients reach the workload at its site. They move with it.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// A listen address at the site whose traffic goes to the workload's `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub listen: std::net::SocketAddr,
+    #[serde(default)]
+    pub mode: RouteMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMode {
+    /// Bytes, connection by connection; held connections are re-bound after the move.
+    #[default]
+    Tcp,
 }
 
 fn default_runtime() -> String {
@@ -103,6 +126,14 @@ impl WorkloadSpec {
             return Err(WorkloadError::Invalid(
                 "settings: at most 64, keys 1-128 and values up to 4096 bytes".into(),
             ));
+        }
+        if !self.routes.is_empty() && self.port.is_none() {
+            return Err(WorkloadError::Invalid(
+                "routes need the workload's --port".into(),
+            ));
+        }
+        if self.routes.len() > 16 {
+            return Err(WorkloadError::Invalid("at most 16 routes".into()));
         }
         if self.port == Some(0) {
             return Err(WorkloadError::Invalid("port must be 1-65535".into()));
@@ -196,6 +227,7 @@ pub struct Workloads {
     cgroup_base: Option<PathBuf>,
     health_timeout: Duration,
     plugins: Arc<PluginHost>,
+    ingress: Arc<Ingress>,
 }
 
 enum Waiter {
@@ -208,6 +240,7 @@ impl Workloads {
         cfg: &SiteConfig,
         journal: Arc<Journal>,
         plugins: Arc<PluginHost>,
+        ingress: Arc<Ingress>,
     ) -> Result<Arc<Self>, WorkloadError> {
         let logs_dir = cfg.data_dir.join("logs");
         mkdir(&logs_dir)?;
@@ -237,6 +270,7 @@ impl Workloads {
             cgroup_base,
             health_timeout: Duration::from_secs(cfg.workloads.health_timeout_secs),
             plugins,
+            ingress,
         }))
     }
 
@@ -249,6 +283,12 @@ impl Workloads {
                 if let Some(pid) = w.pid {
                     self.monitor(w.spec.name.clone(), pid, Waiter::Pid);
                 }
+                let (this, spec) = (Arc::clone(self), w.spec.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = this.ingress.open(&spec).await {
+                        tracing::error!(workload = %spec.name, error = %e, "cannot reopen the workload's routes");
+                    }
+                });
             } else if w.state != WorkloadState::Exited && w.state != WorkloadState::Migrating {
                 tracing::warn!(workload = %w.spec.name, "workload exited while the gateway was down");
                 w.state = WorkloadState::Exited;
@@ -353,6 +393,7 @@ impl Workloads {
                 return Err(WorkloadError::PortInUse(port));
             }
         }
+        self.ingress.check_free(spec)?;
         Ok(())
     }
 
@@ -402,6 +443,10 @@ impl Workloads {
                     log: placement.log.clone(),
                 });
             }
+        }
+        if let Err(e) = self.ingress.open(spec).await {
+            self.stop(&w).await;
+            return Err(e.into());
         }
         tracing::info!(workload = %spec.name, pid, adapter = adapter.name(), "workload started");
         Ok(self.get(&spec.name).unwrap_or(w))
@@ -476,6 +521,11 @@ impl Workloads {
         let w = self.record(spec, placement, Some(pid), Some(origin));
         self.register(&w, pid, Waiter::Pid)?;
         Ok(w)
+    }
+
+    /// Serves a workload's routes at this site (after a restore here).
+    pub async fn open_routes(&self, spec: &WorkloadSpec) -> Result<(), WorkloadError> {
+        Ok(self.ingress.open(spec).await?)
     }
 
     /// Reserves a name for an incoming restore (so nothing else takes it meanwhile).
@@ -618,6 +668,7 @@ impl Workloads {
         }
         self.journal.remove(Collection::Workloads, name)?;
         self.map.remove(name);
+        self.ingress.close(name);
         self.stop(&w).await;
         tracing::info!(workload = %name, "workload removed");
         Ok(w)
@@ -702,6 +753,7 @@ mod tests {
             env: BTreeMap::new(),
             runtime: "process".into(),
             settings: BTreeMap::new(),
+            routes: Vec::new(),
         }
     }
 

@@ -1,0 +1,254 @@
+//! Ingress: clients reach a workload through its site's gateway. Each route is a listener
+//! whose connections go to the workload's port here, or, once the workload has moved, to
+//! the peer gateway now running it, through the QUIC link. During a migration the ingress
+//! holds traffic: connections stop at a quiet point, wait, and are re-bound to wherever
+//! the workload runs next, so clients keep their connections and see a pause, not an error.
+
+mod tcp;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::peer::PeerLink;
+use crate::workload::{RouteSpec, WorkloadSpec};
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr} for workload {workload}: {source}; is the address in use?")]
+    Bind {
+        workload: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a route's connections go now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The workload's port at this site.
+    Local,
+    /// Nowhere yet: the workload is being moved; connections wait.
+    Held,
+    /// The peer site now running the workload, through the QUIC link.
+    Remote(String),
+}
+
+/// Bounds on holding traffic.
+#[derive(Debug, Clone)]
+pub struct HoldLimits {
+    /// Longest a connection waits for the workload to run again before it is closed.
+    pub max_hold: Duration,
+    /// Longest the ingress waits for busy connections to reach a quiet point.
+    pub drain: Duration,
+    /// Most connections held at once; more are closed rather than queued.
+    pub max_held: usize,
+}
+
+impl Default for HoldLimits {
+    fn default() -> Self {
+        Self {
+            max_hold: Duration::from_secs(30),
+            drain: Duration::from_secs(2),
+            max_held: 10_000,
+        }
+    }
+}
+
+/// A workload's routes at this site.
+pub(crate) struct Routed {
+    workload: String,
+    port: u16,
+    target: watch::Sender<Target>,
+    /// Connections currently bound to a backend.
+    bound: AtomicUsize,
+    /// Connections waiting for the workload.
+    held: AtomicUsize,
+    unbound: Notify,
+    cancel: CancellationToken,
+    routes: Vec<RouteSpec>,
+}
+
+pub struct Ingress {
+    peers: Arc<PeerLink>,
+    routed: DashMap<String, Arc<Routed>>,
+    limits: HoldLimits,
+    cancel: CancellationToken,
+}
+
+/// What holding a workload's traffic took.
+#[derive(Debug, Clone, Default)]
+pub struct HoldReport {
+    pub connections: usize,
+    pub drained: bool,
+    pub took: Duration,
+}
+
+impl Ingress {
+    pub fn new(peers: Arc<PeerLink>, limits: HoldLimits, cancel: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            peers,
+            routed: DashMap::new(),
+            limits,
+            cancel,
+        })
+    }
+
+    /// Could `spec`'s routes be served here (addresses free)?
+    pub fn check_free(&self, spec: &WorkloadSpec) -> Result<(), ProxyError> {
+        if self.routed.contains_key(&spec.name) {
+            return Ok(());
+        }
+        for r in &spec.routes {
+            std::net::TcpListener::bind(r.listen).map_err(|source| ProxyError::Bind {
+                workload: spec.name.clone(),
+                addr: r.listen,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Serves `spec`'s routes to the workload's local port. If this site still forwards
+    /// them (the workload left and came back), they simply point here again.
+    pub async fn open(self: &Arc<Self>, spec: &WorkloadSpec) -> Result<(), ProxyError> {
+        let (Some(port), false) = (spec.port, spec.routes.is_empty()) else {
+            return Ok(());
+        };
+        if let Some(r) = self.routed.get(&spec.name) {
+            r.target.send_replace(Target::Local);
+            return Ok(());
+        }
+        let mut listeners = Vec::new();
+        for r in &spec.routes {
+            let l = TcpListener::bind(r.listen)
+                .await
+                .map_err(|source| ProxyError::Bind {
+                    workload: spec.name.clone(),
+                    addr: r.listen,
+                    source,
+                })?;
+            listeners.push(l);
+        }
+        let routed = Arc::new(Routed {
+            workload: spec.name.clone(),
+            port,
+            target: watch::channel(Target::Local).0,
+            bound: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            unbound: Notify::new(),
+            cancel: self.cancel.child_token(),
+            routes: spec.routes.clone(),
+        });
+        for l in listeners {
+            let this = Arc::clone(self);
+            let routed = Arc::clone(&routed);
+            let addr = l.local_addr().ok();
+            tokio::spawn(
+                async move { this.accept(l, routed).await }.instrument(
+                    tracing::info_span!("route", workload = %spec.name, listen = ?addr),
+                ),
+            );
+        }
+        tracing::info!(workload = %spec.name, routes = spec.routes.len(), port, "ingress routes open");
+        self.routed.insert(spec.name.clone(), routed);
+        Ok(())
+    }
+
+    async fn accept(self: Arc<Self>, listener: TcpListener, routed: Arc<Routed>) {
+        loop {
+            let (conn, remote) = tokio::select! {
+                _ = routed.cancel.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = conn.set_nodelay(true);
+            let routed = Arc::clone(&routed);
+            let peers = Arc::clone(&self.peers);
+            let limits = self.limits.clone();
+            tokio::spawn(
+                tcp::serve(conn, routed, peers, limits)
+                    .instrument(tracing::debug_span!("client", %remote)),
+            );
+        }
+    }
+
+    /// Stops a workload's routes (its connections close).
+    pub fn close(&self, workload: &str) {
+        if let Some((_, r)) = self.routed.remove(workload) {
+            r.cancel.cancel();
+            tracing::info!(workload, "ingress routes closed");
+        }
+    }
+
+    /// Holds a workload's traffic: new connections wait, and bound ones stop at their next
+    /// quiet point (bounded by the drain limit). Returns once nothing reaches the workload.
+    pub async fn hold(&self, workload: &str) -> HoldReport {
+        let Some(r) = self.routed.get(workload).map(|r| Arc::clone(&r)) else {
+            return HoldReport {
+                drained: true,
+                ..HoldReport::default()
+            };
+        };
+        let started = Instant::now();
+        let connections = r.bound.load(Ordering::SeqCst);
+        r.target.send_replace(Target::Held);
+        let deadline = started + self.limits.drain + Duration::from_millis(200);
+        let mut drained = true;
+        loop {
+            let wait = r.unbound.notified();
+            if r.bound.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, wait).await.is_err() {
+                drained = r.bound.load(Ordering::SeqCst) == 0;
+                break;
+            }
+        }
+        let report = HoldReport {
+            connections,
+            drained,
+            took: started.elapsed(),
+        };
+        tracing::info!(
+            workload,
+            connections,
+            drained,
+            ms = report.took.as_millis() as u64,
+            "traffic held"
+        );
+        report
+    }
+
+    /// Lets held traffic go to `target`.
+    pub fn release(&self, workload: &str, target: Target) {
+        if let Some(r) = self.routed.get(workload) {
+            let held = r.held.load(Ordering::SeqCst);
+            tracing::info!(workload, ?target, held, "traffic released");
+            r.target.send_replace(target);
+        }
+    }
+
+    /// The routes this site serves or forwards, per workload.
+    pub fn routes(&self) -> Vec<(String, Vec<RouteSpec>, Target)> {
+        self.routed
+            .iter()
+            .map(|e| (e.key().clone(), e.routes.clone(), e.target.borrow().clone()))
+            .collect()
+    }
+}

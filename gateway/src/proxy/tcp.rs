@@ -1,0 +1,196 @@
+//! One client connection in TCP mode: bound to a backend (the local port, or a tunnel to
+//! the peer running the workload), and re-bound when the route's target changes. A re-bind
+//! happens only at a quiet point: the proxy stops reading the client, lets the backend
+//! finish answering what it was sent, then closes the backend side. The client's next
+//! bytes wait in its socket and go to the next backend.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{HoldLimits, Routed, Target};
+use crate::peer::wire::{Request, Response};
+use crate::peer::{read_frame, write_frame, PeerLink};
+
+/// No backend bytes for this long after the last answer = a quiet point.
+const QUIET: Duration = Duration::from_millis(15);
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+enum Outcome {
+    /// The client is gone (or the backend closed on it): the connection ends.
+    Done,
+    /// The target changed and the connection is quiet: bind it to the new target.
+    Rebind,
+}
+
+pub(super) async fn serve(
+    mut client: TcpStream,
+    routed: Arc<Routed>,
+    peers: Arc<PeerLink>,
+    limits: HoldLimits,
+) {
+    let mut rx = routed.target.subscribe();
+    loop {
+        let Some(target) = wait_for_target(&mut rx, &routed, &limits).await else {
+            tracing::warn!(workload = %routed.workload, "held connection closed: the workload did not run again in time");
+            return;
+        };
+        let (br, bw) = match dial(&target, &routed, &peers).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(workload = %routed.workload, ?target, error = %e, "cannot reach the workload; closing the client connection");
+                return;
+            }
+        };
+        routed.bound.fetch_add(1, Ordering::SeqCst);
+        let outcome = pump(&mut client, br, bw, &mut rx, &target, &limits).await;
+        routed.bound.fetch_sub(1, Ordering::SeqCst);
+        routed.unbound.notify_waiters();
+        match outcome {
+            Outcome::Done => return,
+            Outcome::Rebind => tracing::debug!(workload = %routed.workload, "connection re-bound"),
+        }
+    }
+}
+
+/// Waits until the route has a target other than `Held` (bounded).
+async fn wait_for_target(
+    rx: &mut watch::Receiver<Target>,
+    routed: &Routed,
+    limits: &HoldLimits,
+) -> Option<Target> {
+    let now = rx.borrow_and_update().clone();
+    if now != Target::Held {
+        return Some(now);
+    }
+    if routed.held.fetch_add(1, Ordering::SeqCst) >= limits.max_held {
+        routed.held.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    let waited = tokio::time::timeout(limits.max_hold, async {
+        loop {
+            if rx.changed().await.is_err() {
+                return None;
+            }
+            let t = rx.borrow_and_update().clone();
+            if t != Target::Held {
+                return Some(t);
+            }
+        }
+    })
+    .await;
+    routed.held.fetch_sub(1, Ordering::SeqCst);
+    waited.ok().flatten()
+}
+
+async fn dial(
+    target: &Target,
+    routed: &Routed,
+    peers: &PeerLink,
+) -> Result<(Reader, Writer), String> {
+    match target {
+        Target::Local => {
+            let s = TcpStream::connect(("127.0.0.1", routed.port))
+                .await
+                .map_err(|e| format!("127.0.0.1:{}: {e}", routed.port))?;
+            let _ = s.set_nodelay(true);
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+        Target::Remote(peer) => {
+            let (mut send, mut recv) = peers.open(peer).await.map_err(|e| e.to_string())?;
+            write_frame(
+                peer,
+                &mut send,
+                &Request::Tunnel {
+                    workload: routed.workload.clone(),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            match read_frame::<Response>(peer, &mut recv)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Response::TunnelOpen => Ok((Box::new(recv), Box::new(send))),
+                Response::Error { message, .. } => {
+                    Err(format!("peer {peer} refused the tunnel: {message}"))
+                }
+                other => Err(format!("peer {peer} answered the tunnel with {other:?}")),
+            }
+        }
+        Target::Held => Err("route is held".into()),
+    }
+}
+
+async fn pump(
+    client: &mut TcpStream,
+    mut br: Reader,
+    mut bw: Writer,
+    rx: &mut watch::Receiver<Target>,
+    bound_to: &Target,
+    limits: &HoldLimits,
+) -> Outcome {
+    let (mut cr, mut cw) = client.split();
+    let mut cbuf = vec![0u8; 32 * 1024];
+    let mut bbuf = vec![0u8; 32 * 1024];
+    // Sent something the backend has not answered yet.
+    let mut outstanding = false;
+    let mut last_backend = Instant::now();
+    let mut holding: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        tokio::select! {
+            r = cr.read(&mut cbuf), if holding.is_none() => match r {
+                Ok(0) | Err(_) => {
+                    let _ = bw.shutdown().await;
+                    return Outcome::Done;
+                }
+                Ok(n) => {
+                    if bw.write_all(&cbuf[..n]).await.is_err() {
+                        return Outcome::Done;
+                    }
+                    outstanding = true;
+                }
+            },
+            r = br.read(&mut bbuf) => match r {
+                Ok(0) | Err(_) => {
+                    // A backend that ends while the connection is being moved is re-bound.
+                    return if holding.is_some() && !outstanding { Outcome::Rebind } else { Outcome::Done };
+                }
+                Ok(n) => {
+                    if cw.write_all(&bbuf[..n]).await.is_err() {
+                        return Outcome::Done;
+                    }
+                    outstanding = false;
+                    last_backend = Instant::now();
+                }
+            },
+            changed = rx.changed(), if holding.is_none() => {
+                if changed.is_err() {
+                    return Outcome::Done;
+                }
+                if &*rx.borrow_and_update() != bound_to {
+                    holding = Some(Instant::now());
+                }
+            },
+            _ = tick.tick(), if holding.is_some() => {
+                let quiet = !outstanding && last_backend.elapsed() >= QUIET;
+                let forced = holding.is_some_and(|h| h.elapsed() >= limits.drain);
+                if quiet || forced {
+                    if forced && outstanding {
+                        tracing::warn!("connection still busy at the drain deadline; re-binding it anyway");
+                    }
+                    let _ = bw.shutdown().await;
+                    return Outcome::Rebind;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! `ferry-load`: a constant-rate Redis client that records every request, to show what
+//! clients see during a migration.
+//!
+//! Usage: ferry-load ADDR RATE SECONDS CONNECTIONS ACKED_FILE
+//! Sends `SET k<i> <i>` at RATE requests/s for SECONDS over CONNECTIONS connections, each
+//! with a 5 s timeout. Writes the acknowledged keys to ACKED_FILE, prints a JSON summary:
+//! requests, ok, failed, and latency measured from each request's scheduled time (so a
+//! stall shows in full, including the requests queued behind it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Results {
+    ok: Vec<(u64, Duration)>,
+    failed: Vec<(u64, String)>,
+}
+
+async fn connect(addr: &str) -> Result<BufReader<TcpStream>> {
+    let s = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    Ok(BufReader::new(s))
+}
+
+async fn request(conn: &mut BufReader<TcpStream>, i: u64) -> Result<()> {
+    let key = format!("k{i}");
+    let val = i.to_string();
+    let cmd = format!(
+        "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{val}\r\n",
+        key.len(),
+        val.len()
+    );
+    conn.get_mut().write_all(cmd.as_bytes()).await?;
+    let mut line = String::new();
+    let n = conn.read_line(&mut line).await?;
+    anyhow::ensure!(n > 0, "connection closed");
+    anyhow::ensure!(line == "+OK\r\n", "unexpected reply {line:?}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(
+        args.len() == 5,
+        "usage: ferry-load ADDR RATE SECONDS CONNECTIONS ACKED_FILE"
+    );
+    let addr = args[0].clone();
+    let rate: f64 = args[1].parse()?;
+    let seconds: f64 = args[2].parse()?;
+    let conns: u64 = args[3].parse()?;
+    let total = (rate * seconds) as u64;
+    let results = Arc::new(Mutex::new(Results::default()));
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (addr, results) = (addr.clone(), Arc::clone(&results));
+        tasks.push(tokio::spawn(async move {
+            let mut conn = connect(&addr).await.ok();
+            let mut i = c;
+            while i < total {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let outcome = match conn.as_mut() {
+                    Some(cn) => tokio::time::timeout(TIMEOUT, request(cn, i))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("timed out"))
+                        .and_then(|r| r),
+                    None => Err(anyhow::anyhow!("not connected")),
+                };
+                let mut r = results.lock().await;
+                match outcome {
+                    Ok(()) => r.ok.push((i, due.elapsed())),
+                    Err(e) => {
+                        r.failed.push((i, e.to_string()));
+                        drop(r);
+                        conn = connect(&addr).await.ok();
+                    }
+                }
+                i += conns;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let r = results.lock().await;
+    let mut lat: Vec<Duration> = r.ok.iter().map(|(_, d)| *d).collect();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(0.0)
+    };
+    std::fs::write(
+        &args[4],
+        r.ok.iter()
+            .map(|(i, _)| format!("k{i}\n"))
+            .collect::<String>(),
+    )?;
+    let first_errors: Vec<String> = r
+        .failed
+        .iter()
+        .take(5)
+        .map(|(i, e)| format!("k{i}: {e}"))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "requests": total,
+            "ok": r.ok.len(),
+            "failed": r.failed.len(),
+            "max_stall_ms": lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+            "p50_ms": pct(0.5),
+            "p99_ms": pct(0.99),
+            "errors": first_errors,
+        })
+    );
+    Ok(())
+}
