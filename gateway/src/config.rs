@@ -54,6 +54,45 @@ pub struct SiteConfig {
     pub criu: CriuConfig,
     #[serde(default)]
     pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub ingress: IngressConfig,
+}
+
+/// How long and how much client traffic the ingress holds while a workload moves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Longest a connection or request waits; past it TCP connections close and HTTP
+    /// requests get 503 with Retry-After.
+    #[serde(default = "default_max_hold")]
+    pub max_hold_ms: u64,
+    /// Longest the ingress waits for busy connections and in-flight requests to finish
+    /// before the freeze.
+    #[serde(default = "default_drain")]
+    pub drain_ms: u64,
+    /// Most connections or requests held at once.
+    #[serde(default = "default_max_held")]
+    pub max_held: usize,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            max_hold_ms: default_max_hold(),
+            drain_ms: default_drain(),
+            max_held: default_max_held(),
+        }
+    }
+}
+
+fn default_max_hold() -> u64 {
+    30_000
+}
+fn default_drain() -> u64 {
+    2_000
+}
+fn default_max_held() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

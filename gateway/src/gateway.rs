@@ -47,7 +47,12 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
 
     let plugins = PluginHost::load(&cfg, Criu::new(cfg.criu_path())).await?;
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;
-    let ingress = Ingress::new(Arc::clone(&peers), HoldLimits::default(), cancel.clone());
+    let limits = HoldLimits {
+        max_hold: std::time::Duration::from_millis(cfg.ingress.max_hold_ms),
+        drain: std::time::Duration::from_millis(cfg.ingress.drain_ms),
+        max_held: cfg.ingress.max_held,
+    };
+    let ingress = Ingress::new(Arc::clone(&peers), limits, cancel.clone());
     let workloads = Workloads::new(
         &cfg,
         Arc::clone(&journal),

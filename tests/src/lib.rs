@@ -79,6 +79,8 @@ pub struct Options {
     pub grants: Vec<(String, Vec<String>, Vec<String>)>,
     pub call_timeout_ms: Option<u64>,
     pub memory_limit_mb: Option<u64>,
+    /// `[ingress] max_hold_ms` at both sites.
+    pub ingress_max_hold_ms: Option<u64>,
 }
 
 impl Options {
@@ -91,6 +93,7 @@ impl Options {
             grants: Vec::new(),
             call_timeout_ms: None,
             memory_limit_mb: None,
+            ingress_max_hold_ms: None,
         }
     }
 }
@@ -446,6 +449,11 @@ fn init_site(
         grants.insert(adapter.clone(), g.into());
     }
     plugins.insert("grants".into(), grants.into());
+    if let Some(ms) = opts.ingress_max_hold_ms {
+        let mut ingress = table(&mut cfg, "ingress")?;
+        ingress.insert("max_hold_ms".into(), (ms as i64).into());
+        cfg.insert("ingress".into(), ingress.into());
+    }
     cfg.insert("plugins".into(), plugins.into());
     fs::write(&config, toml::to_string(&cfg)?)?;
     for adapter in &opts.adapters {

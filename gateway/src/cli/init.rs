@@ -65,6 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         peers: Vec::new(),
         workloads: WorkloadConfig::default(),
         criu: CriuConfig::default(),
+        ingress: Default::default(),
         plugins: PluginsConfig {
             grants: default_grants(),
             ..PluginsConfig::default()

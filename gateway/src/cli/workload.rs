@@ -23,10 +23,11 @@ pub enum Cmd {
         /// Runtime-specific setting KEY=VALUE for the adapter (repeatable).
         #[arg(long = "setting", value_name = "KEY=VALUE")]
         settings: Vec<String>,
-        /// Ingress route: ADDRESS:PORT at this site whose TCP traffic goes to --port
-        /// (repeatable). Clients using it are held, not refused, during a migration.
-        #[arg(long = "route", value_name = "ADDR:PORT")]
-        routes: Vec<std::net::SocketAddr>,
+        /// Ingress route at this site to --port (repeatable): ADDR:PORT or tcp:ADDR:PORT
+        /// for TCP, http:ADDR:PORT for HTTP/1.1, http-redirect:ADDR:PORT to send clients
+        /// to the new site after a move. Clients are held, not refused, during a migration.
+        #[arg(long = "route", value_name = "[MODE:]ADDR:PORT")]
+        routes: Vec<crate::workload::RouteSpec>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -72,13 +73,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 env: pairs("--env", env)?,
                 runtime,
                 settings: pairs("--setting", settings)?,
-                routes: routes
-                    .into_iter()
-                    .map(|listen| crate::workload::RouteSpec {
-                        listen,
-                        mode: crate::workload::RouteMode::Tcp,
-                    })
-                    .collect(),
+                routes,
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             if out == Output::Json {

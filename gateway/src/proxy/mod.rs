@@ -4,6 +4,7 @@
 //! holds traffic: connections stop at a quiet point, wait, and are re-bound to wherever
 //! the workload runs next, so clients keep their connections and see a pause, not an error.
 
+mod http;
 mod tcp;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::peer::PeerLink;
-use crate::workload::{RouteSpec, WorkloadSpec};
+use crate::workload::{RouteMode, RouteSpec, WorkloadSpec};
 
 #[derive(Debug, Error)]
 pub enum ProxyError {
@@ -136,7 +137,7 @@ impl Ingress {
                     addr: r.listen,
                     source,
                 })?;
-            listeners.push(l);
+            listeners.push((l, r.clone()));
         }
         let routed = Arc::new(Routed {
             workload: spec.name.clone(),
@@ -148,12 +149,12 @@ impl Ingress {
             cancel: self.cancel.child_token(),
             routes: spec.routes.clone(),
         });
-        for l in listeners {
+        for (l, route) in listeners {
             let this = Arc::clone(self);
             let routed = Arc::clone(&routed);
             let addr = l.local_addr().ok();
             tokio::spawn(
-                async move { this.accept(l, routed).await }.instrument(
+                async move { this.accept(l, route, routed).await }.instrument(
                     tracing::info_span!("route", workload = %spec.name, listen = ?addr),
                 ),
             );
@@ -163,7 +164,7 @@ impl Ingress {
         Ok(())
     }
 
-    async fn accept(self: Arc<Self>, listener: TcpListener, routed: Arc<Routed>) {
+    async fn accept(self: Arc<Self>, listener: TcpListener, route: RouteSpec, routed: Arc<Routed>) {
         loop {
             let (conn, remote) = tokio::select! {
                 _ = routed.cancel.cancelled() => return,
@@ -180,10 +181,15 @@ impl Ingress {
             let routed = Arc::clone(&routed);
             let peers = Arc::clone(&self.peers);
             let limits = self.limits.clone();
-            tokio::spawn(
-                tcp::serve(conn, routed, peers, limits)
-                    .instrument(tracing::debug_span!("client", %remote)),
-            );
+            let span = tracing::debug_span!("client", %remote);
+            match route.mode {
+                RouteMode::Tcp => {
+                    tokio::spawn(tcp::serve(conn, routed, peers, limits).instrument(span))
+                }
+                RouteMode::Http => tokio::spawn(
+                    http::serve(conn, route.clone(), routed, peers, limits).instrument(span),
+                ),
+            };
         }
     }
 
@@ -251,4 +257,34 @@ impl Ingress {
             .map(|e| (e.key().clone(), e.routes.clone(), e.target.borrow().clone()))
             .collect()
     }
+}
+
+/// Waits until the route has a target other than `Held` (bounded).
+pub(super) async fn wait_for_target(
+    rx: &mut watch::Receiver<Target>,
+    routed: &Routed,
+    limits: &HoldLimits,
+) -> Option<Target> {
+    let now = rx.borrow_and_update().clone();
+    if now != Target::Held {
+        return Some(now);
+    }
+    if routed.held.fetch_add(1, Ordering::SeqCst) >= limits.max_held {
+        routed.held.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    let waited = tokio::time::timeout(limits.max_hold, async {
+        loop {
+            if rx.changed().await.is_err() {
+                return None;
+            }
+            let t = rx.borrow_and_update().clone();
+            if t != Target::Held {
+                return Some(t);
+            }
+        }
+    })
+    .await;
+    routed.held.fetch_sub(1, Ordering::SeqCst);
+    waited.ok().flatten()
 }

@@ -12,15 +12,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{HoldLimits, Routed, Target};
+use super::{wait_for_target, HoldLimits, Routed, Target};
 use crate::peer::wire::{Request, Response};
 use crate::peer::{read_frame, write_frame, PeerLink};
 
 /// No backend bytes for this long after the last answer = a quiet point.
 const QUIET: Duration = Duration::from_millis(15);
 
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+pub(super) type Reader = Box<dyn AsyncRead + Unpin + Send>;
+pub(super) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 enum Outcome {
     /// The client is gone (or the backend closed on it): the connection ends.
@@ -59,37 +59,7 @@ pub(super) async fn serve(
     }
 }
 
-/// Waits until the route has a target other than `Held` (bounded).
-async fn wait_for_target(
-    rx: &mut watch::Receiver<Target>,
-    routed: &Routed,
-    limits: &HoldLimits,
-) -> Option<Target> {
-    let now = rx.borrow_and_update().clone();
-    if now != Target::Held {
-        return Some(now);
-    }
-    if routed.held.fetch_add(1, Ordering::SeqCst) >= limits.max_held {
-        routed.held.fetch_sub(1, Ordering::SeqCst);
-        return None;
-    }
-    let waited = tokio::time::timeout(limits.max_hold, async {
-        loop {
-            if rx.changed().await.is_err() {
-                return None;
-            }
-            let t = rx.borrow_and_update().clone();
-            if t != Target::Held {
-                return Some(t);
-            }
-        }
-    })
-    .await;
-    routed.held.fetch_sub(1, Ordering::SeqCst);
-    waited.ok().flatten()
-}
-
-async fn dial(
+pub(super) async fn dial(
     target: &Target,
     routed: &Routed,
     peers: &PeerLink,

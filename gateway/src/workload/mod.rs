@@ -86,6 +86,31 @@ pub struct RouteSpec {
     pub listen: std::net::SocketAddr,
     #[serde(default)]
     pub mode: RouteMode,
+    /// HTTP mode: once the workload has moved, answer 307 (with Alt-Svc) pointing at the
+    /// new site instead of forwarding through the peer link.
+    #[serde(default)]
+    pub redirect: bool,
+}
+
+impl std::str::FromStr for RouteSpec {
+    type Err = String;
+    /// `ADDR:PORT` (TCP), `tcp:ADDR:PORT`, `http:ADDR:PORT`, `http-redirect:ADDR:PORT`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mode, redirect, addr) = match s.split_once(':') {
+            Some(("tcp", rest)) => (RouteMode::Tcp, false, rest),
+            Some(("http", rest)) => (RouteMode::Http, false, rest),
+            Some(("http-redirect", rest)) => (RouteMode::Http, true, rest),
+            _ => (RouteMode::Tcp, false, s),
+        };
+        let listen = addr.parse().map_err(|_| {
+            format!("route {s:?}: expected [tcp:|http:|http-redirect:]ADDRESS:PORT")
+        })?;
+        Ok(Self {
+            listen,
+            mode,
+            redirect,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +119,8 @@ pub enum RouteMode {
     /// Bytes, connection by connection; held connections are re-bound after the move.
     #[default]
     Tcp,
+    /// HTTP/1.1, request by request; held requests go to wherever the workload runs next.
+    Http,
 }
 
 fn default_runtime() -> String {
@@ -130,6 +157,15 @@ impl WorkloadSpec {
         if !self.routes.is_empty() && self.port.is_none() {
             return Err(WorkloadError::Invalid(
                 "routes need the workload's --port".into(),
+            ));
+        }
+        if self
+            .routes
+            .iter()
+            .any(|r| r.redirect && r.mode != RouteMode::Http)
+        {
+            return Err(WorkloadError::Invalid(
+                "only HTTP routes can redirect".into(),
             ));
         }
         if self.routes.len() > 16 {

@@ -1,11 +1,12 @@
 //! `ferry-load`: a constant-rate Redis client that records every request, to show what
 //! clients see during a migration.
 //!
-//! Usage: ferry-load ADDR RATE SECONDS CONNECTIONS ACKED_FILE
-//! Sends `SET k<i> <i>` at RATE requests/s for SECONDS over CONNECTIONS connections, each
-//! with a 5 s timeout. Writes the acknowledged keys to ACKED_FILE, prints a JSON summary:
-//! requests, ok, failed, and latency measured from each request's scheduled time (so a
-//! stall shows in full, including the requests queued behind it).
+//! Usage: ferry-load redis|http ADDR RATE SECONDS CONNECTIONS ACKED_FILE
+//! Sends requests at RATE requests/s for SECONDS over CONNECTIONS keep-alive connections,
+//! each with a 5 s timeout: `SET k<i> <i>` (redis) or `POST /inc` (http). Writes the
+//! acknowledged requests to ACKED_FILE, prints a JSON summary: requests, ok, failed,
+//! unavailable (HTTP 503 carrying Retry-After), and latency measured from each request's
+//! scheduled time (so a stall shows in full, including the requests queued behind it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,19 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 struct Results {
     ok: Vec<(u64, Duration)>,
     failed: Vec<(u64, String)>,
+    unavailable: u64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Redis,
+    Http,
+}
+
+enum Answer {
+    Ok,
+    /// 503 with Retry-After: an honest "not now".
+    Unavailable,
 }
 
 async fn connect(addr: &str) -> Result<BufReader<TcpStream>> {
@@ -29,6 +43,44 @@ async fn connect(addr: &str) -> Result<BufReader<TcpStream>> {
         .with_context(|| format!("connect {addr}"))?;
     s.set_nodelay(true)?;
     Ok(BufReader::new(s))
+}
+
+async fn http_post(conn: &mut BufReader<TcpStream>) -> Result<Answer> {
+    conn.get_mut()
+        .write_all(b"POST /inc HTTP/1.1\r\nHost: ferry-load\r\nContent-Length: 0\r\n\r\n")
+        .await?;
+    let mut line = String::new();
+    anyhow::ensure!(conn.read_line(&mut line).await? > 0, "connection closed");
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let (mut length, mut retry_after) = (0usize, false);
+    loop {
+        let mut h = String::new();
+        anyhow::ensure!(
+            conn.read_line(&mut h).await? > 0,
+            "connection closed in headers"
+        );
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        retry_after |= lower.starts_with("retry-after:");
+    }
+    let mut body = vec![0u8; length];
+    tokio::io::AsyncReadExt::read_exact(conn, &mut body).await?;
+    match status {
+        200 => Ok(Answer::Ok),
+        503 if retry_after => Ok(Answer::Unavailable),
+        other => anyhow::bail!("HTTP {other}: {}", String::from_utf8_lossy(&body).trim()),
+    }
 }
 
 async fn request(conn: &mut BufReader<TcpStream>, i: u64) -> Result<()> {
@@ -49,11 +101,16 @@ async fn request(conn: &mut BufReader<TcpStream>, i: u64) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(
-        args.len() == 5,
-        "usage: ferry-load ADDR RATE SECONDS CONNECTIONS ACKED_FILE"
+        args.len() == 6,
+        "usage: ferry-load redis|http ADDR RATE SECONDS CONNECTIONS ACKED_FILE"
     );
+    let proto = match args.remove(0).as_str() {
+        "redis" => Proto::Redis,
+        "http" => Proto::Http,
+        other => anyhow::bail!("unknown protocol {other}: redis or http"),
+    };
     let addr = args[0].clone();
     let rate: f64 = args[1].parse()?;
     let seconds: f64 = args[2].parse()?;
@@ -71,15 +128,21 @@ async fn main() -> Result<()> {
                 let due = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let outcome = match conn.as_mut() {
-                    Some(cn) => tokio::time::timeout(TIMEOUT, request(cn, i))
-                        .await
-                        .map_err(|_| anyhow::anyhow!("timed out"))
-                        .and_then(|r| r),
+                    Some(cn) => tokio::time::timeout(TIMEOUT, async {
+                        match proto {
+                            Proto::Redis => request(cn, i).await.map(|_| Answer::Ok),
+                            Proto::Http => http_post(cn).await,
+                        }
+                    })
+                    .await
+                    .map_err(|_| anyhow::anyhow!("timed out"))
+                    .and_then(|r| r),
                     None => Err(anyhow::anyhow!("not connected")),
                 };
                 let mut r = results.lock().await;
                 match outcome {
-                    Ok(()) => r.ok.push((i, due.elapsed())),
+                    Ok(Answer::Ok) => r.ok.push((i, due.elapsed())),
+                    Ok(Answer::Unavailable) => r.unavailable += 1,
                     Err(e) => {
                         r.failed.push((i, e.to_string()));
                         drop(r);
@@ -119,6 +182,7 @@ async fn main() -> Result<()> {
             "requests": total,
             "ok": r.ok.len(),
             "failed": r.failed.len(),
+            "unavailable": r.unavailable,
             "max_stall_ms": lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),

@@ -1,0 +1,141 @@
+//! One client connection in HTTP mode (HTTP/1.1): each request goes to where the workload
+//! runs now. While it moves, requests wait (bounded); a request that cannot wait any
+//! longer, or finds the queue full, gets 503 with Retry-After: never a silent drop. After
+//! the move a route may answer 307 with the new site's address instead of forwarding.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, LOCATION, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::tcp::dial;
+use super::{wait_for_target, HoldLimits, Routed, Target};
+use crate::peer::PeerLink;
+use crate::workload::RouteSpec;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+pub(super) async fn serve(
+    conn: TcpStream,
+    route: RouteSpec,
+    routed: Arc<Routed>,
+    peers: Arc<PeerLink>,
+    limits: HoldLimits,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let (route, routed, peers, limits) = (
+            route.clone(),
+            Arc::clone(&routed),
+            Arc::clone(&peers),
+            limits.clone(),
+        );
+        async move { Ok::<_, Infallible>(handle(req, &route, &routed, &peers, &limits).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(conn), service)
+        .await
+    {
+        tracing::debug!(error = %e, "client connection ended");
+    }
+}
+
+fn plain(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    route: &RouteSpec,
+    routed: &Routed,
+    peers: &PeerLink,
+    limits: &HoldLimits,
+) -> Response<Body> {
+    let mut rx = routed.target.subscribe();
+    let Some(target) = wait_for_target(&mut rx, routed, limits).await else {
+        let mut r = plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} is moving to another site and did not resume in time; retry shortly\n",
+                routed.workload
+            ),
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    if let (Target::Remote(peer), true) = (&target, route.redirect) {
+        if let Some(r) = redirect(&req, route, peer, peers) {
+            return r;
+        }
+    }
+    routed.bound.fetch_add(1, Ordering::SeqCst);
+    let answer = forward(req, &target, routed, peers).await;
+    routed.bound.fetch_sub(1, Ordering::SeqCst);
+    routed.unbound.notify_waiters();
+    answer.unwrap_or_else(|e| {
+        tracing::warn!(workload = %routed.workload, ?target, error = %e, "cannot forward a request");
+        plain(StatusCode::BAD_GATEWAY, format!("{} cannot be reached: {e}\n", routed.workload))
+    })
+}
+
+/// 307 to the same path at the peer site's route, with Alt-Svc naming it.
+fn redirect(
+    req: &Request<Incoming>,
+    route: &RouteSpec,
+    peer: &str,
+    peers: &PeerLink,
+) -> Option<Response<Body>> {
+    let ip = peers.peers().iter().find(|p| p.name == peer)?.address.ip();
+    let authority = std::net::SocketAddr::new(ip, route.listen.port());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut r = plain(
+        StatusCode::TEMPORARY_REDIRECT,
+        format!("moved to site {peer}\n"),
+    );
+    r.headers_mut().insert(
+        LOCATION,
+        HeaderValue::from_str(&format!("http://{authority}{path}")).ok()?,
+    );
+    r.headers_mut().insert(
+        "alt-svc",
+        HeaderValue::from_str(&format!("http/1.1=\"{authority}\"; ma=3600")).ok()?,
+    );
+    Some(r)
+}
+
+/// Sends one request to the workload (its local port, or the tunnel to its peer) on a
+/// connection of its own, and streams the answer back.
+async fn forward(
+    req: Request<Incoming>,
+    target: &Target,
+    routed: &Routed,
+    peers: &PeerLink,
+) -> Result<Response<Body>, String> {
+    let (r, w) = dial(target, routed, peers).await?;
+    let io = TokioIo::new(tokio::io::join(r, w));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.map(|b| b.boxed()))
+}
