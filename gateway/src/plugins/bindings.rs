@@ -7,5 +7,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::ferry::adapter::runtime::{AdapterError, AdapterInfo, Plan, Workload};
-pub use ferry::adapter::types::Approach;
+pub use self::exports::ferry::adapter::runtime::{AdapterError, AdapterInfo, Plan, Workload};
+pub use self::ferry::adapter::types::Approach;
