@@ -81,6 +81,8 @@ pub struct Options {
     pub memory_limit_mb: Option<u64>,
     /// `[ingress] max_hold_ms` at both sites.
     pub ingress_max_hold_ms: Option<u64>,
+    /// The address A dials to reach B's gateway (a delay relay, for benchmarks).
+    pub b_address_at_a: Option<String>,
 }
 
 impl Options {
@@ -94,6 +96,7 @@ impl Options {
             call_timeout_ms: None,
             memory_limit_mb: None,
             ingress_max_hold_ms: None,
+            b_address_at_a: None,
         }
     }
 }
@@ -309,7 +312,11 @@ impl TwoSites {
         )?;
         a.dev = va;
         b.dev = vb;
-        add_peer(&a, &b)?;
+        let b_at_a = opts
+            .b_address_at_a
+            .clone()
+            .unwrap_or_else(|| format!("{}:7444", b.addr));
+        add_peer_at(&a, &b, &b_at_a)?;
         if opts.b_knows_a {
             add_peer(&b, &a)?;
         }
@@ -473,16 +480,14 @@ fn init_site(
 }
 
 fn add_peer(at: &Site, peer: &Site) -> Result<()> {
+    add_peer_at(at, peer, &format!("{}:7444", peer.addr))
+}
+
+fn add_peer_at(at: &Site, peer: &Site, address: &str) -> Result<()> {
     run(Command::new(ferry_bin()?)
         .arg("--config")
         .arg(&at.config)
-        .args([
-            "peer",
-            "add",
-            &peer.name,
-            &format!("{}:7444", peer.addr),
-            &peer.fingerprint,
-        ]))?;
+        .args(["peer", "add", &peer.name, address, &peer.fingerprint]))?;
     Ok(())
 }
 

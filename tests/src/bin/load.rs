@@ -1,7 +1,8 @@
 //! `ferry-load`: a constant-rate Redis client that records every request, to show what
 //! clients see during a migration.
 //!
-//! Usage: ferry-load redis|http ADDR RATE SECONDS CONNECTIONS ACKED_FILE
+//! Usage: ferry-load redis|http ADDR[,ADDR…] RATE SECONDS CONNECTIONS ACKED_FILE
+//! (a failed connection reconnects to the next address: a client that fails over.)
 //! Sends requests at RATE requests/s for SECONDS over CONNECTIONS keep-alive connections,
 //! each with a 5 s timeout: `SET k<i> <i>` (redis) or `POST /inc` (http). Writes the
 //! acknowledged requests to ACKED_FILE, prints a JSON summary: requests, ok, failed,
@@ -11,18 +12,27 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// Per-request timeout (FERRY_LOAD_TIMEOUT_MS overrides it).
+fn timeout() -> Duration {
+    let ms = std::env::var("FERRY_LOAD_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    Duration::from_millis(ms)
+}
 
 #[derive(Default)]
 struct Results {
     ok: Vec<(u64, Duration)>,
     failed: Vec<(u64, String)>,
     unavailable: u64,
+    /// Longest time between two answers on one connection.
+    max_gap: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -37,12 +47,24 @@ enum Answer {
     Unavailable,
 }
 
-async fn connect(addr: &str) -> Result<BufReader<TcpStream>> {
-    let s = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
-    s.set_nodelay(true)?;
-    Ok(BufReader::new(s))
+/// Connects to the first address of a comma-separated list that answers, starting after
+/// the one that failed last (so a client fails over to the next site).
+async fn connect(addrs: &str, start: &mut usize) -> Result<BufReader<TcpStream>> {
+    let list: Vec<&str> = addrs.split(',').collect();
+    let mut last = anyhow::anyhow!("no address");
+    for k in 0..list.len() {
+        let addr = list[(*start + k) % list.len()];
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                s.set_nodelay(true)?;
+                *start = (*start + k) % list.len();
+                return Ok(BufReader::new(s));
+            }
+            Ok(Err(e)) => last = anyhow::Error::new(e).context(format!("connect {addr}")),
+            Err(_) => last = anyhow::anyhow!("connect {addr}: timed out"),
+        }
+    }
+    Err(last)
 }
 
 async fn http_post(conn: &mut BufReader<TcpStream>) -> Result<Answer> {
@@ -122,13 +144,15 @@ async fn main() -> Result<()> {
     for c in 0..conns {
         let (addr, results) = (addr.clone(), Arc::clone(&results));
         tasks.push(tokio::spawn(async move {
-            let mut conn = connect(&addr).await.ok();
+            let mut at = 0usize;
+            let mut last_answer = Instant::now();
+            let mut conn = connect(&addr, &mut at).await.ok();
             let mut i = c;
             while i < total {
                 let due = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let outcome = match conn.as_mut() {
-                    Some(cn) => tokio::time::timeout(TIMEOUT, async {
+                    Some(cn) => tokio::time::timeout(timeout(), async {
                         match proto {
                             Proto::Redis => request(cn, i).await.map(|_| Answer::Ok),
                             Proto::Http => http_post(cn).await,
@@ -140,13 +164,21 @@ async fn main() -> Result<()> {
                     None => Err(anyhow::anyhow!("not connected")),
                 };
                 let mut r = results.lock().await;
+                if outcome.is_ok() {
+                    let gap = last_answer.elapsed();
+                    if i >= conns && gap > r.max_gap {
+                        r.max_gap = gap;
+                    }
+                    last_answer = Instant::now();
+                }
                 match outcome {
                     Ok(Answer::Ok) => r.ok.push((i, due.elapsed())),
                     Ok(Answer::Unavailable) => r.unavailable += 1,
                     Err(e) => {
                         r.failed.push((i, e.to_string()));
                         drop(r);
-                        conn = connect(&addr).await.ok();
+                        at += 1;
+                        conn = connect(&addr, &mut at).await.ok();
                     }
                 }
                 i += conns;
@@ -183,6 +215,7 @@ async fn main() -> Result<()> {
             "ok": r.ok.len(),
             "failed": r.failed.len(),
             "unavailable": r.unavailable,
+            "max_gap_ms": r.max_gap.as_secs_f64() * 1e3,
             "max_stall_ms": lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
