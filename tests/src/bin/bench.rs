@@ -362,9 +362,9 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
             "dump.log",
         ]))
     .with_context(|| std::fs::read_to_string(img_a.join("dump.log")).unwrap_or_default())?;
-    run(&mut in_netns(&sites.a.netns, &self_exe()?)
-        .args(["send", RELAY_TCP])
-        .arg(&img_a))?;
+    let mut send = in_netns(&sites.a.netns, &self_exe()?);
+    send.args(["send", RELAY_TCP]).arg(&img_a);
+    run(&mut send)?;
     recv.0.wait()?;
     run(Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", sites.b.netns))
