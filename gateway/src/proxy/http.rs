@@ -2,6 +2,8 @@
 //! runs now. While it moves, requests wait (bounded); a request that cannot wait any
 //! longer, or finds the queue full, gets 503 with Retry-After: never a silent drop. After
 //! the move a route may answer 307 with the new site's address instead of forwarding.
+//! Each client connection keeps one backend connection (keep-alive) while the route's
+//! target stays the same; any change of target drops it, so nothing outlives a move.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -9,10 +11,12 @@ use std::sync::Arc;
 
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, LOCATION, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::{watch, Mutex};
 
 use super::tcp::dial;
 use super::{wait_for_target, HoldLimits, Routed, Target};
@@ -21,6 +25,15 @@ use crate::workload::RouteSpec;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// What one client connection remembers between its requests (HTTP/1.1 serves them one
+/// at a time, so the lock is never contended).
+struct ClientState {
+    /// The route's target as this connection last saw it.
+    rx: watch::Receiver<Target>,
+    /// The backend connection kept alive for the target it was dialled to.
+    backend: Option<(Target, SendRequest<Incoming>)>,
+}
+
 pub(super) async fn serve(
     conn: TcpStream,
     route: RouteSpec,
@@ -28,14 +41,22 @@ pub(super) async fn serve(
     peers: Arc<PeerLink>,
     limits: HoldLimits,
 ) {
+    let state = Arc::new(Mutex::new(ClientState {
+        rx: routed.target.subscribe(),
+        backend: None,
+    }));
     let service = hyper::service::service_fn(move |req| {
-        let (route, routed, peers, limits) = (
+        let (route, routed, peers, limits, state) = (
             route.clone(),
             Arc::clone(&routed),
             Arc::clone(&peers),
             limits.clone(),
+            Arc::clone(&state),
         );
-        async move { Ok::<_, Infallible>(handle(req, &route, &routed, &peers, &limits).await) }
+        async move {
+            let mut state = state.lock().await;
+            Ok::<_, Infallible>(handle(req, &mut state, &route, &routed, &peers, &limits).await)
+        }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
@@ -58,13 +79,16 @@ fn plain(status: StatusCode, text: String) -> Response<Body> {
 
 async fn handle(
     req: Request<Incoming>,
+    state: &mut ClientState,
     route: &RouteSpec,
     routed: &Routed,
     peers: &PeerLink,
     limits: &HoldLimits,
 ) -> Response<Body> {
-    let mut rx = routed.target.subscribe();
-    let Some(target) = wait_for_target(&mut rx, routed, limits).await else {
+    if state.rx.has_changed().unwrap_or(true) {
+        state.backend = None;
+    }
+    let Some(target) = wait_for_target(&mut state.rx, routed, limits).await else {
         let mut r = plain(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -82,7 +106,7 @@ async fn handle(
         }
     }
     routed.bound.fetch_add(1, Ordering::SeqCst);
-    let answer = forward(req, &target, routed, peers).await;
+    let answer = forward(req, &mut state.backend, &target, routed, peers).await;
     routed.bound.fetch_sub(1, Ordering::SeqCst);
     routed.unbound.notify_waiters();
     answer.unwrap_or_else(|e| {
@@ -120,14 +144,33 @@ fn redirect(
     Some(r)
 }
 
-/// Sends one request to the workload (its local port, or the tunnel to its peer) on a
-/// connection of its own, and streams the answer back.
+/// Sends one request to the workload (its local port, or the tunnel to its peer) and
+/// streams the answer back. The kept backend connection is used when it leads to
+/// `target`; a request it could not take (closed meanwhile) goes on a new connection.
 async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
+    backend: &mut Option<(Target, SendRequest<Incoming>)>,
     target: &Target,
     routed: &Routed,
     peers: &PeerLink,
 ) -> Result<Response<Body>, String> {
+    if let Some((kept, sender)) = backend.as_mut().filter(|(t, _)| t == target) {
+        if sender.ready().await.is_ok() {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|b| b.boxed())),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => {
+                        *backend = None;
+                        return Err(e.into_error().to_string());
+                    }
+                },
+            }
+        } else {
+            tracing::debug!(target = ?kept, "kept backend connection closed; dialling again");
+        }
+    }
+    *backend = None;
     let (r, w) = dial(target, routed, peers).await?;
     let io = TokioIo::new(tokio::io::join(r, w));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
@@ -137,5 +180,6 @@ async fn forward(
         let _ = conn.await;
     });
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    *backend = Some((target.clone(), sender));
     Ok(resp.map(|b| b.boxed()))
 }

@@ -1,0 +1,294 @@
+//! `ferry-proxy-bench`: what Ferry's ingress costs a client, next to nginx (Debian) as a
+//! reverse proxy, on the same machine in the same run.
+//!
+//! One HTTP backend (nginx answering a fixed 200, run as a Ferry workload at site A) is
+//! reached four ways: directly, through an nginx reverse proxy (keep-alive upstream),
+//! and through Ferry's ingress routes in HTTP mode and in TCP mode. Closed-loop clients
+//! on keep-alive connections send `GET /` for a fixed time; the run prints requests/s and
+//! p50/p99 latency for each way and each concurrency.
+//!
+//! Usage: ferry-proxy-bench [SECONDS]   (default 5, after 1 s of warm-up)
+//!   FERRY_PROXY_BENCH_CONNS=1,32   concurrent connections, one measurement each
+//!
+//! Internal subcommand (run inside site A's namespace): load ADDR CONNS SECONDS.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_e2e::{Options, TwoSites};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BACKEND_PORT: u16 = 8080;
+const NGINX_PROXY: &str = "127.0.0.1:18090";
+const FERRY_HTTP: &str = "127.0.0.1:18080";
+const FERRY_TCP: &str = "127.0.0.1:18081";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("load") => {
+            anyhow::ensure!(args.len() == 4, "usage: load ADDR CONNS SECONDS");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let summary = rt.block_on(load(&args[1], args[2].parse()?, args[3].parse()?))?;
+            println!("{summary}");
+            Ok(())
+        }
+        _ => bench(&args),
+    }
+}
+
+/// Reads one HTTP/1.1 response (status line, headers, Content-Length body) from `conn`,
+/// keeping whatever follows in `buf`. Returns the status code.
+async fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<u16> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end]).context("response head is not UTF-8")?;
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .context("no status code")?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            let total = end + 4 + length;
+            while buf.len() < total {
+                read_more(conn, buf).await?;
+            }
+            buf.drain(..total);
+            return Ok(status);
+        }
+        read_more(conn, buf).await?;
+    }
+}
+
+async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 4096];
+    let n = conn.read(&mut chunk).await?;
+    anyhow::ensure!(n > 0, "connection closed");
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// One keep-alive connection sending requests back to back until `until`; latencies of
+/// the requests answered after `measure_from`, in microseconds.
+async fn client(addr: String, measure_from: Instant, until: Instant) -> Result<Vec<u32>> {
+    let mut conn = TcpStream::connect(&addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    conn.set_nodelay(true)?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut buf = Vec::with_capacity(8192);
+    let mut lat = Vec::new();
+    loop {
+        let sent = Instant::now();
+        if sent >= until {
+            return Ok(lat);
+        }
+        conn.write_all(request.as_bytes()).await?;
+        let status = read_response(&mut conn, &mut buf).await?;
+        if status != 200 {
+            bail!("{addr} answered HTTP {status}");
+        }
+        if sent >= measure_from {
+            lat.push(sent.elapsed().as_micros() as u32);
+        }
+    }
+}
+
+/// Closed-loop load: `conns` connections for 1 s of warm-up and then `seconds`.
+async fn load(addr: &str, conns: usize, seconds: f64) -> Result<Value> {
+    let measure_from = Instant::now() + Duration::from_secs(1);
+    let until = measure_from + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| tokio::spawn(client(addr.to_string(), measure_from, until)))
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map(|us| f64::from(*us) / 1e3)
+            .unwrap_or(0.0)
+    };
+    Ok(json!({
+        "requests": lat.len(),
+        "rps": lat.len() as f64 / seconds,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+    }))
+}
+
+/// An nginx configuration whose files all live under `dir`.
+fn nginx_conf(dir: &Path, workers: u32, http: &str) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let d = dir.display();
+    let conf = format!(
+        "user root;\nworker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
+         client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+         fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n\
+         scgi_temp_path {d}/tmp/scgi;\n{http}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
+fn nginx_args(dir: &Path, conf: &Path) -> Vec<String> {
+    vec![
+        "/usr/sbin/nginx".into(),
+        "-e".into(),
+        dir.join("error.log").display().to_string(),
+        "-c".into(),
+        conf.display().to_string(),
+    ]
+}
+
+/// nginx stopped when the run ends, however it ends: SIGTERM lets the master stop its
+/// workers (SIGKILL would leave them behind).
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child with a valid signal.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn measure(sites: &TwoSites, addr: &str, conns: usize, seconds: f64) -> Result<Value> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sites.a.netns))
+        .arg(std::env::current_exe()?)
+        .args(["load", addr, &conns.to_string(), &seconds.to_string()])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("load against {addr} failed\n{}", sites.logs());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn wait_for_http(sites: &TwoSites, addr: &str) -> Result<()> {
+    ferry_e2e::wait_for(addr, Duration::from_secs(10), || {
+        sites
+            .a
+            .exec("curl", &["-sf", "-m", "1", &format!("http://{addr}/")])
+            .ok()
+            .filter(|body| body.trim() == "ok")
+    })?;
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let seconds: f64 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(5.0);
+    let conns: Vec<usize> = std::env::var("FERRY_PROXY_BENCH_CONNS")
+        .unwrap_or_else(|_| "1,32".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        Path::new("/usr/sbin/nginx").exists(),
+        "nginx is missing: run scripts/setup"
+    );
+    let sites = TwoSites::start(Options::new("pxb"))?;
+    let backend_dir = sites.root.join("nginx-backend");
+    let backend_conf = nginx_conf(
+        &backend_dir,
+        1,
+        &format!(
+            "  server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 \"ok\\n\"; }} }}"
+        ),
+    )?;
+    let port = BACKEND_PORT.to_string();
+    let mut run = vec![
+        "workload",
+        "run",
+        "web",
+        "--port",
+        &port,
+        "--route",
+        "http:0.0.0.0:18080",
+        "--route",
+        "tcp:0.0.0.0:18081",
+        "--",
+    ];
+    let backend = nginx_args(&backend_dir, &backend_conf);
+    run.extend(backend.iter().map(String::as_str));
+    sites.a.ferry(&run)?;
+    let proxy_dir = sites.root.join("nginx-proxy");
+    let proxy_conf = nginx_conf(
+        &proxy_dir,
+        2,
+        &format!(
+            "  upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}\n  \
+             server {{ listen {NGINX_PROXY}; location / {{ proxy_pass http://backend; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+    )?;
+    let proxy = nginx_args(&proxy_dir, &proxy_conf);
+    let _proxy = Nginx(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", sites.a.netns))
+            .args(&proxy)
+            .stdin(Stdio::null())
+            .spawn()?,
+    );
+    let backend_addr = format!("127.0.0.1:{BACKEND_PORT}");
+    for addr in [backend_addr.as_str(), NGINX_PROXY, FERRY_HTTP, FERRY_TCP] {
+        wait_for_http(&sites, addr)?;
+    }
+    println!(
+        "GET / answered by nginx (1 worker) at site A; closed-loop keep-alive clients \
+         (1 thread), {seconds} s per row after 1 s warm-up; all on this machine's {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<22} {:>6} {:>11} {:>9} {:>9}",
+        "way", "conns", "requests/s", "p50", "p99"
+    );
+    let ways = [
+        ("direct", backend_addr.as_str()),
+        ("nginx reverse proxy", NGINX_PROXY),
+        ("ferry ingress http", FERRY_HTTP),
+        ("ferry ingress tcp", FERRY_TCP),
+    ];
+    for &c in &conns {
+        for (way, addr) in ways {
+            let r = measure(&sites, addr, c, seconds)?;
+            println!(
+                "{:<22} {:>6} {:>11.0} {:>6.3} ms {:>6.3} ms",
+                way,
+                c,
+                r["rps"].as_f64().unwrap_or(0.0),
+                r["p50_ms"].as_f64().unwrap_or(0.0),
+                r["p99_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
+    sites.a.ferry(&["workload", "rm", "web"])?;
+    Ok(())
+}
