@@ -66,12 +66,16 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
     Ok(())
 }
 
-/// A stateful HTTP workload: POST /inc counts, GET / answers the count.
+/// A stateful HTTP workload: POST /inc counts, GET / answers the count. A thread per
+/// connection and no Nagle delay, as keep-alive clients connecting directly would need
+/// (the ingress keeps one backend connection per client connection).
 const COUNTER: &str = r#"
-import http.server, sys
+import http.server, sys, threading
 count = 0
+lock = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     def reply(self, body):
         body = str(body).encode()
         self.send_response(200)
@@ -81,13 +85,15 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         global count
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        count += 1
-        self.reply(count)
+        with lock:
+            count += 1
+            now = count
+        self.reply(now)
     def do_GET(self):
         self.reply(count)
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 "#;
 
 fn run_counter(sites: &TwoSites, route: &str) -> Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! Usage: ferry-bench [MIB…]   (default: 64 256)
 //!   FERRY_BENCH_RATE=1gbit    link bandwidth (tc tbf on both sites' links)
-//!   FERRY_BENCH_RTT_MS=10     round trip added by a userspace delay relay (no netem here)
+//!   FERRY_BENCH_RTT_MS=10     round trip added by a userspace delay relay (no netem here;
+//!                             0 = no relay)
 //!   FERRY_BENCH_LOAD=1000     client requests/s (SET, 16 connections, timeout 5 s)
 //!
 //! Ferry: the client talks to site A's ingress route; `ferry migrate` moves the workload
@@ -24,7 +25,6 @@ use anyhow::{bail, Context, Result};
 use ferry_e2e::{run, Options, TwoSites};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Mutex;
 
 const RELAY_UDP: &str = "10.213.0.1:7555";
 const RELAY_TCP: &str = "10.213.0.1:7556";
@@ -82,43 +82,129 @@ impl Drop for KillPid {
     }
 }
 
-/// Sends datagrams from a queue once each is due, in order (a fixed delay keeps order).
+/// Datagrams received in one read (with GRO, several of `stride` bytes each), waiting to
+/// be sent on once `due`.
+struct Batch {
+    due: Instant,
+    data: Vec<u8>,
+    stride: usize,
+    to: SocketAddr,
+}
+
+/// One relay socket, read and written in batches (recvmmsg + GRO, GSO): at 1 Gbit/s a
+/// datagram at a time would make the relay, not the link, the bottleneck.
+struct RelaySocket {
+    io: tokio::net::UdpSocket,
+    state: quinn::udp::UdpSocketState,
+}
+
+impl RelaySocket {
+    async fn bind(addr: SocketAddr) -> Result<Arc<Self>> {
+        let io = tokio::net::UdpSocket::bind(addr).await?;
+        big_buffers(&io);
+        let state = quinn::udp::UdpSocketState::new((&io).into())?;
+        Ok(Arc::new(Self { io, state }))
+    }
+
+    /// Reads everything waiting and hands each batch to `forward`, stamped with when it is
+    /// due; returns when the socket fails.
+    async fn drain_into(&self, delay: Duration, mut forward: impl FnMut(Batch)) {
+        use std::io::IoSliceMut;
+        let n = quinn::udp::BATCH_SIZE;
+        let mut bufs = vec![vec![0u8; 64 * 1024]; n];
+        let mut meta = vec![quinn::udp::RecvMeta::default(); n];
+        loop {
+            if self.io.readable().await.is_err() {
+                return;
+            }
+            loop {
+                let mut slices: Vec<IoSliceMut> =
+                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let got = self.io.try_io(tokio::io::Interest::READABLE, || {
+                    self.state.recv((&self.io).into(), &mut slices, &mut meta)
+                });
+                match got {
+                    Ok(count) => {
+                        let due = Instant::now() + delay;
+                        for (slice, m) in slices.iter().zip(&meta).take(count) {
+                            forward(Batch {
+                                due,
+                                data: slice[..m.len].to_vec(),
+                                stride: m.stride,
+                                to: m.addr,
+                            });
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    async fn send(&self, b: &Batch) {
+        let transmit = quinn::udp::Transmit {
+            destination: b.to,
+            ecn: None,
+            contents: &b.data,
+            segment_size: (b.data.len() > b.stride).then_some(b.stride),
+            src_ip: None,
+        };
+        loop {
+            if self.io.writable().await.is_err() {
+                return;
+            }
+            match self.io.try_io(tokio::io::Interest::WRITABLE, || {
+                self.state.send((&self.io).into(), &transmit)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Sends batches from a queue once each is due, in order (a fixed delay keeps order).
 async fn delayed_sender(
-    socket: Arc<tokio::net::UdpSocket>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Instant, Vec<u8>, SocketAddr)>,
+    socket: Arc<RelaySocket>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Batch>,
 ) {
-    while let Some((due, data, to)) = rx.recv().await {
-        tokio::time::sleep_until(due.into()).await;
-        let _ = socket.send_to(&data, to).await;
+    while let Some(b) = rx.recv().await {
+        if b.due > Instant::now() {
+            tokio::time::sleep_until(b.due.into()).await;
+        }
+        socket.send(&b).await;
     }
 }
 
 /// Forwards UDP between a client (whoever sends to `listen`) and `target`, delaying each
 /// datagram by `delay` in each direction.
 async fn udp_relay(listen: SocketAddr, target: SocketAddr, delay: Duration) -> Result<()> {
-    let front = Arc::new(tokio::net::UdpSocket::bind(listen).await?);
-    let back = Arc::new(tokio::net::UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).await?);
-    big_buffers(&front);
-    big_buffers(&back);
+    let front = RelaySocket::bind(listen).await?;
+    let back = RelaySocket::bind(SocketAddr::new(listen.ip(), 0)).await?;
     let (to_target, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(delayed_sender(Arc::clone(&back), rx));
     let (to_client, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(delayed_sender(Arc::clone(&front), rx));
-    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
     let (f, c) = (Arc::clone(&front), Arc::clone(&client));
     let up = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = f.recv_from(&mut buf).await {
-            *c.lock().await = Some(from);
-            let _ = to_target.send((Instant::now() + delay, buf[..n].to_vec(), target));
-        }
+        f.drain_into(delay, |mut b| {
+            if let Ok(mut c) = c.lock() {
+                *c = Some(b.to);
+            }
+            b.to = target;
+            let _ = to_target.send(b);
+        })
+        .await
     });
-    let mut buf = vec![0u8; 65536];
-    while let Ok((n, _)) = back.recv_from(&mut buf).await {
-        if let Some(to) = *client.lock().await {
-            let _ = to_client.send((Instant::now() + delay, buf[..n].to_vec(), to));
+    back.drain_into(delay, |mut b| {
+        if let Some(to) = client.lock().ok().and_then(|c| *c) {
+            b.to = to;
+            let _ = to_client.send(b);
         }
-    }
+    })
+    .await;
     up.abort();
     Ok(())
 }
@@ -226,7 +312,8 @@ fn in_netns(ns: &str, program: &Path) -> Command {
 struct Outcome {
     client: Value,
     total_ms: u64,
-    downtime_ms: Option<u64>,
+    /// Ferry's freeze and its phases (dump, transfer, restore), in ms.
+    phases: Option<[u64; 4]>,
     bytes: u64,
 }
 
@@ -279,7 +366,10 @@ fn ferry_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64) -> Result<Out
     Ok(Outcome {
         client,
         total_ms: m["timings"]["total_ms"].as_u64().unwrap_or(0),
-        downtime_ms: m["timings"]["freeze_ms"].as_u64(),
+        phases: Some(
+            ["freeze_ms", "dump_ms", "transfer_ms", "restore_ms"]
+                .map(|k| m["timings"][k].as_u64().unwrap_or(0)),
+        ),
         bytes: m["bytes_moved"].as_u64().unwrap_or(0),
     })
 }
@@ -339,11 +429,14 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
             .arg(&img_b)
             .spawn()?,
     );
-    let _relay = Reaped(
-        in_netns(&sites.a.netns, &self_exe()?)
+    let (_relay, send_to) = if rtt == 0 {
+        (None, RECV_TCP)
+    } else {
+        let relay = in_netns(&sites.a.netns, &self_exe()?)
             .args(["tcp-relay", RELAY_TCP, RECV_TCP, &(rtt / 2).to_string()])
-            .spawn()?,
-    );
+            .spawn()?;
+        (Some(Reaped(relay)), RELAY_TCP)
+    };
     std::thread::sleep(Duration::from_millis(300));
     let client = start_client(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -363,7 +456,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         ]))
     .with_context(|| std::fs::read_to_string(img_a.join("dump.log")).unwrap_or_default())?;
     let mut send = in_netns(&sites.a.netns, &self_exe()?);
-    send.args(["send", RELAY_TCP]).arg(&img_a);
+    send.args(["send", send_to]).arg(&img_a);
     run(&mut send)?;
     recv.0.wait()?;
     run(Command::new("nsenter")
@@ -383,7 +476,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     Ok(Outcome {
         client,
         total_ms: total.as_millis() as u64,
-        downtime_ms: None,
+        phases: None,
         bytes,
     })
 }
@@ -406,18 +499,23 @@ fn bench(args: &[String]) -> Result<()> {
     for mib in sizes {
         for way in ["ferry", "plain"] {
             let mut opts = Options::new("bench");
-            opts.b_address_at_a = Some(RELAY_UDP.to_string());
+            if rtt > 0 {
+                opts.b_address_at_a = Some(RELAY_UDP.to_string());
+            }
             let sites = TwoSites::start(opts)?;
-            let _relay = Reaped(
-                in_netns(&sites.a.netns, &self_exe()?)
+            let _relay = if rtt > 0 {
+                let relay = in_netns(&sites.a.netns, &self_exe()?)
                     .args([
                         "udp-relay",
                         RELAY_UDP,
                         &format!("{}:7444", sites.b.addr),
                         &(rtt / 2).to_string(),
                     ])
-                    .spawn()?,
-            );
+                    .spawn()?;
+                Some(Reaped(relay))
+            } else {
+                None
+            };
             sites.a.limit_egress(&rate)?;
             sites.b.limit_egress(&rate)?;
             let seconds = 6 + mib / 64;
@@ -438,8 +536,10 @@ fn bench(args: &[String]) -> Result<()> {
                 c["max_stall_ms"].as_f64().unwrap_or(0.0),
                 o.total_ms,
                 o.bytes as f64 / 1e6,
-                o.downtime_ms
-                    .map(|d| format!("   (freeze {d} ms)"))
+                o.phases
+                    .map(|[f, d, t, r]| format!(
+                        "   (freeze {f} ms: dump {d}, transfer {t}, restore {r})"
+                    ))
                     .unwrap_or_default(),
             );
         }
