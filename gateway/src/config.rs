@@ -128,6 +128,9 @@ pub struct PeerConfig {
     pub address: SocketAddr,
     /// SHA-256 fingerprint of the peer's certificate (printed by its `ferry init`).
     pub fingerprint: Fingerprint,
+    /// How image files sent to this peer travel: "zstd" (default) or "none".
+    #[serde(default)]
+    pub compression: crate::peer::wire::Compression,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -83,6 +83,8 @@ pub struct Options {
     pub ingress_max_hold_ms: Option<u64>,
     /// The address A dials to reach B's gateway (a delay relay, for benchmarks).
     pub b_address_at_a: Option<String>,
+    /// How image files travel from A to B (`ferry peer add --compression`).
+    pub compression: String,
 }
 
 impl Options {
@@ -97,6 +99,7 @@ impl Options {
             memory_limit_mb: None,
             ingress_max_hold_ms: None,
             b_address_at_a: None,
+            compression: "zstd".into(),
         }
     }
 }
@@ -316,9 +319,9 @@ impl TwoSites {
             .b_address_at_a
             .clone()
             .unwrap_or_else(|| format!("{}:7444", b.addr));
-        add_peer_at(&a, &b, &b_at_a)?;
+        add_peer_at(&a, &b, &b_at_a, &opts.compression)?;
         if opts.b_knows_a {
-            add_peer(&b, &a)?;
+            add_peer_at(&b, &a, &format!("{}:7444", a.addr), &opts.compression)?;
         }
         let mut sites = Self {
             a,
@@ -479,15 +482,12 @@ fn init_site(
     })
 }
 
-fn add_peer(at: &Site, peer: &Site) -> Result<()> {
-    add_peer_at(at, peer, &format!("{}:7444", peer.addr))
-}
-
-fn add_peer_at(at: &Site, peer: &Site, address: &str) -> Result<()> {
+fn add_peer_at(at: &Site, peer: &Site, address: &str, compression: &str) -> Result<()> {
     run(Command::new(ferry_bin()?)
         .arg("--config")
         .arg(&at.config)
-        .args(["peer", "add", &peer.name, address, &peer.fingerprint]))?;
+        .args(["peer", "add", &peer.name, address, &peer.fingerprint])
+        .args(["--compression", compression]))?;
     Ok(())
 }
 

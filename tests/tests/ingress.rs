@@ -121,13 +121,20 @@ fn http_load(sites: &TwoSites, rate: &str, seconds: &str) -> Result<std::process
 
 #[test]
 fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
-    let sites = TwoSites::start(Options::new("ihttp"))?;
+    // This pair of sites sends images uncompressed (the other tests use zstd).
+    let mut opts = Options::new("ihttp");
+    opts.compression = "none".into();
+    let sites = TwoSites::start(opts)?;
     run_counter(&sites, "http:0.0.0.0:18080")?;
     let client = http_load(&sites, "300", "4")?;
     std::thread::sleep(Duration::from_millis(1200));
     let (ok, m) = sites.migrate("counter", "b")?;
     let out = client.wait_with_output()?;
     assert!(ok, "{m}\n{}", sites.logs());
+    assert!(
+        m["bytes_on_wire"].as_u64() > m["bytes_moved"].as_u64(),
+        "uncompressed: every byte plus framing travels: {m}"
+    );
     let summary: Value = serde_json::from_slice(&out.stdout).context("client summary")?;
     eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
     assert_eq!(summary["failed"], 0, "{summary}");

@@ -74,5 +74,12 @@ pub fn print_migration(m: &Migration) {
     println!("  transfer  {}", ms(t.transfer_ms));
     println!("  restore   {}", ms(t.restore_ms));
     println!("total       {}", ms(t.total_ms));
-    println!("moved       {} bytes in {} files", m.bytes_moved, m.files);
+    if m.bytes_on_wire > 0 {
+        println!(
+            "moved       {} bytes in {} files, {} bytes on the wire",
+            m.bytes_moved, m.files, m.bytes_on_wire
+        );
+    } else {
+        println!("moved       {} bytes in {} files", m.bytes_moved, m.files);
+    }
 }

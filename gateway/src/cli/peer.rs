@@ -9,6 +9,7 @@ use super::Connect;
 use crate::api::types::PeerStatus;
 use crate::config::{PeerConfig, SiteConfig};
 use crate::identity::Fingerprint;
+use crate::peer::wire::Compression;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -20,6 +21,10 @@ pub enum Cmd {
         address: SocketAddr,
         /// The peer's certificate fingerprint, as its `ferry init` printed it.
         fingerprint: Fingerprint,
+        /// How image files sent to this peer travel: zstd (default) or none (links
+        /// faster than this site's CPUs can compress).
+        #[arg(long, default_value = "zstd")]
+        compression: Compression,
     },
     /// Probe every configured peer over the QUIC link.
     Ls,
@@ -31,6 +36,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             name,
             address,
             fingerprint,
+            compression,
         } => {
             let path = connect
                 .config
@@ -41,6 +47,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 name: name.clone(),
                 address,
                 fingerprint,
+                compression,
             })
             .map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
             cfg.save(path)?;

@@ -134,8 +134,12 @@ pub struct Migration {
     pub error: Option<String>,
     #[serde(default)]
     pub timings: Timings,
+    /// The image's size.
     #[serde(default)]
     pub bytes_moved: u64,
+    /// What the image took on the link (framing and compression included); source only.
+    #[serde(default)]
+    pub bytes_on_wire: u64,
     #[serde(default)]
     pub files: u32,
     pub spec: WorkloadSpec,
@@ -177,6 +181,7 @@ impl Migration {
             error: None,
             timings: Timings::default(),
             bytes_moved: 0,
+            bytes_on_wire: 0,
             files: 0,
             spec,
             restore_requested: false,

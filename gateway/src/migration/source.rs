@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::{remove_dir, Engine, MigrationError, Phase};
+use crate::peer::files::Sent;
 use crate::peer::wire::{FileMeta, Request, Response, TargetState};
 use crate::proxy::Target;
 use crate::workload::WorkloadError;
@@ -135,13 +136,14 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
 
     engine.set_phase(id, Phase::Transferring)?;
     let t = Instant::now();
-    let manifest = send_image(engine, id, &target, &images).await?;
-    let bytes: u64 = manifest.iter().map(|f| f.size).sum();
+    let sent = send_image(engine, id, &target, &images).await?;
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
-        m.bytes_moved = bytes;
-        m.files = manifest.len() as u32;
+        m.bytes_moved = sent.iter().map(|f| f.meta.size).sum();
+        m.bytes_on_wire = sent.iter().map(|f| f.wire_bytes).sum();
+        m.files = sent.len() as u32;
     })?;
+    let manifest: Vec<FileMeta> = sent.into_iter().map(|f| f.meta).collect();
 
     // From here the destination may restore: record that before asking.
     engine.update(id, |m| {
@@ -196,13 +198,13 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
 }
 
-/// Sends every image file, a few at a time, and returns the verified manifest.
+/// Sends every image file, a few at a time, and returns them as the peer verified them.
 async fn send_image(
     engine: &Arc<Engine>,
     id: &str,
     target: &str,
     images: &Path,
-) -> Result<Vec<FileMeta>, MigrationError> {
+) -> Result<Vec<Sent>, MigrationError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(images)
         .map_err(|source| MigrationError::Io {
             what: "list the image directory",

@@ -11,7 +11,7 @@ use quinn::RecvStream;
 use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
 use crate::journal::Collection;
 use crate::peer::files;
-use crate::peer::wire::{ErrorCode, FileMeta, Request, Response, TargetState};
+use crate::peer::wire::{Compression, ErrorCode, FileMeta, Request, Response, TargetState};
 use crate::peer::Handler;
 use crate::workload::{process, Origin, WorkloadSpec};
 
@@ -29,7 +29,11 @@ impl Handler for Engine {
                 migration,
                 name,
                 size,
-            } => self.receive(&peer, &migration, &name, size, body).await,
+                compression,
+            } => {
+                self.receive(&peer, &migration, &name, size, compression, body)
+                    .await
+            }
             Request::Restore {
                 migration,
                 workload,
@@ -139,6 +143,7 @@ impl Engine {
         id: &str,
         name: &str,
         size: u64,
+        compression: Compression,
         body: &mut RecvStream,
     ) -> Response {
         match self.incoming(peer, id) {
@@ -150,7 +155,7 @@ impl Engine {
                 )
             }
         }
-        match files::receive(&self.incoming_dir.join(id), name, size, body).await {
+        match files::receive(&self.incoming_dir.join(id), name, size, compression, body).await {
             Ok(_) if self.incoming(peer, id).map(|m| m.phase) != Some(Phase::Preparing) => {
                 Response::error(ErrorCode::Refused, format!("migration {id} was aborted"))
             }
