@@ -61,7 +61,10 @@ fn redis_moves_between_sites_with_its_data() -> Result<()> {
     );
     assert!(moved > 1_000_000, "{m}");
     // The link compresses (zstd by default): a Redis heap shrinks on the wire.
-    assert!(wire > 0 && wire < moved, "{moved} bytes took {wire} on the wire");
+    assert!(
+        wire > 0 && wire < moved,
+        "{moved} bytes took {wire} on the wire"
+    );
 
     // The dataset at B equals the one A had; B answers; A has nothing left.
     assert_eq!(dataset(&sites.b)?, before);

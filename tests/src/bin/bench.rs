@@ -6,6 +6,8 @@
 //!   FERRY_BENCH_RTT_MS=10     round trip added by a userspace delay relay (no netem here;
 //!                             0 = no relay)
 //!   FERRY_BENCH_LOAD=1000     client requests/s (SET, 16 connections, timeout 5 s)
+//!   FERRY_BENCH_DATA=populate  Redis values: populate (DEBUG POPULATE, compressible) or
+//!                             random (incompressible)
 //!
 //! Ferry: the client talks to site A's ingress route; `ferry migrate` moves the workload
 //! (QUIC through the delay relay). Plain: the client talks to Redis at A directly; CRIU
@@ -15,6 +17,7 @@
 //!
 //! Internal subcommands (run inside a site's namespace): udp-relay, tcp-relay, send, recv.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -315,6 +318,8 @@ struct Outcome {
     /// Ferry's freeze and its phases (dump, transfer, restore), in ms.
     phases: Option<[u64; 4]>,
     bytes: u64,
+    /// What the image took on the link (the plain way sends it as it is).
+    wire: u64,
 }
 
 fn start_client(
@@ -345,11 +350,45 @@ fn finish_client(child: std::process::Child) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// Fills Redis with `mib` MiB of 1000-byte values: `DEBUG POPULATE` (zero-padded values,
+/// which compress very well) or, with FERRY_BENCH_DATA=random, random bytes (which do not
+/// compress at all): the two ends of what a link's compression can gain.
 fn populate(sites: &TwoSites, port: u16, mib: u64) -> Result<()> {
-    let keys = (mib * 1024 * 1024 / 1000).to_string();
-    sites
-        .a
-        .redis(port, &["DEBUG", "POPULATE", &keys, "bulk", "1000"])?;
+    let keys = mib * 1024 * 1024 / 1000;
+    if env("FERRY_BENCH_DATA", "populate") != "random" {
+        sites.a.redis(
+            port,
+            &["DEBUG", "POPULATE", &keys.to_string(), "bulk", "1000"],
+        )?;
+        return Ok(());
+    }
+    let path = sites.root.join(format!("fill-{port}.resp"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut value = vec![0u8; 1000];
+    for k in 0..keys {
+        for b in value.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let key = format!("bulk:{k}");
+        write!(
+            out,
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$1000\r\n",
+            key.len()
+        )?;
+        out.write_all(&value)?;
+        out.write_all(b"\r\n")?;
+    }
+    out.flush()?;
+    drop(out);
+    run(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sites.a.netns))
+        .args(["redis-cli", "-p", &port.to_string(), "--pipe"])
+        .stdin(std::fs::File::open(&path)?))?;
+    std::fs::remove_file(&path)?;
     Ok(())
 }
 
@@ -371,6 +410,7 @@ fn ferry_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64) -> Result<Out
                 .map(|k| m["timings"][k].as_u64().unwrap_or(0)),
         ),
         bytes: m["bytes_moved"].as_u64().unwrap_or(0),
+        wire: m["bytes_on_wire"].as_u64().unwrap_or(0),
     })
 }
 
@@ -478,6 +518,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         total_ms: total.as_millis() as u64,
         phases: None,
         bytes,
+        wire: bytes,
     })
 }
 
@@ -490,11 +531,12 @@ fn bench(args: &[String]) -> Result<()> {
     let rate = env("FERRY_BENCH_RATE", "1gbit");
     let rtt: u64 = env("FERRY_BENCH_RTT_MS", "10").parse()?;
     let load = env("FERRY_BENCH_LOAD", "1000");
-    println!("link {rate}, round trip +{rtt} ms (userspace relay), client {load} requests/s over 16 connections, 5 s timeout");
+    let data = env("FERRY_BENCH_DATA", "populate");
+    println!("link {rate}, round trip +{rtt} ms (userspace relay), client {load} requests/s over 16 connections, 5 s timeout, data: {data}");
     println!("stall: longest gap between two answers on one connection; late: longest time a request was answered after it was due");
     println!(
-        "{:<8} {:<7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10}",
-        "memory", "way", "requests", "failed", "stall", "late", "total", "moved"
+        "{:<8} {:<7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "memory", "way", "requests", "failed", "stall", "late", "total", "image", "on wire"
     );
     for mib in sizes {
         for way in ["ferry", "plain"] {
@@ -527,7 +569,7 @@ fn bench(args: &[String]) -> Result<()> {
             let o = outcome.with_context(|| format!("{way} run at {mib} MiB\n{}", sites.logs()))?;
             let c = &o.client;
             println!(
-                "{:<8} {:<7} {:>9} {:>7} {:>7.0} ms {:>7.0} ms {:>7} ms {:>7.1} MB{}",
+                "{:<8} {:<7} {:>9} {:>7} {:>7.0} ms {:>7.0} ms {:>7} ms {:>7.1} MB {:>7.1} MB{}",
                 format!("{mib} MiB"),
                 way,
                 c["requests"],
@@ -536,6 +578,7 @@ fn bench(args: &[String]) -> Result<()> {
                 c["max_stall_ms"].as_f64().unwrap_or(0.0),
                 o.total_ms,
                 o.bytes as f64 / 1e6,
+                o.wire as f64 / 1e6,
                 o.phases
                     .map(|[f, d, t, r]| format!(
                         "   (freeze {f} ms: dump {d}, transfer {t}, restore {r})"
