@@ -65,6 +65,15 @@ fn redis_moves_between_sites_with_its_data() -> Result<()> {
         wire > 0 && wire < moved,
         "{moved} bytes took {wire} on the wire"
     );
+    // The page image travelled while CRIU wrote it.
+    assert!(
+        sites
+            .a
+            .log()
+            .contains("page image streamed while the checkpoint wrote it"),
+        "{}",
+        sites.a.log()
+    );
 
     // The dataset at B equals the one A had; B answers; A has nothing left.
     assert_eq!(dataset(&sites.b)?, before);

@@ -1,10 +1,12 @@
 //! The source side of a migration: prepare the destination, checkpoint, stream the
 //! image, ask for the restore, then release the source or roll back.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{remove_dir, Engine, MigrationError, Phase};
@@ -124,19 +126,42 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     engine.set_phase(id, Phase::Checkpointing)?;
     let mut ctx = engine.workloads.context(&workload);
     ctx.images = Some(images.clone());
-    let notes = adapter
+    // Page images go to the destination while the checkpoint writes them.
+    let (dumped, dumping) = watch::channel(false);
+    let follower = tokio::spawn(follow_pages(
+        Arc::clone(engine),
+        id.to_string(),
+        target.clone(),
+        images.clone(),
+        dumping,
+    ));
+    let checkpoint = adapter
         .checkpoint(
             engine
                 .workloads
                 .view(&workload, Some(&images), Some(&target)),
             ctx,
         )
-        .await?;
+        .await;
+    let _ = dumped.send(true);
+    let notes = match checkpoint {
+        Ok(notes) => notes,
+        Err(e) => {
+            follower.abort();
+            return Err(e.into());
+        }
+    };
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
     engine.set_phase(id, Phase::Transferring)?;
     let t = Instant::now();
-    let sent = send_image(engine, id, &target, &images).await?;
+    let mut sent = follower.await.map_err(|join| MigrationError::Io {
+        what: "stream the page images",
+        path: images.clone(),
+        source: std::io::Error::other(join.to_string()),
+    })??;
+    let streamed: HashSet<String> = sent.iter().map(|f| f.meta.name.clone()).collect();
+    sent.extend(send_image(engine, id, &target, &images, &streamed).await?);
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved = sent.iter().map(|f| f.meta.size).sum();
@@ -198,12 +223,81 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
 }
 
-/// Sends every image file, a few at a time, and returns them as the peer verified them.
+/// CRIU's page images: nearly all of an image's bytes, written front to back, so they can
+/// travel while the checkpoint is still writing them.
+fn streams_while_written(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// Sends each page image to `target` as the checkpoint writes it, until `dumped` turns
+/// true; returns them as the peer verified them.
+async fn follow_pages(
+    engine: Arc<Engine>,
+    id: String,
+    target: String,
+    images: PathBuf,
+    mut dumped: watch::Receiver<bool>,
+) -> Result<Vec<Sent>, MigrationError> {
+    let mut started = HashSet::new();
+    let mut set = JoinSet::new();
+    loop {
+        // Seen before listing: once the checkpoint is over, this listing is complete.
+        let finished = *dumped.borrow_and_update();
+        for entry in std::fs::read_dir(&images).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if streams_while_written(&name) && started.insert(name) {
+                let (engine, id, target) = (Arc::clone(&engine), id.clone(), target.clone());
+                let (path, done) = (entry.path(), dumped.clone());
+                set.spawn(async move {
+                    engine
+                        .peers
+                        .send_growing_file(&target, &id, &path, done)
+                        .await
+                });
+            }
+        }
+        if finished {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = dumped.changed() => {}
+        }
+    }
+    let mut sent = Vec::new();
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(Ok(file)) => {
+                tracing::info!(
+                    migration = %id,
+                    file = %file.meta.name,
+                    bytes = file.meta.size,
+                    wire_bytes = file.wire_bytes,
+                    "page image streamed while the checkpoint wrote it"
+                );
+                sent.push(file)
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(join) => {
+                return Err(MigrationError::Io {
+                    what: "stream a page image",
+                    path: images,
+                    source: std::io::Error::other(join.to_string()),
+                })
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Sends every image file not in `skip`, a few at a time, and returns them as the peer
+/// verified them.
 async fn send_image(
     engine: &Arc<Engine>,
     id: &str,
     target: &str,
     images: &Path,
+    skip: &HashSet<String>,
 ) -> Result<Vec<Sent>, MigrationError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(images)
         .map_err(|source| MigrationError::Io {
@@ -213,6 +307,10 @@ async fn send_image(
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()) != Some("log"))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            !name.is_some_and(|n| skip.contains(&n))
+        })
         .collect();
     // Largest first, so the long transfer starts at once.
     files.sort_by_key(|p| std::cmp::Reverse(p.metadata().map(|m| m.len()).unwrap_or(0)));

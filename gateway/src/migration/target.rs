@@ -30,7 +30,9 @@ impl Handler for Engine {
                 name,
                 size,
                 compression,
+                growing,
             } => {
+                let size = (!growing).then_some(size);
                 self.receive(&peer, &migration, &name, size, compression, body)
                     .await
             }
@@ -142,7 +144,7 @@ impl Engine {
         peer: &str,
         id: &str,
         name: &str,
-        size: u64,
+        size: Option<u64>,
         compression: Compression,
         body: &mut RecvStream,
     ) -> Response {

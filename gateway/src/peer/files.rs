@@ -3,10 +3,13 @@
 //! to `zstd`, each chunk travels as a block: `[kind u8][length u32][bytes]`, the kind
 //! saying raw or zstd (a chunk that does not shrink goes raw), then an end block. The
 //! digest always covers the file's own bytes, so it checks the decompression too.
+//! A file still being written (a checkpoint's pages while CRIU dumps them) travels as it
+//! grows: always in blocks, its size sent after the end block.
 
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 
 use super::wire::{Compression, FileMeta, Request, Response, MAX_FILE};
 use super::{finish, read_frame, write_frame, PeerError, PeerLink};
@@ -18,6 +21,8 @@ const BLOCK_RAW: u8 = 1;
 const BLOCK_ZSTD: u8 = 2;
 /// Fast enough to outrun a 1 Gbit/s link on one core with room to spare.
 const ZSTD_LEVEL: i32 = 1;
+/// How often a growing file is looked at for new bytes.
+const GROW_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A file the peer verified and stored, and what it cost on the wire.
 #[derive(Debug, Clone)]
@@ -43,18 +48,63 @@ impl PeerLink {
         migration: &str,
         path: &Path,
     ) -> Result<Sent, PeerError> {
-        let ferr = |source| PeerError::File {
-            path: path.to_path_buf(),
-            source,
-        };
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(file_error(path))?;
+        let size = file.metadata().await.map_err(file_error(path))?.len();
+        self.send_body(peer, migration, path, Some(size), |compression, out| {
+            Box::pin(async move { write_body(&mut file, size, compression, out).await })
+        })
+        .await
+    }
+
+    /// Streams `path` while it is still being written: bytes go as they appear, and the
+    /// file ends at the first end-of-file seen after `done` turns true (the writer has
+    /// finished).
+    pub async fn send_growing_file(
+        &self,
+        peer: &str,
+        migration: &str,
+        path: &Path,
+        done: watch::Receiver<bool>,
+    ) -> Result<Sent, PeerError> {
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(file_error(path))?;
+        self.send_body(peer, migration, path, None, |compression, out| {
+            Box::pin(async move { write_growing(&mut file, done, compression, out).await })
+        })
+        .await
+    }
+
+    /// Announces a file (`size` None: as it grows), writes its body with `body`, and
+    /// waits for the peer's verdict.
+    async fn send_body<F>(
+        &self,
+        peer: &str,
+        migration: &str,
+        path: &Path,
+        size: Option<u64>,
+        body: F,
+    ) -> Result<Sent, PeerError>
+    where
+        F: for<'a> FnOnce(
+            Compression,
+            &'a mut quinn::SendStream,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<(blake3::Hash, u64, u64), BodyError>>
+                    + Send
+                    + 'a,
+            >,
+        >,
+    {
         let compression = self.peer_config(peer)?.compression;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
-        let mut file = tokio::fs::File::open(path).await.map_err(ferr)?;
-        let size = file.metadata().await.map_err(ferr)?.len();
         let (mut send, mut recv) = self.open(peer).await?;
         write_frame(
             peer,
@@ -62,15 +112,15 @@ impl PeerLink {
             &Request::File {
                 migration: migration.to_string(),
                 name: name.clone(),
-                size,
+                size: size.unwrap_or(0),
                 compression,
+                growing: size.is_none(),
             },
         )
         .await?;
-        let (digest, wire_bytes) = write_body(&mut file, size, compression, &mut send)
-            .await
-            .map_err(|e| match e {
-                BodyError::Read(source) => ferr(source),
+        let (digest, size, wire_bytes) =
+            body(compression, &mut send).await.map_err(|e| match e {
+                BodyError::Read(source) => file_error(path)(source),
                 BodyError::Write(e) => PeerError::Link {
                     peer: peer.to_string(),
                     detail: e.to_string(),
@@ -94,14 +144,98 @@ impl PeerLink {
     }
 }
 
+fn file_error(path: &Path) -> impl Fn(std::io::Error) -> PeerError + '_ {
+    move |source| PeerError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes the first `len` bytes of `buf` as one block (zstd when that makes it smaller);
+/// hands `buf` back with the bytes written.
+async fn write_block(
+    out: &mut (impl AsyncWrite + Unpin),
+    buf: Vec<u8>,
+    len: usize,
+    compression: Compression,
+) -> Result<(Vec<u8>, u64), BodyError> {
+    let (buf, packed) = match compression {
+        Compression::None => (buf, None),
+        Compression::Zstd => tokio::task::spawn_blocking(move || {
+            let packed = zstd::bulk::compress(&buf[..len], ZSTD_LEVEL).ok();
+            (buf, packed)
+        })
+        .await
+        .map_err(|e| BodyError::Read(std::io::Error::other(e)))?,
+    };
+    let (kind, block) = match &packed {
+        Some(p) if p.len() < len => (BLOCK_ZSTD, p.as_slice()),
+        _ => (BLOCK_RAW, &buf[..len]),
+    };
+    out.write_u8(kind).await.map_err(BodyError::Write)?;
+    out.write_u32(block.len() as u32)
+        .await
+        .map_err(BodyError::Write)?;
+    out.write_all(block).await.map_err(BodyError::Write)?;
+    let wire = 5 + block.len() as u64;
+    Ok((buf, wire))
+}
+
+/// Writes a file that is still growing, in blocks, until `done` and end-of-file; then the
+/// end block, the size and the digest. Returns the digest, the size and the bytes written.
+async fn write_growing(
+    file: &mut (impl AsyncRead + Unpin),
+    mut done: watch::Receiver<bool>,
+    compression: Compression,
+    out: &mut (impl AsyncWrite + Unpin),
+) -> Result<(blake3::Hash, u64, u64), BodyError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let (mut filled, mut size, mut wire) = (0usize, 0u64, 0u64);
+    loop {
+        // Seen before the read: a writer that had finished wrote everything this read sees.
+        let finished = *done.borrow_and_update();
+        let n = file
+            .read(&mut buf[filled..])
+            .await
+            .map_err(BodyError::Read)?;
+        filled += n;
+        if filled == CHUNK || (finished && n == 0 && filled > 0) {
+            hasher.update(&buf[..filled]);
+            size += filled as u64;
+            let (back, w) = write_block(out, buf, filled, compression).await?;
+            (buf, filled) = (back, 0);
+            wire += w;
+            continue;
+        }
+        if n > 0 {
+            continue;
+        }
+        if finished {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GROW_POLL) => {}
+            _ = done.changed() => {}
+        }
+    }
+    out.write_u8(BLOCK_END).await.map_err(BodyError::Write)?;
+    out.write_u64(size).await.map_err(BodyError::Write)?;
+    let digest = hasher.finalize();
+    out.write_all(digest.as_bytes())
+        .await
+        .map_err(BodyError::Write)?;
+    Ok((digest, size, wire + 1 + 8 + 32))
+}
+
 /// Writes `size` bytes of `file` to `out` as `compression` frames them, then the BLAKE3
-/// trailer; returns the digest and the bytes written.
+/// trailer; returns the digest, the size and the bytes written.
 async fn write_body(
     file: &mut (impl AsyncRead + Unpin),
     size: u64,
     compression: Compression,
     out: &mut (impl AsyncWrite + Unpin),
-) -> Result<(blake3::Hash, u64), BodyError> {
+) -> Result<(blake3::Hash, u64, u64), BodyError> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
@@ -124,23 +258,9 @@ async fn write_body(
                 wire += want as u64;
             }
             Compression::Zstd => {
-                let (back, packed) = tokio::task::spawn_blocking(move || {
-                    let packed = zstd::bulk::compress(&buf[..want], ZSTD_LEVEL).ok();
-                    (buf, packed)
-                })
-                .await
-                .map_err(|e| BodyError::Read(std::io::Error::other(e)))?;
+                let (back, w) = write_block(out, buf, want, compression).await?;
                 buf = back;
-                let (kind, block) = match &packed {
-                    Some(p) if p.len() < want => (BLOCK_ZSTD, p.as_slice()),
-                    _ => (BLOCK_RAW, &buf[..want]),
-                };
-                out.write_u8(kind).await.map_err(BodyError::Write)?;
-                out.write_u32(block.len() as u32)
-                    .await
-                    .map_err(BodyError::Write)?;
-                out.write_all(block).await.map_err(BodyError::Write)?;
-                wire += 5 + block.len() as u64;
+                wire += w;
             }
         }
         left -= want as u64;
@@ -153,7 +273,7 @@ async fn write_body(
     out.write_all(digest.as_bytes())
         .await
         .map_err(BodyError::Write)?;
-    Ok((digest, wire + 32))
+    Ok((digest, size, wire + 32))
 }
 
 /// Why a received file was rejected.
@@ -179,17 +299,17 @@ pub enum ReceiveError {
     },
 }
 
-/// Receives one file announced as `name`/`size`, framed as `compression` says, into
-/// `dir`, verifying its digest.
+/// Receives one file announced as `name` into `dir`, verifying its digest: `size` bytes
+/// framed as `compression` says, or (`size` None) a growing file's blocks and then its size.
 pub async fn receive(
     dir: &Path,
     name: &str,
-    size: u64,
+    size: Option<u64>,
     compression: Compression,
     body: &mut (impl AsyncRead + Unpin),
 ) -> Result<FileMeta, ReceiveError> {
     names::validate_file_name(name)?;
-    if size > MAX_FILE {
+    if let Some(size) = size.filter(|s| *s > MAX_FILE) {
         return Err(ReceiveError::TooLarge(size));
     }
     let final_path = dir.join(name);
@@ -202,21 +322,28 @@ pub async fn receive(
     let mut out = tokio::fs::File::create(&part).await.map_err(io(&part))?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
-    let mut left = size;
-    while left > 0 {
-        let chunk = match compression {
-            Compression::None => {
-                let want = CHUNK.min(left as usize);
+    let mut got = 0u64;
+    match (size, compression) {
+        (Some(size), Compression::None) => {
+            while got < size {
+                let want = CHUNK.min((size - got) as usize);
                 let n = body.read(&mut buf[..want]).await.map_err(stream)?;
                 if n == 0 {
-                    return Err(ReceiveError::Stream(format!("{left} bytes missing")));
+                    return Err(ReceiveError::Stream(format!(
+                        "{} bytes missing",
+                        size - got
+                    )));
                 }
-                &buf[..n]
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).await.map_err(io(&part))?;
+                got += n as u64;
             }
-            Compression::Zstd => {
+        }
+        _ => {
+            loop {
                 let kind = body.read_u8().await.map_err(stream)?;
                 if kind == BLOCK_END {
-                    return Err(ReceiveError::Stream(format!("{left} bytes missing")));
+                    break;
                 }
                 let len = body.read_u32().await.map_err(stream)? as usize;
                 if len > CHUNK {
@@ -240,24 +367,34 @@ pub async fn receive(
                         return Err(ReceiveError::Stream(format!("unknown block kind {other}")))
                     }
                 }
-                if buf.len() as u64 > left {
-                    return Err(ReceiveError::Stream(format!(
-                        "more bytes than the {size} announced"
-                    )));
+                got += buf.len() as u64;
+                match size {
+                    Some(size) if got > size => {
+                        return Err(ReceiveError::Stream(format!(
+                            "more bytes than the {size} announced"
+                        )))
+                    }
+                    None if got > MAX_FILE => return Err(ReceiveError::TooLarge(got)),
+                    _ => {}
                 }
-                &buf[..]
+                hasher.update(&buf);
+                out.write_all(&buf).await.map_err(io(&part))?;
             }
-        };
-        hasher.update(chunk);
-        out.write_all(chunk).await.map_err(io(&part))?;
-        left -= chunk.len() as u64;
-    }
-    if compression == Compression::Zstd {
-        let end = body.read_u8().await.map_err(stream)?;
-        if end != BLOCK_END {
-            return Err(ReceiveError::Stream(format!(
-                "more bytes than the {size} announced"
-            )));
+            let total = match size {
+                Some(size) => size,
+                None => body.read_u64().await.map_err(stream)?,
+            };
+            if got < total {
+                return Err(ReceiveError::Stream(format!(
+                    "{} bytes missing",
+                    total - got
+                )));
+            }
+            if got > total {
+                return Err(ReceiveError::Stream(format!(
+                    "more bytes than the {total} announced"
+                )));
+            }
         }
     }
     let mut trailer = [0u8; 32];
@@ -281,7 +418,7 @@ pub async fn receive(
         .map_err(io(&final_path))?;
     Ok(FileMeta {
         name: name.to_string(),
-        size,
+        size: got,
         blake3: actual.to_hex().to_string(),
     })
 }
@@ -303,14 +440,15 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let mut wire = Vec::new();
-        let (_, wire_bytes) = write_body(&mut &data[..], data.len() as u64, compression, &mut wire)
-            .await
-            .unwrap();
+        let (_, _, wire_bytes) =
+            write_body(&mut &data[..], data.len() as u64, compression, &mut wire)
+                .await
+                .unwrap();
         assert_eq!(wire_bytes, wire.len() as u64);
         let got = receive(
             &dir,
             "pages-1.img",
-            data.len() as u64,
+            Some(data.len() as u64),
             compression,
             &mut &wire[..],
         )
@@ -374,7 +512,7 @@ mod tests {
     async fn receive_raw(wire: &[u8], size: u64) -> ReceiveError {
         let dir = std::env::temp_dir().join(format!("ferry-files-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let e = receive(&dir, "x.img", size, Compression::Zstd, &mut &wire[..])
+        let e = receive(&dir, "x.img", Some(size), Compression::Zstd, &mut &wire[..])
             .await
             .unwrap_err();
         let _ = std::fs::remove_dir_all(dir);
@@ -424,11 +562,59 @@ mod tests {
         wire[last] ^= 1;
         let dir = std::env::temp_dir().join(format!("ferry-files-digest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let e = receive(&dir, "x.img", 1000, Compression::Zstd, &mut &wire[..])
+        let e = receive(&dir, "x.img", Some(1000), Compression::Zstd, &mut &wire[..])
             .await
             .unwrap_err();
         assert!(matches!(e, ReceiveError::Digest { .. }), "{e}");
         assert!(!dir.join("x.img").exists() && !dir.join("x.img.part").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_growing_file_is_sent_as_it_is_written_and_ends_when_done() {
+        let dir = std::env::temp_dir().join(format!("ferry-files-grow-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("in")).unwrap();
+        let src = dir.join("pages-1.img");
+        let data = noise(2 * CHUNK + 4321);
+        std::fs::write(&src, &data[..1000]).unwrap();
+        let (done_tx, done) = watch::channel(false);
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        let mut file = tokio::fs::File::open(&src).await.unwrap();
+        let sender = tokio::spawn(async move {
+            write_growing(&mut file, done, Compression::Zstd, &mut tx)
+                .await
+                .unwrap()
+        });
+        let target = dir.join("in");
+        let receiver = tokio::spawn(async move {
+            receive(&target, "pages-1.img", None, Compression::Zstd, &mut rx).await
+        });
+        // The writer appends in pieces while the sender follows, then says it is done.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+        for piece in data[1000..].chunks(300_000) {
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            std::io::Write::write_all(&mut f, piece).unwrap();
+        }
+        done_tx.send(true).unwrap();
+        let (digest, size, _) = sender.await.unwrap();
+        let meta = receiver.await.unwrap().unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(meta.size, data.len() as u64);
+        assert_eq!(meta.blake3, digest.to_hex().as_str());
+        assert_eq!(std::fs::read(dir.join("in/pages-1.img")).unwrap(), data);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_growing_file_whose_size_disagrees_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferry-files-grow-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = vec![BLOCK_RAW, 0, 0, 0, 3, 1, 2, 3, BLOCK_END];
+        w.extend_from_slice(&5u64.to_be_bytes());
+        let e = receive(&dir, "x.img", None, Compression::Zstd, &mut &w[..])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("2 bytes missing"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -68,13 +68,16 @@ pub enum Request {
         workload: WorkloadSpec,
     },
     /// One image file follows: `size` bytes (as `compression` frames them), then the
-    /// 32-byte BLAKE3 digest of those bytes.
+    /// 32-byte BLAKE3 digest of those bytes. A `growing` file's size is unknown when it
+    /// starts: it comes in blocks, its size after the end block.
     File {
         migration: String,
         name: String,
         size: u64,
         #[serde(default)]
         compression: Compression,
+        #[serde(default)]
+        growing: bool,
     },
     /// Every file is sent; verify them against the manifest and restore.
     Restore {
