@@ -146,6 +146,20 @@ fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
     // Through A's route, clients reach B over the peer link.
     let via_a = sites.a.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
     assert_eq!(via_a.trim(), summary["ok"].to_string());
+    // HTTP/2 clients (prior knowledge) too, at either site.
+    for site in [&sites.a, &sites.b] {
+        let h2 = site.exec(
+            "curl",
+            &[
+                "-s",
+                "--http2-prior-knowledge",
+                "-w",
+                " %{http_version}",
+                "http://127.0.0.1:18080/",
+            ],
+        )?;
+        assert_eq!(h2.trim(), format!("{} 2", summary["ok"]), "at {}", site.name);
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! One client connection in HTTP mode (HTTP/1.1): each request goes to where the workload
+//! One client connection in HTTP mode (HTTP/1.1, or HTTP/2 with prior knowledge, which
+//! goes to the workload as HTTP/1.1): each request goes to where the workload
 //! runs now. While it moves, requests wait (bounded); a request that cannot wait any
 //! longer, or finds the queue full, gets 503 with Retry-After: never a silent drop. After
 //! the move a route may answer 307 with the new site's address instead of forwarding.
@@ -12,9 +13,9 @@ use std::sync::Arc;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, LOCATION, RETRY_AFTER};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::header::{HeaderValue, HOST, LOCATION, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
 
@@ -26,12 +27,22 @@ use crate::workload::RouteSpec;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// What one client connection remembers between its requests (HTTP/1.1 serves them one
-/// at a time, so the lock is never contended).
+/// at a time; HTTP/2 streams that run at once get a state, and a backend connection, of
+/// their own).
 struct ClientState {
     /// The route's target as this connection last saw it.
     rx: watch::Receiver<Target>,
     /// The backend connection kept alive for the target it was dialled to.
     backend: Option<(Target, SendRequest<Incoming>)>,
+}
+
+impl ClientState {
+    fn new(routed: &Routed) -> Self {
+        Self {
+            rx: routed.target.subscribe(),
+            backend: None,
+        }
+    }
 }
 
 pub(super) async fn serve(
@@ -41,10 +52,7 @@ pub(super) async fn serve(
     peers: Arc<PeerLink>,
     limits: HoldLimits,
 ) {
-    let state = Arc::new(Mutex::new(ClientState {
-        rx: routed.target.subscribe(),
-        backend: None,
-    }));
+    let state = Arc::new(Mutex::new(ClientState::new(&routed)));
     let service = hyper::service::service_fn(move |req| {
         let (route, routed, peers, limits, state) = (
             route.clone(),
@@ -54,15 +62,19 @@ pub(super) async fn serve(
             Arc::clone(&state),
         );
         async move {
-            let mut state = state.lock().await;
-            Ok::<_, Infallible>(handle(req, &mut state, &route, &routed, &peers, &limits).await)
+            let answer = match state.try_lock() {
+                Ok(mut kept) => handle(req, &mut kept, &route, &routed, &peers, &limits).await,
+                Err(_) => {
+                    let mut own = ClientState::new(&routed);
+                    handle(req, &mut own, &route, &routed, &peers, &limits).await
+                }
+            };
+            Ok::<_, Infallible>(answer)
         }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(conn), service)
-        .await
-    {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(true);
+    if let Err(e) = builder.serve_connection(TokioIo::new(conn), service).await {
         tracing::debug!(error = %e, "client connection ended");
     }
 }
@@ -154,6 +166,7 @@ async fn forward(
     routed: &Routed,
     peers: &PeerLink,
 ) -> Result<Response<Body>, String> {
+    as_http1(&mut req);
     if let Some((kept, sender)) = backend.as_mut().filter(|(t, _)| t == target) {
         if sender.ready().await.is_ok() {
             match sender.try_send_request(req).await {
@@ -182,4 +195,55 @@ async fn forward(
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     *backend = Some((target.clone(), sender));
     Ok(resp.map(|b| b.boxed()))
+}
+
+/// An HTTP/2 request as the workload gets it: HTTP/1.1, origin-form target, `Host` from
+/// the `:authority` it came with.
+fn as_http1<B>(req: &mut Request<B>) {
+    if req.version() != Version::HTTP_2 {
+        return;
+    }
+    if let Some(authority) = req.uri().authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().entry(HOST).or_insert(host);
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    if let Ok(uri) = path.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_11;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http2_requests_reach_the_workload_as_http1_with_a_host() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://shop.example:8080/cart?id=7")
+            .body(())
+            .unwrap();
+        as_http1(&mut req);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.uri(), "/cart?id=7");
+        assert_eq!(req.headers()[HOST], "shop.example:8080");
+        // HTTP/1.1 requests pass as they are.
+        let mut req = Request::builder()
+            .uri("/x")
+            .header(HOST, "a")
+            .body(())
+            .unwrap();
+        as_http1(&mut req);
+        assert_eq!(
+            (req.uri().path(), &req.headers()[HOST]),
+            ("/x", &HeaderValue::from_static("a"))
+        );
+    }
 }
