@@ -98,6 +98,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         engine: Arc::clone(&engine),
         peers: Arc::clone(&peers),
         plugins,
+        ingress: Arc::clone(&ingress),
     });
     tracing::info!(site = %cfg.name, api = %api_addr, peer = %peer_addr, fingerprint = %identity.fingerprint(), "gateway ready");
     api.serve(state, cancel.clone()).await;

@@ -12,6 +12,7 @@ pub mod criu;
 pub mod gateway;
 pub mod identity;
 pub mod journal;
+pub mod metrics;
 pub mod migration;
 pub mod names;
 pub mod peer;

@@ -203,6 +203,25 @@ impl Site {
         stat[stat.rfind(')')? + 2..].chars().next()
     }
 
+    /// The gateway's `GET /metrics` (Prometheus text), with the site's token.
+    pub fn metrics(&self) -> Result<String> {
+        let cfg = fs::read_to_string(&self.config)?;
+        let token = cfg
+            .lines()
+            .find_map(|l| l.strip_prefix("token = "))
+            .map(|t| t.trim_matches('"').to_string())
+            .context("no token in site.toml")?;
+        self.exec(
+            "curl",
+            &[
+                "-sfk",
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                "https://127.0.0.1:7443/metrics",
+            ],
+        )
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

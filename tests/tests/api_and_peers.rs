@@ -55,6 +55,11 @@ fn api_calls_without_the_token_get_401() -> Result<()> {
         None,
     )?;
     assert_eq!(code, 401);
+    // Metrics need the token too.
+    assert_eq!(curl(&sites, "GET", "/metrics", None, None)?.0, 401);
+    let (code, text) = curl(&sites, "GET", "/metrics", Some(&token(&sites)?), None)?;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("# TYPE ferry_migrations gauge"), "{text}");
     // Health needs no token; the CLI with a wrong token fails and says why.
     assert_eq!(curl(&sites, "GET", "/healthz", None, None)?.0, 200);
     let out = sites

@@ -63,6 +63,22 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
     assert_eq!(via_b.trim(), "0");
     let via_a = sites.a.exec("redis-cli", &["-p", "16379", "GET", "k1"])?;
     assert_eq!(via_a.trim(), "1");
+    // The metrics say so too.
+    let at_a = sites.a.metrics()?;
+    for line in [
+        "ferry_migrations{role=\"source\",phase=\"completed\"} 1",
+        "ferry_ingress_target{workload=\"redis\",target=\"peer:b\"} 1",
+        "ferry_migration_freeze_milliseconds_count 1",
+    ] {
+        assert!(at_a.contains(line), "{line} missing:\n{at_a}");
+    }
+    let at_b = sites.b.metrics()?;
+    for line in [
+        "ferry_workloads{state=\"running\"} 1",
+        "ferry_ingress_target{workload=\"redis\",target=\"local\"} 1",
+    ] {
+        assert!(at_b.contains(line), "{line} missing:\n{at_b}");
+    }
     Ok(())
 }
 
@@ -158,7 +174,12 @@ fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
                 "http://127.0.0.1:18080/",
             ],
         )?;
-        assert_eq!(h2.trim(), format!("{} 2", summary["ok"]), "at {}", site.name);
+        assert_eq!(
+            h2.trim(),
+            format!("{} 2", summary["ok"]),
+            "at {}",
+            site.name
+        );
     }
     Ok(())
 }

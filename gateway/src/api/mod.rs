@@ -44,6 +44,7 @@ pub struct ApiState {
     pub engine: Arc<Engine>,
     pub peers: Arc<PeerLink>,
     pub plugins: Arc<crate::plugins::PluginHost>,
+    pub ingress: Arc<crate::proxy::Ingress>,
 }
 
 pub struct ApiServer {

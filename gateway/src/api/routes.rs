@@ -72,6 +72,19 @@ impl Api {
         }
         let method = req.method().clone();
         match (method.clone(), segments.as_slice()) {
+            (Method::GET, ["metrics"]) => {
+                let text = crate::metrics::render(
+                    &self.state.workloads.list(),
+                    &self.state.engine.list(),
+                    &self.state.ingress.stats(),
+                );
+                let mut r = Response::new(Full::new(Bytes::from(text)));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                Ok(r)
+            }
             (Method::GET, ["v1", "site"]) => Ok(json(StatusCode::OK, &self.state.site)),
             (Method::GET, ["v1", "plugins"]) => {
                 Ok(json(StatusCode::OK, &self.state.plugins.list()))
@@ -117,13 +130,14 @@ impl Api {
                 .ok_or_else(|| {
                     ApiError::not_found(format!("migration {id:?} not found on this site"))
                 }),
-            (_, ["v1", "site" | "peers" | "plugins" | "workloads" | "migrations", ..]) => {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("{method} is not allowed on {path}"),
-                ))
-            }
+            (
+                _,
+                ["metrics"] | ["v1", "site" | "peers" | "plugins" | "workloads" | "migrations", ..],
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            )),
             _ => Err(ApiError::not_found(format!("no such endpoint: {path}"))),
         }
     }

@@ -85,6 +85,15 @@ pub struct Ingress {
     cancel: CancellationToken,
 }
 
+/// A workload's routes now: where they lead and how many connections they carry.
+#[derive(Debug, Clone)]
+pub struct RouteStats {
+    pub workload: String,
+    pub target: Target,
+    pub bound: usize,
+    pub held: usize,
+}
+
 /// What holding a workload's traffic took.
 #[derive(Debug, Clone, Default)]
 pub struct HoldReport {
@@ -248,6 +257,22 @@ impl Ingress {
             tracing::info!(workload, ?target, held, "traffic released");
             r.target.send_replace(target);
         }
+    }
+
+    /// Each workload's routes: target and connections.
+    pub fn stats(&self) -> Vec<RouteStats> {
+        let mut v: Vec<RouteStats> = self
+            .routed
+            .iter()
+            .map(|e| RouteStats {
+                workload: e.key().clone(),
+                target: e.target.borrow().clone(),
+                bound: e.bound.load(Ordering::SeqCst),
+                held: e.held.load(Ordering::SeqCst),
+            })
+            .collect();
+        v.sort_by(|a, b| a.workload.cmp(&b.workload));
+        v
     }
 
     /// The routes this site serves or forwards, per workload.
