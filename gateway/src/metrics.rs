@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::migration::{Migration, Phase, Role};
-use crate::proxy::{RouteStats, Target};
+use crate::proxy::RouteStats;
 use crate::workload::Workload;
 
 /// The exposition, rendered from snapshots.
@@ -125,11 +125,7 @@ pub fn render(workloads: &[Workload], migrations: &[Migration], routes: &[RouteS
         "Where a workload's routes lead now (1 for the current target).",
     );
     for r in routes {
-        let target = match &r.target {
-            Target::Local => "local".to_string(),
-            Target::Held => "held".to_string(),
-            Target::Remote(peer) => format!("peer:{peer}"),
-        };
+        let target = r.target.to_string();
         sample(
             &mut out,
             "ferry_ingress_target",
@@ -177,11 +173,13 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Target;
 
     #[test]
     fn routes_and_labels_render_in_the_text_format() {
         let routes = [RouteStats {
             workload: "web\"1".into(),
+            routes: Vec::new(),
             target: Target::Remote("b".into()),
             bound: 3,
             held: 0,

@@ -63,6 +63,15 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
     assert_eq!(via_b.trim(), "0");
     let via_a = sites.a.exec("redis-cli", &["-p", "16379", "GET", "k1"])?;
     assert_eq!(via_a.trim(), "1");
+    // A lists the route as forwarded to B; B serves it.
+    let routes = sites.a.ferry_json(&["route", "ls"])?;
+    assert_eq!(routes[0]["workload"], "redis", "{routes}");
+    assert_eq!(routes[0]["target"], "peer:b", "{routes}");
+    assert_eq!(routes[0]["routes"][0]["listen"], ROUTE, "{routes}");
+    let routes = sites.b.ferry_json(&["route", "ls"])?;
+    assert_eq!(routes[0]["target"], "local", "{routes}");
+    let table = sites.a.ferry(&["route", "ls"])?;
+    assert!(table.contains("peer:b") && table.contains("0.0.0.0:16379"), "{table}");
     // The metrics say so too.
     let at_a = sites.a.metrics()?;
     for line in [

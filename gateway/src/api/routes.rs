@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::types::{MigrationRequest, PeerStatus};
+use super::types::{MigrationRequest, PeerStatus, RouteInfo};
 use super::ApiState;
 use crate::peer::wire;
 use crate::workload::WorkloadSpec;
@@ -90,6 +90,16 @@ impl Api {
                 Ok(json(StatusCode::OK, &self.state.plugins.list()))
             }
             (Method::GET, ["v1", "peers"]) => Ok(json(StatusCode::OK, &self.peer_status().await)),
+            (Method::GET, ["v1", "routes"]) => {
+                let routes: Vec<RouteInfo> = self
+                    .state
+                    .ingress
+                    .stats()
+                    .into_iter()
+                    .map(RouteInfo::from)
+                    .collect();
+                Ok(json(StatusCode::OK, &routes))
+            }
             (Method::GET, ["v1", "workloads"]) => {
                 Ok(json(StatusCode::OK, &self.state.workloads.list()))
             }
@@ -132,7 +142,8 @@ impl Api {
                 }),
             (
                 _,
-                ["metrics"] | ["v1", "site" | "peers" | "plugins" | "workloads" | "migrations", ..],
+                ["metrics"]
+                | ["v1", "site" | "peers" | "plugins" | "routes" | "workloads" | "migrations", ..],
             ) => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -51,3 +51,26 @@ pub struct ErrorBody {
     pub code: String,
     pub message: String,
 }
+
+/// `GET /v1/routes`: a workload's ingress routes at this site and where they lead now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteInfo {
+    pub workload: String,
+    pub routes: Vec<crate::workload::RouteSpec>,
+    /// "local", "held" (the workload is moving) or "peer:NAME" (forwarded over the link).
+    pub target: String,
+    pub bound: usize,
+    pub held: usize,
+}
+
+impl From<crate::proxy::RouteStats> for RouteInfo {
+    fn from(r: crate::proxy::RouteStats) -> Self {
+        Self {
+            workload: r.workload,
+            routes: r.routes,
+            target: r.target.to_string(),
+            bound: r.bound,
+            held: r.held,
+        }
+    }
+}

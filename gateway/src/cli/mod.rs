@@ -7,6 +7,7 @@ mod migration;
 mod output;
 mod peer;
 mod plugin;
+mod route;
 mod site;
 mod workload;
 
@@ -72,6 +73,9 @@ enum Command {
     /// Run, list and remove workloads.
     #[command(subcommand)]
     Workload(workload::Cmd),
+    /// The site's ingress routes: served here, held, or forwarded to another site.
+    #[command(subcommand)]
+    Route(route::Cmd),
     /// Move a workload to another site, showing progress until it is done.
     Migrate(migrate::Args),
     /// List and inspect migrations.
@@ -157,6 +161,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Peer(cmd) => peer::run(cmd, &cli.connect, out).await,
         Command::Plugin(cmd) => plugin::run(cmd, &cli.connect, out).await,
         Command::Workload(cmd) => workload::run(cmd, &cli.connect, out).await,
+        Command::Route(cmd) => route::run(cmd, &cli.connect, out).await,
         Command::Migrate(args) => migrate::run(args, &cli.connect, out).await,
         Command::Migration(cmd) => migration::run(cmd, &cli.connect, out).await,
     }

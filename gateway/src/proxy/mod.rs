@@ -43,6 +43,16 @@ pub enum Target {
     Remote(String),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Local => f.write_str("local"),
+            Target::Held => f.write_str("held"),
+            Target::Remote(peer) => write!(f, "peer:{peer}"),
+        }
+    }
+}
+
 /// Bounds on holding traffic.
 #[derive(Debug, Clone)]
 pub struct HoldLimits {
@@ -89,6 +99,7 @@ pub struct Ingress {
 #[derive(Debug, Clone)]
 pub struct RouteStats {
     pub workload: String,
+    pub routes: Vec<RouteSpec>,
     pub target: Target,
     pub bound: usize,
     pub held: usize,
@@ -266,6 +277,7 @@ impl Ingress {
             .iter()
             .map(|e| RouteStats {
                 workload: e.key().clone(),
+                routes: e.routes.clone(),
                 target: e.target.borrow().clone(),
                 bound: e.bound.load(Ordering::SeqCst),
                 held: e.held.load(Ordering::SeqCst),
@@ -273,14 +285,6 @@ impl Ingress {
             .collect();
         v.sort_by(|a, b| a.workload.cmp(&b.workload));
         v
-    }
-
-    /// The routes this site serves or forwards, per workload.
-    pub fn routes(&self) -> Vec<(String, Vec<RouteSpec>, Target)> {
-        self.routed
-            .iter()
-            .map(|e| (e.key().clone(), e.routes.clone(), e.target.borrow().clone()))
-            .collect()
     }
 }
 

@@ -1,0 +1,48 @@
+//! `ferry route ls`: the site's ingress routes and where they lead now.
+
+use super::output::{self, Output};
+use super::Connect;
+use crate::api::types::RouteInfo;
+use crate::workload::RouteMode;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Cmd {
+    /// List routes: served here, held during a move, or forwarded to the peer now running
+    /// the workload.
+    Ls,
+}
+
+pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Ls => {
+            let routes: Vec<RouteInfo> = connect.client()?.get("/v1/routes").await?;
+            if out == Output::Json {
+                return output::json(&routes);
+            }
+            output::table(
+                &["WORKLOAD", "LISTEN", "MODE", "TARGET", "BOUND", "HELD"],
+                routes
+                    .iter()
+                    .flat_map(|r| {
+                        r.routes.iter().map(move |spec| {
+                            let mode = match (spec.mode, spec.redirect) {
+                                (RouteMode::Tcp, _) => "tcp",
+                                (RouteMode::Http, false) => "http",
+                                (RouteMode::Http, true) => "http-redirect",
+                            };
+                            vec![
+                                r.workload.clone(),
+                                spec.listen.to_string(),
+                                mode.to_string(),
+                                r.target.clone(),
+                                r.bound.to_string(),
+                                r.held.to_string(),
+                            ]
+                        })
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+    }
+}
