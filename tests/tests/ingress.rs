@@ -71,7 +71,10 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
     let routes = sites.b.ferry_json(&["route", "ls"])?;
     assert_eq!(routes[0]["target"], "local", "{routes}");
     let table = sites.a.ferry(&["route", "ls"])?;
-    assert!(table.contains("peer:b") && table.contains("0.0.0.0:16379"), "{table}");
+    assert!(
+        table.contains("peer:b") && table.contains("0.0.0.0:16379"),
+        "{table}"
+    );
     // The metrics say so too.
     let at_a = sites.a.metrics()?;
     for line in [
@@ -88,6 +91,22 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
     ] {
         assert!(at_b.contains(line), "{line} missing:\n{at_b}");
     }
+    // B runs the workload: its routes are not forwarding routes to drop.
+    let out = sites.b.ferry_output(&["route", "rm", "redis"])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ferry workload rm"), "{stderr}");
+    // A stops forwarding: its route closes, B keeps serving.
+    sites.a.ferry(&["route", "rm", "redis"])?;
+    assert_eq!(sites.a.ferry_json(&["route", "ls"])?, serde_json::json!([]));
+    assert!(
+        sites
+            .a
+            .exec("bash", &["-c", "exec 3<>/dev/tcp/127.0.0.1/16379"])
+            .is_err(),
+        "A's route still accepts connections"
+    );
+    assert_eq!(sites.b.redis(PORT, &["GET", "k0"])?, "0");
     Ok(())
 }
 

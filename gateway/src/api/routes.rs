@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::types::{MigrationRequest, PeerStatus, RouteInfo};
 use super::ApiState;
 use crate::peer::wire;
+use crate::proxy::ProxyError;
 use crate::workload::WorkloadSpec;
 
 /// Largest request body accepted.
@@ -99,6 +100,20 @@ impl Api {
                     .map(RouteInfo::from)
                     .collect();
                 Ok(json(StatusCode::OK, &routes))
+            }
+            (Method::DELETE, ["v1", "routes", workload]) => {
+                match self.state.ingress.close_forwarded(workload) {
+                    Ok(()) => Ok(json(
+                        StatusCode::OK,
+                        &serde_json::json!({"workload": workload, "closed": true}),
+                    )),
+                    Err(e @ ProxyError::NoRoutes(_)) => Err(ApiError::not_found(e.to_string())),
+                    Err(e) => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        e.to_string(),
+                    )),
+                }
             }
             (Method::GET, ["v1", "workloads"]) => {
                 Ok(json(StatusCode::OK, &self.state.workloads.list()))

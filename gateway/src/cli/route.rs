@@ -10,6 +10,8 @@ pub enum Cmd {
     /// List routes: served here, held during a move, or forwarded to the peer now running
     /// the workload.
     Ls,
+    /// Stop forwarding a workload that now runs at another site (its routes here close).
+    Rm { workload: String },
 }
 
 pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
@@ -42,6 +44,14 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                     })
                     .collect(),
             );
+            Ok(())
+        }
+        Cmd::Rm { workload } => {
+            let _: serde_json::Value = connect
+                .client()?
+                .delete(&format!("/v1/routes/{workload}"))
+                .await?;
+            println!("routes of {workload} closed at this site");
             Ok(())
         }
     }

@@ -30,6 +30,10 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("this site has no routes for workload {0}")]
+    NoRoutes(String),
+    #[error("workload {workload}'s routes lead to {target}, not to another site: remove the workload (ferry workload rm) instead")]
+    NotForwarded { workload: String, target: Target },
 }
 
 /// Where a route's connections go now.
@@ -218,6 +222,26 @@ impl Ingress {
         if let Some((_, r)) = self.routed.remove(workload) {
             r.cancel.cancel();
             tracing::info!(workload, "ingress routes closed");
+        }
+    }
+
+    /// Stops forwarding a workload that now runs at another site: its routes here close
+    /// (and their connections with them). Refused while it runs or moves here.
+    pub fn close_forwarded(&self, workload: &str) -> Result<(), ProxyError> {
+        let removed = self.routed.remove_if(workload, |_, r| {
+            matches!(*r.target.borrow(), Target::Remote(_))
+        });
+        if let Some((_, r)) = removed {
+            r.cancel.cancel();
+            tracing::info!(workload, "forwarding routes closed");
+            return Ok(());
+        }
+        match self.routed.get(workload) {
+            Some(r) => Err(ProxyError::NotForwarded {
+                workload: workload.to_string(),
+                target: r.target.borrow().clone(),
+            }),
+            None => Err(ProxyError::NoRoutes(workload.to_string())),
         }
     }
 
