@@ -38,6 +38,14 @@ enum BodyError {
     Write(std::io::Error),
 }
 
+/// What a file body is sent from.
+enum Body {
+    /// A finished file of this size.
+    Whole(u64),
+    /// A file still being written, finished once this turns true.
+    Growing(watch::Receiver<bool>),
+}
+
 impl PeerLink {
     /// Streams `path` to `peer` as image file `name` of `migration`, framed as the peer's
     /// configured compression says; returns its manifest entry once the peer has verified
@@ -48,14 +56,7 @@ impl PeerLink {
         migration: &str,
         path: &Path,
     ) -> Result<Sent, PeerError> {
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(file_error(path))?;
-        let size = file.metadata().await.map_err(file_error(path))?.len();
-        self.send_body(peer, migration, path, Some(size), |compression, out| {
-            Box::pin(async move { write_body(&mut file, size, compression, out).await })
-        })
-        .await
+        self.send_body(peer, migration, path, None).await
     }
 
     /// Streams `path` while it is still being written: bytes go as they appear, and the
@@ -68,43 +69,33 @@ impl PeerLink {
         path: &Path,
         done: watch::Receiver<bool>,
     ) -> Result<Sent, PeerError> {
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(file_error(path))?;
-        self.send_body(peer, migration, path, None, |compression, out| {
-            Box::pin(async move { write_growing(&mut file, done, compression, out).await })
-        })
-        .await
+        self.send_body(peer, migration, path, Some(done)).await
     }
 
-    /// Announces a file (`size` None: as it grows), writes its body with `body`, and
-    /// waits for the peer's verdict.
-    async fn send_body<F>(
+    /// Announces the file (a growing one without a size), writes its body, and waits for
+    /// the peer's verdict.
+    async fn send_body(
         &self,
         peer: &str,
         migration: &str,
         path: &Path,
-        size: Option<u64>,
-        body: F,
-    ) -> Result<Sent, PeerError>
-    where
-        F: for<'a> FnOnce(
-            Compression,
-            &'a mut quinn::SendStream,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<Output = Result<(blake3::Hash, u64, u64), BodyError>>
-                    + Send
-                    + 'a,
-            >,
-        >,
-    {
+        growing: Option<watch::Receiver<bool>>,
+    ) -> Result<Sent, PeerError> {
+        let ferr = |source| PeerError::File {
+            path: path.to_path_buf(),
+            source,
+        };
         let compression = self.peer_config(peer)?.compression;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
+        let mut file = tokio::fs::File::open(path).await.map_err(ferr)?;
+        let body = match growing {
+            Some(done) => Body::Growing(done),
+            None => Body::Whole(file.metadata().await.map_err(ferr)?.len()),
+        };
         let (mut send, mut recv) = self.open(peer).await?;
         write_frame(
             peer,
@@ -112,20 +103,26 @@ impl PeerLink {
             &Request::File {
                 migration: migration.to_string(),
                 name: name.clone(),
-                size: size.unwrap_or(0),
+                size: match body {
+                    Body::Whole(size) => size,
+                    Body::Growing(_) => 0,
+                },
                 compression,
-                growing: size.is_none(),
+                growing: matches!(body, Body::Growing(_)),
             },
         )
         .await?;
-        let (digest, size, wire_bytes) =
-            body(compression, &mut send).await.map_err(|e| match e {
-                BodyError::Read(source) => file_error(path)(source),
-                BodyError::Write(e) => PeerError::Link {
-                    peer: peer.to_string(),
-                    detail: e.to_string(),
-                },
-            })?;
+        let written = match body {
+            Body::Whole(size) => write_body(&mut file, size, compression, &mut send).await,
+            Body::Growing(done) => write_growing(&mut file, done, compression, &mut send).await,
+        };
+        let (digest, size, wire_bytes) = written.map_err(|e| match e {
+            BodyError::Read(source) => ferr(source),
+            BodyError::Write(e) => PeerError::Link {
+                peer: peer.to_string(),
+                detail: e.to_string(),
+            },
+        })?;
         finish(peer, &mut send)?;
         match read_frame::<Response>(peer, &mut recv).await? {
             Response::Stored { blake3, .. } if blake3 == digest.to_hex().as_str() => Ok(Sent {
@@ -144,41 +141,76 @@ impl PeerLink {
     }
 }
 
-fn file_error(path: &Path) -> impl Fn(std::io::Error) -> PeerError + '_ {
-    move |source| PeerError::File {
-        path: path.to_path_buf(),
-        source,
-    }
+/// A file body on its way out: hashes what it sends, counts its size and the bytes on
+/// the wire, and frames chunks as blocks or as the bytes they are.
+struct BodyWriter<'a, W> {
+    out: &'a mut W,
+    compression: Compression,
+    blocks: bool,
+    hasher: blake3::Hasher,
+    size: u64,
+    wire: u64,
 }
 
-/// Writes the first `len` bytes of `buf` as one block (zstd when that makes it smaller);
-/// hands `buf` back with the bytes written.
-async fn write_block(
-    out: &mut (impl AsyncWrite + Unpin),
-    buf: Vec<u8>,
-    len: usize,
-    compression: Compression,
-) -> Result<(Vec<u8>, u64), BodyError> {
-    let (buf, packed) = match compression {
-        Compression::None => (buf, None),
-        Compression::Zstd => tokio::task::spawn_blocking(move || {
-            let packed = zstd::bulk::compress(&buf[..len], ZSTD_LEVEL).ok();
-            (buf, packed)
-        })
-        .await
-        .map_err(|e| BodyError::Read(std::io::Error::other(e)))?,
-    };
-    let (kind, block) = match &packed {
-        Some(p) if p.len() < len => (BLOCK_ZSTD, p.as_slice()),
-        _ => (BLOCK_RAW, &buf[..len]),
-    };
-    out.write_u8(kind).await.map_err(BodyError::Write)?;
-    out.write_u32(block.len() as u32)
-        .await
-        .map_err(BodyError::Write)?;
-    out.write_all(block).await.map_err(BodyError::Write)?;
-    let wire = 5 + block.len() as u64;
-    Ok((buf, wire))
+impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
+    fn new(out: &'a mut W, compression: Compression, blocks: bool) -> Self {
+        Self {
+            out,
+            compression,
+            blocks,
+            hasher: blake3::Hasher::new(),
+            size: 0,
+            wire: 0,
+        }
+    }
+
+    /// Sends the first `len` bytes of `buf` (as one block: zstd when that makes it
+    /// smaller); hands `buf` back.
+    async fn chunk(&mut self, buf: Vec<u8>, len: usize) -> Result<Vec<u8>, BodyError> {
+        self.hasher.update(&buf[..len]);
+        self.size += len as u64;
+        if !self.blocks {
+            self.write(&buf[..len]).await?;
+            return Ok(buf);
+        }
+        let (buf, packed) = match self.compression {
+            Compression::None => (buf, None),
+            Compression::Zstd => tokio::task::spawn_blocking(move || {
+                let packed = zstd::bulk::compress(&buf[..len], ZSTD_LEVEL).ok();
+                (buf, packed)
+            })
+            .await
+            .map_err(|e| BodyError::Read(std::io::Error::other(e)))?,
+        };
+        let (kind, block) = match &packed {
+            Some(p) if p.len() < len => (BLOCK_ZSTD, p.as_slice()),
+            _ => (BLOCK_RAW, &buf[..len]),
+        };
+        self.write(&[kind]).await?;
+        self.write(&(block.len() as u32).to_be_bytes()).await?;
+        self.write(block).await?;
+        Ok(buf)
+    }
+
+    /// Ends the body: the end block and, when the peer does not know it yet, the size;
+    /// then the digest. Returns the digest, the size and the bytes written.
+    async fn finish(mut self, send_size: bool) -> Result<(blake3::Hash, u64, u64), BodyError> {
+        if self.blocks {
+            self.write(&[BLOCK_END]).await?;
+        }
+        if send_size {
+            self.write(&self.size.to_be_bytes()).await?;
+        }
+        let digest = self.hasher.finalize();
+        self.write(digest.as_bytes()).await?;
+        Ok((digest, self.size, self.wire))
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), BodyError> {
+        self.out.write_all(bytes).await.map_err(BodyError::Write)?;
+        self.wire += bytes.len() as u64;
+        Ok(())
+    }
 }
 
 /// Writes a file that is still growing, in blocks, until `done` and end-of-file; then the
@@ -189,9 +221,9 @@ async fn write_growing(
     compression: Compression,
     out: &mut (impl AsyncWrite + Unpin),
 ) -> Result<(blake3::Hash, u64, u64), BodyError> {
-    let mut hasher = blake3::Hasher::new();
+    let mut body = BodyWriter::new(out, compression, true);
     let mut buf = vec![0u8; CHUNK];
-    let (mut filled, mut size, mut wire) = (0usize, 0u64, 0u64);
+    let mut filled = 0usize;
     loop {
         // Seen before the read: a writer that had finished wrote everything this read sees.
         let finished = *done.borrow_and_update();
@@ -201,11 +233,8 @@ async fn write_growing(
             .map_err(BodyError::Read)?;
         filled += n;
         if filled == CHUNK || (finished && n == 0 && filled > 0) {
-            hasher.update(&buf[..filled]);
-            size += filled as u64;
-            let (back, w) = write_block(out, buf, filled, compression).await?;
-            (buf, filled) = (back, 0);
-            wire += w;
+            buf = body.chunk(buf, filled).await?;
+            filled = 0;
             continue;
         }
         if n > 0 {
@@ -219,13 +248,7 @@ async fn write_growing(
             _ = done.changed() => {}
         }
     }
-    out.write_u8(BLOCK_END).await.map_err(BodyError::Write)?;
-    out.write_u64(size).await.map_err(BodyError::Write)?;
-    let digest = hasher.finalize();
-    out.write_all(digest.as_bytes())
-        .await
-        .map_err(BodyError::Write)?;
-    Ok((digest, size, wire + 1 + 8 + 32))
+    body.finish(true).await
 }
 
 /// Writes `size` bytes of `file` to `out` as `compression` frames them, then the BLAKE3
@@ -236,10 +259,9 @@ async fn write_body(
     compression: Compression,
     out: &mut (impl AsyncWrite + Unpin),
 ) -> Result<(blake3::Hash, u64, u64), BodyError> {
-    let mut hasher = blake3::Hasher::new();
+    let mut body = BodyWriter::new(out, compression, compression == Compression::Zstd);
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
-    let mut wire = 0u64;
     while left > 0 {
         let want = CHUNK.min(left as usize);
         file.read_exact(&mut buf[..want]).await.map_err(|e| {
@@ -249,31 +271,10 @@ async fn write_body(
                 e
             })
         })?;
-        hasher.update(&buf[..want]);
-        match compression {
-            Compression::None => {
-                out.write_all(&buf[..want])
-                    .await
-                    .map_err(BodyError::Write)?;
-                wire += want as u64;
-            }
-            Compression::Zstd => {
-                let (back, w) = write_block(out, buf, want, compression).await?;
-                buf = back;
-                wire += w;
-            }
-        }
+        buf = body.chunk(buf, want).await?;
         left -= want as u64;
     }
-    if compression == Compression::Zstd {
-        out.write_u8(BLOCK_END).await.map_err(BodyError::Write)?;
-        wire += 1;
-    }
-    let digest = hasher.finalize();
-    out.write_all(digest.as_bytes())
-        .await
-        .map_err(BodyError::Write)?;
-    Ok((digest, size, wire + 32))
+    body.finish(false).await
 }
 
 /// Why a received file was rejected.
