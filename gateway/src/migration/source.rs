@@ -155,11 +155,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
 
     engine.set_phase(id, Phase::Transferring)?;
     let t = Instant::now();
-    let mut sent = follower.await.map_err(|join| MigrationError::Io {
-        what: "stream the page images",
-        path: images.clone(),
-        source: std::io::Error::other(join.to_string()),
-    })??;
+    let mut sent = follower
+        .await
+        .map_err(|j| join_error("stream the page images", &images, j))??;
     let streamed: HashSet<String> = sent.iter().map(|f| f.meta.name.clone()).collect();
     sent.extend(send_image(engine, id, &target, &images, &streamed).await?);
     engine.update(id, |m| {
@@ -266,28 +264,26 @@ async fn follow_pages(
     }
     let mut sent = Vec::new();
     while let Some(done) = set.join_next().await {
-        match done {
-            Ok(Ok(file)) => {
-                tracing::info!(
-                    migration = %id,
-                    file = %file.meta.name,
-                    bytes = file.meta.size,
-                    wire_bytes = file.wire_bytes,
-                    "page image streamed while the checkpoint wrote it"
-                );
-                sent.push(file)
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(join) => {
-                return Err(MigrationError::Io {
-                    what: "stream a page image",
-                    path: images,
-                    source: std::io::Error::other(join.to_string()),
-                })
-            }
-        }
+        let file = done.map_err(|j| join_error("stream a page image", &images, j))??;
+        tracing::info!(
+            migration = %id,
+            file = %file.meta.name,
+            bytes = file.meta.size,
+            wire_bytes = file.wire_bytes,
+            "page image streamed while the checkpoint wrote it"
+        );
+        sent.push(file);
     }
     Ok(sent)
+}
+
+/// A send task that panicked or was cancelled, as a migration error.
+fn join_error(what: &'static str, images: &Path, join: tokio::task::JoinError) -> MigrationError {
+    MigrationError::Io {
+        what,
+        path: images.to_path_buf(),
+        source: std::io::Error::other(join.to_string()),
+    }
 }
 
 /// Sends every image file not in `skip`, a few at a time, and returns them as the peer
@@ -324,18 +320,10 @@ async fn send_image(
             let (id, target) = (id.to_string(), target.to_string());
             set.spawn(async move { engine.peers.send_file(&target, &id, &path).await });
         }
-        match set.join_next().await {
-            None => break,
-            Some(Ok(Ok(meta))) => manifest.push(meta),
-            Some(Ok(Err(e))) => return Err(e.into()),
-            Some(Err(join)) => {
-                return Err(MigrationError::Io {
-                    what: "send",
-                    path: images.to_path_buf(),
-                    source: std::io::Error::other(join.to_string()),
-                })
-            }
-        }
+        let Some(done) = set.join_next().await else {
+            break;
+        };
+        manifest.push(done.map_err(|j| join_error("send", images, j))??);
     }
     Ok(manifest)
 }
