@@ -26,10 +26,10 @@ pub fn render(workloads: &[Workload], migrations: &[Migration], routes: &[RouteS
         sample(&mut out, "ferry_workloads", &[("state", state)], *n);
     }
 
-    let mut by_phase: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut by_phase: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     for m in migrations {
         *by_phase
-            .entry((role_name(m.role).into(), m.phase.to_string()))
+            .entry((m.role.as_str(), m.phase.as_str()))
             .or_default() += 1;
     }
     family(
@@ -134,13 +134,6 @@ pub fn render(workloads: &[Workload], migrations: &[Migration], routes: &[RouteS
         );
     }
     out
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Source => "source",
-        Role::Target => "target",
-    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

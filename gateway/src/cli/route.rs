@@ -3,7 +3,6 @@
 use super::output::{self, Output};
 use super::Connect;
 use crate::api::types::RouteInfo;
-use crate::workload::RouteMode;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -27,15 +26,10 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                     .iter()
                     .flat_map(|r| {
                         r.routes.iter().map(move |spec| {
-                            let mode = match (spec.mode, spec.redirect) {
-                                (RouteMode::Tcp, _) => "tcp",
-                                (RouteMode::Http, false) => "http",
-                                (RouteMode::Http, true) => "http-redirect",
-                            };
                             vec![
                                 r.workload.clone(),
                                 spec.listen.to_string(),
-                                mode.to_string(),
+                                spec.mode_name().to_string(),
                                 r.target.clone(),
                                 r.bound.to_string(),
                                 r.held.to_string(),

@@ -92,6 +92,17 @@ pub struct RouteSpec {
     pub redirect: bool,
 }
 
+impl RouteSpec {
+    /// The mode as `--route` spells it (the prefix `from_str` reads).
+    pub fn mode_name(&self) -> &'static str {
+        match (self.mode, self.redirect) {
+            (RouteMode::Tcp, _) => "tcp",
+            (RouteMode::Http, false) => "http",
+            (RouteMode::Http, true) => "http-redirect",
+        }
+    }
+}
+
 impl std::str::FromStr for RouteSpec {
     type Err = String;
     /// `ADDR:PORT` (TCP), `tcp:ADDR:PORT`, `http:ADDR:PORT`, `http-redirect:ADDR:PORT`.
@@ -780,6 +791,16 @@ fn remove_cgroup_later(dir: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_modes_are_named_as_they_are_written() {
+        for mode in ["tcp", "http", "http-redirect"] {
+            let route: RouteSpec = format!("{mode}:0.0.0.0:80").parse().unwrap();
+            assert_eq!(route.mode_name(), mode);
+        }
+        let bare: RouteSpec = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(bare.mode_name(), "tcp");
+    }
 
     fn spec(name: &str, cmd: &[&str]) -> WorkloadSpec {
         WorkloadSpec {
