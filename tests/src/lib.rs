@@ -170,11 +170,16 @@ impl Site {
         serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
     }
 
+    /// `program` to run inside the site's network namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = self.nsenter();
+        c.arg(program);
+        c
+    }
+
     /// Any command inside the site's network namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
-        let mut c = self.nsenter();
-        c.arg(program).args(args);
-        run(&mut c)
+        run(self.command(program).args(args))
     }
 
     /// `redis-cli -p PORT ARGS…` at this site; the reply, trimmed.
@@ -203,14 +208,18 @@ impl Site {
         stat[stat.rfind(')')? + 2..].chars().next()
     }
 
-    /// The gateway's `GET /metrics` (Prometheus text), with the site's token.
-    pub fn metrics(&self) -> Result<String> {
-        let cfg = fs::read_to_string(&self.config)?;
-        let token = cfg
+    /// The API token from the site's config.
+    pub fn token(&self) -> Result<String> {
+        fs::read_to_string(&self.config)?
             .lines()
             .find_map(|l| l.strip_prefix("token = "))
             .map(|t| t.trim_matches('"').to_string())
-            .context("no token in site.toml")?;
+            .context("no token in site.toml")
+    }
+
+    /// The gateway's `GET /metrics` (Prometheus text), with the site's token.
+    pub fn metrics(&self) -> Result<String> {
+        let token = self.token()?;
         self.exec(
             "curl",
             &[

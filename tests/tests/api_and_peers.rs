@@ -28,14 +28,6 @@ fn curl(
     Ok((code.trim().parse()?, body.to_string()))
 }
 
-fn token(sites: &TwoSites) -> Result<String> {
-    let cfg = std::fs::read_to_string(&sites.a.config)?;
-    cfg.lines()
-        .find_map(|l| l.strip_prefix("token = "))
-        .map(|t| t.trim_matches('"').to_string())
-        .ok_or_else(|| anyhow::anyhow!("no token in site.toml"))
-}
-
 #[test]
 fn api_calls_without_the_token_get_401() -> Result<()> {
     let sites = TwoSites::start(Options::new("auth"))?;
@@ -57,7 +49,7 @@ fn api_calls_without_the_token_get_401() -> Result<()> {
     assert_eq!(code, 401);
     // Metrics need the token too.
     assert_eq!(curl(&sites, "GET", "/metrics", None, None)?.0, 401);
-    let (code, text) = curl(&sites, "GET", "/metrics", Some(&token(&sites)?), None)?;
+    let (code, text) = curl(&sites, "GET", "/metrics", Some(&sites.a.token()?), None)?;
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("# TYPE ferry_migrations gauge"), "{text}");
     // Health needs no token; the CLI with a wrong token fails and says why.
@@ -84,7 +76,7 @@ fn api_calls_without_the_token_get_401() -> Result<()> {
 #[test]
 fn bad_api_input_gets_a_clear_4xx_and_loses_nothing() -> Result<()> {
     let sites = TwoSites::start(Options::new("input"))?;
-    let t = token(&sites)?;
+    let t = sites.a.token()?;
     sites
         .a
         .ferry(&["workload", "run", "sleeper", "--", "sleep", "600"])?;

@@ -2,7 +2,7 @@
 //! workload through site A's ingress while it moves to site B, and sees no failed request;
 //! every write it got an answer for is at B afterwards.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -25,9 +25,9 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
         .redis(PORT, &["DEBUG", "POPULATE", "50000", "bulk", "100"])?;
     let acked = sites.root.join("acked.txt");
     // 500 requests/s for 4 s over 4 connections, through A's ingress.
-    let client = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.a.netns))
-        .arg(load_bin()?)
+    let client = sites
+        .a
+        .command(load_bin()?)
         .args(["redis", "127.0.0.1:16379", "500", "4", "4"])
         .arg(&acked)
         .stdout(Stdio::piped())
@@ -153,9 +153,9 @@ fn run_counter(sites: &TwoSites, route: &str) -> Result<()> {
 }
 
 fn http_load(sites: &TwoSites, rate: &str, seconds: &str) -> Result<std::process::Child> {
-    Ok(Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.a.netns))
-        .arg(load_bin()?)
+    Ok(sites
+        .a
+        .command(load_bin()?)
         .args(["http", "127.0.0.1:18080", rate, seconds, "4"])
         .arg(sites.root.join("acked-http.txt"))
         .stdout(Stdio::piped())

@@ -163,17 +163,10 @@ fn port_taken_at_destination_refuses_before_freeze() -> Result<()> {
     sites.run_redis_at_a("redis", PORT)?;
     sites.a.redis(PORT, &["SET", "k", "v"])?;
     // Something else already serves the port at B.
-    let mut blocker = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.b.netns))
-        .args([
-            "redis-server",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-        ])
+    let mut blocker = sites
+        .b
+        .command("redis-server")
+        .args(["--port", "6379", "--save", "", "--daemonize", "no"])
         .stdout(std::process::Stdio::null())
         .spawn()?;
     wait_for("the blocker at B", Duration::from_secs(10), || {

@@ -20,7 +20,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -305,12 +305,6 @@ fn self_exe() -> Result<PathBuf> {
     Ok(std::env::current_exe()?)
 }
 
-fn in_netns(ns: &str, program: &Path) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}")).arg(program);
-    c
-}
-
 /// One measured run: what the constant-rate client saw, and the migration's cost.
 struct Outcome {
     client: Value,
@@ -328,15 +322,14 @@ fn start_client(
     load: &str,
     seconds: u64,
 ) -> Result<std::process::Child> {
-    Ok(in_netns(
-        &sites.a.netns,
-        &ferry_e2e::ferry_bin()?.with_file_name("ferry-load"),
-    )
-    .args(["redis", addrs, load, &seconds.to_string(), "16"])
-    .arg(sites.root.join("acked.txt"))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()?)
+    Ok(sites
+        .a
+        .command(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
+        .args(["redis", addrs, load, &seconds.to_string(), "16"])
+        .arg(sites.root.join("acked.txt"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
 }
 
 fn finish_client(child: std::process::Child) -> Result<Value> {
@@ -384,9 +377,10 @@ fn populate(sites: &TwoSites, port: u16, mib: u64) -> Result<()> {
     }
     out.flush()?;
     drop(out);
-    run(Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.a.netns))
-        .args(["redis-cli", "-p", &port.to_string(), "--pipe"])
+    run(sites
+        .a
+        .command("redis-cli")
+        .args(["-p", &port.to_string(), "--pipe"])
         .stdin(std::fs::File::open(&path)?))?;
     std::fs::remove_file(&path)?;
     Ok(())
@@ -420,10 +414,10 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     let (img_a, img_b) = (work.join("a"), work.join("b"));
     std::fs::create_dir_all(&img_a)?;
     // Redis as the plain way runs it: its own PID namespace and session, like Ferry's.
-    let holder = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.a.netns))
+    let holder = sites
+        .a
+        .command("setsid")
         .args([
-            "setsid",
             "unshare",
             "--pid",
             "--fork",
@@ -464,7 +458,9 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     let _plain_redis = (Reaped(holder), KillPid(pid.parse()?));
     populate(sites, 6380, mib)?;
     let mut recv = Reaped(
-        in_netns(&sites.b.netns, &self_exe()?)
+        sites
+            .b
+            .command(self_exe()?)
             .args(["recv", RECV_TCP])
             .arg(&img_b)
             .spawn()?,
@@ -472,7 +468,9 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     let (_relay, send_to) = if rtt == 0 {
         (None, RECV_TCP)
     } else {
-        let relay = in_netns(&sites.a.netns, &self_exe()?)
+        let relay = sites
+            .a
+            .command(self_exe()?)
             .args(["tcp-relay", RELAY_TCP, RECV_TCP, &(rtt / 2).to_string()])
             .spawn()?;
         (Some(Reaped(relay)), RELAY_TCP)
@@ -481,9 +479,10 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     let client = start_client(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
-    run(Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.a.netns))
-        .args([criu, "dump", "-t", &pid, "-D"])
+    run(sites
+        .a
+        .command(criu)
+        .args(["dump", "-t", &pid, "-D"])
         .arg(&img_a)
         .args([
             "--tcp-close",
@@ -495,13 +494,14 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
             "dump.log",
         ]))
     .with_context(|| std::fs::read_to_string(img_a.join("dump.log")).unwrap_or_default())?;
-    let mut send = in_netns(&sites.a.netns, &self_exe()?);
+    let mut send = sites.a.command(self_exe()?);
     send.args(["send", send_to]).arg(&img_a);
     run(&mut send)?;
     recv.0.wait()?;
-    run(Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.b.netns))
-        .args([criu, "restore", "-d", "-D"])
+    run(sites
+        .b
+        .command(criu)
+        .args(["restore", "-d", "-D"])
         .arg(&img_b)
         .args(["--tcp-close", "--file-locks", "-o", "restore.log"]))
     .with_context(|| std::fs::read_to_string(img_b.join("restore.log")).unwrap_or_default())?;
@@ -546,7 +546,9 @@ fn bench(args: &[String]) -> Result<()> {
             }
             let sites = TwoSites::start(opts)?;
             let _relay = if rtt > 0 {
-                let relay = in_netns(&sites.a.netns, &self_exe()?)
+                let relay = sites
+                    .a
+                    .command(self_exe()?)
                     .args([
                         "udp-relay",
                         RELAY_UDP,

@@ -13,7 +13,7 @@
 //! Internal subcommand (run inside site A's namespace): load ADDR CONNS SECONDS.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -180,9 +180,9 @@ impl Drop for Nginx {
 }
 
 fn measure(sites: &TwoSites, addr: &str, conns: usize, seconds: f64) -> Result<Value> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", sites.a.netns))
-        .arg(std::env::current_exe()?)
+    let out = sites
+        .a
+        .command(std::env::current_exe()?)
         .args(["load", addr, &conns.to_string(), &seconds.to_string()])
         .stderr(Stdio::inherit())
         .output()?;
@@ -251,9 +251,10 @@ fn bench(args: &[String]) -> Result<()> {
     )?;
     let proxy = nginx_args(&proxy_dir, &proxy_conf);
     let _proxy = Nginx(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", sites.a.netns))
-            .args(&proxy)
+        sites
+            .a
+            .command(&proxy[0])
+            .args(&proxy[1..])
             .stdin(Stdio::null())
             .spawn()?,
     );
