@@ -130,7 +130,7 @@ pub struct PeerConfig {
     pub fingerprint: Fingerprint,
     /// How image files sent to this peer travel: "zstd" (default) or "none".
     #[serde(default)]
-    pub compression: crate::peer::wire::Compression,
+    pub compression: crate::transfer::Compression,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,7 +187,7 @@ pub struct PluginsConfig {
     pub memory_limit_mb: u64,
     /// Capabilities granted per adapter name; nothing is granted by default.
     #[serde(default)]
-    pub grants: std::collections::BTreeMap<String, Grant>,
+    pub grants: std::collections::BTreeMap<String, crate::plugins::grant::Grant>,
 }
 
 impl Default for PluginsConfig {
@@ -210,54 +210,6 @@ fn default_call_timeout() -> u64 {
 }
 fn default_memory_limit() -> u64 {
     64
-}
-
-/// What a site grants one adapter. An adapter gets a capability only if its manifest asks
-/// for it too.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Grant {
-    #[serde(default)]
-    pub capabilities: Vec<Capability>,
-    /// Programs the adapter may run through `exec` (names looked up on PATH, or paths).
-    #[serde(default)]
-    pub exec: Vec<String>,
-    /// Addresses the adapter may connect to (with the `sockets` capability).
-    #[serde(default)]
-    pub sockets: Vec<SocketAddr>,
-}
-
-/// A host capability an adapter can be granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Capability {
-    Log,
-    Exec,
-    Criu,
-    Process,
-    /// WASI access to the workload's image and work directories (nothing else).
-    Files,
-    /// WASI TCP/UDP connections to the granted addresses only.
-    Sockets,
-}
-
-impl Capability {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Capability::Log => "log",
-            Capability::Exec => "exec",
-            Capability::Criu => "criu",
-            Capability::Process => "process",
-            Capability::Files => "files",
-            Capability::Sockets => "sockets",
-        }
-    }
-}
-
-impl std::fmt::Display for Capability {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -13,11 +13,12 @@ use crate::config::SiteConfig;
 use crate::criu::Criu;
 use crate::identity::{Identity, IdentityError};
 use crate::journal::{Journal, JournalError};
-use crate::migration::{Engine, MigrationError};
+use crate::migration::{Engine, EngineSettings, MigrationError, Parts};
 use crate::peer::{PeerError, PeerLink};
 use crate::plugins::{PluginError, PluginHost};
-use crate::proxy::{HoldLimits, Ingress};
-use crate::workload::{process, WorkloadError, Workloads};
+use crate::proxy::Ingress;
+use crate::sys::process;
+use crate::workload::{WorkloadError, Workloads};
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -45,35 +46,40 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let journal = Arc::new(Journal::open(&cfg.data_dir)?);
     process::become_subreaper().map_err(GatewayError::Subreaper)?;
 
-    let plugins = PluginHost::load(&cfg, Criu::new(cfg.criu_path())).await?;
+    let plugins = PluginHost::load(&plugin_settings(&cfg), Criu::new(cfg.criu_path())).await?;
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;
-    let limits = HoldLimits {
-        max_hold: std::time::Duration::from_millis(cfg.ingress.max_hold_ms),
-        drain: std::time::Duration::from_millis(cfg.ingress.drain_ms),
-        max_held: cfg.ingress.max_held,
-    };
-    let ingress = Ingress::new(Arc::clone(&peers), limits, cancel.clone());
+    let ingress = Ingress::new(Arc::clone(&peers), hold_limits(&cfg), cancel.clone());
     let workloads = Workloads::new(
-        &cfg,
+        registry_settings(&cfg),
         Arc::clone(&journal),
         Arc::clone(&plugins),
         Arc::clone(&ingress),
     )?;
     workloads.recover()?;
     let engine = Engine::new(
-        &cfg,
-        Arc::clone(&journal),
-        Arc::clone(&workloads),
-        Arc::clone(&peers),
-        Arc::clone(&plugins),
-        Arc::clone(&ingress),
+        EngineSettings {
+            site: cfg.name.clone(),
+            data_dir: cfg.data_dir.clone(),
+            parallel_files: 4,
+        },
+        Parts {
+            journal: Arc::clone(&journal),
+            workloads: Arc::clone(&workloads),
+            peers: Arc::clone(&peers),
+            plugins: Arc::clone(&plugins),
+            ingress: Arc::clone(&ingress),
+        },
         cancel.clone(),
     )?;
     let api = ApiServer::bind(cfg.api.listen, &identity).await?;
     let api_addr = api.local_addr().unwrap_or(cfg.api.listen);
     let peer_addr = peers.local_addr().unwrap_or(cfg.peer.listen);
 
-    let peer_task = tokio::spawn(Arc::clone(&peers).serve(Arc::clone(&engine), cancel.clone()));
+    let peer_task = tokio::spawn(Arc::clone(&peers).serve(
+        Arc::clone(&engine),
+        Arc::clone(&ingress),
+        cancel.clone(),
+    ));
     engine.recover()?;
 
     let state = Arc::new(ApiState {
@@ -94,7 +100,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
                 })
                 .collect(),
         },
-        workloads,
+        workloads: Arc::clone(&workloads),
         engine: Arc::clone(&engine),
         peers: Arc::clone(&peers),
         plugins,
@@ -108,6 +114,56 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     tracing::debug!("migrations drained");
     peers.shutdown().await;
     let _ = peer_task.await;
+    ingress.drain(Duration::from_secs(2)).await;
+    workloads.drain(Duration::from_secs(2)).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// What the plugin host needs from this config.
+pub fn plugin_settings(cfg: &SiteConfig) -> crate::plugins::HostSettings {
+    crate::plugins::HostSettings {
+        dir: cfg.plugins.dir.clone(),
+        cache_dir: cfg.plugin_cache_dir(),
+        call_timeout: std::time::Duration::from_millis(cfg.plugins.call_timeout_ms),
+        memory_limit_mb: cfg.plugins.memory_limit_mb,
+        grants: cfg.plugins.grants.clone(),
+    }
+}
+
+/// How long and how much traffic the ingress holds.
+fn hold_limits(cfg: &SiteConfig) -> crate::proxy::HoldLimits {
+    crate::proxy::HoldLimits {
+        max_hold: std::time::Duration::from_millis(cfg.ingress.max_hold_ms),
+        drain: std::time::Duration::from_millis(cfg.ingress.drain_ms),
+        max_held: cfg.ingress.max_held,
+    }
+}
+
+/// Where the workload registry keeps workloads; creates the site's cgroup (v2) if it
+/// can, else workloads run without one.
+fn registry_settings(cfg: &SiteConfig) -> crate::workload::RegistrySettings {
+    let cgroup_base = match crate::sys::process::cgroup2_mount() {
+        Some(mount) => {
+            let base = mount.join(&cfg.workloads.cgroup_parent).join(&cfg.name);
+            match std::fs::create_dir_all(&base) {
+                Ok(()) => Some(base),
+                Err(e) => {
+                    tracing::warn!(path = %base.display(), error = %e, "cannot create the workloads' cgroup; running without one");
+                    None
+                }
+            }
+        }
+        None => {
+            tracing::warn!("no cgroup v2 hierarchy mounted; workloads run without a cgroup");
+            None
+        }
+    };
+    crate::workload::RegistrySettings {
+        site: cfg.name.clone(),
+        logs_dir: cfg.data_dir.join("logs"),
+        work_root: cfg.workloads.work_root.clone(),
+        cgroup_base,
+        health_timeout: std::time::Duration::from_secs(cfg.workloads.health_timeout_secs),
+    }
 }

@@ -108,7 +108,7 @@ impl Journal {
             .map_err(io(&dir))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(io(&dir))?;
-        entries.sort_by_key(|e| e.file_name());
+        entries.sort_by_key(std::fs::DirEntry::file_name);
         for entry in entries {
             let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {

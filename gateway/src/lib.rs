@@ -18,6 +18,9 @@ pub mod names;
 pub mod peer;
 pub mod plugins;
 pub mod proxy;
+pub mod spec;
+pub mod sys;
+pub mod transfer;
 pub mod workload;
 
 /// Version string reported by `GET /v1/site` and the peer handshake.

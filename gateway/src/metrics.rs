@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use crate::migration::{Migration, Phase, Role};
 use crate::proxy::RouteStats;
-use crate::workload::Workload;
+use crate::spec::Workload;
 
 /// The exposition, rendered from snapshots.
 pub fn render(workloads: &[Workload], migrations: &[Migration], routes: &[RouteStats]) -> String {

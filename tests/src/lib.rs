@@ -50,17 +50,10 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc_geteuid() };
-    assert_eq!(
-        uid, 0,
+    assert!(
+        ferry::sys::process::is_root(),
         "end-to-end tests need root (namespaces, CRIU); run them with sudo, as CI does"
     );
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// How the pair of sites is set up.
@@ -652,7 +645,7 @@ pub fn redis_container_args(port: u16) -> Vec<String> {
         "/data",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect()
 }
 

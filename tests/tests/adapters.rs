@@ -46,7 +46,7 @@ fn misbehaving_checkpoint_keeps_the_source(tag: &str, mode: &str, reason: &str) 
         .b
         .ferry_json(&["workload", "ls"])?
         .as_array()
-        .is_some_and(|l| l.is_empty()));
+        .is_some_and(std::vec::Vec::is_empty));
     Ok(())
 }
 
@@ -128,7 +128,7 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
                     &format!("{s}-redis"),
                 ]
                 .iter()
-                .map(|x| x.to_string())
+                .map(std::string::ToString::to_string)
                 .collect()
             })
             .collect(),
@@ -183,7 +183,7 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
         .a
         .ferry_json(&["workload", "ls"])?
         .as_array()
-        .is_some_and(|l| l.is_empty()));
+        .is_some_and(std::vec::Vec::is_empty));
     let at_b = sites
         .b
         .exec("runc", &["--root", "/run/ferry-runc/b", "list", "-q"])?;
@@ -210,7 +210,7 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
             .map(|c| {
                 ["podman", "rm", "-f", "-t", "0", c]
                     .iter()
-                    .map(|x| x.to_string())
+                    .map(std::string::ToString::to_string)
                     .collect()
             })
             .collect(),
@@ -226,7 +226,7 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
         "--setting",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     args.push(format!("image={image}"));
     args.extend(["--port".into(), PORT.to_string(), "--".into()]);
@@ -271,7 +271,7 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
         .a
         .ferry_json(&["workload", "ls"])?
         .as_array()
-        .is_some_and(|l| l.is_empty()));
+        .is_some_and(std::vec::Vec::is_empty));
     // No CRIU firewall chain is left in the source's namespace.
     let rules = sites.a.exec("iptables", &["-S"]).unwrap_or_default();
     assert!(!rules.contains("CRIU"), "{rules}");

@@ -73,7 +73,7 @@ fn source_gateway_crash_during_transfer_rolls_back_on_restart() -> Result<()> {
         .b
         .ferry_json(&["workload", "ls"])?
         .as_array()
-        .is_some_and(|l| l.is_empty()));
+        .is_some_and(std::vec::Vec::is_empty));
     assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
     Ok(())
 }
@@ -98,7 +98,7 @@ fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
         .b
         .ferry_json(&["workload", "ls"])?
         .as_array()
-        .is_some_and(|l| l.is_empty()));
+        .is_some_and(std::vec::Vec::is_empty));
     assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
     // And the next migration goes through.
     sites

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use ferry::config::SiteConfig;
 use ferry::criu::Criu;
-use ferry::plugins::{CallContext, PluginError, PluginHost, Workload};
+use ferry::gateway::plugin_settings;
+use ferry::plugins::{AdapterCall, PluginError, PluginHost};
+use ferry::spec::{Placement, WorkloadSpec};
 
 fn site(dir: &Path, call_timeout_ms: u64, memory_limit_mb: u64) -> Result<SiteConfig> {
     let _ = std::fs::remove_dir_all(dir);
@@ -44,27 +46,28 @@ capabilities = ["log", "criu", "process"]
     Ok(SiteConfig::load(&dir.join("site.toml"))?)
 }
 
-fn workload(mode: &str) -> Workload {
-    Workload {
+fn workload(mode: &str) -> AdapterCall {
+    let spec = WorkloadSpec {
         name: "victim".into(),
         runtime: "hostile".into(),
         command: vec!["sleep".into(), "60".into()],
         port: None,
-        env: Vec::new(),
-        settings: vec![("mode".into(), mode.into())],
-        pid: None,
+        env: Default::default(),
+        settings: [("mode".to_string(), mode.to_string())].into(),
+        routes: Vec::new(),
+    };
+    let placement = Placement {
         work_dir: "/tmp".into(),
-        log_path: "/tmp/victim.log".into(),
-        images_dir: None,
-        site: "sandbox".into(),
-        peer: None,
-    }
+        log: "/tmp/victim.log".into(),
+        cgroup: None,
+    };
+    AdapterCall::new(spec, placement, "sandbox")
 }
 
 async fn host(name: &str, call_timeout_ms: u64, memory_limit_mb: u64) -> Result<Arc<PluginHost>> {
     let dir = std::env::temp_dir().join(format!("ferry-sandbox-{name}"));
     let cfg = site(&dir, call_timeout_ms, memory_limit_mb)?;
-    Ok(PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?)
+    Ok(PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?)
 }
 
 #[tokio::test]
@@ -72,10 +75,7 @@ async fn an_endless_loop_hits_the_deadline() -> Result<()> {
     let host = host("loop", 500, 64).await?;
     let adapter = host.adapter("hostile")?;
     let started = std::time::Instant::now();
-    let err = adapter
-        .checkpoint(workload("loop"), CallContext::default())
-        .await
-        .unwrap_err();
+    let err = adapter.checkpoint(workload("loop")).await.unwrap_err();
     assert!(
         matches!(err, PluginError::Deadline { ms: 500, .. }),
         "{err}"
@@ -97,10 +97,7 @@ async fn an_endless_loop_hits_the_deadline() -> Result<()> {
 async fn unbounded_memory_growth_hits_the_limit() -> Result<()> {
     let host = host("memory", 30_000, 32).await?;
     let adapter = host.adapter("hostile")?;
-    let err = adapter
-        .checkpoint(workload("memory"), CallContext::default())
-        .await
-        .unwrap_err();
+    let err = adapter.checkpoint(workload("memory")).await.unwrap_err();
     assert!(matches!(err, PluginError::Memory { mb: 32, .. }), "{err}");
     assert!(err.to_string().contains("memory limit of 32 MiB"), "{err}");
     assert_eq!(adapter.describe().await?.name, "hostile");
@@ -111,16 +108,13 @@ async fn unbounded_memory_growth_hits_the_limit() -> Result<()> {
 async fn an_ungranted_capability_is_denied_by_name() -> Result<()> {
     let host = host("denied", 30_000, 64).await?;
     let adapter = host.adapter("hostile")?;
-    let err = adapter
-        .checkpoint(workload("exec"), CallContext::default())
-        .await
-        .unwrap_err();
+    let err = adapter.checkpoint(workload("exec")).await.unwrap_err();
     match &err {
         PluginError::Denied { detail, .. } => {
             assert!(
                 detail.contains("capability exec is not granted to adapter hostile"),
                 "{detail}"
-            )
+            );
         }
         other => panic!("expected a denial, got {other}"),
     }
@@ -143,10 +137,7 @@ async fn an_ungranted_capability_is_denied_by_name() -> Result<()> {
 async fn a_trap_is_contained() -> Result<()> {
     let host = host("trap", 30_000, 64).await?;
     let adapter = host.adapter("hostile")?;
-    let err = adapter
-        .checkpoint(workload("trap"), CallContext::default())
-        .await
-        .unwrap_err();
+    let err = adapter.checkpoint(workload("trap")).await.unwrap_err();
     assert!(matches!(err, PluginError::Trap { .. }), "{err}");
     assert_eq!(adapter.describe().await?.name, "hostile");
     Ok(())
@@ -160,7 +151,7 @@ async fn a_component_importing_what_its_manifest_does_not_ask_for_is_not_loaded(
     let manifest = dir.join("plugins/hostile.toml");
     let text = std::fs::read_to_string(&manifest)?.replace(r#", "exec""#, "");
     std::fs::write(&manifest, text)?;
-    let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
     let info = host
         .list()
         .into_iter()
@@ -191,18 +182,15 @@ async fn sockets_reach_only_granted_addresses() -> Result<()> {
     );
     std::fs::write(&path, text)?;
     let cfg = SiteConfig::load(&path)?;
-    let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
     let adapter = host.adapter("hostile")?;
     let connect = |target: std::net::SocketAddr| {
         let mut w = workload("connect");
-        w.settings.push(("target".into(), target.to_string()));
+        w.spec.settings.insert("target".into(), target.to_string());
         w
     };
     // To a non-granted address: refused before any packet leaves.
-    let err = adapter
-        .checkpoint(connect(other_addr), CallContext::default())
-        .await
-        .unwrap_err();
+    let err = adapter.checkpoint(connect(other_addr)).await.unwrap_err();
     assert!(matches!(err, PluginError::Denied { .. }), "{err}");
     assert!(err.to_string().contains(&other_addr.to_string()), "{err}");
     other.set_nonblocking(true)?;
@@ -212,10 +200,7 @@ async fn sockets_reach_only_granted_addresses() -> Result<()> {
     );
     // To the granted address: the connection is made (the checkpoint then fails for want
     // of a workload process, which is not what this test is about).
-    let err = adapter
-        .checkpoint(connect(allowed_addr), CallContext::default())
-        .await
-        .unwrap_err();
+    let err = adapter.checkpoint(connect(allowed_addr)).await.unwrap_err();
     assert!(
         !err.to_string().contains("socket"),
         "granted connect failed: {err}"

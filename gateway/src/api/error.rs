@@ -39,13 +39,13 @@ impl From<WorkloadError> for ApiError {
     fn from(e: WorkloadError) -> Self {
         use WorkloadError as W;
         let (status, code) = match &e {
-            W::Name(_) | W::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_workload"),
+            W::Spec(_) => (StatusCode::BAD_REQUEST, "invalid_workload"),
             W::Exists(_) => (StatusCode::CONFLICT, "workload_exists"),
             W::NotFound(_) => (StatusCode::NOT_FOUND, "workload_not_found"),
-            W::Busy { .. } => (StatusCode::CONFLICT, "workload_busy"),
+            W::Busy { .. } | W::Changed(_) => (StatusCode::CONFLICT, "workload_busy"),
             W::NotRunning { .. } => (StatusCode::CONFLICT, "workload_not_running"),
             W::PortInUse(_) | W::Route(_) => (StatusCode::CONFLICT, "port_in_use"),
-            W::ExitedEarly { .. } | W::NotHealthy { .. } => {
+            W::Spawn(_) | W::NotHealthy { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "workload_failed_to_start")
             }
             W::Adapter(crate::plugins::PluginError::NoAdapter { .. }) => {

@@ -15,7 +15,7 @@ use super::types::{MigrationRequest, PeerStatus, RouteInfo};
 use super::ApiState;
 use crate::peer::wire;
 use crate::proxy::ProxyError;
-use crate::workload::WorkloadSpec;
+use crate::spec::WorkloadSpec;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;

@@ -56,7 +56,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouteInfo {
     pub workload: String,
-    pub routes: Vec<crate::workload::RouteSpec>,
+    pub routes: Vec<crate::spec::RouteSpec>,
     /// "local", "held" (the workload is moving) or "peer:NAME" (forwarded over the link).
     pub target: String,
     pub bound: usize,

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use crate::config::{
-    ApiConfig, Capability, CriuConfig, Grant, IdentityConfig, PeerListenConfig, PluginsConfig,
-    SiteConfig, WorkloadConfig,
+    ApiConfig, CriuConfig, IdentityConfig, PeerListenConfig, PluginsConfig, SiteConfig,
+    WorkloadConfig,
 };
 use crate::identity::Identity;
 use crate::names;
+use crate::plugins::{Capability, Grant};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -89,7 +90,7 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
     use Capability::*;
     let grant = |caps: &[Capability], exec: &[&str]| Grant {
         capabilities: caps.to_vec(),
-        exec: exec.iter().map(|p| p.to_string()).collect(),
+        exec: exec.iter().map(std::string::ToString::to_string).collect(),
         sockets: Vec::new(),
     };
     [

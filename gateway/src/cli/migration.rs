@@ -54,7 +54,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
 }
 
 fn ms(v: Option<u64>) -> String {
-    v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into())
+    v.map_or_else(|| "-".into(), |v| format!("{v} ms"))
 }
 
 /// Human summary of a migration, with its phase timings.

@@ -35,12 +35,17 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
         println!("{}", s.trim_end());
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(
+        header
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
+    );
     for row in rows {
         line(row);
     }
 }
 
 pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }

@@ -9,7 +9,7 @@ use super::Connect;
 use crate::api::types::PeerStatus;
 use crate::config::{PeerConfig, SiteConfig};
 use crate::identity::Fingerprint;
-use crate::peer::wire::Compression;
+use crate::transfer::Compression;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -69,8 +69,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                             p.address.to_string(),
                             if p.reachable { "yes" } else { "no" }.into(),
                             p.rtt_ms
-                                .map(|r| format!("{r:.1} ms"))
-                                .unwrap_or_else(|| "-".into()),
+                                .map_or_else(|| "-".into(), |r| format!("{r:.1} ms")),
                             output::opt(p.version.as_ref()),
                             output::opt(p.error.as_ref()),
                         ]

@@ -4,7 +4,7 @@ use anyhow::Context;
 
 use super::output::{self, Output};
 use super::Connect;
-use crate::workload::{Workload, WorkloadSpec};
+use crate::spec::{Workload, WorkloadSpec};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
@@ -27,7 +27,7 @@ pub enum Cmd {
         /// for TCP, http:ADDR:PORT for HTTP/1.1, http-redirect:ADDR:PORT to send clients
         /// to the new site after a move. Clients are held, not refused, during a migration.
         #[arg(long = "route", value_name = "[MODE:]ADDR:PORT")]
-        routes: Vec<crate::workload::RouteSpec>,
+        routes: Vec<crate::spec::RouteSpec>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -101,10 +101,10 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                             w.state.to_string(),
                             output::opt(w.pid),
                             output::opt(w.spec.port),
-                            w.restored_from
-                                .as_ref()
-                                .map(|o| format!("{} ({})", o.site, o.migration))
-                                .unwrap_or_else(|| "-".into()),
+                            w.restored_from.as_ref().map_or_else(
+                                || "-".into(),
+                                |o| format!("{} ({})", o.site, o.migration),
+                            ),
                             w.spec.command.join(" "),
                         ]
                     })

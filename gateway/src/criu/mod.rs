@@ -1,5 +1,8 @@
 //! CRIU driver: checkpoint a process tree to an image directory and restore it, with the
-//! options Ferry's workloads need. The only place that builds a `criu` command line.
+//! options Ferry's workloads need. The only place that builds a `criu` command line;
+//! [`layout`] holds what Ferry knows about CRIU's image directory.
+
+pub mod layout;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -83,13 +86,14 @@ impl Criu {
             .arg(req.images)
             .args([
                 "-o",
-                "dump.log",
+                layout::DUMP_LOG,
                 "--leave-stopped",
                 "--network-lock",
                 "skip",
             ])
             .args(COMMON);
-        self.run(cmd, "dump", &req.images.join("dump.log")).await?;
+        self.run(cmd, "dump", &req.images.join(layout::DUMP_LOG))
+            .await?;
         Ok(start.elapsed())
     }
 
@@ -97,13 +101,13 @@ impl Criu {
     /// subreaper), which reaps it.
     pub async fn restore(&self, req: RestoreRequest<'_>) -> Result<Restored, CriuError> {
         let start = Instant::now();
-        let pidfile = req.images.join("restore.pid");
+        let pidfile = req.images.join(layout::RESTORE_PIDFILE);
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("restore")
             .arg("-D")
             .arg(req.images)
-            .args(["-o", "restore.log", "--restore-detached", "--pidfile"])
+            .args(["-o", layout::RESTORE_LOG, "--restore-detached", "--pidfile"])
             .arg(&pidfile)
             .args(COMMON);
         // Inherited files go to fds 3.. in the criu process.
@@ -115,38 +119,9 @@ impl Criu {
                 .arg(format!("fd[{target}]:{}", key.trim_start_matches('/')));
             moves.push((inh.fd.as_raw_fd(), target));
         }
-        let cgroup_procs = match req.cgroup {
-            Some(dir) => Some(
-                std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                    .map_err(|_| CriuError::NoPid("cgroup path contains NUL".into()))?,
-            ),
-            None => None,
-        };
-        // SAFETY: only async-signal-safe calls (dup/dup2/open/write/close) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Duplicate first to fds above the targets so a move cannot clobber a source.
-                let mut staged = Vec::with_capacity(moves.len());
-                for (src, _) in &moves {
-                    let tmp = libc::fcntl(*src, libc::F_DUPFD, 100);
-                    if tmp < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    staged.push(tmp);
-                }
-                for (tmp, (_, target)) in staged.iter().zip(&moves) {
-                    if libc::dup2(*tmp, *target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(*tmp);
-                }
-                if let Some(path) = &cgroup_procs {
-                    join_cgroup(path)?;
-                }
-                Ok(())
-            });
-        }
-        self.run(cmd, "restore", &req.images.join("restore.log"))
+        crate::sys::exec::place_fds_in_cgroup(&mut cmd, moves, req.cgroup)
+            .map_err(|e| CriuError::NoPid(format!("cannot prepare the restore: {e}")))?;
+        self.run(cmd, "restore", &req.images.join(layout::RESTORE_LOG))
             .await?;
         drop(req.inherit);
         let text = tokio::fs::read_to_string(&pidfile)
@@ -188,24 +163,6 @@ impl Criu {
             tail: error_tail(&format!("{stderr}\n{log_text}")),
         })
     }
-}
-
-/// Writes "0" to a cgroup.procs file: moves the calling process into that cgroup.
-/// Async-signal-safe (used between fork and exec).
-pub(crate) fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
-    // SAFETY: plain syscalls on a valid NUL-terminated path.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-        libc::close(fd);
-        if n != 1 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// The lines of a CRIU log that explain a failure: its `Error` lines (without the harmless

@@ -6,12 +6,18 @@
 //! a restarted gateway finishes or rolls back what its journal says was under way
 //! ([`recovery`]).
 
+mod faults;
+mod handover;
 mod recovery;
 mod source;
 mod target;
+#[cfg(test)]
+mod tests_inprocess;
+
+pub use faults::{Fault, Faults};
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -19,13 +25,13 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::SiteConfig;
 use crate::journal::{Collection, Journal, JournalError};
-use crate::peer::wire::FileMeta;
 use crate::peer::{PeerError, PeerLink};
 use crate::plugins::{PluginError, PluginHost};
 use crate::proxy::Ingress;
-use crate::workload::{now_ms, WorkloadError, WorkloadSpec, Workloads};
+use crate::spec::{now_ms, WorkloadSpec};
+use crate::transfer::{FileMeta, TransferError};
+use crate::workload::{WorkloadError, Workloads};
 
 #[derive(Debug, Error)]
 pub enum MigrationError {
@@ -43,10 +49,16 @@ pub enum MigrationError {
     Peer(#[from] PeerError),
     #[error(transparent)]
     Adapter(#[from] PluginError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
     #[error("site {site} refused the migration: {message}")]
     Refused { site: String, message: String },
     #[error("restore at site {site} failed: {message}")]
     RestoreFailed { site: String, message: String },
+    #[error("injected fault entering {phase}: {message}")]
+    Injected { phase: Phase, message: String },
+    #[error("injected crash entering {phase}")]
+    Crashed { phase: Phase },
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -56,7 +68,7 @@ pub enum MigrationError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Source,
@@ -72,7 +84,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Planned,
@@ -201,6 +213,26 @@ impl Migration {
     }
 }
 
+/// What the engine needs from the site's configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub site: String,
+    /// Images of outgoing migrations go to `DATA_DIR/images/ID`, incoming ones to
+    /// `DATA_DIR/incoming/ID`.
+    pub data_dir: PathBuf,
+    /// Image files in flight at once.
+    pub parallel_files: usize,
+}
+
+/// The parts of a site the engine drives.
+pub struct Parts {
+    pub journal: Arc<Journal>,
+    pub workloads: Arc<Workloads>,
+    pub peers: Arc<PeerLink>,
+    pub plugins: Arc<PluginHost>,
+    pub ingress: Arc<Ingress>,
+}
+
 /// Owns every migration of this site, as source or as destination.
 pub struct Engine {
     site: String,
@@ -212,23 +244,25 @@ pub struct Engine {
     images_dir: PathBuf,
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
+    parallel_files: usize,
     migrations: DashMap<String, Migration>,
+    /// Serializes record changes so none is journaled while a map lock is held.
+    writes: Mutex<()>,
+    /// Answers to peers wait until the journal is loaded.
+    recovered: tokio::sync::watch::Sender<bool>,
+    faults: Faults,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl Engine {
     pub fn new(
-        cfg: &SiteConfig,
-        journal: Arc<Journal>,
-        workloads: Arc<Workloads>,
-        peers: Arc<PeerLink>,
-        plugins: Arc<PluginHost>,
-        ingress: Arc<Ingress>,
+        settings: EngineSettings,
+        parts: Parts,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, MigrationError> {
-        let images_dir = cfg.data_dir.join("images");
-        let incoming_dir = cfg.data_dir.join("incoming");
+        let images_dir = settings.data_dir.join("images");
+        let incoming_dir = settings.data_dir.join("incoming");
         for d in [&images_dir, &incoming_dir] {
             std::fs::create_dir_all(d).map_err(|source| MigrationError::Io {
                 what: "create directory",
@@ -237,16 +271,20 @@ impl Engine {
             })?;
         }
         Ok(Arc::new(Self {
-            site: cfg.name.clone(),
-            journal,
-            workloads,
-            peers,
-            plugins,
-            ingress,
+            site: settings.site,
+            health_timeout: parts.workloads.health_timeout(),
+            journal: parts.journal,
+            workloads: parts.workloads,
+            peers: parts.peers,
+            plugins: parts.plugins,
+            ingress: parts.ingress,
             images_dir,
             incoming_dir,
-            health_timeout: std::time::Duration::from_secs(cfg.workloads.health_timeout_secs),
+            parallel_files: settings.parallel_files.max(1),
             migrations: DashMap::new(),
+            writes: Mutex::new(()),
+            recovered: tokio::sync::watch::channel(false).0,
+            faults: Faults::default(),
             tasks: TaskTracker::new(),
             cancel,
         }))
@@ -275,14 +313,13 @@ impl Engine {
             return Err(MigrationError::UnknownSite(to.to_string()));
         }
         let id = new_id();
-        let held = self.workloads.begin_migration(workload, &id)?;
+        let held = self.hold_workload(workload, &id)?;
         let m = Migration::new(&id, held.spec, Role::Source, &self.site, to, Phase::Planned);
-        if let Err(e) = self.journal.put(Collection::Migrations, &id, &m) {
+        if let Err(e) = self.insert(&m) {
             // Nothing was frozen yet: only the hold is released.
-            self.workloads.unhold(workload);
-            return Err(e.into());
+            self.unhold_workload(workload);
+            return Err(e);
         }
-        self.migrations.insert(id.clone(), m.clone());
         tracing::info!(migration = %id, workload, to, "migration planned");
         let this = Arc::clone(self);
         self.tasks.spawn(tracing::Instrument::instrument(
@@ -298,11 +335,10 @@ impl Engine {
         id: &str,
         f: impl FnOnce(&mut Migration),
     ) -> Result<Migration, MigrationError> {
-        let mut entry = self
-            .migrations
-            .get_mut(id)
+        let _w = self.writer();
+        let mut next = self
+            .get(id)
             .ok_or_else(|| MigrationError::NotFound(id.to_string()))?;
-        let mut next = entry.value().clone();
         f(&mut next);
         next.updated_at_ms = now_ms();
         if next.phase.is_terminal() && next.finished_at_ms.is_none() {
@@ -310,13 +346,38 @@ impl Engine {
             next.timings.total_ms = Some(next.updated_at_ms.saturating_sub(next.created_at_ms));
         }
         self.journal.put(Collection::Migrations, id, &next)?;
-        *entry.value_mut() = next.clone();
+        self.migrations.insert(id.to_string(), next.clone());
         Ok(next)
+    }
+
+    /// Journals and lists a new migration record.
+    fn insert(&self, m: &Migration) -> Result<(), MigrationError> {
+        let _w = self.writer();
+        self.journal.put(Collection::Migrations, &m.id, m)?;
+        self.migrations.insert(m.id.clone(), m.clone());
+        Ok(())
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Test seam: faults to inject at phase boundaries.
+    pub fn set_faults(&self, faults: Faults) {
+        self.faults.replace(faults);
     }
 
     fn set_phase(&self, id: &str, phase: Phase) -> Result<Migration, MigrationError> {
         tracing::info!(migration = %id, phase = %phase, "phase");
         self.update(id, |m| m.phase = phase)
+    }
+
+    /// Waits until the journal is loaded (peers are answered only after that).
+    async fn wait_recovered(&self) {
+        let mut rx = self.recovered.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Waits (bounded) for running migrations to reach a stopping point.

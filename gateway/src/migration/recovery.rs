@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use super::source::{self, Verdict};
 use super::{Engine, Migration, MigrationError, Phase, Role};
+use crate::criu::layout;
 use crate::journal::Collection;
-use crate::workload::process;
+use crate::peer::wire::Request;
+use crate::sys::process;
 
 impl Engine {
     /// Loads the journal and finishes or rolls back what was under way. Source migrations
@@ -36,6 +38,8 @@ impl Engine {
         let this = Arc::clone(self);
         self.tasks
             .spawn(async move { this.reconcile_workloads().await });
+        // Peers get answers from here on.
+        self.recovered.send_replace(true);
         Ok(())
     }
 
@@ -49,10 +53,8 @@ impl Engine {
             };
             let outcome = match self.get(mid) {
                 Some(m) if !m.phase.is_terminal() => continue,
-                Some(m) if m.phase == Phase::Completed => {
-                    self.workloads.release_after_migration(&w.spec.name).await
-                }
-                _ => self.workloads.resume_after_migration(&w.spec.name).await,
+                Some(m) if m.phase == Phase::Completed => self.release_source(&w.spec.name).await,
+                _ => self.resume_source(&w.spec.name).await,
             };
             tracing::warn!(workload = %w.spec.name, migration = mid, "released a workload held by a finished or unknown migration");
             if let Err(e) = outcome {
@@ -80,7 +82,7 @@ impl Engine {
         }
         if m.phase == Phase::Restoring {
             // A restore interrupted by the crash may have left a tree running: end it.
-            let pidfile = self.incoming_dir.join(id).join("restore.pid");
+            let pidfile = self.incoming_dir.join(id).join(layout::RESTORE_PIDFILE);
             if let Some(pid) = std::fs::read_to_string(pidfile)
                 .ok()
                 .and_then(|t| t.trim().parse::<i32>().ok())
@@ -116,7 +118,7 @@ impl Engine {
                         .peers
                         .request(
                             &m.target,
-                            &crate::peer::wire::Request::Abort {
+                            &Request::Abort {
                                 migration: id.to_string(),
                             },
                         )

@@ -1,22 +1,19 @@
 //! The source side of a migration: prepare the destination, checkpoint, stream the
 //! image, ask for the restore, then release the source or roll back.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
-use super::{remove_dir, Engine, MigrationError, Phase};
-use crate::peer::files::Sent;
-use crate::peer::wire::{FileMeta, Request, Response, TargetState};
+use super::{remove_dir, Engine, MigrationError, Phase, Role};
+use crate::criu::layout;
+use crate::peer::wire::{Request, Response, TargetState};
+use crate::plugins::AdapterCall;
 use crate::proxy::Target;
+use crate::spec::WorkloadState;
+use crate::transfer::{self, FileMeta};
 use crate::workload::WorkloadError;
-
-/// Image files sent at once over the peer link.
-const PARALLEL_FILES: usize = 4;
 
 /// What the destination says about a restore whose outcome the source did not hear.
 pub(super) enum Verdict {
@@ -38,6 +35,9 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
                     "migration completed"
                 );
             }
+        }
+        Err(MigrationError::Crashed { phase }) => {
+            tracing::warn!(%phase, "injected crash: the source's driver stops here");
         }
         Err(failure) => {
             tracing::warn!(error = %failure, "migration failed");
@@ -63,9 +63,8 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         }));
     }
     let adapter = engine.plugins.adapter(&m.spec.runtime)?;
-    let plan = adapter
-        .probe(engine.workloads.view(&workload, None, Some(&target)))
-        .await?;
+    let about = AdapterCall::for_workload(&workload).with_peer(&target);
+    let plan = adapter.probe(about.clone()).await?;
     let approach = plan
         .approach
         .map(|a| crate::plugins::approach_name(a).to_string());
@@ -80,6 +79,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         });
     }
 
+    engine.faults.enter(Role::Source, Phase::Preparing).await?;
     engine.set_phase(id, Phase::Preparing)?;
     match engine
         .peers
@@ -123,52 +123,51 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             "some client connections were still busy at the drain deadline"
         );
     }
+    engine
+        .faults
+        .enter(Role::Source, Phase::Checkpointing)
+        .await?;
     engine.set_phase(id, Phase::Checkpointing)?;
-    let mut ctx = engine.workloads.context(&workload);
-    ctx.images = Some(images.clone());
     // Page images go to the destination while the checkpoint writes them.
     let (dumped, dumping) = watch::channel(false);
-    let follower = tokio::spawn(follow_pages(
-        Arc::clone(engine),
-        id.to_string(),
-        target.clone(),
-        images.clone(),
-        dumping,
-    ));
-    let checkpoint = adapter
-        .checkpoint(
-            engine
-                .workloads
-                .view(&workload, Some(&images), Some(&target)),
-            ctx,
-        )
-        .await;
+    let channel = Arc::new(engine.peers.files(&target, id)?);
+    let layout = transfer::Layout {
+        grows: layout::is_page_image,
+        local_only: layout::is_local_only,
+        parallel: engine.parallel_files,
+    };
+    let sending = {
+        let images = images.clone();
+        tokio::spawn(async move { transfer::send_image(channel, &images, layout, dumping).await })
+    };
+    let checkpoint = adapter.checkpoint(about.with_images(images.clone())).await;
     let _ = dumped.send(true);
     let notes = match checkpoint {
         Ok(notes) => notes,
         Err(e) => {
-            follower.abort();
+            sending.abort();
             return Err(e.into());
         }
     };
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
+    engine
+        .faults
+        .enter(Role::Source, Phase::Transferring)
+        .await?;
     engine.set_phase(id, Phase::Transferring)?;
     let t = Instant::now();
-    let mut sent = follower
-        .await
-        .map_err(|j| join_error("stream the page images", &images, j))??;
-    let streamed: HashSet<String> = sent.iter().map(|f| f.meta.name.clone()).collect();
-    sent.extend(send_image(engine, id, &target, &images, &streamed).await?);
+    let sent = sending.await.map_err(transfer::TransferError::Task)??;
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved = sent.iter().map(|f| f.meta.size).sum();
         m.bytes_on_wire = sent.iter().map(|f| f.wire_bytes).sum();
-        m.files = sent.len() as u32;
+        m.files = u32::try_from(sent.len()).unwrap_or(u32::MAX);
     })?;
     let manifest: Vec<FileMeta> = sent.into_iter().map(|f| f.meta).collect();
 
     // From here the destination may restore: record that before asking.
+    engine.faults.enter(Role::Source, Phase::Restoring).await?;
     engine.update(id, |m| {
         m.phase = Phase::Restoring;
         m.restore_requested = true;
@@ -221,113 +220,6 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
 }
 
-/// CRIU's page images: nearly all of an image's bytes, written front to back, so they can
-/// travel while the checkpoint is still writing them.
-fn streams_while_written(name: &str) -> bool {
-    name.starts_with("pages-") && name.ends_with(".img")
-}
-
-/// Sends each page image to `target` as the checkpoint writes it, until `dumped` turns
-/// true; returns them as the peer verified them.
-async fn follow_pages(
-    engine: Arc<Engine>,
-    id: String,
-    target: String,
-    images: PathBuf,
-    mut dumped: watch::Receiver<bool>,
-) -> Result<Vec<Sent>, MigrationError> {
-    let mut started = HashSet::new();
-    let mut set = JoinSet::new();
-    loop {
-        // Seen before listing: once the checkpoint is over, this listing is complete.
-        let finished = *dumped.borrow_and_update();
-        for entry in std::fs::read_dir(&images).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if streams_while_written(&name) && started.insert(name) {
-                let (engine, id, target) = (Arc::clone(&engine), id.clone(), target.clone());
-                let (path, done) = (entry.path(), dumped.clone());
-                set.spawn(async move {
-                    engine
-                        .peers
-                        .send_growing_file(&target, &id, &path, done)
-                        .await
-                });
-            }
-        }
-        if finished {
-            break;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            _ = dumped.changed() => {}
-        }
-    }
-    let mut sent = Vec::new();
-    while let Some(done) = set.join_next().await {
-        let file = done.map_err(|j| join_error("stream a page image", &images, j))??;
-        tracing::info!(
-            migration = %id,
-            file = %file.meta.name,
-            bytes = file.meta.size,
-            wire_bytes = file.wire_bytes,
-            "page image streamed while the checkpoint wrote it"
-        );
-        sent.push(file);
-    }
-    Ok(sent)
-}
-
-/// A send task that panicked or was cancelled, as a migration error.
-fn join_error(what: &'static str, images: &Path, join: tokio::task::JoinError) -> MigrationError {
-    MigrationError::Io {
-        what,
-        path: images.to_path_buf(),
-        source: std::io::Error::other(join.to_string()),
-    }
-}
-
-/// Sends every image file not in `skip`, a few at a time, and returns them as the peer
-/// verified them.
-async fn send_image(
-    engine: &Arc<Engine>,
-    id: &str,
-    target: &str,
-    images: &Path,
-    skip: &HashSet<String>,
-) -> Result<Vec<Sent>, MigrationError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(images)
-        .map_err(|source| MigrationError::Io {
-            what: "list the image directory",
-            path: images.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()) != Some("log"))
-        .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-            !name.is_some_and(|n| skip.contains(&n))
-        })
-        .collect();
-    // Largest first, so the long transfer starts at once.
-    files.sort_by_key(|p| std::cmp::Reverse(p.metadata().map(|m| m.len()).unwrap_or(0)));
-    let mut manifest = Vec::with_capacity(files.len());
-    let mut set = JoinSet::new();
-    let mut queue = files.into_iter();
-    loop {
-        while set.len() < PARALLEL_FILES {
-            let Some(path) = queue.next() else { break };
-            let engine = Arc::clone(engine);
-            let (id, target) = (id.to_string(), target.to_string());
-            set.spawn(async move { engine.peers.send_file(&target, &id, &path).await });
-        }
-        let Some(done) = set.join_next().await else {
-            break;
-        };
-        manifest.push(done.map_err(|j| join_error("send", images, j))??);
-    }
-    Ok(manifest)
-}
-
 /// Asks the destination, until it answers, whether it restored the workload.
 pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Verdict {
     let mut delay = Duration::from_millis(200);
@@ -373,7 +265,7 @@ pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Ver
                     let _ = engine.update(id, |m| {
                         m.error = Some(format!(
                             "waiting for site {target} to report the restore; the source stays frozen with its image until it does"
-                        ))
+                        ));
                     });
                 }
             }
@@ -392,6 +284,10 @@ pub(super) async fn cut_over(
     id: &str,
     freeze: Option<Instant>,
 ) -> Result<(), MigrationError> {
+    engine
+        .faults
+        .enter(Role::Source, Phase::CuttingOver)
+        .await?;
     let m = engine.update(id, |m| {
         m.phase = Phase::CuttingOver;
         if let Some(f) = freeze {
@@ -402,10 +298,7 @@ pub(super) async fn cut_over(
     engine
         .ingress
         .release(&m.workload, Target::Remote(m.target.clone()));
-    engine
-        .workloads
-        .release_after_migration(&m.workload)
-        .await?;
+    engine.release_source(&m.workload).await?;
     remove_dir(&engine.images_dir.join(id));
     engine.update(id, |m| {
         m.phase = Phase::Completed;
@@ -457,13 +350,12 @@ pub(super) async fn finish_rollback(
     workload: &str,
     reason: String,
 ) {
-    let resumed = engine.workloads.resume_after_migration(workload).await;
+    let resumed = engine.resume_source(workload).await;
     engine.ingress.release(workload, Target::Local);
     let running = engine
         .workloads
         .get(workload)
-        .map(|w| w.state == crate::workload::WorkloadState::Running)
-        .unwrap_or(false);
+        .is_some_and(|w| w.state == WorkloadState::Running);
     remove_dir(&engine.images_dir.join(id));
     let outcome = engine.update(id, |m| {
         m.phase = if running {

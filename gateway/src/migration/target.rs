@@ -2,24 +2,24 @@
 //! image, restores it, and confirms only once the restored workload is healthy and
 //! journaled.
 
-use std::collections::BTreeMap;
-
 use std::time::Instant;
 
-use quinn::RecvStream;
-
 use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
-use crate::journal::Collection;
-use crate::peer::files;
-use crate::peer::wire::{Compression, ErrorCode, FileMeta, Request, Response, TargetState};
-use crate::peer::Handler;
-use crate::workload::{process, Origin, WorkloadSpec};
+use crate::peer::wire::{ErrorCode, Request, Response, TargetState};
+use crate::peer::{Body, Handler};
+use crate::plugins::{AdapterCall, AdapterHandle};
+use crate::spec::{Origin, Workload, WorkloadSpec};
+use crate::sys::process;
+use crate::transfer::{self, Compression, FileMeta};
+use crate::workload::WorkloadError;
 
 impl Handler for Engine {
-    async fn handle(&self, peer: String, req: Request, body: &mut RecvStream) -> Response {
+    async fn handle(&self, peer: String, req: Request, body: Body<'_>) -> Response {
+        // Nothing is answered from a journal not yet loaded: "unknown" must mean unknown.
+        self.wait_recovered().await;
         match req {
-            Request::Hello => {
-                Response::error(ErrorCode::BadRequest, "hello is answered by the link")
+            Request::Hello | Request::Tunnel { .. } => {
+                Response::error(ErrorCode::BadRequest, "answered by the link")
             }
             Request::Prepare {
                 migration,
@@ -50,30 +50,7 @@ impl Handler for Engine {
                 state: self.target_state(&peer, &migration),
             },
             Request::Abort { migration } => self.abort(&peer, &migration),
-            Request::Tunnel { .. } => {
-                Response::error(ErrorCode::BadRequest, "tunnels are answered by the link")
-            }
         }
-    }
-
-    async fn tunnel(
-        &self,
-        peer: String,
-        workload: String,
-    ) -> Result<tokio::net::TcpStream, String> {
-        let w = self
-            .workloads
-            .get(&workload)
-            .filter(|w| w.state == crate::workload::WorkloadState::Running)
-            .ok_or_else(|| format!("workload {workload} is not running at site {}", self.site))?;
-        let port = w
-            .spec
-            .port
-            .ok_or_else(|| format!("workload {workload} has no port"))?;
-        tracing::debug!(peer, workload, port, "tunnel opened");
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("workload {workload} does not answer on port {port}: {e}"))
     }
 }
 
@@ -102,40 +79,39 @@ impl Engine {
                 )
             };
         }
+        if let Err(e) = self.faults.enter(Role::Target, Phase::Preparing).await {
+            return Response::error(ErrorCode::Refused, e.to_string());
+        }
         let adapter = match self.plugins.adapter(&spec.runtime) {
             Ok(a) => a,
             Err(e) => return Response::error(ErrorCode::Refused, e.to_string()),
         };
-        if let Err(e) = self.workloads.reserve_incoming(&spec) {
+        if let Err(e) = self.reserve_incoming(&spec) {
             return Response::error(ErrorCode::Refused, e.to_string());
         }
         // Warm the destination: the adapter creates what it can before the freeze.
         if let Some(reserved) = self.workloads.get(&spec.name) {
-            let ctx = self.workloads.context(&reserved);
-            if let Err(e) = adapter
-                .prepare(self.workloads.view(&reserved, None, Some(peer)), ctx)
-                .await
-            {
-                self.workloads.release_incoming(&spec.name);
+            let about = AdapterCall::for_workload(&reserved).with_peer(peer);
+            if let Err(e) = adapter.prepare(about).await {
+                self.release_incoming(&spec.name);
                 return Response::error(ErrorCode::Refused, e.to_string());
             }
         }
         let dir = self.incoming_dir.join(id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            self.workloads.release_incoming(&spec.name);
+            self.release_incoming(&spec.name);
             return Response::error(
                 ErrorCode::Internal,
                 format!("cannot create {}: {e}", dir.display()),
             );
         }
         let m = Migration::new(id, spec, Role::Target, peer, &self.site, Phase::Preparing);
-        if let Err(e) = self.journal.put(Collection::Migrations, id, &m) {
-            self.workloads.release_incoming(&m.workload);
+        if let Err(e) = self.insert(&m) {
+            self.release_incoming(&m.workload);
             remove_dir(&dir);
             return Response::error(ErrorCode::Internal, e.to_string());
         }
         tracing::info!(migration = id, workload = %m.workload, from = peer, "incoming migration prepared");
-        self.migrations.insert(id.to_string(), m);
         Response::Ready
     }
 
@@ -146,7 +122,7 @@ impl Engine {
         name: &str,
         size: Option<u64>,
         compression: Compression,
-        body: &mut RecvStream,
+        body: Body<'_>,
     ) -> Response {
         match self.incoming(peer, id) {
             Some(m) if m.phase == Phase::Preparing => {}
@@ -157,7 +133,7 @@ impl Engine {
                 )
             }
         }
-        match files::receive(&self.incoming_dir.join(id), name, size, compression, body).await {
+        match transfer::receive(&self.incoming_dir.join(id), name, size, compression, body).await {
             Ok(_) if self.incoming(peer, id).map(|m| m.phase) != Some(Phase::Preparing) => {
                 Response::error(ErrorCode::Refused, format!("migration {id} was aborted"))
             }
@@ -177,7 +153,7 @@ impl Engine {
                     Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
                 }
             }
-            Err(e @ files::ReceiveError::Digest { .. }) => {
+            Err(e @ transfer::ReceiveError::Digest { .. }) => {
                 Response::error(ErrorCode::Integrity, e.to_string())
             }
             Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
@@ -217,10 +193,15 @@ impl Engine {
                 "workload differs from the prepared one",
             );
         }
-        if let Err(msg) = check_manifest(manifest, &m.received) {
+        if let Err(msg) = transfer::manifest::check(manifest, &m.received) {
             let reason = format!("image incomplete: {msg}");
             self.abort_local(id, &m.workload, &reason);
             return Response::error(ErrorCode::Integrity, reason);
+        }
+        if let Err(e) = self.faults.enter(Role::Target, Phase::Restoring).await {
+            let reason = e.to_string();
+            self.abort_local(id, &m.workload, &reason);
+            return Response::error(ErrorCode::RestoreFailed, reason);
         }
         if let Err(e) = self.set_phase(id, Phase::Restoring) {
             return Response::error(ErrorCode::Internal, e.to_string());
@@ -266,21 +247,16 @@ impl Engine {
         let adapter = self.plugins.adapter(&spec.runtime)?;
         let placement = self.workloads.place(&spec.name)?;
         // The reservation made at prepare time describes the workload as it will run here.
-        let reserved = self.workloads.get(&spec.name).ok_or_else(|| {
-            MigrationError::Workload(crate::workload::WorkloadError::NotFound(spec.name.clone()))
-        })?;
-        let images = self.incoming_dir.join(id);
-        let mut ctx = self.workloads.context(&reserved);
-        ctx.images = Some(images.clone());
-        ctx.source_log = Some(source_log.to_path_buf());
+        let reserved = self
+            .workloads
+            .get(&spec.name)
+            .ok_or_else(|| WorkloadError::NotFound(spec.name.clone()))?;
+        let about = AdapterCall::for_workload(&reserved)
+            .with_peer(peer)
+            .with_images(self.incoming_dir.join(id))
+            .with_source_log(source_log.to_path_buf());
         let started = Instant::now();
-        let pid = adapter
-            .restore(
-                self.workloads.view(&reserved, Some(&images), Some(peer)),
-                notes,
-                ctx,
-            )
-            .await?;
+        let pid = adapter.restore(about, notes).await?;
         tracing::debug!(
             migration = id,
             pid,
@@ -299,12 +275,12 @@ impl Engine {
                 });
             }
         }
-        if let Err(e) = self.workloads.open_routes(spec).await {
+        if let Err(e) = self.ingress.open(spec).await {
             // The restore stands: clients can still come through the source site's tunnel.
             tracing::warn!(migration = id, error = %e, "cannot open the workload's routes here");
         }
         // adopt() replaces the reservation with the running workload's record.
-        let adopted = self.workloads.adopt(
+        let adopted = self.adopt(
             spec,
             &placement,
             pid,
@@ -322,25 +298,13 @@ impl Engine {
 
     /// Ends a restored copy that will not be confirmed: through its adapter (which knows
     /// the runtime's own state), and by killing its tree if that is not enough.
-    async fn discard_restored(
-        &self,
-        adapter: &crate::plugins::AdapterHandle,
-        reserved: &crate::workload::Workload,
-        pid: i32,
-    ) {
-        let mut w = reserved.clone();
-        w.pid = Some(pid);
-        w.pid_start = process::start_time(pid);
-        if let Err(e) = adapter
-            .release_source(
-                self.workloads.view(&w, None, None),
-                self.workloads.context(&w),
-            )
-            .await
-        {
+    async fn discard_restored(&self, adapter: &AdapterHandle, reserved: &Workload, pid: i32) {
+        let about = AdapterCall::for_workload(reserved).with_pid(pid);
+        let pid_start = about.pid_start;
+        if let Err(e) = adapter.release_source(about).await {
             tracing::warn!(error = %e, "adapter could not discard the restored copy");
         }
-        if process::start_time(pid) == w.pid_start && w.pid_start.is_some() {
+        if process::start_time(pid) == pid_start && pid_start.is_some() {
             process::kill(pid);
             let _ = process::wait_exit(pid).await;
         }
@@ -349,7 +313,7 @@ impl Engine {
     /// Forgets an incoming migration that will not complete: release the name, drop the
     /// image, record why.
     pub(super) fn abort_local(&self, id: &str, workload: &str, reason: &str) {
-        self.workloads.release_incoming(workload);
+        self.release_incoming(workload);
         remove_dir(&self.incoming_dir.join(id));
         if let Err(e) = self.update(id, |m| {
             m.phase = Phase::RolledBack;
@@ -389,50 +353,9 @@ impl Engine {
     }
 }
 
-/// Every file of the manifest was received with the same size and digest, and nothing else.
-fn check_manifest(manifest: &[FileMeta], received: &[FileMeta]) -> Result<(), String> {
-    let got: BTreeMap<&str, &FileMeta> = received.iter().map(|f| (f.name.as_str(), f)).collect();
-    for f in manifest {
-        match got.get(f.name.as_str()) {
-            None => return Err(format!("{} was never received", f.name)),
-            Some(r) if *r != f => return Err(format!("{} differs from the manifest", f.name)),
-            Some(_) => {}
-        }
-    }
-    if manifest.len() != received.len() {
-        return Err(format!(
-            "received {} files, manifest lists {}",
-            received.len(),
-            manifest.len()
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn f(name: &str, size: u64) -> FileMeta {
-        FileMeta {
-            name: name.into(),
-            size,
-            blake3: format!("{size:064x}"),
-        }
-    }
-
-    #[test]
-    fn manifest_must_match_what_was_received() {
-        let got = vec![f("a", 1), f("b", 2)];
-        assert!(check_manifest(&[f("b", 2), f("a", 1)], &got).is_ok());
-        assert!(check_manifest(&[f("a", 1), f("c", 2)], &got)
-            .unwrap_err()
-            .contains("c was never received"));
-        assert!(check_manifest(&[f("a", 1), f("b", 3)], &got)
-            .unwrap_err()
-            .contains("differs"));
-        assert!(check_manifest(&[f("a", 1)], &got).is_err());
-    }
 
     #[test]
     fn migration_ids_from_peers_are_checked() {

@@ -1,6 +1,7 @@
 //! The peer link: one mutually authenticated QUIC endpoint per site. It dials configured
 //! peers (pinning their certificate fingerprints), accepts only configured peers, and
-//! carries one request per bidirectional stream.
+//! carries one request per bidirectional stream: migration requests go to a [`Handler`]
+//! (the migration engine), tunnels to a [`TunnelServer`] (the ingress).
 
 pub mod files;
 pub mod wire;
@@ -13,7 +14,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 use quinn::{RecvStream, SendStream};
 use thiserror::Error;
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{PeerConfig, SiteConfig};
@@ -42,6 +45,8 @@ pub enum PeerError {
     },
     #[error("link to peer {peer} failed: {detail}")]
     Link { peer: String, detail: String },
+    #[error("peer {peer} refused: {message}")]
+    Refused { peer: String, message: String },
     #[error("peer {peer} sent an invalid message: {detail}")]
     Protocol { peer: String, detail: String },
     #[error("local file {path}: {source}")]
@@ -52,21 +57,27 @@ pub enum PeerError {
     },
 }
 
-/// Serves requests arriving from peers.
+/// The bytes that follow a request's header (an image file's body).
+pub type Body<'a> = &'a mut (dyn AsyncRead + Unpin + Send);
+
+/// Serves migration requests arriving from peers.
 pub trait Handler: Send + Sync + 'static {
-    /// `body` carries the bytes that follow the header (image files).
     fn handle(
         &self,
         peer: String,
         req: Request,
-        body: &mut RecvStream,
+        body: Body<'_>,
     ) -> impl Future<Output = Response> + Send;
+}
 
-    /// Opens the local end of a tunnel for a client of `workload` arriving through `peer`.
-    fn tunnel(
+/// Serves the far end of client tunnels: a connection to the workload here.
+pub trait TunnelServer: Send + Sync + 'static {
+    /// The local end of a tunnel for a client of `workload` arriving through `peer`, or
+    /// why there is none.
+    fn connect(
         &self,
-        peer: String,
-        workload: String,
+        peer: &str,
+        workload: &str,
     ) -> impl Future<Output = Result<tokio::net::TcpStream, String>> + Send;
 }
 
@@ -77,6 +88,7 @@ pub struct PeerLink {
     peers: Vec<PeerConfig>,
     transport: Arc<quinn::TransportConfig>,
     connections: DashMap<String, quinn::Connection>,
+    tasks: TaskTracker,
 }
 
 /// Socket buffer size for the UDP socket: the kernel default drops packets at 1 Gbit/s.
@@ -98,33 +110,6 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let socket = std::net::UdpSocket::bind(addr)?;
-    let fd = socket.as_raw_fd();
-    let size = UDP_BUFFER as libc::c_int;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        // SAFETY: setsockopt with a valid fd and an int option.
-        let set = |opt| unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        // The FORCE variant needs CAP_NET_ADMIN; without it, take what the limit allows.
-        if set(force) != 0 {
-            set(plain);
-        }
-    }
-    Ok(socket)
-}
-
 impl PeerLink {
     /// Binds the peer endpoint. Only the configured peers' certificates are accepted.
     pub fn bind(cfg: &SiteConfig, identity: Arc<Identity>) -> Result<Arc<Self>, PeerError> {
@@ -136,7 +121,8 @@ impl PeerLink {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server.transport_config(Arc::clone(&transport));
         let addr = cfg.peer.listen;
-        let socket = udp_socket(addr).map_err(|source| PeerError::Bind { addr, source })?;
+        let socket = crate::sys::net::udp_socket_with_buffers(addr, UDP_BUFFER)
+            .map_err(|source| PeerError::Bind { addr, source })?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -151,6 +137,7 @@ impl PeerLink {
             peers: cfg.peers.clone(),
             transport,
             connections: DashMap::new(),
+            tasks: TaskTracker::new(),
         }))
     }
 
@@ -208,6 +195,35 @@ impl PeerLink {
         read_response(peer, &mut recv).await
     }
 
+    /// Opens a tunnel to `workload` at `peer`: after the peer's `TunnelOpen` the streams
+    /// are a raw byte pipe to the workload's port there.
+    pub async fn open_tunnel(
+        &self,
+        peer: &str,
+        workload: &str,
+    ) -> Result<(RecvStream, SendStream), PeerError> {
+        let (mut send, mut recv) = self.open(peer).await?;
+        write_frame(
+            peer,
+            &mut send,
+            &Request::Tunnel {
+                workload: workload.to_string(),
+            },
+        )
+        .await?;
+        match read_response(peer, &mut recv).await? {
+            Response::TunnelOpen => Ok((recv, send)),
+            Response::Error { message, .. } => Err(PeerError::Refused {
+                peer: peer.to_string(),
+                message,
+            }),
+            other => Err(PeerError::Protocol {
+                peer: peer.to_string(),
+                detail: format!("unexpected answer to a tunnel: {other:?}"),
+            }),
+        }
+    }
+
     pub(crate) async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), PeerError> {
         let conn = self.connection(peer).await?;
         conn.open_bi().await.map_err(|e| PeerError::Link {
@@ -217,7 +233,12 @@ impl PeerLink {
     }
 
     /// Accepts peers until `cancel` fires; each connection and each stream is a task.
-    pub async fn serve<H: Handler>(self: Arc<Self>, handler: Arc<H>, cancel: CancellationToken) {
+    pub async fn serve<H: Handler, T: TunnelServer>(
+        self: Arc<Self>,
+        handler: Arc<H>,
+        tunnels: Arc<T>,
+        cancel: CancellationToken,
+    ) {
         loop {
             let incoming = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -225,9 +246,10 @@ impl PeerLink {
             };
             let this = Arc::clone(&self);
             let handler = Arc::clone(&handler);
+            let tunnels = Arc::clone(&tunnels);
             let cancel = cancel.clone();
             let remote = incoming.remote_address();
-            tokio::spawn(
+            self.tasks.spawn(
                 async move {
                     let conn = match incoming.await {
                         Ok(c) => c,
@@ -244,7 +266,8 @@ impl PeerLink {
                         return;
                     };
                     tracing::debug!(peer, "peer connected");
-                    this.serve_connection(peer, conn, handler, cancel).await;
+                    this.serve_connection(peer, conn, handler, tunnels, cancel)
+                        .await;
                 }
                 .instrument(tracing::info_span!("peer_conn", %remote)),
             );
@@ -267,11 +290,12 @@ impl PeerLink {
             .map(|p| p.name.clone())
     }
 
-    async fn serve_connection<H: Handler>(
+    async fn serve_connection<H: Handler, T: TunnelServer>(
         &self,
         peer: String,
         conn: quinn::Connection,
         handler: Arc<H>,
+        tunnels: Arc<T>,
         cancel: CancellationToken,
     ) {
         loop {
@@ -286,9 +310,10 @@ impl PeerLink {
                 },
             };
             let handler = Arc::clone(&handler);
+            let tunnels = Arc::clone(&tunnels);
             let peer = peer.clone();
             let site = self.site.clone();
-            tokio::spawn(
+            self.tasks.spawn(
                 async move {
                     let response = match read_frame::<Request>(&peer, &mut recv).await {
                         Ok(Request::Hello) => Response::Hello {
@@ -296,7 +321,7 @@ impl PeerLink {
                             version: crate::VERSION.to_string(),
                         },
                         Ok(Request::Tunnel { workload }) => {
-                            match handler.tunnel(peer.clone(), workload).await {
+                            match tunnels.connect(&peer, &workload).await {
                                 Ok(tcp) => return pipe(&peer, tcp, send, recv).await,
                                 Err(message) => Response::error(ErrorCode::Refused, message),
                             }
@@ -317,13 +342,18 @@ impl PeerLink {
         }
     }
 
-    /// Closes the endpoint and waits briefly for connections to drain.
+    /// Closes the endpoint and waits briefly for connections and their tasks to drain.
     pub async fn shutdown(&self) {
         self.endpoint.close(
             quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
             b"shutdown",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.endpoint.wait_idle().await;
+            self.tasks.wait().await;
+        })
+        .await;
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::workload::WorkloadSpec;
+use crate::spec::WorkloadSpec;
+use crate::transfer::{Compression, FileMeta};
 
 /// ALPN of the peer protocol; a new incompatible protocol gets a new version here.
 pub const ALPN: &[u8] = b"ferry/1";
@@ -14,47 +15,12 @@ pub const ALPN: &[u8] = b"ferry/1";
 /// Largest header a peer may send.
 pub const MAX_HEADER: usize = 1 << 20;
 
-/// Largest image file a peer may send.
-pub const MAX_FILE: u64 = 256 << 30;
-
 /// Connection close codes.
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 pub enum CloseCode {
     Shutdown = 0,
     Protocol = 1,
-}
-
-/// How image files travel on a link, chosen per peer in the site config.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Compression {
-    /// The file's bytes as they are (for links faster than the CPUs can compress).
-    None,
-    /// Blocks of up to 1 MiB, each zstd-compressed (level 1) unless that does not make it
-    /// smaller; CPU-cheap enough to gain on links up to several Gbit/s.
-    #[default]
-    Zstd,
-}
-
-impl std::str::FromStr for Compression {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Self::None),
-            "zstd" => Ok(Self::Zstd),
-            other => Err(format!("unknown compression {other:?}: zstd or none")),
-        }
-    }
-}
-
-/// Checksum of one image file as the manifest lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileMeta {
-    pub name: String,
-    pub size: u64,
-    pub blake3: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,22 +9,24 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
-use super::bindings::{AdapterInfo, Plan, RuntimeAdapter, Workload};
-use super::host::{CallContext, MemoryLimit, State};
-use super::manifest::Granted;
+use super::bindings::{AdapterInfo, Plan, RuntimeAdapter};
+use super::call::{AdapterCall, Spawned};
+use super::grant::Granted;
+use super::host::{MemoryLimit, State};
 use super::{PluginError, EPOCH_TICK};
 use crate::criu::Criu;
+use crate::sys::process;
 
 /// A call into an adapter.
 pub enum Call {
     Describe,
-    Probe(Workload),
-    Prepare(Workload),
-    StartFresh(Workload),
-    Checkpoint(Workload),
-    Restore(Workload, Vec<(String, String)>),
-    ResumeSource(Workload),
-    ReleaseSource(Workload),
+    Probe(AdapterCall),
+    Prepare(AdapterCall),
+    StartFresh(AdapterCall),
+    Checkpoint(AdapterCall),
+    Restore(AdapterCall, Vec<(String, String)>),
+    ResumeSource(AdapterCall),
+    ReleaseSource(AdapterCall),
 }
 
 impl Call {
@@ -40,6 +42,32 @@ impl Call {
             Call::ReleaseSource(_) => "release-source",
         }
     }
+
+    /// Splits the call into what the guest is told and what the host may act on.
+    fn split(self) -> (Option<AdapterCall>, Op) {
+        match self {
+            Call::Describe => (None, Op::Describe),
+            Call::Probe(c) => (Some(c), Op::Probe),
+            Call::Prepare(c) => (Some(c), Op::Prepare),
+            Call::StartFresh(c) => (Some(c), Op::StartFresh),
+            Call::Checkpoint(c) => (Some(c), Op::Checkpoint),
+            Call::Restore(c, notes) => (Some(c), Op::Restore(notes)),
+            Call::ResumeSource(c) => (Some(c), Op::ResumeSource),
+            Call::ReleaseSource(c) => (Some(c), Op::ReleaseSource),
+        }
+    }
+}
+
+/// A call's operation, once its [`AdapterCall`] is in the store.
+enum Op {
+    Describe,
+    Probe,
+    Prepare,
+    StartFresh,
+    Checkpoint,
+    Restore(Vec<(String, String)>),
+    ResumeSource,
+    ReleaseSource,
 }
 
 pub enum Reply {
@@ -47,14 +75,14 @@ pub enum Reply {
     Plan(Plan),
     Unit,
     Pid(i32),
+    Started(Spawned),
     MaybePid(Option<i32>),
     Notes(Vec<(String, String)>),
 }
 
 pub struct Request {
     pub call: Call,
-    pub ctx: CallContext,
-    pub reply: oneshot::Sender<(Result<Reply, PluginError>, CallContext)>,
+    pub reply: oneshot::Sender<Result<Reply, PluginError>>,
 }
 
 pub struct Limits {
@@ -83,12 +111,12 @@ impl Actor {
         while let Some(req) = rx.recv().await {
             let call_name = req.call.name();
             let started = std::time::Instant::now();
-            let (result, ctx, healthy) = self.serve(&mut instance, req.call, req.ctx).await;
+            let (result, healthy) = self.serve(&mut instance, req.call).await;
             if !healthy {
                 instance = None;
             }
             tracing::debug!(plugin = %self.name, call = call_name, us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "adapter call");
-            let _ = req.reply.send((result, ctx));
+            let _ = req.reply.send(result);
         }
     }
 
@@ -103,7 +131,8 @@ impl Actor {
                 max_bytes: self.limits.memory_bytes,
                 hit: false,
             },
-            ctx: CallContext::default(),
+            call: None,
+            spawned: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -124,19 +153,17 @@ impl Actor {
             .max(1)
     }
 
-    /// Runs one call; returns its result, the context back, and whether the instance may
-    /// be reused.
+    /// Runs one call; returns its result and whether the instance may be reused.
     async fn serve(
         &self,
         slot: &mut Option<Instance>,
         call: Call,
-        ctx: CallContext,
-    ) -> (Result<Reply, PluginError>, CallContext, bool) {
+    ) -> (Result<Reply, PluginError>, bool) {
         let name = call.name();
         if slot.is_none() {
             match self.instantiate().await {
                 Ok(i) => *slot = Some(i),
-                Err(e) => return (Err(e), ctx, false),
+                Err(e) => return (Err(e), false),
             }
         }
         let Some(inst) = slot.as_mut() else {
@@ -144,55 +171,67 @@ impl Actor {
                 Err(PluginError::Gone {
                     plugin: self.name.clone(),
                 }),
-                ctx,
                 false,
             );
         };
-        inst.store.data_mut().ctx = ctx;
+        let (about, op) = call.split();
+        let w = about.as_ref().map(AdapterCall::view);
+        inst.store.data_mut().call = about;
+        inst.store.data_mut().spawned = None;
         inst.store.data_mut().memory.hit = false;
         inst.store.data_mut().reset_wasi();
         inst.store.set_epoch_deadline(self.deadline_ticks());
         let rt = inst.bindings.ferry_adapter_runtime();
         let store = &mut inst.store;
-        let outcome = match call {
-            Call::Describe => rt
+        let outcome = match (op, w) {
+            (Op::Describe, _) => rt
                 .call_describe(&mut *store)
                 .await
                 .map(|i| Ok(Reply::Info(i))),
-            Call::Probe(w) => rt
+            (_, None) => Ok(Err(super::bindings::AdapterError::Failed(
+                "the call names no workload".into(),
+            ))),
+            (Op::Probe, Some(w)) => rt
                 .call_probe(&mut *store, &w)
                 .await
                 .map(|p| Ok(Reply::Plan(p))),
-            Call::Prepare(w) => rt
+            (Op::Prepare, Some(w)) => rt
                 .call_prepare(&mut *store, &w)
                 .await
                 .map(|r| r.map(|_| Reply::Unit)),
-            Call::StartFresh(w) => rt
+            (Op::StartFresh, Some(w)) => rt
                 .call_start_fresh(&mut *store, &w)
                 .await
                 .map(|r| r.map(Reply::Pid)),
-            Call::Checkpoint(w) => rt
+            (Op::Checkpoint, Some(w)) => rt
                 .call_checkpoint(&mut *store, &w)
                 .await
                 .map(|r| r.map(Reply::Notes)),
-            Call::Restore(w, notes) => rt
+            (Op::Restore(notes), Some(w)) => rt
                 .call_restore(&mut *store, &w, &notes)
                 .await
                 .map(|r| r.map(Reply::Pid)),
-            Call::ResumeSource(w) => rt
+            (Op::ResumeSource, Some(w)) => rt
                 .call_resume_source(&mut *store, &w)
                 .await
                 .map(|r| r.map(Reply::MaybePid)),
-            Call::ReleaseSource(w) => rt
+            (Op::ReleaseSource, Some(w)) => rt
                 .call_release_source(&mut *store, &w)
                 .await
                 .map(|r| r.map(|_| Reply::Unit)),
         };
-        let ctx = std::mem::take(&mut store.data_mut().ctx);
+        store.data_mut().call = None;
+        let spawned = store.data_mut().spawned.take();
         let plugin = self.name.clone();
         match outcome {
-            Ok(Ok(reply)) => (Ok(reply), ctx, true),
-            Ok(Err(e)) => (Err(PluginError::from_adapter(&plugin, name, e)), ctx, true),
+            // A start hands back the process it started, with the holder when the host's
+            // `process.spawn` made it.
+            Ok(Ok(Reply::Pid(pid))) if name == "start-fresh" => {
+                let holder = spawned.filter(|s| s.pid == pid).map(|s| s.holder);
+                (Ok(Reply::Started(Spawned { pid, holder })), true)
+            }
+            Ok(Ok(reply)) => (Ok(reply), true),
+            Ok(Err(e)) => (Err(PluginError::from_adapter(&plugin, name, e)), true),
             Err(trap) => {
                 let err = if store.data().memory.hit {
                     PluginError::Memory {
@@ -221,7 +260,12 @@ impl Actor {
                     }
                 };
                 tracing::warn!(error = %err, "adapter call aborted; the instance is discarded");
-                (Err(err), ctx, false)
+                // A process the guest started before it trapped is not left behind.
+                if let Some(mut s) = spawned {
+                    process::kill(s.pid);
+                    let _ = s.holder.start_kill();
+                }
+                (Err(err), false)
             }
         }
     }

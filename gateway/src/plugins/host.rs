@@ -13,33 +13,15 @@ use wasmtime::{ResourceLimiter, Result as WtResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::ferry::adapter::{criu, exec, log, process as process_if};
-use super::manifest::Granted;
-use crate::config::Capability;
+use super::call::AdapterCall;
+use super::grant::{Capability, Granted};
 use crate::criu::{Criu, DumpRequest, Inherit, RestoreRequest};
-use crate::workload::process::{self, Started, WORKLOAD_PATH};
-use crate::workload::{Placement, WorkloadSpec};
+use crate::sys::process::{self, Started, WORKLOAD_PATH};
 
 /// Most stdout an `exec` call returns.
 const MAX_STDOUT: usize = 1 << 20;
 /// How much of stderr an `exec` call returns (its end).
 const STDERR_TAIL: usize = 4096;
-
-/// What the host needs to serve one call: the workload it is about and, for migrations,
-/// where its image lives. Filled by the engine before the call; `spawned` is filled by
-/// the host during it.
-#[derive(Default)]
-pub struct CallContext {
-    pub spec: Option<WorkloadSpec>,
-    pub pid: Option<i32>,
-    /// Start time of `pid`: the host signals only that exact process, never a reused pid.
-    pub pid_start: Option<u64>,
-    pub placement: Option<Placement>,
-    pub images: Option<PathBuf>,
-    /// The workload's log path at the source (restores re-point it to `placement.log`).
-    pub source_log: Option<PathBuf>,
-    /// Set by `process.spawn`: the holder to reap and watch.
-    pub spawned: Option<Started>,
-}
 
 /// Memory accounting for one instance; remembers whether the limit was hit so a trap can
 /// be reported as what it is.
@@ -79,7 +61,10 @@ pub struct State {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
     pub memory: MemoryLimit,
-    pub ctx: CallContext,
+    /// The call being served (none between calls and during `describe`).
+    pub call: Option<AdapterCall>,
+    /// What `process.spawn` started during this call.
+    pub spawned: Option<Started>,
 }
 
 impl WasiView for State {
@@ -104,22 +89,25 @@ impl State {
         }
     }
 
+    fn call(&self) -> Result<&AdapterCall, String> {
+        self.call
+            .as_ref()
+            .ok_or_else(|| "this call is about no workload".to_string())
+    }
+
     fn pid(&self) -> Result<i32, String> {
-        self.ctx
+        self.call()?
             .pid
             .ok_or_else(|| "the workload has no process at this site".to_string())
     }
 
     /// The workload's pid if that very process is still alive.
     fn live_pid(&self) -> Option<i32> {
-        match (self.ctx.pid, self.ctx.pid_start) {
-            (Some(p), Some(s)) if process::alive(p, s) => Some(p),
-            _ => None,
-        }
+        self.call.as_ref().and_then(AdapterCall::live_pid)
     }
 
     fn images(&self) -> Result<PathBuf, String> {
-        self.ctx
+        self.call()?
             .images
             .clone()
             .ok_or_else(|| "no migration image directory for this call".to_string())
@@ -153,10 +141,10 @@ impl State {
         if self.granted.allows(Capability::Files) {
             let dirs = [
                 (
-                    self.ctx.placement.as_ref().map(|p| p.work_dir.clone()),
+                    self.call.as_ref().map(|c| c.placement.work_dir.clone()),
                     "/work",
                 ),
-                (self.ctx.images.clone(), "/images"),
+                (self.call.as_ref().and_then(|c| c.images.clone()), "/images"),
             ];
             for (dir, guest) in dirs {
                 if let Some(dir) = dir.filter(|d| d.is_dir()) {
@@ -202,7 +190,7 @@ impl exec::Host for State {
         }
         let plugin = self.plugin.clone();
         if cmd.output == exec::OutputMode::WorkloadLog {
-            let Some(log) = self.ctx.placement.as_ref().map(|p| p.log.clone()) else {
+            let Some(log) = self.call.as_ref().map(|c| c.placement.log.clone()) else {
                 return Ok(Err("no workload log for this call".into()));
             };
             return Ok(run_into_log(&plugin, cmd, &log).await);
@@ -353,12 +341,9 @@ impl criu::Host for State {
         let prep = (|| {
             self.check(Capability::Criu)?;
             let images = self.images()?;
-            let placement = self
-                .ctx
-                .placement
-                .clone()
-                .ok_or("no placement for the restored workload")?;
-            let source_log = self.ctx.source_log.clone().ok_or("no source log path")?;
+            let call = self.call()?;
+            let placement = call.placement.clone();
+            let source_log = call.source_log.clone().ok_or("no source log path")?;
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -389,13 +374,8 @@ impl process_if::Host for State {
     async fn spawn(&mut self) -> WtResult<Result<i32, String>> {
         let prep = (|| {
             self.check(Capability::Process)?;
-            let spec = self.ctx.spec.clone().ok_or("no workload for this call")?;
-            let placement = self
-                .ctx
-                .placement
-                .clone()
-                .ok_or("no placement for this call")?;
-            Ok::<_, String>((spec, placement))
+            let call = self.call()?;
+            Ok::<_, String>((call.spec.clone(), call.placement.clone()))
         })();
         let (spec, placement) = match prep {
             Ok(v) => v,
@@ -412,7 +392,7 @@ impl process_if::Host for State {
         Ok(match started {
             Ok(started) => {
                 let pid = started.pid;
-                self.ctx.spawned = Some(started);
+                self.spawned = Some(started);
                 Ok(pid)
             }
             Err(e) => Err(e.to_string()),

@@ -5,6 +5,8 @@
 
 mod actor;
 mod bindings;
+mod call;
+pub mod grant;
 mod host;
 mod manifest;
 
@@ -19,12 +21,13 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::Engine;
 
-use crate::config::{Capability, SiteConfig};
 use crate::criu::Criu;
 use actor::{Actor, Call, Limits, Reply, Request};
-pub use bindings::{AdapterInfo, Approach, Plan, Workload};
-pub use host::CallContext;
-pub use manifest::{Granted, Manifest};
+pub use bindings::{AdapterInfo, Approach, Plan};
+pub use call::{AdapterCall, Spawned};
+use grant::capability_of;
+pub use grant::{Capability, Grant, Granted};
+pub use manifest::Manifest;
 
 /// How an approach is named in records and listings.
 pub fn approach_name(a: Approach) -> &'static str {
@@ -140,22 +143,16 @@ impl AdapterHandle {
         &self.name
     }
 
-    async fn call(
-        &self,
-        call: Call,
-        ctx: CallContext,
-    ) -> (Result<Reply, PluginError>, CallContext) {
+    async fn call(&self, call: Call) -> Result<Reply, PluginError> {
         let (reply, rx) = oneshot::channel();
         let gone = || PluginError::Gone {
             plugin: self.name.clone(),
         };
-        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request { call, ctx, reply }).await {
-            return (Err(gone()), req.ctx);
-        }
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => (Err(gone()), CallContext::default()),
-        }
+        self.tx
+            .send(Request { call, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     fn protocol(&self, call: &'static str) -> PluginError {
@@ -166,44 +163,36 @@ impl AdapterHandle {
     }
 
     pub async fn describe(&self) -> Result<AdapterInfo, PluginError> {
-        match self.call(Call::Describe, CallContext::default()).await.0? {
+        match self.call(Call::Describe).await? {
             Reply::Info(i) => Ok(i),
             _ => Err(self.protocol("describe")),
         }
     }
 
-    pub async fn probe(&self, w: Workload) -> Result<Plan, PluginError> {
-        match self.call(Call::Probe(w), CallContext::default()).await.0? {
+    pub async fn probe(&self, call: AdapterCall) -> Result<Plan, PluginError> {
+        match self.call(Call::Probe(call)).await? {
             Reply::Plan(p) => Ok(p),
             _ => Err(self.protocol("probe")),
         }
     }
 
-    pub async fn prepare(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {
-        self.call(Call::Prepare(w), ctx).await.0.map(|_| ())
+    pub async fn prepare(&self, call: AdapterCall) -> Result<(), PluginError> {
+        self.call(Call::Prepare(call)).await.map(|_| ())
     }
 
-    /// Starts a workload; returns its pid and the context (holding a spawned holder).
-    pub async fn start_fresh(
-        &self,
-        w: Workload,
-        ctx: CallContext,
-    ) -> (Result<i32, PluginError>, CallContext) {
-        let (r, ctx) = self.call(Call::StartFresh(w), ctx).await;
-        let r = match r {
-            Ok(Reply::Pid(p)) => Ok(p),
-            Ok(_) => Err(self.protocol("start-fresh")),
-            Err(e) => Err(e),
-        };
-        (r, ctx)
+    /// Starts a workload; returns the process it started.
+    pub async fn start_fresh(&self, call: AdapterCall) -> Result<Spawned, PluginError> {
+        match self.call(Call::StartFresh(call)).await? {
+            Reply::Started(s) => Ok(s),
+            _ => Err(self.protocol("start-fresh")),
+        }
     }
 
     pub async fn checkpoint(
         &self,
-        w: Workload,
-        ctx: CallContext,
+        call: AdapterCall,
     ) -> Result<Vec<(String, String)>, PluginError> {
-        match self.call(Call::Checkpoint(w), ctx).await.0? {
+        match self.call(Call::Checkpoint(call)).await? {
             Reply::Notes(n) => Ok(n),
             _ => Err(self.protocol("checkpoint")),
         }
@@ -211,50 +200,45 @@ impl AdapterHandle {
 
     pub async fn restore(
         &self,
-        w: Workload,
+        call: AdapterCall,
         notes: Vec<(String, String)>,
-        ctx: CallContext,
     ) -> Result<i32, PluginError> {
-        match self.call(Call::Restore(w, notes), ctx).await.0? {
+        match self.call(Call::Restore(call, notes)).await? {
             Reply::Pid(p) => Ok(p),
             _ => Err(self.protocol("restore")),
         }
     }
 
     /// Returns the source's new pid if resuming started a new process.
-    pub async fn resume_source(
-        &self,
-        w: Workload,
-        ctx: CallContext,
-    ) -> Result<Option<i32>, PluginError> {
-        match self.call(Call::ResumeSource(w), ctx).await.0? {
+    pub async fn resume_source(&self, call: AdapterCall) -> Result<Option<i32>, PluginError> {
+        match self.call(Call::ResumeSource(call)).await? {
             Reply::MaybePid(p) => Ok(p),
             _ => Err(self.protocol("resume-source")),
         }
     }
 
-    pub async fn release_source(&self, w: Workload, ctx: CallContext) -> Result<(), PluginError> {
-        self.call(Call::ReleaseSource(w), ctx).await.0.map(|_| ())
+    pub async fn release_source(&self, call: AdapterCall) -> Result<(), PluginError> {
+        self.call(Call::ReleaseSource(call)).await.map(|_| ())
     }
+}
+
+/// What a site's plugin host needs from its configuration.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// Folder of `NAME.wasm` components beside their `NAME.toml` manifests.
+    pub dir: PathBuf,
+    /// Where compiled components are cached.
+    pub cache_dir: PathBuf,
+    pub call_timeout: Duration,
+    pub memory_limit_mb: u64,
+    /// What the site grants each adapter, by name.
+    pub grants: BTreeMap<String, Grant>,
 }
 
 /// All adapters of a site.
 pub struct PluginHost {
     infos: Vec<PluginInfo>,
     by_runtime: BTreeMap<String, AdapterHandle>,
-}
-
-/// How an interface of the `ferry:adapter` package maps to a capability.
-fn capability_of(import: &str) -> Option<Option<Capability>> {
-    let iface = import.strip_prefix("ferry:adapter/")?;
-    let iface = iface.split('@').next().unwrap_or(iface);
-    Some(match iface {
-        "log" => Some(Capability::Log),
-        "exec" => Some(Capability::Exec),
-        "criu" => Some(Capability::Criu),
-        "process" => Some(Capability::Process),
-        _ => None,
-    })
 }
 
 fn engine() -> Result<Engine, PluginError> {
@@ -301,12 +285,10 @@ fn compile(
     );
     let cached = cache_dir.join(key);
     if cached.is_file() {
-        // SAFETY: the cache holds only what this gateway serialized, keyed by the
-        // engine's compatibility hash; a file that fails to load is recompiled.
-        match unsafe { Component::deserialize_file(engine, &cached) } {
+        match crate::sys::wasm::load_precompiled(engine, &cached) {
             Ok(c) => return Ok(c),
             Err(e) => {
-                tracing::warn!(plugin = name, error = %e, "stale compile cache entry; recompiling")
+                tracing::warn!(plugin = name, error = %e, "stale compile cache entry; recompiling");
             }
         }
     }
@@ -329,8 +311,8 @@ fn compile(
 impl PluginHost {
     /// Loads every `NAME.wasm` with a `NAME.toml` manifest from the plugin folder. A plugin
     /// that fails to load is reported (and listed with its reason), not fatal.
-    pub async fn load(cfg: &SiteConfig, criu: Criu) -> Result<Arc<Self>, PluginError> {
-        let dir = &cfg.plugins.dir;
+    pub async fn load(cfg: &HostSettings, criu: Criu) -> Result<Arc<Self>, PluginError> {
+        let dir = &cfg.dir;
         let mut infos = Vec::new();
         let mut by_runtime = BTreeMap::new();
         if !dir.is_dir() {
@@ -387,7 +369,7 @@ impl PluginHost {
     }
 
     async fn load_one(
-        cfg: &SiteConfig,
+        cfg: &HostSettings,
         engine: &Engine,
         linker: &Arc<Linker<host::State>>,
         criu: &Criu,
@@ -431,9 +413,9 @@ impl PluginHost {
         };
         info.version = manifest.version.clone();
         info.asks = manifest.capabilities.clone();
-        let granted = Granted::intersect(&manifest, cfg.plugins.grants.get(&manifest.name));
+        let granted = Granted::intersect(&manifest, cfg.grants.get(&manifest.name));
         info.granted = granted.clone();
-        let component = match compile(engine, &manifest.name, wasm, &cfg.plugin_cache_dir()) {
+        let component = match compile(engine, &manifest.name, wasm, &cfg.cache_dir) {
             Ok(c) => c,
             Err(e) => return fail(info, e),
         };
@@ -457,8 +439,8 @@ impl PluginHost {
             granted: Arc::new(granted),
             criu: criu.clone(),
             limits: Limits {
-                call_timeout: Duration::from_millis(cfg.plugins.call_timeout_ms),
-                memory_bytes: (cfg.plugins.memory_limit_mb as usize) << 20,
+                call_timeout: cfg.call_timeout,
+                memory_bytes: (cfg.memory_limit_mb as usize) << 20,
             },
         };
         tokio::spawn(tracing::Instrument::instrument(
@@ -505,20 +487,5 @@ impl PluginHost {
                         .join(", ")
                 },
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn imports_map_to_capabilities() {
-        assert_eq!(
-            capability_of("ferry:adapter/exec@0.1.0"),
-            Some(Some(Capability::Exec))
-        );
-        assert_eq!(capability_of("ferry:adapter/types@0.1.0"), Some(None));
-        assert_eq!(capability_of("wasi:cli/environment@0.2.6"), None);
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::{watch, Mutex};
 use super::tcp::dial;
 use super::{wait_for_target, HoldLimits, Routed, Target};
 use crate::peer::PeerLink;
-use crate::workload::RouteSpec;
+use crate::spec::RouteSpec;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -139,8 +139,7 @@ fn redirect(
     let path = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+        .map_or("/", hyper::http::uri::PathAndQuery::as_str);
     let mut r = plain(
         StatusCode::TEMPORARY_REDIRECT,
         format!("moved to site {peer}\n"),
@@ -170,7 +169,7 @@ async fn forward(
     if let Some((kept, sender)) = backend.as_mut().filter(|(t, _)| t == target) {
         if sender.ready().await.is_ok() {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|b| b.boxed())),
+                Ok(resp) => return Ok(resp.map(http_body_util::BodyExt::boxed)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
@@ -194,7 +193,7 @@ async fn forward(
     });
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     *backend = Some((target.clone(), sender));
-    Ok(resp.map(|b| b.boxed()))
+    Ok(resp.map(http_body_util::BodyExt::boxed))
 }
 
 /// An HTTP/2 request as the workload gets it: HTTP/1.1, origin-form target, `Host` from
@@ -211,8 +210,7 @@ fn as_http1<B>(req: &mut Request<B>) {
     let path = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     if let Ok(uri) = path.parse::<Uri>() {
         *req.uri_mut() = uri;
     }

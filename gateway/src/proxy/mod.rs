@@ -6,6 +6,7 @@
 
 mod http;
 mod tcp;
+mod tunnel;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,8 +19,10 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use tokio_util::task::TaskTracker;
+
 use crate::peer::PeerLink;
-use crate::workload::{RouteMode, RouteSpec, WorkloadSpec};
+use crate::spec::{RouteMode, RouteSpec, WorkloadSpec};
 
 #[derive(Debug, Error)]
 pub enum ProxyError {
@@ -92,11 +95,14 @@ pub(crate) struct Routed {
     routes: Vec<RouteSpec>,
 }
 
+/// The site's ingress: every workload here that has a port (its routes, if any, and the
+/// far end of tunnels to it), and where its traffic goes now.
 pub struct Ingress {
     peers: Arc<PeerLink>,
     routed: DashMap<String, Arc<Routed>>,
     limits: HoldLimits,
     cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// A workload's routes now: where they lead and how many connections they carry.
@@ -124,6 +130,7 @@ impl Ingress {
             routed: DashMap::new(),
             limits,
             cancel,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -142,10 +149,11 @@ impl Ingress {
         Ok(())
     }
 
-    /// Serves `spec`'s routes to the workload's local port. If this site still forwards
-    /// them (the workload left and came back), they simply point here again.
+    /// Serves `spec`'s routes (and tunnels from peers) to the workload's local port. If
+    /// this site still forwards them (the workload left and came back), they simply point
+    /// here again.
     pub async fn open(self: &Arc<Self>, spec: &WorkloadSpec) -> Result<(), ProxyError> {
-        let (Some(port), false) = (spec.port, spec.routes.is_empty()) else {
+        let Some(port) = spec.port else {
             return Ok(());
         };
         if let Some(r) = self.routed.get(&spec.name) {
@@ -177,13 +185,15 @@ impl Ingress {
             let this = Arc::clone(self);
             let routed = Arc::clone(&routed);
             let addr = l.local_addr().ok();
-            tokio::spawn(
+            self.tasks.spawn(
                 async move { this.accept(l, route, routed).await }.instrument(
                     tracing::info_span!("route", workload = %spec.name, listen = ?addr),
                 ),
             );
         }
-        tracing::info!(workload = %spec.name, routes = spec.routes.len(), port, "ingress routes open");
+        if !spec.routes.is_empty() {
+            tracing::info!(workload = %spec.name, routes = spec.routes.len(), port, "ingress routes open");
+        }
         self.routed.insert(spec.name.clone(), routed);
         Ok(())
     }
@@ -207,10 +217,10 @@ impl Ingress {
             let limits = self.limits.clone();
             let span = tracing::debug_span!("client", %remote);
             match route.mode {
-                RouteMode::Tcp => {
-                    tokio::spawn(tcp::serve(conn, routed, peers, limits).instrument(span))
-                }
-                RouteMode::Http => tokio::spawn(
+                RouteMode::Tcp => self
+                    .tasks
+                    .spawn(tcp::serve(conn, routed, peers, limits).instrument(span)),
+                RouteMode::Http => self.tasks.spawn(
                     http::serve(conn, route.clone(), routed, peers, limits).instrument(span),
                 ),
             };
@@ -221,7 +231,9 @@ impl Ingress {
     pub fn close(&self, workload: &str) {
         if let Some((_, r)) = self.routed.remove(workload) {
             r.cancel.cancel();
-            tracing::info!(workload, "ingress routes closed");
+            if !r.routes.is_empty() {
+                tracing::info!(workload, "ingress routes closed");
+            }
         }
     }
 
@@ -229,14 +241,14 @@ impl Ingress {
     /// (and their connections with them). Refused while it runs or moves here.
     pub fn close_forwarded(&self, workload: &str) -> Result<(), ProxyError> {
         let removed = self.routed.remove_if(workload, |_, r| {
-            matches!(*r.target.borrow(), Target::Remote(_))
+            !r.routes.is_empty() && matches!(*r.target.borrow(), Target::Remote(_))
         });
         if let Some((_, r)) = removed {
             r.cancel.cancel();
             tracing::info!(workload, "forwarding routes closed");
             return Ok(());
         }
-        match self.routed.get(workload) {
+        match self.routed.get(workload).filter(|r| !r.routes.is_empty()) {
             Some(r) => Err(ProxyError::NotForwarded {
                 workload: workload.to_string(),
                 target: r.target.borrow().clone(),
@@ -285,13 +297,25 @@ impl Ingress {
         report
     }
 
-    /// Lets held traffic go to `target`.
+    /// Lets held traffic go to `target`. A workload without routes that moved away is
+    /// forgotten here: nothing at this site leads to it any more.
     pub fn release(&self, workload: &str, target: Target) {
-        if let Some(r) = self.routed.get(workload) {
+        if let Some(r) = self.routed.get(workload).map(|r| Arc::clone(&r)) {
             let held = r.held.load(Ordering::SeqCst);
             tracing::info!(workload, ?target, held, "traffic released");
+            let moved = matches!(target, Target::Remote(_));
             r.target.send_replace(target);
+            if moved && r.routes.is_empty() {
+                self.close(workload);
+            }
         }
+    }
+
+    /// At shutdown: waits (bounded) for the route and connection tasks to end.
+    pub async fn drain(&self, timeout: Duration) {
+        self.cancel.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(timeout, self.tasks.wait()).await;
     }
 
     /// Each workload's routes: target and connections.
@@ -299,6 +323,7 @@ impl Ingress {
         let mut v: Vec<RouteStats> = self
             .routed
             .iter()
+            .filter(|e| !e.routes.is_empty())
             .map(|e| RouteStats {
                 workload: e.key().clone(),
                 routes: e.routes.clone(),

@@ -13,8 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{wait_for_target, HoldLimits, Routed, Target};
-use crate::peer::wire::{Request, Response};
-use crate::peer::{read_frame, write_frame, PeerLink};
+use crate::peer::PeerLink;
 
 /// No backend bytes for this long after the last answer = a quiet point.
 const QUIET: Duration = Duration::from_millis(15);
@@ -74,26 +73,8 @@ pub(super) async fn dial(
             Ok((Box::new(r), Box::new(w)))
         }
         Target::Remote(peer) => {
-            let (mut send, mut recv) = peers.open(peer).await.map_err(|e| e.to_string())?;
-            write_frame(
-                peer,
-                &mut send,
-                &Request::Tunnel {
-                    workload: routed.workload.clone(),
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            match read_frame::<Response>(peer, &mut recv)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                Response::TunnelOpen => Ok((Box::new(recv), Box::new(send))),
-                Response::Error { message, .. } => {
-                    Err(format!("peer {peer} refused the tunnel: {message}"))
-                }
-                other => Err(format!("peer {peer} answered the tunnel with {other:?}")),
-            }
+            let (r, w) = super::tunnel::open(peers, peer, &routed.workload).await?;
+            Ok((Box::new(r), Box::new(w)))
         }
         Target::Held => Err("route is held".into()),
     }

@@ -59,20 +59,7 @@ fn env(name: &str, default: &str) -> String {
 
 /// Big socket buffers: a relay that drops datagrams would measure itself, not the link.
 fn big_buffers(s: &tokio::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size: libc::c_int = 32 << 20;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        // SAFETY: setsockopt on a valid socket with an int option.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    ferry::sys::net::set_buffers(s, 32 << 20);
 }
 
 /// Kills a process by pid when dropped (the plain run's Redis, if the run fails early).
@@ -80,8 +67,7 @@ struct KillPid(i32);
 
 impl Drop for KillPid {
     fn drop(&mut self) {
-        // SAFETY: kill(2) with a valid signal.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
+        ferry::sys::process::signal(self.0, libc::SIGKILL);
     }
 }
 
@@ -199,7 +185,7 @@ async fn udp_relay(listen: SocketAddr, target: SocketAddr, delay: Duration) -> R
             b.to = target;
             let _ = to_target.send(b);
         })
-        .await
+        .await;
     });
     back.drain_into(delay, |mut b| {
         if let Some(to) = client.lock().ok().and_then(|c| *c) {
@@ -360,7 +346,7 @@ fn populate(sites: &TwoSites, port: u16, mib: u64) -> Result<()> {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut value = vec![0u8; 1000];
     for k in 0..keys {
-        for b in value.iter_mut() {
+        for b in &mut value {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;

@@ -193,8 +193,7 @@ async fn main() -> Result<()> {
     lat.sort();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1e3)
-            .unwrap_or(0.0)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     std::fs::write(
         &args[4],
@@ -216,7 +215,7 @@ async fn main() -> Result<()> {
             "failed": r.failed.len(),
             "unavailable": r.unavailable,
             "max_gap_ms": r.max_gap.as_secs_f64() * 1e3,
-            "max_stall_ms": lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+            "max_stall_ms": lat.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
             "errors": first_errors,

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use ferry::config::SiteConfig;
 use ferry::criu::Criu;
-use ferry::plugins::{PluginHost, Workload};
+use ferry::gateway::plugin_settings;
+use ferry::plugins::{AdapterCall, PluginHost};
+use ferry::spec::{Placement, WorkloadSpec};
 
 fn stats(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -26,21 +28,24 @@ fn stats(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
-fn workload() -> Workload {
-    Workload {
+fn workload() -> AdapterCall {
+    let spec = WorkloadSpec {
         name: "redis".into(),
         runtime: "process".into(),
         command: vec!["redis-server".into(), "--port".into(), "6379".into()],
         port: Some(6379),
-        env: vec![("LANG".into(), "C".into())],
-        settings: Vec::new(),
-        pid: Some(4242),
+        env: [("LANG".to_string(), "C".to_string())].into(),
+        settings: Default::default(),
+        routes: Vec::new(),
+    };
+    let placement = Placement {
         work_dir: "/var/lib/ferry/workdirs/redis".into(),
-        log_path: "/var/lib/ferry/logs/redis.log".into(),
-        images_dir: None,
-        site: "a".into(),
-        peer: Some("b".into()),
-    }
+        log: "/var/lib/ferry/logs/redis.log".into(),
+        cgroup: None,
+    };
+    let mut call = AdapterCall::new(spec, placement, "a").with_peer("b");
+    call.pid = Some(4242);
+    call
 }
 
 #[tokio::main]
@@ -65,14 +70,14 @@ async fn main() -> Result<()> {
     let cfg = SiteConfig::load(&dir.join("site.toml"))?;
 
     let t = Instant::now();
-    let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
     println!(
         "load, compiling the component      {:>8.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
     drop(host);
     let t = Instant::now();
-    let host = PluginHost::load(&cfg, Criu::new(PathBuf::from("criu"))).await?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
     println!(
         "load, from the compile cache       {:>8.1} ms",
         t.elapsed().as_secs_f64() * 1e3

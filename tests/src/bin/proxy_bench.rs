@@ -121,8 +121,7 @@ async fn load(addr: &str, conns: usize, seconds: f64) -> Result<Value> {
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map(|us| f64::from(*us) / 1e3)
-            .unwrap_or(0.0)
+            .map_or(0.0, |us| f64::from(*us) / 1e3)
     };
     Ok(json!({
         "requests": lat.len(),
@@ -165,8 +164,7 @@ struct Nginx(std::process::Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child with a valid signal.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        ferry::sys::process::signal(self.0.id() as i32, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -265,7 +263,7 @@ fn bench(args: &[String]) -> Result<()> {
     println!(
         "GET / answered by nginx (1 worker) at site A; closed-loop keep-alive clients \
          (1 thread), {seconds} s per row after 1 s warm-up; all on this machine's {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
         "{:<22} {:>6} {:>11} {:>9} {:>9}",

@@ -1,7 +1,6 @@
-//! Process-tree mechanics for workloads: start a command in its own PID namespace as
-//! session leader inside a cgroup, find and signal its tree, and wait for its end.
+//! Process-tree mechanics: start a command in its own PID namespace as session leader
+//! inside a cgroup, find and signal its tree, wait for its end, and probe ports.
 
-use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,7 +9,21 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
-use super::WorkloadError;
+use thiserror::Error;
+
+/// Starting a process tree failed.
+#[derive(Debug, Error)]
+pub enum SpawnError {
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the workload exited at once; see its log {log}")]
+    ExitedEarly { log: PathBuf },
+}
 
 /// PATH given to every workload: the same on every site, whatever the gateway's own.
 pub const WORKLOAD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -33,17 +46,17 @@ pub struct Launch<'a> {
 /// Starts `command` as PID 1 of a new PID namespace and leader of its own session, with
 /// stdin from /dev/null and stdout/stderr appended to `log`. This is the shape CRIU can
 /// dump and restore on another site without help from its parent.
-pub async fn start(l: Launch<'_>) -> Result<Started, WorkloadError> {
+pub async fn start(l: Launch<'_>) -> Result<Started, SpawnError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(l.log)
-        .map_err(|source| WorkloadError::Io {
+        .map_err(|source| SpawnError::Io {
             what: "open the workload log",
             path: l.log.to_path_buf(),
             source,
         })?;
-    let log2 = log.try_clone().map_err(|source| WorkloadError::Io {
+    let log2 = log.try_clone().map_err(|source| SpawnError::Io {
         what: "duplicate the workload log",
         path: l.log.to_path_buf(),
         source,
@@ -59,46 +72,27 @@ pub async fn start(l: Launch<'_>) -> Result<Started, WorkloadError> {
         .stdout(log)
         .stderr(log2)
         .kill_on_drop(false);
-    let procs = match l.cgroup {
-        Some(dir) => Some(cstring(&dir.join("cgroup.procs"))?),
-        None => None,
-    };
-    // SAFETY: setsid and the cgroup write are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            // The holder leads a new session, so its forked child is not a group leader and
-            // `setsid` makes the namespace init the leader of a session of its own.
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(p) = &procs {
-                crate::criu::join_cgroup(p)?;
-            }
-            Ok(())
-        });
-    }
-    let holder = cmd.spawn().map_err(|source| WorkloadError::Io {
+    // The holder leads a new session, so its forked child is not a group leader and
+    // `setsid` makes the namespace init the leader of a session of its own.
+    super::exec::new_session_in_cgroup(&mut cmd, l.cgroup).map_err(|source| SpawnError::Io {
+        what: "use the cgroup",
+        path: l.cgroup.map(Path::to_path_buf).unwrap_or_default(),
+        source,
+    })?;
+    let holder = cmd.spawn().map_err(|source| SpawnError::Io {
         what: "start unshare (util-linux)",
         path: PathBuf::from("unshare"),
         source,
     })?;
-    let holder_pid = holder.id().ok_or(WorkloadError::ExitedEarly {
+    let holder_pid = holder.id().ok_or(SpawnError::ExitedEarly {
         log: l.log.to_path_buf(),
     })? as i32;
     let pid = find_child(holder_pid)
         .await
-        .ok_or(WorkloadError::ExitedEarly {
+        .ok_or(SpawnError::ExitedEarly {
             log: l.log.to_path_buf(),
         })?;
     Ok(Started { holder, pid })
-}
-
-fn cstring(p: &Path) -> Result<CString, WorkloadError> {
-    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| WorkloadError::Io {
-        what: "use a path with a NUL byte",
-        path: p.to_path_buf(),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })
 }
 
 /// The holder's forked child (the namespace init), once it exists.
@@ -168,6 +162,18 @@ pub fn resume(init: i32) -> usize {
         unsafe { libc::kill(*pid, libc::SIGCONT) };
     }
     pids.len()
+}
+
+/// Sends `signal` to one process (best effort: a process that is gone is not an error).
+pub fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill(2) takes any pid and signal number; a bad one is an error return.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// Does this process run with root's effective uid?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Kills the whole tree: SIGKILL to a namespace's init takes every process in it along.

@@ -1,0 +1,34 @@
+//! Facts about a CRIU image directory that the rest of Ferry relies on: which files hold
+//! the memory pages (written front to back, so they can travel while the dump runs),
+//! which are CRIU's own logs (never sent), and where a restore leaves its pid.
+
+/// CRIU's log of a dump, written into the image directory.
+pub const DUMP_LOG: &str = "dump.log";
+/// CRIU's log of a restore.
+pub const RESTORE_LOG: &str = "restore.log";
+/// Where `criu restore --pidfile` writes the restored root's host pid.
+pub const RESTORE_PIDFILE: &str = "restore.pid";
+
+/// A page image (`pages-N.img`): nearly all of an image's bytes, written front to back.
+pub fn is_page_image(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// A file of the image directory that is not part of the image (logs, the pidfile).
+pub fn is_local_only(name: &str) -> bool {
+    name.ends_with(".log") || name == RESTORE_PIDFILE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_stream_and_logs_stay() {
+        assert!(is_page_image("pages-1.img"));
+        assert!(!is_page_image("pagemap-1.img"));
+        assert!(is_local_only(DUMP_LOG));
+        assert!(is_local_only(RESTORE_PIDFILE));
+        assert!(!is_local_only("inventory.img"));
+    }
+}

@@ -1,0 +1,119 @@
+//! One call into an adapter, as a single value: the workload it is about as this site
+//! sees it, and what the host may act on while the call runs (that process, that
+//! placement, that image directory). The WIT `workload` record the guest receives is
+//! derived from it in exactly one place ([`AdapterCall::view`]).
+
+use std::path::PathBuf;
+
+use crate::spec::{Placement, Workload, WorkloadSpec};
+use crate::sys::process;
+
+use super::bindings;
+
+#[derive(Debug, Clone)]
+pub struct AdapterCall {
+    pub spec: WorkloadSpec,
+    /// This site's name.
+    pub site: String,
+    /// During a migration, the other site.
+    pub peer: Option<String>,
+    /// The workload's root process here, if it runs here.
+    pub pid: Option<i32>,
+    /// Start time of `pid`: the host signals only that exact process, never a reused pid.
+    pub pid_start: Option<u64>,
+    pub placement: Placement,
+    /// The migration's image directory at this site (checkpoint and restore).
+    pub images: Option<PathBuf>,
+    /// The workload's log path at the source (a restore re-points it to `placement.log`).
+    pub source_log: Option<PathBuf>,
+}
+
+impl AdapterCall {
+    /// A call about a workload that does not run yet (a start, a test).
+    pub fn new(spec: WorkloadSpec, placement: Placement, site: &str) -> Self {
+        Self {
+            spec,
+            site: site.to_string(),
+            peer: None,
+            pid: None,
+            pid_start: None,
+            placement,
+            images: None,
+            source_log: None,
+        }
+    }
+
+    /// A call about workload `w` as this site records it.
+    pub fn for_workload(w: &Workload) -> Self {
+        Self {
+            spec: w.spec.clone(),
+            site: w.site.clone(),
+            peer: None,
+            pid: w.pid,
+            pid_start: w.pid_start,
+            placement: w.placement(),
+            images: None,
+            source_log: None,
+        }
+    }
+
+    pub fn with_peer(mut self, peer: &str) -> Self {
+        self.peer = Some(peer.to_string());
+        self
+    }
+
+    pub fn with_images(mut self, dir: PathBuf) -> Self {
+        self.images = Some(dir);
+        self
+    }
+
+    pub fn with_source_log(mut self, log: PathBuf) -> Self {
+        self.source_log = Some(log);
+        self
+    }
+
+    /// The call is about process `pid` (identified with its start time from now on).
+    pub fn with_pid(mut self, pid: i32) -> Self {
+        self.pid = Some(pid);
+        self.pid_start = process::start_time(pid);
+        self
+    }
+
+    /// The workload's pid if that very process is still alive.
+    pub fn live_pid(&self) -> Option<i32> {
+        match (self.pid, self.pid_start) {
+            (Some(p), Some(s)) if process::alive(p, s) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The WIT record the guest receives.
+    pub(super) fn view(&self) -> bindings::Workload {
+        let pairs = |m: &std::collections::BTreeMap<String, String>| {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        bindings::Workload {
+            name: self.spec.name.clone(),
+            runtime: self.spec.runtime.clone(),
+            command: self.spec.command.clone(),
+            port: self.spec.port,
+            env: pairs(&self.spec.env),
+            settings: pairs(&self.spec.settings),
+            pid: self.pid,
+            work_dir: self.placement.work_dir.display().to_string(),
+            log_path: self.placement.log.display().to_string(),
+            images_dir: self.images.as_ref().map(|p| p.display().to_string()),
+            site: self.site.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+/// A process an adapter's `start-fresh` started.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    /// The holder of the gateway's own process tree (`process.spawn`), to reap and watch;
+    /// none when the runtime started it (runc, podman).
+    pub holder: Option<tokio::process::Child>,
+}

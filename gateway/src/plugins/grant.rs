@@ -1,0 +1,176 @@
+//! Capabilities: what a site grants an adapter (`[plugins.grants.NAME]` in site.toml),
+//! what the adapter's manifest asks for, and the intersection the host enforces at load
+//! and on every call.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::Manifest;
+
+/// What a site grants one adapter. An adapter gets a capability only if its manifest asks
+/// for it too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    /// Programs the adapter may run through `exec` (names looked up on PATH, or paths).
+    #[serde(default)]
+    pub exec: Vec<String>,
+    /// Addresses the adapter may connect to (with the `sockets` capability).
+    #[serde(default)]
+    pub sockets: Vec<SocketAddr>,
+}
+
+/// A host capability an adapter can be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Log,
+    Exec,
+    Criu,
+    Process,
+    /// WASI access to the workload's image and work directories (nothing else).
+    Files,
+    /// WASI TCP/UDP connections to the granted addresses only.
+    Sockets,
+}
+
+impl Capability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Log => "log",
+            Capability::Exec => "exec",
+            Capability::Criu => "criu",
+            Capability::Process => "process",
+            Capability::Files => "files",
+            Capability::Sockets => "sockets",
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an adapter may actually do: asked for by its manifest AND granted by the site.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Granted {
+    pub capabilities: Vec<Capability>,
+    pub exec: Vec<String>,
+    pub sockets: Vec<SocketAddr>,
+}
+
+impl Granted {
+    pub fn intersect(manifest: &Manifest, grant: Option<&Grant>) -> Self {
+        let Some(grant) = grant else {
+            return Self::default();
+        };
+        let mut capabilities: Vec<Capability> = manifest
+            .capabilities
+            .iter()
+            .copied()
+            .filter(|c| grant.capabilities.contains(c))
+            .collect();
+        capabilities.sort();
+        capabilities.dedup();
+        let exec = if capabilities.contains(&Capability::Exec) {
+            grant.exec.clone()
+        } else {
+            Vec::new()
+        };
+        let sockets = if capabilities.contains(&Capability::Sockets) {
+            grant.sockets.clone()
+        } else {
+            Vec::new()
+        };
+        Self {
+            capabilities,
+            exec,
+            sockets,
+        }
+    }
+
+    pub fn allows(&self, c: Capability) -> bool {
+        self.capabilities.contains(&c)
+    }
+
+    /// May the adapter run `program`? Only exact allow-list entries (a bare name or a path).
+    pub fn allows_program(&self, program: &str) -> bool {
+        self.allows(Capability::Exec) && self.exec.iter().any(|p| p == program)
+    }
+}
+
+/// How an interface of the `ferry:adapter` package maps to a capability: `None` if the
+/// import is not Ferry's, `Some(None)` for Ferry interfaces anyone may import (types).
+pub fn capability_of(import: &str) -> Option<Option<Capability>> {
+    let iface = import.strip_prefix("ferry:adapter/")?;
+    let iface = iface.split('@').next().unwrap_or(iface);
+    Some(match iface {
+        "log" => Some(Capability::Log),
+        "exec" => Some(Capability::Exec),
+        "criu" => Some(Capability::Criu),
+        "process" => Some(Capability::Process),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(caps: &[Capability]) -> Manifest {
+        Manifest {
+            name: "x".into(),
+            version: "1".into(),
+            world: super::super::manifest::WORLD.into(),
+            capabilities: caps.to_vec(),
+        }
+    }
+
+    #[test]
+    fn imports_map_to_capabilities() {
+        assert_eq!(
+            capability_of("ferry:adapter/exec@0.1.0"),
+            Some(Some(Capability::Exec))
+        );
+        assert_eq!(capability_of("ferry:adapter/types@0.1.0"), Some(None));
+        assert_eq!(capability_of("wasi:cli/environment@0.2.6"), None);
+    }
+
+    #[test]
+    fn a_capability_needs_both_the_ask_and_the_grant() {
+        let m = manifest(&[Capability::Log, Capability::Exec, Capability::Criu]);
+        let g = Grant {
+            capabilities: vec![Capability::Log, Capability::Process, Capability::Criu],
+            exec: vec!["runc".into()],
+            sockets: Vec::new(),
+        };
+        let got = Granted::intersect(&m, Some(&g));
+        assert_eq!(got.capabilities, vec![Capability::Log, Capability::Criu]);
+        assert!(!got.allows(Capability::Process), "granted but not asked");
+        assert!(!got.allows(Capability::Exec), "asked but not granted");
+        assert!(
+            !got.allows_program("runc"),
+            "exec list needs the exec capability"
+        );
+        assert_eq!(Granted::intersect(&m, None), Granted::default());
+    }
+
+    #[test]
+    fn programs_must_be_listed_exactly() {
+        let m = manifest(&[Capability::Exec]);
+        let g = Grant {
+            capabilities: vec![Capability::Exec],
+            exec: vec!["runc".into()],
+            sockets: Vec::new(),
+        };
+        let got = Granted::intersect(&m, Some(&g));
+        assert!(got.allows_program("runc"));
+        assert!(!got.allows_program("/usr/sbin/runc"));
+        assert!(!got.allows_program("sh"));
+    }
+}

@@ -1,0 +1,291 @@
+//! The workload vocabulary every layer shares: what to run (`WorkloadSpec`), where clients
+//! reach it (`RouteSpec`), where it lives on a site (`Placement`), and its durable record
+//! (`Workload`). Plain data with validation; no behaviour that needs another module.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::names::{self, NameError};
+
+/// A workload description was rejected; the message says what to change.
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("invalid workload: {0}")]
+    Invalid(String),
+}
+
+/// What to run, as given to `POST /v1/workloads`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub name: String,
+    /// Program and arguments; the program is looked up on a fixed PATH.
+    pub command: Vec<String>,
+    /// TCP port the workload serves; checked free before start and answering after start
+    /// and after a restore.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Which adapter runs it: "process" (a bare process tree), "runc", …
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+    /// Runtime-specific settings handed to the adapter.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+    /// Ingress routes: where clients reach the workload at its site. They move with it.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// A listen address at the site whose traffic goes to the workload's `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub listen: std::net::SocketAddr,
+    #[serde(default)]
+    pub mode: RouteMode,
+    /// HTTP mode: once the workload has moved, answer 307 (with Alt-Svc) pointing at the
+    /// new site instead of forwarding through the peer link.
+    #[serde(default)]
+    pub redirect: bool,
+}
+
+impl RouteSpec {
+    /// The mode as `--route` spells it (the prefix `from_str` reads).
+    pub fn mode_name(&self) -> &'static str {
+        match (self.mode, self.redirect) {
+            (RouteMode::Tcp, _) => "tcp",
+            (RouteMode::Http, false) => "http",
+            (RouteMode::Http, true) => "http-redirect",
+        }
+    }
+}
+
+impl std::str::FromStr for RouteSpec {
+    type Err = String;
+    /// `ADDR:PORT` (TCP), `tcp:ADDR:PORT`, `http:ADDR:PORT`, `http-redirect:ADDR:PORT`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mode, redirect, addr) = match s.split_once(':') {
+            Some(("tcp", rest)) => (RouteMode::Tcp, false, rest),
+            Some(("http", rest)) => (RouteMode::Http, false, rest),
+            Some(("http-redirect", rest)) => (RouteMode::Http, true, rest),
+            _ => (RouteMode::Tcp, false, s),
+        };
+        let listen = addr.parse().map_err(|_| {
+            format!("route {s:?}: expected [tcp:|http:|http-redirect:]ADDRESS:PORT")
+        })?;
+        Ok(Self {
+            listen,
+            mode,
+            redirect,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMode {
+    /// Bytes, connection by connection; held connections are re-bound after the move.
+    #[default]
+    Tcp,
+    /// HTTP/1.1, request by request; held requests go to wherever the workload runs next.
+    Http,
+}
+
+fn default_runtime() -> String {
+    "process".to_string()
+}
+
+impl WorkloadSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        names::validate("workload", &self.name)?;
+        let Some(program) = self.command.first() else {
+            return Err(SpecError::Invalid("command must not be empty".into()));
+        };
+        if program.is_empty() || program.starts_with('-') {
+            return Err(SpecError::Invalid(format!(
+                "command must start with a program name, not {program:?}"
+            )));
+        }
+        if self.command.len() > 256 || self.command.iter().any(|a| a.contains('\0')) {
+            return Err(SpecError::Invalid(
+                "command has more than 256 arguments or a NUL byte".into(),
+            ));
+        }
+        names::validate("runtime", &self.runtime)?;
+        if self.settings.len() > 64
+            || self
+                .settings
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 4096)
+        {
+            return Err(SpecError::Invalid(
+                "settings: at most 64, keys 1-128 and values up to 4096 bytes".into(),
+            ));
+        }
+        if !self.routes.is_empty() && self.port.is_none() {
+            return Err(SpecError::Invalid(
+                "routes need the workload's --port".into(),
+            ));
+        }
+        if self
+            .routes
+            .iter()
+            .any(|r| r.redirect && r.mode != RouteMode::Http)
+        {
+            return Err(SpecError::Invalid("only HTTP routes can redirect".into()));
+        }
+        if self.routes.len() > 16 {
+            return Err(SpecError::Invalid("at most 16 routes".into()));
+        }
+        if self.port == Some(0) {
+            return Err(SpecError::Invalid("port must be 1-65535".into()));
+        }
+        for k in self.env.keys() {
+            let ok = !k.is_empty()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !k.as_bytes()[0].is_ascii_digit();
+            if !ok {
+                return Err(SpecError::Invalid(format!(
+                    "environment variable name {k:?} is not valid"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadState {
+    Running,
+    /// Held by a migration: frozen or about to be.
+    Migrating,
+    Exited,
+}
+
+impl std::fmt::Display for WorkloadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkloadState::Running => "running",
+            WorkloadState::Migrating => "migrating",
+            WorkloadState::Exited => "exited",
+        })
+    }
+}
+
+/// Where a workload came from when it was restored here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Origin {
+    pub site: String,
+    pub migration: String,
+}
+
+/// A workload's durable record, also what the API returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Workload {
+    #[serde(flatten)]
+    pub spec: WorkloadSpec,
+    pub site: String,
+    pub state: WorkloadState,
+    /// Host pid of the process tree's root.
+    pub pid: Option<i32>,
+    /// Start time of `pid` (clock ticks since boot), so a reused pid is never mistaken
+    /// for the workload after a gateway restart.
+    pub pid_start: Option<u64>,
+    pub started_at_ms: u64,
+    pub work_dir: PathBuf,
+    pub log: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub migration: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub restored_from: Option<Origin>,
+}
+
+impl Workload {
+    /// Where this workload lives on its site.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            work_dir: self.work_dir.clone(),
+            log: self.log.clone(),
+            cgroup: self.cgroup.clone(),
+        }
+    }
+}
+
+/// Paths a workload gets on a site.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub work_dir: PathBuf,
+    pub log: PathBuf,
+    pub cgroup: Option<PathBuf>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_modes_are_named_as_they_are_written() {
+        for mode in ["tcp", "http", "http-redirect"] {
+            let route: RouteSpec = format!("{mode}:0.0.0.0:80").parse().unwrap();
+            assert_eq!(route.mode_name(), mode);
+        }
+        let bare: RouteSpec = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(bare.mode_name(), "tcp");
+    }
+
+    fn spec(name: &str, cmd: &[&str]) -> WorkloadSpec {
+        WorkloadSpec {
+            name: name.into(),
+            command: cmd.iter().map(ToString::to_string).collect(),
+            port: None,
+            env: BTreeMap::new(),
+            runtime: "process".into(),
+            settings: BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn spec_validation_names_the_problem() {
+        assert!(spec("redis", &["redis-server"]).validate().is_ok());
+        assert!(matches!(
+            spec("Bad", &["x"]).validate(),
+            Err(SpecError::Name(_))
+        ));
+        let e = spec("a", &[]).validate().unwrap_err().to_string();
+        assert!(e.contains("command must not be empty"), "{e}");
+        let e = spec("a", &["--flag"]).validate().unwrap_err().to_string();
+        assert!(e.contains("program name"), "{e}");
+        let mut s = spec("a", &["x"]);
+        s.env.insert("1BAD".into(), "v".into());
+        assert!(s.validate().is_err());
+        s.env.clear();
+        s.port = Some(0);
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn spec_json_rejects_unknown_fields() {
+        let err = serde_json::from_str::<WorkloadSpec>(r#"{"name":"a","command":["x"],"prot":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+}

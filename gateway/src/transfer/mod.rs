@@ -1,0 +1,233 @@
+//! Image transfer: how a checkpoint's files get from one site's image directory to the
+//! other's, over any byte channel. Files that the checkpoint is still writing (page
+//! images) travel while they grow; the rest follow once it is done, largest first, a
+//! bounded number at a time; each is framed ([`codec`]), compressed per link, and
+//! verified with BLAKE3 against the [`manifest`] before the destination restores.
+//!
+//! The peer link provides the channel ([`Channel`]); the migration engine decides when
+//! to send. Post-copy page streaming belongs here too.
+
+pub mod codec;
+pub mod manifest;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::AsyncWrite;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+pub use codec::{receive, Compression, ReceiveError};
+pub use manifest::FileMeta;
+
+/// How often the image directory is listed for new files while the checkpoint runs.
+const DIR_POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Error)]
+pub enum TransferError {
+    #[error("cannot read image file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot list the image directory {path}: {source}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sending image file {file} failed: {source}")]
+    Link {
+        file: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the destination refused image file {file}: {detail}")]
+    Refused { file: String, detail: String },
+    #[error("the destination stored image file {file} with digest {got}, not {sent}")]
+    Digest {
+        file: String,
+        sent: String,
+        got: String,
+    },
+    #[error("a send task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// One image file as its sender announces it.
+#[derive(Debug, Clone)]
+pub struct Announce {
+    pub name: String,
+    /// None for a file that is still growing (its size follows its last block).
+    pub size: Option<u64>,
+    pub compression: Compression,
+}
+
+/// Where image files go: one stream per file. The peer link implements it.
+pub trait Channel: Send + Sync + 'static {
+    type Stream: AsyncWrite + Unpin + Send;
+
+    /// How files travel on this channel.
+    fn compression(&self) -> Compression;
+
+    /// Opens a stream for one file and announces it.
+    fn open(
+        &self,
+        file: &Announce,
+    ) -> impl Future<Output = Result<Self::Stream, TransferError>> + Send;
+
+    /// Ends a file's stream and returns the BLAKE3 digest (hex) the receiver stored.
+    fn close(
+        &self,
+        file: &str,
+        stream: Self::Stream,
+    ) -> impl Future<Output = Result<String, TransferError>> + Send;
+}
+
+/// A file the receiver verified and stored, and what it cost on the wire.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub meta: FileMeta,
+    pub wire_bytes: u64,
+}
+
+/// What an image directory holds and how to send it.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Files written front to back while the checkpoint runs: they travel as they grow.
+    pub grows: fn(&str) -> bool,
+    /// Files that are not part of the image (logs): never sent.
+    pub local_only: fn(&str) -> bool,
+    /// Files in flight at once.
+    pub parallel: usize,
+}
+
+/// Sends a whole file, or one still being written (it ends at the first end of file
+/// after `done` turns true); returns it as the receiver verified it.
+pub async fn send_file<C: Channel>(
+    channel: &C,
+    path: &Path,
+    growing: Option<watch::Receiver<bool>>,
+) -> Result<Sent, TransferError> {
+    let read = |source| TransferError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let compression = channel.compression();
+    let mut file = tokio::fs::File::open(path).await.map_err(read)?;
+    let size = match growing {
+        Some(_) => None,
+        None => Some(file.metadata().await.map_err(read)?.len()),
+    };
+    let mut stream = channel
+        .open(&Announce {
+            name: name.clone(),
+            size,
+            compression,
+        })
+        .await?;
+    let written = match (growing, size) {
+        (Some(done), _) => codec::write_growing(&mut file, done, compression, &mut stream).await,
+        (None, size) => {
+            codec::write_body(&mut file, size.unwrap_or(0), compression, &mut stream).await
+        }
+    };
+    let (digest, size, wire_bytes) = written.map_err(|e| match e {
+        codec::BodyError::Read(source) => read(source),
+        codec::BodyError::Write(source) => TransferError::Link {
+            file: name.clone(),
+            source: Box::new(source),
+        },
+    })?;
+    let stored = channel.close(&name, stream).await?;
+    let blake3 = digest.to_hex().to_string();
+    if stored != blake3 {
+        return Err(TransferError::Digest {
+            file: name,
+            sent: blake3,
+            got: stored,
+        });
+    }
+    Ok(Sent {
+        meta: FileMeta { name, size, blake3 },
+        wire_bytes,
+    })
+}
+
+/// Sends the image in `dir` while a checkpoint writes it: growing files as soon as they
+/// appear, everything else once `dumped` turns true (largest first), at most
+/// `layout.parallel` files at a time. Returns every file as the receiver verified it.
+pub async fn send_image<C: Channel>(
+    channel: Arc<C>,
+    dir: &Path,
+    layout: Layout,
+    mut dumped: watch::Receiver<bool>,
+) -> Result<Vec<Sent>, TransferError> {
+    let permits = Arc::new(Semaphore::new(layout.parallel.max(1)));
+    let mut started = HashSet::new();
+    let mut set = JoinSet::new();
+    let spawn = |set: &mut JoinSet<Result<Sent, TransferError>>,
+                 path: PathBuf,
+                 growing: Option<watch::Receiver<bool>>| {
+        let (channel, permits) = (Arc::clone(&channel), Arc::clone(&permits));
+        set.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            send_file(&*channel, &path, growing).await
+        });
+    };
+    loop {
+        // Seen before listing: once the checkpoint is over, this listing is complete.
+        let finished = *dumped.borrow_and_update();
+        for (name, path) in list(dir)? {
+            if (layout.grows)(&name) && started.insert(name) {
+                spawn(&mut set, path, Some(dumped.clone()));
+            }
+        }
+        if finished {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DIR_POLL) => {}
+            _ = dumped.changed() => {}
+        }
+    }
+    let mut rest: Vec<(u64, PathBuf)> = list(dir)?
+        .into_iter()
+        .filter(|(name, _)| !started.contains(name) && !(layout.local_only)(name))
+        .map(|(_, p)| (p.metadata().map_or(0, |m| m.len()), p))
+        .collect();
+    // Largest first, so the long transfers start at once.
+    rest.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    for (_, path) in rest {
+        spawn(&mut set, path, None);
+    }
+    let mut sent: Vec<Sent> = Vec::new();
+    // The first failure ends the transfer; dropping the set cancels the other sends.
+    while let Some(done) = set.join_next().await {
+        sent.push(done??);
+    }
+    Ok(sent)
+}
+
+/// The regular files of `dir`, by name.
+fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, TransferError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| TransferError::List {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect())
+}
