@@ -9,52 +9,25 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
-use super::bindings::{AdapterInfo, Plan, RuntimeAdapter};
-use super::call::{AdapterCall, Spawned};
+use super::bindings::RuntimeAdapter;
+use super::call::{AdapterCall, Call, Reply, Spawned};
 use super::grant::Granted;
 use super::host::{MemoryLimit, State};
 use super::{PluginError, EPOCH_TICK};
 use crate::criu::Criu;
 use crate::sys::process;
 
-/// A call into an adapter.
-pub enum Call {
-    Describe,
-    Probe(AdapterCall),
-    Prepare(AdapterCall),
-    StartFresh(AdapterCall),
-    Checkpoint(AdapterCall),
-    Restore(AdapterCall, Vec<(String, String)>),
-    ResumeSource(AdapterCall),
-    ReleaseSource(AdapterCall),
-}
-
-impl Call {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Call::Describe => "describe",
-            Call::Probe(_) => "probe",
-            Call::Prepare(_) => "prepare",
-            Call::StartFresh(_) => "start-fresh",
-            Call::Checkpoint(_) => "checkpoint",
-            Call::Restore(..) => "restore",
-            Call::ResumeSource(_) => "resume-source",
-            Call::ReleaseSource(_) => "release-source",
-        }
-    }
-
-    /// Splits the call into what the guest is told and what the host may act on.
-    fn split(self) -> (Option<AdapterCall>, Op) {
-        match self {
-            Call::Describe => (None, Op::Describe),
-            Call::Probe(c) => (Some(c), Op::Probe),
-            Call::Prepare(c) => (Some(c), Op::Prepare),
-            Call::StartFresh(c) => (Some(c), Op::StartFresh),
-            Call::Checkpoint(c) => (Some(c), Op::Checkpoint),
-            Call::Restore(c, notes) => (Some(c), Op::Restore(notes)),
-            Call::ResumeSource(c) => (Some(c), Op::ResumeSource),
-            Call::ReleaseSource(c) => (Some(c), Op::ReleaseSource),
-        }
+/// Splits the call into what the guest is told and what the host may act on.
+fn split(call: Call) -> (Option<AdapterCall>, Op) {
+    match call {
+        Call::Describe => (None, Op::Describe),
+        Call::Probe(c) => (Some(c), Op::Probe),
+        Call::Prepare(c) => (Some(c), Op::Prepare),
+        Call::StartFresh(c) => (Some(c), Op::StartFresh),
+        Call::Checkpoint(c) => (Some(c), Op::Checkpoint),
+        Call::Restore(c, notes) => (Some(c), Op::Restore(notes)),
+        Call::ResumeSource(c) => (Some(c), Op::ResumeSource),
+        Call::ReleaseSource(c) => (Some(c), Op::ReleaseSource),
     }
 }
 
@@ -68,16 +41,6 @@ enum Op {
     Restore(Vec<(String, String)>),
     ResumeSource,
     ReleaseSource,
-}
-
-pub enum Reply {
-    Info(AdapterInfo),
-    Plan(Plan),
-    Unit,
-    Pid(i32),
-    Started(Spawned),
-    MaybePid(Option<i32>),
-    Notes(Vec<(String, String)>),
 }
 
 pub struct Request {
@@ -174,7 +137,7 @@ impl Actor {
                 false,
             );
         };
-        let (about, op) = call.split();
+        let (about, op) = split(call);
         let w = about.as_ref().map(AdapterCall::view);
         inst.store.data_mut().call = about;
         inst.store.data_mut().spawned = None;

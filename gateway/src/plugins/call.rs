@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::spec::{Placement, Workload, WorkloadSpec};
 use crate::sys::process;
 
-use super::bindings;
+use super::bindings::{self, AdapterInfo, Plan};
 
 #[derive(Debug, Clone)]
 pub struct AdapterCall {
@@ -116,4 +116,43 @@ pub struct Spawned {
     /// The holder of the gateway's own process tree (`process.spawn`), to reap and watch;
     /// none when the runtime started it (runc, podman).
     pub holder: Option<tokio::process::Child>,
+}
+
+/// A call into an adapter.
+pub enum Call {
+    Describe,
+    Probe(AdapterCall),
+    Prepare(AdapterCall),
+    StartFresh(AdapterCall),
+    Checkpoint(AdapterCall),
+    Restore(AdapterCall, Vec<(String, String)>),
+    ResumeSource(AdapterCall),
+    ReleaseSource(AdapterCall),
+}
+
+impl Call {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Call::Describe => "describe",
+            Call::Probe(_) => "probe",
+            Call::Prepare(_) => "prepare",
+            Call::StartFresh(_) => "start-fresh",
+            Call::Checkpoint(_) => "checkpoint",
+            Call::Restore(..) => "restore",
+            Call::ResumeSource(_) => "resume-source",
+            Call::ReleaseSource(_) => "release-source",
+        }
+    }
+}
+
+/// What an adapter answered.
+#[derive(Debug)]
+pub enum Reply {
+    Info(AdapterInfo),
+    Plan(Plan),
+    Unit,
+    Pid(i32),
+    Started(Spawned),
+    MaybePid(Option<i32>),
+    Notes(Vec<(String, String)>),
 }

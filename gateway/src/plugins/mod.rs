@@ -22,9 +22,9 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::Engine;
 
 use crate::criu::Criu;
-use actor::{Actor, Call, Limits, Reply, Request};
+use actor::{Actor, Limits, Request};
 pub use bindings::{AdapterInfo, Approach, Plan};
-pub use call::{AdapterCall, Spawned};
+pub use call::{AdapterCall, Call, Reply, Spawned};
 use grant::capability_of;
 pub use grant::{Capability, Grant, Granted};
 pub use manifest::Manifest;
@@ -141,6 +141,25 @@ pub struct AdapterHandle {
 impl AdapterHandle {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// An adapter written in Rust, served one call at a time by its own task exactly as a
+    /// loaded component is: the seam that lets the engine be tested without WebAssembly.
+    pub fn native<F, Fut>(name: &str, serve: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Reply, PluginError>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let _ = req.reply.send(serve(req.call).await);
+            }
+        });
+        Self {
+            name: name.to_string(),
+            tx,
+        }
     }
 
     async fn call(&self, call: Call) -> Result<Reply, PluginError> {
@@ -309,6 +328,27 @@ fn compile(
 }
 
 impl PluginHost {
+    /// A host serving each runtime with the given adapter (native adapters in tests).
+    pub fn from_handles(handles: Vec<(String, AdapterHandle)>) -> Arc<Self> {
+        let infos = handles
+            .iter()
+            .map(|(runtime, h)| PluginInfo {
+                name: h.name.clone(),
+                version: String::new(),
+                file: PathBuf::new(),
+                runtimes: vec![runtime.clone()],
+                approaches: Vec::new(),
+                asks: Vec::new(),
+                granted: Granted::default(),
+                status: "native".into(),
+            })
+            .collect();
+        Arc::new(Self {
+            infos,
+            by_runtime: handles.into_iter().collect(),
+        })
+    }
+
     /// Loads every `NAME.wasm` with a `NAME.toml` manifest from the plugin folder. A plugin
     /// that fails to load is reported (and listed with its reason), not fatal.
     pub async fn load(cfg: &HostSettings, criu: Criu) -> Result<Arc<Self>, PluginError> {

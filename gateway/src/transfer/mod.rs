@@ -182,7 +182,17 @@ pub async fn send_image<C: Channel>(
         let (channel, permits) = (Arc::clone(&channel), Arc::clone(&permits));
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            send_file(&*channel, &path, growing).await
+            let grew = growing.is_some();
+            let sent = send_file(&*channel, &path, growing).await?;
+            if grew {
+                tracing::info!(
+                    file = %sent.meta.name,
+                    bytes = sent.meta.size,
+                    wire_bytes = sent.wire_bytes,
+                    "page image streamed while the checkpoint wrote it"
+                );
+            }
+            Ok(sent)
         });
     };
     loop {
