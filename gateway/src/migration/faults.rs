@@ -16,7 +16,8 @@ pub enum Fault {
     /// The step waits this long first.
     Delay(Duration),
     /// The gateway stops here: the source's driver ends without another step; the
-    /// destination never answers. A new engine then recovers from the journal.
+    /// destination answers nothing until the engine is shut down. A new engine then
+    /// recovers from the journal.
     Crash,
 }
 
@@ -48,7 +49,12 @@ impl Faults {
     }
 
     /// Applies the fault set for entering `phase` as `role`, if any.
-    pub(super) async fn enter(&self, role: Role, phase: Phase) -> Result<(), MigrationError> {
+    pub(super) async fn enter(
+        &self,
+        role: Role,
+        phase: Phase,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), MigrationError> {
         let fault = self
             .table
             .lock()
@@ -62,10 +68,12 @@ impl Faults {
                 Ok(())
             }
             Some(Fault::Fail(message)) => Err(MigrationError::Injected { phase, message }),
-            Some(Fault::Crash) => match role {
-                Role::Source => Err(MigrationError::Crashed { phase }),
-                Role::Target => std::future::pending().await,
-            },
+            Some(Fault::Crash) => {
+                if role == Role::Target {
+                    shutdown.cancelled().await;
+                }
+                Err(MigrationError::Crashed { phase })
+            }
         }
     }
 }

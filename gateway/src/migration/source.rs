@@ -79,7 +79,10 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         });
     }
 
-    engine.faults.enter(Role::Source, Phase::Preparing).await?;
+    engine
+        .faults
+        .enter(Role::Source, Phase::Preparing, &engine.cancel)
+        .await?;
     engine.set_phase(id, Phase::Preparing)?;
     match engine
         .peers
@@ -125,7 +128,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
     engine
         .faults
-        .enter(Role::Source, Phase::Checkpointing)
+        .enter(Role::Source, Phase::Checkpointing, &engine.cancel)
         .await?;
     engine.set_phase(id, Phase::Checkpointing)?;
     // Page images go to the destination while the checkpoint writes them.
@@ -153,7 +156,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
 
     engine
         .faults
-        .enter(Role::Source, Phase::Transferring)
+        .enter(Role::Source, Phase::Transferring, &engine.cancel)
         .await?;
     engine.set_phase(id, Phase::Transferring)?;
     let t = Instant::now();
@@ -167,7 +170,10 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     let manifest: Vec<FileMeta> = sent.into_iter().map(|f| f.meta).collect();
 
     // From here the destination may restore: record that before asking.
-    engine.faults.enter(Role::Source, Phase::Restoring).await?;
+    engine
+        .faults
+        .enter(Role::Source, Phase::Restoring, &engine.cancel)
+        .await?;
     engine.update(id, |m| {
         m.phase = Phase::Restoring;
         m.restore_requested = true;
@@ -286,7 +292,7 @@ pub(super) async fn cut_over(
 ) -> Result<(), MigrationError> {
     engine
         .faults
-        .enter(Role::Source, Phase::CuttingOver)
+        .enter(Role::Source, Phase::CuttingOver, &engine.cancel)
         .await?;
     let m = engine.update(id, |m| {
         m.phase = Phase::CuttingOver;

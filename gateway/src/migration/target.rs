@@ -79,7 +79,11 @@ impl Engine {
                 )
             };
         }
-        if let Err(e) = self.faults.enter(Role::Target, Phase::Preparing).await {
+        if let Err(e) = self
+            .faults
+            .enter(Role::Target, Phase::Preparing, &self.cancel)
+            .await
+        {
             return Response::error(ErrorCode::Refused, e.to_string());
         }
         let adapter = match self.plugins.adapter(&spec.runtime) {
@@ -198,7 +202,11 @@ impl Engine {
             self.abort_local(id, &m.workload, &reason);
             return Response::error(ErrorCode::Integrity, reason);
         }
-        if let Err(e) = self.faults.enter(Role::Target, Phase::Restoring).await {
+        if let Err(e) = self
+            .faults
+            .enter(Role::Target, Phase::Restoring, &self.cancel)
+            .await
+        {
             let reason = e.to_string();
             self.abort_local(id, &m.workload, &reason);
             return Response::error(ErrorCode::RestoreFailed, reason);

@@ -1,1 +1,860 @@
-//! In-process tests of the migration engine (filled below).
+//! The in-process tier: two sites' engines in one test process, joined by a real QUIC
+//! peer link on loopback, with a native adapter standing in for the WebAssembly ones.
+//! The adapter's "workloads" are real processes (`sleep`), frozen with SIGSTOP and
+//! checkpointed into real image files, so the engine's journal, hand-over, transfer,
+//! rollback and recovery run for real; faults are injected at phase boundaries (fail,
+//! delay, crash and reload from the journal). No root, no CRIU, no namespaces.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Engine, EngineSettings, Fault, Faults, Migration, MigrationError, Parts, Phase, Role};
+use crate::config::{
+    ApiConfig, IdentityConfig, PeerConfig, PeerListenConfig, SiteConfig, WorkloadConfig,
+};
+use crate::identity::Identity;
+use crate::journal::{Collection, Journal};
+use crate::peer::{PeerLink, TunnelServer};
+use crate::plugins::{
+    AdapterHandle, AdapterInfo, Approach, Call, Plan, PluginError, PluginHost,
+    Reply, Spawned,
+};
+use crate::proxy::{HoldLimits, Ingress};
+use crate::spec::{Workload, WorkloadSpec, WorkloadState};
+use crate::sys::process;
+use crate::workload::{RegistrySettings, WorkloadError, Workloads};
+
+const RUNTIME: &str = "fake";
+const PAGE_BYTES: usize = 3 * (1 << 20) + 4321;
+
+/// The bytes a workload's "memory" holds: different per workload, checked at restore.
+fn pages(workload: &str) -> Vec<u8> {
+    let mut x = blake3::hash(workload.as_bytes()).as_bytes()[0] as u64 | 1;
+    (0..PAGE_BYTES)
+        .map(|i| {
+            if i % 4096 < 2048 {
+                0
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// Every process the fake adapter started, and the failures a test scripts per
+/// (site, call).
+#[derive(Default)]
+struct World {
+    children: Mutex<Vec<std::process::Child>>,
+    failures: Mutex<HashMap<(String, &'static str), String>>,
+}
+
+impl World {
+    fn fail(&self, site: &str, call: &'static str, message: &str) {
+        self.failures
+            .lock()
+            .unwrap()
+            .insert((site.to_string(), call), message.to_string());
+    }
+
+    fn scripted(&self, site: &str, call: &'static str) -> Option<String> {
+        self.failures
+            .lock()
+            .unwrap()
+            .get(&(site.to_string(), call))
+            .cloned()
+    }
+
+    fn spawn(&self) -> i32 {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("sleep starts");
+        let pid = child.id() as i32;
+        self.children.lock().unwrap().push(child);
+        pid
+    }
+
+    /// An adapter for `site` serving the `fake` runtime.
+    fn adapter(self: &Arc<Self>, site: &str) -> AdapterHandle {
+        let (world, site) = (Arc::clone(self), site.to_string());
+        AdapterHandle::native(&format!("fake@{site}"), move |call| {
+            let (world, site) = (Arc::clone(&world), site.clone());
+            async move { world.serve(&site, call).await }
+        })
+    }
+
+    async fn serve(&self, site: &str, call: Call) -> Result<Reply, PluginError> {
+        let name = call.name();
+        if let Some(detail) = self.scripted(site, name) {
+            return Err(PluginError::Failed {
+                plugin: format!("fake@{site}"),
+                call: name,
+                detail,
+            });
+        }
+        let failed = |detail: String| PluginError::Failed {
+            plugin: format!("fake@{site}"),
+            call: name,
+            detail,
+        };
+        match call {
+            Call::Describe => Ok(Reply::Info(AdapterInfo {
+                name: "fake".into(),
+                version: "0".into(),
+                approaches: vec![Approach::Container],
+                runtimes: vec![RUNTIME.into()],
+            })),
+            Call::Probe(_) => Ok(Reply::Plan(Plan {
+                feasible: true,
+                approach: Some(Approach::Container),
+                reason: "fake checkpoint".into(),
+                expected_downtime_ms: None,
+            })),
+            Call::Prepare(_) => Ok(Reply::Unit),
+            Call::StartFresh(_) => Ok(Reply::Started(Spawned {
+                pid: self.spawn(),
+                holder: None,
+            })),
+            Call::Checkpoint(c) => {
+                let pid = c.live_pid().ok_or_else(|| failed("no process".into()))?;
+                process::signal(pid, libc::SIGSTOP);
+                let dir = c.images.clone().ok_or_else(|| failed("no images".into()))?;
+                write_image(&dir, &c.spec.name)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                Ok(Reply::Notes(vec![("fake".into(), "1".into())]))
+            }
+            Call::Restore(c, notes) => {
+                let dir = c.images.clone().ok_or_else(|| failed("no images".into()))?;
+                check_image(&dir, &c.spec.name).map_err(failed)?;
+                if notes != [("fake".to_string(), "1".to_string())] {
+                    return Err(failed(format!("notes lost: {notes:?}")));
+                }
+                Ok(Reply::Pid(self.spawn()))
+            }
+            Call::ResumeSource(c) => {
+                if let Some(pid) = c.live_pid() {
+                    process::signal(pid, libc::SIGCONT);
+                }
+                Ok(Reply::MaybePid(None))
+            }
+            Call::ReleaseSource(c) => {
+                if let Some(pid) = c.live_pid() {
+                    process::kill(pid);
+                }
+                Ok(Reply::Unit)
+            }
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for c in self.children.lock().unwrap().iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes a fake image the way CRIU does: the page file grows while the "dump" runs; a
+/// log sits beside it that must never travel.
+async fn write_image(dir: &Path, workload: &str) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    tokio::fs::write(dir.join("inventory.img"), workload.as_bytes()).await?;
+    tokio::fs::write(dir.join("dump.log"), b"local only").await?;
+    let data = pages(workload);
+    let mut f = tokio::fs::File::create(dir.join("pages-1.img")).await?;
+    for piece in data.chunks(1 << 20) {
+        f.write_all(piece).await?;
+        f.flush().await?;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    Ok(())
+}
+
+fn check_image(dir: &Path, workload: &str) -> Result<(), String> {
+    let got = std::fs::read(dir.join("pages-1.img")).map_err(|e| format!("pages: {e}"))?;
+    if got != pages(workload) {
+        return Err("page image differs from what was dumped".into());
+    }
+    if dir.join("dump.log").exists() {
+        return Err("the dump's log travelled".into());
+    }
+    match std::fs::read(dir.join("inventory.img")) {
+        Ok(b) if b == workload.as_bytes() => Ok(()),
+        _ => Err("inventory missing".into()),
+    }
+}
+
+/// One site: its directories and the parts of a running gateway (minus the API).
+struct Site {
+    name: String,
+    dir: PathBuf,
+    cfg: SiteConfig,
+    cancel: CancellationToken,
+    engine: Arc<Engine>,
+    workloads: Arc<Workloads>,
+    ingress: Arc<Ingress>,
+    peers: Arc<PeerLink>,
+}
+
+fn free_udp_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+fn site_config(name: &str, dir: &Path, listen: SocketAddr, peer: PeerConfig) -> SiteConfig {
+    SiteConfig {
+        name: name.into(),
+        data_dir: dir.join("data"),
+        identity: IdentityConfig {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        },
+        api: ApiConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            token: "0123456789abcdef0123".into(),
+        },
+        peer: PeerListenConfig { listen },
+        peers: vec![peer],
+        workloads: WorkloadConfig {
+            work_root: dir.join("work"),
+            ..WorkloadConfig::default()
+        },
+        criu: Default::default(),
+        plugins: Default::default(),
+        ingress: Default::default(),
+    }
+}
+
+impl Site {
+    /// Builds a site's parts from its directory (journal included) and starts serving
+    /// peers; `recover` as a restarted gateway does.
+    async fn start(cfg: SiteConfig, world: &Arc<World>) -> Self {
+        let identity =
+            Arc::new(Identity::load(&cfg.identity.cert, &cfg.identity.key).expect("identity"));
+        let journal = Arc::new(Journal::open(&cfg.data_dir).expect("journal"));
+        // The previous instance's socket closes once its last task has ended.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let peers = loop {
+            match PeerLink::bind(&cfg, Arc::clone(&identity)) {
+                Ok(p) => break p,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot bind the peer link: {e}"),
+            }
+        };
+        let cancel = CancellationToken::new();
+        let plugins = PluginHost::from_handles(vec![(RUNTIME.into(), world.adapter(&cfg.name))]);
+        let ingress = Ingress::new(Arc::clone(&peers), HoldLimits::default(), cancel.clone());
+        let workloads = Workloads::new(
+            RegistrySettings {
+                site: cfg.name.clone(),
+                logs_dir: cfg.data_dir.join("logs"),
+                work_root: cfg.workloads.work_root.clone(),
+                cgroup_base: None,
+                health_timeout: Duration::from_secs(5),
+            },
+            Arc::clone(&journal),
+            Arc::clone(&plugins),
+            Arc::clone(&ingress),
+        )
+        .expect("workloads");
+        workloads.recover().expect("recover workloads");
+        let engine = Engine::new(
+            EngineSettings {
+                site: cfg.name.clone(),
+                data_dir: cfg.data_dir.clone(),
+                parallel_files: 2,
+            },
+            Parts {
+                journal,
+                workloads: Arc::clone(&workloads),
+                peers: Arc::clone(&peers),
+                plugins,
+                ingress: Arc::clone(&ingress),
+            },
+            cancel.clone(),
+        )
+        .expect("engine");
+        tokio::spawn(Arc::clone(&peers).serve(
+            Arc::clone(&engine),
+            Arc::clone(&ingress),
+            cancel.clone(),
+        ));
+        engine.recover().expect("recover migrations");
+        Self {
+            name: cfg.name.clone(),
+            dir: cfg.data_dir.clone(),
+            cfg,
+            cancel,
+            engine,
+            workloads,
+            ingress,
+            peers,
+        }
+    }
+
+    /// The gateway process dies: everything in memory is gone, the journal and the
+    /// workloads' processes stay. Returns the config to start it again.
+    async fn crash(self) -> SiteConfig {
+        self.cancel.cancel();
+        self.peers.shutdown().await;
+        self.ingress.drain(Duration::from_secs(1)).await;
+        self.workloads.drain(Duration::from_secs(1)).await;
+        self.engine.drain(Duration::from_secs(2)).await;
+        self.cfg
+    }
+
+    async fn run(&self, name: &str) -> Workload {
+        self.workloads
+            .run(WorkloadSpec {
+                name: name.into(),
+                command: vec!["sleep".into(), "600".into()],
+                port: None,
+                env: BTreeMap::new(),
+                runtime: RUNTIME.into(),
+                settings: BTreeMap::new(),
+                routes: Vec::new(),
+            })
+            .await
+            .expect("workload starts")
+    }
+
+    fn state_of(&self, name: &str) -> Option<(WorkloadState, Option<char>)> {
+        self.workloads
+            .get(name)
+            .map(|w| (w.state, w.pid.and_then(process::state)))
+    }
+}
+
+/// Two sites, `a` and `b`, that know each other.
+struct Pair {
+    sa: Option<Site>,
+    sb: Option<Site>,
+    world: Arc<World>,
+    _root: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Pair {
+    async fn new(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("ferry-tier-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (da, db) = (root.join("a"), root.join("b"));
+        std::fs::create_dir_all(&da).expect("dir");
+        std::fs::create_dir_all(&db).expect("dir");
+        let ia = Identity::generate("a", &da.join("cert.pem"), &da.join("key.pem")).expect("id");
+        let ib = Identity::generate("b", &db.join("cert.pem"), &db.join("key.pem")).expect("id");
+        let (pa, pb) = (free_udp_port(), free_udp_port());
+        let peer = |name: &str, address, id: &Identity| PeerConfig {
+            name: name.into(),
+            address,
+            fingerprint: id.fingerprint(),
+            compression: Default::default(),
+        };
+        let world = Arc::new(World::default());
+        let a = Site::start(site_config("a", &da, pa, peer("b", pb, &ib)), &world).await;
+        let b = Site::start(site_config("b", &db, pb, peer("a", pa, &ia)), &world).await;
+        Self {
+            sa: Some(a),
+            sb: Some(b),
+            world,
+            _root: TempDir(root),
+        }
+    }
+
+    fn a(&self) -> &Site {
+        self.sa.as_ref().expect("site a is up")
+    }
+
+    fn b(&self) -> &Site {
+        self.sb.as_ref().expect("site b is up")
+    }
+
+    /// Site `name`'s gateway dies and a new one starts from its journal.
+    async fn crash_and_restart(&mut self, name: &str) {
+        let slot = if name == "a" { &mut self.sa } else { &mut self.sb };
+        let cfg = slot.take().expect("site is up").crash().await;
+        *slot = Some(Site::start(cfg, &self.world).await);
+    }
+
+    /// Site `name`'s gateway dies; it stays down until [`Self::restart`].
+    async fn crash(&mut self, name: &str) -> SiteConfig {
+        let slot = if name == "a" { &mut self.sa } else { &mut self.sb };
+        slot.take().expect("site is up").crash().await
+    }
+
+    async fn restart(&mut self, cfg: SiteConfig) {
+        let site = Site::start(cfg, &self.world).await;
+        if site.name == "a" {
+            self.sa = Some(site);
+        } else {
+            self.sb = Some(site);
+        }
+    }
+}
+
+/// Waits until migration `id` at `site` reaches a terminal phase.
+async fn finished(site: &Site, id: &str) -> Migration {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(m) = site.engine.get(id).filter(|m| m.phase.is_terminal()) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {id} at {} stuck: {:?}",
+            site.name,
+            site.engine.get(id)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The invariant after a migration ended: the service runs at exactly one site.
+fn runs_only_at(pair: &Pair, at: &str, name: &str) {
+    let (here, there) = if at == "a" {
+        (pair.a(), pair.b())
+    } else {
+        (pair.b(), pair.a())
+    };
+    let w = here.workloads.get(name).expect("workload listed where it runs");
+    assert_eq!(w.state, WorkloadState::Running, "{w:?}");
+    let pid = w.pid.expect("pid");
+    assert!(
+        matches!(process::state(pid), Some('S' | 'R')),
+        "process at {at} is {:?}",
+        process::state(pid)
+    );
+    assert!(
+        there.workloads.get(name).is_none(),
+        "a record of {name} left at {}",
+        there.name
+    );
+}
+
+async fn rolled_back_with(pair: &Pair, id: &str, reason: &str) {
+    let m = finished(&pair.a(), id).await;
+    assert_eq!(m.phase, Phase::RolledBack, "{m:?}");
+    assert!(
+        m.error.as_deref().is_some_and(|e| e.contains(reason)),
+        "{:?}",
+        m.error
+    );
+    runs_only_at(pair, "a", "svc");
+    assert!(!pair.a().dir.join("images").join(id).exists(), "image kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_moves_and_the_source_is_released() {
+    let pair = Pair::new("move").await;
+    let src = pair.a().run("svc").await;
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    let m = finished(&pair.a(), &m.id).await;
+    assert_eq!(m.phase, Phase::Completed, "{m:?}");
+    runs_only_at(&pair, "b", "svc");
+    let at_b = pair.b().workloads.get("svc").expect("at b");
+    assert_eq!(at_b.restored_from.map(|o| o.site), Some("a".into()));
+    // The page image and the inventory travelled (the dump's log did not), verified
+    // against the manifest.
+    assert_eq!(m.files, 2, "{m:?}");
+    assert!(m.bytes_moved >= PAGE_BYTES as u64);
+    assert!(m.bytes_on_wire > 0 && m.bytes_on_wire < m.bytes_moved);
+    assert!(m.timings.freeze_ms.is_some() && m.timings.dump_ms.is_some());
+    until("the source process to end", || {
+        process::start_time(src.pid.expect("pid")).is_none()
+    })
+    .await;
+    let at_b = finished(&pair.b(), &m.id).await;
+    assert_eq!(at_b.phase, Phase::Completed);
+    assert!(!pair.b().dir.join("incoming").join(&m.id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_moves_there_and_back() {
+    let pair = Pair::new("back").await;
+    pair.a().run("svc").await;
+    let there = pair.a().engine.start("svc", "b").expect("planned");
+    assert_eq!(finished(&pair.a(), &there.id).await.phase, Phase::Completed);
+    let back = pair.b().engine.start("svc", "a").expect("planned back");
+    assert_eq!(finished(&pair.b(), &back.id).await.phase, Phase::Completed);
+    runs_only_at(&pair, "a", "svc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_failure_resumes_the_source() {
+    let pair = Pair::new("ckpt").await;
+    pair.a().run("svc").await;
+    pair.world.fail("a", "checkpoint", "disk full");
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "disk full").await;
+    // The destination dropped its reservation and its half-received image.
+    let at_b = finished(&pair.b(), &m.id).await;
+    assert_eq!(at_b.phase, Phase::RolledBack);
+    assert!(!pair.b().dir.join("incoming").join(&m.id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_failure_at_the_destination_resumes_the_source() {
+    let pair = Pair::new("restore").await;
+    pair.a().run("svc").await;
+    pair.world.fail("b", "restore", "image rejected");
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "image rejected").await;
+    assert_eq!(finished(&pair.b(), &m.id).await.phase, Phase::RolledBack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_refuses_to_prepare_never_freezes_the_source() {
+    let pair = Pair::new("refuse").await;
+    pair.a().run("svc").await;
+    // The name is taken at b.
+    pair.b().run("svc").await;
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    let m = finished(&pair.a(), &m.id).await;
+    assert_eq!(m.phase, Phase::RolledBack);
+    assert!(m.error.as_deref().is_some_and(|e| e.contains("refused")), "{m:?}");
+    assert!(m.timings.dump_ms.is_none(), "the source was checkpointed");
+    assert_eq!(pair.a().state_of("svc").map(|s| s.0), Some(WorkloadState::Running));
+}
+
+/// A failure injected as the source enters `phase` rolls the migration back.
+async fn failing_at(phase: Phase) {
+    let pair = Pair::new(&format!("fail-{phase}")).await;
+    pair.a().run("svc").await;
+    pair.a().engine.set_faults(Faults::default().at(
+        Role::Source,
+        phase,
+        Fault::Fail("injected".into()),
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "injected").await;
+    // Whatever the destination had was dropped.
+    until("the destination to drop the migration", || {
+        pair.b()
+            .engine
+            .get(&m.id)
+            .is_none_or(|m| m.phase == Phase::RolledBack)
+    })
+    .await;
+    assert!(pair.b().workloads.get("svc").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_entering_preparing_rolls_back() {
+    failing_at(Phase::Preparing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_entering_checkpointing_rolls_back() {
+    failing_at(Phase::Checkpointing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_entering_transferring_rolls_back() {
+    failing_at(Phase::Transferring).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_before_the_restore_request_rolls_back() {
+    failing_at(Phase::Restoring).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_failing_as_it_restores_rolls_back() {
+    let pair = Pair::new("tfail").await;
+    pair.a().run("svc").await;
+    pair.b().engine.set_faults(Faults::default().at(
+        Role::Target,
+        Phase::Restoring,
+        Fault::Fail("no room".into()),
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "no room").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_counts_in_the_freeze_and_the_move_completes() {
+    let pair = Pair::new("delay").await;
+    pair.a().run("svc").await;
+    pair.a().engine.set_faults(Faults::default().at(
+        Role::Source,
+        Phase::Transferring,
+        Fault::Delay(Duration::from_millis(300)),
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    let m = finished(&pair.a(), &m.id).await;
+    assert_eq!(m.phase, Phase::Completed);
+    assert!(m.timings.freeze_ms.is_some_and(|f| f >= 300), "{m:?}");
+    runs_only_at(&pair, "b", "svc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_workload_cannot_be_moved_or_removed_twice() {
+    let pair = Pair::new("busy").await;
+    pair.a().run("svc").await;
+    pair.a().engine.set_faults(Faults::default().at(
+        Role::Source,
+        Phase::Preparing,
+        Fault::Delay(Duration::from_millis(500)),
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    let again = pair.a().engine.start("svc", "b").unwrap_err();
+    assert!(
+        matches!(again, MigrationError::Workload(WorkloadError::Busy { .. })),
+        "{again}"
+    );
+    let rm = pair.a().workloads.remove("svc").await.unwrap_err();
+    assert!(matches!(rm, WorkloadError::Busy { .. }), "{rm}");
+    assert_eq!(finished(&pair.a(), &m.id).await.phase, Phase::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_own_sites_are_refused_before_anything_is_held() {
+    let pair = Pair::new("sites").await;
+    pair.a().run("svc").await;
+    assert!(matches!(
+        pair.a().engine.start("svc", "zz"),
+        Err(MigrationError::UnknownSite(_))
+    ));
+    assert!(matches!(
+        pair.a().engine.start("svc", "a"),
+        Err(MigrationError::SameSite)
+    ));
+    let w = pair.a().workloads.get("svc").expect("listed");
+    assert!(w.migration.is_none() && w.state == WorkloadState::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_crash_before_the_restore_request_rolls_back_on_restart() {
+    let mut pair = Pair::new("crash-src").await;
+    pair.a().run("svc").await;
+    pair.a().engine.set_faults(Faults::default().at(
+        Role::Source,
+        Phase::Transferring,
+        Fault::Crash,
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    until("the source to be frozen", || {
+        pair.a().state_of("svc") == Some((WorkloadState::Migrating, Some('T')))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Frozen with its image while no gateway runs: nothing may resume it but recovery.
+    pair.crash_and_restart("a").await;
+    rolled_back_with(&pair, &m.id, "restarted").await;
+    until("the destination to abort", || {
+        pair.b().engine.get(&m.id).map(|m| m.phase) == Some(Phase::RolledBack)
+    })
+    .await;
+    assert!(pair.b().workloads.get("svc").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_crash_after_the_destination_confirmed_completes_on_restart() {
+    let mut pair = Pair::new("crash-cut").await;
+    let src = pair.a().run("svc").await;
+    pair.a().engine.set_faults(Faults::default().at(
+        Role::Source,
+        Phase::CuttingOver,
+        Fault::Crash,
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    assert_eq!(finished(&pair.b(), &m.id).await.phase, Phase::Completed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both a frozen source and a confirmed copy exist: allowed, the source is frozen.
+    assert_eq!(pair.a().state_of("svc").and_then(|s| s.1), Some('T'));
+    pair.crash_and_restart("a").await;
+    let done = finished(&pair.a(), &m.id).await;
+    assert_eq!(done.phase, Phase::Completed, "{done:?}");
+    runs_only_at(&pair, "b", "svc");
+    until("the source process to end", || {
+        process::start_time(src.pid.expect("pid")).is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_crash_before_restoring_rolls_the_source_back() {
+    let mut pair = Pair::new("crash-dst").await;
+    pair.a().run("svc").await;
+    pair.b().engine.set_faults(Faults::default().at(
+        Role::Target,
+        Phase::Restoring,
+        Fault::Crash,
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    until("the restore request", || {
+        pair.a().engine.get(&m.id).is_some_and(|m| m.restore_requested)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cfg = pair.crash("b").await;
+    // The source stays frozen while the destination cannot say what it holds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pair.a().state_of("svc").and_then(|s| s.1), Some('T'));
+    pair.restart(cfg).await;
+    rolled_back_with(&pair, &m.id, "").await;
+    assert_eq!(finished(&pair.b(), &m.id).await.phase, Phase::RolledBack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_get_no_answer_before_the_journal_is_loaded() {
+    let pair = Pair::new("gate").await;
+    // A record from "before a crash" of b, written straight into a fresh engine's journal.
+    let journal = Journal::open(&pair.b().dir).expect("journal");
+    let mut m = Migration::new(
+        "feedbeef",
+        WorkloadSpec {
+            name: "svc".into(),
+            command: vec!["sleep".into()],
+            port: None,
+            env: BTreeMap::new(),
+            runtime: RUNTIME.into(),
+            settings: BTreeMap::new(),
+            routes: Vec::new(),
+        },
+        Role::Target,
+        "a",
+        "b",
+        Phase::Completed,
+    );
+    m.timings.restore_ms = Some(1);
+    journal
+        .put(Collection::Migrations, "feedbeef", &m)
+        .expect("put");
+    let engine = Engine::new(
+        EngineSettings {
+            site: "b".into(),
+            data_dir: pair.b().dir.clone(),
+            parallel_files: 1,
+        },
+        Parts {
+            journal: Arc::new(journal),
+            workloads: Arc::clone(&pair.b().workloads),
+            peers: Arc::clone(&pair.b().peers),
+            plugins: PluginHost::from_handles(Vec::new()),
+            ingress: Arc::clone(&pair.b().ingress),
+        },
+        CancellationToken::new(),
+    )
+    .expect("engine");
+    let ask = || async {
+        use crate::peer::Handler;
+        let mut empty: &[u8] = &[];
+        engine
+            .handle(
+                "a".into(),
+                crate::peer::wire::Request::Status {
+                    migration: "feedbeef".into(),
+                },
+                &mut empty,
+            )
+            .await
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), ask())
+            .await
+            .is_err(),
+        "answered before recovery"
+    );
+    engine.recover().expect("recover");
+    let answer = tokio::time::timeout(Duration::from_secs(2), ask())
+        .await
+        .expect("answered after recovery");
+    assert!(
+        matches!(
+            answer,
+            crate::peer::wire::Response::Status {
+                state: crate::peer::wire::TargetState::Confirmed
+            }
+        ),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_by_a_migration_the_journal_never_recorded_is_released_on_restart() {
+    let mut pair = Pair::new("orphan").await;
+    let w = pair.a().run("svc").await;
+    // The gateway stopped between journaling the hold and journaling the migration.
+    pair.a()
+        .workloads
+        .modify("svc", |w| {
+            w.state = WorkloadState::Migrating;
+            w.migration = Some("0000000000000000".into());
+            Ok(())
+        })
+        .expect("held");
+    pair.crash_and_restart("a").await;
+    until("the hold to be released", || {
+        pair.a()
+            .workloads
+            .get("svc")
+            .is_some_and(|x| x.migration.is_none() && x.state == WorkloadState::Running)
+    })
+    .await;
+    assert_eq!(pair.a().workloads.get("svc").and_then(|x| x.pid), w.pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_reach_a_workload_only_where_it_runs_unheld() {
+    let pair = Pair::new("tunnel").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let spec = WorkloadSpec {
+        name: "web".into(),
+        command: vec!["sleep".into()],
+        port: Some(port),
+        env: BTreeMap::new(),
+        runtime: RUNTIME.into(),
+        settings: BTreeMap::new(),
+        routes: Vec::new(),
+    };
+    // The ingress serves whatever listens on the workload's port here.
+    pair.b().ingress.open(&spec).await.expect("open");
+    assert!(pair.b().ingress.connect("a", "web").await.is_ok());
+    let err = pair.a().ingress.connect("b", "web").await.unwrap_err();
+    assert!(err.contains("not running at this site"), "{err}");
+    // Through the peer link from a, as a moved route would.
+    let (_r, _w) = pair
+        .a()
+        .peers
+        .open_tunnel("b", "web")
+        .await
+        .expect("tunnel through the link");
+    listener.set_nonblocking(true).expect("nonblocking");
+    until("the tunnelled connection", || listener.accept().is_ok()).await;
+    // While held (a migration freezes it), nothing is let through.
+    pair.b().ingress.hold("web").await;
+    assert!(pair.b().ingress.connect("a", "web").await.is_err());
+    assert!(pair.a().peers.open_tunnel("b", "web").await.is_err());
+}
