@@ -21,8 +21,7 @@ use crate::identity::Identity;
 use crate::journal::{Collection, Journal};
 use crate::peer::{PeerLink, TunnelServer};
 use crate::plugins::{
-    AdapterHandle, AdapterInfo, Approach, Call, Plan, PluginError, PluginHost,
-    Reply, Spawned,
+    AdapterHandle, AdapterInfo, Approach, Call, Plan, PluginError, PluginHost, Reply, Spawned,
 };
 use crate::proxy::{HoldLimits, Ingress};
 use crate::spec::{Workload, WorkloadSpec, WorkloadState};
@@ -393,14 +392,22 @@ impl Pair {
 
     /// Site `name`'s gateway dies and a new one starts from its journal.
     async fn crash_and_restart(&mut self, name: &str) {
-        let slot = if name == "a" { &mut self.sa } else { &mut self.sb };
+        let slot = if name == "a" {
+            &mut self.sa
+        } else {
+            &mut self.sb
+        };
         let cfg = slot.take().expect("site is up").crash().await;
         *slot = Some(Site::start(cfg, &self.world).await);
     }
 
     /// Site `name`'s gateway dies; it stays down until [`Self::restart`].
     async fn crash(&mut self, name: &str) -> SiteConfig {
-        let slot = if name == "a" { &mut self.sa } else { &mut self.sb };
+        let slot = if name == "a" {
+            &mut self.sa
+        } else {
+            &mut self.sb
+        };
         slot.take().expect("site is up").crash().await
     }
 
@@ -446,7 +453,10 @@ fn runs_only_at(pair: &Pair, at: &str, name: &str) {
     } else {
         (pair.b(), pair.a())
     };
-    let w = here.workloads.get(name).expect("workload listed where it runs");
+    let w = here
+        .workloads
+        .get(name)
+        .expect("workload listed where it runs");
     assert_eq!(w.state, WorkloadState::Running, "{w:?}");
     let pid = w.pid.expect("pid");
     assert!(
@@ -462,7 +472,7 @@ fn runs_only_at(pair: &Pair, at: &str, name: &str) {
 }
 
 async fn rolled_back_with(pair: &Pair, id: &str, reason: &str) {
-    let m = finished(&pair.a(), id).await;
+    let m = finished(pair.a(), id).await;
     assert_eq!(m.phase, Phase::RolledBack, "{m:?}");
     assert!(
         m.error.as_deref().is_some_and(|e| e.contains(reason)),
@@ -478,7 +488,7 @@ async fn a_workload_moves_and_the_source_is_released() {
     let pair = Pair::new("move").await;
     let src = pair.a().run("svc").await;
     let m = pair.a().engine.start("svc", "b").expect("planned");
-    let m = finished(&pair.a(), &m.id).await;
+    let m = finished(pair.a(), &m.id).await;
     assert_eq!(m.phase, Phase::Completed, "{m:?}");
     runs_only_at(&pair, "b", "svc");
     let at_b = pair.b().workloads.get("svc").expect("at b");
@@ -493,7 +503,7 @@ async fn a_workload_moves_and_the_source_is_released() {
         process::start_time(src.pid.expect("pid")).is_none()
     })
     .await;
-    let at_b = finished(&pair.b(), &m.id).await;
+    let at_b = finished(pair.b(), &m.id).await;
     assert_eq!(at_b.phase, Phase::Completed);
     assert!(!pair.b().dir.join("incoming").join(&m.id).exists());
 }
@@ -503,9 +513,9 @@ async fn a_workload_moves_there_and_back() {
     let pair = Pair::new("back").await;
     pair.a().run("svc").await;
     let there = pair.a().engine.start("svc", "b").expect("planned");
-    assert_eq!(finished(&pair.a(), &there.id).await.phase, Phase::Completed);
+    assert_eq!(finished(pair.a(), &there.id).await.phase, Phase::Completed);
     let back = pair.b().engine.start("svc", "a").expect("planned back");
-    assert_eq!(finished(&pair.b(), &back.id).await.phase, Phase::Completed);
+    assert_eq!(finished(pair.b(), &back.id).await.phase, Phase::Completed);
     runs_only_at(&pair, "a", "svc");
 }
 
@@ -517,7 +527,7 @@ async fn a_checkpoint_failure_resumes_the_source() {
     let m = pair.a().engine.start("svc", "b").expect("planned");
     rolled_back_with(&pair, &m.id, "disk full").await;
     // The destination dropped its reservation and its half-received image.
-    let at_b = finished(&pair.b(), &m.id).await;
+    let at_b = finished(pair.b(), &m.id).await;
     assert_eq!(at_b.phase, Phase::RolledBack);
     assert!(!pair.b().dir.join("incoming").join(&m.id).exists());
 }
@@ -529,7 +539,7 @@ async fn a_restore_failure_at_the_destination_resumes_the_source() {
     pair.world.fail("b", "restore", "image rejected");
     let m = pair.a().engine.start("svc", "b").expect("planned");
     rolled_back_with(&pair, &m.id, "image rejected").await;
-    assert_eq!(finished(&pair.b(), &m.id).await.phase, Phase::RolledBack);
+    assert_eq!(finished(pair.b(), &m.id).await.phase, Phase::RolledBack);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,11 +549,17 @@ async fn a_destination_that_refuses_to_prepare_never_freezes_the_source() {
     // The name is taken at b.
     pair.b().run("svc").await;
     let m = pair.a().engine.start("svc", "b").expect("planned");
-    let m = finished(&pair.a(), &m.id).await;
+    let m = finished(pair.a(), &m.id).await;
     assert_eq!(m.phase, Phase::RolledBack);
-    assert!(m.error.as_deref().is_some_and(|e| e.contains("refused")), "{m:?}");
+    assert!(
+        m.error.as_deref().is_some_and(|e| e.contains("refused")),
+        "{m:?}"
+    );
     assert!(m.timings.dump_ms.is_none(), "the source was checkpointed");
-    assert_eq!(pair.a().state_of("svc").map(|s| s.0), Some(WorkloadState::Running));
+    assert_eq!(
+        pair.a().state_of("svc").map(|s| s.0),
+        Some(WorkloadState::Running)
+    );
 }
 
 /// A failure injected as the source enters `phase` rolls the migration back.
@@ -611,7 +627,7 @@ async fn a_delay_counts_in_the_freeze_and_the_move_completes() {
         Fault::Delay(Duration::from_millis(300)),
     ));
     let m = pair.a().engine.start("svc", "b").expect("planned");
-    let m = finished(&pair.a(), &m.id).await;
+    let m = finished(pair.a(), &m.id).await;
     assert_eq!(m.phase, Phase::Completed);
     assert!(m.timings.freeze_ms.is_some_and(|f| f >= 300), "{m:?}");
     runs_only_at(&pair, "b", "svc");
@@ -634,7 +650,7 @@ async fn a_held_workload_cannot_be_moved_or_removed_twice() {
     );
     let rm = pair.a().workloads.remove("svc").await.unwrap_err();
     assert!(matches!(rm, WorkloadError::Busy { .. }), "{rm}");
-    assert_eq!(finished(&pair.a(), &m.id).await.phase, Phase::Completed);
+    assert_eq!(finished(pair.a(), &m.id).await.phase, Phase::Completed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,12 +704,12 @@ async fn a_source_crash_after_the_destination_confirmed_completes_on_restart() {
         Fault::Crash,
     ));
     let m = pair.a().engine.start("svc", "b").expect("planned");
-    assert_eq!(finished(&pair.b(), &m.id).await.phase, Phase::Completed);
+    assert_eq!(finished(pair.b(), &m.id).await.phase, Phase::Completed);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Both a frozen source and a confirmed copy exist: allowed, the source is frozen.
     assert_eq!(pair.a().state_of("svc").and_then(|s| s.1), Some('T'));
     pair.crash_and_restart("a").await;
-    let done = finished(&pair.a(), &m.id).await;
+    let done = finished(pair.a(), &m.id).await;
     assert_eq!(done.phase, Phase::Completed, "{done:?}");
     runs_only_at(&pair, "b", "svc");
     until("the source process to end", || {
@@ -706,14 +722,15 @@ async fn a_source_crash_after_the_destination_confirmed_completes_on_restart() {
 async fn a_destination_crash_before_restoring_rolls_the_source_back() {
     let mut pair = Pair::new("crash-dst").await;
     pair.a().run("svc").await;
-    pair.b().engine.set_faults(Faults::default().at(
-        Role::Target,
-        Phase::Restoring,
-        Fault::Crash,
-    ));
+    pair.b()
+        .engine
+        .set_faults(Faults::default().at(Role::Target, Phase::Restoring, Fault::Crash));
     let m = pair.a().engine.start("svc", "b").expect("planned");
     until("the restore request", || {
-        pair.a().engine.get(&m.id).is_some_and(|m| m.restore_requested)
+        pair.a()
+            .engine
+            .get(&m.id)
+            .is_some_and(|m| m.restore_requested)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -723,7 +740,7 @@ async fn a_destination_crash_before_restoring_rolls_the_source_back() {
     assert_eq!(pair.a().state_of("svc").and_then(|s| s.1), Some('T'));
     pair.restart(cfg).await;
     rolled_back_with(&pair, &m.id, "").await;
-    assert_eq!(finished(&pair.b(), &m.id).await.phase, Phase::RolledBack);
+    assert_eq!(finished(pair.b(), &m.id).await.phase, Phase::RolledBack);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,3 +241,181 @@ fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, TransferError> {
         .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// Receives into a local directory through an in-memory pipe per file, counting how
+    /// many files are open at once.
+    struct DirChannel {
+        dir: PathBuf,
+        open: AtomicUsize,
+        most: AtomicUsize,
+        verdicts: Mutex<Vec<(String, oneshot::Receiver<Result<FileMeta, ReceiveError>>)>>,
+        refuse: Option<&'static str>,
+    }
+
+    impl DirChannel {
+        fn new(dir: PathBuf) -> Self {
+            std::fs::create_dir_all(&dir).expect("dir");
+            Self {
+                dir,
+                open: AtomicUsize::new(0),
+                most: AtomicUsize::new(0),
+                verdicts: Mutex::new(Vec::new()),
+                refuse: None,
+            }
+        }
+    }
+
+    impl Channel for DirChannel {
+        type Stream = DuplexStream;
+
+        fn compression(&self) -> Compression {
+            Compression::Zstd
+        }
+
+        async fn open(&self, file: &Announce) -> Result<DuplexStream, TransferError> {
+            let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            let (tx, mut rx) = tokio::io::duplex(64 << 10);
+            let (done, verdict) = oneshot::channel();
+            let (dir, a) = (self.dir.clone(), file.clone());
+            tokio::spawn(async move {
+                let r = receive(&dir, &a.name, a.size, a.compression, &mut rx).await;
+                let _ = done.send(r);
+            });
+            self.verdicts
+                .lock()
+                .expect("lock")
+                .push((file.name.clone(), verdict));
+            Ok(tx)
+        }
+
+        async fn close(
+            &self,
+            file: &str,
+            mut stream: DuplexStream,
+        ) -> Result<String, TransferError> {
+            stream.shutdown().await.map_err(|e| TransferError::Link {
+                file: file.into(),
+                source: Box::new(e),
+            })?;
+            let verdict = {
+                let mut v = self.verdicts.lock().expect("lock");
+                let i = v.iter().position(|(n, _)| n == file).expect("opened");
+                v.remove(i).1
+            };
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            if self.refuse == Some(file) {
+                return Err(TransferError::Refused {
+                    file: file.into(),
+                    detail: "no room".into(),
+                });
+            }
+            match verdict.await.expect("receiver ran") {
+                Ok(meta) => Ok(meta.blake3),
+                Err(e) => Err(TransferError::Refused {
+                    file: file.into(),
+                    detail: e.to_string(),
+                }),
+            }
+        }
+    }
+
+    fn layout(parallel: usize) -> Layout {
+        Layout {
+            grows: |n| n.starts_with("pages-"),
+            local_only: |n| n.ends_with(".log"),
+            parallel,
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferry-transfer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("out")).expect("dir");
+        d
+    }
+
+    #[tokio::test]
+    async fn an_image_arrives_whole_while_it_is_written_and_logs_stay() {
+        let d = scratch("whole");
+        let (out, inn) = (d.join("out"), d.join("in"));
+        let channel = Arc::new(DirChannel::new(inn.clone()));
+        let (dumped, dumping) = watch::channel(false);
+        let sending = tokio::spawn({
+            let (channel, out) = (Arc::clone(&channel), out.clone());
+            async move { send_image(channel, &out, layout(4), dumping).await }
+        });
+        // The "dump": a page file that grows, then the small files, then the log.
+        let pages: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in pages.chunks(700_000) {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out.join("pages-1.img"))
+                .expect("open");
+            f.write_all(piece).expect("write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::write(out.join("core-1.img"), b"core").expect("write");
+        std::fs::write(out.join("dump.log"), b"log").expect("write");
+        dumped.send(true).expect("send");
+        let sent = sending.await.expect("task").expect("sent");
+        let mut names: Vec<&str> = sent.iter().map(|s| s.meta.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["core-1.img", "pages-1.img"]);
+        assert_eq!(
+            std::fs::read(inn.join("pages-1.img")).expect("pages"),
+            pages
+        );
+        assert!(!inn.join("dump.log").exists());
+        std::fs::remove_dir_all(d).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn no_more_files_travel_at_once_than_the_limit() {
+        let d = scratch("parallel");
+        let out = d.join("out");
+        for i in 0..9 {
+            std::fs::write(out.join(format!("f{i}.img")), vec![i as u8; 300_000]).expect("write");
+        }
+        let channel = Arc::new(DirChannel::new(d.join("in")));
+        let (_dumped, dumping) = watch::channel(true);
+        let sent = send_image(Arc::clone(&channel), &out, layout(2), dumping)
+            .await
+            .expect("sent");
+        assert_eq!(sent.len(), 9);
+        let most = channel.most.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&most), "{most} files in flight at once");
+        std::fs::remove_dir_all(d).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn a_refused_file_fails_the_transfer() {
+        let d = scratch("refused");
+        let out = d.join("out");
+        std::fs::write(out.join("a.img"), b"a").expect("write");
+        std::fs::write(out.join("b.img"), b"b").expect("write");
+        let mut channel = DirChannel::new(d.join("in"));
+        channel.refuse = Some("b.img");
+        let (_dumped, dumping) = watch::channel(true);
+        let err = send_image(Arc::new(channel), &out, layout(4), dumping)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, TransferError::Refused { file, .. } if file == "b.img"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(d).expect("cleanup");
+    }
+}
