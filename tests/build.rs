@@ -1,7 +1,7 @@
 //! Builds Ferry's adapters (WebAssembly components, ../plugins) from source for the
 //! end-to-end tests and the demo; no `.wasm` file is ever committed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -11,7 +11,15 @@ fn main() {
     for dir in [&plugins, &wit] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
-    for krate in ["sdk", "process", "runc", "podman", "hostile"] {
+    for krate in [
+        "sdk",
+        "process",
+        "runc",
+        "podman",
+        "hostile",
+        "legacy",
+        "examples/minimal",
+    ] {
         println!(
             "cargo:rerun-if-changed={}",
             plugins.join(krate).join("src").display()
@@ -21,6 +29,11 @@ fn main() {
             plugins.join(krate).join("ferry-plugin.toml").display()
         );
     }
+    println!(
+        "cargo:rerun-if-changed={}",
+        plugins.join("README.md").display()
+    );
+    readme_shows_the_minimal_adapter(&plugins);
     let target_dir = plugins.join("target");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
@@ -48,4 +61,26 @@ fn main() {
         target_dir.join("wasm32-wasip2/release").display()
     );
     println!("cargo:rustc-env=FERRY_PLUGIN_SRC_DIR={}", plugins.display());
+}
+
+/// plugins/README.md shows the minimal adapter's files; the crate in
+/// plugins/examples/minimal is built with the others, so what the README shows compiles
+/// only while the two are the same.
+fn readme_shows_the_minimal_adapter(plugins: &Path) {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+    };
+    let readme = read(&plugins.join("README.md"));
+    let example = plugins.join("examples/minimal");
+    for (file, lang) in [
+        ("Cargo.toml", "toml"),
+        ("ferry-plugin.toml", "toml"),
+        ("src/lib.rs", "rust"),
+    ] {
+        let block = format!("```{lang}\n{}```\n", read(&example.join(file)));
+        assert!(
+            readme.contains(&block),
+            "plugins/README.md does not show plugins/examples/minimal/{file} as it is; keep the two identical"
+        );
+    }
 }

@@ -1,7 +1,9 @@
 //! The adapter sandbox, proved with a hostile guest built from ../plugins/hostile: an
 //! endless loop hits the call deadline, unbounded memory growth hits the memory limit, an
 //! ungranted capability is denied by name, a trap is contained, and the adapter keeps
-//! serving calls afterwards.
+//! serving calls afterwards. And the WIT versions: an adapter built against the frozen
+//! 0.1.0 (../plugins/legacy) still loads and answers; a manifest naming a version this
+//! gateway does not host, or not the one its component was built against, is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -210,5 +212,97 @@ async fn sockets_reach_only_granted_addresses() -> Result<()> {
         allowed.accept().is_ok(),
         "the granted connection did not arrive"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_adapter_built_against_0_1_0_still_loads_and_answers() -> Result<()> {
+    let dir = std::env::temp_dir().join("ferry-sandbox-legacy");
+    site(&dir, 30_000, 64)?;
+    ferry_e2e::install_adapter("legacy", &dir.join("plugins"))?;
+    // Its manifest has no `wit` field, as manifests from before 0.2.0 do. Granted log
+    // only: it asks for process too, so a spawn is refused in 0.1.0's terms.
+    let path = dir.join("site.toml");
+    let mut text = std::fs::read_to_string(&path)?;
+    text.push_str("[plugins.grants.legacy]\ncapabilities = [\"log\"]\n");
+    std::fs::write(&path, text)?;
+    let cfg = SiteConfig::load(&path)?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
+    let info = host
+        .list()
+        .into_iter()
+        .find(|p| p.name == "legacy")
+        .expect("listed");
+    assert_eq!(info.status, "loaded");
+    assert_eq!(info.runtimes, vec!["legacy".to_string()]);
+
+    let adapter = host.adapter("legacy")?;
+    let described = adapter.describe().await?;
+    assert_eq!(described.name, "legacy");
+    assert_eq!(described.runtimes, vec!["legacy".to_string()]);
+
+    let mut call = workload("none").with_peer("far");
+    call.spec.runtime = "legacy".into();
+    let plan = adapter.probe(call.clone()).await?;
+    assert!(plan.feasible, "{}", plan.reason);
+    assert_eq!(plan.reason, "legacy adapter would move victim to far");
+    assert_eq!(plan.expected_downtime_ms, Some(7));
+    assert!(plan
+        .approach
+        .is_some_and(|a| ferry::plugins::approach_name(a) == "container"));
+
+    // A host refusal reaches a 0.1.0 adapter as a "denied:" string, which it reports as a
+    // denial: the engine sees the same error as from a 0.2.0 adapter.
+    let err = adapter.start_fresh(call).await.unwrap_err();
+    match &err {
+        PluginError::Denied { detail, .. } => assert!(
+            detail.starts_with("capability process is not granted to adapter legacy"),
+            "{detail}"
+        ),
+        other => panic!("expected a denial, got {other}"),
+    }
+    // The 0.2.0 adapters load beside it.
+    assert_eq!(host.adapter("hostile")?.describe().await?.name, "hostile");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_manifest_must_name_a_hosted_wit_version_and_the_one_built_against() -> Result<()> {
+    let dir = std::env::temp_dir().join("ferry-sandbox-wit");
+    let cfg = site(&dir, 30_000, 64)?;
+    let plugins = dir.join("plugins");
+    let edit = |name: &str, from: &str, to: &str| -> Result<()> {
+        let manifest = plugins.join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&manifest)?;
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&manifest, text.replace(from, to))?;
+        Ok(())
+    };
+    edit("hostile", r#"wit = "0.2.0""#, r#"wit = "9.9.9""#)?;
+    // Without the field the manifest means 0.1.0, but the component is built against 0.2.0.
+    edit("process", "wit = \"0.2.0\"\n", "")?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
+    let status = |name: &str| {
+        host.list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.status)
+            .unwrap_or_default()
+    };
+    let hostile = status("hostile");
+    assert!(
+        hostile.contains(
+            r#"wit version "9.9.9" is not supported; this gateway hosts 0.1.0 and 0.2.0"#
+        ),
+        "{hostile}"
+    );
+    let process = status("process");
+    assert!(
+        process.contains("is built against ferry:adapter@0.2.0")
+            && process.contains(r#"wit = "0.1.0""#),
+        "{process}"
+    );
+    assert!(host.adapter("hostile").is_err());
+    assert!(host.adapter("process").is_err());
     Ok(())
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::Component;
 use wasmtime::{Engine, Store};
 
-use super::bindings::RuntimeAdapter;
+use super::bindings::{Guest, Linkers, WitVersion};
 use super::call::{AdapterCall, Call, Reply, Spawned};
 use super::grant::Granted;
 use super::host::{MemoryLimit, State};
@@ -57,7 +57,9 @@ pub struct Actor {
     pub name: String,
     pub engine: Engine,
     pub component: Component,
-    pub linker: Arc<Linker<State>>,
+    /// The version of `ferry:adapter` the manifest names: which linker and bindings serve it.
+    pub wit: WitVersion,
+    pub linkers: Arc<Linkers>,
     pub granted: Arc<Granted>,
     pub criu: Criu,
     pub limits: Limits,
@@ -65,7 +67,7 @@ pub struct Actor {
 
 struct Instance {
     store: Store<State>,
-    bindings: RuntimeAdapter,
+    guest: Guest,
 }
 
 impl Actor {
@@ -101,13 +103,18 @@ impl Actor {
         store.limiter(|s| &mut s.memory);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let bindings = RuntimeAdapter::instantiate_async(&mut store, &self.component, &self.linker)
-            .await
-            .map_err(|e| PluginError::Load {
-                name: self.name.clone(),
-                detail: format!("cannot instantiate: {e:#}"),
-            })?;
-        Ok(Instance { store, bindings })
+        let guest = Guest::instantiate(
+            self.wit,
+            &mut store,
+            &self.component,
+            self.linkers.get(self.wit),
+        )
+        .await
+        .map_err(|e| PluginError::Load {
+            name: self.name.clone(),
+            detail: format!("cannot instantiate: {e:#}"),
+        })?;
+        Ok(Instance { store, guest })
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -144,44 +151,38 @@ impl Actor {
         inst.store.data_mut().memory.hit = false;
         inst.store.data_mut().reset_wasi();
         inst.store.set_epoch_deadline(self.deadline_ticks());
-        let rt = inst.bindings.ferry_adapter_runtime();
+        let guest = &inst.guest;
         let store = &mut inst.store;
         let outcome = match (op, w) {
-            (Op::Describe, _) => rt
-                .call_describe(&mut *store)
-                .await
-                .map(|i| Ok(Reply::Info(i))),
+            (Op::Describe, _) => guest.describe(store).await.map(|i| Ok(Reply::Info(i))),
             (_, None) => Ok(Err(super::bindings::AdapterError::Failed(
                 "the call names no workload".into(),
             ))),
-            (Op::Probe, Some(w)) => rt
-                .call_probe(&mut *store, &w)
+            (Op::Probe, Some(w)) => guest.probe(store, &w).await.map(|p| Ok(Reply::Plan(p))),
+            (Op::Prepare, Some(w)) => guest
+                .prepare(store, &w)
                 .await
-                .map(|p| Ok(Reply::Plan(p))),
-            (Op::Prepare, Some(w)) => rt
-                .call_prepare(&mut *store, &w)
-                .await
-                .map(|r| r.map(|_| Reply::Unit)),
-            (Op::StartFresh, Some(w)) => rt
-                .call_start_fresh(&mut *store, &w)
+                .map(|r| r.map(|()| Reply::Unit)),
+            (Op::StartFresh, Some(w)) => guest
+                .start_fresh(store, &w)
                 .await
                 .map(|r| r.map(Reply::Pid)),
-            (Op::Checkpoint, Some(w)) => rt
-                .call_checkpoint(&mut *store, &w)
+            (Op::Checkpoint, Some(w)) => guest
+                .checkpoint(store, &w)
                 .await
                 .map(|r| r.map(Reply::Notes)),
-            (Op::Restore(notes), Some(w)) => rt
-                .call_restore(&mut *store, &w, &notes)
+            (Op::Restore(notes), Some(w)) => guest
+                .restore(store, &w, notes)
                 .await
                 .map(|r| r.map(Reply::Pid)),
-            (Op::ResumeSource, Some(w)) => rt
-                .call_resume_source(&mut *store, &w)
+            (Op::ResumeSource, Some(w)) => guest
+                .resume_source(store, &w)
                 .await
                 .map(|r| r.map(Reply::MaybePid)),
-            (Op::ReleaseSource, Some(w)) => rt
-                .call_release_source(&mut *store, &w)
+            (Op::ReleaseSource, Some(w)) => guest
+                .release_source(store, &w)
                 .await
-                .map(|r| r.map(|_| Reply::Unit)),
+                .map(|r| r.map(|()| Reply::Unit)),
         };
         store.data_mut().call = None;
         let spawned = store.data_mut().spawned.take();

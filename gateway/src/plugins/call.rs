@@ -87,7 +87,9 @@ impl AdapterCall {
         }
     }
 
-    /// The WIT record the guest receives.
+    /// The WIT record the guest receives, in the current version's types; the records of
+    /// all versions are the same, and an older version converts it at its edge
+    /// (`bindings/v0_1.rs`).
     pub(super) fn view(&self) -> bindings::Workload {
         let pairs = |m: &std::collections::BTreeMap<String, String>| {
             m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()

@@ -1,18 +1,20 @@
 //! What an adapter instance can reach: the store's state, and the host interfaces, each
 //! checked against the adapter's grant on every call and confined to the workload the
-//! current call is about.
+//! current call is about. Implemented once; each WIT version's bindings (`bindings/`)
+//! call in with the current version's records and map [`HostError`] to their own terms.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use thiserror::Error;
 use tokio::io::AsyncReadExt;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Result as WtResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::ferry::adapter::{criu, exec, log, process as process_if};
+use super::bindings::current::ferry::adapter::{exec, log};
 use super::call::AdapterCall;
 use super::grant::{Capability, Granted};
 use crate::criu::{Criu, DumpRequest, Inherit, RestoreRequest};
@@ -76,29 +78,44 @@ impl WasiView for State {
     }
 }
 
+/// Why a host interface did not do what the adapter asked. Implemented once, here; each
+/// WIT version reports it in its own terms (`bindings/`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HostError {
+    /// The site refused: a capability it does not grant, a program not on the allow-list.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// Attempted, and it failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The request does not fit the current call (no workload, no process, no images).
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl State {
-    fn check(&self, c: Capability) -> Result<(), String> {
+    fn check(&self, c: Capability) -> Result<(), HostError> {
         if self.granted.allows(c) {
             Ok(())
         } else {
             tracing::warn!(plugin = %self.plugin, capability = %c, "adapter denied a capability");
-            Err(format!(
-                "denied: capability {c} is not granted to adapter {}; grant it in [plugins.grants.{}] of site.toml if the adapter should have it",
+            Err(HostError::Denied(format!(
+                "capability {c} is not granted to adapter {}; grant it in [plugins.grants.{}] of site.toml if the adapter should have it",
                 self.plugin, self.plugin
-            ))
+            )))
         }
     }
 
-    fn call(&self) -> Result<&AdapterCall, String> {
+    fn call(&self) -> Result<&AdapterCall, HostError> {
         self.call
             .as_ref()
-            .ok_or_else(|| "this call is about no workload".to_string())
+            .ok_or_else(|| HostError::Invalid("this call is about no workload".into()))
     }
 
-    fn pid(&self) -> Result<i32, String> {
+    fn pid(&self) -> Result<i32, HostError> {
         self.call()?
             .pid
-            .ok_or_else(|| "the workload has no process at this site".to_string())
+            .ok_or_else(|| HostError::Invalid("the workload has no process at this site".into()))
     }
 
     /// The workload's pid if that very process is still alive.
@@ -106,11 +123,11 @@ impl State {
         self.call.as_ref().and_then(AdapterCall::live_pid)
     }
 
-    fn images(&self) -> Result<PathBuf, String> {
+    fn images(&self) -> Result<PathBuf, HostError> {
         self.call()?
             .images
             .clone()
-            .ok_or_else(|| "no migration image directory for this call".to_string())
+            .ok_or_else(|| HostError::Invalid("no migration image directory for this call".into()))
     }
 
     /// Rebuilds the WASI context for the next call: no environment; connections only to
@@ -159,10 +176,14 @@ impl State {
     }
 }
 
-impl log::Host for State {
-    async fn log(&mut self, level: log::Level, message: String) -> WtResult<()> {
+/// The host interfaces, implemented once for every WIT version (which call these with
+/// the current version's records and map [`HostError`] to their own error type).
+impl State {
+    /// `log.log`: a line in the gateway's log, tagged with the adapter; dropped silently
+    /// without the capability (logging is not worth failing a call over).
+    pub fn log_line(&self, level: log::Level, message: &str) {
         if !self.granted.allows(Capability::Log) {
-            return Ok(());
+            return;
         }
         let message: String = message.chars().take(4096).collect();
         let plugin = &self.plugin;
@@ -172,30 +193,112 @@ impl log::Host for State {
             log::Level::Warn => tracing::warn!(plugin, "{message}"),
             log::Level::Error => tracing::error!(plugin, "{message}"),
         }
-        Ok(())
     }
-}
 
-impl exec::Host for State {
-    async fn run(&mut self, cmd: exec::Command) -> WtResult<Result<exec::Output, String>> {
-        if let Err(e) = self.check(Capability::Exec) {
-            return Ok(Err(e));
-        }
+    /// `exec.run`: a program from the adapter's allow-list, under its timeout.
+    pub async fn exec(&mut self, cmd: exec::Command) -> Result<exec::Output, HostError> {
+        self.check(Capability::Exec)?;
         if !self.granted.allows_program(&cmd.program) {
             tracing::warn!(plugin = %self.plugin, program = %cmd.program, "adapter denied a program");
-            return Ok(Err(format!(
-                "denied: adapter {} may not run {:?}; its exec allow-list is {:?}",
+            return Err(HostError::Denied(format!(
+                "adapter {} may not run {:?}; its exec allow-list is {:?}",
                 self.plugin, cmd.program, self.granted.exec
             )));
         }
         let plugin = self.plugin.clone();
         if cmd.output == exec::OutputMode::WorkloadLog {
             let Some(log) = self.call.as_ref().map(|c| c.placement.log.clone()) else {
-                return Ok(Err("no workload log for this call".into()));
+                return Err(HostError::Invalid("no workload log for this call".into()));
             };
-            return Ok(run_into_log(&plugin, cmd, &log).await);
+            return run_into_log(&plugin, cmd, &log)
+                .await
+                .map_err(HostError::Failed);
         }
-        Ok(run_program(&plugin, cmd).await)
+        run_program(&plugin, cmd).await.map_err(HostError::Failed)
+    }
+
+    /// `criu.dump`: the current workload's tree into the migration's image directory,
+    /// left stopped. Returns the dump's duration in ms.
+    pub async fn criu_dump(&mut self) -> Result<u64, HostError> {
+        self.check(Capability::Criu)?;
+        // Owned copies: nothing of the call is borrowed while CRIU runs.
+        let (pid, images, criu) = (self.pid()?, self.images()?, self.criu.clone());
+        criu.dump(DumpRequest {
+            pid,
+            images: &images,
+        })
+        .await
+        .map(|took| took.as_millis() as u64)
+        .map_err(|e| HostError::Failed(e.to_string()))
+    }
+
+    /// `criu.restore`: the migration's image here, its stdio re-pointed at this site's log.
+    pub async fn criu_restore(&mut self) -> Result<i32, HostError> {
+        self.check(Capability::Criu)?;
+        let images = self.images()?;
+        let call = self.call()?;
+        let placement = call.placement.clone();
+        let source_log = call
+            .source_log
+            .clone()
+            .ok_or_else(|| HostError::Invalid("no source log path".into()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&placement.log)
+            .map_err(|e| {
+                HostError::Failed(format!("cannot open {}: {e}", placement.log.display()))
+            })?;
+        let criu = self.criu.clone();
+        criu.restore(RestoreRequest {
+            images: &images,
+            inherit: vec![Inherit {
+                fd: log.into(),
+                source_path: source_log,
+            }],
+            cgroup: placement.cgroup.as_deref(),
+        })
+        .await
+        .map(|r| r.pid)
+        .map_err(|e| HostError::Failed(e.to_string()))
+    }
+
+    /// `process.spawn`: the current workload's command in the gateway's own process tree.
+    pub async fn process_spawn(&mut self) -> Result<i32, HostError> {
+        self.check(Capability::Process)?;
+        let call = self.call()?;
+        let (spec, placement) = (call.spec.clone(), call.placement.clone());
+        let started = process::start(process::Launch {
+            command: &spec.command,
+            env: &spec.env,
+            work_dir: &placement.work_dir,
+            log: &placement.log,
+            cgroup: placement.cgroup.as_deref(),
+        })
+        .await
+        .map_err(|e| HostError::Failed(e.to_string()))?;
+        let pid = started.pid;
+        self.spawned = Some(started);
+        Ok(pid)
+    }
+
+    /// `process.resume`: the current workload's stopped tree runs again.
+    pub fn process_resume(&mut self) -> Result<(), HostError> {
+        self.check(Capability::Process)?;
+        let pid = self
+            .live_pid()
+            .ok_or_else(|| HostError::Failed("the workload's process is gone".into()))?;
+        process::resume(pid);
+        Ok(())
+    }
+
+    /// `process.kill`: the current workload's tree, if that very process still lives.
+    pub fn process_kill(&mut self) -> Result<(), HostError> {
+        self.check(Capability::Process)?;
+        if let Some(pid) = self.live_pid() {
+            process::kill(pid);
+        }
+        Ok(())
     }
 }
 
@@ -302,12 +405,7 @@ async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, S
             cmd.program, cmd.timeout_ms
         )
     })?;
-    let status = status.map_err(|e| format!("waiting for {}: {e}", cmd.program))?;
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .or(status.signal().map(|s| 128 + s))
-        .unwrap_or(-1);
+    let code = exit_code(status.map_err(|e| format!("waiting for {}: {e}", cmd.program))?);
     let tail = &err[err.len().saturating_sub(STDERR_TAIL)..];
     Ok(exec::Output {
         status: code,
@@ -315,110 +413,3 @@ async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, S
         stderr_tail: String::from_utf8_lossy(tail).into_owned(),
     })
 }
-
-impl criu::Host for State {
-    async fn dump(&mut self) -> WtResult<Result<u64, String>> {
-        // Take what the dump needs first: the store state is not held across the await.
-        let prep = (|| {
-            self.check(Capability::Criu)?;
-            Ok::<_, String>((self.pid()?, self.images()?, self.criu.clone()))
-        })();
-        let (pid, images, criu) = match prep {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(criu
-            .dump(DumpRequest {
-                pid,
-                images: &images,
-            })
-            .await
-            .map(|took| took.as_millis() as u64)
-            .map_err(|e| e.to_string()))
-    }
-
-    async fn restore(&mut self) -> WtResult<Result<i32, String>> {
-        let prep = (|| {
-            self.check(Capability::Criu)?;
-            let images = self.images()?;
-            let call = self.call()?;
-            let placement = call.placement.clone();
-            let source_log = call.source_log.clone().ok_or("no source log path")?;
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&placement.log)
-                .map_err(|e| format!("cannot open {}: {e}", placement.log.display()))?;
-            Ok::<_, String>((images, placement, source_log, log, self.criu.clone()))
-        })();
-        let (images, placement, source_log, log, criu) = match prep {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(criu
-            .restore(RestoreRequest {
-                images: &images,
-                inherit: vec![Inherit {
-                    fd: log.into(),
-                    source_path: source_log,
-                }],
-                cgroup: placement.cgroup.as_deref(),
-            })
-            .await
-            .map(|r| r.pid)
-            .map_err(|e| e.to_string()))
-    }
-}
-
-impl process_if::Host for State {
-    async fn spawn(&mut self) -> WtResult<Result<i32, String>> {
-        let prep = (|| {
-            self.check(Capability::Process)?;
-            let call = self.call()?;
-            Ok::<_, String>((call.spec.clone(), call.placement.clone()))
-        })();
-        let (spec, placement) = match prep {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        let started = process::start(process::Launch {
-            command: &spec.command,
-            env: &spec.env,
-            work_dir: &placement.work_dir,
-            log: &placement.log,
-            cgroup: placement.cgroup.as_deref(),
-        })
-        .await;
-        Ok(match started {
-            Ok(started) => {
-                let pid = started.pid;
-                self.spawned = Some(started);
-                Ok(pid)
-            }
-            Err(e) => Err(e.to_string()),
-        })
-    }
-
-    async fn resume(&mut self) -> WtResult<Result<(), String>> {
-        let run = || {
-            self.check(Capability::Process)?;
-            let pid = self.live_pid().ok_or("the workload's process is gone")?;
-            process::resume(pid);
-            Ok(())
-        };
-        Ok(run())
-    }
-
-    async fn kill(&mut self) -> WtResult<Result<(), String>> {
-        let run = || {
-            self.check(Capability::Process)?;
-            if let Some(pid) = self.live_pid() {
-                process::kill(pid);
-            }
-            Ok(())
-        };
-        Ok(run())
-    }
-}
-
-impl super::bindings::ferry::adapter::types::Host for State {}

@@ -1,7 +1,9 @@
 //! The adapter host: loads WebAssembly components (wasmtime, component model) from the
 //! site's plugin folder, grants each only what its manifest asks for and the site allows,
-//! and runs each in its own task under a call deadline and a memory limit. The migration
-//! engine reaches runtimes only through [`AdapterHandle`]s.
+//! and runs each in its own task under a call deadline and a memory limit. Every released
+//! version of the WIT package is hosted at once; each component is served through the
+//! version its manifest names. The migration engine reaches runtimes only through
+//! [`AdapterHandle`]s.
 
 mod actor;
 mod bindings;
@@ -18,11 +20,12 @@ use std::time::Duration;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use crate::criu::Criu;
 use actor::{Actor, Limits, Request};
+use bindings::Linkers;
 pub use bindings::{AdapterInfo, Approach, Plan};
 pub use call::{AdapterCall, Call, Reply, Spawned};
 use grant::capability_of;
@@ -285,6 +288,13 @@ fn engine() -> Result<Engine, PluginError> {
     Ok(engine)
 }
 
+/// The `ferry:adapter` version an import or export names (`ferry:adapter/exec@0.2.0`),
+/// if it is one of Ferry's.
+fn wit_version_of(name: &str) -> Option<&str> {
+    let (_, version) = name.strip_prefix("ferry:adapter/")?.split_once('@')?;
+    Some(version)
+}
+
 /// Compiles a component, or loads its precompiled form from the cache, keyed by the
 /// engine's compatibility hash (wasmtime version and settings) and the component's hash.
 fn compile(
@@ -360,20 +370,10 @@ impl PluginHost {
             return Ok(Arc::new(Self { infos, by_runtime }));
         }
         let engine = engine()?;
-        let mut linker: Linker<host::State> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Load {
+        let linkers = Arc::new(Linkers::new(&engine).map_err(|e| PluginError::Load {
             name: "(linker)".into(),
             detail: e.to_string(),
-        })?;
-        bindings::RuntimeAdapter::add_to_linker::<host::State, HasSelf<host::State>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(|e| PluginError::Load {
-            name: "(linker)".into(),
-            detail: e.to_string(),
-        })?;
-        let linker = Arc::new(linker);
+        })?);
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| PluginError::Dir {
                 path: dir.clone(),
@@ -389,7 +389,7 @@ impl PluginHost {
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
                 .to_string();
-            match Self::load_one(cfg, &engine, &linker, &criu, &wasm, &stem).await {
+            match Self::load_one(cfg, &engine, &linkers, &criu, &wasm, &stem).await {
                 Ok((info, handle)) => {
                     for rt in &info.runtimes {
                         if let Some(other) = by_runtime.get(rt) {
@@ -411,7 +411,7 @@ impl PluginHost {
     async fn load_one(
         cfg: &HostSettings,
         engine: &Engine,
-        linker: &Arc<Linker<host::State>>,
+        linkers: &Arc<Linkers>,
         criu: &Criu,
         wasm: &Path,
         stem: &str,
@@ -436,9 +436,9 @@ impl PluginHost {
             info.status = format!("not loaded: {detail}");
             Err(Box::new(info))
         };
-        let manifest = match Manifest::load(&wasm.with_extension("toml")) {
-            Ok(m) if m.name == stem => m,
-            Ok(m) => {
+        let (manifest, wit) = match Manifest::load(&wasm.with_extension("toml")) {
+            Ok((m, wit)) if m.name == stem => (m, wit),
+            Ok((m, _)) => {
                 return fail(
                     info,
                     format!("manifest names {:?}, file is {stem}.wasm", m.name),
@@ -460,7 +460,8 @@ impl PluginHost {
             Err(e) => return fail(info, e),
         };
         // Checked at load: a component may import only host interfaces its manifest asks for.
-        for (import, _) in component.component_type().imports(engine) {
+        let ty = component.component_type();
+        for (import, _) in ty.imports(engine) {
             if let Some(Some(cap)) = capability_of(import) {
                 if !manifest.capabilities.contains(&cap) {
                     return fail(
@@ -470,12 +471,28 @@ impl PluginHost {
                 }
             }
         }
+        // And it was built against the version its manifest names: said here, rather than
+        // as the linker's "no matching implementation" when it is instantiated.
+        let names = ty.imports(engine).chain(ty.exports(engine)).map(|(n, _)| n);
+        for name in names {
+            if let Some(built) = wit_version_of(name) {
+                if built != wit.as_str() {
+                    return fail(
+                        info,
+                        format!(
+                            "is built against ferry:adapter@{built} but its manifest says wit = \"{wit}\" (0.1.0 when absent); set wit = \"{built}\""
+                        ),
+                    );
+                }
+            }
+        }
         let (tx, rx) = mpsc::channel(64);
         let actor = Actor {
             name: manifest.name.clone(),
             engine: engine.clone(),
             component,
-            linker: Arc::clone(linker),
+            wit,
+            linkers: Arc::clone(linkers),
             granted: Arc::new(granted),
             criu: criu.clone(),
             limits: Limits {
@@ -485,7 +502,7 @@ impl PluginHost {
         };
         tokio::spawn(tracing::Instrument::instrument(
             actor.run(rx),
-            tracing::info_span!("plugin", plugin = %manifest.name),
+            tracing::info_span!("plugin", plugin = %manifest.name, wit = %wit),
         ));
         let handle = AdapterHandle {
             name: manifest.name.clone(),

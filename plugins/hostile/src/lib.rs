@@ -38,7 +38,7 @@ fn misbehave(w: &Workload) -> Result<(), AdapterError> {
     }
 }
 
-impl RuntimeAdapter for Hostile {
+impl Adapter for Hostile {
     fn describe() -> AdapterInfo {
         AdapterInfo {
             name: "hostile".into(),
@@ -57,32 +57,28 @@ impl RuntimeAdapter for Hostile {
         }
     }
 
-    fn prepare(_w: Workload) -> Result<(), AdapterError> {
-        Ok(())
-    }
-
     fn start_fresh(_w: Workload) -> Result<i32, AdapterError> {
-        process::spawn().map_err(host_error)
+        Ok(process::spawn()?)
     }
 
     fn checkpoint(w: Workload) -> Result<Notes, AdapterError> {
         misbehave(&w)?;
-        criu::dump().map_err(host_error)?;
+        criu::dump()?;
         Ok(Vec::new())
     }
 
     fn restore(_w: Workload, _notes: Notes) -> Result<i32, AdapterError> {
-        criu::restore().map_err(host_error)
+        Ok(criu::restore()?)
     }
 
     fn resume_source(_w: Workload) -> Result<Option<i32>, AdapterError> {
-        process::resume().map_err(host_error)?;
+        process::resume()?;
         Ok(None)
     }
 
     fn release_source(_w: Workload) -> Result<(), AdapterError> {
-        process::kill().map_err(host_error)
+        Ok(process::kill()?)
     }
 }
 
-export_runtime_adapter!(Hostile with_types_in ferry_adapter_sdk);
+export_adapter!(Hostile);

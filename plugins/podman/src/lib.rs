@@ -58,7 +58,7 @@ fn pid(w: &Workload) -> Result<i32, AdapterError> {
     }
 }
 
-impl RuntimeAdapter for Podman {
+impl Adapter for Podman {
     fn describe() -> AdapterInfo {
         AdapterInfo {
             name: "podman".into(),
@@ -155,4 +155,4 @@ impl RuntimeAdapter for Podman {
     }
 }
 
-export_runtime_adapter!(Podman with_types_in ferry_adapter_sdk);
+export_adapter!(Podman);

@@ -5,7 +5,7 @@ use ferry_adapter_sdk::*;
 
 struct Process;
 
-impl RuntimeAdapter for Process {
+impl Adapter for Process {
     fn describe() -> AdapterInfo {
         AdapterInfo {
             name: "process".into(),
@@ -28,31 +28,27 @@ impl RuntimeAdapter for Process {
         }
     }
 
-    fn prepare(_w: Workload) -> Result<(), AdapterError> {
-        Ok(())
-    }
-
     fn start_fresh(_w: Workload) -> Result<i32, AdapterError> {
-        process::spawn().map_err(host_error)
+        Ok(process::spawn()?)
     }
 
     fn checkpoint(_w: Workload) -> Result<Notes, AdapterError> {
-        let ms = criu::dump().map_err(host_error)?;
+        let ms = criu::dump()?;
         Ok(vec![("dump-ms".into(), ms.to_string())])
     }
 
     fn restore(_w: Workload, _notes: Notes) -> Result<i32, AdapterError> {
-        criu::restore().map_err(host_error)
+        Ok(criu::restore()?)
     }
 
     fn resume_source(_w: Workload) -> Result<Option<i32>, AdapterError> {
-        process::resume().map_err(host_error)?;
+        process::resume()?;
         Ok(None)
     }
 
     fn release_source(_w: Workload) -> Result<(), AdapterError> {
-        process::kill().map_err(host_error)
+        Ok(process::kill()?)
     }
 }
 
-export_runtime_adapter!(Process with_types_in ferry_adapter_sdk);
+export_adapter!(Process);

@@ -67,7 +67,7 @@ fn pid(w: &Workload) -> Result<i32, AdapterError> {
         .map_err(|_| AdapterError::Failed(format!("runc state has no pid: {text}")))
 }
 
-impl RuntimeAdapter for Runc {
+impl Adapter for Runc {
     fn describe() -> AdapterInfo {
         AdapterInfo {
             name: "runc".into(),
@@ -142,4 +142,4 @@ impl RuntimeAdapter for Runc {
     }
 }
 
-export_runtime_adapter!(Runc with_types_in ferry_adapter_sdk);
+export_adapter!(Runc);

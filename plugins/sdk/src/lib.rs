@@ -1,32 +1,129 @@
-//! Guest SDK for Ferry adapters: the bindings of the `ferry:adapter` WIT package, the
-//! macro that exports an adapter, and helpers for what every adapter does.
+//! Guest SDK for Ferry adapters, on `ferry:adapter@0.2.0` (`wit/ferry-adapter@0.2.0`): the
+//! generated bindings, the [`Adapter`] trait with defaults for what an adapter does not
+//! support, the [`export_adapter!`] macro, and helpers for what every adapter does.
 //!
 //! ```ignore
 //! use ferry_adapter_sdk::*;
 //! struct MyAdapter;
-//! impl RuntimeAdapter for MyAdapter { /* … */ }
-//! export_runtime_adapter!(MyAdapter with_types_in ferry_adapter_sdk);
+//! impl Adapter for MyAdapter {
+//!     fn describe() -> AdapterInfo { /* … */ }
+//!     // only what it supports; the rest answers `unsupported`
+//! }
+//! export_adapter!(MyAdapter);
 //! ```
 
 wit_bindgen::generate!({
-    path: "../../wit",
+    path: "../../wit/ferry-adapter@0.2.0",
     world: "runtime-adapter",
     pub_export_macro: true,
     export_macro_name: "export_runtime_adapter",
     default_bindings_module: "ferry_adapter_sdk",
 });
 
-pub use exports::ferry::adapter::runtime::Guest as RuntimeAdapter;
-pub use ferry::adapter::types::{AdapterError, AdapterInfo, Approach, Notes, Plan, Workload};
+pub use ferry::adapter::types::{AdapterError, AdapterInfo, Approach, HostError, Notes, Plan, Workload};
 pub use ferry::adapter::{criu, exec, log, process};
 
-/// Maps a host error string to the adapter error the engine acts on: the host prefixes
-/// refused capabilities with "denied:".
-pub fn host_error(message: String) -> AdapterError {
-    match message.strip_prefix("denied:") {
-        Some(rest) => AdapterError::Denied(rest.trim().to_string()),
-        None => AdapterError::Failed(message),
+/// A host refusal stays a refusal, so the engine reports it as a denial naming the
+/// capability; a request that does not fit the call is, to the engine, a failed call.
+/// With this, adapters write `criu::dump()?`.
+impl From<HostError> for AdapterError {
+    fn from(e: HostError) -> Self {
+        match e {
+            HostError::Denied(detail) => AdapterError::Denied(detail),
+            HostError::Failed(detail) | HostError::Invalid(detail) => AdapterError::Failed(detail),
+        }
     }
+}
+
+/// What an adapter implements. Only [`describe`](Adapter::describe) is required: the
+/// others default to what an adapter that does not support them should answer, so the
+/// engine can say so (and roll back) instead of the adapter trapping.
+pub trait Adapter {
+    /// Name, version, approaches and the runtimes served; called at load.
+    fn describe() -> AdapterInfo;
+
+    /// Can this workload migrate, how, and why. Default: it cannot.
+    fn probe(w: Workload) -> Plan {
+        Plan {
+            feasible: false,
+            approach: None,
+            reason: format!(
+                "adapter {} does not support migrating {} (it does not implement probe)",
+                Self::describe().name,
+                w.name
+            ),
+            expected_downtime_ms: None,
+        }
+    }
+
+    /// Warm the destination before the freeze. Default: nothing to prepare.
+    fn prepare(_w: Workload) -> Result<(), AdapterError> {
+        Ok(())
+    }
+
+    /// Start the workload; returns its root's host pid. Default: unsupported.
+    fn start_fresh(_w: Workload) -> Result<i32, AdapterError> {
+        Err(unsupported::<Self>("start-fresh"))
+    }
+
+    /// Freeze and capture the workload into `w.images_dir`. Default: unsupported.
+    fn checkpoint(_w: Workload) -> Result<Notes, AdapterError> {
+        Err(unsupported::<Self>("checkpoint"))
+    }
+
+    /// Restore from `w.images_dir`; returns the root's host pid. Default: unsupported.
+    fn restore(_w: Workload, _notes: Notes) -> Result<i32, AdapterError> {
+        Err(unsupported::<Self>("restore"))
+    }
+
+    /// The migration failed: run the source again. Default: unsupported.
+    fn resume_source(_w: Workload) -> Result<Option<i32>, AdapterError> {
+        Err(unsupported::<Self>("resume-source"))
+    }
+
+    /// Stop the source and clean up. Default: unsupported.
+    fn release_source(_w: Workload) -> Result<(), AdapterError> {
+        Err(unsupported::<Self>("release-source"))
+    }
+}
+
+fn unsupported<A: Adapter + ?Sized>(call: &str) -> AdapterError {
+    AdapterError::Unsupported(format!("adapter {} does not implement {call}", A::describe().name))
+}
+
+/// Exports a type implementing [`Adapter`] as the component's `runtime` interface:
+/// implements the generated `Guest` trait (which has no defaults) by forwarding to it.
+#[macro_export]
+macro_rules! export_adapter {
+    ($ty:ident) => {
+        impl $crate::exports::ferry::adapter::runtime::Guest for $ty {
+            fn describe() -> $crate::AdapterInfo {
+                <$ty as $crate::Adapter>::describe()
+            }
+            fn probe(w: $crate::Workload) -> $crate::Plan {
+                <$ty as $crate::Adapter>::probe(w)
+            }
+            fn prepare(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::Adapter>::prepare(w)
+            }
+            fn start_fresh(w: $crate::Workload) -> Result<i32, $crate::AdapterError> {
+                <$ty as $crate::Adapter>::start_fresh(w)
+            }
+            fn checkpoint(w: $crate::Workload) -> Result<$crate::Notes, $crate::AdapterError> {
+                <$ty as $crate::Adapter>::checkpoint(w)
+            }
+            fn restore(w: $crate::Workload, notes: $crate::Notes) -> Result<i32, $crate::AdapterError> {
+                <$ty as $crate::Adapter>::restore(w, notes)
+            }
+            fn resume_source(w: $crate::Workload) -> Result<Option<i32>, $crate::AdapterError> {
+                <$ty as $crate::Adapter>::resume_source(w)
+            }
+            fn release_source(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::Adapter>::release_source(w)
+            }
+        }
+        $crate::export_runtime_adapter!($ty with_types_in $crate);
+    };
 }
 
 /// A runtime-specific setting of the workload.
@@ -60,8 +157,7 @@ fn run_with(
         env: Vec::new(),
         timeout_ms,
         output,
-    })
-    .map_err(host_error)?;
+    })?;
     if out.status != 0 {
         return Err(AdapterError::Failed(format!(
             "{program} {} exited with {}: {}",
