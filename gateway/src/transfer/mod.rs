@@ -252,13 +252,15 @@ mod tests {
 
     use super::*;
 
+    type Verdict = oneshot::Receiver<Result<FileMeta, ReceiveError>>;
+
     /// Receives into a local directory through an in-memory pipe per file, counting how
     /// many files are open at once.
     struct DirChannel {
         dir: PathBuf,
         open: AtomicUsize,
         most: AtomicUsize,
-        verdicts: Mutex<Vec<(String, oneshot::Receiver<Result<FileMeta, ReceiveError>>)>>,
+        verdicts: Mutex<Vec<(String, Verdict)>>,
         refuse: Option<&'static str>,
     }
 
