@@ -150,3 +150,41 @@ fn raw_system_calls_live_only_in_sys() {
         }
     }
 }
+
+#[test]
+fn architecture_md_lists_the_imports_the_code_has() {
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ARCHITECTURE.md");
+    let doc = std::fs::read_to_string(&doc_path).expect("ARCHITECTURE.md at the repository root");
+    let begin = doc
+        .find("<!-- module-imports:begin -->")
+        .expect("begin marker");
+    let end = doc.find("<!-- module-imports:end -->").expect("end marker");
+    let mut documented: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in doc[begin..end].lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 3 || !cells[1].starts_with('`') {
+            continue;
+        }
+        let names = |cell: &str| -> BTreeSet<String> {
+            cell.split(',')
+                .map(|n| n.trim().trim_matches('`').to_string())
+                .filter(|n| !n.is_empty() && n != "(none)")
+                .collect()
+        };
+        let module = cells[1].trim_matches('`').to_string();
+        documented.insert(module, names(cells[2]));
+    }
+    let actual = graph();
+    for (module, deps) in &actual {
+        assert_eq!(
+            documented.get(module),
+            Some(deps),
+            "ARCHITECTURE.md's row for {module} differs from the code"
+        );
+    }
+    assert_eq!(
+        documented.keys().collect::<Vec<_>>(),
+        actual.keys().collect::<Vec<_>>(),
+        "ARCHITECTURE.md lists other modules than the code has"
+    );
+}
