@@ -92,11 +92,17 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
         capabilities: caps.to_vec(),
         exec: exec.iter().map(std::string::ToString::to_string).collect(),
         sockets: Vec::new(),
+        tunnel_ports: Vec::new(),
+    };
+    let redis = Grant {
+        tunnel_ports: vec![6379],
+        ..grant(&[Log, Exec, Tunnel], &["redis-cli", "redis-server"])
     };
     [
         ("process", grant(&[Log, Criu, Process], &[])),
         ("runc", grant(&[Log, Exec], &["runc"])),
         ("podman", grant(&[Log, Exec, Files], &["podman"])),
+        ("redis", redis),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

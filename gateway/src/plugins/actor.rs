@@ -9,10 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store};
 
-use super::bindings::{Guest, Linkers, WitVersion};
+use super::bindings::{Guest, Linkers, WitVersion, World};
 use super::call::{AdapterCall, Call, Reply, Spawned};
 use super::grant::Granted;
-use super::host::{MemoryLimit, State};
+use super::host::{MemoryLimit, State, TunnelOpener};
 use super::{PluginError, EPOCH_TICK};
 use crate::criu::Criu;
 use crate::sys::process;
@@ -28,6 +28,10 @@ fn split(call: Call) -> (Option<AdapterCall>, Op) {
         Call::Restore(c, notes) => (Some(c), Op::Restore(notes)),
         Call::ResumeSource(c) => (Some(c), Op::ResumeSource),
         Call::ReleaseSource(c) => (Some(c), Op::ReleaseSource),
+        Call::StartSync(c) => (Some(c), Op::StartSync),
+        Call::SyncProgress(c) => (Some(c), Op::SyncProgress),
+        Call::CutOver(c) => (Some(c), Op::CutOver),
+        Call::AbortSync(c) => (Some(c), Op::AbortSync),
     }
 }
 
@@ -41,6 +45,10 @@ enum Op {
     Restore(Vec<(String, String)>),
     ResumeSource,
     ReleaseSource,
+    StartSync,
+    SyncProgress,
+    CutOver,
+    AbortSync,
 }
 
 pub struct Request {
@@ -59,7 +67,10 @@ pub struct Actor {
     pub component: Component,
     /// The version of `ferry:adapter` the manifest names: which linker and bindings serve it.
     pub wit: WitVersion,
+    /// The world the component implements.
+    pub world: World,
     pub linkers: Arc<Linkers>,
+    pub tunnels: Option<Arc<dyn TunnelOpener>>,
     pub granted: Arc<Granted>,
     pub criu: Criu,
     pub limits: Limits,
@@ -88,6 +99,7 @@ impl Actor {
     async fn instantiate(&self) -> Result<Instance, PluginError> {
         let state = State {
             plugin: self.name.clone(),
+            tunnels: self.tunnels.clone(),
             granted: Arc::clone(&self.granted),
             criu: self.criu.clone(),
             wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
@@ -105,9 +117,10 @@ impl Actor {
         store.set_epoch_deadline(self.deadline_ticks());
         let guest = Guest::instantiate(
             self.wit,
+            self.world,
             &mut store,
             &self.component,
-            self.linkers.get(self.wit),
+            &self.linkers,
         )
         .await
         .map_err(|e| PluginError::Load {
@@ -181,6 +194,22 @@ impl Actor {
                 .map(|r| r.map(Reply::MaybePid)),
             (Op::ReleaseSource, Some(w)) => guest
                 .release_source(store, &w)
+                .await
+                .map(|r| r.map(|()| Reply::Unit)),
+            (Op::StartSync, Some(w)) => guest
+                .start_sync(store, &w)
+                .await
+                .map(|r| r.map(|()| Reply::Unit)),
+            (Op::SyncProgress, Some(w)) => guest
+                .sync_progress(store, &w)
+                .await
+                .map(|r| r.map(Reply::Progress)),
+            (Op::CutOver, Some(w)) => guest
+                .cut_over(store, &w)
+                .await
+                .map(|r| r.map(|()| Reply::Unit)),
+            (Op::AbortSync, Some(w)) => guest
+                .abort_sync(store, &w)
                 .await
                 .map(|r| r.map(|()| Reply::Unit)),
         };

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::spec::{Placement, Workload, WorkloadSpec};
 use crate::sys::process;
 
-use super::bindings::{self, AdapterInfo, Plan};
+use super::bindings::{self, AdapterInfo, Plan, SyncState};
 
 #[derive(Debug, Clone)]
 pub struct AdapterCall {
@@ -17,6 +17,8 @@ pub struct AdapterCall {
     pub site: String,
     /// During a migration, the other site.
     pub peer: Option<String>,
+    /// During a migration, its id (what a tunnel is scoped to).
+    pub migration: Option<String>,
     /// The workload's root process here, if it runs here.
     pub pid: Option<i32>,
     /// Start time of `pid`: the host signals only that exact process, never a reused pid.
@@ -35,6 +37,7 @@ impl AdapterCall {
             spec,
             site: site.to_string(),
             peer: None,
+            migration: None,
             pid: None,
             pid_start: None,
             placement,
@@ -49,6 +52,7 @@ impl AdapterCall {
             spec: w.spec.clone(),
             site: w.site.clone(),
             peer: None,
+            migration: None,
             pid: w.pid,
             pid_start: w.pid_start,
             placement: w.placement(),
@@ -59,6 +63,11 @@ impl AdapterCall {
 
     pub fn with_peer(mut self, peer: &str) -> Self {
         self.peer = Some(peer.to_string());
+        self
+    }
+
+    pub fn with_migration(mut self, id: &str) -> Self {
+        self.migration = Some(id.to_string());
         self
     }
 
@@ -130,6 +139,11 @@ pub enum Call {
     Restore(AdapterCall, Vec<(String, String)>),
     ResumeSource(AdapterCall),
     ReleaseSource(AdapterCall),
+    /// Service adapters (the `service` interface).
+    StartSync(AdapterCall),
+    SyncProgress(AdapterCall),
+    CutOver(AdapterCall),
+    AbortSync(AdapterCall),
 }
 
 impl Call {
@@ -143,6 +157,10 @@ impl Call {
             Call::Restore(..) => "restore",
             Call::ResumeSource(_) => "resume-source",
             Call::ReleaseSource(_) => "release-source",
+            Call::StartSync(_) => "start-sync",
+            Call::SyncProgress(_) => "sync-progress",
+            Call::CutOver(_) => "cut-over",
+            Call::AbortSync(_) => "abort-sync",
         }
     }
 }
@@ -157,4 +175,5 @@ pub enum Reply {
     Started(Spawned),
     MaybePid(Option<i32>),
     Notes(Vec<(String, String)>),
+    Progress(SyncState),
 }

@@ -21,6 +21,10 @@ pub struct Grant {
     /// Addresses the adapter may connect to (with the `sockets` capability).
     #[serde(default)]
     pub sockets: Vec<SocketAddr>,
+    /// Ports of the migrating workload at the peer site the adapter may open a tunnel to
+    /// (with the `tunnel` capability).
+    #[serde(default)]
+    pub tunnel_ports: Vec<u16>,
 }
 
 /// A host capability an adapter can be granted.
@@ -35,6 +39,9 @@ pub enum Capability {
     Files,
     /// WASI TCP/UDP connections to the granted addresses only.
     Sockets,
+    /// Tunnels through the peer link to granted ports of the migrating workload at the
+    /// other site.
+    Tunnel,
 }
 
 impl Capability {
@@ -46,6 +53,7 @@ impl Capability {
             Capability::Process => "process",
             Capability::Files => "files",
             Capability::Sockets => "sockets",
+            Capability::Tunnel => "tunnel",
         }
     }
 }
@@ -62,6 +70,7 @@ pub struct Granted {
     pub capabilities: Vec<Capability>,
     pub exec: Vec<String>,
     pub sockets: Vec<SocketAddr>,
+    pub tunnel_ports: Vec<u16>,
 }
 
 impl Granted {
@@ -87,15 +96,26 @@ impl Granted {
         } else {
             Vec::new()
         };
+        let tunnel_ports = if capabilities.contains(&Capability::Tunnel) {
+            grant.tunnel_ports.clone()
+        } else {
+            Vec::new()
+        };
         Self {
             capabilities,
             exec,
             sockets,
+            tunnel_ports,
         }
     }
 
     pub fn allows(&self, c: Capability) -> bool {
         self.capabilities.contains(&c)
+    }
+
+    /// May the adapter open a tunnel to `port` of the workload at the peer site?
+    pub fn allows_tunnel(&self, port: u16) -> bool {
+        self.allows(Capability::Tunnel) && self.tunnel_ports.contains(&port)
     }
 
     /// May the adapter run `program`? Only exact allow-list entries (a bare name or a path).
@@ -114,6 +134,7 @@ pub fn capability_of(import: &str) -> Option<Option<Capability>> {
         "exec" => Some(Capability::Exec),
         "criu" => Some(Capability::Criu),
         "process" => Some(Capability::Process),
+        "tunnel" => Some(Capability::Tunnel),
         _ => None,
     })
 }
@@ -126,7 +147,7 @@ mod tests {
         Manifest {
             name: "x".into(),
             version: "1".into(),
-            world: super::super::manifest::WORLD.into(),
+            world: super::super::World::Runtime.as_str().into(),
             capabilities: caps.to_vec(),
         }
     }
@@ -148,6 +169,7 @@ mod tests {
             capabilities: vec![Capability::Log, Capability::Process, Capability::Criu],
             exec: vec!["runc".into()],
             sockets: Vec::new(),
+            tunnel_ports: Vec::new(),
         };
         let got = Granted::intersect(&m, Some(&g));
         assert_eq!(got.capabilities, vec![Capability::Log, Capability::Criu]);
@@ -167,6 +189,7 @@ mod tests {
             capabilities: vec![Capability::Exec],
             exec: vec!["runc".into()],
             sockets: Vec::new(),
+            tunnel_ports: Vec::new(),
         };
         let got = Granted::intersect(&m, Some(&g));
         assert!(got.allows_program("runc"));

@@ -56,8 +56,23 @@ impl ResourceLimiter for MemoryLimit {
     }
 }
 
+/// Opens the near end of tunnels for adapters (the ingress, over the peer link): a local
+/// TCP endpoint whose connections reach `port` of `workload` at `peer`, scoped to
+/// `migration` (closed when it ends).
+pub trait TunnelOpener: Send + Sync {
+    fn open(
+        &self,
+        peer: &str,
+        migration: &str,
+        workload: &str,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<std::net::SocketAddr, String>> + Send + '_>>;
+}
+
 pub struct State {
     pub plugin: String,
+    /// Where `tunnel.open` goes; none on a host without a peer link.
+    pub tunnels: Option<Arc<dyn TunnelOpener>>,
     pub granted: Arc<Granted>,
     pub criu: Criu,
     pub wasi: WasiCtx,
@@ -219,6 +234,34 @@ impl State {
 
     /// `criu.dump`: the current workload's tree into the migration's image directory,
     /// left stopped. Returns the dump's duration in ms.
+    /// `tunnel.open`: a local endpoint reaching `port` of the current workload at the
+    /// migration's other site.
+    pub async fn tunnel_open(&mut self, port: u16) -> Result<std::net::SocketAddr, HostError> {
+        self.check(Capability::Tunnel)?;
+        if !self.granted.allows_tunnel(port) {
+            tracing::warn!(plugin = %self.plugin, port, "adapter denied a tunnel port");
+            return Err(HostError::Denied(format!(
+                "adapter {} may not open a tunnel to port {port}; its tunnel_ports grant is {:?} (add the port to [plugins.grants.{}] tunnel_ports in site.toml)",
+                self.plugin, self.granted.tunnel_ports, self.plugin
+            )));
+        }
+        let call = self.call()?;
+        let (Some(peer), Some(migration)) = (call.peer.clone(), call.migration.clone()) else {
+            return Err(HostError::Invalid(
+                "a tunnel exists only during a migration".into(),
+            ));
+        };
+        let workload = call.spec.name.clone();
+        let tunnels = self
+            .tunnels
+            .clone()
+            .ok_or_else(|| HostError::Failed("this gateway has no peer link".into()))?;
+        tunnels
+            .open(&peer, &migration, &workload, port)
+            .await
+            .map_err(HostError::Failed)
+    }
+
     pub async fn criu_dump(&mut self) -> Result<u64, HostError> {
         self.check(Capability::Criu)?;
         // Owned copies: nothing of the call is borrowed while CRIU runs.

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::bindings::WitVersion;
+use super::bindings::{WitVersion, World};
 use super::grant::Capability;
 
 /// What an adapter is and asks for. Read only through [`Manifest::load`], which parses
@@ -21,9 +21,6 @@ pub struct Manifest {
     #[serde(default)]
     pub capabilities: Vec<Capability>,
 }
-
-/// The only world this gateway hosts.
-pub const WORLD: &str = "runtime-adapter";
 
 /// The file as written: a [`Manifest`] and the WIT package version it names, which is
 /// read here and handed to the loader beside the manifest.
@@ -48,8 +45,8 @@ pub enum ManifestError {
     Parse(#[from] toml::de::Error),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
-    #[error("world {world:?} is not supported (this gateway hosts {WORLD:?})")]
-    World { world: String },
+    #[error("world {world:?} is not supported by wit {wit} (this gateway hosts \"runtime-adapter\" and, from 0.2.0, \"service-adapter\")")]
+    World { world: String, wit: WitVersion },
     #[error(
         "wit version {wit:?} is not supported; this gateway hosts {}",
         WitVersion::hosted_list()
@@ -64,16 +61,24 @@ impl Manifest {
         Self::parse(&std::fs::read_to_string(path)?)
     }
 
+    /// The world the manifest names (checked by [`Self::parse`]).
+    pub fn world(&self) -> World {
+        World::parse(&self.world).unwrap_or_default()
+    }
+
     pub fn parse(text: &str) -> Result<(Self, WitVersion), ManifestError> {
         let f: ManifestFile = toml::from_str(text)?;
         crate::names::validate("plugin", &f.name)?;
-        if f.world != WORLD {
-            return Err(ManifestError::World { world: f.world });
-        }
         let wit = match f.wit {
             None => WitVersion::V0_1,
             Some(wit) => WitVersion::parse(&wit).ok_or(ManifestError::Wit { wit })?,
         };
+        if !World::parse(&f.world).is_some_and(|w| w.exists_in(wit)) {
+            return Err(ManifestError::World {
+                world: f.world,
+                wit,
+            });
+        }
         let manifest = Manifest {
             name: f.name,
             version: f.version,

@@ -26,7 +26,8 @@ use wasmtime::Engine;
 use crate::criu::Criu;
 use actor::{Actor, Limits, Request};
 use bindings::Linkers;
-pub use bindings::{AdapterInfo, Approach, Plan};
+pub use bindings::{AdapterInfo, Approach, Plan, SyncState, World};
+pub use host::TunnelOpener;
 pub use call::{AdapterCall, Call, Reply, Spawned};
 use grant::capability_of;
 pub use grant::{Capability, Grant, Granted};
@@ -37,6 +38,7 @@ pub fn approach_name(a: Approach) -> &'static str {
     match a {
         Approach::Orchestrator => "orchestrator",
         Approach::Container => "container",
+        Approach::Service => "service",
     }
 }
 
@@ -126,6 +128,9 @@ pub struct PluginInfo {
     pub name: String,
     pub version: String,
     pub file: PathBuf,
+    /// "runtime-adapter" or "service-adapter".
+    pub world: String,
+    /// Runtimes served (runtime adapters) or services known (service adapters).
     pub runtimes: Vec<String>,
     pub approaches: Vec<String>,
     pub asks: Vec<Capability>,
@@ -242,6 +247,27 @@ impl AdapterHandle {
     pub async fn release_source(&self, call: AdapterCall) -> Result<(), PluginError> {
         self.call(Call::ReleaseSource(call)).await.map(|_| ())
     }
+
+    /// Service adapters, at the destination: make the fresh instance follow the source.
+    pub async fn start_sync(&self, call: AdapterCall) -> Result<(), PluginError> {
+        self.call(Call::StartSync(call)).await.map(|_| ())
+    }
+
+    pub async fn sync_progress(&self, call: AdapterCall) -> Result<SyncState, PluginError> {
+        match self.call(Call::SyncProgress(call)).await? {
+            Reply::Progress(p) => Ok(p),
+            _ => Err(self.protocol("sync-progress")),
+        }
+    }
+
+    /// While the source's traffic is held: catch up, promote.
+    pub async fn cut_over(&self, call: AdapterCall) -> Result<(), PluginError> {
+        self.call(Call::CutOver(call)).await.map(|_| ())
+    }
+
+    pub async fn abort_sync(&self, call: AdapterCall) -> Result<(), PluginError> {
+        self.call(Call::AbortSync(call)).await.map(|_| ())
+    }
 }
 
 /// What a site's plugin host needs from its configuration.
@@ -261,6 +287,8 @@ pub struct HostSettings {
 pub struct PluginHost {
     infos: Vec<PluginInfo>,
     by_runtime: BTreeMap<String, AdapterHandle>,
+    /// Service adapters, each asked whether it knows a workload's service.
+    services: Vec<AdapterHandle>,
 }
 
 fn engine() -> Result<Engine, PluginError> {
@@ -346,6 +374,7 @@ impl PluginHost {
                 name: h.name.clone(),
                 version: String::new(),
                 file: PathBuf::new(),
+                world: World::Runtime.as_str().into(),
                 runtimes: vec![runtime.clone()],
                 approaches: Vec::new(),
                 asks: Vec::new(),
@@ -356,18 +385,44 @@ impl PluginHost {
         Arc::new(Self {
             infos,
             by_runtime: handles.into_iter().collect(),
+            services: Vec::new(),
         })
+    }
+
+    /// Adds service adapters (native ones in tests).
+    pub fn with_services(self: Arc<Self>, services: Vec<AdapterHandle>) -> Arc<Self> {
+        let mut this = Arc::try_unwrap(self).unwrap_or_else(|shared| Self {
+            infos: shared.infos.clone(),
+            by_runtime: shared.by_runtime.clone(),
+            services: shared.services.clone(),
+        });
+        this.services.extend(services);
+        Arc::new(this)
     }
 
     /// Loads every `NAME.wasm` with a `NAME.toml` manifest from the plugin folder. A plugin
     /// that fails to load is reported (and listed with its reason), not fatal.
     pub async fn load(cfg: &HostSettings, criu: Criu) -> Result<Arc<Self>, PluginError> {
+        Self::load_with_tunnels(cfg, criu, None).await
+    }
+
+    /// [`Self::load`], with the peer link's tunnels for service adapters.
+    pub async fn load_with_tunnels(
+        cfg: &HostSettings,
+        criu: Criu,
+        tunnels: Option<Arc<dyn TunnelOpener>>,
+    ) -> Result<Arc<Self>, PluginError> {
         let dir = &cfg.dir;
         let mut infos = Vec::new();
         let mut by_runtime = BTreeMap::new();
+        let mut services = Vec::new();
         if !dir.is_dir() {
             tracing::warn!(dir = %dir.display(), "no plugin folder: no adapters, so no workloads can run; install adapters with scripts/plugins");
-            return Ok(Arc::new(Self { infos, by_runtime }));
+            return Ok(Arc::new(Self {
+                infos,
+                by_runtime,
+                services,
+            }));
         }
         let engine = engine()?;
         let linkers = Arc::new(Linkers::new(&engine).map_err(|e| PluginError::Load {
@@ -389,7 +444,12 @@ impl PluginHost {
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
                 .to_string();
-            match Self::load_one(cfg, &engine, &linkers, &criu, &wasm, &stem).await {
+            match Self::load_one(cfg, &engine, &linkers, &criu, &tunnels, &wasm, &stem).await {
+                Ok((info, handle)) if info.world == World::Service.as_str() => {
+                    tracing::info!(plugin = %info.name, version = %info.version, services = ?info.runtimes, granted = ?info.granted.capabilities, "service adapter loaded");
+                    services.push(handle);
+                    infos.push(info);
+                }
                 Ok((info, handle)) => {
                     for rt in &info.runtimes {
                         if let Some(other) = by_runtime.get(rt) {
@@ -405,7 +465,11 @@ impl PluginHost {
                 Err(info) => infos.push(*info),
             }
         }
-        Ok(Arc::new(Self { infos, by_runtime }))
+        Ok(Arc::new(Self {
+            infos,
+            by_runtime,
+            services,
+        }))
     }
 
     async fn load_one(
@@ -413,6 +477,7 @@ impl PluginHost {
         engine: &Engine,
         linkers: &Arc<Linkers>,
         criu: &Criu,
+        tunnels: &Option<Arc<dyn TunnelOpener>>,
         wasm: &Path,
         stem: &str,
     ) -> Result<(PluginInfo, AdapterHandle), Box<PluginInfo>> {
@@ -420,6 +485,7 @@ impl PluginHost {
             name: stem.to_string(),
             version: String::new(),
             file: wasm.to_path_buf(),
+            world: String::new(),
             runtimes: Vec::new(),
             approaches: Vec::new(),
             asks: Vec::new(),
@@ -452,6 +518,7 @@ impl PluginHost {
             }
         };
         info.version = manifest.version.clone();
+        info.world = manifest.world.clone();
         info.asks = manifest.capabilities.clone();
         let granted = Granted::intersect(&manifest, cfg.grants.get(&manifest.name));
         info.granted = granted.clone();
@@ -492,7 +559,9 @@ impl PluginHost {
             engine: engine.clone(),
             component,
             wit,
+            world: manifest.world(),
             linkers: Arc::clone(linkers),
+            tunnels: tunnels.clone(),
             granted: Arc::new(granted),
             criu: criu.clone(),
             limits: Limits {
@@ -525,6 +594,11 @@ impl PluginHost {
 
     pub fn list(&self) -> Vec<PluginInfo> {
         self.infos.clone()
+    }
+
+    /// Every service adapter of this site.
+    pub fn services(&self) -> &[AdapterHandle] {
+        &self.services
     }
 
     /// The adapter serving `runtime`.

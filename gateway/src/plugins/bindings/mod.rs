@@ -8,6 +8,7 @@
 
 pub mod v0_1;
 pub mod v0_2;
+pub mod v0_2_service;
 
 use std::fmt;
 
@@ -20,7 +21,37 @@ use super::host::State;
 pub use v0_2 as current;
 
 pub use current::exports::ferry::adapter::runtime::{AdapterError, AdapterInfo, Plan, Workload};
-pub use current::ferry::adapter::types::Approach;
+pub use current::ferry::adapter::types::{Approach, SyncState};
+
+/// Which world a component implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum World {
+    /// `runtime-adapter`: runs, checkpoints and restores workloads of some runtimes.
+    #[default]
+    Runtime,
+    /// `service-adapter` (0.2.0 on): moves a service's own state (a live replica).
+    Service,
+}
+
+impl World {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Runtime => "runtime-adapter",
+            World::Service => "service-adapter",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [World::Runtime, World::Service]
+            .into_iter()
+            .find(|w| w.as_str() == s)
+    }
+
+    /// Does `version` of the package define this world?
+    pub fn exists_in(self, version: WitVersion) -> bool {
+        self == World::Runtime || version >= WitVersion::V0_2
+    }
+}
 
 /// A released version of the WIT package that this gateway hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -72,6 +103,7 @@ impl fmt::Display for WitVersion {
 pub struct Linkers {
     v0_1: Linker<State>,
     v0_2: Linker<State>,
+    v0_2_service: Linker<State>,
 }
 
 impl Linkers {
@@ -82,13 +114,21 @@ impl Linkers {
         let mut v0_2 = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut v0_2)?;
         v0_2::add_to_linker(&mut v0_2)?;
-        Ok(Self { v0_1, v0_2 })
+        let mut v0_2_service = Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut v0_2_service)?;
+        v0_2_service::add_to_linker(&mut v0_2_service)?;
+        Ok(Self {
+            v0_1,
+            v0_2,
+            v0_2_service,
+        })
     }
 
-    pub fn get(&self, version: WitVersion) -> &Linker<State> {
-        match version {
-            WitVersion::V0_1 => &self.v0_1,
-            WitVersion::V0_2 => &self.v0_2,
+    pub fn get(&self, version: WitVersion, world: World) -> &Linker<State> {
+        match (version, world) {
+            (WitVersion::V0_1, _) => &self.v0_1,
+            (WitVersion::V0_2, World::Runtime) => &self.v0_2,
+            (WitVersion::V0_2, World::Service) => &self.v0_2_service,
         }
     }
 }
@@ -99,6 +139,7 @@ impl Linkers {
 pub enum Guest {
     V0_1(v0_1::RuntimeAdapter),
     V0_2(v0_2::RuntimeAdapter),
+    Service(v0_2_service::ServiceAdapter),
 }
 
 type Answer<T> = wasmtime::Result<Result<T, AdapterError>>;
@@ -106,24 +147,67 @@ type Answer<T> = wasmtime::Result<Result<T, AdapterError>>;
 impl Guest {
     pub async fn instantiate(
         version: WitVersion,
+        world: World,
         store: &mut Store<State>,
         component: &Component,
-        linker: &Linker<State>,
+        linkers: &Linkers,
     ) -> wasmtime::Result<Self> {
-        Ok(match version {
-            WitVersion::V0_1 => Guest::V0_1(
+        let linker = linkers.get(version, world);
+        Ok(match (version, world) {
+            (WitVersion::V0_1, _) => Guest::V0_1(
                 v0_1::RuntimeAdapter::instantiate_async(store, component, linker).await?,
             ),
-            WitVersion::V0_2 => Guest::V0_2(
+            (WitVersion::V0_2, World::Runtime) => Guest::V0_2(
                 v0_2::RuntimeAdapter::instantiate_async(store, component, linker).await?,
             ),
+            (WitVersion::V0_2, World::Service) => Guest::Service(
+                v0_2_service::ServiceAdapter::instantiate_async(store, component, linker).await?,
+            ),
         })
+    }
+
+    /// What a service adapter answers to a runtime call, and the reverse.
+    fn not_this_world(call: &str) -> AdapterError {
+        AdapterError::Unsupported(format!("{call} is not part of this adapter's world"))
+    }
+
+    pub async fn start_sync(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
+        match self {
+            Guest::Service(g) => g.ferry_adapter_service().call_start_sync(store, w).await,
+            _ => Ok(Err(Self::not_this_world("start-sync"))),
+        }
+    }
+
+    pub async fn sync_progress(
+        &self,
+        store: &mut Store<State>,
+        w: &Workload,
+    ) -> Answer<SyncState> {
+        match self {
+            Guest::Service(g) => g.ferry_adapter_service().call_sync_progress(store, w).await,
+            _ => Ok(Err(Self::not_this_world("sync-progress"))),
+        }
+    }
+
+    pub async fn cut_over(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
+        match self {
+            Guest::Service(g) => g.ferry_adapter_service().call_cut_over(store, w).await,
+            _ => Ok(Err(Self::not_this_world("cut-over"))),
+        }
+    }
+
+    pub async fn abort_sync(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
+        match self {
+            Guest::Service(g) => g.ferry_adapter_service().call_abort_sync(store, w).await,
+            _ => Ok(Err(Self::not_this_world("abort-sync"))),
+        }
     }
 
     pub async fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<AdapterInfo> {
         match self {
             Guest::V0_1(g) => Ok(g.ferry_adapter_runtime().call_describe(store).await?.into()),
             Guest::V0_2(g) => g.ferry_adapter_runtime().call_describe(store).await,
+            Guest::Service(g) => g.ferry_adapter_service().call_describe(store).await,
         }
     }
 
@@ -135,11 +219,13 @@ impl Guest {
                 .await?
                 .into()),
             Guest::V0_2(g) => g.ferry_adapter_runtime().call_probe(store, w).await,
+            Guest::Service(g) => g.ferry_adapter_service().call_probe(store, w).await,
         }
     }
 
     pub async fn prepare(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
         match self {
+            Guest::Service(_) => Ok(Err(Self::not_this_world("prepare"))),
             Guest::V0_1(g) => Ok(g
                 .ferry_adapter_runtime()
                 .call_prepare(store, &w.into())
@@ -151,6 +237,7 @@ impl Guest {
 
     pub async fn start_fresh(&self, store: &mut Store<State>, w: &Workload) -> Answer<i32> {
         match self {
+            Guest::Service(_) => Ok(Err(Self::not_this_world("start-fresh"))),
             Guest::V0_1(g) => Ok(g
                 .ferry_adapter_runtime()
                 .call_start_fresh(store, &w.into())
@@ -166,6 +253,7 @@ impl Guest {
         w: &Workload,
     ) -> Answer<Vec<(String, String)>> {
         match self {
+            Guest::Service(_) => Ok(Err(Self::not_this_world("checkpoint"))),
             Guest::V0_1(g) => Ok(g
                 .ferry_adapter_runtime()
                 .call_checkpoint(store, &w.into())
@@ -182,6 +270,7 @@ impl Guest {
         notes: Vec<(String, String)>,
     ) -> Answer<i32> {
         match self {
+            Guest::Service(_) => Ok(Err(Self::not_this_world("restore"))),
             Guest::V0_1(g) => Ok(g
                 .ferry_adapter_runtime()
                 .call_restore(store, &w.into(), &notes)
@@ -201,6 +290,7 @@ impl Guest {
         w: &Workload,
     ) -> Answer<Option<i32>> {
         match self {
+            Guest::Service(_) => Ok(Err(Self::not_this_world("resume-source"))),
             Guest::V0_1(g) => Ok(g
                 .ferry_adapter_runtime()
                 .call_resume_source(store, &w.into())
@@ -212,6 +302,7 @@ impl Guest {
 
     pub async fn release_source(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
         match self {
+            Guest::Service(_) => Ok(Err(Self::not_this_world("release-source"))),
             Guest::V0_1(g) => Ok(g
                 .ferry_adapter_runtime()
                 .call_release_source(store, &w.into())
