@@ -16,6 +16,7 @@ fn main() {
         "process",
         "runc",
         "podman",
+        "redis",
         "hostile",
         "legacy",
         "examples/minimal",

@@ -1,6 +1,7 @@
 //! Guest SDK for Ferry adapters, on `ferry:adapter@0.2.0` (`wit/ferry-adapter@0.2.0`): the
-//! generated bindings, the [`Adapter`] trait with defaults for what an adapter does not
-//! support, the [`export_adapter!`] macro, and helpers for what every adapter does.
+//! generated bindings of both worlds, the [`Adapter`] trait (world `runtime-adapter`) and
+//! the [`ServiceAdapter`] trait (world `service-adapter`) with defaults for what an
+//! adapter does not support, their export macros, and helpers for what every adapter does.
 //!
 //! ```ignore
 //! use ferry_adapter_sdk::*;
@@ -11,21 +12,40 @@
 //! }
 //! export_adapter!(MyAdapter);
 //! ```
+//!
+//! A service adapter implements [`ServiceAdapter`] and ends with
+//! `export_service_adapter!(MyService);` instead.
 
+// The runtime world's bindings own the interfaces both worlds share (`types`, `log`,
+// `exec`); `service` reuses them, so one `Workload` or `exec::Output` type serves both and
+// the helpers below work in either kind of adapter. `types` is generated whole, with the
+// records only the service world uses (`SyncState`, `Endpoint`).
+//
+// With `pub_export_macro`, each world's custom section here carries only its imports
+// (unused imports are dropped when the component is made); a world's exports enter a
+// component only through its export macro, so a runtime adapter never claims to export
+// `service`, nor a service adapter `runtime`.
 wit_bindgen::generate!({
     path: "../../wit/ferry-adapter@0.2.0",
     world: "runtime-adapter",
     pub_export_macro: true,
     export_macro_name: "export_runtime_adapter",
     default_bindings_module: "ferry_adapter_sdk",
+    generate_unused_types: true,
 });
 
-pub use ferry::adapter::types::{AdapterError, AdapterInfo, Approach, HostError, Notes, Plan, Workload};
+pub mod service;
+
+pub use ferry::adapter::types::{
+    AdapterError, AdapterInfo, Approach, Endpoint, HostError, Notes, Plan, SyncState, Workload,
+};
 pub use ferry::adapter::{criu, exec, log, process};
+pub use service::{tunnel, ServiceAdapter};
 
 /// A host refusal stays a refusal, so the engine reports it as a denial naming the
 /// capability; a request that does not fit the call is, to the engine, a failed call.
-/// With this, adapters write `criu::dump()?`.
+/// With this, adapters write `criu::dump()?` (and service adapters `tunnel::open(port)?`:
+/// both worlds share these types).
 impl From<HostError> for AdapterError {
     fn from(e: HostError) -> Self {
         match e {
@@ -88,7 +108,12 @@ pub trait Adapter {
 }
 
 fn unsupported<A: Adapter + ?Sized>(call: &str) -> AdapterError {
-    AdapterError::Unsupported(format!("adapter {} does not implement {call}", A::describe().name))
+    not_implemented(&A::describe().name, call)
+}
+
+/// What both traits' defaults answer for a call an adapter does not implement.
+fn not_implemented(adapter: &str, call: &str) -> AdapterError {
+    AdapterError::Unsupported(format!("adapter {adapter} does not implement {call}"))
 }
 
 /// Exports a type implementing [`Adapter`] as the component's `runtime` interface:

@@ -1,0 +1,380 @@
+//! `redis` service adapter: moves a Redis server by replication instead of a checkpoint.
+//!
+//! At the destination a fresh, empty instance becomes a replica of the source through a
+//! `tunnel` (`REPLICAOF`), streams the source's changes while clients keep using the
+//! source, and at the switch, while the source site's ingress holds every client, the
+//! source is fenced (`CLIENT PAUSE … WRITE`, bounded so a failed move cannot leave it
+//! paused long), the replica catches up to the source's last offset and is promoted
+//! (`REPLICAOF NO ONE`). Everything goes through `redis-cli` (and `redis-server
+//! --version`) on the site's `exec` allow-list; at each site `exec` runs in that site's
+//! network, so `redis-cli -h 127.0.0.1 -p PORT` is the local instance.
+
+mod info;
+
+use std::time::{Duration, Instant};
+
+use ferry_adapter_sdk::*;
+use info::{Info, Replica, Version};
+
+struct Redis;
+
+/// One `redis-cli` call; Redis answers these in microseconds unless it is unreachable.
+const CLI_MS: u32 = 5_000;
+/// How long the source stays fenced at most: `CLIENT PAUSE` lifts itself after this, so a
+/// cut-over that dies half way (trap, deadline, lost link) cannot leave it paused long.
+const PAUSE_MS: u64 = 10_000;
+/// How long the replica may take to catch up once the source is paused; well inside
+/// `PAUSE_MS`, so the source is still fenced when the replica is promoted.
+const CATCH_UP_MS: u64 = 8_000;
+const POLL: Duration = Duration::from_millis(2);
+/// The switch itself: a few `redis-cli` calls while the ingress holds clients.
+const EXPECTED_DOWNTIME_MS: u64 = 20;
+
+/// A Redis server `redis-cli` can reach from this site: the local instance, or the
+/// source through the tunnel's local endpoint.
+struct Server {
+    host: String,
+    port: u16,
+    /// For messages: "the local instance", "the source (through the tunnel)".
+    what: &'static str,
+}
+
+impl Server {
+    fn local(w: &Workload) -> Result<Self, AdapterError> {
+        Ok(Server {
+            host: "127.0.0.1".into(),
+            port: port(w)?,
+            what: "the local instance",
+        })
+    }
+
+    /// The source, through the migration's tunnel to the workload's port at the peer.
+    fn source(w: &Workload) -> Result<Self, AdapterError> {
+        let ep = tunnel::open(port(w)?)?;
+        Ok(Server {
+            host: ep.host,
+            port: ep.port,
+            what: "the source (through the tunnel)",
+        })
+    }
+
+    /// Runs one command. `-e` makes redis-cli exit non-zero on an error reply, which it
+    /// prints on stdout; so a failure carries both streams.
+    fn cli(&self, args: &[&str]) -> Result<String, AdapterError> {
+        let port = self.port.to_string();
+        let mut argv = vec!["-e", "-h", self.host.as_str(), "-p", port.as_str()];
+        argv.extend_from_slice(args);
+        let out = exec::run(&exec::Command {
+            program: "redis-cli".into(),
+            args: argv.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            timeout_ms: CLI_MS,
+            output: exec::OutputMode::Capture,
+        })?;
+        if out.status != 0 {
+            let said = [out.stdout.trim(), out.stderr_tail.trim()]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(AdapterError::Failed(format!(
+                "redis-cli {} at {} ({}:{}) exited with {}: {said}",
+                args.join(" "),
+                self.what,
+                self.host,
+                self.port,
+                out.status
+            )));
+        }
+        Ok(out.stdout)
+    }
+
+    /// A command whose reply is `OK` (or `OK Already connected to specified master`, a
+    /// repeated `REPLICAOF`).
+    fn ok(&self, args: &[&str]) -> Result<(), AdapterError> {
+        let reply = self.cli(args)?;
+        if !reply.trim().starts_with("OK") {
+            return Err(AdapterError::Failed(format!(
+                "{} answered {:?} to {}",
+                self.what,
+                reply.trim(),
+                args.join(" ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn info(&self, section: Option<&str>) -> Result<Info, AdapterError> {
+        let args: &[&str] = match section {
+            Some(s) => &["INFO", s],
+            None => &["INFO"],
+        };
+        Ok(Info::parse(&self.cli(args)?))
+    }
+
+    fn version(&self) -> Result<Version, AdapterError> {
+        self.info(Some("server"))?.version().map_err(|e| self.bad(e))
+    }
+
+    fn master_offset(&self) -> Result<u64, AdapterError> {
+        let info = self.info(Some("replication"))?;
+        let offset = info.require_num("master_repl_offset").map_err(|e| self.bad(e))?;
+        Ok(offset.max(0) as u64)
+    }
+
+    /// The local instance as a replica: `INFO` with its default sections, which hold both
+    /// replication and stats, in one call.
+    fn replica(&self) -> Result<Replica, AdapterError> {
+        Replica::from_info(&self.info(None)?).map_err(|e| self.bad(e))
+    }
+
+    fn bad(&self, e: impl std::fmt::Display) -> AdapterError {
+        AdapterError::Failed(format!("{} ({}:{}): {e}", self.what, self.host, self.port))
+    }
+}
+
+fn port(w: &Workload) -> Result<u16, AdapterError> {
+    w.port.ok_or_else(|| {
+        AdapterError::Unsupported(format!(
+            "workload {} has no --port; the redis adapter needs Redis's port",
+            w.name
+        ))
+    })
+}
+
+/// `redis-server` as the command, or `--setting service=redis` for a wrapper.
+fn is_redis(w: &Workload) -> bool {
+    let program = w.command.first().map(|c| c.rsplit('/').next().unwrap_or(c));
+    program == Some("redis-server") || setting(w, "service") == Some("redis")
+}
+
+fn infeasible(reason: String) -> Plan {
+    Plan {
+        feasible: false,
+        approach: None,
+        reason,
+        expected_downtime_ms: None,
+    }
+}
+
+fn feasible(reason: String) -> Plan {
+    Plan {
+        feasible: true,
+        approach: Some(Approach::Service),
+        reason,
+        expected_downtime_ms: Some(EXPECTED_DOWNTIME_MS),
+    }
+}
+
+fn peer(w: &Workload) -> &str {
+    w.peer.as_deref().unwrap_or("the other site")
+}
+
+/// At the source: the running instance is a primary, new enough to be fenced, with no
+/// module whose state or commands a replica elsewhere might not have.
+fn probe_source(w: &Workload) -> Result<Plan, AdapterError> {
+    let local = Server::local(w)?;
+    let server = local.info(Some("server"))?;
+    let version = server.version().map_err(|e| local.bad(e))?;
+    // A cluster node or a sentinel is not one self-contained primary.
+    let mode = server.get("redis_mode").unwrap_or("standalone");
+    if mode != "standalone" {
+        return Ok(infeasible(format!(
+            "redis at {} runs in {mode} mode; the redis adapter moves standalone servers only",
+            w.site
+        )));
+    }
+    if version < Version::PAUSE_WRITE {
+        return Ok(infeasible(format!(
+            "redis {version} at {} cannot be fenced for the switch (CLIENT PAUSE WRITE needs Redis {} or later)",
+            w.site,
+            Version::PAUSE_WRITE
+        )));
+    }
+    let modules = local.info(Some("modules"))?.modules();
+    if !modules.is_empty() {
+        return Ok(infeasible(format!(
+            "modules {} are not known to the redis adapter (loaded in redis {version} at {})",
+            modules.join(", "),
+            w.site
+        )));
+    }
+    let role = local.info(Some("replication"))?;
+    let role = role.role().map_err(|e| local.bad(e))?;
+    if role != "master" {
+        return Ok(infeasible(format!(
+            "redis at {} is a replica (role:{role}), not a primary; move its primary instead",
+            w.site
+        )));
+    }
+    Ok(feasible(format!(
+        "redis {version} at {}: a live replica at {} follows it, then is promoted while the ingress holds clients",
+        w.site,
+        peer(w)
+    )))
+}
+
+/// At the destination: this site can run the same service.
+fn probe_destination(w: &Workload) -> Result<Plan, AdapterError> {
+    let out = run("redis-server", &["--version"], CLI_MS)?;
+    let version = Version::from_server_banner(&out.stdout).ok_or_else(|| {
+        AdapterError::Failed(format!(
+            "redis-server --version printed no version: {:?}",
+            out.stdout.trim()
+        ))
+    })?;
+    Ok(feasible(format!(
+        "redis-server {version} at {} can run a replica of {} from {}",
+        w.site,
+        w.name,
+        peer(w)
+    )))
+}
+
+/// Waits, with the source paused, until the replica has what the source has. The source
+/// offset is read before the replica's each time: the source only grows by its own pings
+/// while paused, so a replica at or past the number read misses no write.
+fn catch_up(local: &Server, source: &Server) -> Result<u64, AdapterError> {
+    let deadline = Instant::now() + Duration::from_millis(CATCH_UP_MS);
+    loop {
+        let target = source.master_offset()?;
+        let replica = local.replica()?;
+        if replica.caught_up(target) {
+            return Ok(target);
+        }
+        if Instant::now() >= deadline {
+            return Err(AdapterError::Failed(format!(
+                "the replica did not catch up with the paused source within {CATCH_UP_MS} ms: {}",
+                replica.progress(target).detail
+            )));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Makes the local replica a primary and checks that it is one.
+fn promote(local: &Server) -> Result<(), AdapterError> {
+    local.ok(&["REPLICAOF", "NO", "ONE"])?;
+    match local.info(Some("replication"))?.role() {
+        Ok("master") => Ok(()),
+        other => Err(local.bad(format!("still not a primary after REPLICAOF NO ONE ({other:?})"))),
+    }
+}
+
+/// Lifts the source's pause, for a cut-over or a move that failed.
+fn unpause(source: &Server) {
+    if let Err(e) = source.ok(&["CLIENT", "UNPAUSE"]) {
+        log::log(log::Level::Warn, &format!("could not unpause the source: {e:?}"));
+    }
+}
+
+impl ServiceAdapter for Redis {
+    fn describe() -> AdapterInfo {
+        AdapterInfo {
+            name: "redis".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            approaches: vec![Approach::Service],
+            runtimes: vec!["redis".into()],
+        }
+    }
+
+    fn probe(w: Workload) -> Plan {
+        if !is_redis(&w) {
+            return infeasible(format!(
+                "{} is not a Redis server (its command is not redis-server; say --setting service=redis if it is one)",
+                w.name
+            ));
+        }
+        let plan = if w.pid.is_some() {
+            probe_source(&w)
+        } else {
+            probe_destination(&w)
+        };
+        plan.unwrap_or_else(|e| match e {
+            AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => infeasible(why),
+        })
+    }
+
+    fn start_sync(w: Workload) -> Result<(), AdapterError> {
+        let local = Server::local(&w)?;
+        let source = Server::source(&w)?;
+        let (here, there) = (local.version()?, source.version()?);
+        if here.major != there.major {
+            return Err(AdapterError::Unsupported(format!(
+                "redis {there} at {} and redis {here} at {} differ in major version; a replica needs the same",
+                peer(&w),
+                w.site
+            )));
+        }
+        let port = source.port.to_string();
+        local.ok(&["REPLICAOF", &source.host, &port])?;
+        info(&format!(
+            "redis {here} at {} replicates redis {there} at {} through {}:{port}",
+            w.site,
+            peer(&w),
+            source.host
+        ));
+        Ok(())
+    }
+
+    fn sync_progress(w: Workload) -> Result<SyncState, AdapterError> {
+        let local = Server::local(&w)?;
+        let replica = local.replica()?;
+        let p = replica.progress(Server::source(&w)?.master_offset()?);
+        Ok(SyncState {
+            bytes: p.bytes,
+            lag: p.lag,
+            in_sync: p.in_sync,
+            detail: p.detail,
+        })
+    }
+
+    fn cut_over(w: Workload) -> Result<(), AdapterError> {
+        let local = Server::local(&w)?;
+        let source = Server::source(&w)?;
+        // A replica without a live link cannot catch up in the bound: refuse before the
+        // source is paused rather than hold clients for nothing.
+        let replica = local.replica()?;
+        if !replica.in_sync() {
+            return Err(AdapterError::Failed(format!(
+                "the replica is not in sync with the source ({}); cut-over needs sync-progress to report in-sync first",
+                replica.progress(0).detail
+            )));
+        }
+        let pause = PAUSE_MS.to_string();
+        source.ok(&["CLIENT", "PAUSE", &pause, "WRITE"])?;
+        match catch_up(&local, &source).and_then(|offset| promote(&local).map(|()| offset)) {
+            // The source stays paused: fenced until it is released (the pause lifts
+            // itself after PAUSE_MS whatever happens next).
+            Ok(offset) => {
+                info(&format!(
+                    "redis at {} promoted at replication offset {offset}; {} stays paused",
+                    w.site,
+                    peer(&w)
+                ));
+                Ok(())
+            }
+            // The move fails and the source goes on serving (this instance is discarded).
+            Err(e) => {
+                unpause(&source);
+                Err(e)
+            }
+        }
+    }
+
+    fn abort_sync(w: Workload) -> Result<(), AdapterError> {
+        // Best effort both: the instance is discarded next, and the source's pause lifts
+        // itself anyway.
+        match Server::local(&w).and_then(|local| local.ok(&["REPLICAOF", "NO", "ONE"])) {
+            Ok(()) => {}
+            Err(e) => log::log(log::Level::Warn, &format!("could not stop replicating: {e:?}")),
+        }
+        match Server::source(&w) {
+            Ok(source) => unpause(&source),
+            Err(e) => log::log(log::Level::Warn, &format!("no tunnel to unpause the source: {e:?}")),
+        }
+        Ok(())
+    }
+}
+
+export_service_adapter!(Redis);

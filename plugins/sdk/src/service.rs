@@ -1,0 +1,96 @@
+//! The `service-adapter` world: bindings of its own interfaces (`tunnel`, the exported
+//! `service`), the [`ServiceAdapter`] trait with defaults, and
+//! [`export_service_adapter!`](crate::export_service_adapter).
+//!
+//! A service adapter moves a service by its own means (a live replica kept in sync through
+//! a [`tunnel`], then promoted) instead of checkpointing processes. The engine calls
+//! `probe` at both sites, then, at the destination, `start-sync` on a fresh instance,
+//! `sync-progress` until it is in sync, and `cut-over` while the source site holds all
+//! client traffic; `abort-sync` when the move is abandoned.
+
+wit_bindgen::generate!({
+    path: "../../wit/ferry-adapter@0.2.0",
+    world: "service-adapter",
+    pub_export_macro: true,
+    export_macro_name: "export_service_world",
+    default_bindings_module: "ferry_adapter_sdk::service",
+    with: {
+        "ferry:adapter/types@0.2.0": crate::ferry::adapter::types,
+        "ferry:adapter/log@0.2.0": crate::ferry::adapter::log,
+        "ferry:adapter/exec@0.2.0": crate::ferry::adapter::exec,
+    },
+});
+
+pub use ferry::adapter::tunnel;
+
+use crate::{AdapterError, AdapterInfo, Plan, SyncState, Workload};
+
+/// What a service adapter implements. [`describe`](ServiceAdapter::describe) and
+/// [`probe`](ServiceAdapter::probe) are required: a service adapter is chosen only by
+/// what its probe says. The sync calls default to `unsupported`, so an adapter that only
+/// probes (or is half written) makes the engine refuse the move instead of trapping.
+pub trait ServiceAdapter {
+    /// Name, version, approaches (`service`) and, in `runtimes`, the services it knows.
+    fn describe() -> AdapterInfo;
+
+    /// Is `w` a service this adapter knows, can it move this way, and at what cost? At the
+    /// source `w.pid` is set (the running instance); at the destination it is not (can
+    /// this site run the same service?).
+    fn probe(w: Workload) -> Plan;
+
+    /// At the destination, on a fresh instance: start following the source (through a
+    /// [`tunnel`]); return once the sync has started. Default: unsupported.
+    fn start_sync(_w: Workload) -> Result<(), AdapterError> {
+        Err(unsupported::<Self>("start-sync"))
+    }
+
+    /// At the destination: how far the replica is. Default: unsupported.
+    fn sync_progress(_w: Workload) -> Result<SyncState, AdapterError> {
+        Err(unsupported::<Self>("sync-progress"))
+    }
+
+    /// At the destination, while the source site holds all client traffic: catch up with
+    /// the source, then become the primary. Default: unsupported.
+    fn cut_over(_w: Workload) -> Result<(), AdapterError> {
+        Err(unsupported::<Self>("cut-over"))
+    }
+
+    /// At the destination, when the move is abandoned: stop following the source (its
+    /// runtime adapter then discards the instance). Default: nothing to undo.
+    fn abort_sync(_w: Workload) -> Result<(), AdapterError> {
+        Ok(())
+    }
+}
+
+fn unsupported<A: ServiceAdapter + ?Sized>(call: &str) -> AdapterError {
+    crate::not_implemented(&A::describe().name, call)
+}
+
+/// Exports a type implementing [`ServiceAdapter`] as the component's `service` interface:
+/// implements the generated `Guest` trait (which has no defaults) by forwarding to it.
+#[macro_export]
+macro_rules! export_service_adapter {
+    ($ty:ident) => {
+        impl $crate::service::exports::ferry::adapter::service::Guest for $ty {
+            fn describe() -> $crate::AdapterInfo {
+                <$ty as $crate::ServiceAdapter>::describe()
+            }
+            fn probe(w: $crate::Workload) -> $crate::Plan {
+                <$ty as $crate::ServiceAdapter>::probe(w)
+            }
+            fn start_sync(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::start_sync(w)
+            }
+            fn sync_progress(w: $crate::Workload) -> Result<$crate::SyncState, $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::sync_progress(w)
+            }
+            fn cut_over(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::cut_over(w)
+            }
+            fn abort_sync(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::abort_sync(w)
+            }
+        }
+        $crate::service::export_service_world!($ty with_types_in $crate::service);
+    };
+}
