@@ -56,6 +56,42 @@ pub struct SiteConfig {
     pub plugins: PluginsConfig,
     #[serde(default)]
     pub ingress: IngressConfig,
+    #[serde(default)]
+    pub migration: MigrationConfig,
+}
+
+/// How this site lets workloads move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// The approaches this site's authority allows: "orchestrator" (the orchestrator's
+    /// checkpoint API), "container" (CRIU on the processes), "service" (a service
+    /// adapter's live replica). The engine picks among these.
+    #[serde(default = "default_approaches")]
+    pub approaches: Vec<String>,
+    /// Longest a service-level replica may take to get in sync before the move is
+    /// abandoned; the source keeps serving throughout.
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_secs: u64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            approaches: default_approaches(),
+            sync_timeout_secs: default_sync_timeout(),
+        }
+    }
+}
+
+/// Every approach Ferry knows, from the one needing the most authority.
+pub const APPROACHES: [&str; 3] = ["orchestrator", "container", "service"];
+
+fn default_approaches() -> Vec<String> {
+    APPROACHES.iter().map(ToString::to_string).collect()
+}
+fn default_sync_timeout() -> u64 {
+    300
 }
 
 /// How long and how much client traffic the ingress holds while a workload moves.
@@ -315,6 +351,17 @@ impl SiteConfig {
         }
         if self.plugins.call_timeout_ms < 10 || self.plugins.memory_limit_mb == 0 {
             return Err("plugins.call_timeout_ms must be at least 10 and plugins.memory_limit_mb at least 1".into());
+        }
+        if let Some(a) = self
+            .migration
+            .approaches
+            .iter()
+            .find(|a| !APPROACHES.contains(&a.as_str()))
+        {
+            return Err(format!(
+                "migration.approaches: unknown approach {a:?} (known: {})",
+                APPROACHES.join(", ")
+            ));
         }
         if !self.workloads.work_root.is_absolute() {
             return Err("workloads.work_root must be an absolute path".into());

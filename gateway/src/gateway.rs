@@ -46,9 +46,16 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let journal = Arc::new(Journal::open(&cfg.data_dir)?);
     process::become_subreaper().map_err(GatewayError::Subreaper)?;
 
-    let plugins = PluginHost::load(&plugin_settings(&cfg), Criu::new(cfg.criu_path())).await?;
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;
     let ingress = Ingress::new(Arc::clone(&peers), hold_limits(&cfg), cancel.clone());
+    // Service adapters open their tunnels through the ingress.
+    let tunnels: Arc<dyn crate::plugins::TunnelOpener> = ingress.clone();
+    let plugins = PluginHost::load_with_tunnels(
+        &plugin_settings(&cfg),
+        Criu::new(cfg.criu_path()),
+        Some(tunnels),
+    )
+    .await?;
     let workloads = Workloads::new(
         registry_settings(&cfg),
         Arc::clone(&journal),
@@ -61,6 +68,8 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
             site: cfg.name.clone(),
             data_dir: cfg.data_dir.clone(),
             parallel_files: 4,
+            approaches: cfg.migration.approaches.clone(),
+            sync_timeout: Duration::from_secs(cfg.migration.sync_timeout_secs),
         },
         Parts {
             journal: Arc::clone(&journal),
@@ -77,7 +86,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
 
     let peer_task = tokio::spawn(Arc::clone(&peers).serve(
         Arc::clone(&engine),
-        Arc::clone(&ingress),
+        Arc::clone(&engine),
         cancel.clone(),
     ));
     engine.recover()?;

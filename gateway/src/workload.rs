@@ -175,6 +175,15 @@ impl Workloads {
         })
     }
 
+    /// Where a workload named `name` would live here (nothing is created).
+    pub fn placement_of(&self, name: &str) -> Placement {
+        Placement {
+            work_dir: self.settings.work_root.join(name),
+            log: self.settings.logs_dir.join(format!("{name}.log")),
+            cgroup: self.settings.cgroup_base.as_ref().map(|b| b.join(name)),
+        }
+    }
+
     /// A record for `spec` placed at `placement`: running as `pid`, or without a pid a
     /// reservation (shown as migrating) that no one else may take.
     pub fn record(

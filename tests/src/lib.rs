@@ -78,6 +78,8 @@ pub struct Options {
     pub b_address_at_a: Option<String>,
     /// How image files travel from A to B (`ferry peer add --compression`).
     pub compression: String,
+    /// `[migration] sync_timeout_secs` at both sites.
+    pub sync_timeout_secs: Option<u64>,
 }
 
 impl Options {
@@ -93,6 +95,7 @@ impl Options {
             ingress_max_hold_ms: None,
             b_address_at_a: None,
             compression: "zstd".into(),
+            sync_timeout_secs: None,
         }
     }
 }
@@ -400,9 +403,14 @@ impl TwoSites {
 
     /// Follows a migration through `ferry migrate` and returns the final record (JSON).
     pub fn migrate(&self, workload: &str, to: &str) -> Result<(bool, Value)> {
-        let out = self
-            .a
-            .ferry_output(&["--output", "json", "migrate", workload, "--to", to])?;
+        self.migrate_with(workload, to, &[])
+    }
+
+    /// As [`Self::migrate`], with extra `ferry migrate` flags (`--approach`, `--runtime`).
+    pub fn migrate_with(&self, workload: &str, to: &str, flags: &[&str]) -> Result<(bool, Value)> {
+        let mut args = vec!["--output", "json", "migrate", workload, "--to", to];
+        args.extend_from_slice(flags);
+        let out = self.a.ferry_output(&args)?;
         let text = String::from_utf8_lossy(&out.stdout);
         let value: Value = serde_json::from_str(&text).with_context(|| {
             format!(
@@ -486,6 +494,11 @@ fn init_site(
         cfg.insert("ingress".into(), ingress.into());
     }
     cfg.insert("plugins".into(), plugins.into());
+    if let Some(secs) = opts.sync_timeout_secs {
+        let mut migration = table(&mut cfg, "migration")?;
+        migration.insert("sync_timeout_secs".into(), (secs as i64).into());
+        cfg.insert("migration".into(), migration.into());
+    }
     fs::write(&config, toml::to_string(&cfg)?)?;
     for adapter in &opts.adapters {
         install_adapter(adapter, &dir.join("plugins"))?;

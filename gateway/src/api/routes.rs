@@ -142,10 +142,22 @@ impl Api {
             }
             (Method::POST, ["v1", "migrations"]) => {
                 let body: MigrationRequest = read_json(req).await?;
-                let m = self.state.engine.start(&body.workload, &body.to)?;
+                let m = self
+                    .state
+                    .engine
+                    .start_with(&body.workload, &body.to, body.options())?;
                 let mut r = json(StatusCode::ACCEPTED, &m);
                 set_location(&mut r, &format!("/v1/migrations/{}", m.id));
                 Ok(r)
+            }
+            (Method::POST, ["v1", "migrations", "plan"]) => {
+                let body: MigrationRequest = read_json(req).await?;
+                let plan = self
+                    .state
+                    .engine
+                    .plan_only(&body.workload, &body.to, &body.options())
+                    .await?;
+                Ok(json(StatusCode::OK, &plan))
             }
             (Method::GET, ["v1", "migrations", id]) => self
                 .state

@@ -11,6 +11,25 @@ use serde::{Deserialize, Serialize};
 pub struct MigrationRequest {
     pub workload: String,
     pub to: String,
+    /// Run this approach ("orchestrator", "container", "service") or fail saying why not.
+    #[serde(default)]
+    pub approach: Option<String>,
+    /// The runtime at the destination (service level only, when it differs).
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// Runtime settings at the destination, replacing the source's.
+    #[serde(default)]
+    pub settings: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl MigrationRequest {
+    pub fn options(&self) -> crate::migration::MoveOptions {
+        crate::migration::MoveOptions {
+            approach: self.approach.clone(),
+            runtime: self.runtime.clone(),
+            settings: self.settings.clone(),
+        }
+    }
 }
 
 /// `GET /v1/site`

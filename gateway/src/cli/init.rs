@@ -67,6 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         workloads: WorkloadConfig::default(),
         criu: CriuConfig::default(),
         ingress: Default::default(),
+        migration: Default::default(),
         plugins: PluginsConfig {
             grants: default_grants(),
             ..PluginsConfig::default()

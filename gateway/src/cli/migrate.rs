@@ -8,7 +8,7 @@ use super::migration::print_migration;
 use super::output::{self, Output};
 use super::Connect;
 use crate::api::types::MigrationRequest;
-use crate::migration::{Migration, Phase};
+use crate::migration::{Migration, MovePlan, Phase};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -20,19 +20,88 @@ pub struct Args {
     /// Return once the migration is accepted instead of following it.
     #[arg(long)]
     no_wait: bool,
+    /// Print every candidate approach, its predicted client stall and why it is (not)
+    /// feasible, and the choice; move nothing.
+    #[arg(long)]
+    plan: bool,
+    /// Run this approach (orchestrator, container, service) instead of the chosen one.
+    #[arg(long)]
+    approach: Option<String>,
+    /// Run the workload under this runtime at the destination (service level).
+    #[arg(long)]
+    runtime: Option<String>,
+    /// A runtime setting at the destination (KEY=VALUE, repeatable; with --runtime).
+    #[arg(long = "setting", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+}
+
+fn request(args: &Args) -> anyhow::Result<MigrationRequest> {
+    let settings = if args.settings.is_empty() {
+        None
+    } else {
+        let mut map = std::collections::BTreeMap::new();
+        for kv in &args.settings {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--setting {kv:?}: expected KEY=VALUE"))?;
+            map.insert(k.to_string(), v.to_string());
+        }
+        Some(map)
+    };
+    Ok(MigrationRequest {
+        workload: args.workload.clone(),
+        to: args.to.clone(),
+        approach: args.approach.clone(),
+        runtime: args.runtime.clone(),
+        settings,
+    })
+}
+
+/// The plan as a table and the choice.
+fn print_plan(plan: &MovePlan) {
+    output::table(
+        &[
+            "APPROACH",
+            "ADAPTER",
+            "FEASIBLE",
+            "ALLOWED",
+            "PREDICTED STALL",
+            "WHY",
+        ],
+        plan.candidates
+            .iter()
+            .map(|c| {
+                vec![
+                    c.approach.clone(),
+                    c.adapter.clone(),
+                    if c.feasible { "yes" } else { "no" }.into(),
+                    if c.allowed { "yes" } else { "no" }.into(),
+                    c.predicted_stall_ms
+                        .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+                    c.reason.clone(),
+                ]
+            })
+            .collect(),
+    );
+    match plan.chosen() {
+        Some(c) => println!("chosen: {} ({})", c.approach, plan.why),
+        None => println!("no approach can run: {}", plan.why),
+    }
 }
 
 pub async fn run(args: Args, connect: &Connect, out: Output) -> anyhow::Result<()> {
     let client = connect.client()?;
-    let (_, mut m): (_, Migration) = client
-        .post(
-            "/v1/migrations",
-            &MigrationRequest {
-                workload: args.workload.clone(),
-                to: args.to.clone(),
-            },
-        )
-        .await?;
+    let body = request(&args)?;
+    if args.plan {
+        let (_, plan): (_, MovePlan) = client.post("/v1/migrations/plan", &body).await?;
+        return if out == Output::Json {
+            output::json(&plan)
+        } else {
+            print_plan(&plan);
+            Ok(())
+        };
+    }
+    let (_, mut m): (_, Migration) = client.post("/v1/migrations", &body).await?;
     if args.no_wait {
         return if out == Output::Json {
             output::json(&m)

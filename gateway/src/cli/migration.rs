@@ -62,6 +62,15 @@ pub fn print_migration(m: &Migration) {
     println!("migration   {}", m.id);
     println!("workload    {} ({} -> {})", m.workload, m.source, m.target);
     println!("phase       {}", m.phase);
+    if let Some(a) = &m.approach {
+        println!("approach    {a}");
+    }
+    if let Some(p) = &m.plan {
+        println!("why         {p}");
+    }
+    if let Some(d) = &m.destination {
+        println!("runs as     {} at {}", d.runtime, m.target);
+    }
     if let Some(e) = &m.error {
         println!("reason      {e}");
     }
@@ -70,6 +79,12 @@ pub fn print_migration(m: &Migration) {
         "downtime    {}   (checkpoint start -> destination confirmed)",
         ms(t.freeze_ms)
     );
+    if t.sync_ms.is_some() {
+        println!(
+            "  sync      {}   (before the switch; clients served)",
+            ms(t.sync_ms)
+        );
+    }
     println!("  dump      {}", ms(t.dump_ms));
     println!("  transfer  {}", ms(t.transfer_ms));
     println!("  restore   {}", ms(t.restore_ms));

@@ -8,13 +8,18 @@
 
 mod faults;
 mod handover;
+pub mod plan;
 mod recovery;
+mod replica;
+mod service;
 mod source;
 mod target;
 #[cfg(test)]
 mod tests_inprocess;
+mod tunnels;
 
 pub use faults::{Fault, Faults};
+pub use plan::{Candidate, MoveOptions, MovePlan};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::journal::{Collection, Journal, JournalError};
+use crate::peer::wire::SyncInfo;
 use crate::peer::{PeerError, PeerLink};
 use crate::plugins::{PluginError, PluginHost};
 use crate::proxy::Ingress;
@@ -55,6 +61,10 @@ pub enum MigrationError {
     Refused { site: String, message: String },
     #[error("restore at site {site} failed: {message}")]
     RestoreFailed { site: String, message: String },
+    #[error(
+        "the replica did not get in sync within {secs} s (last: {last}); the source kept serving"
+    )]
+    SyncTimeout { secs: u64, last: String },
     #[error("injected fault entering {phase}: {message}")]
     Injected { phase: Phase, message: String },
     #[error("injected crash entering {phase}")]
@@ -89,6 +99,8 @@ impl Role {
 pub enum Phase {
     Planned,
     Preparing,
+    /// Service level: the destination's replica follows the source (which keeps serving).
+    Syncing,
     Checkpointing,
     Transferring,
     Restoring,
@@ -108,6 +120,7 @@ impl Phase {
         match self {
             Phase::Planned => "planned",
             Phase::Preparing => "preparing",
+            Phase::Syncing => "syncing",
             Phase::Checkpointing => "checkpointing",
             Phase::Transferring => "transferring",
             Phase::Restoring => "restoring",
@@ -132,6 +145,9 @@ impl std::fmt::Display for Phase {
 pub struct Timings {
     pub freeze_ms: Option<u64>,
     pub dump_ms: Option<u64>,
+    /// Service level: from the start of the sync until the replica was in sync.
+    #[serde(default)]
+    pub sync_ms: Option<u64>,
     pub transfer_ms: Option<u64>,
     pub restore_ms: Option<u64>,
     pub total_ms: Option<u64>,
@@ -176,6 +192,27 @@ pub struct Migration {
     /// Target only: files received and verified so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub received: Vec<FileMeta>,
+    /// What the caller asked (approach, destination runtime).
+    #[serde(default)]
+    pub options: MoveOptions,
+    /// Every approach considered, and why (source only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
+    /// Service level: the service adapter that syncs the replica.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The workload as it runs at the destination, when that differs (another runtime).
+    #[serde(default)]
+    pub destination: Option<WorkloadSpec>,
+    /// Service level: the replica's last reported state.
+    #[serde(default)]
+    pub sync: Option<SyncInfo>,
+    /// Target, service level: the replica's process, until it is confirmed or discarded
+    /// (so a restarted gateway can discard it).
+    #[serde(default)]
+    pub replica_pid: Option<i32>,
+    #[serde(default)]
+    pub replica_pid_start: Option<u64>,
 }
 
 impl Migration {
@@ -209,6 +246,13 @@ impl Migration {
             approach: None,
             plan: None,
             received: Vec::new(),
+            options: MoveOptions::default(),
+            candidates: Vec::new(),
+            service: None,
+            destination: None,
+            sync: None,
+            replica_pid: None,
+            replica_pid_start: None,
         }
     }
 }
@@ -222,6 +266,11 @@ pub struct EngineSettings {
     pub data_dir: PathBuf,
     /// Image files in flight at once.
     pub parallel_files: usize,
+    /// The approaches this site allows ("orchestrator", "container", "service").
+    pub approaches: Vec<String>,
+    /// Longest a service-level replica may take to get in sync before the move is
+    /// abandoned (the source never stopped serving).
+    pub sync_timeout: std::time::Duration,
 }
 
 /// The parts of a site the engine drives.
@@ -245,12 +294,17 @@ pub struct Engine {
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
     parallel_files: usize,
+    approaches: Vec<String>,
+    sync_timeout: std::time::Duration,
     migrations: DashMap<String, Migration>,
     /// Serializes record changes so none is journaled while a map lock is held.
     writes: Mutex<()>,
     /// Answers to peers wait until the journal is loaded.
     recovered: tokio::sync::watch::Sender<bool>,
     faults: Faults,
+    /// Holders of replicas this site started for service-level moves (their PID
+    /// namespace's parent), reaped once the replica is adopted or discarded.
+    holders: Mutex<std::collections::HashMap<String, tokio::process::Child>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -281,10 +335,13 @@ impl Engine {
             images_dir,
             incoming_dir,
             parallel_files: settings.parallel_files.max(1),
+            approaches: settings.approaches,
+            sync_timeout: settings.sync_timeout,
             migrations: DashMap::new(),
             writes: Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
             faults: Faults::default(),
+            holders: Mutex::new(std::collections::HashMap::new()),
             tasks: TaskTracker::new(),
             cancel,
         }))
@@ -306,15 +363,51 @@ impl Engine {
 
     /// Plans a migration of `workload` to `to` and starts driving it in the background.
     pub fn start(self: &Arc<Self>, workload: &str, to: &str) -> Result<Migration, MigrationError> {
+        self.start_with(workload, to, MoveOptions::default())
+    }
+
+    fn check_destination(&self, to: &str) -> Result<(), MigrationError> {
         if to == self.site {
             return Err(MigrationError::SameSite);
         }
         if !self.peers.peers().iter().any(|p| p.name == to) {
             return Err(MigrationError::UnknownSite(to.to_string()));
         }
+        Ok(())
+    }
+
+    /// The plan for moving `workload` to `to`, without moving anything (`--plan`).
+    pub async fn plan_only(
+        &self,
+        workload: &str,
+        to: &str,
+        options: &MoveOptions,
+    ) -> Result<MovePlan, MigrationError> {
+        self.check_destination(to)?;
+        let w = self
+            .workloads
+            .get(workload)
+            .ok_or_else(|| WorkloadError::NotFound(workload.to_string()))?;
+        self.plan(&w, to, options).await
+    }
+
+    /// Plans a migration of `workload` to `to` as `options` ask and starts driving it.
+    pub fn start_with(
+        self: &Arc<Self>,
+        workload: &str,
+        to: &str,
+        options: MoveOptions,
+    ) -> Result<Migration, MigrationError> {
+        self.check_destination(to)?;
+        if let Some(rt) = &options.runtime {
+            crate::names::validate("runtime", rt)
+                .map_err(crate::spec::SpecError::from)
+                .map_err(WorkloadError::from)?;
+        }
         let id = new_id();
         let held = self.hold_workload(workload, &id)?;
-        let m = Migration::new(&id, held.spec, Role::Source, &self.site, to, Phase::Planned);
+        let mut m = Migration::new(&id, held.spec, Role::Source, &self.site, to, Phase::Planned);
+        m.options = options;
         if let Err(e) = self.insert(&m) {
             // Nothing was frozen yet: only the hold is released.
             self.unhold_workload(workload);

@@ -7,7 +7,6 @@ use super::source::{self, Verdict};
 use super::{Engine, Migration, MigrationError, Phase, Role};
 use crate::criu::layout;
 use crate::journal::Collection;
-use crate::peer::wire::Request;
 use crate::sys::process;
 
 impl Engine {
@@ -63,7 +62,7 @@ impl Engine {
         }
     }
 
-    fn recover_target(&self, id: &str) {
+    fn recover_target(self: &Arc<Self>, id: &str) {
         let Some(m) = self.get(id) else { return };
         let adopted = self
             .workloads
@@ -78,6 +77,10 @@ impl Engine {
                 tracing::error!(migration = id, error = %e, "cannot journal the recovered restore");
             }
             super::remove_dir(&self.incoming_dir.join(id));
+            return;
+        }
+        if self.recover_replica(&m) {
+            // A service-level replica never promoted: discarded in the background.
             return;
         }
         if m.phase == Phase::Restoring {
@@ -113,22 +116,14 @@ impl Engine {
                 }
             }
             Verdict::NotRestored => {
-                if !m.restore_requested {
-                    let _ = self
-                        .peers
-                        .request(
-                            &m.target,
-                            &Request::Abort {
-                                migration: id.to_string(),
-                            },
-                        )
-                        .await;
-                }
                 let reason = m
                     .error
                     .clone()
                     .unwrap_or_else(|| "the source gateway restarted during the migration".into());
                 source::finish_rollback(&self, id, &m.workload, reason).await;
+                if !m.restore_requested {
+                    source::tell_abort(&self, &m.target, id).await;
+                }
             }
             Verdict::Pending => {}
         }

@@ -62,53 +62,49 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             state: workload.state,
         }));
     }
-    let adapter = engine.plugins.adapter(&m.spec.runtime)?;
-    let about = AdapterCall::for_workload(&workload).with_peer(&target);
-    let plan = adapter.probe(about.clone()).await?;
-    let approach = plan
-        .approach
-        .map(|a| crate::plugins::approach_name(a).to_string());
+    let plan = engine.plan(&workload, &target, &m.options).await?;
+    let chosen = plan.chosen().cloned();
     engine.update(id, |m| {
-        m.approach = approach.clone();
-        m.plan = Some(format!("{} (adapter {})", plan.reason, adapter.name()));
+        m.candidates.clone_from(&plan.candidates);
+        m.approach = chosen.as_ref().map(|c| c.approach.clone());
+        m.plan = Some(match &chosen {
+            Some(c) => format!("{}: {} (adapter {})", plan.why, c.reason, c.adapter),
+            None => plan.why.clone(),
+        });
+        if plan.destination != m.spec {
+            m.destination = Some(plan.destination.clone());
+        }
+        if chosen.as_ref().is_some_and(|c| c.approach == "service") {
+            m.service = chosen.as_ref().map(|c| c.adapter.clone());
+        }
     })?;
-    if !plan.feasible {
+    let Some(chosen) = chosen else {
         return Err(MigrationError::Refused {
             site: engine.site.clone(),
-            message: format!("adapter {} says it cannot: {}", adapter.name(), plan.reason),
+            message: plan.why,
         });
+    };
+    if chosen.approach == "service" {
+        return super::service::drive(engine, id, &plan.destination, &chosen.adapter).await;
     }
+    let adapter = engine.plugins.adapter(&m.spec.runtime)?;
+    let about = AdapterCall::for_workload(&workload).with_peer(&target);
 
     engine
         .faults
         .enter(Role::Source, Phase::Preparing, &engine.cancel)
         .await?;
     engine.set_phase(id, Phase::Preparing)?;
-    match engine
-        .peers
-        .request(
-            &target,
-            &Request::Prepare {
-                migration: id.to_string(),
-                workload: m.spec.clone(),
-            },
-        )
-        .await?
-    {
-        Response::Ready => {}
-        Response::Error { message, .. } => {
-            return Err(MigrationError::Refused {
-                site: target,
-                message,
-            })
-        }
-        other => {
-            return Err(MigrationError::Refused {
-                site: target,
-                message: format!("unexpected answer {other:?}"),
-            })
-        }
-    }
+    prepare_destination(
+        engine,
+        &target,
+        Request::Prepare {
+            migration: id.to_string(),
+            workload: m.spec.clone(),
+            service: None,
+        },
+    )
+    .await?;
 
     let images = engine.images_dir.join(id);
     std::fs::create_dir_all(&images).map_err(|source| MigrationError::Io {
@@ -178,20 +174,52 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         m.phase = Phase::Restoring;
         m.restore_requested = true;
     })?;
-    let answer = engine
-        .peers
-        .request(
-            &target,
-            &Request::Restore {
-                migration: id.to_string(),
-                workload: m.spec.clone(),
-                source_log: workload.log.clone(),
-                manifest,
-                notes,
-            },
-        )
-        .await;
-    match answer {
+    confirm(
+        engine,
+        id,
+        &target,
+        Request::Restore {
+            migration: id.to_string(),
+            workload: m.spec.clone(),
+            source_log: workload.log.clone(),
+            manifest,
+            notes,
+        },
+    )
+    .await?;
+    Ok(freeze)
+}
+
+/// Asks `target` to prepare; anything but `Ready` is its refusal.
+pub(super) async fn prepare_destination(
+    engine: &Arc<Engine>,
+    target: &str,
+    req: Request,
+) -> Result<(), MigrationError> {
+    match engine.peers.request(target, &req).await? {
+        Response::Ready => Ok(()),
+        Response::Error { message, .. } => Err(MigrationError::Refused {
+            site: target.to_string(),
+            message,
+        }),
+        other => Err(MigrationError::Refused {
+            site: target.to_string(),
+            message: format!("unexpected answer {other:?}"),
+        }),
+    }
+}
+
+/// Sends the request that makes the destination run the workload (a restore, a
+/// promotion) and returns once it confirmed. If the answer is lost, only the destination
+/// knows what happened: it is asked until it says.
+pub(super) async fn confirm(
+    engine: &Arc<Engine>,
+    id: &str,
+    target: &str,
+    req: Request,
+) -> Result<(), MigrationError> {
+    let target = target.to_string();
+    match engine.peers.request(&target, &req).await {
         Ok(Response::Restored { restore_ms, pid }) => {
             tracing::info!(
                 peer_pid = pid,
@@ -199,7 +227,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
                 "destination confirmed the restore"
             );
             engine.update(id, |m| m.timings.restore_ms = Some(restore_ms))?;
-            Ok(freeze)
+            Ok(())
         }
         Ok(Response::Error { message, .. }) => Err(MigrationError::RestoreFailed {
             site: target,
@@ -210,10 +238,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             message: format!("unexpected answer {other:?}"),
         }),
         Err(e) => {
-            // The restore may or may not have happened: only the destination knows.
             tracing::warn!(error = %e, "lost the restore answer; asking the destination");
             match resolve(engine, id, &target).await {
-                Verdict::Confirmed => Ok(freeze),
+                Verdict::Confirmed => Ok(()),
                 Verdict::NotRestored => Err(MigrationError::RestoreFailed {
                     site: target,
                     message: format!(
@@ -336,18 +363,28 @@ pub(super) async fn rollback(engine: &Arc<Engine>, id: &str, reason: String) {
             Verdict::Pending => return,
         }
     } else {
-        // Nothing can be running there; tell it to drop what it received.
-        let _ = engine
-            .peers
-            .request(
-                &m.target,
-                &Request::Abort {
-                    migration: id.to_string(),
-                },
-            )
-            .await;
+        // Nothing can be running there (no restore or promotion was asked): the source
+        // runs again at once, then the destination is told to drop what it has.
+        finish_rollback(engine, id, &m.workload, reason).await;
+        tell_abort(engine, &m.target, id).await;
+        return;
     }
     finish_rollback(engine, id, &m.workload, reason).await;
+}
+
+/// Tells the destination to drop an abandoned migration (best effort: a destination that
+/// cannot hear it drops it when its own gateway restarts and sees the source's record).
+pub(super) async fn tell_abort(engine: &Arc<Engine>, target: &str, id: &str) {
+    let req = Request::Abort {
+        migration: id.to_string(),
+    };
+    match engine.peers.request(target, &req).await {
+        Ok(Response::Aborted) => {}
+        Ok(other) => tracing::warn!(?other, "destination did not confirm the abort"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell the destination to abort; it cleans up when asked again or on restart")
+        }
+    }
 }
 
 pub(super) async fn finish_rollback(
@@ -356,7 +393,16 @@ pub(super) async fn finish_rollback(
     workload: &str,
     reason: String,
 ) {
-    let resumed = engine.resume_source(workload).await;
+    // A service-level move never froze the source: it only stops being held.
+    let service = engine
+        .get(id)
+        .is_some_and(|m| m.approach.as_deref() == Some("service"));
+    let resumed = if service {
+        engine.unhold_workload(workload);
+        Ok(())
+    } else {
+        engine.resume_source(workload).await
+    };
     engine.ingress.release(workload, Target::Local);
     let running = engine
         .workloads

@@ -24,7 +24,28 @@ impl Handler for Engine {
             Request::Prepare {
                 migration,
                 workload,
+                service: None,
             } => self.prepare(&peer, &migration, workload).await,
+            Request::Prepare {
+                migration,
+                workload,
+                service: Some(service),
+            } => {
+                if bad_id(&migration) {
+                    return Response::error(
+                        ErrorCode::BadRequest,
+                        format!("bad migration id {migration:?}"),
+                    );
+                }
+                self.prepare_replica(&peer, &migration, workload, &service)
+                    .await
+            }
+            Request::Probe { workload, service } => {
+                self.probe_here(&peer, &workload, service.as_deref()).await
+            }
+            Request::StartSync { migration } => self.start_sync(&peer, &migration).await,
+            Request::SyncStatus { migration } => self.sync_status(&peer, &migration).await,
+            Request::Promote { migration } => self.promote(&peer, &migration).await,
             Request::File {
                 migration,
                 name,
@@ -49,7 +70,7 @@ impl Handler for Engine {
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),
             },
-            Request::Abort { migration } => self.abort(&peer, &migration),
+            Request::Abort { migration } => self.abort(&peer, &migration).await,
         }
     }
 }
@@ -60,7 +81,7 @@ fn bad_id(id: &str) -> bool {
 
 impl Engine {
     /// This site's record of an incoming migration from `peer`.
-    fn incoming(&self, peer: &str, id: &str) -> Option<Migration> {
+    pub(super) fn incoming(&self, peer: &str, id: &str) -> Option<Migration> {
         self.get(id)
             .filter(|m| m.role == Role::Target && m.source == peer)
     }
@@ -342,7 +363,7 @@ impl Engine {
         }
     }
 
-    fn abort(&self, peer: &str, id: &str) -> Response {
+    async fn abort(&self, peer: &str, id: &str) -> Response {
         let Some(m) = self.incoming(peer, id) else {
             return Response::Aborted;
         };
@@ -352,6 +373,14 @@ impl Engine {
             },
             Phase::Restoring => Response::error(ErrorCode::Busy, "restore in progress; ask again"),
             p if p.is_terminal() => Response::Aborted,
+            _ if m.service.is_some() => {
+                self.discard_replica(id).await;
+                tracing::info!(
+                    migration = id,
+                    "incoming service-level migration aborted by the source"
+                );
+                Response::Aborted
+            }
             _ => {
                 self.abort_local(id, &m.workload, "aborted by the source");
                 tracing::info!(migration = id, "incoming migration aborted by the source");

@@ -13,15 +13,19 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Engine, EngineSettings, Fault, Faults, Migration, MigrationError, Parts, Phase, Role};
+use super::{
+    Engine, EngineSettings, Fault, Faults, Migration, MigrationError, MoveOptions, Parts, Phase,
+    Role,
+};
 use crate::config::{
     ApiConfig, IdentityConfig, PeerConfig, PeerListenConfig, SiteConfig, WorkloadConfig,
 };
 use crate::identity::Identity;
 use crate::journal::{Collection, Journal};
-use crate::peer::{PeerLink, TunnelServer};
+use crate::peer::{PeerLink, TunnelServer, TunnelTarget};
 use crate::plugins::{
-    AdapterHandle, AdapterInfo, Approach, Call, Plan, PluginError, PluginHost, Reply, Spawned,
+    AdapterCall, AdapterHandle, AdapterInfo, Approach, Call, Plan, PluginError, PluginHost, Reply,
+    Spawned, SyncState,
 };
 use crate::proxy::{HoldLimits, Ingress};
 use crate::spec::{Workload, WorkloadSpec, WorkloadState};
@@ -29,6 +33,8 @@ use crate::sys::process;
 use crate::workload::{RegistrySettings, WorkloadError, Workloads};
 
 const RUNTIME: &str = "fake";
+/// A second runtime the fake adapter serves, for moves that change runtime.
+const OTHER_RUNTIME: &str = "fake2";
 const PAGE_BYTES: usize = 3 * (1 << 20) + 4321;
 
 /// The bytes a workload's "memory" holds: different per workload, checked at restore.
@@ -54,6 +60,12 @@ fn pages(workload: &str) -> Vec<u8> {
 struct World {
     children: Mutex<Vec<std::process::Child>>,
     failures: Mutex<HashMap<(String, &'static str), String>>,
+    /// When each replica started syncing, by (site, migration).
+    syncing: Mutex<HashMap<(String, String), Instant>>,
+    /// Replicas whose sync was stopped.
+    aborted: Mutex<Vec<String>>,
+    /// Sites get the service adapter too (else only checkpoints can move workloads).
+    with_services: std::sync::atomic::AtomicBool,
 }
 
 impl World {
@@ -91,6 +103,81 @@ impl World {
         })
     }
 
+    /// A service adapter for `site` that knows the `fake` workloads: its replica gets in
+    /// sync 200 ms after the sync starts (never, if "never-in-sync" is scripted).
+    fn service(self: &Arc<Self>, site: &str) -> AdapterHandle {
+        let (world, site) = (Arc::clone(self), site.to_string());
+        AdapterHandle::native("fakesvc", move |call| {
+            let (world, site) = (Arc::clone(&world), site.clone());
+            async move { world.serve_service(&site, call) }
+        })
+    }
+
+    fn serve_service(&self, site: &str, call: Call) -> Result<Reply, PluginError> {
+        let name = call.name();
+        let failed = |detail: String| PluginError::Failed {
+            plugin: "fakesvc".into(),
+            call: name,
+            detail,
+        };
+        if let Some(detail) = self.scripted(site, name) {
+            return Err(failed(detail));
+        }
+        let key = |c: &AdapterCall| (site.to_string(), c.migration.clone().unwrap_or_default());
+        match call {
+            Call::Describe => Ok(Reply::Info(AdapterInfo {
+                name: "fakesvc".into(),
+                version: "0".into(),
+                approaches: vec![Approach::Service],
+                runtimes: vec![RUNTIME.into()],
+            })),
+            Call::Probe(_) => Ok(Reply::Plan(Plan {
+                feasible: true,
+                approach: Some(Approach::Service),
+                reason: "a fake replica".into(),
+                expected_downtime_ms: Some(10),
+            })),
+            Call::StartSync(c) => {
+                if c.live_pid().is_none() || c.migration.is_none() || c.peer.is_none() {
+                    return Err(failed(format!("no replica process or migration: {c:?}")));
+                }
+                self.syncing.lock().unwrap().insert(key(&c), Instant::now());
+                Ok(Reply::Unit)
+            }
+            Call::SyncProgress(c) => {
+                let since = self.syncing.lock().unwrap().get(&key(&c)).copied();
+                let since = since.ok_or_else(|| failed("not syncing".into()))?;
+                let never = self.scripted(site, "never-in-sync").is_some();
+                let in_sync = !never && since.elapsed() >= Duration::from_millis(200);
+                Ok(Reply::Progress(SyncState {
+                    bytes: since.elapsed().as_millis() as u64 * 1000,
+                    lag: u64::from(!in_sync),
+                    in_sync,
+                    detail: if in_sync {
+                        "in sync".into()
+                    } else {
+                        "copying".into()
+                    },
+                }))
+            }
+            Call::CutOver(c) => {
+                if c.live_pid().is_none() {
+                    return Err(failed("the replica is gone".into()));
+                }
+                Ok(Reply::Unit)
+            }
+            Call::AbortSync(c) => {
+                self.aborted.lock().unwrap().push(key(&c).1);
+                Ok(Reply::Unit)
+            }
+            other => Err(PluginError::Unsupported {
+                plugin: "fakesvc".into(),
+                call: other.name(),
+                detail: "a service adapter".into(),
+            }),
+        }
+    }
+
     async fn serve(&self, site: &str, call: Call) -> Result<Reply, PluginError> {
         let name = call.name();
         if let Some(detail) = self.scripted(site, name) {
@@ -116,7 +203,7 @@ impl World {
                 feasible: true,
                 approach: Some(Approach::Container),
                 reason: "fake checkpoint".into(),
-                expected_downtime_ms: None,
+                expected_downtime_ms: Some(300),
             })),
             Call::Prepare(_) => Ok(Reply::Unit),
             Call::StartFresh(_) => Ok(Reply::Started(Spawned {
@@ -152,6 +239,7 @@ impl World {
                 }
                 Ok(Reply::Unit)
             }
+            other => Err(failed(format!("{} is not a runtime call", other.name()))),
         }
     }
 }
@@ -233,6 +321,7 @@ fn site_config(name: &str, dir: &Path, listen: SocketAddr, peer: PeerConfig) -> 
         criu: Default::default(),
         plugins: Default::default(),
         ingress: Default::default(),
+        migration: Default::default(),
     }
 }
 
@@ -256,7 +345,16 @@ impl Site {
             }
         };
         let cancel = CancellationToken::new();
-        let plugins = PluginHost::from_handles(vec![(RUNTIME.into(), world.adapter(&cfg.name))]);
+        let mut plugins = PluginHost::from_handles(vec![
+            (RUNTIME.into(), world.adapter(&cfg.name)),
+            (OTHER_RUNTIME.into(), world.adapter(&cfg.name)),
+        ]);
+        if world
+            .with_services
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            plugins = plugins.with_services(vec![world.service(&cfg.name)]);
+        }
         let ingress = Ingress::new(Arc::clone(&peers), HoldLimits::default(), cancel.clone());
         let workloads = Workloads::new(
             RegistrySettings {
@@ -277,6 +375,8 @@ impl Site {
                 site: cfg.name.clone(),
                 data_dir: cfg.data_dir.clone(),
                 parallel_files: 2,
+                approaches: crate::config::APPROACHES.map(String::from).to_vec(),
+                sync_timeout: Duration::from_secs(1),
             },
             Parts {
                 journal,
@@ -290,7 +390,7 @@ impl Site {
         .expect("engine");
         tokio::spawn(Arc::clone(&peers).serve(
             Arc::clone(&engine),
-            Arc::clone(&ingress),
+            Arc::clone(&engine),
             cancel.clone(),
         ));
         engine.recover().expect("recover migrations");
@@ -357,6 +457,15 @@ impl Drop for TempDir {
 
 impl Pair {
     async fn new(tag: &str) -> Self {
+        Self::build(tag, false).await
+    }
+
+    /// Two sites that also have a service adapter for the fake workloads.
+    async fn with_services(tag: &str) -> Self {
+        Self::build(tag, true).await
+    }
+
+    async fn build(tag: &str, services: bool) -> Self {
         let root = std::env::temp_dir().join(format!("ferry-tier-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let (da, db) = (root.join("a"), root.join("b"));
@@ -372,6 +481,9 @@ impl Pair {
             compression: Default::default(),
         };
         let world = Arc::new(World::default());
+        world
+            .with_services
+            .store(services, std::sync::atomic::Ordering::SeqCst);
         let a = Site::start(site_config("a", &da, pa, peer("b", pb, &ib)), &world).await;
         let b = Site::start(site_config("b", &db, pb, peer("a", pa, &ia)), &world).await;
         Self {
@@ -773,6 +885,8 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             site: "b".into(),
             data_dir: pair.b().dir.clone(),
             parallel_files: 1,
+            approaches: crate::config::APPROACHES.map(String::from).to_vec(),
+            sync_timeout: Duration::from_secs(5),
         },
         Parts {
             journal: Arc::new(journal),
@@ -858,20 +972,277 @@ async fn tunnels_reach_a_workload_only_where_it_runs_unheld() {
     };
     // The ingress serves whatever listens on the workload's port here.
     pair.b().ingress.open(&spec).await.expect("open");
-    assert!(pair.b().ingress.connect("a", "web").await.is_ok());
-    let err = pair.a().ingress.connect("b", "web").await.unwrap_err();
+    let web = TunnelTarget::Workload("web".into());
+    assert!(pair.b().engine.connect("a", &web).await.is_ok());
+    let err = pair.a().engine.connect("b", &web).await.unwrap_err();
     assert!(err.contains("not running at this site"), "{err}");
     // Through the peer link from a, as a moved route would.
     let (_r, _w) = pair
         .a()
         .peers
-        .open_tunnel("b", "web")
+        .open_tunnel("b", &web)
         .await
         .expect("tunnel through the link");
     listener.set_nonblocking(true).expect("nonblocking");
     until("the tunnelled connection", || listener.accept().is_ok()).await;
     // While held (a migration freezes it), nothing is let through.
     pair.b().ingress.hold("web").await;
-    assert!(pair.b().ingress.connect("a", "web").await.is_err());
-    assert!(pair.a().peers.open_tunnel("b", "web").await.is_err());
+    assert!(pair.b().engine.connect("a", &web).await.is_err());
+    assert!(pair.a().peers.open_tunnel("b", &web).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_lists_every_approach_and_prefers_the_lowest_stall() {
+    let pair = Pair::with_services("plan").await;
+    pair.a().run("svc").await;
+    let plan = pair
+        .a()
+        .engine
+        .plan_only("svc", "b", &MoveOptions::default())
+        .await
+        .expect("plan");
+    let approaches: Vec<&str> = plan
+        .candidates
+        .iter()
+        .map(|c| c.approach.as_str())
+        .collect();
+    assert_eq!(approaches, ["container", "service"], "{plan:?}");
+    assert!(
+        plan.candidates.iter().all(|c| c.feasible && c.allowed),
+        "{plan:?}"
+    );
+    assert_eq!(
+        plan.chosen().map(|c| c.approach.as_str()),
+        Some("service"),
+        "{plan:?}"
+    );
+    assert!(
+        plan.why.contains("lowest predicted stall (10 ms)"),
+        "{}",
+        plan.why
+    );
+    // A workload that allows only checkpoints gets one.
+    pair.a()
+        .workloads
+        .modify("svc", |w| {
+            w.spec
+                .settings
+                .insert("approaches".into(), "container".into());
+            Ok(())
+        })
+        .expect("modify");
+    let plan = pair
+        .a()
+        .engine
+        .plan_only("svc", "b", &MoveOptions::default())
+        .await
+        .expect("plan");
+    assert_eq!(
+        plan.chosen().map(|c| c.approach.as_str()),
+        Some("container"),
+        "{plan:?}"
+    );
+    assert!(
+        plan.candidates[1]
+            .reason
+            .contains("not allowed by the workload"),
+        "{plan:?}"
+    );
+}
+
+/// The replica's process recorded at the destination for migration `id`.
+fn replica_of(site: &Site, id: &str) -> Option<(i32, u64)> {
+    site.engine
+        .get(id)
+        .and_then(|m| Some((m.replica_pid?, m.replica_pid_start?)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_level_move_promotes_the_replica_and_never_freezes_the_source() {
+    let pair = Pair::with_services("svc-move").await;
+    let src = pair.a().run("svc").await;
+    let src_pid = src.pid.expect("pid");
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    // While it syncs, the source is never stopped.
+    let mut saw_syncing = false;
+    while !pair
+        .a()
+        .engine
+        .get(&m.id)
+        .is_some_and(|m| m.phase.is_terminal())
+    {
+        saw_syncing |= pair
+            .a()
+            .engine
+            .get(&m.id)
+            .is_some_and(|m| m.phase == Phase::Syncing);
+        assert_ne!(process::state(src_pid), Some('T'), "the source was frozen");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(saw_syncing);
+    let m = finished(pair.a(), &m.id).await;
+    assert_eq!(m.phase, Phase::Completed, "{m:?}");
+    assert_eq!(m.approach.as_deref(), Some("service"));
+    assert_eq!(m.service.as_deref(), Some("fakesvc"));
+    assert!(m.timings.sync_ms.is_some_and(|ms| ms >= 200), "{m:?}");
+    assert!(m.timings.dump_ms.is_none(), "a checkpoint ran: {m:?}");
+    assert!(m.sync.as_ref().is_some_and(|s| s.in_sync));
+    runs_only_at(&pair, "b", "svc");
+    let at_b = pair.b().workloads.get("svc").expect("at b");
+    assert_eq!(
+        at_b.pid.map(|p| (p, process::start_time(p).unwrap_or(0))),
+        replica_of(pair.b(), &m.id)
+    );
+    until("the source process to end", || {
+        process::start_time(src_pid).is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_catch_up_aborts_and_the_source_keeps_serving() {
+    let pair = Pair::with_services("svc-lag").await;
+    pair.a().run("svc").await;
+    pair.world.fail("b", "never-in-sync", "");
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "did not get in sync within 1 s").await;
+    let m = finished(pair.a(), &m.id).await;
+    assert!(
+        m.timings.freeze_ms.is_none() && m.timings.dump_ms.is_none(),
+        "{m:?}"
+    );
+    until("the replica to be discarded", || {
+        pair.b()
+            .engine
+            .get(&m.id)
+            .is_some_and(|t| t.phase == Phase::RolledBack)
+    })
+    .await;
+    let (pid, start) = replica_of(pair.b(), &m.id).expect("replica recorded");
+    until("the replica process to end", || !process::alive(pid, start)).await;
+    assert!(pair.world.aborted.lock().unwrap().contains(&m.id));
+    assert!(pair.b().workloads.get("svc").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_promotion_discards_the_replica_and_resumes_serving_at_the_source() {
+    let pair = Pair::with_services("svc-promote").await;
+    pair.a().run("svc").await;
+    pair.world.fail("b", "cut-over", "offsets never met");
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "offsets never met").await;
+    let (pid, start) = replica_of(pair.b(), &m.id).expect("replica recorded");
+    until("the replica process to end", || !process::alive(pid, start)).await;
+    // The hold was released: the ingress serves the source again.
+    assert!(pair.a().ingress.stats().is_empty() || pair.a().workloads.get("svc").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_crash_during_the_sync_leaves_the_source_untouched() {
+    let mut pair = Pair::with_services("svc-crash").await;
+    let src = pair.a().run("svc").await;
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    until("the sync", || {
+        pair.b()
+            .engine
+            .get(&m.id)
+            .is_some_and(|t| t.phase == Phase::Syncing)
+    })
+    .await;
+    let replica = replica_of(pair.b(), &m.id).expect("replica recorded");
+    let cfg = pair.crash("b").await;
+    // The source gives up on its own and keeps serving, whatever the destination holds.
+    let at_a = finished(pair.a(), &m.id).await;
+    assert_eq!(at_a.phase, Phase::RolledBack, "{at_a:?}");
+    let w = pair.a().workloads.get("svc").expect("still at a");
+    assert_eq!((w.state, w.pid), (WorkloadState::Running, src.pid));
+    // The restarted destination discards the replica its journal names.
+    pair.restart(cfg).await;
+    until("the replica process to end", || {
+        !process::alive(replica.0, replica.1)
+    })
+    .await;
+    until("the destination to record the abort", || {
+        pair.b()
+            .engine
+            .get(&m.id)
+            .is_some_and(|t| t.phase == Phase::RolledBack)
+    })
+    .await;
+    assert!(pair.b().workloads.get("svc").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_changes_runtime_only_through_the_service_level() {
+    let pair = Pair::with_services("svc-runtime").await;
+    pair.a().run("svc").await;
+    let options = MoveOptions {
+        runtime: Some(OTHER_RUNTIME.into()),
+        ..MoveOptions::default()
+    };
+    let plan = pair
+        .a()
+        .engine
+        .plan_only("svc", "b", &options)
+        .await
+        .expect("plan");
+    let container = &plan.candidates[0];
+    assert!(!container.feasible, "{plan:?}");
+    assert!(
+        container
+            .reason
+            .contains("restores only under the runtime that made it"),
+        "{plan:?}"
+    );
+    assert_eq!(plan.chosen().map(|c| c.approach.as_str()), Some("service"));
+    let forced = MoveOptions {
+        approach: Some("container".into()),
+        ..options.clone()
+    };
+    let m = pair
+        .a()
+        .engine
+        .start_with("svc", "b", forced)
+        .expect("planned");
+    let m = finished(pair.a(), &m.id).await;
+    assert_eq!(
+        m.phase,
+        Phase::RolledBack,
+        "a checkpoint cannot change runtime: {m:?}"
+    );
+    assert!(
+        m.error
+            .as_deref()
+            .is_some_and(|e| e.contains("container was asked but cannot run")),
+        "{m:?}"
+    );
+    let m = pair
+        .a()
+        .engine
+        .start_with("svc", "b", options)
+        .expect("planned");
+    assert_eq!(finished(pair.a(), &m.id).await.phase, Phase::Completed);
+    let at_b = pair.b().workloads.get("svc").expect("at b");
+    assert_eq!(at_b.spec.runtime, OTHER_RUNTIME);
+    runs_only_at(&pair, "b", "svc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_checkpoint_runs_even_when_a_replica_would_be_faster() {
+    let pair = Pair::with_services("svc-forced").await;
+    pair.a().run("svc").await;
+    let forced = MoveOptions {
+        approach: Some("container".into()),
+        ..MoveOptions::default()
+    };
+    let m = pair
+        .a()
+        .engine
+        .start_with("svc", "b", forced)
+        .expect("planned");
+    let m = finished(pair.a(), &m.id).await;
+    assert_eq!(m.phase, Phase::Completed, "{m:?}");
+    assert_eq!(m.approach.as_deref(), Some("container"));
+    assert!(m.timings.dump_ms.is_some() && m.timings.sync_ms.is_none());
+    assert_eq!(m.candidates.len(), 2);
 }

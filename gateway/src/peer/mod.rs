@@ -70,14 +70,26 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response> + Send;
 }
 
-/// Serves the far end of client tunnels: a connection to the workload here.
+/// What a tunnel reaches at the far end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelTarget {
+    /// A client of `workload` (its port), wherever it runs now.
+    Workload(String),
+    /// `port` of the workload that `migration` moves (a replica following its source).
+    Migration {
+        migration: String,
+        workload: String,
+        port: u16,
+    },
+}
+
+/// Serves the far end of tunnels: a connection to the workload here.
 pub trait TunnelServer: Send + Sync + 'static {
-    /// The local end of a tunnel for a client of `workload` arriving through `peer`, or
-    /// why there is none.
+    /// The local end of a tunnel arriving through `peer`, or why there is none.
     fn connect(
         &self,
         peer: &str,
-        workload: &str,
+        target: &TunnelTarget,
     ) -> impl Future<Output = Result<tokio::net::TcpStream, String>> + Send;
 }
 
@@ -195,22 +207,31 @@ impl PeerLink {
         read_response(peer, &mut recv).await
     }
 
-    /// Opens a tunnel to `workload` at `peer`: after the peer's `TunnelOpen` the streams
+    /// Opens a tunnel to `target` at `peer`: after the peer's `TunnelOpen` the streams
     /// are a raw byte pipe to the workload's port there.
     pub async fn open_tunnel(
         &self,
         peer: &str,
-        workload: &str,
+        target: &TunnelTarget,
     ) -> Result<(RecvStream, SendStream), PeerError> {
         let (mut send, mut recv) = self.open(peer).await?;
-        write_frame(
-            peer,
-            &mut send,
-            &Request::Tunnel {
-                workload: workload.to_string(),
+        let req = match target.clone() {
+            TunnelTarget::Workload(workload) => Request::Tunnel {
+                workload,
+                migration: None,
+                port: None,
             },
-        )
-        .await?;
+            TunnelTarget::Migration {
+                migration,
+                workload,
+                port,
+            } => Request::Tunnel {
+                workload,
+                migration: Some(migration),
+                port: Some(port),
+            },
+        };
+        write_frame(peer, &mut send, &req).await?;
         match read_response(peer, &mut recv).await? {
             Response::TunnelOpen => Ok((recv, send)),
             Response::Error { message, .. } => Err(PeerError::Refused {
@@ -320,8 +341,20 @@ impl PeerLink {
                             site,
                             version: crate::VERSION.to_string(),
                         },
-                        Ok(Request::Tunnel { workload }) => {
-                            match tunnels.connect(&peer, &workload).await {
+                        Ok(Request::Tunnel {
+                            workload,
+                            migration,
+                            port,
+                        }) => {
+                            let target = match (migration, port) {
+                                (Some(migration), Some(port)) => TunnelTarget::Migration {
+                                    migration,
+                                    workload,
+                                    port,
+                                },
+                                _ => TunnelTarget::Workload(workload),
+                            };
+                            match tunnels.connect(&peer, &target).await {
                                 Ok(tcp) => return pipe(&peer, tcp, send, recv).await,
                                 Err(message) => Response::error(ErrorCode::Refused, message),
                             }

@@ -28,11 +28,29 @@ pub enum CloseCode {
 pub enum Request {
     /// Liveness and identity check.
     Hello,
-    /// Reserve the workload's name and port for an incoming migration.
+    /// Reserve the workload's name and port for an incoming migration. With the service
+    /// approach, also start a fresh instance of `workload` there (under its runtime, which
+    /// may differ from the source's) for `service` (a service adapter) to sync.
     Prepare {
         migration: String,
         workload: WorkloadSpec,
+        #[serde(default)]
+        service: Option<String>,
     },
+    /// Could this site take `workload` (its runtime adapter present; with `service`, can
+    /// that service adapter run it here)? Answered with `Probed`.
+    Probe {
+        workload: WorkloadSpec,
+        #[serde(default)]
+        service: Option<String>,
+    },
+    /// Service approach: make the prepared instance follow the source.
+    StartSync { migration: String },
+    /// Service approach: how far the replica is. Answered with `Sync`.
+    SyncStatus { migration: String },
+    /// Service approach, while the source holds its clients' traffic: catch up, promote,
+    /// and confirm like a restore (answered with `Restored`).
+    Promote { migration: String },
     /// One image file follows: `size` bytes (as `compression` frames them), then the
     /// 32-byte BLAKE3 digest of those bytes. A `growing` file's size is unknown when it
     /// starts: it comes in blocks, its size after the end block.
@@ -61,9 +79,17 @@ pub enum Request {
     Status { migration: String },
     /// Give up this migration (refused once the destination has confirmed).
     Abort { migration: String },
-    /// Carry one client connection to `workload` at the peer: after the `TunnelOpen`
-    /// answer the stream is a raw byte pipe to the workload's port there.
-    Tunnel { workload: String },
+    /// Carry one connection to `workload` at the peer: after the `TunnelOpen` answer the
+    /// stream is a raw byte pipe to the workload's port there. With `migration`, the
+    /// tunnel serves that migration (a replica at the destination following its source),
+    /// reaches `port`, and is refused once the migration has ended.
+    Tunnel {
+        workload: String,
+        #[serde(default)]
+        migration: Option<String>,
+        #[serde(default)]
+        port: Option<u16>,
+    },
 }
 
 /// The destination's view of a migration.
@@ -91,14 +117,54 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Hello { site: String, version: String },
+    Hello {
+        site: String,
+        version: String,
+    },
     Ready,
-    Stored { name: String, blake3: String },
-    Restored { pid: i32, restore_ms: u64 },
-    Status { state: TargetState },
+    Stored {
+        name: String,
+        blake3: String,
+    },
+    Restored {
+        pid: i32,
+        restore_ms: u64,
+    },
+    Probed {
+        /// Why the runtime cannot run here, if it cannot.
+        runtime_error: Option<String>,
+        /// The service adapter's plan at this site, when asked.
+        service: Option<PlanInfo>,
+    },
+    Sync(SyncInfo),
+    Status {
+        state: TargetState,
+    },
     Aborted,
     TunnelOpen,
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// An adapter's plan, on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanInfo {
+    pub feasible: bool,
+    pub reason: String,
+    pub expected_downtime_ms: Option<u64>,
+}
+
+/// A replica's state, on the wire and in the migration record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncInfo {
+    pub bytes: u64,
+    pub lag: u64,
+    pub in_sync: bool,
+    pub detail: String,
 }
 
 impl Response {

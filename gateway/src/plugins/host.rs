@@ -66,7 +66,9 @@ pub trait TunnelOpener: Send + Sync {
         migration: &str,
         workload: &str,
         port: u16,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<std::net::SocketAddr, String>> + Send + '_>>;
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<std::net::SocketAddr, String>> + Send + '_>,
+    >;
 }
 
 pub struct State {

@@ -27,10 +27,10 @@ use crate::criu::Criu;
 use actor::{Actor, Limits, Request};
 use bindings::Linkers;
 pub use bindings::{AdapterInfo, Approach, Plan, SyncState, World};
-pub use host::TunnelOpener;
 pub use call::{AdapterCall, Call, Reply, Spawned};
 use grant::capability_of;
 pub use grant::{Capability, Grant, Granted};
+pub use host::TunnelOpener;
 pub use manifest::Manifest;
 
 /// How an approach is named in records and listings.
@@ -57,6 +57,8 @@ pub enum PluginError {
     Load { name: String, detail: String },
     #[error("no adapter serves runtime {runtime:?} on this site (adapters: {installed}); install one in the plugin folder")]
     NoAdapter { runtime: String, installed: String },
+    #[error("no service adapter {name:?} on this site (service adapters: {installed}); install it in the plugin folder")]
+    NoService { name: String, installed: String },
     #[error("adapter {plugin}: {call} exceeded its {ms} ms deadline")]
     Deadline {
         plugin: String,
@@ -599,6 +601,23 @@ impl PluginHost {
     /// Every service adapter of this site.
     pub fn services(&self) -> &[AdapterHandle] {
         &self.services
+    }
+
+    /// The service adapter named `name`.
+    pub fn service(&self, name: &str) -> Result<AdapterHandle, PluginError> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| PluginError::NoService {
+                name: name.to_string(),
+                installed: self
+                    .services
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// The adapter serving `runtime`.

@@ -8,6 +8,8 @@ mod http;
 mod tcp;
 mod tunnel;
 
+pub use tunnel::connect_port;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,9 +102,13 @@ pub(crate) struct Routed {
 pub struct Ingress {
     peers: Arc<PeerLink>,
     routed: DashMap<String, Arc<Routed>>,
+    /// Adapter tunnels of running migrations, by (migration, port).
+    tunnels: DashMap<(String, u16), tunnel::MigrationTunnel>,
     limits: HoldLimits,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Itself, for tasks started through a shared reference.
+    me: std::sync::Weak<Ingress>,
 }
 
 /// A workload's routes now: where they lead and how many connections they carry.
@@ -125,12 +131,14 @@ pub struct HoldReport {
 
 impl Ingress {
     pub fn new(peers: Arc<PeerLink>, limits: HoldLimits, cancel: CancellationToken) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             peers,
             routed: DashMap::new(),
+            tunnels: DashMap::new(),
             limits,
             cancel,
             tasks: TaskTracker::new(),
+            me: me.clone(),
         })
     }
 

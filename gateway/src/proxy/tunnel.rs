@@ -1,47 +1,182 @@
-//! Tunnels: how a client connection at one site reaches a workload running at another,
-//! through the QUIC peer link (the sites need no other connectivity). The near end opens
-//! the tunnel ([`open`], for routes whose workload moved away); the far end is this
-//! site's ingress, which connects it to the workload's local port ([`TunnelServer`]),
-//! only for a workload that runs here and is not being moved.
+//! Tunnels: how a connection at one site reaches a workload running at another, through
+//! the QUIC peer link (the sites need no other connectivity).
+//!
+//! - Near end for clients ([`open`]): a route whose workload moved away carries each client
+//!   connection to the peer now running it.
+//! - Near end for adapters ([`TunnelOpener`]): during a migration, a service adapter at the
+//!   destination asks for a local endpoint whose connections reach a (granted) port of the
+//!   workload at the source, e.g. for a replica to follow its primary. The listener lives
+//!   until the migration ends ([`Ingress::close_tunnels`]).
+//! - Far end ([`Ingress::connect_local`]): the connection to the workload's port here, only
+//!   for a workload that runs here and is not being moved. Tunnels that serve a
+//!   migration are admitted by the migration engine, which knows whether it still runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{Ingress, Target};
-use crate::peer::{PeerLink, TunnelServer};
+use crate::peer::{PeerLink, TunnelTarget};
+use crate::plugins::TunnelOpener;
 
-/// The near end: a byte pipe to `workload` at `peer`.
+/// The near end for a client: a byte pipe to `workload` at `peer`.
 pub(super) async fn open(
     peers: &PeerLink,
     peer: &str,
     workload: &str,
 ) -> Result<(RecvStream, SendStream), String> {
     peers
-        .open_tunnel(peer, workload)
+        .open_tunnel(peer, &TunnelTarget::Workload(workload.to_string()))
         .await
         .map_err(|e| format!("tunnel to {workload} at {peer}: {e}"))
 }
 
-impl TunnelServer for Ingress {
-    async fn connect(&self, peer: &str, workload: &str) -> Result<TcpStream, String> {
+/// A listener that forwards to a migration's tunnel target.
+pub(super) struct MigrationTunnel {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Ingress {
+    /// The far end of a client tunnel: the workload's port here, if it runs here unheld.
+    pub async fn connect_local(&self, peer: &str, workload: &str) -> Result<TcpStream, String> {
         let port = self.local_port(workload).ok_or_else(|| {
             format!("workload {workload} is not running at this site (or is being moved)")
         })?;
         tracing::debug!(peer, workload, port, "tunnel opened");
-        let tcp = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("workload {workload} does not answer on port {port}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+        connect_port(workload, port).await
     }
-}
 
-impl Ingress {
     /// The port of a workload that serves here now (not held, not moved away).
     fn local_port(&self, workload: &str) -> Option<u16> {
         self.routed
             .get(workload)
             .filter(|r| *r.target.borrow() == Target::Local)
             .map(|r| r.port)
+    }
+
+    /// Closes the adapter tunnels of a migration that ended.
+    pub fn close_tunnels(&self, migration: &str) {
+        self.tunnels.retain(|(m, _), t| {
+            let keep = m != migration;
+            if !keep {
+                t.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    async fn open_migration_tunnel(
+        self: Arc<Self>,
+        peer: String,
+        migration: String,
+        workload: String,
+        port: u16,
+    ) -> Result<SocketAddr, String> {
+        let key = (migration.clone(), port);
+        if let Some(t) = self.tunnels.get(&key) {
+            return Ok(t.addr);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot listen for a tunnel on loopback: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("tunnel listener: {e}"))?;
+        let stop = self.cancel.child_token();
+        self.tunnels.insert(
+            key,
+            MigrationTunnel {
+                addr,
+                stop: stop.clone(),
+            },
+        );
+        let target = TunnelTarget::Migration {
+            migration: migration.clone(),
+            workload,
+            port,
+        };
+        let this = Arc::clone(&self);
+        self.tasks.spawn(
+            async move {
+                loop {
+                    let conn = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        c = listener.accept() => c,
+                    };
+                    let Ok((tcp, _)) = conn else { continue };
+                    let _ = tcp.set_nodelay(true);
+                    let (peers, peer, target, stop) = (
+                        Arc::clone(&this.peers),
+                        peer.clone(),
+                        target.clone(),
+                        stop.clone(),
+                    );
+                    this.tasks.spawn(async move {
+                        match peers.open_tunnel(&peer, &target).await {
+                            Ok((recv, send)) => {
+                                tokio::select! {
+                                    () = pipe(tcp, recv, send) => {}
+                                    () = stop.cancelled() => {}
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "migration tunnel refused"),
+                        }
+                    });
+                }
+            }
+            .instrument(
+                tracing::info_span!("migration_tunnel", migration = %migration, port, %addr),
+            ),
+        );
+        tracing::info!(%migration, port, %addr, "migration tunnel open");
+        Ok(addr)
+    }
+}
+
+impl TunnelOpener for Ingress {
+    fn open(
+        &self,
+        peer: &str,
+        migration: &str,
+        workload: &str,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<SocketAddr, String>> + Send + '_>>
+    {
+        let (peer, migration, workload) = (
+            peer.to_string(),
+            migration.to_string(),
+            workload.to_string(),
+        );
+        Box::pin(async move {
+            let this = self
+                .me
+                .upgrade()
+                .ok_or_else(|| "the ingress is shutting down".to_string())?;
+            this.open_migration_tunnel(peer, migration, workload, port)
+                .await
+        })
+    }
+}
+
+/// Connects to a port of this site (a tunnel's far end).
+pub async fn connect_port(workload: &str, port: u16) -> Result<TcpStream, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("workload {workload} does not answer on port {port}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Copies bytes both ways between a local connection and a tunnel until either ends.
+async fn pipe(mut tcp: TcpStream, recv: RecvStream, send: SendStream) {
+    let mut stream = tokio::io::join(recv, send);
+    match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+        Ok((up, down)) => tracing::debug!(up, down, "migration tunnel connection closed"),
+        Err(e) => tracing::debug!(error = %e, "migration tunnel connection ended"),
     }
 }

@@ -154,6 +154,25 @@ pub fn tree(init: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Resident memory of `init`'s tree in bytes: every process of its PID namespace when it
+/// has one of its own, else the process alone.
+pub fn tree_rss_bytes(init: i32) -> Option<u64> {
+    let own_ns = pid_ns(std::process::id() as i32);
+    let pids = if pid_ns(init).is_some() && pid_ns(init) != own_ns {
+        tree(init)
+    } else {
+        vec![init]
+    };
+    let rss = |pid: i32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    let total: u64 = pids.into_iter().filter_map(rss).sum();
+    (total > 0).then_some(total)
+}
+
 /// Resumes a tree CRIU left stopped.
 pub fn resume(init: i32) -> usize {
     let pids = tree(init);

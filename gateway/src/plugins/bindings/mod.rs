@@ -178,11 +178,7 @@ impl Guest {
         }
     }
 
-    pub async fn sync_progress(
-        &self,
-        store: &mut Store<State>,
-        w: &Workload,
-    ) -> Answer<SyncState> {
+    pub async fn sync_progress(&self, store: &mut Store<State>, w: &Workload) -> Answer<SyncState> {
         match self {
             Guest::Service(g) => g.ferry_adapter_service().call_sync_progress(store, w).await,
             _ => Ok(Err(Self::not_this_world("sync-progress"))),

@@ -1,0 +1,377 @@
+//! Choosing how a workload moves (UMS's authority levels, plus cost): every adapter that
+//! can serve the workload is asked, at both sites; runtime adapters offer the
+//! orchestrator or container level (a checkpoint), service adapters the service level (a
+//! live replica). The feasible approach with the lowest predicted client stall wins,
+//! among those the site and the workload allow; the plan records every candidate and why.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Engine, MigrationError};
+use crate::peer::wire::{PlanInfo, Request, Response};
+use crate::plugins::{approach_name, AdapterCall, Approach};
+use crate::spec::{Workload, WorkloadSpec};
+use crate::sys::process;
+
+/// What a caller asks of a migration beyond "move it there".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveOptions {
+    /// Run this approach, or fail saying why it cannot run.
+    #[serde(default)]
+    pub approach: Option<String>,
+    /// Run the workload under this runtime at the destination (only the service level
+    /// can change a workload's runtime).
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// Runtime settings at the destination (with `runtime`), replacing the source's.
+    #[serde(default)]
+    pub settings: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// One way the workload could move, as the plan shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// "orchestrator", "container" or "service".
+    pub approach: String,
+    /// The adapter that would run it.
+    pub adapter: String,
+    pub feasible: bool,
+    /// Allowed by the site's `[migration] approaches` and the workload's `approaches`.
+    pub allowed: bool,
+    /// How long clients would wait at the switch, as predicted.
+    pub predicted_stall_ms: Option<u64>,
+    /// Why it is (in)feasible or not allowed, in words an operator can act on.
+    pub reason: String,
+}
+
+/// The candidates and the choice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MovePlan {
+    pub candidates: Vec<Candidate>,
+    /// Index into `candidates` of the approach that runs, if any can.
+    pub chosen: Option<usize>,
+    /// Why that one (or why none).
+    pub why: String,
+    /// The workload as it will run at the destination.
+    pub destination: WorkloadSpec,
+}
+
+impl MovePlan {
+    pub fn chosen(&self) -> Option<&Candidate> {
+        self.chosen.and_then(|i| self.candidates.get(i))
+    }
+}
+
+/// Throughput assumed for a stop-and-copy prediction when nothing better is known:
+/// checkpoint, transfer and restore of each byte of the tree's memory.
+const STOP_AND_COPY_BYTES_PER_MS: u64 = 100_000;
+/// Fixed cost of a checkpoint and restore (CRIU, the health check).
+const STOP_AND_COPY_FIXED_MS: u64 = 300;
+
+/// Predicted stall of a checkpoint of `w`: proportional to its memory.
+fn stop_and_copy_ms(w: &Workload) -> Option<u64> {
+    let rss = w.pid.and_then(process::tree_rss_bytes)?;
+    Some(STOP_AND_COPY_FIXED_MS + rss / STOP_AND_COPY_BYTES_PER_MS)
+}
+
+/// The approaches a workload allows (its `approaches` setting, comma-separated), if it
+/// limits them.
+fn workload_allows(spec: &WorkloadSpec) -> Option<Vec<String>> {
+    spec.settings.get("approaches").map(|v| {
+        v.split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect()
+    })
+}
+
+impl Engine {
+    /// Asks every adapter that could move `w` to `to`, at both sites, and chooses.
+    pub async fn plan(
+        &self,
+        w: &Workload,
+        to: &str,
+        options: &MoveOptions,
+    ) -> Result<MovePlan, MigrationError> {
+        let mut destination = w.spec.clone();
+        if let Some(rt) = &options.runtime {
+            destination.runtime.clone_from(rt);
+        }
+        if let Some(settings) = &options.settings {
+            destination.settings.clone_from(settings);
+        }
+        let runtime_changes = destination.runtime != w.spec.runtime;
+        let about = AdapterCall::for_workload(w).with_peer(to);
+        let mut candidates = Vec::new();
+
+        // Checkpoint approaches: the runtime adapter serving the workload here.
+        match self.plugins.adapter(&w.spec.runtime) {
+            Ok(adapter) => {
+                let plan = adapter.probe(about.clone()).await;
+                let (feasible, approach, reason, expected) = match plan {
+                    Ok(p) => (
+                        p.feasible,
+                        p.approach.map_or("container", approach_name),
+                        p.reason,
+                        p.expected_downtime_ms,
+                    ),
+                    Err(e) => (false, "container", e.to_string(), None),
+                };
+                let (feasible, reason) = if runtime_changes && feasible {
+                    (
+                        false,
+                        format!(
+                            "a checkpoint restores only under the runtime that made it ({} here, {} asked at {to})",
+                            w.spec.runtime, destination.runtime
+                        ),
+                    )
+                } else {
+                    (feasible, reason)
+                };
+                candidates.push(Candidate {
+                    approach: approach.to_string(),
+                    adapter: adapter.name().to_string(),
+                    feasible,
+                    allowed: true,
+                    predicted_stall_ms: expected.or_else(|| stop_and_copy_ms(w)),
+                    reason,
+                });
+            }
+            Err(e) => candidates.push(Candidate {
+                approach: "container".into(),
+                adapter: "(none)".into(),
+                feasible: false,
+                allowed: true,
+                predicted_stall_ms: None,
+                reason: e.to_string(),
+            }),
+        }
+
+        // The service level: every service adapter that knows the workload's service.
+        for service in self.plugins.services() {
+            let plan = match service.probe(about.clone()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    candidates.push(Candidate {
+                        approach: "service".into(),
+                        adapter: service.name().to_string(),
+                        feasible: false,
+                        allowed: true,
+                        predicted_stall_ms: None,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let mut candidate = Candidate {
+                approach: "service".into(),
+                adapter: service.name().to_string(),
+                feasible: plan.feasible && plan.approach == Some(Approach::Service),
+                allowed: true,
+                predicted_stall_ms: plan.expected_downtime_ms,
+                reason: plan.reason,
+            };
+            if candidate.feasible {
+                // The destination must be able to run the service too.
+                match self.probe_peer(to, &destination, service.name()).await {
+                    Ok(()) => {}
+                    Err(why) => {
+                        candidate.feasible = false;
+                        candidate.reason = format!("{}; but at {to}: {why}", candidate.reason);
+                    }
+                }
+            }
+            candidates.push(candidate);
+        }
+
+        // What the site and the workload allow.
+        let per_workload = workload_allows(&w.spec);
+        for c in &mut candidates {
+            let site_ok = self.approaches.contains(&c.approach);
+            let workload_ok = per_workload
+                .as_ref()
+                .is_none_or(|list| list.contains(&c.approach));
+            c.allowed = site_ok && workload_ok;
+            if !site_ok {
+                c.reason = format!(
+                    "{}; not allowed by this site ([migration] approaches = {:?})",
+                    c.reason, self.approaches
+                );
+            } else if !workload_ok {
+                c.reason = format!(
+                    "{}; not allowed by the workload (approaches = {:?})",
+                    c.reason,
+                    per_workload.clone().unwrap_or_default()
+                );
+            }
+        }
+
+        let (chosen, why) = choose(&candidates, options.approach.as_deref());
+        Ok(MovePlan {
+            candidates,
+            chosen,
+            why,
+            destination,
+        })
+    }
+
+    /// Asks `peer` whether it could run `spec` with service adapter `service`.
+    async fn probe_peer(
+        &self,
+        peer: &str,
+        spec: &WorkloadSpec,
+        service: &str,
+    ) -> Result<(), String> {
+        let answer = self
+            .peers
+            .request(
+                peer,
+                &Request::Probe {
+                    workload: spec.clone(),
+                    service: Some(service.to_string()),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match answer {
+            Response::Probed {
+                runtime_error: Some(e),
+                ..
+            } => Err(e),
+            Response::Probed {
+                service:
+                    Some(PlanInfo {
+                        feasible: false,
+                        reason,
+                        ..
+                    }),
+                ..
+            } => Err(reason),
+            Response::Probed { service: None, .. } => {
+                Err(format!("no service adapter {service} there"))
+            }
+            Response::Probed { .. } => Ok(()),
+            Response::Error { message, .. } => Err(message),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+}
+
+/// The feasible, allowed candidate with the lowest predicted stall (unknown counts as
+/// worst), or the one `forced` names.
+fn choose(candidates: &[Candidate], forced: Option<&str>) -> (Option<usize>, String) {
+    if let Some(forced) = forced {
+        return match candidates.iter().position(|c| c.approach == forced) {
+            Some(i) if candidates[i].feasible => (
+                Some(i),
+                format!("{forced} as asked ({})", candidates[i].reason),
+            ),
+            Some(i) => (
+                None,
+                format!(
+                    "{forced} was asked but cannot run: {}",
+                    candidates[i].reason
+                ),
+            ),
+            None => (
+                None,
+                format!("{forced} was asked but no adapter offers it for this workload"),
+            ),
+        };
+    }
+    let best = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.feasible && c.allowed)
+        .min_by_key(|(_, c)| c.predicted_stall_ms.unwrap_or(u64::MAX));
+    match best {
+        Some((i, c)) => {
+            let others = candidates
+                .iter()
+                .filter(|o| o.feasible && o.allowed)
+                .count()
+                - 1;
+            let why = match (others, c.predicted_stall_ms) {
+                (0, _) => format!("{} is the only feasible approach", c.approach),
+                (_, Some(ms)) => format!(
+                    "{} has the lowest predicted stall ({ms} ms) of {} feasible approaches",
+                    c.approach,
+                    others + 1
+                ),
+                (_, None) => format!("{} (no stall predictions)", c.approach),
+            };
+            (Some(i), why)
+        }
+        None => (
+            None,
+            "no feasible approach: ".to_string()
+                + &candidates
+                    .iter()
+                    .map(|c| format!("{} ({}): {}", c.approach, c.adapter, c.reason))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(approach: &str, feasible: bool, allowed: bool, stall: Option<u64>) -> Candidate {
+        Candidate {
+            approach: approach.into(),
+            adapter: "x".into(),
+            feasible,
+            allowed,
+            predicted_stall_ms: stall,
+            reason: format!("{approach} reason"),
+        }
+    }
+
+    #[test]
+    fn the_lowest_predicted_stall_wins_among_feasible_allowed() {
+        let cs = [
+            c("container", true, true, Some(900)),
+            c("service", true, true, Some(20)),
+        ];
+        let (i, why) = choose(&cs, None);
+        assert_eq!(i, Some(1));
+        assert!(why.contains("lowest predicted stall (20 ms) of 2"), "{why}");
+        let cs = [
+            c("container", true, true, Some(900)),
+            c("service", true, false, Some(20)),
+        ];
+        assert_eq!(choose(&cs, None).0, Some(0));
+        let cs = [
+            c("container", false, true, Some(1)),
+            c("service", true, true, None),
+        ];
+        let (i, why) = choose(&cs, None);
+        assert_eq!(i, Some(1));
+        assert!(why.contains("only feasible"), "{why}");
+    }
+
+    #[test]
+    fn a_forced_approach_runs_only_if_feasible() {
+        let cs = [
+            c("container", true, true, Some(900)),
+            c("service", false, true, Some(20)),
+        ];
+        assert_eq!(choose(&cs, Some("container")).0, Some(0));
+        let (i, why) = choose(&cs, Some("service"));
+        assert_eq!(i, None);
+        assert!(why.contains("cannot run: service reason"), "{why}");
+        assert!(choose(&cs, Some("orchestrator"))
+            .1
+            .contains("no adapter offers"));
+    }
+
+    #[test]
+    fn nothing_feasible_says_why_for_each() {
+        let cs = [c("container", false, true, None)];
+        let (i, why) = choose(&cs, None);
+        assert_eq!(i, None);
+        assert!(why.contains("container (x): container reason"), "{why}");
+    }
+}
