@@ -382,7 +382,7 @@ pub(super) async fn tell_abort(engine: &Arc<Engine>, target: &str, id: &str) {
         Ok(Response::Aborted) => {}
         Ok(other) => tracing::warn!(?other, "destination did not confirm the abort"),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot tell the destination to abort; it cleans up when asked again or on restart")
+            tracing::warn!(error = %e, "cannot tell the destination to abort; it cleans up when asked again or on restart");
         }
     }
 }
