@@ -80,6 +80,8 @@ pub struct Options {
     pub compression: String,
     /// `[migration] sync_timeout_secs` at both sites.
     pub sync_timeout_secs: Option<u64>,
+    /// Extra tunnel grants: (adapter, ports), added to the adapter's grant.
+    pub tunnel_ports: Vec<(String, Vec<u16>)>,
 }
 
 impl Options {
@@ -96,6 +98,7 @@ impl Options {
             b_address_at_a: None,
             compression: "zstd".into(),
             sync_timeout_secs: None,
+            tunnel_ports: Vec::new(),
         }
     }
 }
@@ -485,6 +488,21 @@ fn init_site(
         let mut g = toml::Table::new();
         g.insert("capabilities".into(), caps.clone().into());
         g.insert("exec".into(), exec.clone().into());
+        grants.insert(adapter.clone(), g.into());
+    }
+    for (adapter, ports) in &opts.tunnel_ports {
+        let mut g = grants
+            .get(adapter)
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default();
+        let mut list: Vec<toml::Value> = g
+            .get("tunnel_ports")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        list.extend(ports.iter().map(|p| toml::Value::from(i64::from(*p))));
+        g.insert("tunnel_ports".into(), list.into());
         grants.insert(adapter.clone(), g.into());
     }
     plugins.insert("grants".into(), grants.into());

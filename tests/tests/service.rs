@@ -223,3 +223,83 @@ fn a_destination_killed_during_the_sync_leaves_the_source_untouched() -> Result<
     );
     Ok(())
 }
+
+#[test]
+fn redis_in_podman_moves_to_a_plain_process_through_the_service_level() -> Result<()> {
+    let mut opts = options("xrt");
+    opts.adapters.push("podman".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = ferry_e2e::Cleanup(vec![["podman", "rm", "-f", "-t", "0", "a-redis"]
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect()]);
+    let image = "localhost/ferry-e2e-redis:latest";
+    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let mut args: Vec<String> = [
+        "workload",
+        "run",
+        "redis",
+        "--runtime",
+        "podman",
+        "--setting",
+    ]
+    .iter()
+    .map(std::string::ToString::to_string)
+    .collect();
+    args.push(format!("image={image}"));
+    args.extend(["--port".into(), PORT.to_string(), "--".into()]);
+    args.extend(ferry_e2e::redis_container_args(PORT));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    sites.a.ferry(&refs)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "5000", "key", "64"])?;
+    let before = (
+        sites.a.redis(PORT, &["DBSIZE"])?,
+        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    // At B it runs as a plain process: another runtime, and a host path for the binary.
+    let p = PORT.to_string();
+    let to_process = [
+        "--runtime",
+        "process",
+        "--",
+        "redis-server",
+        "--port",
+        &p,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ];
+    let mut plan_args = vec!["migrate", "redis", "--to", "b", "--plan"];
+    plan_args.extend_from_slice(&to_process);
+    let plan = sites.a.ferry(&plan_args)?;
+    assert!(plan.contains("restores only under the runtime"), "{plan}");
+    assert!(plan.contains("chosen: service"), "{plan}");
+    let (ok, m) = sites.migrate_with("redis", "b", &to_process)?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["approach"], "service", "{m}");
+    assert_eq!(m["destination"]["runtime"], "process", "{m}");
+    let after = (
+        sites.b.redis(PORT, &["DBSIZE"])?,
+        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    assert_eq!(after, before);
+    let at_b = sites.b.ferry_json(&["workload", "ls"])?;
+    assert_eq!(at_b[0]["runtime"], "process", "{at_b}");
+    // The source container is gone.
+    let containers = ferry_e2e::run(std::process::Command::new("podman").args([
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+    ]))?;
+    assert!(
+        !containers.lines().any(|c| c == "a-redis"),
+        "source container left: {containers}"
+    );
+    Ok(())
+}

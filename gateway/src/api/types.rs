@@ -20,6 +20,9 @@ pub struct MigrationRequest {
     /// Runtime settings at the destination, replacing the source's.
     #[serde(default)]
     pub settings: Option<std::collections::BTreeMap<String, String>>,
+    /// The command at the destination, replacing the source's.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 impl MigrationRequest {
@@ -28,6 +31,7 @@ impl MigrationRequest {
             approach: self.approach.clone(),
             runtime: self.runtime.clone(),
             settings: self.settings.clone(),
+            command: self.command.clone(),
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Args {
     /// A runtime setting at the destination (KEY=VALUE, repeatable; with --runtime).
     #[arg(long = "setting", value_name = "KEY=VALUE")]
     settings: Vec<String>,
+    /// The command at the destination (after `--`), when its runtime needs another one.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 fn request(args: &Args) -> anyhow::Result<MigrationRequest> {
@@ -54,6 +57,7 @@ fn request(args: &Args) -> anyhow::Result<MigrationRequest> {
         approach: args.approach.clone(),
         runtime: args.runtime.clone(),
         settings,
+        command: (!args.command.is_empty()).then(|| args.command.clone()),
     })
 }
 

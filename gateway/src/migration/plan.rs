@@ -26,6 +26,10 @@ pub struct MoveOptions {
     /// Runtime settings at the destination (with `runtime`), replacing the source's.
     #[serde(default)]
     pub settings: Option<std::collections::BTreeMap<String, String>>,
+    /// The command at the destination, when its runtime needs another one (a path inside
+    /// a container image is not a path on a host).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 /// One way the workload could move, as the plan shows it.
@@ -100,7 +104,15 @@ impl Engine {
         if let Some(settings) = &options.settings {
             destination.settings.clone_from(settings);
         }
-        let runtime_changes = destination.runtime != w.spec.runtime;
+        if let Some(command) = &options.command {
+            destination.command.clone_from(command);
+        }
+        destination
+            .validate()
+            .map_err(crate::workload::WorkloadError::from)?;
+        let runtime_changes = destination.runtime != w.spec.runtime
+            || destination.command != w.spec.command
+            || destination.settings != w.spec.settings;
         let about = AdapterCall::for_workload(w).with_peer(to);
         let mut candidates = Vec::new();
 
@@ -121,7 +133,7 @@ impl Engine {
                     (
                         false,
                         format!(
-                            "a checkpoint restores only under the runtime that made it ({} here, {} asked at {to})",
+                            "a checkpoint restores only under the runtime, command and settings that made it ({} here, {} asked at {to})",
                             w.spec.runtime, destination.runtime
                         ),
                     )
