@@ -32,7 +32,8 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 &[
                     "NAME",
                     "VERSION",
-                    "RUNTIMES",
+                    "WORLD",
+                    "RUNTIMES/SERVICES",
                     "APPROACHES",
                     "GRANTED",
                     "EXEC",
@@ -45,6 +46,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                         vec![
                             s(&p["name"]),
                             s(&p["version"]),
+                            s(&p["world"]),
                             join(&p["runtimes"]),
                             join(&p["approaches"]),
                             join(&p["granted"]["capabilities"]),
