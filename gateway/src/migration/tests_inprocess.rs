@@ -591,6 +591,11 @@ async fn rolled_back_with(pair: &Pair, id: &str, reason: &str) {
         "{:?}",
         m.error
     );
+    // The source runs again first; the destination is told to drop its part after.
+    until("the destination to drop its reservation", || {
+        pair.b().workloads.get("svc").is_none()
+    })
+    .await;
     runs_only_at(pair, "a", "svc");
     assert!(!pair.a().dir.join("images").join(id).exists(), "image kept");
 }
@@ -1191,7 +1196,7 @@ async fn a_workload_changes_runtime_only_through_the_service_level() {
     assert!(
         container
             .reason
-            .contains("restores only under the runtime that made it"),
+            .contains("restores only under the runtime"),
         "{plan:?}"
     );
     assert_eq!(plan.chosen().map(|c| c.approach.as_str()), Some("service"));
