@@ -50,12 +50,9 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let ingress = Ingress::new(Arc::clone(&peers), hold_limits(&cfg), cancel.clone());
     // Service adapters open their tunnels through the ingress.
     let tunnels: Arc<dyn crate::plugins::TunnelOpener> = ingress.clone();
-    let plugins = PluginHost::load_with_tunnels(
-        &plugin_settings(&cfg),
-        Criu::new(cfg.criu_path()),
-        Some(tunnels),
-    )
-    .await?;
+    let criu = Criu::new(cfg.criu_path());
+    let plugins =
+        PluginHost::load_with_tunnels(&plugin_settings(&cfg), criu.clone(), Some(tunnels)).await?;
     let workloads = Workloads::new(
         registry_settings(&cfg),
         Arc::clone(&journal),
@@ -77,6 +74,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
             peers: Arc::clone(&peers),
             plugins: Arc::clone(&plugins),
             ingress: Arc::clone(&ingress),
+            criu,
         },
         cancel.clone(),
     )?;

@@ -23,6 +23,9 @@ pub struct MigrationRequest {
     /// The command at the destination, replacing the source's.
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// "stop-and-copy" (default) or "postcopy".
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 impl MigrationRequest {
@@ -32,6 +35,7 @@ impl MigrationRequest {
             runtime: self.runtime.clone(),
             settings: self.settings.clone(),
             command: self.command.clone(),
+            mode: self.mode.clone(),
         }
     }
 }

@@ -27,6 +27,13 @@ pub struct Args {
     /// Run this approach (orchestrator, container, service) instead of the chosen one.
     #[arg(long)]
     approach: Option<String>,
+    /// How a checkpoint moves memory: stop-and-copy (default), or postcopy: the
+    /// destination runs as soon as the small state has moved and faults the rest in from
+    /// the frozen source. Post-copy needs an adapter that checkpoints through the gateway's
+    /// CRIU (process). Until the destination holds every page, a destination crash loses
+    /// the writes made there since the switch; the window is recorded (postcopy_ms).
+    #[arg(long)]
+    mode: Option<String>,
     /// Run the workload under this runtime at the destination (service level).
     #[arg(long)]
     runtime: Option<String>,
@@ -58,6 +65,7 @@ fn request(args: &Args) -> anyhow::Result<MigrationRequest> {
         runtime: args.runtime.clone(),
         settings,
         command: (!args.command.is_empty()).then(|| args.command.clone()),
+        mode: args.mode.clone(),
     })
 }
 

@@ -88,6 +88,12 @@ pub fn print_migration(m: &Migration) {
     println!("  dump      {}", ms(t.dump_ms));
     println!("  transfer  {}", ms(t.transfer_ms));
     println!("  restore   {}", ms(t.restore_ms));
+    if t.postcopy_ms.is_some() {
+        println!(
+            "post-copy   {}   (destination running, pages still coming from the source)",
+            ms(t.postcopy_ms)
+        );
+    }
     println!("total       {}", ms(t.total_ms));
     if m.bytes_on_wire > 0 {
         println!(

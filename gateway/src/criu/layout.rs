@@ -6,6 +6,8 @@
 pub const DUMP_LOG: &str = "dump.log";
 /// CRIU's log of a restore.
 pub const RESTORE_LOG: &str = "restore.log";
+/// The log of the `criu lazy-pages` daemon of a post-copy restore.
+pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
 /// Where `criu restore --pidfile` writes the restored root's host pid.
 pub const RESTORE_PIDFILE: &str = "restore.pid";
 

@@ -45,6 +45,9 @@ pub struct DumpRequest<'a> {
 
 pub struct RestoreRequest<'a> {
     pub images: &'a Path,
+    /// Post-copy: pages missing from the images are fetched from this page server (a
+    /// `criu lazy-pages` daemon is started for them before the restore).
+    pub lazy_from: Option<std::net::SocketAddr>,
     pub inherit: Vec<Inherit>,
     /// cgroup (v2) directory the restored tree is placed in: criu joins it before
     /// forking, so every restored task starts inside it.
@@ -61,6 +64,22 @@ pub struct Restored {
 #[derive(Debug, Clone)]
 pub struct Criu {
     bin: PathBuf,
+    /// CRIU processes that outlive the call that started them (post-copy: a lazy dump
+    /// serving the frozen source's pages, a lazy-pages daemon fetching them), by image
+    /// directory, until the migration engine takes them.
+    running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, Running>>>,
+}
+
+/// A CRIU process serving or fetching pages after its call returned.
+#[derive(Debug)]
+pub struct Running {
+    pub child: tokio::process::Child,
+    /// What it is, for messages ("lazy dump", "lazy-pages").
+    pub what: &'static str,
+    /// The lazy dump's page server, on loopback.
+    pub page_server: Option<std::net::SocketAddr>,
+    /// Its log, to explain a failure.
+    pub log: PathBuf,
 }
 
 /// Options shared by dump and restore. Established TCP connections are closed rather than
@@ -71,7 +90,115 @@ const COMMON: &[&str] = &["--tcp-close", "--manage-cgroups=ignore", "--file-lock
 
 impl Criu {
     pub fn new(bin: PathBuf) -> Self {
-        Self { bin }
+        Self {
+            bin,
+            running: std::sync::Arc::default(),
+        }
+    }
+
+    /// The CRIU process left running for the image directory `images`, if any.
+    pub fn take_running(&self, images: &Path) -> Option<Running> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(images)
+    }
+
+    fn keep_running(&self, images: &Path, running: Running) {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(images.to_path_buf(), running);
+    }
+
+    /// Post-copy checkpoint: dumps everything but the lazy pages (private anonymous
+    /// memory) and returns once CRIU serves those from the frozen tree on a loopback page
+    /// server; that `criu dump` keeps running (see [`Self::take_running`]) until its one
+    /// client has fetched every page, and then leaves the tree stopped, never killed.
+    pub async fn dump_lazy(&self, req: DumpRequest<'_>) -> Result<Duration, CriuError> {
+        let start = Instant::now();
+        let port = free_loopback_port().map_err(|e| {
+            CriuError::NoPid(format!("no free loopback port for the page server: {e}"))
+        })?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("dump")
+            .arg("-t")
+            .arg(req.pid.to_string())
+            .arg("-D")
+            .arg(req.images)
+            .args([
+                "-o",
+                layout::DUMP_LOG,
+                "--leave-stopped",
+                "--network-lock",
+                "skip",
+                "--lazy-pages",
+                "--address",
+                "127.0.0.1",
+                "--port",
+            ])
+            .arg(port.to_string())
+            .args(COMMON);
+        let log = req.images.join(layout::DUMP_LOG);
+        let child = self.start_with_status(cmd, "dump", &log).await?;
+        self.keep_running(
+            req.images,
+            Running {
+                child,
+                what: "lazy dump",
+                page_server: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+                log,
+            },
+        );
+        Ok(start.elapsed())
+    }
+
+    /// Starts `cmd` with `--status-fd 3` and waits for CRIU's readiness byte; a CRIU that
+    /// exits first failed, and its log says why. The child is not killed when dropped: it
+    /// holds a frozen tree's pages.
+    async fn start_with_status(
+        &self,
+        mut cmd: Command,
+        action: &'static str,
+        log: &Path,
+    ) -> Result<tokio::process::Child, CriuError> {
+        let (reader, writer) = std::io::pipe().map_err(|source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        cmd.args(["--status-fd", "3"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false);
+        crate::sys::exec::place_fds_in_cgroup(&mut cmd, vec![(writer.as_raw_fd(), 3)], None)
+            .map_err(|source| CriuError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        tracing::debug!(?cmd, "starting criu");
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        drop(writer);
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            std::io::Read::read(&mut &reader, &mut byte).map(|n| n == 1)
+        })
+        .await
+        .unwrap_or(Ok(false))
+        .unwrap_or(false);
+        if ready {
+            return Ok(child);
+        }
+        let status = child.wait().await.ok();
+        let log_text = std::fs::read_to_string(log).unwrap_or_default();
+        Err(CriuError::Failed {
+            action,
+            code: status.and_then(|s| s.code()),
+            tail: error_tail(&log_text),
+        })
     }
 
     /// Checkpoints the tree rooted at `pid` and leaves it stopped (not killed), so the
@@ -103,6 +230,32 @@ impl Criu {
         let start = Instant::now();
         let pidfile = req.images.join(layout::RESTORE_PIDFILE);
         let _ = std::fs::remove_file(&pidfile);
+        if let Some(server) = req.lazy_from {
+            // The daemon that fetches pages for the restored tree's page faults; it must
+            // listen on its socket in the image directory before the restore connects.
+            let mut daemon = Command::new(&self.bin);
+            daemon
+                .arg("lazy-pages")
+                .arg("--page-server")
+                .arg("--address")
+                .arg(server.ip().to_string())
+                .arg("--port")
+                .arg(server.port().to_string())
+                .arg("-D")
+                .arg(req.images)
+                .args(["-o", layout::LAZY_PAGES_LOG]);
+            let log = req.images.join(layout::LAZY_PAGES_LOG);
+            let child = self.start_with_status(daemon, "lazy-pages", &log).await?;
+            self.keep_running(
+                req.images,
+                Running {
+                    child,
+                    what: "lazy-pages",
+                    page_server: None,
+                    log,
+                },
+            );
+        }
         let mut cmd = Command::new(&self.bin);
         cmd.arg("restore")
             .arg("-D")
@@ -110,6 +263,9 @@ impl Criu {
             .args(["-o", layout::RESTORE_LOG, "--restore-detached", "--pidfile"])
             .arg(&pidfile)
             .args(COMMON);
+        if req.lazy_from.is_some() {
+            cmd.arg("--lazy-pages");
+        }
         // Inherited files go to fds 3.. in the criu process.
         let mut moves: Vec<(i32, i32)> = Vec::new();
         for (i, inh) in req.inherit.iter().enumerate() {
@@ -163,6 +319,13 @@ impl Criu {
             tail: error_tail(&format!("{stderr}\n{log_text}")),
         })
     }
+}
+
+/// A loopback port nothing listens on now (CRIU's page server needs one named in advance).
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The lines of a CRIU log that explain a failure: its `Error` lines (without the harmless

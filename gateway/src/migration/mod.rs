@@ -9,6 +9,7 @@
 mod faults;
 mod handover;
 pub mod plan;
+mod postcopy;
 mod recovery;
 mod replica;
 mod service;
@@ -104,6 +105,8 @@ pub enum Phase {
     Checkpointing,
     Transferring,
     Restoring,
+    /// Post-copy: the destination runs; the source, frozen, serves it the pages it lacks.
+    Paging,
     CuttingOver,
     Completed,
     RollingBack,
@@ -124,6 +127,7 @@ impl Phase {
             Phase::Checkpointing => "checkpointing",
             Phase::Transferring => "transferring",
             Phase::Restoring => "restoring",
+            Phase::Paging => "paging",
             Phase::CuttingOver => "cutting_over",
             Phase::Completed => "completed",
             Phase::RollingBack => "rolling_back",
@@ -150,6 +154,10 @@ pub struct Timings {
     pub sync_ms: Option<u64>,
     pub transfer_ms: Option<u64>,
     pub restore_ms: Option<u64>,
+    /// Post-copy: from the destination's confirmation until it held every page (the
+    /// window in which a destination crash loses the writes made there).
+    #[serde(default)]
+    pub postcopy_ms: Option<u64>,
     pub total_ms: Option<u64>,
 }
 
@@ -213,6 +221,13 @@ pub struct Migration {
     pub replica_pid: Option<i32>,
     #[serde(default)]
     pub replica_pid_start: Option<u64>,
+    /// Post-copy (source): the lazy dump serving the frozen source's pages, on loopback.
+    #[serde(default)]
+    pub page_server: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub lazy_dump_pid: Option<i32>,
+    #[serde(default)]
+    pub lazy_dump_pid_start: Option<u64>,
 }
 
 impl Migration {
@@ -253,6 +268,9 @@ impl Migration {
             sync: None,
             replica_pid: None,
             replica_pid_start: None,
+            page_server: None,
+            lazy_dump_pid: None,
+            lazy_dump_pid_start: None,
         }
     }
 }
@@ -280,6 +298,9 @@ pub struct Parts {
     pub peers: Arc<PeerLink>,
     pub plugins: Arc<PluginHost>,
     pub ingress: Arc<Ingress>,
+    /// The CRIU driver the plugin host uses (post-copy takes over the processes it leaves
+    /// running).
+    pub criu: crate::criu::Criu,
 }
 
 /// Owns every migration of this site, as source or as destination.
@@ -290,6 +311,9 @@ pub struct Engine {
     peers: Arc<PeerLink>,
     plugins: Arc<PluginHost>,
     ingress: Arc<Ingress>,
+    criu: crate::criu::Criu,
+    /// Post-copy: the CRIU processes serving or fetching pages, by migration.
+    lazy: Mutex<std::collections::HashMap<String, crate::criu::Running>>,
     images_dir: PathBuf,
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
@@ -332,6 +356,8 @@ impl Engine {
             peers: parts.peers,
             plugins: parts.plugins,
             ingress: parts.ingress,
+            criu: parts.criu,
+            lazy: Mutex::new(std::collections::HashMap::new()),
             images_dir,
             incoming_dir,
             parallel_files: settings.parallel_files.max(1),
@@ -399,6 +425,12 @@ impl Engine {
         options: MoveOptions,
     ) -> Result<Migration, MigrationError> {
         self.check_destination(to)?;
+        if let Some(mode) = options.mode.as_deref().filter(|m| !postcopy::MODES.contains(m)) {
+            return Err(MigrationError::Refused {
+                site: self.site.clone(),
+                message: format!("unknown mode {mode:?}: {}", postcopy::MODES.join(" or ")),
+            });
+        }
         if let Some(rt) = &options.runtime {
             crate::names::validate("runtime", rt)
                 .map_err(crate::spec::SpecError::from)

@@ -26,6 +26,10 @@ pub struct MoveOptions {
     /// Runtime settings at the destination (with `runtime`), replacing the source's.
     #[serde(default)]
     pub settings: Option<std::collections::BTreeMap<String, String>>,
+    /// How a checkpoint moves memory: "stop-and-copy" (default) or "postcopy" (the
+    /// destination runs at once and faults pages in from the frozen source).
+    #[serde(default)]
+    pub mode: Option<String>,
     /// The command at the destination, when its runtime needs another one (a path inside
     /// a container image is not a path on a host).
     #[serde(default)]

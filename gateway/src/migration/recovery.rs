@@ -104,6 +104,18 @@ impl Engine {
 
     async fn recover_source(self: Arc<Self>, id: &str) {
         let Some(m) = self.get(id) else { return };
+        if m.phase == Phase::Paging {
+            // Post-copy after the confirmation: the lazy dump (not ours any more) serves
+            // on; once it has served every page, the source is released.
+            let outcome = match self.page_phase(id).await {
+                Ok(()) => source::cut_over(&self, id, None).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                tracing::error!(migration = id, error = %e, "recovered page phase failed");
+            }
+            return;
+        }
         let verdict = match m.phase {
             Phase::CuttingOver => Verdict::Confirmed,
             _ if m.restore_requested => source::resolve(&self, id, &m.target).await,

@@ -27,7 +27,20 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
     let started = Instant::now();
     match drive(&engine, &id).await {
         Ok(freeze) => {
-            if let Err(e) = cut_over(&engine, &id, Some(freeze)).await {
+            let postcopy = engine
+                .get(&id)
+                .is_some_and(|m| m.options.mode.as_deref() == Some("postcopy"));
+            let finished = if postcopy {
+                // The downtime ends at the confirmation; pages follow while B runs.
+                let _ = engine.update(&id, |m| m.timings.freeze_ms = Some(ms(freeze.elapsed())));
+                match engine.page_phase(&id).await {
+                    Ok(()) => cut_over(&engine, &id, None).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                cut_over(&engine, &id, Some(freeze)).await
+            };
+            if let Err(e) = finished {
                 tracing::error!(error = %e, "cut-over failed; recovery finishes it on restart");
             } else {
                 tracing::info!(
@@ -88,7 +101,17 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         return super::service::drive(engine, id, &plan.destination, &chosen.adapter).await;
     }
     let adapter = engine.plugins.adapter(&m.spec.runtime)?;
-    let about = AdapterCall::for_workload(&workload).with_peer(&target);
+    let mut about = AdapterCall::for_workload(&workload).with_peer(&target);
+    let postcopy = m.options.mode.as_deref() == Some("postcopy");
+    if postcopy {
+        engine
+            .postcopy_capable(&m.spec.runtime)
+            .map_err(|message| MigrationError::Refused {
+                site: engine.site.clone(),
+                message,
+            })?;
+        about.postcopy = true;
+    }
 
     engine
         .faults
@@ -148,6 +171,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             return Err(e.into());
         }
     };
+    if postcopy {
+        engine.adopt_lazy_dump(id, &images)?;
+    }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
     engine
@@ -184,6 +210,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             source_log: workload.log.clone(),
             manifest,
             notes,
+            postcopy,
         },
     )
     .await?;
@@ -401,6 +428,8 @@ pub(super) async fn finish_rollback(
         engine.unhold_workload(workload);
         Ok(())
     } else {
+        // A lazy dump still holding the tree lets go of it first.
+        engine.stop_lazy_dump(id).await;
         engine.resume_source(workload).await
     };
     engine.ingress.release(workload, Target::Local);

@@ -63,9 +63,18 @@ impl Handler for Engine {
                 source_log,
                 manifest,
                 notes,
+                postcopy,
             } => {
-                self.restore(&peer, &migration, &workload, &source_log, &manifest, notes)
-                    .await
+                self.restore(
+                    &peer,
+                    &migration,
+                    &workload,
+                    &source_log,
+                    &manifest,
+                    notes,
+                    postcopy,
+                )
+                .await
             }
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),
@@ -193,6 +202,7 @@ impl Engine {
         source_log: &std::path::Path,
         manifest: &[FileMeta],
         notes: Vec<(String, String)>,
+        postcopy: bool,
     ) -> Response {
         let m = match self.incoming(peer, id) {
             Some(m) if m.phase == Phase::Preparing => m,
@@ -237,7 +247,7 @@ impl Engine {
         }
         let started = Instant::now();
         match self
-            .restore_and_check(id, spec, source_log, peer, notes)
+            .restore_and_check(id, spec, source_log, peer, notes, postcopy)
             .await
         {
             Ok(pid) => {
@@ -248,7 +258,10 @@ impl Engine {
                     m.timings.restore_ms = Some(restore_ms);
                     m.received.clear();
                 });
-                remove_dir(&self.incoming_dir.join(id));
+                if !postcopy {
+                    // (Post-copy: the lazy-pages daemon still reads it; removed when done.)
+                    remove_dir(&self.incoming_dir.join(id));
+                }
                 if let Err(e) = done {
                     tracing::error!(error = %e, "restored, but cannot journal the migration's end");
                 }
@@ -272,6 +285,7 @@ impl Engine {
         source_log: &std::path::Path,
         peer: &str,
         notes: Vec<(String, String)>,
+        postcopy: bool,
     ) -> Result<i32, MigrationError> {
         let adapter = self.plugins.adapter(&spec.runtime)?;
         let placement = self.workloads.place(&spec.name)?;
@@ -280,12 +294,34 @@ impl Engine {
             .workloads
             .get(&spec.name)
             .ok_or_else(|| WorkloadError::NotFound(spec.name.clone()))?;
-        let about = AdapterCall::for_workload(&reserved)
+        let mut about = AdapterCall::for_workload(&reserved)
             .with_peer(peer)
             .with_images(self.incoming_dir.join(id))
             .with_source_log(source_log.to_path_buf());
+        if postcopy {
+            // The restored tree's missing pages come from the source through this tunnel.
+            let endpoint = self
+                .ingress
+                .open_page_tunnel(peer, id, &spec.name)
+                .await
+                .map_err(|message| MigrationError::RestoreFailed {
+                    site: self.site.clone(),
+                    message,
+                })?;
+            about.page_server = Some(endpoint);
+        }
         let started = Instant::now();
-        let pid = adapter.restore(about, notes).await?;
+        let restored = adapter.restore(about, notes).await;
+        if postcopy {
+            let images = self.incoming_dir.join(id);
+            if restored.is_ok() {
+                // It fetches the rest while the tree runs; followed to its end.
+                self.follow_lazy_pages(id, images);
+            } else if let Some(mut daemon) = self.criu.take_running(&images) {
+                let _ = daemon.child.start_kill();
+            }
+        }
+        let pid = restored?;
         tracing::debug!(
             migration = id,
             pid,

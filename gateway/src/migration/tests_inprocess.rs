@@ -384,6 +384,7 @@ impl Site {
                 peers: Arc::clone(&peers),
                 plugins,
                 ingress: Arc::clone(&ingress),
+                criu: crate::criu::Criu::new("criu".into()),
             },
             cancel.clone(),
         )
@@ -899,6 +900,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             peers: Arc::clone(&pair.b().peers),
             plugins: PluginHost::from_handles(Vec::new()),
             ingress: Arc::clone(&pair.b().ingress),
+            criu: crate::criu::Criu::new("criu".into()),
         },
         CancellationToken::new(),
     )
@@ -1194,9 +1196,7 @@ async fn a_workload_changes_runtime_only_through_the_service_level() {
     let container = &plan.candidates[0];
     assert!(!container.feasible, "{plan:?}");
     assert!(
-        container
-            .reason
-            .contains("restores only under the runtime"),
+        container.reason.contains("restores only under the runtime"),
         "{plan:?}"
     );
     assert_eq!(plan.chosen().map(|c| c.approach.as_str()), Some("service"));

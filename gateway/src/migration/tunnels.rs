@@ -14,6 +14,7 @@ impl TunnelServer for Engine {
         self.wait_recovered().await;
         match target {
             TunnelTarget::Workload(workload) => self.ingress.connect_local(peer, workload).await,
+            TunnelTarget::Pages { migration, .. } => self.connect_pages(peer, migration).await,
             TunnelTarget::Migration {
                 migration,
                 workload,

@@ -81,6 +81,8 @@ pub enum TunnelTarget {
         workload: String,
         port: u16,
     },
+    /// The page server of `migration`'s frozen source (post-copy).
+    Pages { migration: String, workload: String },
 }
 
 /// Serves the far end of tunnels: a connection to the workload here.
@@ -220,6 +222,7 @@ impl PeerLink {
                 workload,
                 migration: None,
                 port: None,
+                pages: false,
             },
             TunnelTarget::Migration {
                 migration,
@@ -229,6 +232,16 @@ impl PeerLink {
                 workload,
                 migration: Some(migration),
                 port: Some(port),
+                pages: false,
+            },
+            TunnelTarget::Pages {
+                migration,
+                workload,
+            } => Request::Tunnel {
+                workload,
+                migration: Some(migration),
+                port: None,
+                pages: true,
             },
         };
         write_frame(peer, &mut send, &req).await?;
@@ -345,9 +358,14 @@ impl PeerLink {
                             workload,
                             migration,
                             port,
+                            pages,
                         }) => {
-                            let target = match (migration, port) {
-                                (Some(migration), Some(port)) => TunnelTarget::Migration {
+                            let target = match (migration, port, pages) {
+                                (Some(migration), _, true) => TunnelTarget::Pages {
+                                    migration,
+                                    workload,
+                                },
+                                (Some(migration), Some(port), false) => TunnelTarget::Migration {
                                     migration,
                                     workload,
                                     port,

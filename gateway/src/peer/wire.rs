@@ -74,6 +74,10 @@ pub enum Request {
         /// What the source adapter's checkpoint handed to the destination's restore.
         #[serde(default)]
         notes: Vec<(String, String)>,
+        /// Post-copy: the image lacks the lazy pages; fetch them from the source's page
+        /// server through a tunnel as the restored tree faults on them.
+        #[serde(default)]
+        postcopy: bool,
     },
     /// What is the destination's state for this migration?
     Status { migration: String },
@@ -89,6 +93,10 @@ pub enum Request {
         migration: Option<String>,
         #[serde(default)]
         port: Option<u16>,
+        /// With `migration`: reach the post-copy page server of that migration's frozen
+        /// source instead of a port of the workload.
+        #[serde(default)]
+        pages: bool,
     },
 }
 

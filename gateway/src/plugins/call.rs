@@ -28,6 +28,11 @@ pub struct AdapterCall {
     pub images: Option<PathBuf>,
     /// The workload's log path at the source (a restore re-points it to `placement.log`).
     pub source_log: Option<PathBuf>,
+    /// Post-copy checkpoint: dump everything but the lazy pages, serve those from the
+    /// frozen source.
+    pub postcopy: bool,
+    /// Post-copy restore: fetch missing pages from this page server.
+    pub page_server: Option<std::net::SocketAddr>,
 }
 
 impl AdapterCall {
@@ -43,6 +48,8 @@ impl AdapterCall {
             placement,
             images: None,
             source_log: None,
+            postcopy: false,
+            page_server: None,
         }
     }
 
@@ -58,6 +65,8 @@ impl AdapterCall {
             placement: w.placement(),
             images: None,
             source_log: None,
+            postcopy: false,
+            page_server: None,
         }
     }
 

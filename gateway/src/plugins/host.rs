@@ -268,13 +268,20 @@ impl State {
         self.check(Capability::Criu)?;
         // Owned copies: nothing of the call is borrowed while CRIU runs.
         let (pid, images, criu) = (self.pid()?, self.images()?, self.criu.clone());
-        criu.dump(DumpRequest {
+        let postcopy = self.call()?.postcopy;
+        let req = DumpRequest {
             pid,
             images: &images,
-        })
-        .await
-        .map(|took| took.as_millis() as u64)
-        .map_err(|e| HostError::Failed(e.to_string()))
+        };
+        // Post-copy is the engine's choice, not the adapter's: the same call dumps lazily.
+        let dumped = if postcopy {
+            criu.dump_lazy(req).await
+        } else {
+            criu.dump(req).await
+        };
+        dumped
+            .map(|took| took.as_millis() as u64)
+            .map_err(|e| HostError::Failed(e.to_string()))
     }
 
     /// `criu.restore`: the migration's image here, its stdio re-pointed at this site's log.
@@ -297,6 +304,7 @@ impl State {
         let criu = self.criu.clone();
         criu.restore(RestoreRequest {
             images: &images,
+            lazy_from: call.page_server,
             inherit: vec![Inherit {
                 fd: log.into(),
                 source_path: source_log,

@@ -70,12 +70,29 @@ impl Ingress {
         });
     }
 
+    /// A loopback endpoint whose connections reach the post-copy page server of
+    /// `migration`'s frozen source at `peer` (for the `criu lazy-pages` daemon here).
+    pub async fn open_page_tunnel(
+        self: &Arc<Self>,
+        peer: &str,
+        migration: &str,
+        workload: &str,
+    ) -> Result<SocketAddr, String> {
+        let target = TunnelTarget::Pages {
+            migration: migration.to_string(),
+            workload: workload.to_string(),
+        };
+        Arc::clone(self)
+            .open_migration_tunnel(peer.to_string(), migration.to_string(), 0, target)
+            .await
+    }
+
     async fn open_migration_tunnel(
         self: Arc<Self>,
         peer: String,
         migration: String,
-        workload: String,
         port: u16,
+        target: TunnelTarget,
     ) -> Result<SocketAddr, String> {
         let key = (migration.clone(), port);
         if let Some(t) = self.tunnels.get(&key) {
@@ -95,11 +112,6 @@ impl Ingress {
                 stop: stop.clone(),
             },
         );
-        let target = TunnelTarget::Migration {
-            migration: migration.clone(),
-            workload,
-            port,
-        };
         let this = Arc::clone(&self);
         self.tasks.spawn(
             async move {
@@ -157,7 +169,12 @@ impl TunnelOpener for Ingress {
                 .me
                 .upgrade()
                 .ok_or_else(|| "the ingress is shutting down".to_string())?;
-            this.open_migration_tunnel(peer, migration, workload, port)
+            let target = TunnelTarget::Migration {
+                migration: migration.clone(),
+                workload,
+                port,
+            };
+            this.open_migration_tunnel(peer, migration, port, target)
                 .await
         })
     }

@@ -1,0 +1,195 @@
+//! Post-copy: the checkpoint leaves the workload's private memory in the frozen source,
+//! served by CRIU's lazy dump on a loopback page server; the destination restores at once
+//! and its `criu lazy-pages` daemon fetches pages (on fault, and in the background) through
+//! a tunnel over the peer link. The source stays frozen, with every page it still has,
+//! until that daemon has them all and the lazy dump exits; only then is it released.
+//! After the destination confirmed, a destination crash loses the writes made there since
+//! the switch: that window is recorded (`timings.postcopy_ms`).
+//!
+//! This first increment relays CRIU's own page protocol through the tunnel (one stream,
+//! CRIU's fault and background fetches); Ferry's own page cache, priority and bulk
+//! streams are still to come.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use super::{Engine, MigrationError, Phase, Role};
+use crate::criu::Running;
+use crate::plugins::Capability;
+use crate::proxy::Target;
+use crate::sys::process;
+
+/// The modes a checkpoint move can run in.
+pub const MODES: [&str; 2] = ["stop-and-copy", "postcopy"];
+
+impl Engine {
+    fn lazy_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
+        self.lazy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Can the adapter serving `runtime` checkpoint lazily? Only through the host's CRIU.
+    pub(super) fn postcopy_capable(&self, runtime: &str) -> Result<(), String> {
+        let adapter = self.plugins.adapter(runtime).map_err(|e| e.to_string())?;
+        let granted = self
+            .plugins
+            .list()
+            .into_iter()
+            .find(|p| p.name == adapter.name())
+            .is_some_and(|p| p.granted.allows(Capability::Criu));
+        if granted {
+            Ok(())
+        } else {
+            Err(format!(
+                "post-copy needs an adapter that checkpoints through the gateway's CRIU (the criu capability); adapter {} does not",
+                adapter.name()
+            ))
+        }
+    }
+
+    /// Source, after a lazy checkpoint: takes over the lazy dump CRIU left running and
+    /// journals where it serves.
+    pub(super) fn adopt_lazy_dump(
+        &self,
+        id: &str,
+        images: &std::path::Path,
+    ) -> Result<(), MigrationError> {
+        let running = self.criu.take_running(images).ok_or_else(|| {
+            MigrationError::RestoreFailed {
+                site: self.site.clone(),
+                message: "the lazy checkpoint left no page server running".into(),
+            }
+        })?;
+        let pid = running.child.id().and_then(|p| i32::try_from(p).ok());
+        let page_server = running.page_server;
+        self.update(id, |m| {
+            m.page_server = page_server;
+            m.lazy_dump_pid = pid;
+            m.lazy_dump_pid_start = pid.and_then(process::start_time);
+        })?;
+        self.lazy_lock().insert(id.to_string(), running);
+        Ok(())
+    }
+
+    /// Source, rolling back: the lazy dump ends (its tracee tree is then released to the
+    /// adapter's resume).
+    pub(super) async fn stop_lazy_dump(&self, id: &str) {
+        let running = self.lazy_lock().remove(id);
+        if let Some(mut r) = running {
+            let _ = r.child.start_kill();
+            let _ = r.child.wait().await;
+        } else if let Some(m) = self.get(id) {
+            if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
+                if process::alive(pid, start) {
+                    process::kill(pid);
+                }
+            }
+        }
+    }
+
+    /// Source, once the destination confirmed: its clients go there now; the frozen
+    /// source keeps serving pages until the destination has them all.
+    pub(super) async fn page_phase(self: &Arc<Self>, id: &str) -> Result<(), MigrationError> {
+        let m = self.update(id, |m| m.phase = Phase::Paging)?;
+        tracing::info!(migration = id, "destination runs; serving the pages it lacks");
+        self.ingress
+            .release(&m.workload, Target::Remote(m.target.clone()));
+        let started = Instant::now();
+        let running = self.lazy_lock().remove(id);
+        let ok = match running {
+            Some(mut r) => match r.child.wait().await {
+                Ok(status) if status.success() => true,
+                Ok(status) => {
+                    let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+                    tracing::error!(%status, tail = %crate::criu::error_tail(&log), "the lazy dump failed");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot wait for the lazy dump");
+                    false
+                }
+            },
+            // After a restart: the dump runs on without us; wait for it to end.
+            None => {
+                wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;
+                true
+            }
+        };
+        let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.update(id, |m| m.timings.postcopy_ms = Some(window))?;
+        if ok {
+            tracing::info!(migration = id, ms = window, "every page is at the destination");
+            Ok(())
+        } else {
+            // CRIU resumes a source whose page transfer failed: never let it run beside
+            // the confirmed copy.
+            if let Some(pid) = self.workloads.get(&m.workload).and_then(|w| w.pid) {
+                process::kill(pid);
+            }
+            Err(MigrationError::RestoreFailed {
+                site: m.target,
+                message: "the post-copy page transfer failed after the destination confirmed; the source was stopped (its lazy dump's log has the cause) and the destination's copy may lack pages".into(),
+            })
+        }
+    }
+
+    /// The far end of a page tunnel: the lazy dump's page server of a running migration.
+    pub(super) async fn connect_pages(
+        &self,
+        peer: &str,
+        migration: &str,
+    ) -> Result<TcpStream, String> {
+        let m = self
+            .get(migration)
+            .filter(|m| m.role == Role::Source && m.target == peer)
+            .ok_or_else(|| format!("no post-copy migration {migration} to {peer} here"))?;
+        if m.phase.is_terminal() {
+            return Err(format!("migration {migration} has ended ({})", m.phase));
+        }
+        let server: SocketAddr = m
+            .page_server
+            .ok_or_else(|| format!("migration {migration} serves no pages"))?;
+        let tcp = TcpStream::connect(server)
+            .await
+            .map_err(|e| format!("the page server of {migration} does not answer: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    /// Destination, after a lazy restore: the `criu lazy-pages` daemon fetching the pages
+    /// runs on; when it has them all, the image and the tunnel go.
+    pub(super) fn follow_lazy_pages(&self, id: &str, images: std::path::PathBuf) {
+        let Some(mut running) = self.criu.take_running(&images) else {
+            return;
+        };
+        let (ingress, id) = (Arc::clone(&self.ingress), id.to_string());
+        self.tasks.spawn(async move {
+            let status = running.child.wait().await;
+            match status {
+                Ok(s) if s.success() => tracing::info!(migration = %id, "every page fetched"),
+                other => {
+                    let log = std::fs::read_to_string(&running.log).unwrap_or_default();
+                    tracing::error!(migration = %id, status = ?other, tail = %crate::criu::error_tail(&log), "the lazy-pages daemon failed");
+                }
+            }
+            ingress.close_tunnels(&id);
+            super::remove_dir(&images);
+        });
+    }
+}
+
+/// Waits until process `pid` (with that start time) is gone.
+async fn wait_gone(pid: Option<i32>, start: Option<u64>) {
+    let (Some(pid), Some(start)) = (pid, start) else {
+        return;
+    };
+    while process::alive(pid, start) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

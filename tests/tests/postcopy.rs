@@ -1,0 +1,74 @@
+//! Post-copy, end to end: CRIU's lazy dump keeps Redis's memory in the frozen source,
+//! the destination restores at once, and its `criu lazy-pages` daemon fetches the pages
+//! through a tunnel over the QUIC peer link; the source is released only once every page
+//! has arrived.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferry_e2e::{wait_for, Options, TwoSites};
+
+const PORT: u16 = 6390;
+
+#[test]
+fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
+    let sites = TwoSites::start(Options::new("pcopy"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "200"])?;
+    sites.a.redis(PORT, &["SET", "greeting", "lazily"])?;
+    let before = (
+        sites.a.redis(PORT, &["DBSIZE"])?,
+        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    eprintln!("post-copy: timings {}, bytes {}", m["timings"], m["bytes_moved"]);
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
+    assert!(m["page_server"].is_string(), "{m}");
+    let after = (
+        sites.b.redis(PORT, &["DBSIZE"])?,
+        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    assert_eq!(after, before);
+    assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "lazily");
+    // The source is released once every page is at B; nothing is left at A.
+    wait_for("the source to go", Duration::from_secs(10), || {
+        sites.a.redis(PORT, &["PING"]).is_err().then_some(())
+    })?;
+    assert!(sites
+        .a
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    Ok(())
+}
+
+#[test]
+fn post_copy_is_refused_for_an_adapter_without_the_hosts_criu() -> Result<()> {
+    let mut opts = Options::new("pcref");
+    // The process adapter without the criu grant cannot checkpoint at all; ask for
+    // post-copy with an unknown mode first, then the real refusal.
+    opts.grants = vec![(
+        "process".into(),
+        vec!["log".into(), "process".into()],
+        Vec::new(),
+    )];
+    let sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", PORT)?;
+    let out = sites
+        .a
+        .ferry_output(&["migrate", "redis", "--to", "b", "--mode", "sideways"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown mode"), "{err}");
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
+    assert!(!ok);
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    let error = m["error"].as_str().unwrap_or_default();
+    assert!(error.contains("post-copy needs an adapter"), "{error}");
+    assert_eq!(sites.a.redis(PORT, &["PING"])?, "PONG");
+    Ok(())
+}
