@@ -51,6 +51,9 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     // Service adapters open their tunnels through the ingress.
     let tunnels: Arc<dyn crate::plugins::TunnelOpener> = ingress.clone();
     let criu = Criu::new(cfg.criu_path());
+    if let Err(why) = crate::criu::lazy_dump_ready() {
+        tracing::warn!("{why}; post-copy migrations from this site will be refused");
+    }
     let plugins =
         PluginHost::load_with_tunnels(&plugin_settings(&cfg), criu.clone(), Some(tunnels)).await?;
     let workloads = Workloads::new(

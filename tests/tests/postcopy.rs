@@ -24,7 +24,10 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
     );
     let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
     assert!(ok, "{m}\n{}", sites.logs());
-    eprintln!("post-copy: timings {}, bytes {}", m["timings"], m["bytes_moved"]);
+    eprintln!(
+        "post-copy: timings {}, bytes {}",
+        m["timings"], m["bytes_moved"]
+    );
     assert_eq!(m["phase"], "completed", "{m}");
     assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
     assert!(m["page_server"].is_string(), "{m}");
@@ -70,5 +73,32 @@ fn post_copy_is_refused_for_an_adapter_without_the_hosts_criu() -> Result<()> {
     let error = m["error"].as_str().unwrap_or_default();
     assert!(error.contains("post-copy needs an adapter"), "{error}");
     assert_eq!(sites.a.redis(PORT, &["PING"])?, "PONG");
+    Ok(())
+}
+
+#[test]
+fn a_failed_post_copy_restore_resumes_the_source_with_its_data() -> Result<()> {
+    // Site B has another redis-server binary: CRIU cannot restore A's image there.
+    let mut opts = Options::new("pcfail");
+    opts.b_mount_setup = Some("mount --bind /usr/bin/true /usr/bin/redis-server".into());
+    let sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "100"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
+    assert!(!ok, "{m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}\n{}", sites.logs());
+    // The lazy dump let go of the frozen source, which runs again with all its memory.
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    sites.a.redis(PORT, &["SET", "still", "writable"])?;
+    let at_a = sites.a.ferry_json(&["workload", "ls"])?;
+    assert_eq!(at_a[0]["state"], "running", "{at_a}");
+    assert!(sites
+        .b
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(Vec::is_empty));
     Ok(())
 }

@@ -321,6 +321,27 @@ impl Criu {
     }
 }
 
+/// Pipe size a lazy dump asks for (CRIU's PIPE_MAX_SIZE pages, rounded up by the kernel).
+const LAZY_PIPE_BYTES: u64 = 4 << 20;
+
+/// Can this host serve a lazy (post-copy) dump? CRIU's page pipes need
+/// `fs.pipe-max-size` of at least 4 MiB, and root here lacks CAP_SYS_RESOURCE to exceed it.
+pub fn lazy_dump_ready() -> Result<(), String> {
+    let text = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .map_err(|e| format!("cannot read fs.pipe-max-size: {e}"))?;
+    let size: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("fs.pipe-max-size reads {text:?}"))?;
+    if size >= LAZY_PIPE_BYTES {
+        Ok(())
+    } else {
+        Err(format!(
+            "post-copy needs fs.pipe-max-size >= {LAZY_PIPE_BYTES} (it is {size}); run `sysctl -w fs.pipe-max-size={LAZY_PIPE_BYTES}` (scripts/setup does)"
+        ))
+    }
+}
+
 /// A loopback port nothing listens on now (CRIU's page server needs one named in advance).
 fn free_loopback_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -425,7 +425,11 @@ impl Engine {
         options: MoveOptions,
     ) -> Result<Migration, MigrationError> {
         self.check_destination(to)?;
-        if let Some(mode) = options.mode.as_deref().filter(|m| !postcopy::MODES.contains(m)) {
+        if let Some(mode) = options
+            .mode
+            .as_deref()
+            .filter(|m| !postcopy::MODES.contains(m))
+        {
             return Err(MigrationError::Refused {
                 site: self.site.clone(),
                 message: format!("unknown mode {mode:?}: {}", postcopy::MODES.join(" or ")),

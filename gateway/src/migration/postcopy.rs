@@ -26,9 +26,7 @@ use crate::sys::process;
 pub const MODES: [&str; 2] = ["stop-and-copy", "postcopy"];
 
 impl Engine {
-    fn lazy_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
+    fn lazy_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
         self.lazy
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -36,6 +34,7 @@ impl Engine {
 
     /// Can the adapter serving `runtime` checkpoint lazily? Only through the host's CRIU.
     pub(super) fn postcopy_capable(&self, runtime: &str) -> Result<(), String> {
+        crate::criu::lazy_dump_ready()?;
         let adapter = self.plugins.adapter(runtime).map_err(|e| e.to_string())?;
         let granted = self
             .plugins
@@ -60,12 +59,13 @@ impl Engine {
         id: &str,
         images: &std::path::Path,
     ) -> Result<(), MigrationError> {
-        let running = self.criu.take_running(images).ok_or_else(|| {
-            MigrationError::RestoreFailed {
-                site: self.site.clone(),
-                message: "the lazy checkpoint left no page server running".into(),
-            }
-        })?;
+        let running =
+            self.criu
+                .take_running(images)
+                .ok_or_else(|| MigrationError::RestoreFailed {
+                    site: self.site.clone(),
+                    message: "the lazy checkpoint left no page server running".into(),
+                })?;
         let pid = running.child.id().and_then(|p| i32::try_from(p).ok());
         let page_server = running.page_server;
         self.update(id, |m| {
@@ -97,7 +97,10 @@ impl Engine {
     /// source keeps serving pages until the destination has them all.
     pub(super) async fn page_phase(self: &Arc<Self>, id: &str) -> Result<(), MigrationError> {
         let m = self.update(id, |m| m.phase = Phase::Paging)?;
-        tracing::info!(migration = id, "destination runs; serving the pages it lacks");
+        tracing::info!(
+            migration = id,
+            "destination runs; serving the pages it lacks"
+        );
         self.ingress
             .release(&m.workload, Target::Remote(m.target.clone()));
         let started = Instant::now();
@@ -124,7 +127,11 @@ impl Engine {
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.update(id, |m| m.timings.postcopy_ms = Some(window))?;
         if ok {
-            tracing::info!(migration = id, ms = window, "every page is at the destination");
+            tracing::info!(
+                migration = id,
+                ms = window,
+                "every page is at the destination"
+            );
             Ok(())
         } else {
             // CRIU resumes a source whose page transfer failed: never let it run beside

@@ -65,16 +65,14 @@ impl Handler for Engine {
                 notes,
                 postcopy,
             } => {
-                self.restore(
-                    &peer,
-                    &migration,
-                    &workload,
-                    &source_log,
-                    &manifest,
+                let ask = RestoreAsk {
+                    spec: workload,
+                    source_log,
+                    manifest,
                     notes,
                     postcopy,
-                )
-                .await
+                };
+                self.restore(&peer, &migration, ask).await
             }
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),
@@ -82,6 +80,15 @@ impl Handler for Engine {
             Request::Abort { migration } => self.abort(&peer, &migration).await,
         }
     }
+}
+
+/// What a `Restore` request asks for.
+struct RestoreAsk {
+    spec: WorkloadSpec,
+    source_log: std::path::PathBuf,
+    manifest: Vec<FileMeta>,
+    notes: Vec<(String, String)>,
+    postcopy: bool,
 }
 
 fn bad_id(id: &str) -> bool {
@@ -194,16 +201,15 @@ impl Engine {
         }
     }
 
-    async fn restore(
-        &self,
-        peer: &str,
-        id: &str,
-        spec: &WorkloadSpec,
-        source_log: &std::path::Path,
-        manifest: &[FileMeta],
-        notes: Vec<(String, String)>,
-        postcopy: bool,
-    ) -> Response {
+    async fn restore(&self, peer: &str, id: &str, ask: RestoreAsk) -> Response {
+        let RestoreAsk {
+            spec,
+            source_log,
+            manifest,
+            notes,
+            postcopy,
+        } = ask;
+        let (spec, source_log, manifest) = (&spec, source_log.as_path(), manifest.as_slice());
         let m = match self.incoming(peer, id) {
             Some(m) if m.phase == Phase::Preparing => m,
             Some(m) if m.phase == Phase::Completed => {
