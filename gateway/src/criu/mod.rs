@@ -2,7 +2,9 @@
 //! options Ferry's workloads need. The only place that builds a `criu` command line;
 //! [`layout`] holds what Ferry knows about CRIU's image directory.
 
+pub mod image;
 pub mod layout;
+pub mod pageproto;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

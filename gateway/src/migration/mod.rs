@@ -314,6 +314,8 @@ pub struct Engine {
     criu: crate::criu::Criu,
     /// Post-copy: the CRIU processes serving or fetching pages, by migration.
     lazy: Mutex<std::collections::HashMap<String, crate::criu::Running>>,
+    /// Post-copy, source: Ferry's end of the page path, by migration.
+    page_sources: Mutex<std::collections::HashMap<String, Arc<crate::transfer::pages::PageSource>>>,
     images_dir: PathBuf,
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
@@ -358,6 +360,7 @@ impl Engine {
             ingress: parts.ingress,
             criu: parts.criu,
             lazy: Mutex::new(std::collections::HashMap::new()),
+            page_sources: Mutex::new(std::collections::HashMap::new()),
             images_dir,
             incoming_dir,
             parallel_files: settings.parallel_files.max(1),

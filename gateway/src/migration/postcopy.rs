@@ -21,6 +21,7 @@ use crate::criu::Running;
 use crate::plugins::Capability;
 use crate::proxy::Target;
 use crate::sys::process;
+use crate::transfer::pages::{self, PageCache, PageSource};
 
 /// The modes a checkpoint move can run in.
 pub const MODES: [&str; 2] = ["stop-and-copy", "postcopy"];
@@ -52,9 +53,18 @@ impl Engine {
         }
     }
 
-    /// Source, after a lazy checkpoint: takes over the lazy dump CRIU left running and
-    /// journals where it serves.
-    pub(super) fn adopt_lazy_dump(
+    fn page_sources_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<PageSource>>> {
+        self.page_sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Source, after a lazy checkpoint: takes over the lazy dump CRIU left running,
+    /// becomes its one client (Ferry's page source, which the destination reaches through
+    /// page tunnels), and journals where that serves.
+    pub(super) async fn adopt_lazy_dump(
         &self,
         id: &str,
         images: &std::path::Path,
@@ -67,19 +77,34 @@ impl Engine {
                     message: "the lazy checkpoint left no page server running".into(),
                 })?;
         let pid = running.child.id().and_then(|p| i32::try_from(p).ok());
-        let page_server = running.page_server;
+        let dump = running.page_server;
+        self.lazy_lock().insert(id.to_string(), running);
+        let dump = dump.ok_or_else(|| MigrationError::RestoreFailed {
+            site: self.site.clone(),
+            message: "the lazy dump names no page server".into(),
+        })?;
+        let (source, page_server) =
+            PageSource::start(dump)
+                .await
+                .map_err(|e| MigrationError::RestoreFailed {
+                    site: self.site.clone(),
+                    message: format!("cannot reach the lazy dump's page server: {e}"),
+                })?;
+        self.page_sources_lock().insert(id.to_string(), source);
         self.update(id, |m| {
-            m.page_server = page_server;
+            m.page_server = Some(page_server);
             m.lazy_dump_pid = pid;
             m.lazy_dump_pid_start = pid.and_then(process::start_time);
         })?;
-        self.lazy_lock().insert(id.to_string(), running);
         Ok(())
     }
 
     /// Source, rolling back: the lazy dump ends (its tracee tree is then released to the
     /// adapter's resume).
     pub(super) async fn stop_lazy_dump(&self, id: &str) {
+        if let Some(source) = self.page_sources_lock().remove(id) {
+            source.stop();
+        }
         let running = self.lazy_lock().remove(id);
         if let Some(mut r) = running {
             let _ = r.child.start_kill();
@@ -124,6 +149,9 @@ impl Engine {
                 true
             }
         };
+        if let Some(source) = self.page_sources_lock().remove(id) {
+            source.stop();
+        }
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.update(id, |m| m.timings.postcopy_ms = Some(window))?;
         if ok {
@@ -167,6 +195,53 @@ impl Engine {
             .map_err(|e| format!("the page server of {migration} does not answer: {e}"))?;
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
+    }
+
+    /// Destination, before a lazy restore: Ferry stands in as the page server of the
+    /// `criu lazy-pages` daemon (answering from a cache, asking the source's priority
+    /// connection for pages a fault waits for) and pushes every lazy page into the cache
+    /// in bulk meanwhile. Returns the address the daemon is to use.
+    pub(super) async fn start_page_path(
+        &self,
+        peer: &str,
+        id: &str,
+        workload: &str,
+        images: &std::path::Path,
+    ) -> Result<SocketAddr, String> {
+        let source = self.ingress.open_page_tunnel(peer, id, workload).await?;
+        let runs = crate::criu::image::lazy_runs(images).map_err(|e| e.to_string())?;
+        let total: u64 = runs.iter().map(|r| r.nr_pages).sum();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("page server address: {e}"))?;
+        let cache = Arc::new(PageCache::default());
+        let (served, id_owned) = (Arc::clone(&cache), id.to_string());
+        self.tasks.spawn(async move {
+            match pages::serve_daemon(listener, source, served).await {
+                Ok(()) => tracing::info!(migration = %id_owned, "the lazy-pages daemon has every page"),
+                Err(e) => tracing::error!(migration = %id_owned, error = %e, "serving the lazy-pages daemon failed"),
+            }
+        });
+        let id_owned = id.to_string();
+        self.tasks.spawn(async move {
+            let started = Instant::now();
+            match pages::bulk_fetch(source, runs, cache).await {
+                Ok(pages) => tracing::info!(
+                    migration = %id_owned,
+                    pages,
+                    of = total,
+                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "every lazy page pushed"
+                ),
+                Err(e) => {
+                    tracing::error!(migration = %id_owned, error = %e, "the bulk page push failed");
+                }
+            }
+        });
+        Ok(local)
     }
 
     /// Destination, after a lazy restore: the `criu lazy-pages` daemon fetching the pages

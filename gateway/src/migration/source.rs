@@ -172,7 +172,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         }
     };
     if postcopy {
-        engine.adopt_lazy_dump(id, &images)?;
+        engine.adopt_lazy_dump(id, &images).await?;
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 

@@ -305,10 +305,10 @@ impl Engine {
             .with_images(self.incoming_dir.join(id))
             .with_source_log(source_log.to_path_buf());
         if postcopy {
-            // The restored tree's missing pages come from the source through this tunnel.
+            // The restored tree's missing pages come from the source, through Ferry.
+            let images = self.incoming_dir.join(id);
             let endpoint = self
-                .ingress
-                .open_page_tunnel(peer, id, &spec.name)
+                .start_page_path(peer, id, &spec.name, &images)
                 .await
                 .map_err(|message| MigrationError::RestoreFailed {
                     site: self.site.clone(),

@@ -1,0 +1,453 @@
+//! Post-copy pages, carried by Ferry at both ends.
+//!
+//! At the source, [`PageSource`] is the only client of the lazy dump's page server (which
+//! takes exactly one connection and answers strictly in order) and serves any number of
+//! connections from the destination on loopback, through tunnels over the peer link: a
+//! *priority* connection for the pages a fault is waiting for, which always go to CRIU
+//! before any bulk request, and a *bulk* connection that pushes every lazy page in large
+//! batches. At the destination, [`PageCache`] holds what arrived and [`serve_daemon`]
+//! stands in as the page server of the `criu lazy-pages` daemon: it answers from the
+//! cache, and asks the priority connection for what is not there yet.
+//!
+//! Between the two ends, over each connection (the first byte says which kind):
+//! - priority: the destination sends requests `[pid u32][vaddr u64][pages u64]`; the
+//!   source answers each, in order, `[pid u32][vaddr u64][pages u64]` and the pages (maybe
+//!   fewer than asked, never none);
+//! - bulk: the destination sends `[runs u32]` and the runs; the source answers chunks in
+//!   the same framing, then a chunk of zero pages; the destination then sends one byte,
+//!   and the source ends the lazy dump (the source's pages are no longer needed) and
+//!   answers one byte.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::criu::image::{PageRun, PAGE_SIZE};
+use crate::criu::pageproto::{Header, CMD_CLOSE, CMD_FORCE_CLOSE, CMD_GET, HEADER_LEN};
+
+/// Largest run asked of CRIU at once (its page pipes splice at most 4 MiB).
+const MAX_GET_PAGES: u64 = 256;
+const KIND_PRIORITY: u8 = b'P';
+const KIND_BULK: u8 = b'B';
+
+fn page_bytes(pages: u64) -> usize {
+    usize::try_from(pages * PAGE_SIZE).unwrap_or(usize::MAX)
+}
+
+/// A run of pages and their bytes.
+#[derive(Debug)]
+struct Chunk {
+    pid: u32,
+    vaddr: u64,
+    data: Vec<u8>,
+}
+
+async fn write_chunk(out: &mut (impl AsyncWrite + Unpin), c: &Chunk) -> std::io::Result<()> {
+    let pages = c.data.len() as u64 / PAGE_SIZE;
+    let mut head = [0u8; 20];
+    head[0..4].copy_from_slice(&c.pid.to_be_bytes());
+    head[4..12].copy_from_slice(&c.vaddr.to_be_bytes());
+    head[12..20].copy_from_slice(&pages.to_be_bytes());
+    out.write_all(&head).await?;
+    out.write_all(&c.data).await
+}
+
+async fn write_run(out: &mut (impl AsyncWrite + Unpin), r: &PageRun) -> std::io::Result<()> {
+    let mut head = [0u8; 20];
+    head[0..4].copy_from_slice(&r.pid.to_be_bytes());
+    head[4..12].copy_from_slice(&r.vaddr.to_be_bytes());
+    head[12..20].copy_from_slice(&r.nr_pages.to_be_bytes());
+    out.write_all(&head).await
+}
+
+async fn read_run(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Result<PageRun> {
+    let mut head = [0u8; 20];
+    inp.read_exact(&mut head).await?;
+    let mut pid = [0u8; 4];
+    pid.copy_from_slice(&head[0..4]);
+    let mut vaddr = [0u8; 8];
+    vaddr.copy_from_slice(&head[4..12]);
+    let mut pages = [0u8; 8];
+    pages.copy_from_slice(&head[12..20]);
+    Ok(PageRun {
+        pid: u32::from_be_bytes(pid),
+        vaddr: u64::from_be_bytes(vaddr),
+        nr_pages: u64::from_be_bytes(pages),
+    })
+}
+
+async fn read_chunk(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Chunk> {
+    let run = read_run(inp).await?;
+    if run.nr_pages > MAX_GET_PAGES {
+        return Err(std::io::Error::other(format!(
+            "a chunk of {} pages exceeds the {MAX_GET_PAGES} page limit",
+            run.nr_pages
+        )));
+    }
+    let mut data = vec![0u8; page_bytes(run.nr_pages)];
+    inp.read_exact(&mut data).await?;
+    Ok(Chunk {
+        pid: run.pid,
+        vaddr: run.vaddr,
+        data,
+    })
+}
+
+/// One GET for CRIU's page server.
+struct Fetch {
+    run: PageRun,
+    reply: oneshot::Sender<std::io::Result<Chunk>>,
+}
+
+/// The source's end: the lazy dump's one client, serving the destination's connections.
+pub struct PageSource {
+    priority: mpsc::Sender<Fetch>,
+    bulk: mpsc::Sender<Fetch>,
+    /// Stops accepting the destination's connections.
+    stop: tokio_util::sync::CancellationToken,
+    /// Ends the lazy dump (CLOSE) once the destination has every page.
+    close: Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+}
+
+impl PageSource {
+    /// Connects to the lazy dump's page server and listens for the destination's
+    /// connections on loopback; returns where.
+    pub async fn start(dump: SocketAddr) -> std::io::Result<(Arc<Self>, SocketAddr)> {
+        let criu = TcpStream::connect(dump).await?;
+        let _ = criu.set_nodelay(true);
+        let (prio_tx, prio_rx) = mpsc::channel(1024);
+        let (bulk_tx, bulk_rx) = mpsc::channel(4);
+        let (close_tx, close_rx) = oneshot::channel();
+        tokio::spawn(drive_criu(criu, prio_rx, bulk_rx, close_rx));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let this = Arc::new(Self {
+            priority: prio_tx,
+            bulk: bulk_tx,
+            stop: stop.clone(),
+            close: Mutex::new(Some(close_tx)),
+        });
+        let serving = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    () = stop.cancelled() => return,
+                    c = listener.accept() => c,
+                };
+                let Ok((conn, _)) = conn else { continue };
+                let _ = conn.set_nodelay(true);
+                let Some(this) = serving.upgrade() else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = this.serve(conn).await {
+                        tracing::debug!(error = %e, "page connection ended");
+                    }
+                });
+            }
+        });
+        Ok((this, addr))
+    }
+
+    async fn fetch(&self, queue: &mpsc::Sender<Fetch>, run: PageRun) -> std::io::Result<Chunk> {
+        let (reply, rx) = oneshot::channel();
+        queue
+            .send(Fetch { run, reply })
+            .await
+            .map_err(|_| std::io::Error::other("the lazy dump's connection is gone"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the lazy dump's connection is gone"))?
+    }
+
+    async fn serve(&self, mut conn: TcpStream) -> std::io::Result<()> {
+        match conn.read_u8().await? {
+            KIND_PRIORITY => loop {
+                let run = match read_run(&mut conn).await {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let run = PageRun {
+                    nr_pages: run.nr_pages.clamp(1, MAX_GET_PAGES),
+                    ..run
+                };
+                let chunk = self.fetch(&self.priority, run).await?;
+                write_chunk(&mut conn, &chunk).await?;
+            },
+            KIND_BULK => {
+                let count = conn.read_u32().await?;
+                let mut runs = Vec::with_capacity(count.min(1 << 20) as usize);
+                for _ in 0..count {
+                    runs.push(read_run(&mut conn).await?);
+                }
+                for run in runs {
+                    let (mut vaddr, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE);
+                    while vaddr < end {
+                        let want = ((end - vaddr) / PAGE_SIZE).min(MAX_GET_PAGES);
+                        let chunk = self
+                            .fetch(
+                                &self.bulk,
+                                PageRun {
+                                    pid: run.pid,
+                                    vaddr,
+                                    nr_pages: want,
+                                },
+                            )
+                            .await?;
+                        vaddr += chunk.data.len() as u64;
+                        write_chunk(&mut conn, &chunk).await?;
+                    }
+                }
+                write_chunk(
+                    &mut conn,
+                    &Chunk {
+                        pid: 0,
+                        vaddr: 0,
+                        data: Vec::new(),
+                    },
+                )
+                .await?;
+                // The destination has every page: the lazy dump may end.
+                conn.read_u8().await?;
+                self.finish().await;
+                conn.write_u8(1).await?;
+                Ok(())
+            }
+            other => Err(std::io::Error::other(format!(
+                "unknown page connection kind {other}"
+            ))),
+        }
+    }
+
+    /// Stops serving (the migration ended).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Ends the lazy dump: CLOSE, its answer, then the connection.
+    pub async fn finish(&self) {
+        let close = self
+            .close
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(close) = close {
+            let (done, wait) = oneshot::channel();
+            if close.send(done).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+/// Owns the connection to CRIU: faults first, then bulk; strictly one GET at a time, as
+/// CRIU answers in order.
+async fn drive_criu(
+    mut criu: TcpStream,
+    mut priority: mpsc::Receiver<Fetch>,
+    mut bulk: mpsc::Receiver<Fetch>,
+    mut close: oneshot::Receiver<oneshot::Sender<()>>,
+) {
+    loop {
+        let fetch = tokio::select! {
+            biased;
+            Some(f) = priority.recv() => f,
+            Some(f) = bulk.recv() => f,
+            done = &mut close => {
+                let _ = criu.write_all(&Header::close().encode()).await;
+                let _ = criu.read_i32().await;
+                let _ = criu.shutdown().await;
+                drop(criu);
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            else => return,
+        };
+        let result = get(&mut criu, fetch.run).await;
+        let failed = result.is_err();
+        let _ = fetch.reply.send(result);
+        if failed {
+            // CRIU drops the connection on a bad request: nothing more can be asked.
+            return;
+        }
+    }
+}
+
+async fn get(criu: &mut TcpStream, run: PageRun) -> std::io::Result<Chunk> {
+    let req = Header::get(run.pid, run.vaddr, run.nr_pages);
+    criu.write_all(&req.encode()).await?;
+    let mut head = [0u8; HEADER_LEN];
+    criu.read_exact(&mut head).await?;
+    let reply = Header::decode(&head);
+    if reply.vaddr != run.vaddr || reply.nr_pages == 0 || reply.nr_pages > run.nr_pages {
+        return Err(std::io::Error::other(format!(
+            "the page server answered {reply:?} to {req:?}"
+        )));
+    }
+    let mut data = vec![0u8; page_bytes(reply.nr_pages)];
+    criu.read_exact(&mut data).await?;
+    Ok(Chunk {
+        pid: run.pid,
+        vaddr: run.vaddr,
+        data,
+    })
+}
+
+/// Where a cached page is: the chunk it arrived in and its index there.
+type PageAt = (Arc<Vec<u8>>, usize);
+
+/// The destination's pages, as they arrive.
+#[derive(Default)]
+pub struct PageCache {
+    pages: Mutex<HashMap<(u32, u64), PageAt>>,
+    arrived: Notify,
+}
+
+impl PageCache {
+    fn insert(&self, chunk: Chunk) {
+        let pages = chunk.data.len() / page_bytes(1);
+        let (pid, vaddr) = (chunk.pid, chunk.vaddr);
+        let data = Arc::new(chunk.data);
+        {
+            let mut map = self
+                .pages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for i in 0..pages {
+                map.insert((pid, vaddr + i as u64 * PAGE_SIZE), (Arc::clone(&data), i));
+            }
+        }
+        self.arrived.notify_waiters();
+    }
+
+    /// The cached pages of `pid` from `vaddr`, contiguous, at most `max`.
+    fn run_from(&self, pid: u32, vaddr: u64, max: u64) -> Vec<u8> {
+        let map = self
+            .pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = Vec::new();
+        for i in 0..max {
+            match map.get(&(pid, vaddr + i * PAGE_SIZE)) {
+                Some((data, at)) => {
+                    let start = at * page_bytes(1);
+                    out.extend_from_slice(&data[start..start + page_bytes(1)]);
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The destination's bulk fetch: asks the source for every lazy run and fills the cache;
+/// then tells it to end the lazy dump. Returns the pages received.
+pub async fn bulk_fetch(
+    source: SocketAddr,
+    runs: Vec<PageRun>,
+    cache: Arc<PageCache>,
+) -> std::io::Result<u64> {
+    let mut conn = TcpStream::connect(source).await?;
+    let _ = conn.set_nodelay(true);
+    conn.write_u8(KIND_BULK).await?;
+    conn.write_u32(u32::try_from(runs.len()).map_err(std::io::Error::other)?)
+        .await?;
+    for r in &runs {
+        write_run(&mut conn, r).await?;
+    }
+    let mut received = 0u64;
+    loop {
+        let chunk = read_chunk(&mut conn).await?;
+        if chunk.data.is_empty() {
+            break;
+        }
+        received += chunk.data.len() as u64 / PAGE_SIZE;
+        cache.insert(chunk);
+    }
+    conn.write_u8(1).await?;
+    conn.read_u8().await?;
+    Ok(received)
+}
+
+/// Stands in as the page server of the destination's `criu lazy-pages` daemon: answers
+/// its GETs from the cache, and asks the source's priority connection for pages that are
+/// not there yet. Returns when the daemon closes.
+pub async fn serve_daemon(
+    listener: TcpListener,
+    source: SocketAddr,
+    cache: Arc<PageCache>,
+) -> std::io::Result<()> {
+    let (mut daemon, _) = listener.accept().await?;
+    drop(listener);
+    let _ = daemon.set_nodelay(true);
+    let mut priority = TcpStream::connect(source).await?;
+    let _ = priority.set_nodelay(true);
+    priority.write_u8(KIND_PRIORITY).await?;
+    loop {
+        let mut head = [0u8; HEADER_LEN];
+        match daemon.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req = Header::decode(&head);
+        match req.command() {
+            CMD_GET => {
+                let pid = u32::try_from(req.dst_id).map_err(std::io::Error::other)?;
+                let want = req.nr_pages.clamp(1, MAX_GET_PAGES);
+                let mut data = cache.run_from(pid, req.vaddr, want);
+                if data.is_empty() {
+                    // A fault waits for this page: ask for it ahead of any bulk.
+                    let run = PageRun {
+                        pid,
+                        vaddr: req.vaddr,
+                        nr_pages: want,
+                    };
+                    write_run(&mut priority, &run).await?;
+                    let chunk = read_chunk(&mut priority).await?;
+                    cache.insert(chunk);
+                    data = cache.run_from(pid, req.vaddr, want);
+                }
+                if data.is_empty() {
+                    return Err(std::io::Error::other(format!(
+                        "no page at {:#x} of process {pid}",
+                        req.vaddr
+                    )));
+                }
+                let pages = data.len() as u64 / PAGE_SIZE;
+                daemon.write_all(&req.reply(pages).encode()).await?;
+                daemon.write_all(&data).await?;
+            }
+            CMD_CLOSE | CMD_FORCE_CLOSE => {
+                daemon.write_i32(0).await?;
+                // The daemon closes after reading the answer.
+                let mut rest = Vec::new();
+                let _ = daemon.read_to_end(&mut rest).await;
+                return Ok(());
+            }
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "unexpected page-server command {other:#x}"
+                )))
+            }
+        }
+    }
+}
