@@ -451,3 +451,118 @@ pub async fn serve_daemon(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The byte at offset `i` of page `vaddr` of process `pid` in the fake memory.
+    fn byte(pid: u32, vaddr: u64, i: usize) -> u8 {
+        (u64::from(pid) * 31 + vaddr / PAGE_SIZE * 7 + i as u64) as u8
+    }
+
+    fn page(pid: u32, vaddr: u64) -> Vec<u8> {
+        (0..page_bytes(1)).map(|i| byte(pid, vaddr, i)).collect()
+    }
+
+    /// A stand-in for CRIU's lazy page server: one connection, answers GETs in order
+    /// (at most 5 pages at once, as a page pipe's end clamps them), then CLOSE.
+    async fn fake_criu() -> (SocketAddr, tokio::task::JoinHandle<(u64, bool)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut gets = 0;
+            loop {
+                let mut head = [0u8; HEADER_LEN];
+                if s.read_exact(&mut head).await.is_err() {
+                    return (gets, false);
+                }
+                let h = Header::decode(&head);
+                if h.command() == CMD_CLOSE {
+                    s.write_all(&0i32.to_ne_bytes()).await.unwrap();
+                    return (gets, true);
+                }
+                gets += 1;
+                let n = h.nr_pages.min(5);
+                s.write_all(&h.reply(n).encode()).await.unwrap();
+                for i in 0..n {
+                    let pid = u32::try_from(h.dst_id).unwrap();
+                    s.write_all(&page(pid, h.vaddr + i * PAGE_SIZE))
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn faults_and_bulk_fill_the_cache_and_the_dump_is_closed_at_the_end() {
+        let (criu, criu_done) = fake_criu().await;
+        let (source, at) = PageSource::start(criu).await.unwrap();
+        let runs = vec![
+            PageRun {
+                pid: 1,
+                vaddr: 0x10_000,
+                nr_pages: 12,
+            },
+            PageRun {
+                pid: 2,
+                vaddr: 0x40_000,
+                nr_pages: 3,
+            },
+        ];
+        let cache = Arc::new(PageCache::default());
+        // The daemon's side: a fault for a page of process 2 before the bulk push.
+        let daemon_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let daemon_at = daemon_listener.local_addr().unwrap();
+        let serving = tokio::spawn(serve_daemon(daemon_listener, at, Arc::clone(&cache)));
+        let mut daemon = TcpStream::connect(daemon_at).await.unwrap();
+        daemon
+            .write_all(&Header::get(2, 0x41_000, 2).encode())
+            .await
+            .unwrap();
+        let mut head = [0u8; HEADER_LEN];
+        daemon.read_exact(&mut head).await.unwrap();
+        let reply = Header::decode(&head);
+        assert_eq!(
+            (reply.command(), reply.vaddr, reply.dst_id),
+            (6, 0x41_000, 2)
+        );
+        let mut data = vec![0u8; page_bytes(reply.nr_pages)];
+        daemon.read_exact(&mut data).await.unwrap();
+        assert_eq!(&data[..page_bytes(1)], page(2, 0x41_000).as_slice());
+        // The bulk push brings every lazy page, then ends the lazy dump.
+        let pushed = bulk_fetch(at, runs, Arc::clone(&cache)).await.unwrap();
+        assert_eq!(pushed, 15);
+        assert!(cache.len() >= 15);
+        let (gets, closed) = criu_done.await.unwrap();
+        assert!(closed, "the lazy dump was not closed");
+        assert!(gets >= 5, "{gets} GETs");
+        // Later faults are answered from the cache, though the dump is gone.
+        daemon
+            .write_all(&Header::get(1, 0x10_000, 12).encode())
+            .await
+            .unwrap();
+        daemon.read_exact(&mut head).await.unwrap();
+        let reply = Header::decode(&head);
+        assert_eq!(reply.nr_pages, 12);
+        let mut data = vec![0u8; page_bytes(12)];
+        daemon.read_exact(&mut data).await.unwrap();
+        for i in 0..12u64 {
+            let at = page_bytes(i);
+            assert_eq!(
+                &data[at..at + page_bytes(1)],
+                page(1, 0x10_000 + i * PAGE_SIZE).as_slice()
+            );
+        }
+        daemon.write_all(&Header::close().encode()).await.unwrap();
+        let mut ack = [0u8; 4];
+        daemon.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [0; 4]);
+        drop(daemon);
+        serving.await.unwrap().unwrap();
+        source.stop();
+    }
+}
