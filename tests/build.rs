@@ -17,6 +17,7 @@ fn main() {
         "runc",
         "podman",
         "redis",
+        "http-state",
         "hostile",
         "legacy",
         "examples/minimal",
