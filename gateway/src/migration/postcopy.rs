@@ -208,7 +208,14 @@ impl Engine {
         workload: &str,
         images: &std::path::Path,
     ) -> Result<SocketAddr, String> {
-        let source = self.ingress.open_page_tunnel(peer, id, workload).await?;
+        let urgent = self
+            .ingress
+            .open_page_tunnel(peer, id, workload, true)
+            .await?;
+        let bulk = self
+            .ingress
+            .open_page_tunnel(peer, id, workload, false)
+            .await?;
         let runs = crate::criu::image::lazy_runs(images).map_err(|e| e.to_string())?;
         let total: u64 = runs.iter().map(|r| r.nr_pages).sum();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -220,7 +227,7 @@ impl Engine {
         let cache = Arc::new(PageCache::default());
         let (served, id_owned) = (Arc::clone(&cache), id.to_string());
         self.tasks.spawn(async move {
-            match pages::serve_daemon(listener, source, served).await {
+            match pages::serve_daemon(listener, urgent, served).await {
                 Ok(()) => tracing::info!(migration = %id_owned, "the lazy-pages daemon has every page"),
                 Err(e) => tracing::error!(migration = %id_owned, error = %e, "serving the lazy-pages daemon failed"),
             }
@@ -228,7 +235,7 @@ impl Engine {
         let id_owned = id.to_string();
         self.tasks.spawn(async move {
             let started = Instant::now();
-            match pages::bulk_fetch(source, runs, cache).await {
+            match pages::bulk_fetch(bulk, runs, cache).await {
                 Ok(pages) => tracing::info!(
                     migration = %id_owned,
                     pages,

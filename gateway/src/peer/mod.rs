@@ -81,8 +81,13 @@ pub enum TunnelTarget {
         workload: String,
         port: u16,
     },
-    /// The page server of `migration`'s frozen source (post-copy).
-    Pages { migration: String, workload: String },
+    /// The page server of `migration`'s frozen source (post-copy); `urgent` for pages a
+    /// fault waits for, whose stream is sent ahead of every other on the link.
+    Pages {
+        migration: String,
+        workload: String,
+        urgent: bool,
+    },
 }
 
 /// Serves the far end of tunnels: a connection to the workload here.
@@ -104,6 +109,9 @@ pub struct PeerLink {
     connections: DashMap<String, quinn::Connection>,
     tasks: TaskTracker,
 }
+
+/// Stream priority of urgent page tunnels: their data leaves before any other stream's.
+const URGENT: i32 = 100;
 
 /// Socket buffer size for the UDP socket: the kernel default drops packets at 1 Gbit/s.
 const UDP_BUFFER: usize = 16 << 20;
@@ -223,6 +231,7 @@ impl PeerLink {
                 migration: None,
                 port: None,
                 pages: false,
+                urgent: false,
             },
             TunnelTarget::Migration {
                 migration,
@@ -233,17 +242,23 @@ impl PeerLink {
                 migration: Some(migration),
                 port: Some(port),
                 pages: false,
+                urgent: false,
             },
             TunnelTarget::Pages {
                 migration,
                 workload,
+                urgent,
             } => Request::Tunnel {
                 workload,
                 migration: Some(migration),
                 port: None,
                 pages: true,
+                urgent,
             },
         };
+        if matches!(target, TunnelTarget::Pages { urgent: true, .. }) {
+            let _ = send.set_priority(URGENT);
+        }
         write_frame(peer, &mut send, &req).await?;
         match read_response(peer, &mut recv).await? {
             Response::TunnelOpen => Ok((recv, send)),
@@ -359,11 +374,16 @@ impl PeerLink {
                             migration,
                             port,
                             pages,
+                            urgent,
                         }) => {
+                            if urgent {
+                                let _ = send.set_priority(URGENT);
+                            }
                             let target = match (migration, port, pages) {
                                 (Some(migration), _, true) => TunnelTarget::Pages {
                                     migration,
                                     workload,
+                                    urgent,
                                 },
                                 (Some(migration), Some(port), false) => TunnelTarget::Migration {
                                     migration,

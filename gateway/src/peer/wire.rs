@@ -97,6 +97,9 @@ pub enum Request {
         /// source instead of a port of the workload.
         #[serde(default)]
         pages: bool,
+        /// With `pages`: the pages a fault waits for (sent ahead of everything else).
+        #[serde(default)]
+        urgent: bool,
     },
 }
 

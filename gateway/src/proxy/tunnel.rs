@@ -77,13 +77,17 @@ impl Ingress {
         peer: &str,
         migration: &str,
         workload: &str,
+        urgent: bool,
     ) -> Result<SocketAddr, String> {
         let target = TunnelTarget::Pages {
             migration: migration.to_string(),
             workload: workload.to_string(),
+            urgent,
         };
+        // Port 0 and 1 name the two page tunnels of a migration (no workload port is 0).
+        let key = u16::from(urgent);
         Arc::clone(self)
-            .open_migration_tunnel(peer.to_string(), migration.to_string(), 0, target)
+            .open_migration_tunnel(peer.to_string(), migration.to_string(), key, target)
             .await
     }
 

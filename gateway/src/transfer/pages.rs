@@ -31,6 +31,9 @@ use crate::criu::pageproto::{Header, CMD_CLOSE, CMD_FORCE_CLOSE, CMD_GET, HEADER
 
 /// Largest run asked of CRIU at once (its page pipes splice at most 4 MiB).
 const MAX_GET_PAGES: u64 = 256;
+/// Largest run a cache miss asks the source for on the priority connection: a fault needs
+/// one page now; the bulk push brings the rest, so misses stay cheap and quick.
+const MAX_MISS_PAGES: u64 = 16;
 const KIND_PRIORITY: u8 = b'P';
 const KIND_BULK: u8 = b'B';
 
@@ -419,7 +422,7 @@ pub async fn serve_daemon(
                     let run = PageRun {
                         pid,
                         vaddr: req.vaddr,
-                        nr_pages: want,
+                        nr_pages: want.min(MAX_MISS_PAGES),
                     };
                     write_run(&mut priority, &run).await?;
                     let chunk = read_chunk(&mut priority).await?;
