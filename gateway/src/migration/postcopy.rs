@@ -228,7 +228,15 @@ impl Engine {
         let (served, id_owned) = (Arc::clone(&cache), id.to_string());
         self.tasks.spawn(async move {
             match pages::serve_daemon(listener, urgent, served).await {
-                Ok(()) => tracing::info!(migration = %id_owned, "the lazy-pages daemon has every page"),
+                Ok(stats) => tracing::info!(
+                    migration = %id_owned,
+                    gets = stats.gets,
+                    hits = stats.hits,
+                    misses = stats.misses,
+                    miss_wait_p50_us = ?stats.miss_wait_us(0.5),
+                    miss_wait_p99_us = ?stats.miss_wait_us(0.99),
+                    "the lazy-pages daemon has every page"
+                ),
                 Err(e) => tracing::error!(migration = %id_owned, error = %e, "serving the lazy-pages daemon failed"),
             }
         });

@@ -112,6 +112,8 @@ pub struct PeerLink {
 
 /// Stream priority of urgent page tunnels: their data leaves before any other stream's.
 const URGENT: i32 = 100;
+/// Stream priority of bulk page tunnels: behind clients' traffic and everything else.
+const BULK: i32 = -10;
 
 /// Socket buffer size for the UDP socket: the kernel default drops packets at 1 Gbit/s.
 const UDP_BUFFER: usize = 16 << 20;
@@ -256,8 +258,8 @@ impl PeerLink {
                 urgent,
             },
         };
-        if matches!(target, TunnelTarget::Pages { urgent: true, .. }) {
-            let _ = send.set_priority(URGENT);
+        if let TunnelTarget::Pages { urgent, .. } = target {
+            let _ = send.set_priority(if *urgent { URGENT } else { BULK });
         }
         write_frame(peer, &mut send, &req).await?;
         match read_response(peer, &mut recv).await? {
@@ -376,8 +378,8 @@ impl PeerLink {
                             pages,
                             urgent,
                         }) => {
-                            if urgent {
-                                let _ = send.set_priority(URGENT);
+                            if pages {
+                                let _ = send.set_priority(if urgent { URGENT } else { BULK });
                             }
                             let target = match (migration, port, pages) {
                                 (Some(migration), _, true) => TunnelTarget::Pages {

@@ -35,6 +35,12 @@ const MAX_GET_PAGES: u64 = 256;
 /// one page now; the bulk push brings the rest, so misses stay cheap and quick.
 const MAX_MISS_PAGES: u64 = 16;
 const KIND_PRIORITY: u8 = b'P';
+/// Bulk chunks in flight at once (1 MiB each).
+const BULK_WINDOW: usize = 4;
+/// The destination's acknowledgement of one bulk chunk.
+const ACK: u8 = 0;
+/// The destination's word that it has every page.
+const HAS_ALL: u8 = 1;
 const KIND_BULK: u8 = b'B';
 
 fn page_bytes(pages: u64) -> usize {
@@ -188,6 +194,24 @@ impl PageSource {
                 for _ in 0..count {
                     runs.push(read_run(&mut conn).await?);
                 }
+                // The destination acknowledges each chunk; at most BULK_WINDOW are in
+                // flight, so bulk data never queues deep enough on the link to delay a
+                // fault's pages. Its last byte (not an acknowledgement) says it has all.
+                let (mut rd, mut wr) = conn.into_split();
+                let credits = Arc::new(tokio::sync::Semaphore::new(BULK_WINDOW));
+                let (has_all_tx, has_all) = oneshot::channel::<()>();
+                let acks = Arc::clone(&credits);
+                tokio::spawn(async move {
+                    let mut has_all_tx = Some(has_all_tx);
+                    while let Ok(b) = rd.read_u8().await {
+                        if b == ACK {
+                            acks.add_permits(1);
+                        } else if let Some(tx) = has_all_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    acks.close();
+                });
                 for run in runs {
                     let (mut vaddr, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE);
                     while vaddr < end {
@@ -203,11 +227,16 @@ impl PageSource {
                             )
                             .await?;
                         vaddr += chunk.data.len() as u64;
-                        write_chunk(&mut conn, &chunk).await?;
+                        credits
+                            .acquire()
+                            .await
+                            .map_err(|_| std::io::Error::other("the destination went away"))?
+                            .forget();
+                        write_chunk(&mut wr, &chunk).await?;
                     }
                 }
                 write_chunk(
-                    &mut conn,
+                    &mut wr,
                     &Chunk {
                         pid: 0,
                         vaddr: 0,
@@ -216,9 +245,11 @@ impl PageSource {
                 )
                 .await?;
                 // The destination has every page: the lazy dump may end.
-                conn.read_u8().await?;
+                has_all
+                    .await
+                    .map_err(|_| std::io::Error::other("the destination went away"))?;
                 self.finish().await;
-                conn.write_u8(1).await?;
+                wr.write_u8(1).await?;
                 Ok(())
             }
             other => Err(std::io::Error::other(format!(
@@ -384,20 +415,48 @@ pub async fn bulk_fetch(
         }
         received += chunk.data.len() as u64 / PAGE_SIZE;
         cache.insert(chunk);
+        conn.write_u8(ACK).await?;
     }
-    conn.write_u8(1).await?;
+    conn.write_u8(HAS_ALL).await?;
     conn.read_u8().await?;
     Ok(received)
 }
 
+/// What serving the lazy-pages daemon took.
+#[derive(Debug, Clone, Default)]
+pub struct ServeStats {
+    /// GETs the daemon sent (faults and its own background fetch).
+    pub gets: u64,
+    /// GETs answered from the cache at once.
+    pub hits: u64,
+    /// Waits for the source (pages not pushed yet), and how long they took.
+    pub misses: u64,
+    pub miss_wait: Vec<std::time::Duration>,
+}
+
+impl ServeStats {
+    /// The `q` quantile (0..=1) of the miss waits, in microseconds.
+    pub fn miss_wait_us(&self, q: f64) -> Option<u64> {
+        let mut v: Vec<u64> = self
+            .miss_wait
+            .iter()
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .collect();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v.get(i).copied()
+    }
+}
+
 /// Stands in as the page server of the destination's `criu lazy-pages` daemon: answers
 /// its GETs from the cache, and asks the source's priority connection for pages that are
-/// not there yet. Returns when the daemon closes.
+/// not there yet. Returns when the daemon closes, with what it took.
 pub async fn serve_daemon(
     listener: TcpListener,
     source: SocketAddr,
     cache: Arc<PageCache>,
-) -> std::io::Result<()> {
+) -> std::io::Result<ServeStats> {
+    let mut stats = ServeStats::default();
     let (mut daemon, _) = listener.accept().await?;
     drop(listener);
     let _ = daemon.set_nodelay(true);
@@ -408,7 +467,7 @@ pub async fn serve_daemon(
         let mut head = [0u8; HEADER_LEN];
         match daemon.read_exact(&mut head).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(stats),
             Err(e) => return Err(e),
         }
         let req = Header::decode(&head);
@@ -416,8 +475,10 @@ pub async fn serve_daemon(
             CMD_GET => {
                 let pid = u32::try_from(req.dst_id).map_err(std::io::Error::other)?;
                 let want = req.nr_pages.clamp(1, MAX_GET_PAGES);
+                stats.gets += 1;
                 let mut data = cache.run_from(pid, req.vaddr, want);
                 if data.is_empty() {
+                    let waited = std::time::Instant::now();
                     // A fault waits for this page: ask for it ahead of any bulk.
                     let run = PageRun {
                         pid,
@@ -428,6 +489,10 @@ pub async fn serve_daemon(
                     let chunk = read_chunk(&mut priority).await?;
                     cache.insert(chunk);
                     data = cache.run_from(pid, req.vaddr, want);
+                    stats.misses += 1;
+                    stats.miss_wait.push(waited.elapsed());
+                } else {
+                    stats.hits += 1;
                 }
                 if data.is_empty() {
                     return Err(std::io::Error::other(format!(
@@ -444,7 +509,7 @@ pub async fn serve_daemon(
                 // The daemon closes after reading the answer.
                 let mut rest = Vec::new();
                 let _ = daemon.read_to_end(&mut rest).await;
-                return Ok(());
+                return Ok(stats);
             }
             other => {
                 return Err(std::io::Error::other(format!(
@@ -565,7 +630,8 @@ mod tests {
         daemon.read_exact(&mut ack).await.unwrap();
         assert_eq!(ack, [0; 4]);
         drop(daemon);
-        serving.await.unwrap().unwrap();
+        let stats = serving.await.unwrap().unwrap();
+        assert_eq!((stats.gets, stats.misses), (2, 1), "{stats:?}");
         source.stop();
     }
 }
