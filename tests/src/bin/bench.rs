@@ -1,19 +1,27 @@
-//! `ferry-bench`: what clients see when a Redis server moves between two sites, Ferry
-//! and the plain way side by side, on the same link in the same run.
+//! `ferry-bench`: what clients see when a Redis server moves between two sites, the plain
+//! way and Ferry's two approaches side by side, on the same link in the same run.
 //!
 //! Usage: ferry-bench [MIB…]   (default: 64 256)
 //!   FERRY_BENCH_RATE=1gbit    link bandwidth (tc tbf on both sites' links)
-//!   FERRY_BENCH_RTT_MS=10     round trip added by a userspace delay relay (no netem here;
+//!   FERRY_BENCH_RTT_MS=10     round trip added by userspace delay relays (no netem here;
 //!                             0 = no relay)
 //!   FERRY_BENCH_LOAD=1000     client requests/s (SET, 16 connections, timeout 5 s)
 //!   FERRY_BENCH_DATA=populate  Redis values: populate (DEBUG POPULATE, compressible) or
 //!                             random (incompressible)
 //!
-//! Ferry: the client talks to site A's ingress route; `ferry migrate` moves the workload
-//! (QUIC through the delay relay). Plain: the client talks to Redis at A directly; CRIU
-//! dumps it to disk, the image is copied over TCP through the same relay, CRIU restores
-//! it at B, and the client fails over to B. For each: the longest stall a client saw,
-//! failed requests, total migration time, bytes moved.
+//! Each size, each way on fresh sites (both with the `redis` service adapter):
+//! - plain: the client talks to Redis at A directly; CRIU dumps it to disk, the image is
+//!   copied over TCP through a delay relay, CRIU restores it at B, the client fails over.
+//! - container: the client talks to A's ingress route; `ferry migrate --approach
+//!   container` checkpoints, streams and restores it (stop-and-copy over QUIC).
+//! - service: the same route; `ferry migrate --approach service`: a replica at B follows
+//!   A through a tunnel over the peer link and is promoted while A's ingress holds clients.
+//!
+//! For each: the longest stall a client saw, failed requests, whether every acknowledged
+//! write is at B, total migration time, bytes moved; for the service level the sync time
+//! against what the link alone would take; and, per size, the approach Ferry picks on its
+//! own (`ferry migrate --plan`) with its predicted stall. Gateway logs of every run are kept
+//! in $TMPDIR/ferry-bench-logs.
 //!
 //! Internal subcommands (run inside a site's namespace): udp-relay, tcp-relay, send, recv.
 
@@ -29,7 +37,9 @@ use ferry_e2e::{run, Options, TwoSites};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A's way to B's gateway, and B's way to A's (delay relays in each site's namespace).
 const RELAY_UDP: &str = "10.213.0.1:7555";
+const RELAY_UDP_B: &str = "10.213.0.2:7555";
 const RELAY_TCP: &str = "10.213.0.1:7556";
 const RECV_TCP: &str = "10.213.0.2:7557";
 
@@ -291,42 +301,161 @@ fn self_exe() -> Result<PathBuf> {
     Ok(std::env::current_exe()?)
 }
 
+/// Redis's default `repl-diskless-sync-delay`: a replica's full copy starts this long
+/// (checked once a second, so 4 to 6 s) after it asks; a service move's client runs longer.
+const DISKLESS_DELAY_SECS: u64 = 5;
+
+/// The link every way of a run crosses.
+struct Link {
+    /// As tc spells it ("1gbit").
+    rate: String,
+    bits_per_s: f64,
+    /// Round trip added by the delay relays, in ms (0: no relays).
+    rtt_ms: u64,
+}
+
+impl Link {
+    /// How long `bytes` take at the link's rate, in ms.
+    fn ms_for(&self, bytes: u64) -> f64 {
+        bytes as f64 * 8.0 / self.bits_per_s * 1e3
+    }
+}
+
+/// A tc rate ("1gbit", "500mbit", "10mbps") in bits per second.
+fn bits_per_second(rate: &str) -> Result<f64> {
+    let split = rate
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rate.len());
+    let (number, unit) = rate.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("rate {rate:?}: expected a number and a tc unit"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "bit" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        "bps" => 8.0,
+        "kbps" => 8e3,
+        "mbps" => 8e6,
+        "gbps" => 8e9,
+        other => bail!(
+            "rate {rate:?}: unknown unit {other:?} (bit, kbit, mbit, gbit, bps, kbps, mbps, gbps)"
+        ),
+    };
+    Ok(number * scale)
+}
+
+/// How a run moves Redis from A to B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// By hand: CRIU dump, copy over TCP, CRIU restore; the client fails over to B.
+    Plain,
+    /// `ferry migrate --approach container`: CRIU stop-and-copy driven by Ferry.
+    Container,
+    /// `ferry migrate --approach service`: a live replica at B (the redis adapter).
+    Service,
+}
+
+impl Way {
+    const ALL: [Way; 3] = [Way::Plain, Way::Container, Way::Service];
+
+    fn name(self) -> &'static str {
+        match self {
+            Way::Plain => "plain",
+            Way::Container => "container",
+            Way::Service => "service",
+        }
+    }
+}
+
+/// Acknowledged writes, and how many of them a Redis at B does not hold.
+struct Acked {
+    of: usize,
+    missing: usize,
+}
+
+impl std::fmt::Display for Acked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.missing {
+            0 => f.pad("yes"),
+            n => f.pad(&format!("{n}/{} lost", self.of)),
+        }
+    }
+}
+
 /// One measured run: what the constant-rate client saw, and the migration's cost.
 struct Outcome {
     client: Value,
+    /// The client stopped before the move was over: it did not see the whole stall.
+    client_too_short: bool,
+    acked: Acked,
     total_ms: u64,
-    /// Ferry's freeze and its phases (dump, transfer, restore), in ms.
-    phases: Option<[u64; 4]>,
-    bytes: u64,
-    /// What the image took on the link (the plain way sends it as it is).
+    /// The checkpoint image's size (none at the service level: no image).
+    image: Option<u64>,
+    /// What crossed the link: the image (compressed by Ferry), or the replica's stream.
     wire: u64,
+    /// Ferry's account of the freeze (empty for the plain way).
+    detail: String,
+    /// `ferry migrate --plan` for the workload just before it moved (Ferry only).
+    plan: Option<Value>,
 }
 
-fn start_client(
-    sites: &TwoSites,
-    addrs: &str,
-    load: &str,
-    seconds: u64,
-) -> Result<std::process::Child> {
-    Ok(sites
-        .a
-        .command(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
-        .args(["redis", addrs, load, &seconds.to_string(), "16"])
-        .arg(sites.root.join("acked.txt"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?)
+/// The constant-rate client (`ferry-load`) and when its last request is due.
+struct Client {
+    child: std::process::Child,
+    ends: Instant,
 }
 
-fn finish_client(child: std::process::Child) -> Result<Value> {
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "load client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+impl Client {
+    fn start(sites: &TwoSites, addrs: &str, load: &str, seconds: u64) -> Result<Self> {
+        let child = sites
+            .a
+            .command(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
+            .args(["redis", addrs, load, &seconds.to_string(), "16"])
+            .arg(sites.root.join("acked.txt"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok(Self {
+            child,
+            ends: Instant::now() + Duration::from_secs(seconds),
+        })
     }
-    Ok(serde_json::from_slice(&out.stdout)?)
+
+    /// The client's summary, and whether it stopped less than a second after the move
+    /// ended at `moved` (then the stall it reports may be short of the truth).
+    fn finish(self, moved: Instant) -> Result<(Value, bool)> {
+        let out = self.child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "load client failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let too_short = moved + Duration::from_secs(1) > self.ends;
+        Ok((serde_json::from_slice(&out.stdout)?, too_short))
+    }
+}
+
+/// Checks every write the client saw acknowledged against the Redis on `port` at B.
+fn acked_at_b(sites: &TwoSites, port: u16) -> Result<Acked> {
+    let text = std::fs::read_to_string(sites.root.join("acked.txt"))?;
+    let keys: Vec<&str> = text.lines().collect();
+    let mut present = 0;
+    for chunk in keys.chunks(500) {
+        let mut args = vec!["EXISTS"];
+        args.extend_from_slice(chunk);
+        present += sites
+            .b
+            .redis(port, &args)?
+            .parse::<usize>()
+            .context("EXISTS at B")?;
+    }
+    Ok(Acked {
+        of: keys.len(),
+        missing: keys.len() - present,
+    })
 }
 
 /// Fills Redis with `mib` MiB of 1000-byte values: `DEBUG POPULATE` (zero-padded values,
@@ -372,26 +501,171 @@ fn populate(sites: &TwoSites, port: u16, mib: u64) -> Result<()> {
     Ok(())
 }
 
-fn ferry_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64) -> Result<Outcome> {
-    sites.run_redis_at_a_with("redis", 6379, &["--route", "0.0.0.0:16379"])?;
-    populate(sites, 6379, mib)?;
-    let client = start_client(sites, "10.213.0.1:16379", load, seconds)?;
+/// The port Ferry's Redis listens on: the one the redis adapter's default grant lets its
+/// tunnel reach (`tunnel_ports = [6379]`).
+const PORT: u16 = 6379;
+/// Site A's route to it, and where the client reaches that route.
+const ROUTE: &str = "0.0.0.0:16379";
+const ROUTE_AT_A: &str = "10.213.0.1:16379";
+
+/// Ferry moves Redis with `way`'s approach while the client writes through A's route.
+fn ferry_run(
+    sites: &TwoSites,
+    way: Way,
+    mib: u64,
+    load: &str,
+    seconds: u64,
+    link: &Link,
+) -> Result<Outcome> {
+    sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
+    populate(sites, PORT, mib)?;
+    let plan = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--plan"])?;
+    let client = Client::start(sites, ROUTE_AT_A, load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
-    let (ok, m) = sites.migrate("redis", "b")?;
-    let client = finish_client(client)?;
+    let (ok, m) = sites.migrate_with("redis", "b", &["--approach", way.name()])?;
+    let (client, client_too_short) = client.finish(Instant::now())?;
     if !ok {
         bail!("ferry migration failed: {m}");
     }
+    let bytes = |k: &str| m[k].as_u64().unwrap_or(0);
+    // A checkpoint moves an image (compressed on the wire); a replica only its stream.
+    let (image, wire, redis) = if m["approach"] == "service" {
+        (None, bytes("bytes_moved"), RedisSync::from_logs(sites))
+    } else {
+        (Some(bytes("bytes_moved")), bytes("bytes_on_wire"), None)
+    };
     Ok(Outcome {
         client,
+        client_too_short,
+        acked: acked_at_b(sites, PORT)?,
         total_ms: m["timings"]["total_ms"].as_u64().unwrap_or(0),
-        phases: Some(
-            ["freeze_ms", "dump_ms", "transfer_ms", "restore_ms"]
-                .map(|k| m["timings"][k].as_u64().unwrap_or(0)),
-        ),
-        bytes: m["bytes_moved"].as_u64().unwrap_or(0),
-        wire: m["bytes_on_wire"].as_u64().unwrap_or(0),
+        image,
+        wire,
+        detail: freeze_detail(&m, link, redis.as_ref()),
+        plan: Some(plan),
     })
+}
+
+/// A Redis full sync as the two servers' logs tell it: how long the source waited before
+/// it started the copy (`repl-diskless-sync-delay`), the copy itself until the replica
+/// began loading it, and the load.
+struct RedisSync {
+    wait_ms: i64,
+    copy_ms: i64,
+    load_ms: i64,
+}
+
+impl RedisSync {
+    /// Reads the source's and the replica's logs (`data/logs/redis.log` at each site).
+    fn from_logs(sites: &TwoSites) -> Option<Self> {
+        let read = |site: &ferry_e2e::Site| {
+            std::fs::read_to_string(site.dir.join("data/logs/redis.log")).unwrap_or_default()
+        };
+        let (source, replica) = (read(&sites.a), read(&sites.b));
+        let asked = log_time(&source, "asks for synchronization")?;
+        let started = log_time(&source, "Starting BGSAVE for SYNC")?;
+        let loading = log_time(&replica, "MASTER <-> REPLICA sync: Loading DB in memory")?;
+        let done = log_time(&replica, "MASTER <-> REPLICA sync: Finished with success")?;
+        Some(Self {
+            wait_ms: started - asked,
+            copy_ms: loading - started,
+            load_ms: done - loading,
+        })
+    }
+}
+
+/// When the first Redis log line containing `what` was written, in ms of its day
+/// ("1:M 29 Nov 2026 18:11:19.914 * …"; the two sites share this machine's clock).
+fn log_time(log: &str, what: &str) -> Option<i64> {
+    let line = log.lines().find(|l| l.contains(what))?;
+    let (hms, millis) = line.split_whitespace().nth(4)?.split_once('.')?;
+    let mut parts = hms.split(':').map(str::parse::<i64>);
+    let (h, m, s) = (
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    );
+    Some(((h * 60 + m) * 60 + s) * 1000 + millis.parse::<i64>().ok()?)
+}
+
+/// Ferry's record of the freeze: its phases (a checkpoint), or, at the service level, the
+/// sync before it against what the link alone would take for the replica's stream, and
+/// (from Redis's logs) what the sync spent its time on.
+fn freeze_detail(m: &Value, link: &Link, redis: Option<&RedisSync>) -> String {
+    let t = |k: &str| m["timings"][k].as_u64().unwrap_or(0);
+    if m["approach"] != "service" {
+        return format!(
+            "   (freeze {} ms: dump {}, transfer {}, restore {})",
+            t("freeze_ms"),
+            t("dump_ms"),
+            t("transfer_ms"),
+            t("restore_ms")
+        );
+    }
+    let bytes = m["sync"]["bytes"].as_u64().unwrap_or(0);
+    let ideal = link.ms_for(bytes).max(1.0);
+    let sync = t("sync_ms");
+    let parts = redis.map_or_else(String::new, |r| {
+        format!(
+            ": Redis's diskless-sync wait {}, copy {} = {:.1}x, load {}",
+            r.wait_ms,
+            r.copy_ms,
+            r.copy_ms as f64 / ideal,
+            r.load_ms
+        )
+    });
+    format!(
+        "   (freeze {} ms; sync {sync} ms = {:.1}x {:.1} MB at {} ({ideal:.0} ms){parts})",
+        t("freeze_ms"),
+        sync as f64 / ideal,
+        bytes as f64 / 1e6,
+        link.rate,
+    )
+}
+
+/// What Ferry would do on its own: the chosen candidate of `ferry migrate --plan` and
+/// every candidate's predicted stall.
+fn choice(plan: &Value) -> String {
+    let none = Vec::new();
+    let candidates = plan["candidates"].as_array().unwrap_or(&none);
+    let stall = |c: &Value| {
+        c["predicted_stall_ms"]
+            .as_u64()
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms} ms"))
+    };
+    let all: Vec<String> = candidates
+        .iter()
+        .map(|c| {
+            let feasible = if c["feasible"] == true && c["allowed"] == true {
+                ""
+            } else {
+                ", not feasible"
+            };
+            format!(
+                "{} {}{feasible}",
+                c["approach"].as_str().unwrap_or("?"),
+                stall(c)
+            )
+        })
+        .collect();
+    let chosen = plan["chosen"]
+        .as_u64()
+        .and_then(|i| candidates.get(usize::try_from(i).ok()?));
+    match chosen {
+        Some(c) => format!(
+            "Ferry's choice: {}, predicted stall {} (candidates: {})",
+            c["approach"].as_str().unwrap_or("?"),
+            stall(c),
+            all.join(", ")
+        ),
+        None => format!(
+            "Ferry's choice: none ({}; candidates: {})",
+            plan["why"].as_str().unwrap_or(""),
+            all.join(", ")
+        ),
+    }
 }
 
 fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> Result<Outcome> {
@@ -462,7 +736,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         (Some(Reaped(relay)), RELAY_TCP)
     };
     std::thread::sleep(Duration::from_millis(300));
-    let client = start_client(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
+    let client = Client::start(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
     run(sites
@@ -492,7 +766,8 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         .args(["--tcp-close", "--file-locks", "-o", "restore.log"]))
     .with_context(|| std::fs::read_to_string(img_b.join("restore.log")).unwrap_or_default())?;
     let total = started.elapsed();
-    let client = finish_client(client)?;
+    let (client, client_too_short) = client.finish(Instant::now())?;
+    let acked = acked_at_b(sites, 6380)?;
     let bytes: u64 = std::fs::read_dir(&img_a)?
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())
@@ -501,11 +776,105 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     let _ = sites.b.redis(6380, &["SHUTDOWN", "NOSAVE"]);
     Ok(Outcome {
         client,
+        client_too_short,
+        acked,
         total_ms: total.as_millis() as u64,
-        phases: None,
-        bytes,
+        image: Some(bytes),
         wire: bytes,
+        detail: String::new(),
+        plan: None,
     })
+}
+
+/// Starts a UDP delay relay in `site`'s namespace: `listen` there, on to `target`.
+fn udp_relay_at(site: &ferry_e2e::Site, listen: &str, target: &str, rtt: u64) -> Result<Reaped> {
+    Ok(Reaped(
+        site.command(self_exe()?)
+            .args(["udp-relay", listen, target, &(rtt / 2).to_string()])
+            .spawn()?,
+    ))
+}
+
+/// Two sites with the redis adapter installed, whose gateways reach each other only over
+/// the link: tbf on both ends and, with a round trip, a delay relay in each direction
+/// (each gateway dials its own QUIC connection; the service level's tunnel rides B's).
+fn start_sites(link: &Link) -> Result<(TwoSites, Vec<Reaped>)> {
+    let mut opts = Options::new("bench");
+    opts.adapters = vec!["process".into(), "redis".into()];
+    if link.rtt_ms > 0 {
+        opts.b_address_at_a = Some(RELAY_UDP.to_string());
+    }
+    let compression = opts.compression.clone();
+    let mut sites = TwoSites::start(opts)?;
+    let mut relays = Vec::new();
+    if link.rtt_ms > 0 {
+        let (a, b) = (
+            format!("{}:7444", sites.a.addr),
+            format!("{}:7444", sites.b.addr),
+        );
+        relays.push(udp_relay_at(&sites.a, RELAY_UDP, &b, link.rtt_ms)?);
+        relays.push(udp_relay_at(&sites.b, RELAY_UDP_B, &a, link.rtt_ms)?);
+        // A gateway reads its peers when it starts: point B at its relay, then restart it.
+        sites.b.stop_gateway();
+        sites.b.ferry(&[
+            "peer",
+            "add",
+            "a",
+            RELAY_UDP_B,
+            &sites.a.fingerprint,
+            "--compression",
+            &compression,
+        ])?;
+        sites.start_gateway_b()?;
+    }
+    sites.a.limit_egress(&link.rate)?;
+    sites.b.limit_egress(&link.rate)?;
+    Ok((sites, relays))
+}
+
+/// One way at one size on fresh sites; the gateways' logs are kept in `logs`.
+fn measure(
+    way: Way,
+    mib: u64,
+    load: &str,
+    seconds: u64,
+    link: &Link,
+    logs: &Path,
+) -> Result<Outcome> {
+    let (sites, _relays) = start_sites(link)?;
+    let outcome = match way {
+        Way::Plain => plain_run(&sites, mib, load, seconds, link.rtt_ms),
+        Way::Container | Way::Service => ferry_run(&sites, way, mib, load, seconds, link),
+    };
+    std::fs::write(
+        logs.join(format!("{mib}mib-{}.log", way.name())),
+        sites.logs(),
+    )?;
+    outcome
+}
+
+fn print_row(mib: u64, way: Way, o: &Outcome) {
+    let c = &o.client;
+    println!(
+        "{:<8} {:<9} {:>9} {:>7} {:>7.0} ms {:>7.0} ms {:>10} {:>7} ms {:>10} {:>7.1} MB{}{}",
+        format!("{mib} MiB"),
+        way.name(),
+        c["requests"].as_u64().unwrap_or(0),
+        c["failed"].as_u64().unwrap_or(0),
+        c["max_gap_ms"].as_f64().unwrap_or(0.0),
+        c["max_stall_ms"].as_f64().unwrap_or(0.0),
+        o.acked,
+        o.total_ms,
+        o.image
+            .map_or_else(|| "-".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6)),
+        o.wire as f64 / 1e6,
+        o.detail,
+        if o.client_too_short {
+            "   [the client stopped before the move ended: stall not fully seen]"
+        } else {
+            ""
+        },
+    );
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -515,64 +884,57 @@ fn bench(args: &[String]) -> Result<()> {
         args.iter().map(|a| a.parse()).collect::<Result<_, _>>()?
     };
     let rate = env("FERRY_BENCH_RATE", "1gbit");
-    let rtt: u64 = env("FERRY_BENCH_RTT_MS", "10").parse()?;
+    let link = Link {
+        bits_per_s: bits_per_second(&rate)?,
+        rate,
+        rtt_ms: env("FERRY_BENCH_RTT_MS", "10").parse()?,
+    };
     let load = env("FERRY_BENCH_LOAD", "1000");
     let data = env("FERRY_BENCH_DATA", "populate");
-    println!("link {rate}, round trip +{rtt} ms (userspace relay), client {load} requests/s over 16 connections, 5 s timeout, data: {data}");
-    println!("stall: longest gap between two answers on one connection; late: longest time a request was answered after it was due");
+    let logs = std::env::temp_dir().join("ferry-bench-logs");
+    std::fs::create_dir_all(&logs)?;
     println!(
-        "{:<8} {:<7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "memory", "way", "requests", "failed", "stall", "late", "total", "image", "on wire"
+        "link {}, round trip +{} ms (userspace relays), client {load} requests/s over 16 connections, 5 s timeout, data: {data}",
+        link.rate, link.rtt_ms
+    );
+    println!("stall: longest gap between two answers on one connection; late: longest time a request was answered after it was due; acked at B: every acknowledged write is at B");
+    println!("gateway logs of each run: {}", logs.display());
+    println!(
+        "{:<8} {:<9} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "memory",
+        "way",
+        "requests",
+        "failed",
+        "stall",
+        "late",
+        "acked at B",
+        "total",
+        "image",
+        "on wire"
     );
     for mib in sizes {
-        for way in ["ferry", "plain"] {
-            let mut opts = Options::new("bench");
-            if rtt > 0 {
-                opts.b_address_at_a = Some(RELAY_UDP.to_string());
+        // Long enough for the slowest way: a service move first waits for Redis's
+        // diskless-sync delay, then streams the dataset (allow 3x the link's time).
+        let state = mib * 1024 * 1024 * 11 / 10;
+        let seconds =
+            6 + mib / 64 + DISKLESS_DELAY_SECS + (3.0 * link.ms_for(state) / 1e3).ceil() as u64;
+        let mut plan = None;
+        for way in Way::ALL {
+            match measure(way, mib, &load, seconds, &link, &logs) {
+                Ok(o) => {
+                    print_row(mib, way, &o);
+                    plan = plan.or(o.plan);
+                }
+                Err(e) => println!(
+                    "{:<8} {:<9} failed: {e:#} (gateway logs in {})",
+                    format!("{mib} MiB"),
+                    way.name(),
+                    logs.display()
+                ),
             }
-            let sites = TwoSites::start(opts)?;
-            let _relay = if rtt > 0 {
-                let relay = sites
-                    .a
-                    .command(self_exe()?)
-                    .args([
-                        "udp-relay",
-                        RELAY_UDP,
-                        &format!("{}:7444", sites.b.addr),
-                        &(rtt / 2).to_string(),
-                    ])
-                    .spawn()?;
-                Some(Reaped(relay))
-            } else {
-                None
-            };
-            sites.a.limit_egress(&rate)?;
-            sites.b.limit_egress(&rate)?;
-            let seconds = 6 + mib / 64;
-            let outcome = if way == "ferry" {
-                ferry_run(&sites, mib, &load, seconds)
-            } else {
-                plain_run(&sites, mib, &load, seconds, rtt)
-            };
-            let o = outcome.with_context(|| format!("{way} run at {mib} MiB\n{}", sites.logs()))?;
-            let c = &o.client;
-            println!(
-                "{:<8} {:<7} {:>9} {:>7} {:>7.0} ms {:>7.0} ms {:>7} ms {:>7.1} MB {:>7.1} MB{}",
-                format!("{mib} MiB"),
-                way,
-                c["requests"],
-                c["failed"],
-                c["max_gap_ms"].as_f64().unwrap_or(0.0),
-                c["max_stall_ms"].as_f64().unwrap_or(0.0),
-                o.total_ms,
-                o.bytes as f64 / 1e6,
-                o.wire as f64 / 1e6,
-                o.phases
-                    .map(|[f, d, t, r]| format!(
-                        "   (freeze {f} ms: dump {d}, transfer {t}, restore {r})"
-                    ))
-                    .unwrap_or_default(),
-            );
+        }
+        if let Some(plan) = plan {
+            println!("{:<8} {}", format!("{mib} MiB"), choice(&plan));
         }
     }
     Ok(())
