@@ -157,9 +157,28 @@ fn a_replica_that_cannot_sync_in_time_aborts_and_the_source_keeps_serving() -> R
     let mut opts = options("slow");
     opts.sync_timeout_secs = Some(1);
     let sites = TwoSites::start(opts)?;
-    sites.run_redis_at_a("redis", PORT)?;
+    // A source whose CONFIG command is disabled keeps Redis's default 5 s wait before a
+    // diskless full sync (the adapter cannot lower it): longer than the 1 s bound.
+    let p = PORT.to_string();
+    sites.a.ferry(&[
+        "workload",
+        "run",
+        "redis",
+        "--port",
+        &p,
+        "--",
+        "redis-server",
+        "--port",
+        &p,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--rename-command",
+        "CONFIG",
+        "",
+    ])?;
     sites.a.redis(PORT, &["SET", "before", "1"])?;
-    // Redis waits 5 s before a diskless full sync: longer than the 1 s bound.
     let (ok, m) = sites.migrate_with("redis", "b", &["--approach", "service"])?;
     assert!(!ok, "{m}");
     assert_eq!(m["phase"], "rolled_back", "{m}");
@@ -181,7 +200,29 @@ fn a_replica_that_cannot_sync_in_time_aborts_and_the_source_keeps_serving() -> R
 #[test]
 fn a_destination_killed_during_the_sync_leaves_the_source_untouched() -> Result<()> {
     let mut sites = TwoSites::start(options("kill"))?;
-    sites.run_redis_at_a("redis", PORT)?;
+    // CONFIG disabled: the source keeps Redis's 5 s wait before the full sync, so the
+    // destination can be killed while it syncs.
+    let p = PORT.to_string();
+    sites.a.ferry(&[
+        "workload",
+        "run",
+        "redis",
+        "--port",
+        &p,
+        "--",
+        "redis-server",
+        "--port",
+        &p,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "yes",
+        "--rename-command",
+        "CONFIG",
+        "",
+    ])?;
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "1000", "k", "10"])?;

@@ -30,6 +30,31 @@ const POLL: Duration = Duration::from_millis(2);
 /// The switch itself: a few `redis-cli` calls while the ingress holds clients.
 const EXPECTED_DOWNTIME_MS: u64 = 20;
 
+thread_local! {
+    /// The source's `repl-diskless-sync-delay` before the sync set it to 0 (so the full
+    /// copy starts at once rather than after Redis's default 5 s wait), to put back once
+    /// the replica is in sync or the move is abandoned.
+    static SAVED_DELAY: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes the source start a replica's full sync at once; remembers its setting.
+fn no_sync_delay(source: &Server) -> Result<(), AdapterError> {
+    let got = source.cli(&["CONFIG", "GET", "repl-diskless-sync-delay"])?;
+    let old = got.lines().nth(1).map(|v| v.trim().to_string());
+    source.ok(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"])?;
+    SAVED_DELAY.with(|d| *d.borrow_mut() = old);
+    Ok(())
+}
+
+/// Puts the source's sync delay back (best effort: the source is released after a move).
+fn restore_sync_delay(source: &Server) {
+    if let Some(old) = SAVED_DELAY.with(|d| d.borrow_mut().take()) {
+        if let Err(e) = source.ok(&["CONFIG", "SET", "repl-diskless-sync-delay", &old]) {
+            log::log(log::Level::Warn, &format!("could not restore the source's sync delay: {e:?}"));
+        }
+    }
+}
+
 /// A Redis server `redis-cli` can reach from this site: the local instance, or the
 /// source through the tunnel's local endpoint.
 struct Server {
@@ -307,7 +332,17 @@ impl ServiceAdapter for Redis {
             )));
         }
         let port = source.port.to_string();
-        local.ok(&["REPLICAOF", &source.host, &port])?;
+        // Best effort: a source with CONFIG disabled syncs after its own delay.
+        if let Err(e) = no_sync_delay(&source) {
+            log::log(
+                log::Level::Warn,
+                &format!("the full sync waits for the source's repl-diskless-sync-delay: {e:?}"),
+            );
+        }
+        if let Err(e) = local.ok(&["REPLICAOF", &source.host, &port]) {
+            restore_sync_delay(&source);
+            return Err(e);
+        }
         info(&format!(
             "redis {here} at {} replicates redis {there} at {} through {}:{port}",
             w.site,
@@ -320,7 +355,11 @@ impl ServiceAdapter for Redis {
     fn sync_progress(w: Workload) -> Result<SyncState, AdapterError> {
         let local = Server::local(&w)?;
         let replica = local.replica()?;
-        let p = replica.progress(Server::source(&w)?.master_offset()?);
+        let source = Server::source(&w)?;
+        let p = replica.progress(source.master_offset()?);
+        if p.in_sync {
+            restore_sync_delay(&source);
+        }
         Ok(SyncState {
             bytes: p.bytes,
             lag: p.lag,
@@ -370,7 +409,10 @@ impl ServiceAdapter for Redis {
             Err(e) => log::log(log::Level::Warn, &format!("could not stop replicating: {e:?}")),
         }
         match Server::source(&w) {
-            Ok(source) => unpause(&source),
+            Ok(source) => {
+                unpause(&source);
+                restore_sync_delay(&source);
+            }
             Err(e) => log::log(log::Level::Warn, &format!("no tunnel to unpause the source: {e:?}")),
         }
         Ok(())
