@@ -70,6 +70,9 @@ impl MovePlan {
     }
 }
 
+/// Round trips on the link during a service-level switch, beyond the adapter's estimate.
+const SWITCH_ROUND_TRIPS: u64 = 6;
+
 /// Throughput assumed for a stop-and-copy prediction when nothing better is known:
 /// checkpoint, transfer and restore of each byte of the tree's memory.
 const STOP_AND_COPY_BYTES_PER_MS: u64 = 100_000;
@@ -190,7 +193,18 @@ impl Engine {
             if candidate.feasible {
                 // The destination must be able to run the service too.
                 match self.probe_peer(to, &destination, service.name()).await {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        // The switch costs round trips the adapter cannot know: the
+                        // promotion request and its answer, and the adapter's own fencing
+                        // and catch-up calls through the tunnel (about two each).
+                        if let (Some(ms), Some(rtt)) =
+                            (candidate.predicted_stall_ms, self.peers.rtt(to))
+                        {
+                            let rtt_ms = u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX);
+                            candidate.predicted_stall_ms =
+                                Some(ms.saturating_add(SWITCH_ROUND_TRIPS * rtt_ms));
+                        }
+                    }
                     Err(why) => {
                         candidate.feasible = false;
                         candidate.reason = format!("{}; but at {to}: {why}", candidate.reason);

@@ -180,6 +180,14 @@ impl PeerLink {
             .ok_or_else(|| PeerError::UnknownPeer(name.to_string()))
     }
 
+    /// The round-trip time QUIC measures on the live connection to `peer`, if any.
+    pub fn rtt(&self, peer: &str) -> Option<Duration> {
+        self.connections
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .map(|c| c.rtt())
+    }
+
     /// The live connection to `peer`, dialled if needed.
     pub async fn connection(&self, peer: &str) -> Result<quinn::Connection, PeerError> {
         if let Some(c) = self.connections.get(peer) {
