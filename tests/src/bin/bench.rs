@@ -1,5 +1,5 @@
 //! `ferry-bench`: what clients see when a Redis server moves between two sites, the plain
-//! way and Ferry's two approaches side by side, on the same link in the same run.
+//! way and Ferry's ways side by side, on the same link in the same run.
 //!
 //! Usage: ferry-bench [MIB…]   (default: 64 256)
 //!   FERRY_BENCH_RATE=1gbit    link bandwidth (tc tbf on both sites' links)
@@ -14,6 +14,8 @@
 //!   copied over TCP through a delay relay, CRIU restores it at B, the client fails over.
 //! - container: the client talks to A's ingress route; `ferry migrate --approach
 //!   container` checkpoints, streams and restores it (stop-and-copy over QUIC).
+//! - postcopy: the same, `--mode postcopy`: the destination runs at once and Ferry
+//!   carries the pages from the frozen source after the switch.
 //! - service: the same route; `ferry migrate --approach service`: a replica at B follows
 //!   A through a tunnel over the peer link and is promoted while A's ingress holds clients.
 //!
@@ -353,18 +355,31 @@ enum Way {
     Plain,
     /// `ferry migrate --approach container`: CRIU stop-and-copy driven by Ferry.
     Container,
+    /// `ferry migrate --approach container --mode postcopy`: CRIU's lazy dump, pages
+    /// carried by Ferry after the switch.
+    Postcopy,
     /// `ferry migrate --approach service`: a live replica at B (the redis adapter).
     Service,
 }
 
 impl Way {
-    const ALL: [Way; 3] = [Way::Plain, Way::Container, Way::Service];
+    const ALL: [Way; 4] = [Way::Plain, Way::Container, Way::Postcopy, Way::Service];
 
     fn name(self) -> &'static str {
         match self {
             Way::Plain => "plain",
             Way::Container => "container",
+            Way::Postcopy => "postcopy",
             Way::Service => "service",
+        }
+    }
+
+    /// `ferry migrate` flags for Ferry's ways.
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Way::Plain | Way::Container => &["--approach", "container"],
+            Way::Postcopy => &["--approach", "container", "--mode", "postcopy"],
+            Way::Service => &["--approach", "service"],
         }
     }
 }
@@ -524,7 +539,7 @@ fn ferry_run(
         .ferry_json(&["migrate", "redis", "--to", "b", "--plan"])?;
     let client = Client::start(sites, ROUTE_AT_A, load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
-    let (ok, m) = sites.migrate_with("redis", "b", &["--approach", way.name()])?;
+    let (ok, m) = sites.migrate_with("redis", "b", way.flags())?;
     let (client, client_too_short) = client.finish(Instant::now())?;
     if !ok {
         bail!("ferry migration failed: {m}");
@@ -596,8 +611,11 @@ fn log_time(log: &str, what: &str) -> Option<i64> {
 fn freeze_detail(m: &Value, link: &Link, redis: Option<&RedisSync>) -> String {
     let t = |k: &str| m["timings"][k].as_u64().unwrap_or(0);
     if m["approach"] != "service" {
+        let pages = m["timings"]["postcopy_ms"]
+            .as_u64()
+            .map_or_else(String::new, |ms| format!("; every page at B {ms} ms later"));
         return format!(
-            "   (freeze {} ms: dump {}, transfer {}, restore {})",
+            "   (freeze {} ms: dump {}, transfer {}, restore {}{pages})",
             t("freeze_ms"),
             t("dump_ms"),
             t("transfer_ms"),
@@ -844,7 +862,9 @@ fn measure(
     let (sites, _relays) = start_sites(link)?;
     let outcome = match way {
         Way::Plain => plain_run(&sites, mib, load, seconds, link.rtt_ms),
-        Way::Container | Way::Service => ferry_run(&sites, way, mib, load, seconds, link),
+        Way::Container | Way::Postcopy | Way::Service => {
+            ferry_run(&sites, way, mib, load, seconds, link)
+        }
     };
     std::fs::write(
         logs.join(format!("{mib}mib-{}.log", way.name())),
