@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{MigrationError, Phase, Role};
+use super::{locked, MigrationError, Phase, Role};
 
 /// What happens when a migration enters a phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,10 +30,7 @@ pub struct Faults {
 impl Faults {
     /// Adds a fault for `role` when it enters `phase`.
     pub fn at(self, role: Role, phase: Phase, fault: Fault) -> Self {
-        self.table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((role, phase), fault);
+        locked(&self.table).insert((role, phase), fault);
         self
     }
 
@@ -42,10 +39,7 @@ impl Faults {
             .table
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *self
-            .table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = other;
+        *locked(&self.table) = other;
     }
 
     /// Applies the fault set for entering `phase` as `role`, if any.
@@ -55,12 +49,7 @@ impl Faults {
         phase: Phase,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<(), MigrationError> {
-        let fault = self
-            .table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(role, phase))
-            .cloned();
+        let fault = locked(&self.table).get(&(role, phase)).cloned();
         match fault {
             None => Ok(()),
             Some(Fault::Delay(d)) => {

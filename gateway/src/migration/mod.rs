@@ -491,9 +491,7 @@ impl Engine {
     }
 
     fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locked(&self.writes)
     }
 
     /// Test seam: faults to inject at phase boundaries.
@@ -524,6 +522,12 @@ impl Engine {
             );
         }
     }
+}
+
+/// Locks `m`; a holder that panicked left nothing half-done in these maps, so a poisoned
+/// lock is taken over rather than propagated.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn new_id() -> String {

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::{Engine, MigrationError, Phase, Role};
-use crate::criu::Running;
+use super::{locked, Engine, MigrationError, Phase, Role};
 use crate::plugins::Capability;
 use crate::proxy::Target;
 use crate::sys::process;
@@ -27,12 +26,6 @@ use crate::transfer::pages::{self, PageCache, PageSource};
 pub const MODES: [&str; 2] = ["stop-and-copy", "postcopy"];
 
 impl Engine {
-    fn lazy_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
-        self.lazy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Can the adapter serving `runtime` checkpoint lazily? Only through the host's CRIU.
     pub(super) fn postcopy_capable(&self, runtime: &str) -> Result<(), String> {
         crate::criu::lazy_dump_ready()?;
@@ -53,14 +46,6 @@ impl Engine {
         }
     }
 
-    fn page_sources_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<PageSource>>> {
-        self.page_sources
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Source, after a lazy checkpoint: takes over the lazy dump CRIU left running,
     /// becomes its one client (Ferry's page source, which the destination reaches through
     /// page tunnels), and journals where that serves.
@@ -78,7 +63,7 @@ impl Engine {
                 })?;
         let pid = running.child.id().and_then(|p| i32::try_from(p).ok());
         let dump = running.page_server;
-        self.lazy_lock().insert(id.to_string(), running);
+        locked(&self.lazy).insert(id.to_string(), running);
         let dump = dump.ok_or_else(|| MigrationError::RestoreFailed {
             site: self.site.clone(),
             message: "the lazy dump names no page server".into(),
@@ -90,7 +75,7 @@ impl Engine {
                     site: self.site.clone(),
                     message: format!("cannot reach the lazy dump's page server: {e}"),
                 })?;
-        self.page_sources_lock().insert(id.to_string(), source);
+        locked(&self.page_sources).insert(id.to_string(), source);
         self.update(id, |m| {
             m.page_server = Some(page_server);
             m.lazy_dump_pid = pid;
@@ -102,10 +87,10 @@ impl Engine {
     /// Source, rolling back: the lazy dump ends (its tracee tree is then released to the
     /// adapter's resume).
     pub(super) async fn stop_lazy_dump(&self, id: &str) {
-        if let Some(source) = self.page_sources_lock().remove(id) {
+        if let Some(source) = locked(&self.page_sources).remove(id) {
             source.stop();
         }
-        let running = self.lazy_lock().remove(id);
+        let running = locked(&self.lazy).remove(id);
         if let Some(mut r) = running {
             let _ = r.child.start_kill();
             let _ = r.child.wait().await;
@@ -129,7 +114,7 @@ impl Engine {
         self.ingress
             .release(&m.workload, Target::Remote(m.target.clone()));
         let started = Instant::now();
-        let running = self.lazy_lock().remove(id);
+        let running = locked(&self.lazy).remove(id);
         let ok = match running {
             Some(mut r) => match r.child.wait().await {
                 Ok(status) if status.success() => true,
@@ -149,7 +134,7 @@ impl Engine {
                 true
             }
         };
-        if let Some(source) = self.page_sources_lock().remove(id) {
+        if let Some(source) = locked(&self.page_sources).remove(id) {
             source.stop();
         }
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::{remove_dir, Engine, Migration, Phase, Role};
+use super::{locked, remove_dir, Engine, Migration, Phase, Role};
 use crate::peer::wire::{ErrorCode, PlanInfo, Response, SyncInfo};
 use crate::plugins::{AdapterCall, AdapterHandle, PluginError};
 use crate::spec::{Origin, Workload, WorkloadSpec};
@@ -67,22 +67,8 @@ impl Engine {
         spec: WorkloadSpec,
         service: &str,
     ) -> Response {
-        if let Some(m) = self.get(id) {
-            return if m.role == Role::Target && m.source == peer && m.phase == Phase::Preparing {
-                Response::Ready
-            } else {
-                Response::error(
-                    ErrorCode::Refused,
-                    format!("migration {id} already exists here"),
-                )
-            };
-        }
-        if let Err(e) = self
-            .faults
-            .enter(Role::Target, Phase::Preparing, &self.cancel)
-            .await
-        {
-            return Response::error(ErrorCode::Refused, e.to_string());
+        if let Err(answer) = self.admit_prepare(peer, id).await {
+            return answer;
         }
         let (runtime, _service) = match (
             self.plugins.adapter(&spec.runtime),
@@ -123,7 +109,7 @@ impl Engine {
         };
         let pid = spawned.pid;
         if let Some(holder) = spawned.holder {
-            self.holders_lock().insert(id.to_string(), holder);
+            locked(&self.holders).insert(id.to_string(), holder);
         }
         let recorded = self.update(id, |m| {
             m.replica_pid = Some(pid);
@@ -145,14 +131,6 @@ impl Engine {
         }
         tracing::info!(migration = id, workload = %spec.name, pid, service, from = peer, "replica started");
         Response::Ready
-    }
-
-    fn holders_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::process::Child>> {
-        self.holders
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The replica of `id` as its adapters see it: the reservation with the replica's pid.
@@ -302,7 +280,7 @@ impl Engine {
             tracing::warn!(migration = id, error = %e, "cannot open the workload's routes here");
         }
         let placement = self.workloads.placement_of(&m.workload);
-        let waiter = match self.holders_lock().remove(id) {
+        let waiter = match locked(&self.holders).remove(id) {
             Some(holder) => Waiter::Holder(holder),
             None => Waiter::Pid,
         };
@@ -354,7 +332,7 @@ impl Engine {
             }
         }
         kill_replica(&m);
-        if let Some(mut holder) = self.holders_lock().remove(id) {
+        if let Some(mut holder) = locked(&self.holders).remove(id) {
             let _ = holder.start_kill();
         }
         self.ingress.close_tunnels(id);

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::source::{confirm, prepare_destination};
+use super::source::{confirm, hold_clients, prepare_destination, request_switch};
 use super::{Engine, MigrationError, Phase, Role};
 use crate::peer::wire::{Request, Response};
 use crate::spec::WorkloadSpec;
@@ -62,23 +62,8 @@ pub(super) async fn drive(
     engine.update(id, |m| m.timings.sync_ms = Some(ms(sync_started.elapsed())))?;
 
     // The switch: clients wait from here until the promoted replica serves them.
-    let freeze = Instant::now();
-    let held = engine.ingress.hold(&m.workload).await;
-    if !held.drained {
-        tracing::warn!(
-            connections = held.connections,
-            "some client connections were still busy at the drain deadline"
-        );
-    }
-    engine
-        .faults
-        .enter(Role::Source, Phase::Restoring, &engine.cancel)
-        .await?;
-    // From here the destination may promote its replica: record that before asking.
-    engine.update(id, |m| {
-        m.phase = Phase::Restoring;
-        m.restore_requested = true;
-    })?;
+    let freeze = hold_clients(engine, &m.workload).await;
+    request_switch(engine, id).await?;
     confirm(
         engine,
         id,

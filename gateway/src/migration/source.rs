@@ -137,14 +137,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     })?;
 
     // Clients see the pause from here: their traffic is held until the workload runs again.
-    let freeze = Instant::now();
-    let held = engine.ingress.hold(&m.workload).await;
-    if !held.drained {
-        tracing::warn!(
-            connections = held.connections,
-            "some client connections were still busy at the drain deadline"
-        );
-    }
+    let freeze = hold_clients(engine, &m.workload).await;
     engine
         .faults
         .enter(Role::Source, Phase::Checkpointing, &engine.cancel)
@@ -191,15 +184,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     })?;
     let manifest: Vec<FileMeta> = sent.into_iter().map(|f| f.meta).collect();
 
-    // From here the destination may restore: record that before asking.
-    engine
-        .faults
-        .enter(Role::Source, Phase::Restoring, &engine.cancel)
-        .await?;
-    engine.update(id, |m| {
-        m.phase = Phase::Restoring;
-        m.restore_requested = true;
-    })?;
+    request_switch(engine, id).await?;
     confirm(
         engine,
         id,
@@ -215,6 +200,33 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     )
     .await?;
     Ok(freeze)
+}
+
+/// Holds the workload's client traffic (the freeze starts); returns when it started.
+pub(super) async fn hold_clients(engine: &Engine, workload: &str) -> Instant {
+    let freeze = Instant::now();
+    let held = engine.ingress.hold(workload).await;
+    if !held.drained {
+        tracing::warn!(
+            connections = held.connections,
+            "some client connections were still busy at the drain deadline"
+        );
+    }
+    freeze
+}
+
+/// From here the destination may run the workload (restore, promote): recorded before
+/// it is asked, so a rollback knows to ask it first.
+pub(super) async fn request_switch(engine: &Engine, id: &str) -> Result<(), MigrationError> {
+    engine
+        .faults
+        .enter(Role::Source, Phase::Restoring, &engine.cancel)
+        .await?;
+    engine.update(id, |m| {
+        m.phase = Phase::Restoring;
+        m.restore_requested = true;
+    })?;
+    Ok(())
 }
 
 /// Asks `target` to prepare; anything but `Ready` is its refusal.

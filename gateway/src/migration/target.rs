@@ -31,12 +31,6 @@ impl Handler for Engine {
                 workload,
                 service: Some(service),
             } => {
-                if bad_id(&migration) {
-                    return Response::error(
-                        ErrorCode::BadRequest,
-                        format!("bad migration id {migration:?}"),
-                    );
-                }
                 self.prepare_replica(&peer, &migration, workload, &service)
                     .await
             }
@@ -102,26 +96,36 @@ impl Engine {
             .filter(|m| m.role == Role::Target && m.source == peer)
     }
 
-    async fn prepare(&self, peer: &str, id: &str, spec: WorkloadSpec) -> Response {
+    /// Whether a `Prepare` for `id` from `peer` is new work: a bad id is refused, a repeat
+    /// of one already prepared is answered `Ready` again, any other id in use is refused.
+    pub(super) async fn admit_prepare(&self, peer: &str, id: &str) -> Result<(), Response> {
         if bad_id(id) {
-            return Response::error(ErrorCode::BadRequest, format!("bad migration id {id:?}"));
+            return Err(Response::error(
+                ErrorCode::BadRequest,
+                format!("bad migration id {id:?}"),
+            ));
         }
         if let Some(m) = self.get(id) {
-            return if m.role == Role::Target && m.source == peer && m.phase == Phase::Preparing {
-                Response::Ready
-            } else {
-                Response::error(
-                    ErrorCode::Refused,
-                    format!("migration {id} already exists here"),
-                )
-            };
+            return Err(
+                if m.role == Role::Target && m.source == peer && m.phase == Phase::Preparing {
+                    Response::Ready
+                } else {
+                    Response::error(
+                        ErrorCode::Refused,
+                        format!("migration {id} already exists here"),
+                    )
+                },
+            );
         }
-        if let Err(e) = self
-            .faults
+        self.faults
             .enter(Role::Target, Phase::Preparing, &self.cancel)
             .await
-        {
-            return Response::error(ErrorCode::Refused, e.to_string());
+            .map_err(|e| Response::error(ErrorCode::Refused, e.to_string()))
+    }
+
+    async fn prepare(&self, peer: &str, id: &str, spec: WorkloadSpec) -> Response {
+        if let Err(answer) = self.admit_prepare(peer, id).await {
+            return answer;
         }
         let adapter = match self.plugins.adapter(&spec.runtime) {
             Ok(a) => a,
