@@ -76,8 +76,6 @@ pub struct Criu {
 #[derive(Debug)]
 pub struct Running {
     pub child: tokio::process::Child,
-    /// What it is, for messages ("lazy dump", "lazy-pages").
-    pub what: &'static str,
     /// The lazy dump's page server, on loopback.
     pub page_server: Option<std::net::SocketAddr>,
     /// Its log, to explain a failure.
@@ -122,32 +120,15 @@ impl Criu {
         let port = free_loopback_port().map_err(|e| {
             CriuError::NoPid(format!("no free loopback port for the page server: {e}"))
         })?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("dump")
-            .arg("-t")
-            .arg(req.pid.to_string())
-            .arg("-D")
-            .arg(req.images)
-            .args([
-                "-o",
-                layout::DUMP_LOG,
-                "--leave-stopped",
-                "--network-lock",
-                "skip",
-                "--lazy-pages",
-                "--address",
-                "127.0.0.1",
-                "--port",
-            ])
-            .arg(port.to_string())
-            .args(COMMON);
+        let mut cmd = self.dump_command(&req);
+        cmd.args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
+            .arg(port.to_string());
         let log = req.images.join(layout::DUMP_LOG);
         let child = self.start_with_status(cmd, "dump", &log).await?;
         self.keep_running(
             req.images,
             Running {
                 child,
-                what: "lazy dump",
                 page_server: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
                 log,
             },
@@ -203,10 +184,9 @@ impl Criu {
         })
     }
 
-    /// Checkpoints the tree rooted at `pid` and leaves it stopped (not killed), so the
-    /// source can be resumed if the migration fails.
-    pub async fn dump(&self, req: DumpRequest<'_>) -> Result<Duration, CriuError> {
-        let start = Instant::now();
+    /// `criu dump` of the tree rooted at `req.pid` into `req.images`, leaving it stopped
+    /// (never killed), without firewall rules.
+    fn dump_command(&self, req: &DumpRequest<'_>) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("dump")
             .arg("-t")
@@ -221,6 +201,14 @@ impl Criu {
                 "skip",
             ])
             .args(COMMON);
+        cmd
+    }
+
+    /// Checkpoints the tree rooted at `pid` and leaves it stopped (not killed), so the
+    /// source can be resumed if the migration fails.
+    pub async fn dump(&self, req: DumpRequest<'_>) -> Result<Duration, CriuError> {
+        let start = Instant::now();
+        let cmd = self.dump_command(&req);
         self.run(cmd, "dump", &req.images.join(layout::DUMP_LOG))
             .await?;
         Ok(start.elapsed())
@@ -252,7 +240,6 @@ impl Criu {
                 req.images,
                 Running {
                     child,
-                    what: "lazy-pages",
                     page_server: None,
                     log,
                 },
