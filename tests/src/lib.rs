@@ -383,6 +383,22 @@ impl TwoSites {
 
     /// As [`Self::run_redis_at_a`], with extra `workload run` flags (`--runtime`, `--setting`).
     pub fn run_redis_at_a_with(&self, name: &str, port: u16, flags: &[&str]) -> Result<()> {
+        self.run_redis_at_a_full(name, port, flags, &[])
+    }
+
+    /// As [`Self::run_redis_at_a`], with its `CONFIG` command disabled (a hardened
+    /// server: no adapter can change its settings).
+    pub fn run_redis_at_a_without_config(&self, name: &str, port: u16) -> Result<()> {
+        self.run_redis_at_a_full(name, port, &[], &["--rename-command", "CONFIG", ""])
+    }
+
+    fn run_redis_at_a_full(
+        &self,
+        name: &str,
+        port: u16,
+        flags: &[&str],
+        redis_args: &[&str],
+    ) -> Result<()> {
         let p = port.to_string();
         let mut args = vec!["workload", "run", name, "--port", &p];
         args.extend_from_slice(flags);
@@ -400,6 +416,7 @@ impl TwoSites {
             "--daemonize",
             "no",
         ]);
+        args.extend_from_slice(redis_args);
         self.a.ferry(&args)?;
         Ok(())
     }

@@ -159,25 +159,7 @@ fn a_replica_that_cannot_sync_in_time_aborts_and_the_source_keeps_serving() -> R
     let sites = TwoSites::start(opts)?;
     // A source whose CONFIG command is disabled keeps Redis's default 5 s wait before a
     // diskless full sync (the adapter cannot lower it): longer than the 1 s bound.
-    let p = PORT.to_string();
-    sites.a.ferry(&[
-        "workload",
-        "run",
-        "redis",
-        "--port",
-        &p,
-        "--",
-        "redis-server",
-        "--port",
-        &p,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--rename-command",
-        "CONFIG",
-        "",
-    ])?;
+    sites.run_redis_at_a_without_config("redis", PORT)?;
     sites.a.redis(PORT, &["SET", "before", "1"])?;
     let (ok, m) = sites.migrate_with("redis", "b", &["--approach", "service"])?;
     assert!(!ok, "{m}");
@@ -202,27 +184,7 @@ fn a_destination_killed_during_the_sync_leaves_the_source_untouched() -> Result<
     let mut sites = TwoSites::start(options("kill"))?;
     // CONFIG disabled: the source keeps Redis's 5 s wait before the full sync, so the
     // destination can be killed while it syncs.
-    let p = PORT.to_string();
-    sites.a.ferry(&[
-        "workload",
-        "run",
-        "redis",
-        "--port",
-        &p,
-        "--",
-        "redis-server",
-        "--port",
-        &p,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "yes",
-        "--rename-command",
-        "CONFIG",
-        "",
-    ])?;
+    sites.run_redis_at_a_without_config("redis", PORT)?;
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "1000", "k", "10"])?;
