@@ -30,13 +30,7 @@ impl Engine {
     pub(super) fn postcopy_capable(&self, runtime: &str) -> Result<(), String> {
         crate::criu::lazy_dump_ready()?;
         let adapter = self.plugins.adapter(runtime).map_err(|e| e.to_string())?;
-        let granted = self
-            .plugins
-            .list()
-            .into_iter()
-            .find(|p| p.name == adapter.name())
-            .is_some_and(|p| p.granted.allows(Capability::Criu));
-        if granted {
+        if self.plugins.grants(adapter.name(), Capability::Criu) {
             Ok(())
         } else {
             Err(format!(

@@ -598,6 +598,13 @@ impl PluginHost {
         self.infos.clone()
     }
 
+    /// Whether the adapter named `name` was granted capability `c` here.
+    pub fn grants(&self, name: &str, c: Capability) -> bool {
+        self.infos
+            .iter()
+            .any(|p| p.name == name && p.granted.allows(c))
+    }
+
     /// Every service adapter of this site.
     pub fn services(&self) -> &[AdapterHandle] {
         &self.services
