@@ -386,6 +386,32 @@ impl TwoSites {
         self.run_redis_at_a_full(name, port, flags, &[])
     }
 
+    /// Starts Redis on `port` at site A in a podman container of `image` (built with
+    /// [`redis_podman_image`]).
+    pub fn run_redis_in_podman_at_a(&self, name: &str, port: u16, image: &str) -> Result<()> {
+        let setting = format!("image={image}");
+        let p = port.to_string();
+        let mut args: Vec<String> = [
+            "workload",
+            "run",
+            name,
+            "--runtime",
+            "podman",
+            "--setting",
+            &setting,
+            "--port",
+            &p,
+            "--",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        args.extend(redis_container_args(port));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.a.ferry(&refs)?;
+        Ok(())
+    }
+
     /// As [`Self::run_redis_at_a`], with its `CONFIG` command disabled (a hardened
     /// server: no adapter can change its settings).
     pub fn run_redis_at_a_without_config(&self, name: &str, port: u16) -> Result<()> {

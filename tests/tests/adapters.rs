@@ -217,22 +217,7 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
     );
     let image = "localhost/ferry-e2e-redis:latest";
     ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
-    let mut args: Vec<String> = [
-        "workload",
-        "run",
-        "redis",
-        "--runtime",
-        "podman",
-        "--setting",
-    ]
-    .iter()
-    .map(std::string::ToString::to_string)
-    .collect();
-    args.push(format!("image={image}"));
-    args.extend(["--port".into(), PORT.to_string(), "--".into()]);
-    args.extend(ferry_e2e::redis_container_args(PORT));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    sites.a.ferry(&refs)?;
+    sites.run_redis_in_podman_at_a("redis", PORT, image)?;
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "30000", "key", "64"])?;
