@@ -228,7 +228,7 @@ impl Engine {
 
     /// The switch, while the source holds its clients: the service adapter catches the
     /// replica up and promotes it; the adopted record is the confirmation.
-    pub(super) async fn promote(&self, peer: &str, id: &str) -> Response {
+    pub(super) async fn promote(&self, peer: &str, id: &str, mark: String) -> Response {
         let m = match self.incoming(peer, id) {
             Some(m) if m.phase == Phase::Completed => {
                 return match self.workloads.get(&m.workload).and_then(|w| w.pid) {
@@ -258,7 +258,7 @@ impl Engine {
         }
         let started = Instant::now();
         let promoted = match self.replica_call(&m) {
-            Ok((about, service)) => service.cut_over(about).await,
+            Ok((about, service)) => service.cut_over(about, mark).await,
             Err(e) => Err(e),
         };
         if let Err(e) = promoted {

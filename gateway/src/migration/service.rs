@@ -1,8 +1,11 @@
 //! The source side of a service-level move: the destination starts a fresh instance
 //! (under its own runtime, which may differ from ours) and a service adapter there makes
 //! it follow ours through a tunnel; once it is in sync, our clients' traffic is held just
-//! long enough for the replica to catch up and be promoted. The source is never frozen:
-//! until the destination confirms, it serves (or could serve again at once).
+//! long enough for the replica to catch up and be promoted. The switch crosses the link
+//! once each way: the service adapter here fences the source (it stops taking changes)
+//! and hands back a mark of what it has; the destination catches up to that mark and
+//! promotes. The source is never frozen: until the destination confirms, it serves reads
+//! (or could serve again at once, unfenced).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +13,9 @@ use std::time::{Duration, Instant};
 use super::source::{confirm, hold_clients, prepare_destination, request_switch};
 use super::{Engine, MigrationError, Phase, Role};
 use crate::peer::wire::{Request, Response};
+use crate::plugins::AdapterCall;
 use crate::spec::WorkloadSpec;
+use crate::workload::WorkloadError;
 
 /// How often the replica's state is asked for while it syncs.
 const SYNC_POLL: Duration = Duration::from_millis(100);
@@ -63,6 +68,7 @@ pub(super) async fn drive(
 
     // The switch: clients wait from here until the promoted replica serves them.
     let freeze = hold_clients(engine, &m.workload).await;
+    let mark = fence(engine, id, &m.workload, &target, service).await?;
     request_switch(engine, id).await?;
     confirm(
         engine,
@@ -70,10 +76,63 @@ pub(super) async fn drive(
         &target,
         Request::Promote {
             migration: id.to_string(),
+            mark,
         },
     )
     .await?;
     Ok(freeze)
+}
+
+/// The call the service adapter here gets about the source of `id`.
+fn source_call(
+    engine: &Engine,
+    id: &str,
+    workload: &str,
+    target: &str,
+) -> Result<AdapterCall, MigrationError> {
+    let w = engine
+        .workloads
+        .get(workload)
+        .ok_or_else(|| MigrationError::Workload(WorkloadError::NotFound(workload.to_string())))?;
+    Ok(AdapterCall::for_workload(&w)
+        .with_peer(target)
+        .with_migration(id))
+}
+
+/// Stops the source taking changes (its service adapter, here); the mark goes to the
+/// destination, which catches up to it before it is promoted.
+async fn fence(
+    engine: &Arc<Engine>,
+    id: &str,
+    workload: &str,
+    target: &str,
+    service: &str,
+) -> Result<String, MigrationError> {
+    let started = Instant::now();
+    let about = source_call(engine, id, workload, target)?;
+    let mark = engine.plugins.service(service)?.fence(about).await?;
+    tracing::info!(migration = id, %mark, ms = ms(started.elapsed()), "source fenced");
+    Ok(mark)
+}
+
+/// A move abandoned after the fence: the source takes changes again (best effort; the
+/// adapter's fence is bounded and lifts itself).
+pub(super) async fn unfence(engine: &Arc<Engine>, id: &str) {
+    let Some(m) = engine.get(id) else { return };
+    let Some(service) = m.service.as_deref() else {
+        return;
+    };
+    let outcome = match (
+        source_call(engine, id, &m.workload, &m.target),
+        engine.plugins.service(service),
+    ) {
+        (Ok(about), Ok(adapter)) => adapter.unfence(about).await.map_err(|e| e.to_string()),
+        (Err(e), _) => Err(e.to_string()),
+        (_, Err(e)) => Err(e.to_string()),
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(migration = id, error = %e, "could not unfence the source; its fence lifts by itself");
+    }
 }
 
 /// Polls the replica until it is in sync, recording its progress; gives up (the move is

@@ -437,6 +437,7 @@ pub(super) async fn finish_rollback(
         .get(id)
         .is_some_and(|m| m.approach.as_deref() == Some("service"));
     let resumed = if service {
+        super::service::unfence(engine, id).await;
         engine.unhold_workload(workload);
         Ok(())
     } else {

@@ -39,7 +39,7 @@ impl Handler for Engine {
             }
             Request::StartSync { migration } => self.start_sync(&peer, &migration).await,
             Request::SyncStatus { migration } => self.sync_status(&peer, &migration).await,
-            Request::Promote { migration } => self.promote(&peer, &migration).await,
+            Request::Promote { migration, mark } => self.promote(&peer, &migration, mark).await,
             Request::File {
                 migration,
                 name,

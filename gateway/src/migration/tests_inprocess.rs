@@ -64,6 +64,10 @@ struct World {
     syncing: Mutex<HashMap<(String, String), Instant>>,
     /// Replicas whose sync was stopped.
     aborted: Mutex<Vec<String>>,
+    /// Sources fenced for a switch and not unfenced since, by (site, migration).
+    fenced: Mutex<Vec<(String, String)>>,
+    /// Sources unfenced after a switch that failed, by migration.
+    unfenced: Mutex<Vec<String>>,
     /// Sites get the service adapter too (else only checkpoints can move workloads).
     with_services: std::sync::atomic::AtomicBool,
 }
@@ -160,9 +164,26 @@ impl World {
                     },
                 }))
             }
-            Call::CutOver(c) => {
+            Call::Fence(c) => {
+                if c.live_pid().is_none() || c.migration.is_none() {
+                    return Err(failed(format!("no source process or migration: {c:?}")));
+                }
+                self.fenced.lock().unwrap().push(key(&c));
+                Ok(Reply::Mark(format!("fenced {}", key(&c).1)))
+            }
+            Call::Unfence(c) => {
+                let k = key(&c);
+                self.fenced.lock().unwrap().retain(|f| f != &k);
+                self.unfenced.lock().unwrap().push(k.1);
+                Ok(Reply::Unit)
+            }
+            Call::CutOver(c, mark) => {
                 if c.live_pid().is_none() {
                     return Err(failed("the replica is gone".into()));
+                }
+                let expected = format!("fenced {}", key(&c).1);
+                if mark != expected {
+                    return Err(failed(format!("mark {mark:?}, not the source's {expected:?}")));
                 }
                 Ok(Reply::Unit)
             }
@@ -1094,6 +1115,14 @@ async fn a_service_level_move_promotes_the_replica_and_never_freezes_the_source(
     assert!(m.timings.sync_ms.is_some_and(|ms| ms >= 200), "{m:?}");
     assert!(m.timings.dump_ms.is_none(), "a checkpoint ran: {m:?}");
     assert!(m.sync.as_ref().is_some_and(|s| s.in_sync));
+    // The source was fenced at A (the fake cut-over refuses any other mark) and stays so.
+    assert!(pair
+        .world
+        .fenced
+        .lock()
+        .unwrap()
+        .contains(&("a".to_string(), m.id.clone())));
+    assert!(pair.world.unfenced.lock().unwrap().is_empty());
     runs_only_at(&pair, "b", "svc");
     let at_b = pair.b().workloads.get("svc").expect("at b");
     assert_eq!(
@@ -1140,6 +1169,9 @@ async fn a_failed_promotion_discards_the_replica_and_resumes_serving_at_the_sour
     rolled_back_with(&pair, &m.id, "offsets never met").await;
     let (pid, start) = replica_of(pair.b(), &m.id).expect("replica recorded");
     until("the replica process to end", || !process::alive(pid, start)).await;
+    // The source was fenced for the switch, then takes changes again.
+    assert!(pair.world.unfenced.lock().unwrap().contains(&m.id));
+    assert!(pair.world.fenced.lock().unwrap().is_empty());
     // The hold was released: the ingress serves the source again.
     assert!(pair.a().ingress.stats().is_empty() || pair.a().workloads.get("svc").is_some());
 }

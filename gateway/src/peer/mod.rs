@@ -3,8 +3,11 @@
 //! carries one request per bidirectional stream: migration requests go to a [`Handler`]
 //! (the migration engine), tunnels to a [`TunnelServer`] (the ingress).
 
+mod early;
 pub mod files;
 pub mod wire;
+
+pub use early::TunnelRecv;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -234,7 +237,22 @@ impl PeerLink {
         peer: &str,
         target: &TunnelTarget,
     ) -> Result<(RecvStream, SendStream), PeerError> {
-        let (mut send, mut recv) = self.open(peer).await?;
+        let (recv, send) = self.open_tunnel_early(peer, target).await?;
+        let recv = recv.opened().await.map_err(|e| PeerError::Refused {
+            peer: peer.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok((recv, send))
+    }
+
+    /// Opens a tunnel without waiting for the peer's answer: bytes written at once follow
+    /// the request; the first read waits for the answer (a refusal is a read error).
+    pub async fn open_tunnel_early(
+        &self,
+        peer: &str,
+        target: &TunnelTarget,
+    ) -> Result<(TunnelRecv, SendStream), PeerError> {
+        let (mut send, recv) = self.open(peer).await?;
         let req = match target.clone() {
             TunnelTarget::Workload(workload) => Request::Tunnel {
                 workload,
@@ -270,17 +288,7 @@ impl PeerLink {
             let _ = send.set_priority(if *urgent { URGENT } else { BULK });
         }
         write_frame(peer, &mut send, &req).await?;
-        match read_response(peer, &mut recv).await? {
-            Response::TunnelOpen => Ok((recv, send)),
-            Response::Error { message, .. } => Err(PeerError::Refused {
-                peer: peer.to_string(),
-                message,
-            }),
-            other => Err(PeerError::Protocol {
-                peer: peer.to_string(),
-                detail: format!("unexpected answer to a tunnel: {other:?}"),
-            }),
-        }
+        Ok((TunnelRecv::new(peer.to_string(), recv), send))
     }
 
     pub(crate) async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), PeerError> {

@@ -48,9 +48,14 @@ pub enum Request {
     StartSync { migration: String },
     /// Service approach: how far the replica is. Answered with `Sync`.
     SyncStatus { migration: String },
-    /// Service approach, while the source holds its clients' traffic: catch up, promote,
-    /// and confirm like a restore (answered with `Restored`).
-    Promote { migration: String },
+    /// Service approach, while the source holds its clients' traffic and is fenced: catch
+    /// up to `mark` (what the source's service adapter answered to `fence`), promote, and
+    /// confirm like a restore (answered with `Restored`).
+    Promote {
+        migration: String,
+        #[serde(default)]
+        mark: String,
+    },
     /// One image file follows: `size` bytes (as `compression` frames them), then the
     /// 32-byte BLAKE3 digest of those bytes. A `growing` file's size is unknown when it
     /// starts: it comes in blocks, its size after the end block.

@@ -30,7 +30,9 @@ fn split(call: Call) -> (Option<AdapterCall>, Op) {
         Call::ReleaseSource(c) => (Some(c), Op::ReleaseSource),
         Call::StartSync(c) => (Some(c), Op::StartSync),
         Call::SyncProgress(c) => (Some(c), Op::SyncProgress),
-        Call::CutOver(c) => (Some(c), Op::CutOver),
+        Call::Fence(c) => (Some(c), Op::Fence),
+        Call::Unfence(c) => (Some(c), Op::Unfence),
+        Call::CutOver(c, mark) => (Some(c), Op::CutOver(mark)),
         Call::AbortSync(c) => (Some(c), Op::AbortSync),
     }
 }
@@ -47,7 +49,9 @@ enum Op {
     ReleaseSource,
     StartSync,
     SyncProgress,
-    CutOver,
+    Fence,
+    Unfence,
+    CutOver(String),
     AbortSync,
 }
 
@@ -204,8 +208,16 @@ impl Actor {
                 .sync_progress(store, &w)
                 .await
                 .map(|r| r.map(Reply::Progress)),
-            (Op::CutOver, Some(w)) => guest
-                .cut_over(store, &w)
+            (Op::Fence, Some(w)) => guest
+                .fence(store, &w)
+                .await
+                .map(|r| r.map(Reply::Mark)),
+            (Op::Unfence, Some(w)) => guest
+                .unfence(store, &w)
+                .await
+                .map(|r| r.map(|()| Reply::Unit)),
+            (Op::CutOver(mark), Some(w)) => guest
+                .cut_over(store, &w, &mark)
                 .await
                 .map(|r| r.map(|()| Reply::Unit)),
             (Op::AbortSync, Some(w)) => guest

@@ -151,7 +151,11 @@ pub enum Call {
     /// Service adapters (the `service` interface).
     StartSync(AdapterCall),
     SyncProgress(AdapterCall),
-    CutOver(AdapterCall),
+    /// At the source: stop taking changes; answers a mark for the destination.
+    Fence(AdapterCall),
+    Unfence(AdapterCall),
+    /// At the destination: catch up to the source's mark, then become the primary.
+    CutOver(AdapterCall, String),
     AbortSync(AdapterCall),
 }
 
@@ -168,7 +172,9 @@ impl Call {
             Call::ReleaseSource(_) => "release-source",
             Call::StartSync(_) => "start-sync",
             Call::SyncProgress(_) => "sync-progress",
-            Call::CutOver(_) => "cut-over",
+            Call::Fence(_) => "fence",
+            Call::Unfence(_) => "unfence",
+            Call::CutOver(..) => "cut-over",
             Call::AbortSync(_) => "abort-sync",
         }
     }
@@ -185,4 +191,6 @@ pub enum Reply {
     MaybePid(Option<i32>),
     Notes(Vec<(String, String)>),
     Progress(SyncState),
+    /// A service's fence mark.
+    Mark(String),
 }

@@ -262,9 +262,24 @@ impl AdapterHandle {
         }
     }
 
-    /// While the source's traffic is held: catch up, promote.
-    pub async fn cut_over(&self, call: AdapterCall) -> Result<(), PluginError> {
-        self.call(Call::CutOver(call)).await.map(|_| ())
+    /// At the source, while its traffic is held: stop taking changes; the mark of what
+    /// the source has goes to the destination's `cut_over`.
+    pub async fn fence(&self, call: AdapterCall) -> Result<String, PluginError> {
+        match self.call(Call::Fence(call)).await? {
+            Reply::Mark(m) => Ok(m),
+            _ => Err(self.protocol("fence")),
+        }
+    }
+
+    /// At the source, when the move is abandoned after `fence`.
+    pub async fn unfence(&self, call: AdapterCall) -> Result<(), PluginError> {
+        self.call(Call::Unfence(call)).await.map(|_| ())
+    }
+
+    /// At the destination, while the source's traffic is held: catch up to `mark`,
+    /// promote.
+    pub async fn cut_over(&self, call: AdapterCall, mark: String) -> Result<(), PluginError> {
+        self.call(Call::CutOver(call, mark)).await.map(|_| ())
     }
 
     pub async fn abort_sync(&self, call: AdapterCall) -> Result<(), PluginError> {

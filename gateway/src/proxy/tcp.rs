@@ -15,8 +15,10 @@ use tokio::sync::watch;
 use super::{wait_for_target, HoldLimits, Routed, Target};
 use crate::peer::PeerLink;
 
-/// No backend bytes for this long after the last answer = a quiet point.
-const QUIET: Duration = Duration::from_millis(15);
+/// No backend bytes for this long after the last answer = a quiet point. Loopback
+/// replies come in one piece or in chunks microseconds apart; this only has to outlast
+/// the gaps inside one reply, and it is what an idle-but-recent connection adds to a hold.
+const QUIET: Duration = Duration::from_millis(5);
 
 pub(super) type Reader = Box<dyn AsyncRead + Unpin + Send>;
 pub(super) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
@@ -80,6 +82,14 @@ pub(super) async fn dial(
     }
 }
 
+/// Sleeps until `at` (forever without one; the select arm is disabled then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn pump(
     client: &mut TcpStream,
     mut br: Reader,
@@ -95,8 +105,16 @@ async fn pump(
     let mut outstanding = false;
     let mut last_backend = Instant::now();
     let mut holding: Option<Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
     loop {
+        // While held: the next moment the connection may be quiet (or must be re-bound).
+        let check = holding.map(|h| {
+            let forced = h + limits.drain;
+            if outstanding {
+                forced
+            } else {
+                (last_backend + QUIET).min(forced)
+            }
+        });
         tokio::select! {
             r = cr.read(&mut cbuf), if holding.is_none() => match r {
                 Ok(0) | Err(_) => {
@@ -131,7 +149,7 @@ async fn pump(
                     holding = Some(Instant::now());
                 }
             },
-            _ = tick.tick(), if holding.is_some() => {
+            () = sleep_until(check), if check.is_some() => {
                 let quiet = !outstanding && last_backend.elapsed() >= QUIET;
                 let forced = holding.is_some_and(|h| h.elapsed() >= limits.drain);
                 if quiet || forced {

@@ -20,17 +20,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Ingress, Target};
-use crate::peer::{PeerLink, TunnelTarget};
+use crate::peer::{PeerLink, TunnelRecv, TunnelTarget};
 use crate::plugins::TunnelOpener;
 
-/// The near end for a client: a byte pipe to `workload` at `peer`.
+/// The near end for a client: a byte pipe to `workload` at `peer`. The client's bytes go
+/// out with the request (no round trip waits for the peer's answer first); a refusal
+/// shows as a read error.
 pub(super) async fn open(
     peers: &PeerLink,
     peer: &str,
     workload: &str,
-) -> Result<(RecvStream, SendStream), String> {
+) -> Result<(TunnelRecv, SendStream), String> {
     peers
-        .open_tunnel(peer, &TunnelTarget::Workload(workload.to_string()))
+        .open_tunnel_early(peer, &TunnelTarget::Workload(workload.to_string()))
         .await
         .map_err(|e| format!("tunnel to {workload} at {peer}: {e}"))
 }

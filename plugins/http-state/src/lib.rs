@@ -408,7 +408,9 @@ impl ServiceAdapter for HttpState {
         })
     }
 
-    fn cut_over(w: Workload) -> Result<(), AdapterError> {
+    // No fence (the default): the held source takes no request, and the state is read
+    // whole through the tunnel here, so the mark is not needed.
+    fn cut_over(w: Workload, _mark: String) -> Result<(), AdapterError> {
         let svc = Service::require(&w)?;
         let staging = Staging::new(&w);
         let started = Instant::now();

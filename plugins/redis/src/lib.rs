@@ -3,9 +3,10 @@
 //! At the destination a fresh, empty instance becomes a replica of the source through a
 //! `tunnel` (`REPLICAOF`), streams the source's changes while clients keep using the
 //! source, and at the switch, while the source site's ingress holds every client, the
-//! source is fenced (`CLIENT PAUSE … WRITE`, bounded so a failed move cannot leave it
-//! paused long), the replica catches up to the source's last offset and is promoted
-//! (`REPLICAOF NO ONE`). Everything goes through `redis-cli` (and `redis-server
+//! adapter at the source fences it (`CLIENT PAUSE … WRITE`, bounded so a failed move
+//! cannot leave it paused long) and hands its replication offset to the destination, where
+//! the replica catches up to that offset and is promoted (`REPLICAOF NO ONE`). The switch
+//! makes no call through the tunnel: each side talks to its own instance. Everything goes through `redis-cli` (and `redis-server
 //! --version`) on the site's `exec` allow-list; at each site `exec` runs in that site's
 //! network, so `redis-cli -h 127.0.0.1 -p PORT` is the local instance.
 
@@ -27,8 +28,9 @@ const PAUSE_MS: u64 = 10_000;
 /// `PAUSE_MS`, so the source is still fenced when the replica is promoted.
 const CATCH_UP_MS: u64 = 8_000;
 const POLL: Duration = Duration::from_millis(2);
-/// The switch itself: a few `redis-cli` calls while the ingress holds clients.
-const EXPECTED_DOWNTIME_MS: u64 = 20;
+/// The switch itself: a few local `redis-cli` calls at each site while the ingress holds
+/// clients (the engine adds the link's round trips).
+const EXPECTED_DOWNTIME_MS: u64 = 15;
 
 thread_local! {
     /// The source's `repl-diskless-sync-delay` before the sync set it to 0 (so the full
@@ -153,6 +155,12 @@ impl Server {
         Replica::from_info(&self.info(None)?).map_err(|e| self.bad(e))
     }
 
+    /// The local instance's replication state only (`INFO replication`: cheap, for the
+    /// switch; it lacks the byte counters).
+    fn replica_state(&self) -> Result<Replica, AdapterError> {
+        Replica::from_info(&self.info(Some("replication"))?).map_err(|e| self.bad(e))
+    }
+
     fn bad(&self, e: impl std::fmt::Display) -> AdapterError {
         AdapterError::Failed(format!("{} ({}:{}): {e}", self.what, self.host, self.port))
     }
@@ -256,41 +264,45 @@ fn probe_destination(w: &Workload) -> Result<Plan, AdapterError> {
     )))
 }
 
-/// Waits, with the source paused, until the replica has what the source has. The source
-/// offset is read before the replica's each time: the source only grows by its own pings
-/// while paused, so a replica at or past the number read misses no write.
-fn catch_up(local: &Server, source: &Server) -> Result<u64, AdapterError> {
+/// Waits, with the source paused, until the replica has everything up to `mark` (the
+/// source's `master_repl_offset` read after the pause: every write the source took is at
+/// or below it). A replica whose link to the source is down cannot get there: that fails
+/// at once rather than holding clients for the whole bound.
+fn catch_up(local: &Server, mark: u64) -> Result<(), AdapterError> {
     let deadline = Instant::now() + Duration::from_millis(CATCH_UP_MS);
     loop {
-        let target = source.master_offset()?;
-        let replica = local.replica()?;
-        if replica.caught_up(target) {
-            return Ok(target);
+        let replica = local.replica_state()?;
+        if replica.caught_up(mark) {
+            return Ok(());
+        }
+        if !replica.in_sync() {
+            return Err(AdapterError::Failed(format!(
+                "the replica is not in sync with the source ({}); cut-over needs sync-progress to report in-sync first",
+                replica.progress(mark).detail
+            )));
         }
         if Instant::now() >= deadline {
             return Err(AdapterError::Failed(format!(
                 "the replica did not catch up with the paused source within {CATCH_UP_MS} ms: {}",
-                replica.progress(target).detail
+                replica.progress(mark).detail
             )));
         }
         std::thread::sleep(POLL);
     }
 }
 
-/// Makes the local replica a primary and checks that it is one.
+/// Makes the local replica a primary (`OK` is Redis's word that it is one now).
 fn promote(local: &Server) -> Result<(), AdapterError> {
-    local.ok(&["REPLICAOF", "NO", "ONE"])?;
-    match local.info(Some("replication"))?.role() {
-        Ok("master") => Ok(()),
-        other => Err(local.bad(format!("still not a primary after REPLICAOF NO ONE ({other:?})"))),
-    }
+    local.ok(&["REPLICAOF", "NO", "ONE"])
 }
 
-/// Lifts the source's pause, for a cut-over or a move that failed.
-fn unpause(source: &Server) {
-    if let Err(e) = source.ok(&["CLIENT", "UNPAUSE"]) {
-        log::log(log::Level::Warn, &format!("could not unpause the source: {e:?}"));
-    }
+/// The source's fence mark: its replication offset, as text.
+fn parse_mark(mark: &str) -> Result<u64, AdapterError> {
+    mark.trim().parse().map_err(|_| {
+        AdapterError::Failed(format!(
+            "the source's fence mark {mark:?} is not a replication offset (was the source fenced by the redis adapter?)"
+        ))
+    })
 }
 
 impl ServiceAdapter for Redis {
@@ -339,6 +351,14 @@ impl ServiceAdapter for Redis {
                 &format!("the full sync waits for the source's repl-diskless-sync-delay: {e:?}"),
             );
         }
+        // Best effort: the fresh (empty) replica loads the copy as it arrives instead of
+        // writing it to disk first and loading it after the transfer.
+        if let Err(e) = local.ok(&["CONFIG", "SET", "repl-diskless-load", "on-empty-db"]) {
+            log::log(
+                log::Level::Warn,
+                &format!("the replica loads the copy only once it has all of it: {e:?}"),
+            );
+        }
         if let Err(e) = local.ok(&["REPLICAOF", &source.host, &port]) {
             restore_sync_delay(&source);
             return Err(e);
@@ -368,52 +388,52 @@ impl ServiceAdapter for Redis {
         })
     }
 
-    fn cut_over(w: Workload) -> Result<(), AdapterError> {
+    /// At the source: writes wait (`CLIENT PAUSE … WRITE`, lifted by Redis itself after
+    /// `PAUSE_MS` if nothing else does); the offset read after the pause covers every
+    /// write it took.
+    fn fence(w: Workload) -> Result<String, AdapterError> {
         let local = Server::local(&w)?;
-        let source = Server::source(&w)?;
-        // A replica without a live link cannot catch up in the bound: refuse before the
-        // source is paused rather than hold clients for nothing.
-        let replica = local.replica()?;
-        if !replica.in_sync() {
-            return Err(AdapterError::Failed(format!(
-                "the replica is not in sync with the source ({}); cut-over needs sync-progress to report in-sync first",
-                replica.progress(0).detail
-            )));
-        }
         let pause = PAUSE_MS.to_string();
-        source.ok(&["CLIENT", "PAUSE", &pause, "WRITE"])?;
-        match catch_up(&local, &source).and_then(|offset| promote(&local).map(|()| offset)) {
-            // The source stays paused: fenced until it is released (the pause lifts
-            // itself after PAUSE_MS whatever happens next).
-            Ok(offset) => {
-                info(&format!(
-                    "redis at {} promoted at replication offset {offset}; {} stays paused",
-                    w.site,
-                    peer(&w)
-                ));
-                Ok(())
-            }
-            // The move fails and the source goes on serving (this instance is discarded).
+        local.ok(&["CLIENT", "PAUSE", &pause, "WRITE"])?;
+        match local.master_offset() {
+            Ok(offset) => Ok(offset.to_string()),
             Err(e) => {
-                unpause(&source);
+                let _ = local.ok(&["CLIENT", "UNPAUSE"]);
                 Err(e)
             }
         }
     }
 
+    fn unfence(w: Workload) -> Result<(), AdapterError> {
+        Server::local(&w)?.ok(&["CLIENT", "UNPAUSE"])
+    }
+
+    /// At the destination: catch up to the source's offset, then become the primary. The
+    /// source stays paused until it is released (its pause lifts itself after `PAUSE_MS`
+    /// whatever happens next).
+    fn cut_over(w: Workload, mark: String) -> Result<(), AdapterError> {
+        let offset = parse_mark(&mark)?;
+        let local = Server::local(&w)?;
+        catch_up(&local, offset)?;
+        promote(&local)?;
+        info(&format!(
+            "redis at {} promoted at replication offset {offset}; {} stays paused",
+            w.site,
+            peer(&w)
+        ));
+        Ok(())
+    }
+
     fn abort_sync(w: Workload) -> Result<(), AdapterError> {
-        // Best effort both: the instance is discarded next, and the source's pause lifts
-        // itself anyway.
+        // Best effort both: the instance is discarded next. The source's fence is the
+        // source site's to lift (`unfence`).
         match Server::local(&w).and_then(|local| local.ok(&["REPLICAOF", "NO", "ONE"])) {
             Ok(()) => {}
             Err(e) => log::log(log::Level::Warn, &format!("could not stop replicating: {e:?}")),
         }
         match Server::source(&w) {
-            Ok(source) => {
-                unpause(&source);
-                restore_sync_delay(&source);
-            }
-            Err(e) => log::log(log::Level::Warn, &format!("no tunnel to unpause the source: {e:?}")),
+            Ok(source) => restore_sync_delay(&source),
+            Err(e) => log::log(log::Level::Warn, &format!("no tunnel to the source: {e:?}")),
         }
         Ok(())
     }

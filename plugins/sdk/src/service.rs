@@ -5,8 +5,10 @@
 //! A service adapter moves a service by its own means (a live replica kept in sync through
 //! a [`tunnel`], then promoted) instead of checkpointing processes. The engine calls
 //! `probe` at both sites, then, at the destination, `start-sync` on a fresh instance,
-//! `sync-progress` until it is in sync, and `cut-over` while the source site holds all
-//! client traffic; `abort-sync` when the move is abandoned.
+//! `sync-progress` until it is in sync; then, while the source site holds all client
+//! traffic, `fence` at the source (its mark goes to the destination) and `cut-over` at the
+//! destination; `abort-sync` (destination) and `unfence` (source) when the move is
+//! abandoned.
 
 wit_bindgen::generate!({
     path: "../../wit/ferry-adapter@0.2.0",
@@ -49,9 +51,24 @@ pub trait ServiceAdapter {
         Err(unsupported::<Self>("sync-progress"))
     }
 
-    /// At the destination, while the source site holds all client traffic: catch up with
-    /// the source, then become the primary. Default: unsupported.
-    fn cut_over(_w: Workload) -> Result<(), AdapterError> {
+    /// At the source, while this site holds all client traffic: stop the source taking
+    /// changes and return a mark of what it has, handed to [`cut_over`](ServiceAdapter::cut_over)
+    /// at the destination. Default: no fence, an empty mark (for services whose cut-over
+    /// reads the source's state itself, through the tunnel).
+    fn fence(_w: Workload) -> Result<String, AdapterError> {
+        Ok(String::new())
+    }
+
+    /// At the source, when the move is abandoned after [`fence`](ServiceAdapter::fence):
+    /// take changes again. Default: nothing to undo.
+    fn unfence(_w: Workload) -> Result<(), AdapterError> {
+        Ok(())
+    }
+
+    /// At the destination, while the source site holds all client traffic and the source
+    /// is fenced: catch up with the source up to `mark`, then become the primary.
+    /// Default: unsupported.
+    fn cut_over(_w: Workload, _mark: String) -> Result<(), AdapterError> {
         Err(unsupported::<Self>("cut-over"))
     }
 
@@ -84,8 +101,14 @@ macro_rules! export_service_adapter {
             fn sync_progress(w: $crate::Workload) -> Result<$crate::SyncState, $crate::AdapterError> {
                 <$ty as $crate::ServiceAdapter>::sync_progress(w)
             }
-            fn cut_over(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
-                <$ty as $crate::ServiceAdapter>::cut_over(w)
+            fn fence(w: $crate::Workload) -> Result<String, $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::fence(w)
+            }
+            fn unfence(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::unfence(w)
+            }
+            fn cut_over(w: $crate::Workload, mark: String) -> Result<(), $crate::AdapterError> {
+                <$ty as $crate::ServiceAdapter>::cut_over(w, mark)
             }
             fn abort_sync(w: $crate::Workload) -> Result<(), $crate::AdapterError> {
                 <$ty as $crate::ServiceAdapter>::abort_sync(w)

@@ -185,9 +185,28 @@ impl Guest {
         }
     }
 
-    pub async fn cut_over(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
+    pub async fn fence(&self, store: &mut Store<State>, w: &Workload) -> Answer<String> {
         match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_cut_over(store, w).await,
+            Guest::Service(g) => g.ferry_adapter_service().call_fence(store, w).await,
+            _ => Ok(Err(Self::not_this_world("fence"))),
+        }
+    }
+
+    pub async fn unfence(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
+        match self {
+            Guest::Service(g) => g.ferry_adapter_service().call_unfence(store, w).await,
+            _ => Ok(Err(Self::not_this_world("unfence"))),
+        }
+    }
+
+    pub async fn cut_over(
+        &self,
+        store: &mut Store<State>,
+        w: &Workload,
+        mark: &str,
+    ) -> Answer<()> {
+        match self {
+            Guest::Service(g) => g.ferry_adapter_service().call_cut_over(store, w, mark).await,
             _ => Ok(Err(Self::not_this_world("cut-over"))),
         }
     }
