@@ -96,6 +96,42 @@ async fn an_endless_loop_hits_the_deadline() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_call_blocked_in_the_host_hits_the_deadline() -> Result<()> {
+    // A peer that accepts and never answers: the guest's read waits in the host, where the
+    // epoch deadline cannot reach it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = silent.local_addr()?;
+    let dir = std::env::temp_dir().join("ferry-sandbox-hang");
+    site(&dir, 500, 64)?;
+    let path = dir.join("site.toml");
+    let text = std::fs::read_to_string(&path)?.replace(
+        "[plugins.grants.hostile]\ncapabilities = [\"log\", \"criu\", \"process\"]",
+        &format!("[plugins.grants.hostile]\ncapabilities = [\"log\", \"criu\", \"process\", \"sockets\"]\nsockets = [\"{addr}\"]"),
+    );
+    std::fs::write(&path, text)?;
+    let cfg = SiteConfig::load(&path)?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
+    let adapter = host.adapter("hostile")?;
+    let mut w = workload("hang");
+    w.spec.settings.insert("target".into(), addr.to_string());
+    let started = std::time::Instant::now();
+    let err = adapter.checkpoint(w).await.unwrap_err();
+    assert!(
+        matches!(err, PluginError::Deadline { ms: 500, .. }),
+        "{err}"
+    );
+    assert!(
+        started.elapsed().as_millis() < 10_000,
+        "the call stayed blocked in the host"
+    );
+    // The connection was made (so the wait was in the read), and the adapter still answers.
+    silent.set_nonblocking(true)?;
+    assert!(silent.accept().is_ok(), "the guest never connected");
+    assert_eq!(adapter.describe().await?.name, "hostile");
+    Ok(())
+}
+
+#[tokio::test]
 async fn unbounded_memory_growth_hits_the_limit() -> Result<()> {
     let host = host("memory", 30_000, 32).await?;
     let adapter = host.adapter("hostile")?;

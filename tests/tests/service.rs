@@ -291,3 +291,74 @@ fn redis_in_podman_moves_to_a_plain_process_through_the_service_level() -> Resul
     );
     Ok(())
 }
+
+#[test]
+fn redis_in_runc_moves_at_the_service_level() -> Result<()> {
+    let mut opts = options("svrunc");
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = ferry_e2e::Cleanup(
+        ["a", "b"]
+            .iter()
+            .map(|s| {
+                [
+                    "runc",
+                    "--root",
+                    &format!("/run/ferry-runc/{s}"),
+                    "delete",
+                    "-f",
+                    &format!("{s}-redis"),
+                ]
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect()
+            })
+            .collect(),
+    );
+    let bundle = ferry_e2e::redis_oci_bundle(&sites.root.join("bundle"), PORT)?;
+    let setting = format!("bundle={}", bundle.display());
+    sites.a.ferry(&[
+        "workload",
+        "run",
+        "redis",
+        "--runtime",
+        "runc",
+        "--setting",
+        &setting,
+        "--port",
+        "6379",
+        "--",
+        "redis-server",
+    ])?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "64"])?;
+    sites.a.redis(PORT, &["SET", "greeting", "from runc"])?;
+    let before = (
+        sites.a.redis(PORT, &["DBSIZE"])?,
+        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    let (ok, m) = sites.migrate_with("redis", "b", &["--approach", "service"])?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["approach"], "service", "{m}");
+    assert!(m["timings"]["dump_ms"].is_null(), "a checkpoint ran: {m}");
+    let after = (
+        sites.b.redis(PORT, &["DBSIZE"])?,
+        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    assert_eq!(after, before);
+    // B's instance is a fresh runc container of its own, now a primary.
+    let role = sites.b.redis(PORT, &["ROLE"])?;
+    assert!(role.starts_with("master"), "{role}");
+    let at_b = sites
+        .b
+        .exec("runc", &["--root", "/run/ferry-runc/b", "list", "-q"])?;
+    assert!(at_b.contains("b-redis"), "{at_b}");
+    // The source container is gone from A.
+    let at_a = sites
+        .a
+        .exec("runc", &["--root", "/run/ferry-runc/a", "list", "-q"])?;
+    assert!(!at_a.contains("a-redis"), "source container left: {at_a}");
+    assert!(!redis_answers(&sites.a), "Redis still answers at A");
+    Ok(())
+}

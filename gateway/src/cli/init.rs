@@ -97,7 +97,11 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
     };
     let redis = Grant {
         tunnel_ports: vec![6379],
-        ..grant(&[Log, Exec, Tunnel], &["redis-cli", "redis-server"])
+        sockets: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 6379))],
+        ..grant(
+            &[Log, Exec, Tunnel, Sockets],
+            &["redis-cli", "redis-server"],
+        )
     };
     [
         ("process", grant(&[Log, Criu, Process], &[])),

@@ -18,7 +18,7 @@ use crate::spec::WorkloadSpec;
 use crate::workload::WorkloadError;
 
 /// How often the replica's state is asked for while it syncs.
-const SYNC_POLL: Duration = Duration::from_millis(100);
+const SYNC_POLL: Duration = Duration::from_millis(25);
 
 /// Runs a service-level move up to the destination's confirmation; returns when the
 /// switch started (the hold), for the downtime.
@@ -156,6 +156,7 @@ async fn wait_in_sync(
         match answer {
             Response::Sync(info) => {
                 let in_sync = info.in_sync;
+                tracing::debug!(bytes = info.bytes, lag = info.lag, in_sync, detail = %info.detail, "replica progress");
                 engine.update(id, |m| {
                     m.bytes_moved = info.bytes;
                     m.sync = Some(info);

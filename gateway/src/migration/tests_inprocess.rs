@@ -183,7 +183,9 @@ impl World {
                 }
                 let expected = format!("fenced {}", key(&c).1);
                 if mark != expected {
-                    return Err(failed(format!("mark {mark:?}, not the source's {expected:?}")));
+                    return Err(failed(format!(
+                        "mark {mark:?}, not the source's {expected:?}"
+                    )));
                 }
                 Ok(Reply::Unit)
             }

@@ -55,6 +55,9 @@ enum Op {
     AbortSync,
 }
 
+/// How long past its deadline a call may stay in a host function before it is abandoned.
+const HOST_GRACE: Duration = Duration::from_secs(1);
+
 pub struct Request {
     pub call: Call,
     pub reply: oneshot::Sender<Result<Reply, PluginError>>,
@@ -170,60 +173,76 @@ impl Actor {
         inst.store.set_epoch_deadline(self.deadline_ticks());
         let guest = &inst.guest;
         let store = &mut inst.store;
-        let outcome = match (op, w) {
-            (Op::Describe, _) => guest.describe(store).await.map(|i| Ok(Reply::Info(i))),
-            (_, None) => Ok(Err(super::bindings::AdapterError::Failed(
-                "the call names no workload".into(),
-            ))),
-            (Op::Probe, Some(w)) => guest.probe(store, &w).await.map(|p| Ok(Reply::Plan(p))),
-            (Op::Prepare, Some(w)) => guest
-                .prepare(store, &w)
-                .await
-                .map(|r| r.map(|()| Reply::Unit)),
-            (Op::StartFresh, Some(w)) => guest
-                .start_fresh(store, &w)
-                .await
-                .map(|r| r.map(Reply::Pid)),
-            (Op::Checkpoint, Some(w)) => guest
-                .checkpoint(store, &w)
-                .await
-                .map(|r| r.map(Reply::Notes)),
-            (Op::Restore(notes), Some(w)) => guest
-                .restore(store, &w, notes)
-                .await
-                .map(|r| r.map(Reply::Pid)),
-            (Op::ResumeSource, Some(w)) => guest
-                .resume_source(store, &w)
-                .await
-                .map(|r| r.map(Reply::MaybePid)),
-            (Op::ReleaseSource, Some(w)) => guest
-                .release_source(store, &w)
-                .await
-                .map(|r| r.map(|()| Reply::Unit)),
-            (Op::StartSync, Some(w)) => guest
-                .start_sync(store, &w)
-                .await
-                .map(|r| r.map(|()| Reply::Unit)),
-            (Op::SyncProgress, Some(w)) => guest
-                .sync_progress(store, &w)
-                .await
-                .map(|r| r.map(Reply::Progress)),
-            (Op::Fence, Some(w)) => guest
-                .fence(store, &w)
-                .await
-                .map(|r| r.map(Reply::Mark)),
-            (Op::Unfence, Some(w)) => guest
-                .unfence(store, &w)
-                .await
-                .map(|r| r.map(|()| Reply::Unit)),
-            (Op::CutOver(mark), Some(w)) => guest
-                .cut_over(store, &w, &mark)
-                .await
-                .map(|r| r.map(|()| Reply::Unit)),
-            (Op::AbortSync, Some(w)) => guest
-                .abort_sync(store, &w)
-                .await
-                .map(|r| r.map(|()| Reply::Unit)),
+        // The epoch deadline stops guest code; this bounds a call blocked in the host (a
+        // socket read the guest waits on) too. Either way the instance is discarded.
+        let limit = self.limits.call_timeout + HOST_GRACE;
+        let outcome = tokio::time::timeout(limit, async {
+            match (op, w) {
+                (Op::Describe, _) => guest.describe(store).await.map(|i| Ok(Reply::Info(i))),
+                (_, None) => Ok(Err(super::bindings::AdapterError::Failed(
+                    "the call names no workload".into(),
+                ))),
+                (Op::Probe, Some(w)) => guest.probe(store, &w).await.map(|p| Ok(Reply::Plan(p))),
+                (Op::Prepare, Some(w)) => guest
+                    .prepare(store, &w)
+                    .await
+                    .map(|r| r.map(|()| Reply::Unit)),
+                (Op::StartFresh, Some(w)) => guest
+                    .start_fresh(store, &w)
+                    .await
+                    .map(|r| r.map(Reply::Pid)),
+                (Op::Checkpoint, Some(w)) => guest
+                    .checkpoint(store, &w)
+                    .await
+                    .map(|r| r.map(Reply::Notes)),
+                (Op::Restore(notes), Some(w)) => guest
+                    .restore(store, &w, notes)
+                    .await
+                    .map(|r| r.map(Reply::Pid)),
+                (Op::ResumeSource, Some(w)) => guest
+                    .resume_source(store, &w)
+                    .await
+                    .map(|r| r.map(Reply::MaybePid)),
+                (Op::ReleaseSource, Some(w)) => guest
+                    .release_source(store, &w)
+                    .await
+                    .map(|r| r.map(|()| Reply::Unit)),
+                (Op::StartSync, Some(w)) => guest
+                    .start_sync(store, &w)
+                    .await
+                    .map(|r| r.map(|()| Reply::Unit)),
+                (Op::SyncProgress, Some(w)) => guest
+                    .sync_progress(store, &w)
+                    .await
+                    .map(|r| r.map(Reply::Progress)),
+                (Op::Fence, Some(w)) => guest.fence(store, &w).await.map(|r| r.map(Reply::Mark)),
+                (Op::Unfence, Some(w)) => guest
+                    .unfence(store, &w)
+                    .await
+                    .map(|r| r.map(|()| Reply::Unit)),
+                (Op::CutOver(mark), Some(w)) => guest
+                    .cut_over(store, &w, &mark)
+                    .await
+                    .map(|r| r.map(|()| Reply::Unit)),
+                (Op::AbortSync, Some(w)) => guest
+                    .abort_sync(store, &w)
+                    .await
+                    .map(|r| r.map(|()| Reply::Unit)),
+            }
+        })
+        .await;
+        let Ok(outcome) = outcome else {
+            let err = PluginError::Deadline {
+                plugin: self.name.clone(),
+                call: name,
+                ms: self.limits.call_timeout.as_millis() as u64,
+            };
+            tracing::warn!(error = %err, "adapter call stuck in the host; the instance is discarded");
+            if let Some(mut s) = inst.store.data_mut().spawned.take() {
+                process::kill(s.pid);
+                let _ = s.holder.start_kill();
+            }
+            return (Err(err), false);
         };
         store.data_mut().call = None;
         let spawned = store.data_mut().spawned.take();

@@ -356,7 +356,7 @@ impl State {
 }
 
 fn command(cmd: &exec::Command) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(&cmd.program);
+    let mut c = tokio::process::Command::new(process::resolve(&cmd.program));
     c.args(&cmd.args)
         .env_clear()
         .env("PATH", WORKLOAD_PATH)

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use quinn::{RecvStream, SendStream};
+use quinn::SendStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -135,7 +135,8 @@ impl Ingress {
                         stop.clone(),
                     );
                     this.tasks.spawn(async move {
-                        match peers.open_tunnel(&peer, &target).await {
+                        // Early: the local client's first bytes go out with the request.
+                        match peers.open_tunnel_early(&peer, &target).await {
                             Ok((recv, send)) => {
                                 tokio::select! {
                                     () = pipe(tcp, recv, send) => {}
@@ -196,10 +197,11 @@ pub async fn connect_port(workload: &str, port: u16) -> Result<TcpStream, String
 }
 
 /// Copies bytes both ways between a local connection and a tunnel until either ends.
-async fn pipe(mut tcp: TcpStream, recv: RecvStream, send: SendStream) {
+async fn pipe(mut tcp: TcpStream, recv: TunnelRecv, send: SendStream) {
     let mut stream = tokio::io::join(recv, send);
     match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
         Ok((up, down)) => tracing::debug!(up, down, "migration tunnel connection closed"),
+        // A refusal by the peer shows here too, as the first read's error.
         Err(e) => tracing::debug!(error = %e, "migration tunnel connection ended"),
     }
 }

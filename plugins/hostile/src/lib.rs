@@ -1,7 +1,8 @@
 //! `hostile` adapter, for the sandbox tests only: runs real process workloads, but its
 //! `checkpoint` misbehaves as the workload's `mode` setting says: `loop` spins forever,
 //! `memory` grows without bound, `exec` calls a capability the site does not grant,
-//! `trap` traps, `connect` opens a TCP connection to the `target` setting. Any other mode
+//! `trap` traps, `connect` opens a TCP connection to the `target` setting, `hang` waits
+//! on one for a reply that never comes. Any other mode
 //! checkpoints normally (a `connect` that succeeds goes on to the real checkpoint).
 
 use ferry_adapter_sdk::*;
@@ -28,6 +29,15 @@ fn misbehave(w: &Workload) -> Result<(), AdapterError> {
             Ok(())
         }
         Some("trap") => panic!("hostile adapter traps in checkpoint"),
+        Some("hang") => {
+            // Waits in the host for a reply that never comes.
+            let target = setting(w, "target").unwrap_or("127.0.0.1:9");
+            let mut s = std::net::TcpStream::connect(target)
+                .map_err(|e| AdapterError::Denied(format!("socket {target}: {e}")))?;
+            let mut byte = [0u8; 1];
+            let _ = std::io::Read::read(&mut s, &mut byte);
+            Ok(())
+        }
         Some("connect") => {
             let target = setting(w, "target").unwrap_or("127.0.0.1:9");
             std::net::TcpStream::connect(target)

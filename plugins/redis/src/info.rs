@@ -177,11 +177,20 @@ impl Replica {
             .repl_input
             .unwrap_or(if self.syncing { self.sync_read } else { self.offset });
         let lag = source_offset.saturating_sub(self.offset);
-        let in_sync = self.in_sync();
+        // Following live is not enough: right after a full copy the replica still applies
+        // the writes the source buffered meanwhile, and a switch then would hold clients
+        // until it has.
+        let in_sync = self.in_sync() && lag <= MAX_SWITCH_LAG;
         let detail = if self.syncing {
+            // A replica loading the copy as it arrives (diskless load) counts no copy
+            // bytes of its own; what it received from the source says the same.
+            let read = match (self.sync_read, self.repl_input) {
+                (0, Some(input)) => input,
+                (read, _) => read,
+            };
             match self.sync_total {
-                Some(total) => format!("full copy: {} of {} received", mb(self.sync_read), mb(total)),
-                None => format!("full copy: {} received", mb(self.sync_read)),
+                Some(total) => format!("full copy: {} of {} received", mb(read), mb(total)),
+                None => format!("full copy: {} received", mb(read)),
             }
         } else if !self.link_up {
             "link to the source down (connecting, or waiting for the source to start a full copy)".to_string()
@@ -201,6 +210,11 @@ impl Replica {
         }
     }
 }
+
+/// How far behind (bytes of replication stream) a live replica may be for the switch to
+/// start: what it applies in a few milliseconds. A client writing steadily keeps it a
+/// little behind between the two offsets read.
+pub const MAX_SWITCH_LAG: u64 = 64 * 1024;
 
 /// A replica's progress, in the shape of the WIT `sync-state`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,6 +348,9 @@ mod tests {
             ..r
         };
         assert_eq!(with_total.progress(0).detail, "full copy: 1.4 MB of 4.0 MB received");
+        // Loading as it arrives, the replica counts no copy bytes: its input says it.
+        let loading = Replica { sync_read: 0, ..r };
+        assert_eq!(loading.progress(0).detail, "full copy: 1.9 MB received");
     }
 
     #[test]
@@ -350,6 +367,11 @@ mod tests {
         assert!(r.caught_up(10940));
         assert_eq!(r.progress(10940).lag, 0);
         assert_eq!(r.progress(10954).detail, "in sync at offset 10954");
+        // Live, but with the writes of a long copy still to apply: not ready to switch.
+        let behind = r.progress(10954 + MAX_SWITCH_LAG + 1);
+        assert!(!behind.in_sync, "{behind:?}");
+        assert!(behind.detail.starts_with("streaming: "), "{}", behind.detail);
+        assert!(r.progress(10954 + MAX_SWITCH_LAG).in_sync);
     }
 
     #[test]

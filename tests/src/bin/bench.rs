@@ -8,6 +8,7 @@
 //!   FERRY_BENCH_LOAD=1000     client requests/s (SET, 16 connections, timeout 5 s)
 //!   FERRY_BENCH_DATA=populate  Redis values: populate (DEBUG POPULATE, compressible) or
 //!                             random (incompressible)
+//!   FERRY_BENCH_WAYS=plain,container,postcopy,service   which ways run (default: all)
 //!
 //! Each size, each way on fresh sites (both with the `redis` service adapter):
 //! - plain: the client talks to Redis at A directly; CRIU dumps it to disk, the image is
@@ -365,6 +366,23 @@ enum Way {
 impl Way {
     const ALL: [Way; 4] = [Way::Plain, Way::Container, Way::Postcopy, Way::Service];
 
+    /// The ways named in a comma-separated list (all of them for an empty one).
+    fn chosen(list: &str) -> Result<Vec<Way>> {
+        if list.trim().is_empty() {
+            return Ok(Way::ALL.to_vec());
+        }
+        list.split(',')
+            .map(|name| {
+                Way::ALL
+                    .into_iter()
+                    .find(|w| w.name() == name.trim())
+                    .with_context(|| {
+                        format!("no way named {name:?} (FERRY_BENCH_WAYS takes plain, container, postcopy, service)")
+                    })
+            })
+            .collect()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Way::Plain => "plain",
@@ -564,12 +582,11 @@ fn ferry_run(
 }
 
 /// A Redis full sync as the two servers' logs tell it: how long the source waited before
-/// it started the copy (`repl-diskless-sync-delay`), the copy itself until the replica
-/// began loading it, and the load.
+/// it started the copy (`repl-diskless-sync-delay`), and the copy until the replica had
+/// loaded it (the replica loads as the copy arrives: `repl-diskless-load`).
 struct RedisSync {
     wait_ms: i64,
     copy_ms: i64,
-    load_ms: i64,
 }
 
 impl RedisSync {
@@ -581,12 +598,10 @@ impl RedisSync {
         let (source, replica) = (read(&sites.a), read(&sites.b));
         let asked = log_time(&source, "asks for synchronization")?;
         let started = log_time(&source, "Starting BGSAVE for SYNC")?;
-        let loading = log_time(&replica, "MASTER <-> REPLICA sync: Loading DB in memory")?;
         let done = log_time(&replica, "MASTER <-> REPLICA sync: Finished with success")?;
         Some(Self {
             wait_ms: started - asked,
-            copy_ms: loading - started,
-            load_ms: done - loading,
+            copy_ms: done - started,
         })
     }
 }
@@ -627,11 +642,10 @@ fn freeze_detail(m: &Value, link: &Link, redis: Option<&RedisSync>) -> String {
     let sync = t("sync_ms");
     let parts = redis.map_or_else(String::new, |r| {
         format!(
-            ": Redis's diskless-sync wait {}, copy {} = {:.1}x, load {}",
+            ": Redis's diskless-sync wait {}, copy and load {} = {:.1}x",
             r.wait_ms,
             r.copy_ms,
             r.copy_ms as f64 / ideal,
-            r.load_ms
         )
     });
     format!(
@@ -911,6 +925,7 @@ fn bench(args: &[String]) -> Result<()> {
     };
     let load = env("FERRY_BENCH_LOAD", "1000");
     let data = env("FERRY_BENCH_DATA", "populate");
+    let ways = Way::chosen(&env("FERRY_BENCH_WAYS", ""))?;
     let logs = std::env::temp_dir().join("ferry-bench-logs");
     std::fs::create_dir_all(&logs)?;
     println!(
@@ -939,7 +954,7 @@ fn bench(args: &[String]) -> Result<()> {
         let seconds =
             6 + mib / 64 + DISKLESS_DELAY_SECS + (3.0 * link.ms_for(state) / 1e3).ceil() as u64;
         let mut plan = None;
-        for way in Way::ALL {
+        for way in ways.iter().copied() {
             match measure(way, mib, &load, seconds, &link, &logs) {
                 Ok(o) => {
                     print_row(mib, way, &o);

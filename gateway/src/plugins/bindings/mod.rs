@@ -199,14 +199,13 @@ impl Guest {
         }
     }
 
-    pub async fn cut_over(
-        &self,
-        store: &mut Store<State>,
-        w: &Workload,
-        mark: &str,
-    ) -> Answer<()> {
+    pub async fn cut_over(&self, store: &mut Store<State>, w: &Workload, mark: &str) -> Answer<()> {
         match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_cut_over(store, w, mark).await,
+            Guest::Service(g) => {
+                g.ferry_adapter_service()
+                    .call_cut_over(store, w, mark)
+                    .await
+            }
             _ => Ok(Err(Self::not_this_world("cut-over"))),
         }
     }
