@@ -102,3 +102,102 @@ fn a_failed_post_copy_restore_resumes_the_source_with_its_data() -> Result<()> {
         .is_some_and(Vec::is_empty));
     Ok(())
 }
+
+/// A pre-forked server: the parent fills a shared mapping and a private buffer, forks
+/// `WORKERS` workers that each fill a private buffer of their own and take turns on the
+/// listening socket. Each connection is answered with the worker's index and the CRC32s of
+/// its private buffer, the parent's (inherited, copy-on-write) buffer and the shared
+/// mapping, all computed afresh: every page of every process is read.
+const FORKED_SERVER: &str = r#"
+import mmap, os, socket, sys, zlib
+MB = 1 << 20
+port, workers = int(sys.argv[1]), int(sys.argv[2])
+def fill(buf, seed):
+    block = bytes((seed * 131 + i * 7) % 251 for i in range(4096))
+    for off in range(0, len(buf), 4096):
+        buf[off:off + 4096] = block[(off // 4096) % 97:] + block[:(off // 4096) % 97]
+shared = mmap.mmap(-1, 16 * MB, flags=mmap.MAP_SHARED)
+fill(shared, 1)
+inherited = bytearray(16 * MB)
+fill(inherited, 2)
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("0.0.0.0", port))
+sock.listen(64)
+for index in range(workers):
+    if os.fork() == 0:
+        own = bytearray(24 * MB)
+        fill(own, 10 + index)
+        while True:
+            conn, _ = sock.accept()
+            conn.recv(16)
+            answer = "%d %08x %08x %08x\n" % (index, zlib.crc32(own), zlib.crc32(inherited), zlib.crc32(shared))
+            conn.sendall(answer.encode())
+            conn.close()
+while True:
+    os.wait()
+"#;
+
+/// Asks the server `n` times; the distinct answers, sorted.
+const ASK: &str = r#"
+import socket, sys
+seen = set()
+for _ in range(int(sys.argv[2])):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+    s.sendall(b"?")
+    seen.add(s.makefile().readline().strip())
+    s.close()
+print("\n".join(sorted(seen)))
+"#;
+
+const WORKERS: usize = 3;
+
+fn ask(site: &ferry_e2e::Site, port: u16) -> Result<Vec<String>> {
+    let out = site.exec("python3", &["-c", ASK, &port.to_string(), "60"])?;
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+#[test]
+fn a_pre_forked_server_moves_post_copy_with_every_process_and_its_memory() -> Result<()> {
+    let sites = TwoSites::start(Options::new("pcfork"))?;
+    let p = PORT.to_string();
+    let workers = WORKERS.to_string();
+    sites.a.ferry(&[
+        "workload",
+        "run",
+        "forked",
+        "--port",
+        &p,
+        "--",
+        "python3",
+        "-c",
+        FORKED_SERVER,
+        &p,
+        &workers,
+    ])?;
+    // Every worker has answered at least once (the kernel spreads the accepts).
+    let before = wait_for("every worker to answer", Duration::from_secs(30), || {
+        ask(&sites.a, PORT)
+            .ok()
+            .filter(|seen| seen.len() == WORKERS)
+    })?;
+    let (ok, m) = sites.migrate_with("forked", "b", &["--mode", "postcopy"])?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
+    // At B the same workers answer with the same memory, private and shared.
+    let after = wait_for(
+        "every worker to answer at B",
+        Duration::from_secs(30),
+        || {
+            ask(&sites.b, PORT)
+                .ok()
+                .filter(|seen| seen.len() == WORKERS)
+        },
+    )?;
+    assert_eq!(after, before);
+    wait_for("the source to go", Duration::from_secs(10), || {
+        ask(&sites.a, PORT).is_err().then_some(())
+    })?;
+    Ok(())
+}

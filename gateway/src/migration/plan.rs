@@ -70,8 +70,10 @@ impl MovePlan {
     }
 }
 
-/// Round trips on the link during a service-level switch, beyond the adapter's estimate.
-const SWITCH_ROUND_TRIPS: u64 = 6;
+/// Round trips on the link during a service-level switch, beyond the adapter's estimate:
+/// the promotion request and its answer, then a held client's first request to the
+/// destination through the tunnel.
+const SWITCH_ROUND_TRIPS: u64 = 2;
 
 /// Throughput assumed for a stop-and-copy prediction when nothing better is known:
 /// checkpoint, transfer and restore of each byte of the tree's memory.
@@ -194,9 +196,8 @@ impl Engine {
                 // The destination must be able to run the service too.
                 match self.probe_peer(to, &destination, service.name()).await {
                     Ok(()) => {
-                        // The switch costs round trips the adapter cannot know: the
-                        // promotion request and its answer, and the adapter's own fencing
-                        // and catch-up calls through the tunnel (about two each).
+                        // The switch costs round trips the adapter cannot know (the
+                        // fence and the catch-up are local to each site).
                         if let (Some(ms), Some(rtt)) =
                             (candidate.predicted_stall_ms, self.peers.rtt(to))
                         {
