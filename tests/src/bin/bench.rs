@@ -8,11 +8,13 @@
 //!   FERRY_BENCH_LOAD=1000     client requests/s (SET, 16 connections, timeout 5 s)
 //!   FERRY_BENCH_DATA=populate  Redis values: populate (DEBUG POPULATE, compressible) or
 //!                             random (incompressible)
-//!   FERRY_BENCH_WAYS=plain,container,postcopy,service   which ways run (default: all)
+//!   FERRY_BENCH_WAYS=plain,criu-lazy,container,postcopy,service   which ways run (default: all)
 //!
 //! Each size, each way on fresh sites (both with the `redis` service adapter):
 //! - plain: the client talks to Redis at A directly; CRIU dumps it to disk, the image is
 //!   copied over TCP through a delay relay, CRIU restores it at B, the client fails over.
+//! - criu-lazy: the same by hand with CRIU's own post-copy (`criu dump --lazy-pages`, its
+//!   page server reached from B's `criu lazy-pages` daemon through a delay relay).
 //! - container: the client talks to A's ingress route; `ferry migrate --approach
 //!   container` checkpoints, streams and restores it (stop-and-copy over QUIC).
 //! - postcopy: the same, `--mode postcopy`: the destination runs at once and Ferry
@@ -361,10 +363,21 @@ enum Way {
     Postcopy,
     /// `ferry migrate --approach service`: a live replica at B (the redis adapter).
     Service,
+    /// By hand, CRIU's own post-copy: `criu dump --lazy-pages` at A, the other image files
+    /// copied over TCP, `criu lazy-pages --page-server` and `criu restore --lazy-pages` at
+    /// B, the daemon fetching pages from A's page server through a delay relay; the client
+    /// fails over to B.
+    CriuLazy,
 }
 
 impl Way {
-    const ALL: [Way; 4] = [Way::Plain, Way::Container, Way::Postcopy, Way::Service];
+    const ALL: [Way; 5] = [
+        Way::Plain,
+        Way::CriuLazy,
+        Way::Container,
+        Way::Postcopy,
+        Way::Service,
+    ];
 
     /// The ways named in a comma-separated list (all of them for an empty one).
     fn chosen(list: &str) -> Result<Vec<Way>> {
@@ -377,7 +390,7 @@ impl Way {
                     .into_iter()
                     .find(|w| w.name() == name.trim())
                     .with_context(|| {
-                        format!("no way named {name:?} (FERRY_BENCH_WAYS takes plain, container, postcopy, service)")
+                        format!("no way named {name:?} (FERRY_BENCH_WAYS takes plain, criu-lazy, container, postcopy, service)")
                     })
             })
             .collect()
@@ -389,13 +402,14 @@ impl Way {
             Way::Container => "container",
             Way::Postcopy => "postcopy",
             Way::Service => "service",
+            Way::CriuLazy => "criu-lazy",
         }
     }
 
     /// `ferry migrate` flags for Ferry's ways.
     fn flags(self) -> &'static [&'static str] {
         match self {
-            Way::Plain | Way::Container => &["--approach", "container"],
+            Way::Plain | Way::CriuLazy | Way::Container => &["--approach", "container"],
             Way::Postcopy => &["--approach", "container", "--mode", "postcopy"],
             Way::Service => &["--approach", "service"],
         }
@@ -700,12 +714,12 @@ fn choice(plan: &Value) -> String {
     }
 }
 
-fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> Result<Outcome> {
-    let criu = "/usr/local/sbin/criu";
-    let work = sites.root.join("plain");
-    let (img_a, img_b) = (work.join("a"), work.join("b"));
-    std::fs::create_dir_all(&img_a)?;
-    // Redis as the plain way runs it: its own PID namespace and session, like Ferry's.
+/// The CRIU both hand-driven ways run (the one `scripts/setup` builds).
+const CRIU: &str = "/usr/local/sbin/criu";
+
+/// Redis on 6380 at A as the hand-driven ways run it: its own PID namespace and session,
+/// like Ferry's. Returns its pid and what stops it when the run ends.
+fn plain_redis(sites: &TwoSites, work: &Path) -> Result<(String, (Reaped, KillPid))> {
     let holder = sites
         .a
         .command("setsid")
@@ -729,7 +743,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
             "--protected-mode",
             "no",
         ])
-        .current_dir(&work)
+        .current_dir(work)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -747,26 +761,44 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
             .filter(|r| r == "PONG")
             .map(|_| pid)
     })?;
-    let _plain_redis = (Reaped(holder), KillPid(pid.parse()?));
-    populate(sites, 6380, mib)?;
-    let mut recv = Reaped(
+    let guard = (Reaped(holder), KillPid(pid.parse()?));
+    Ok((pid, guard))
+}
+
+/// Receives image files at B, and the way A sends them there: through a delay relay
+/// when the link has a round trip.
+fn image_path(
+    sites: &TwoSites,
+    img_b: &Path,
+    rtt: u64,
+) -> Result<(Reaped, Option<Reaped>, &'static str)> {
+    let recv = Reaped(
         sites
             .b
             .command(self_exe()?)
             .args(["recv", RECV_TCP])
-            .arg(&img_b)
+            .arg(img_b)
             .spawn()?,
     );
-    let (_relay, send_to) = if rtt == 0 {
-        (None, RECV_TCP)
-    } else {
-        let relay = sites
-            .a
-            .command(self_exe()?)
-            .args(["tcp-relay", RELAY_TCP, RECV_TCP, &(rtt / 2).to_string()])
-            .spawn()?;
-        (Some(Reaped(relay)), RELAY_TCP)
-    };
+    if rtt == 0 {
+        return Ok((recv, None, RECV_TCP));
+    }
+    let relay = sites
+        .a
+        .command(self_exe()?)
+        .args(["tcp-relay", RELAY_TCP, RECV_TCP, &(rtt / 2).to_string()])
+        .spawn()?;
+    Ok((recv, Some(Reaped(relay)), RELAY_TCP))
+}
+
+fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> Result<Outcome> {
+    let criu = CRIU;
+    let work = sites.root.join("plain");
+    let (img_a, img_b) = (work.join("a"), work.join("b"));
+    std::fs::create_dir_all(&img_a)?;
+    let (pid, _plain_redis) = plain_redis(sites, &work)?;
+    populate(sites, 6380, mib)?;
+    let (mut recv, _relay, send_to) = image_path(sites, &img_b, rtt)?;
     std::thread::sleep(Duration::from_millis(300));
     let client = Client::start(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -814,6 +846,195 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         image: Some(bytes),
         wire: bytes,
         detail: String::new(),
+        plan: None,
+    })
+}
+
+/// A's lazy dump's page server, and where B's `criu lazy-pages` reaches it (a delay relay
+/// in B's namespace, when the link has a round trip).
+const PAGE_SERVER: &str = "10.213.0.1:7560";
+const PAGE_RELAY: &str = "10.213.0.2:7559";
+
+/// Starts CRIU in `site`'s namespace with `--status-fd` pointing at `status` (a file: CRIU
+/// writes one byte to it once it serves).
+fn criu_with_status(
+    site: &ferry_e2e::Site,
+    status: &Path,
+    args: &[&str],
+    dir: &Path,
+) -> Result<Reaped> {
+    let _ = std::fs::remove_file(status);
+    Ok(Reaped(
+        site.command("sh")
+            .args([
+                "-c",
+                r#"exec "$0" "$@" --status-fd 3 3>"$FERRY_BENCH_STATUS""#,
+                CRIU,
+            ])
+            .args(args)
+            .arg("-D")
+            .arg(dir)
+            .env("FERRY_BENCH_STATUS", status)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+/// Waits for CRIU's readiness byte in `status`, failing early if it exits first.
+fn wait_ready(status: &Path, log: &Path, child: &mut Reaped, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if std::fs::metadata(status).is_ok_and(|m| m.len() > 0) {
+            return Ok(());
+        }
+        if let Some(st) = child.0.try_wait()? {
+            bail!(
+                "criu exited ({st}) before it was ready: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("criu not ready within {limit:?}; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Pages a lazy dump left in the source, from its log ("Pagemap generated: N pages (M
+/// lazy)").
+fn lazy_pages_in(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split_once(" pages (")?.1.split_once(" lazy)"))
+        .filter_map(|(n, _)| n.parse::<u64>().ok())
+        .sum()
+}
+
+fn criu_lazy_run(
+    sites: &TwoSites,
+    mib: u64,
+    load: &str,
+    seconds: u64,
+    rtt: u64,
+) -> Result<Outcome> {
+    let work = sites.root.join("lazy");
+    let (img_a, img_b) = (work.join("a"), work.join("b"));
+    std::fs::create_dir_all(&img_a)?;
+    let (pid, _redis) = plain_redis(sites, &work)?;
+    populate(sites, 6380, mib)?;
+    let (mut recv, _relay, send_to) = image_path(sites, &img_b, rtt)?;
+    let (_page_relay, pages_from) = if rtt == 0 {
+        (None, PAGE_SERVER)
+    } else {
+        let relay = sites
+            .b
+            .command(self_exe()?)
+            .args(["tcp-relay", PAGE_RELAY, PAGE_SERVER, &(rtt / 2).to_string()])
+            .spawn()?;
+        (Some(Reaped(relay)), PAGE_RELAY)
+    };
+    let (ps_ip, ps_port) = PAGE_SERVER.split_once(':').context("page server address")?;
+    let (from_ip, from_port) = pages_from.split_once(':').context("page relay address")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Client::start(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    // The dump freezes Redis, writes all but the lazy pages, then serves those.
+    let status = work.join("dump.status");
+    let mut dump = criu_with_status(
+        &sites.a,
+        &status,
+        &[
+            "dump",
+            "-t",
+            &pid,
+            "--lazy-pages",
+            "--address",
+            ps_ip,
+            "--port",
+            ps_port,
+            "--tcp-close",
+            "--network-lock",
+            "skip",
+            "--skip-in-flight",
+            "--file-locks",
+            "-o",
+            "dump.log",
+        ],
+        &img_a,
+    )?;
+    wait_ready(
+        &status,
+        &img_a.join("dump.log"),
+        &mut dump,
+        Duration::from_secs(120),
+    )?;
+    let mut send = sites.a.command(self_exe()?);
+    send.args(["send", send_to]).arg(&img_a);
+    run(&mut send)?;
+    recv.0.wait()?;
+    let status = work.join("lazy.status");
+    let mut daemon = criu_with_status(
+        &sites.b,
+        &status,
+        &[
+            "lazy-pages",
+            "--page-server",
+            "--address",
+            from_ip,
+            "--port",
+            from_port,
+            "-o",
+            "lazy-pages.log",
+        ],
+        &img_b,
+    )?;
+    wait_ready(
+        &status,
+        &img_b.join("lazy-pages.log"),
+        &mut daemon,
+        Duration::from_secs(30),
+    )?;
+    run(sites
+        .b
+        .command(CRIU)
+        .args(["restore", "-d", "--lazy-pages", "-D"])
+        .arg(&img_b)
+        .args(["--tcp-close", "--file-locks", "-o", "restore.log"]))
+    .with_context(|| std::fs::read_to_string(img_b.join("restore.log")).unwrap_or_default())?;
+    let restored = started.elapsed();
+    // The source stays frozen until the daemon has fetched every page.
+    let limit = Instant::now() + Duration::from_secs(300);
+    while dump.0.try_wait()?.is_none() {
+        if Instant::now() > limit {
+            bail!("CRIU's lazy dump still serving pages after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let total = started.elapsed();
+    let _ = daemon.0.wait();
+    let (client, client_too_short) = client.finish(Instant::now())?;
+    let acked = acked_at_b(sites, 6380)?;
+    let files: u64 = std::fs::read_dir(&img_a)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let lazy =
+        lazy_pages_in(&std::fs::read_to_string(img_a.join("dump.log")).unwrap_or_default()) * 4096;
+    let _ = sites.b.redis(6380, &["SHUTDOWN", "NOSAVE"]);
+    Ok(Outcome {
+        client,
+        client_too_short,
+        acked,
+        total_ms: total.as_millis() as u64,
+        image: Some(files + lazy),
+        wire: files + lazy,
+        detail: format!(
+            "   (restored {} ms after the freeze; every page at B {} ms after it)",
+            restored.as_millis(),
+            total.as_millis()
+        ),
         plan: None,
     })
 }
@@ -876,6 +1097,7 @@ fn measure(
     let (sites, _relays) = start_sites(link)?;
     let outcome = match way {
         Way::Plain => plain_run(&sites, mib, load, seconds, link.rtt_ms),
+        Way::CriuLazy => criu_lazy_run(&sites, mib, load, seconds, link.rtt_ms),
         Way::Container | Way::Postcopy | Way::Service => {
             ferry_run(&sites, way, mib, load, seconds, link)
         }
