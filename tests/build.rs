@@ -18,6 +18,7 @@ fn main() {
         "podman",
         "redis",
         "http-state",
+        "postgres",
         "hostile",
         "legacy",
         "examples/minimal",

@@ -103,11 +103,16 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
             &["redis-cli", "redis-server"],
         )
     };
+    let postgres = Grant {
+        tunnel_ports: vec![5432],
+        ..grant(&[Log, Exec, Tunnel, Files], &["psql", "pg_dump"])
+    };
     [
         ("process", grant(&[Log, Criu, Process], &[])),
         ("runc", grant(&[Log, Exec], &["runc"])),
         ("podman", grant(&[Log, Exec, Files], &["podman"])),
         ("redis", redis),
+        ("postgres", postgres),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
