@@ -31,6 +31,11 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
     assert_eq!(m["phase"], "completed", "{m}");
     assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
     assert!(m["page_server"].is_string(), "{m}");
+    // The pages count in what crossed the link (100,000 values of 200 bytes).
+    assert!(
+        m["bytes_on_wire"].as_u64().unwrap_or(0) > 20_000_000,
+        "{m}"
+    );
     let after = (
         sites.b.redis(PORT, &["DBSIZE"])?,
         sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
@@ -199,5 +204,83 @@ fn a_pre_forked_server_moves_post_copy_with_every_process_and_its_memory() -> Re
     wait_for("the source to go", Duration::from_secs(10), || {
         ask(&sites.a, PORT).is_err().then_some(())
     })?;
+    Ok(())
+}
+
+/// Drops every packet between site A and `peer` (both ways) while it lives.
+struct Outage<'a> {
+    site: &'a ferry_e2e::Site,
+    peer: String,
+}
+
+impl<'a> Outage<'a> {
+    fn start(site: &'a ferry_e2e::Site, peer: &str) -> Result<Self> {
+        site.exec("iptables", &["-I", "INPUT", "-s", peer, "-j", "DROP"])?;
+        site.exec("iptables", &["-I", "OUTPUT", "-d", peer, "-j", "DROP"])?;
+        Ok(Self {
+            site,
+            peer: peer.to_string(),
+        })
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .site
+            .exec("iptables", &["-D", "INPUT", "-s", &self.peer, "-j", "DROP"]);
+        let _ = self
+            .site
+            .exec("iptables", &["-D", "OUTPUT", "-d", &self.peer, "-j", "DROP"]);
+    }
+}
+
+#[test]
+fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()> {
+    let sites = TwoSites::start(Options::new("pcdrop"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "300000", "key", "200"])?;
+    sites.a.redis(PORT, &["SET", "greeting", "through an outage"])?;
+    let before = (
+        sites.a.redis(PORT, &["DBSIZE"])?,
+        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    // A slow link, so the pages take longer to reach B than the outage lasts.
+    sites.a.limit_egress("50mbit")?;
+    let m = sites.a.ferry_json(&[
+        "migrate", "redis", "--to", "b", "--mode", "postcopy", "--no-wait",
+    ])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    let phase = |site: &ferry_e2e::Site| -> Option<String> {
+        let m = site.ferry_json(&["migration", "show", &id]).ok()?;
+        m["phase"].as_str().map(str::to_string)
+    };
+    wait_for("the page phase", Duration::from_secs(60), || {
+        (phase(&sites.a)? == "paging").then_some(())
+    })?;
+    {
+        let _outage = Outage::start(&sites.a, &sites.b.addr)?;
+        std::thread::sleep(Duration::from_secs(5));
+        assert_eq!(
+            phase(&sites.a).as_deref(),
+            Some("paging"),
+            "the move must wait out the outage"
+        );
+    }
+    let end = wait_for("the move to end", Duration::from_secs(120), || {
+        phase(&sites.a).filter(|p| p != "paging")
+    })?;
+    assert_eq!(end, "completed", "{}", sites.logs());
+    let after = (
+        sites.b.redis(PORT, &["DBSIZE"])?,
+        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
+    );
+    assert_eq!(after, before);
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "greeting"])?,
+        "through an outage"
+    );
     Ok(())
 }

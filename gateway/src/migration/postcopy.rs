@@ -128,11 +128,17 @@ impl Engine {
                 true
             }
         };
-        if let Some(source) = locked(&self.page_sources).remove(id) {
+        let pages = locked(&self.page_sources).remove(id).map_or(0, |source| {
             source.stop();
-        }
+            source.bytes_sent()
+        });
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.update(id, |m| m.timings.postcopy_ms = Some(window))?;
+        // The pages crossed the link too (uncompressed), after the switch.
+        self.update(id, |m| {
+            m.timings.postcopy_ms = Some(window);
+            m.bytes_moved += pages;
+            m.bytes_on_wire += pages;
+        })?;
         if ok {
             tracing::info!(
                 migration = id,

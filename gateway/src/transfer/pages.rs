@@ -120,6 +120,8 @@ pub struct PageSource {
     stop: tokio_util::sync::CancellationToken,
     /// Ends the lazy dump (CLOSE) once the destination has every page.
     close: Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+    /// Page bytes sent to the destination, faulted and pushed.
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl PageSource {
@@ -140,6 +142,7 @@ impl PageSource {
             bulk: bulk_tx,
             stop: stop.clone(),
             close: Mutex::new(Some(close_tx)),
+            sent: std::sync::atomic::AtomicU64::new(0),
         });
         let serving = Arc::downgrade(&this);
         tokio::spawn(async move {
@@ -187,6 +190,7 @@ impl PageSource {
                 };
                 let chunk = self.fetch(&self.priority, run).await?;
                 write_chunk(&mut conn, &chunk).await?;
+                self.count(&chunk);
             },
             KIND_BULK => {
                 let count = conn.read_u32().await?;
@@ -233,6 +237,7 @@ impl PageSource {
                             .map_err(|_| std::io::Error::other("the destination went away"))?
                             .forget();
                         write_chunk(&mut wr, &chunk).await?;
+                        self.count(&chunk);
                     }
                 }
                 write_chunk(
@@ -256,6 +261,18 @@ impl PageSource {
                 "unknown page connection kind {other}"
             ))),
         }
+    }
+
+    fn count(&self, chunk: &Chunk) {
+        self.sent.fetch_add(
+            chunk.data.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Page bytes sent to the destination so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops serving (the migration ended).
