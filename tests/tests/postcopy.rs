@@ -32,10 +32,7 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
     assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
     assert!(m["page_server"].is_string(), "{m}");
     // The pages count in what crossed the link (100,000 values of 200 bytes).
-    assert!(
-        m["bytes_on_wire"].as_u64().unwrap_or(0) > 20_000_000,
-        "{m}"
-    );
+    assert!(m["bytes_on_wire"].as_u64().unwrap_or(0) > 20_000_000, "{m}");
     let after = (
         sites.b.redis(PORT, &["DBSIZE"])?,
         sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
@@ -229,9 +226,10 @@ impl Drop for Outage<'_> {
         let _ = self
             .site
             .exec("iptables", &["-D", "INPUT", "-s", &self.peer, "-j", "DROP"]);
-        let _ = self
-            .site
-            .exec("iptables", &["-D", "OUTPUT", "-d", &self.peer, "-j", "DROP"]);
+        let _ = self.site.exec(
+            "iptables",
+            &["-D", "OUTPUT", "-d", &self.peer, "-j", "DROP"],
+        );
     }
 }
 
@@ -242,7 +240,9 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "300000", "key", "200"])?;
-    sites.a.redis(PORT, &["SET", "greeting", "through an outage"])?;
+    sites
+        .a
+        .redis(PORT, &["SET", "greeting", "through an outage"])?;
     let before = (
         sites.a.redis(PORT, &["DBSIZE"])?,
         sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
@@ -250,7 +250,13 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
     // A slow link, so the pages take longer to reach B than the outage lasts.
     sites.a.limit_egress("50mbit")?;
     let m = sites.a.ferry_json(&[
-        "migrate", "redis", "--to", "b", "--mode", "postcopy", "--no-wait",
+        "migrate",
+        "redis",
+        "--to",
+        "b",
+        "--mode",
+        "postcopy",
+        "--no-wait",
     ])?;
     let id = m["id"].as_str().unwrap_or_default().to_string();
     let phase = |site: &ferry_e2e::Site| -> Option<String> {
