@@ -128,16 +128,18 @@ impl Engine {
                 true
             }
         };
-        let pages = locked(&self.page_sources).remove(id).map_or(0, |source| {
-            source.stop();
-            source.bytes_sent()
-        });
+        let (pages, wire) = locked(&self.page_sources)
+            .remove(id)
+            .map_or((0, 0), |source| {
+                source.stop();
+                source.bytes_sent()
+            });
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        // The pages crossed the link too (uncompressed), after the switch.
+        // The pages crossed the link too, after the switch.
         self.update(id, |m| {
             m.timings.postcopy_ms = Some(window);
             m.bytes_moved += pages;
-            m.bytes_on_wire += pages;
+            m.bytes_on_wire += wire;
         })?;
         if ok {
             tracing::info!(
@@ -226,9 +228,10 @@ impl Engine {
             }
         });
         let id_owned = id.to_string();
+        let compression = self.peers.compression(peer);
         self.tasks.spawn(async move {
             let started = Instant::now();
-            match pages::bulk_fetch(bulk, runs, cache).await {
+            match pages::bulk_fetch(bulk, runs, cache, compression).await {
                 Ok(pages) => tracing::info!(
                     migration = %id_owned,
                     pages,

@@ -183,6 +183,14 @@ impl PeerLink {
             .ok_or_else(|| PeerError::UnknownPeer(name.to_string()))
     }
 
+    /// How bulk data to and from `peer` is framed (its `compression` in the site config;
+    /// the default for a peer not configured).
+    pub fn compression(&self, peer: &str) -> crate::transfer::Compression {
+        self.peer_config(peer)
+            .map(|p| p.compression)
+            .unwrap_or_default()
+    }
+
     /// The round-trip time QUIC measures on the live connection to `peer`, if any.
     pub fn rtt(&self, peer: &str) -> Option<Duration> {
         self.connections
