@@ -73,6 +73,15 @@ pub struct MigrationConfig {
     /// abandoned; the source keeps serving throughout.
     #[serde(default = "default_sync_timeout")]
     pub sync_timeout_secs: u64,
+    /// Post-copy: send the source's pages ahead while it still runs, so the switch leaves
+    /// only the pages written since to faults and the bulk push (false: every page after
+    /// the switch; less traffic for a workload that rewrites its memory fast).
+    #[serde(default = "default_true")]
+    pub prepush: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for MigrationConfig {
@@ -80,6 +89,7 @@ impl Default for MigrationConfig {
         Self {
             approaches: default_approaches(),
             sync_timeout_secs: default_sync_timeout(),
+            prepush: true,
         }
     }
 }

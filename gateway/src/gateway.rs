@@ -70,6 +70,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
             parallel_files: 4,
             approaches: cfg.migration.approaches.clone(),
             sync_timeout: Duration::from_secs(cfg.migration.sync_timeout_secs),
+            prepush: cfg.migration.prepush,
         },
         Parts {
             journal: Arc::clone(&journal),

@@ -82,6 +82,8 @@ pub struct Options {
     pub sync_timeout_secs: Option<u64>,
     /// Extra tunnel grants: (adapter, ports), added to the adapter's grant.
     pub tunnel_ports: Vec<(String, Vec<u16>)>,
+    /// `[migration] prepush` at both sites (post-copy's pages sent ahead).
+    pub prepush: Option<bool>,
 }
 
 impl Options {
@@ -99,6 +101,7 @@ impl Options {
             compression: "zstd".into(),
             sync_timeout_secs: None,
             tunnel_ports: Vec::new(),
+            prepush: None,
         }
     }
 }
@@ -558,6 +561,11 @@ fn init_site(
     if let Some(secs) = opts.sync_timeout_secs {
         let mut migration = table(&mut cfg, "migration")?;
         migration.insert("sync_timeout_secs".into(), (secs as i64).into());
+        cfg.insert("migration".into(), migration.into());
+    }
+    if let Some(on) = opts.prepush {
+        let mut migration = table(&mut cfg, "migration")?;
+        migration.insert("prepush".into(), on.into());
         cfg.insert("migration".into(), migration.into());
     }
     fs::write(&config, toml::to_string(&cfg)?)?;

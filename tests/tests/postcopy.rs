@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferry_e2e::{wait_for, Options, TwoSites};
 
 const PORT: u16 = 6390;
@@ -241,7 +241,10 @@ impl Drop for Outage<'_> {
 
 #[test]
 fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()> {
-    let sites = TwoSites::start(Options::new("pcdrop"))?;
+    // Every page after the switch (none sent ahead), so the page phase lasts.
+    let mut opts = Options::new("pcdrop");
+    opts.prepush = Some(false);
+    let sites = TwoSites::start(opts)?;
     sites.run_redis_at_a("redis", PORT)?;
     sites
         .a
@@ -295,4 +298,88 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
         "through an outage"
     );
     Ok(())
+}
+
+#[test]
+fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
+    let sites = TwoSites::start(Options::new("pcwrit"))?;
+    sites.run_redis_at_a_with("redis", PORT, &["--route", "0.0.0.0:16390"])?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "200000", "key", "200"])?;
+    // Writes through A's route before, during and after the pages go ahead, so some of
+    // what went ahead is stale by the freeze.
+    let acked = sites.root.join("acked.txt");
+    let load = ferry_e2e::ferry_bin()?.with_file_name("ferry-load");
+    let client = sites
+        .a
+        .command(load)
+        .args(["redis", "127.0.0.1:16390", "500", "8", "4"])
+        .arg(&acked)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
+    let out = client.wait_with_output()?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert!(
+        m["timings"]["prepush_ms"].is_u64(),
+        "no pages went ahead: {m}"
+    );
+    let logs = strip_ansi(&sites.logs());
+    let stale: u64 = logs
+        .lines()
+        .filter(|l| l.contains("pages written since they went ahead"))
+        .find_map(|l| {
+            l.split("stale=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .context("the source listed no stale pages")?;
+    assert!(stale > 0, "no page was written after it went ahead");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(summary["failed"], 0, "{summary}");
+    // Every acknowledged write is at B with its value, and nothing else changed.
+    let keys: Vec<String> = std::fs::read_to_string(&acked)?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(keys.len() > 1000, "{}", keys.len());
+    for chunk in keys.chunks(500) {
+        let mut args = vec!["MGET"];
+        args.extend(chunk.iter().map(String::as_str));
+        let values = sites.b.redis(PORT, &args)?;
+        let expected: Vec<&str> = chunk.iter().map(|k| k.trim_start_matches('k')).collect();
+        assert_eq!(values.lines().collect::<Vec<_>>(), expected);
+    }
+    let size: usize = sites.b.redis(PORT, &["DBSIZE"])?.trim().parse()?;
+    assert_eq!(size, 200_000 + keys.len());
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "key:4242"])?.len(),
+        200,
+        "a populated value changed"
+    );
+    Ok(())
+}
+
+/// A log without its terminal colours.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

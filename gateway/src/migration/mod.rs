@@ -10,6 +10,7 @@ mod faults;
 mod handover;
 pub mod plan;
 mod postcopy;
+mod prepush;
 mod recovery;
 mod replica;
 mod service;
@@ -158,6 +159,9 @@ pub struct Timings {
     /// window in which a destination crash loses the writes made there).
     #[serde(default)]
     pub postcopy_ms: Option<u64>,
+    /// Post-copy: sending the pages ahead, before the freeze.
+    #[serde(default)]
+    pub prepush_ms: Option<u64>,
     pub total_ms: Option<u64>,
 }
 
@@ -289,6 +293,8 @@ pub struct EngineSettings {
     /// Longest a service-level replica may take to get in sync before the move is
     /// abandoned (the source never stopped serving).
     pub sync_timeout: std::time::Duration,
+    /// Post-copy: send the pages ahead of the freeze.
+    pub prepush: bool,
 }
 
 /// The parts of a site the engine drives.
@@ -316,12 +322,17 @@ pub struct Engine {
     lazy: Mutex<std::collections::HashMap<String, crate::criu::Running>>,
     /// Post-copy, source: Ferry's end of the page path, by migration.
     page_sources: Mutex<std::collections::HashMap<String, Arc<crate::transfer::pages::PageSource>>>,
+    /// Post-copy, source: the pages sent ahead of the freeze, by migration.
+    prepushed: Mutex<std::collections::HashMap<String, crate::transfer::pages::Prepushed>>,
+    /// Post-copy, destination: the pages the source sent ahead, by migration.
+    precaches: Mutex<std::collections::HashMap<String, Arc<crate::transfer::pages::PageCache>>>,
     images_dir: PathBuf,
     incoming_dir: PathBuf,
     health_timeout: std::time::Duration,
     parallel_files: usize,
     approaches: Vec<String>,
     sync_timeout: std::time::Duration,
+    prepush: bool,
     migrations: DashMap<String, Migration>,
     /// Serializes record changes so none is journaled while a map lock is held.
     writes: Mutex<()>,
@@ -361,11 +372,14 @@ impl Engine {
             criu: parts.criu,
             lazy: Mutex::new(std::collections::HashMap::new()),
             page_sources: Mutex::new(std::collections::HashMap::new()),
+            prepushed: Mutex::new(std::collections::HashMap::new()),
+            precaches: Mutex::new(std::collections::HashMap::new()),
             images_dir,
             incoming_dir,
             parallel_files: settings.parallel_files.max(1),
             approaches: settings.approaches,
             sync_timeout: settings.sync_timeout,
+            prepush: settings.prepush,
             migrations: DashMap::new(),
             writes: Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,

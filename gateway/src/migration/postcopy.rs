@@ -205,13 +205,21 @@ impl Engine {
             .await?;
         let runs = crate::criu::image::lazy_runs(images).map_err(|e| e.to_string())?;
         let total: u64 = runs.iter().map(|r| r.nr_pages).sum();
+        // Pages the source sent ahead (less those written since) are served at once; the
+        // bulk push brings the rest.
+        let (cache, runs) = match self.take_precache(id, images) {
+            Some(cache) => {
+                let missing = cache.missing(&runs);
+                (cache, missing)
+            }
+            None => (Arc::new(PageCache::default()), runs),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
         let local = listener
             .local_addr()
             .map_err(|e| format!("page server address: {e}"))?;
-        let cache = Arc::new(PageCache::default());
         let (served, id_owned) = (Arc::clone(&cache), id.to_string());
         self.tasks.spawn(async move {
             match pages::serve_daemon(listener, urgent, served).await {

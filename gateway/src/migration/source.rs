@@ -136,6 +136,12 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         source,
     })?;
 
+    if postcopy && engine.prepush {
+        // While it still runs: its pages go ahead, so few are left for the switch.
+        if let Some(pid) = workload.pid {
+            engine.prepush(id, &target, pid).await;
+        }
+    }
     // Clients see the pause from here: their traffic is held until the workload runs again.
     let freeze = hold_clients(engine, &m.workload).await;
     engine
@@ -156,6 +162,12 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         tokio::spawn(async move { transfer::send_image(channel, &images, layout, dumping).await })
     };
     let checkpoint = adapter.checkpoint(about.with_images(images.clone())).await;
+    if postcopy && checkpoint.is_ok() {
+        // Frozen now: which pages sent ahead were written since goes with the image.
+        if let Some(pid) = workload.pid {
+            engine.list_stale(id, &images, pid).await;
+        }
+    }
     let _ = dumped.send(true);
     let notes = match checkpoint {
         Ok(notes) => notes,
@@ -178,8 +190,8 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     let sent = sending.await.map_err(transfer::TransferError::Task)??;
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
-        m.bytes_moved = sent.iter().map(|f| f.meta.size).sum();
-        m.bytes_on_wire = sent.iter().map(|f| f.wire_bytes).sum();
+        m.bytes_moved += sent.iter().map(|f| f.meta.size).sum::<u64>();
+        m.bytes_on_wire += sent.iter().map(|f| f.wire_bytes).sum::<u64>();
         m.files = u32::try_from(sent.len()).unwrap_or(u32::MAX);
     })?;
     let manifest: Vec<FileMeta> = sent.into_iter().map(|f| f.meta).collect();
@@ -442,6 +454,7 @@ pub(super) async fn finish_rollback(
         Ok(())
     } else {
         // A lazy dump still holding the tree lets go of it first.
+        super::locked(&engine.prepushed).remove(id);
         engine.stop_lazy_dump(id).await;
         engine.resume_source(workload).await
     };

@@ -68,6 +68,7 @@ impl Handler for Engine {
                 };
                 self.restore(&peer, &migration, ask).await
             }
+            Request::Prepush { migration } => self.receive_prepush(&peer, &migration, body).await,
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),
             },
@@ -389,6 +390,7 @@ impl Engine {
     /// image, record why.
     pub(super) fn abort_local(&self, id: &str, workload: &str, reason: &str) {
         self.release_incoming(workload);
+        self.drop_precache(id);
         remove_dir(&self.incoming_dir.join(id));
         if let Err(e) = self.update(id, |m| {
             m.phase = Phase::RolledBack;

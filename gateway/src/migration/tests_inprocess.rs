@@ -400,6 +400,7 @@ impl Site {
                 parallel_files: 2,
                 approaches: crate::config::APPROACHES.map(String::from).to_vec(),
                 sync_timeout: Duration::from_secs(1),
+                prepush: true,
             },
             Parts {
                 journal,
@@ -915,6 +916,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             data_dir: pair.b().dir.clone(),
             parallel_files: 1,
             approaches: crate::config::APPROACHES.map(String::from).to_vec(),
+            prepush: true,
             sync_timeout: Duration::from_secs(5),
         },
         Parts {

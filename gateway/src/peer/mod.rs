@@ -299,6 +299,29 @@ impl PeerLink {
         Ok((TunnelRecv::new(peer.to_string(), recv), send))
     }
 
+    /// Sends `req` on a stream of its own and returns the stream, for a body to follow;
+    /// [`Self::answer`] ends it and reads the peer's answer.
+    pub async fn open_request(
+        &self,
+        peer: &str,
+        req: &Request,
+    ) -> Result<(SendStream, RecvStream), PeerError> {
+        let (mut send, recv) = self.open(peer).await?;
+        write_frame(peer, &mut send, req).await?;
+        Ok((send, recv))
+    }
+
+    /// Ends a request's body and reads the answer.
+    pub async fn answer(
+        &self,
+        peer: &str,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> Result<Response, PeerError> {
+        finish(peer, &mut send)?;
+        read_response(peer, &mut recv).await
+    }
+
     pub(crate) async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), PeerError> {
         let conn = self.connection(peer).await?;
         conn.open_bi().await.map_err(|e| PeerError::Link {

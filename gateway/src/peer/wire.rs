@@ -68,6 +68,11 @@ pub enum Request {
         #[serde(default)]
         growing: bool,
     },
+    /// Post-copy, before the freeze: the source's pages follow, sent ahead while it still
+    /// runs (compressed bulk page framing, an empty chunk at the end); the destination
+    /// keeps them for the page path, and uses them only if the image then names the ones
+    /// written since. Answered with `Ready`.
+    Prepush { migration: String },
     /// Every file is sent; verify them against the manifest and restore.
     Restore {
         migration: String,

@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 pub mod exec;
+pub mod memory;
 pub mod net;
 pub mod process;
 pub mod wasm;

@@ -497,6 +497,47 @@ impl PageCache {
         out
     }
 
+    /// Forgets pages (sent ahead, then written at the source before it froze).
+    pub fn forget(&self, stale: &[(u32, u64)]) {
+        let mut map = self
+            .pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for key in stale {
+            map.remove(key);
+        }
+    }
+
+    /// `runs` without the pages this cache holds: what the bulk push still has to bring.
+    pub fn missing(&self, runs: &[PageRun]) -> Vec<PageRun> {
+        let map = self
+            .pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<PageRun> = Vec::new();
+        for r in runs {
+            for i in 0..r.nr_pages {
+                let vaddr = r.vaddr + i * PAGE_SIZE;
+                if map.contains_key(&(r.pid, vaddr)) {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(last)
+                        if last.pid == r.pid && last.vaddr + last.nr_pages * PAGE_SIZE == vaddr =>
+                    {
+                        last.nr_pages += 1;
+                    }
+                    _ => out.push(PageRun {
+                        pid: r.pid,
+                        vaddr,
+                        nr_pages: 1,
+                    }),
+                }
+            }
+        }
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.pages
             .lock()
@@ -548,6 +589,170 @@ pub async fn bulk_fetch(
     conn.write_u8(HAS_ALL).await?;
     conn.read_u8().await?;
     Ok(received)
+}
+
+/// A process of the tree whose pages go ahead: its host pid, and its id in CRIU's images.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeProcess {
+    pub pid: i32,
+    pub id: u32,
+}
+
+/// The pages the source sent ahead of the switch, each by a digest of what it held then.
+#[derive(Default)]
+pub struct Prepushed {
+    digests: HashMap<(u32, u64), [u8; 16]>,
+}
+
+fn digest(page: &[u8]) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&blake3::hash(page).as_bytes()[..16]);
+    d
+}
+
+impl Prepushed {
+    pub fn pages(&self) -> usize {
+        self.digests.len()
+    }
+
+    /// The pages sent ahead that the (now frozen) tree no longer holds as sent: written
+    /// since, or gone. Blocking: reads every such page once.
+    pub fn stale(&self, tree: &[TreeProcess]) -> Vec<(u32, u64)> {
+        let mut keys: Vec<(u32, u64)> = self.digests.keys().copied().collect();
+        keys.sort_unstable();
+        let mut stale = Vec::new();
+        let mut i = 0;
+        while i < keys.len() {
+            let (id, start) = keys[i];
+            // A run of consecutive pages of one process, read at once.
+            let mut n = 1;
+            while i + n < keys.len()
+                && n < MAX_GET_PAGES as usize
+                && keys[i + n] == (id, start + n as u64 * PAGE_SIZE)
+            {
+                n += 1;
+            }
+            let data = tree
+                .iter()
+                .find(|p| p.id == id)
+                .and_then(|p| crate::sys::memory::open(p.pid).ok())
+                .and_then(|mem| crate::sys::memory::read(&mem, start, n as u64).ok());
+            for k in 0..n {
+                let key = keys[i + k];
+                let same = data.as_ref().is_some_and(|d| {
+                    let page = &d[page_bytes(k as u64)..page_bytes(k as u64 + 1)];
+                    self.digests.get(&key) == Some(&digest(page))
+                });
+                if !same {
+                    stale.push(key);
+                }
+            }
+            i += n;
+        }
+        stale
+    }
+}
+
+/// Sends every present private anonymous page of the running `tree` on `out`, framed as a
+/// compressed bulk connection (ending with an empty chunk); returns their digests and the
+/// bytes it took on `out`.
+pub async fn prepush(
+    out: &mut (impl AsyncWrite + Unpin),
+    tree: &[TreeProcess],
+) -> std::io::Result<(Prepushed, u64)> {
+    let mut sent = Prepushed::default();
+    let mut wire = 0u64;
+    for p in tree {
+        let runs = tokio::task::spawn_blocking({
+            let pid = p.pid;
+            move || crate::sys::memory::present_private_anon(pid)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let mem = Arc::new(crate::sys::memory::open(p.pid)?);
+        for run in runs {
+            let mut vaddr = run.vaddr;
+            let end = run.vaddr + run.pages * PAGE_SIZE;
+            while vaddr < end {
+                let n = ((end - vaddr) / PAGE_SIZE).min(MAX_GET_PAGES);
+                let mem = Arc::clone(&mem);
+                // Read, digest and compress off the async threads. A page that cannot be
+                // read (unmapped meanwhile) is simply not sent ahead.
+                let read = tokio::task::spawn_blocking(move || {
+                    let data = crate::sys::memory::read(&mem, vaddr, n).ok()?;
+                    let digests: Vec<[u8; 16]> = data.chunks(page_bytes(1)).map(digest).collect();
+                    let packed = zstd::bulk::compress(&data, ZSTD_LEVEL).ok();
+                    Some((data, digests, packed))
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                if let Some((data, digests, packed)) = read {
+                    for (k, d) in digests.into_iter().enumerate() {
+                        sent.digests.insert((p.id, vaddr + k as u64 * PAGE_SIZE), d);
+                    }
+                    let chunk = Chunk {
+                        pid: p.id,
+                        vaddr,
+                        data,
+                    };
+                    wire += write_chunk_packed(out, &chunk, packed.as_deref()).await? as u64;
+                }
+                vaddr += n * PAGE_SIZE;
+            }
+        }
+    }
+    let end = Chunk {
+        pid: 0,
+        vaddr: 0,
+        data: Vec::new(),
+    };
+    wire += write_chunk_packed(out, &end, None).await? as u64;
+    Ok((sent, wire))
+}
+
+/// Receives what [`prepush`] sends into `cache`; returns the pages received.
+pub async fn receive_prepush(
+    inp: &mut (impl AsyncRead + Unpin),
+    cache: &PageCache,
+) -> std::io::Result<u64> {
+    let mut pages = 0;
+    loop {
+        let chunk = read_chunk_packed(inp).await?;
+        if chunk.data.is_empty() {
+            return Ok(pages);
+        }
+        pages += chunk.data.len() as u64 / PAGE_SIZE;
+        cache.insert(chunk);
+    }
+}
+
+/// The stale-page list as a file in the image directory: `[id u32][vaddr u64]` each.
+pub fn encode_stale(stale: &[(u32, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stale.len() * 12);
+    for (id, vaddr) in stale {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&vaddr.to_be_bytes());
+    }
+    out
+}
+
+pub fn decode_stale(bytes: &[u8]) -> Result<Vec<(u32, u64)>, String> {
+    if !bytes.len().is_multiple_of(12) {
+        return Err(format!(
+            "a stale-page list of {} bytes is not whole entries",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(12)
+        .map(|e| {
+            let mut id = [0u8; 4];
+            id.copy_from_slice(&e[..4]);
+            let mut vaddr = [0u8; 8];
+            vaddr.copy_from_slice(&e[4..]);
+            (u32::from_be_bytes(id), u64::from_be_bytes(vaddr))
+        })
+        .collect())
 }
 
 /// What serving the lazy-pages daemon took.
@@ -701,6 +906,52 @@ mod tests {
     #[tokio::test]
     async fn a_compressed_bulk_push_brings_the_same_pages_in_fewer_bytes() {
         faults_and_bulk(Compression::Zstd).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_sent_ahead_arrive_and_those_written_since_are_stale() {
+        let me = std::process::id() as i32;
+        let tree = [TreeProcess { pid: me, id: 1 }];
+        // Two buffers of whole pages: one is written after it went ahead, one is not.
+        let mut written = vec![0x11u8; 8 * page_bytes(1)];
+        let kept = vec![0x22u8; 8 * page_bytes(1)];
+        let page_of = |v: &Vec<u8>| (v.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let (w_page, k_page) = (page_of(&written), page_of(&kept));
+        let cache = Arc::new(PageCache::default());
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        let receiving = {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { receive_prepush(&mut rx, &cache).await })
+        };
+        let (sent, wire) = prepush(&mut tx, &tree).await.unwrap();
+        let received = receiving.await.unwrap().unwrap();
+        assert_eq!(received as usize, sent.pages());
+        assert!(wire > 0);
+        assert_eq!(cache.run_from(1, k_page, 1), vec![0x22u8; page_bytes(1)]);
+        // Written after it went ahead: stale; untouched: not.
+        let at = usize::try_from(w_page - written.as_ptr() as u64).unwrap();
+        written[at] = 0x99;
+        std::hint::black_box(&written);
+        let stale = tokio::task::spawn_blocking(move || sent.stale(&tree))
+            .await
+            .unwrap();
+        assert!(
+            stale.contains(&(1, w_page)),
+            "the written page is not stale"
+        );
+        assert!(!stale.contains(&(1, k_page)), "an untouched page is stale");
+        // The cache forgets the stale pages; the bulk push then brings only those.
+        let list = decode_stale(&encode_stale(&stale)).unwrap();
+        cache.forget(&list);
+        let runs = [PageRun {
+            pid: 1,
+            vaddr: w_page,
+            nr_pages: 2,
+        }];
+        let missing = cache.missing(&runs);
+        assert_eq!(missing.first().map(|r| (r.vaddr, r.pid)), Some((w_page, 1)));
+        assert!(decode_stale(&[0u8; 13]).is_err());
+        std::hint::black_box((&written, &kept));
     }
 
     #[tokio::test]
