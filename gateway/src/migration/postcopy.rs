@@ -47,6 +47,7 @@ impl Engine {
         &self,
         id: &str,
         images: &std::path::Path,
+        init: Option<i32>,
     ) -> Result<(), MigrationError> {
         let running =
             self.criu
@@ -63,7 +64,7 @@ impl Engine {
             message: "the lazy dump names no page server".into(),
         })?;
         let (source, page_server) =
-            PageSource::start(dump)
+            PageSource::start(dump, &init.map(super::prepush::tree_of).unwrap_or_default())
                 .await
                 .map_err(|e| MigrationError::RestoreFailed {
                     site: self.site.clone(),

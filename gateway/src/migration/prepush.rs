@@ -14,13 +14,16 @@ use super::{locked, Engine};
 use crate::peer::wire::{ErrorCode, Request, Response};
 use crate::peer::Body;
 use crate::sys::{memory, process};
-use crate::transfer::pages::{self, PageCache, TreeProcess};
+use crate::transfer::pages::{self, PageCache, Prepushed, TreeProcess};
+
+/// Passes over the running tree's memory: all of it, then what changed during the first.
+const PASSES: usize = 2;
 
 /// The stale-page list in the image directory (Ferry's, not CRIU's).
 pub const STALE_PAGES: &str = "ferry-stale-pages";
 
 /// The processes of `init`'s tree, with their ids in CRIU's images.
-fn tree_of(init: i32) -> Vec<TreeProcess> {
+pub(super) fn tree_of(init: i32) -> Vec<TreeProcess> {
     let mut pids = process::tree(init);
     if pids.is_empty() {
         pids.push(init);
@@ -45,7 +48,17 @@ impl Engine {
                 .open_request(target, &req)
                 .await
                 .map_err(|e| e.to_string())?;
-            let (sent, wire) = pages::prepush(&mut send, &tree)
+            // A first pass sends every page; a second only those written during the
+            // first, so the freeze finds few written since.
+            let mut sent = Prepushed::default();
+            let mut wire = 0;
+            for _ in 0..PASSES {
+                let (_, w) = pages::prepush(&mut send, &tree, &mut sent)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                wire += w;
+            }
+            wire += pages::end_prepush(&mut send)
                 .await
                 .map_err(|e| e.to_string())?;
             match self.peers.answer(target, send, recv).await {
@@ -93,7 +106,7 @@ impl Engine {
             (sent.pages(), stale)
         })
         .await;
-        let Ok((ahead, stale)) = stale else {
+        let Ok((ahead, Some(stale))) = stale else {
             tracing::warn!(
                 migration = id,
                 "comparing the pages sent ahead failed; the destination drops them"

@@ -177,7 +177,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         }
     };
     if postcopy {
-        engine.adopt_lazy_dump(id, &images).await?;
+        engine.adopt_lazy_dump(id, &images, workload.pid).await?;
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 

@@ -38,8 +38,10 @@ const MAX_GET_PAGES: u64 = 256;
 /// one page now; the bulk push brings the rest, so misses stay cheap and quick.
 const MAX_MISS_PAGES: u64 = 16;
 const KIND_PRIORITY: u8 = b'P';
-/// Bulk chunks in flight at once (1 MiB each).
-const BULK_WINDOW: usize = 4;
+/// Bulk pages in flight at once (4 MiB): counted in pages, not chunks, so a push of
+/// scattered single pages (those written after they went ahead) is not held to a few
+/// pages per round trip.
+const BULK_WINDOW_PAGES: usize = 4 * MAX_GET_PAGES as usize;
 /// The destination's acknowledgement of one bulk chunk.
 const ACK: u8 = 0;
 /// The destination's word that it has every page.
@@ -200,7 +202,12 @@ struct Fetch {
 }
 
 /// The source's end: the lazy dump's one client, serving the destination's connections.
+/// Pages of the frozen tree's processes it can read itself (`/proc/PID/mem`) it reads
+/// there, in any order and without a round trip to CRIU per run; CRIU's page server is
+/// asked for the others, and told when the destination has everything.
 pub struct PageSource {
+    /// The frozen tree's memory, by the ids CRIU's images name its processes by.
+    memory: HashMap<u32, Arc<std::fs::File>>,
     priority: mpsc::Sender<Fetch>,
     bulk: mpsc::Sender<Fetch>,
     /// Stops accepting the destination's connections.
@@ -216,7 +223,14 @@ pub struct PageSource {
 impl PageSource {
     /// Connects to the lazy dump's page server and listens for the destination's
     /// connections on loopback; returns where.
-    pub async fn start(dump: SocketAddr) -> std::io::Result<(Arc<Self>, SocketAddr)> {
+    pub async fn start(
+        dump: SocketAddr,
+        tree: &[TreeProcess],
+    ) -> std::io::Result<(Arc<Self>, SocketAddr)> {
+        let memory = tree
+            .iter()
+            .filter_map(|p| Some((p.id, Arc::new(crate::sys::memory::open(p.pid).ok()?))))
+            .collect();
         let criu = TcpStream::connect(dump).await?;
         let _ = criu.set_nodelay(true);
         let (prio_tx, prio_rx) = mpsc::channel(1024);
@@ -227,6 +241,7 @@ impl PageSource {
         let addr = listener.local_addr()?;
         let stop = tokio_util::sync::CancellationToken::new();
         let this = Arc::new(Self {
+            memory,
             priority: prio_tx,
             bulk: bulk_tx,
             stop: stop.clone(),
@@ -257,6 +272,21 @@ impl PageSource {
     }
 
     async fn fetch(&self, queue: &mpsc::Sender<Fetch>, run: PageRun) -> std::io::Result<Chunk> {
+        if let Some(mem) = self.memory.get(&run.pid).map(Arc::clone) {
+            let pages = run.nr_pages.clamp(1, MAX_GET_PAGES);
+            let read = tokio::task::spawn_blocking(move || {
+                crate::sys::memory::read(&mem, run.vaddr, pages)
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            if let Ok(data) = read {
+                return Ok(Chunk {
+                    pid: run.pid,
+                    vaddr: run.vaddr,
+                    data,
+                });
+            }
+        }
         let (reply, rx) = oneshot::channel();
         queue
             .send(Fetch { run, reply })
@@ -289,18 +319,25 @@ impl PageSource {
                 for _ in 0..count {
                     runs.push(read_run(&mut conn).await?);
                 }
-                // The destination acknowledges each chunk; at most BULK_WINDOW are in
-                // flight, so bulk data never queues deep enough on the link to delay a
-                // fault's pages. Its last byte (not an acknowledgement) says it has all.
+                // The destination acknowledges each chunk, in order; at most
+                // BULK_WINDOW_PAGES are in flight, so bulk data never queues deep enough
+                // on the link to delay a fault's pages. Its last byte (not an
+                // acknowledgement) says it has all.
                 let (mut rd, mut wr) = conn.into_split();
-                let credits = Arc::new(tokio::sync::Semaphore::new(BULK_WINDOW));
+                let credits = Arc::new(tokio::sync::Semaphore::new(BULK_WINDOW_PAGES));
+                let in_flight = Arc::new(Mutex::new(std::collections::VecDeque::<u32>::new()));
                 let (has_all_tx, has_all) = oneshot::channel::<()>();
-                let acks = Arc::clone(&credits);
+                let (acks, acked) = (Arc::clone(&credits), Arc::clone(&in_flight));
                 tokio::spawn(async move {
                     let mut has_all_tx = Some(has_all_tx);
                     while let Ok(b) = rd.read_u8().await {
                         if b == ACK {
-                            acks.add_permits(1);
+                            let pages = acked
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .pop_front()
+                                .unwrap_or(0);
+                            acks.add_permits(pages as usize);
                         } else if let Some(tx) = has_all_tx.take() {
                             let _ = tx.send(());
                         }
@@ -322,11 +359,17 @@ impl PageSource {
                             )
                             .await?;
                         vaddr += chunk.data.len() as u64;
+                        let pages =
+                            u32::try_from(chunk.data.len() as u64 / PAGE_SIZE).unwrap_or(u32::MAX);
                         credits
-                            .acquire()
+                            .acquire_many(pages)
                             .await
                             .map_err(|_| std::io::Error::other("the destination went away"))?
                             .forget();
+                        in_flight
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push_back(pages);
                         if compressed {
                             let (data, packed) = pack(chunk.data).await?;
                             let chunk = Chunk { data, ..chunk };
@@ -616,10 +659,28 @@ impl Prepushed {
     }
 
     /// The pages sent ahead that the (now frozen) tree no longer holds as sent: written
-    /// since, or gone. Blocking: reads every such page once.
-    pub fn stale(&self, tree: &[TreeProcess]) -> Vec<(u32, u64)> {
+    /// since, or gone. Blocking: reads every such page once, on every core (the source is
+    /// frozen meanwhile). `None` if a part of it failed: then no page sent ahead may be
+    /// trusted.
+    pub fn stale(&self, tree: &[TreeProcess]) -> Option<Vec<(u32, u64)>> {
         let mut keys: Vec<(u32, u64)> = self.digests.keys().copied().collect();
         keys.sort_unstable();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let part = keys.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = keys
+                .chunks(part)
+                .map(|keys| s.spawn(move || self.stale_in(keys, tree)))
+                .collect();
+            let mut stale = Vec::new();
+            for p in parts {
+                stale.extend(p.join().ok()?);
+            }
+            Some(stale)
+        })
+    }
+
+    fn stale_in(&self, keys: &[(u32, u64)], tree: &[TreeProcess]) -> Vec<(u32, u64)> {
         let mut stale = Vec::new();
         let mut i = 0;
         while i < keys.len() {
@@ -653,15 +714,17 @@ impl Prepushed {
     }
 }
 
-/// Sends every present private anonymous page of the running `tree` on `out`, framed as a
-/// compressed bulk connection (ending with an empty chunk); returns their digests and the
-/// bytes it took on `out`.
+/// Sends the present private anonymous pages of the running `tree` on `out`, framed as
+/// a compressed bulk connection, and records their digests in `sent`: every page the
+/// first time, then (called again with the same `sent`) only those whose content changed
+/// or that are new. Returns the pages and bytes it sent. The caller ends the stream with
+/// [`end_prepush`].
 pub async fn prepush(
     out: &mut (impl AsyncWrite + Unpin),
     tree: &[TreeProcess],
-) -> std::io::Result<(Prepushed, u64)> {
-    let mut sent = Prepushed::default();
-    let mut wire = 0u64;
+    sent: &mut Prepushed,
+) -> std::io::Result<(u64, u64)> {
+    let (mut pages, mut wire) = (0u64, 0u64);
     for p in tree {
         let runs = tokio::task::spawn_blocking({
             let pid = p.pid;
@@ -676,38 +739,67 @@ pub async fn prepush(
             while vaddr < end {
                 let n = ((end - vaddr) / PAGE_SIZE).min(MAX_GET_PAGES);
                 let mem = Arc::clone(&mem);
-                // Read, digest and compress off the async threads. A page that cannot be
-                // read (unmapped meanwhile) is simply not sent ahead.
+                let known: Vec<Option<[u8; 16]>> = (0..n)
+                    .map(|k| sent.digests.get(&(p.id, vaddr + k * PAGE_SIZE)).copied())
+                    .collect();
+                // Read, digest and compress off the async threads: the runs of pages not
+                // sent yet as they are now. A page that cannot be read (unmapped
+                // meanwhile) is not sent ahead.
                 let read = tokio::task::spawn_blocking(move || {
                     let data = crate::sys::memory::read(&mem, vaddr, n).ok()?;
                     let digests: Vec<[u8; 16]> = data.chunks(page_bytes(1)).map(digest).collect();
-                    let packed = zstd::bulk::compress(&data, ZSTD_LEVEL).ok();
-                    Some((data, digests, packed))
+                    let mut runs: Vec<(u64, u64)> = Vec::new();
+                    for (k, d) in digests.iter().enumerate() {
+                        if known[k] == Some(*d) {
+                            continue;
+                        }
+                        match runs.last_mut() {
+                            Some((first, count)) if *first + *count == k as u64 => *count += 1,
+                            _ => runs.push((k as u64, 1)),
+                        }
+                    }
+                    let chunks: Vec<(Chunk, Option<Vec<u8>>)> = runs
+                        .into_iter()
+                        .map(|(first, count)| {
+                            let bytes = data[page_bytes(first)..page_bytes(first + count)].to_vec();
+                            let packed = zstd::bulk::compress(&bytes, ZSTD_LEVEL).ok();
+                            let chunk = Chunk {
+                                pid: 0,
+                                vaddr: vaddr + first * PAGE_SIZE,
+                                data: bytes,
+                            };
+                            (chunk, packed)
+                        })
+                        .collect();
+                    Some((digests, chunks))
                 })
                 .await
                 .map_err(std::io::Error::other)?;
-                if let Some((data, digests, packed)) = read {
+                if let Some((digests, chunks)) = read {
                     for (k, d) in digests.into_iter().enumerate() {
                         sent.digests.insert((p.id, vaddr + k as u64 * PAGE_SIZE), d);
                     }
-                    let chunk = Chunk {
-                        pid: p.id,
-                        vaddr,
-                        data,
-                    };
-                    wire += write_chunk_packed(out, &chunk, packed.as_deref()).await? as u64;
+                    for (chunk, packed) in chunks {
+                        let chunk = Chunk { pid: p.id, ..chunk };
+                        pages += chunk.data.len() as u64 / PAGE_SIZE;
+                        wire += write_chunk_packed(out, &chunk, packed.as_deref()).await? as u64;
+                    }
                 }
                 vaddr += n * PAGE_SIZE;
             }
         }
     }
+    Ok((pages, wire))
+}
+
+/// Ends a stream of pages sent ahead; returns the bytes it took.
+pub async fn end_prepush(out: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<u64> {
     let end = Chunk {
         pid: 0,
         vaddr: 0,
         data: Vec::new(),
     };
-    wire += write_chunk_packed(out, &end, None).await? as u64;
-    Ok((sent, wire))
+    Ok(write_chunk_packed(out, &end, None).await? as u64)
 }
 
 /// Receives what [`prepush`] sends into `cache`; returns the pages received.
@@ -917,16 +1009,41 @@ mod tests {
         let kept = vec![0x22u8; 8 * page_bytes(1)];
         let page_of = |v: &Vec<u8>| (v.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let (w_page, k_page) = (page_of(&written), page_of(&kept));
+        let w_at = usize::try_from(w_page - written.as_ptr() as u64).unwrap();
         let cache = Arc::new(PageCache::default());
         let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
         let receiving = {
             let cache = Arc::clone(&cache);
             tokio::spawn(async move { receive_prepush(&mut rx, &cache).await })
         };
-        let (sent, wire) = prepush(&mut tx, &tree).await.unwrap();
-        let received = receiving.await.unwrap().unwrap();
-        assert_eq!(received as usize, sent.pages());
+        let mut sent = Prepushed::default();
+        let (first, wire) = prepush(&mut tx, &tree, &mut sent).await.unwrap();
+        assert_eq!(first as usize, sent.pages());
         assert!(wire > 0);
+        // Again, after one page changed: it goes again, the untouched ones do not.
+        written[w_at + 1] = 0x77;
+        std::hint::black_box(&written);
+        let mut again: Vec<u8> = Vec::new();
+        let (second, _) = prepush(&mut again, &tree, &mut sent).await.unwrap();
+        let mut resent = Vec::new();
+        let mut rest = again.as_slice();
+        while !rest.is_empty() {
+            let c = read_chunk_packed(&mut rest).await.unwrap();
+            resent.extend((0..c.data.len() as u64 / PAGE_SIZE).map(|k| c.vaddr + k * PAGE_SIZE));
+        }
+        assert_eq!(resent.len() as u64, second);
+        assert!(
+            resent.contains(&w_page),
+            "the changed page was not sent again"
+        );
+        assert!(
+            !resent.contains(&k_page),
+            "an untouched page was sent again"
+        );
+        end_prepush(&mut tx).await.unwrap();
+        let received = receiving.await.unwrap().unwrap();
+        assert_eq!(received, first);
+        written[w_at + 1] = 0x11;
         assert_eq!(cache.run_from(1, k_page, 1), vec![0x22u8; page_bytes(1)]);
         // Written after it went ahead: stale; untouched: not.
         let at = usize::try_from(w_page - written.as_ptr() as u64).unwrap();
@@ -934,7 +1051,8 @@ mod tests {
         std::hint::black_box(&written);
         let stale = tokio::task::spawn_blocking(move || sent.stale(&tree))
             .await
-            .unwrap();
+            .unwrap()
+            .expect("every part compared");
         assert!(
             stale.contains(&(1, w_page)),
             "the written page is not stale"
@@ -952,6 +1070,46 @@ mod tests {
         assert_eq!(missing.first().map(|r| (r.vaddr, r.pid)), Some((w_page, 1)));
         assert!(decode_stale(&[0u8; 13]).is_err());
         std::hint::black_box((&written, &kept));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_source_reads_the_frozen_trees_pages_itself_without_asking_criu() {
+        let (criu, criu_done) = fake_criu().await;
+        let me = std::process::id() as i32;
+        let (source, _) = PageSource::start(criu, &[TreeProcess { pid: me, id: 9 }])
+            .await
+            .unwrap();
+        let buf = vec![0x3cu8; 4 * page_bytes(1)];
+        let vaddr = (buf.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let chunk = source
+            .fetch(
+                &source.bulk,
+                PageRun {
+                    pid: 9,
+                    vaddr,
+                    nr_pages: 2,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(chunk.data, vec![0x3cu8; 2 * page_bytes(1)]);
+        // A process it cannot read goes to CRIU's page server.
+        let other = source
+            .fetch(
+                &source.bulk,
+                PageRun {
+                    pid: 2,
+                    vaddr: 0x40_000,
+                    nr_pages: 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(other.data, page(2, 0x40_000));
+        source.finish().await;
+        let (gets, closed) = criu_done.await.unwrap();
+        assert_eq!((gets, closed), (1, true));
+        std::hint::black_box(&buf);
     }
 
     #[tokio::test]
@@ -988,7 +1146,7 @@ mod tests {
 
     async fn faults_and_bulk(compression: Compression) {
         let (criu, criu_done) = fake_criu().await;
-        let (source, at) = PageSource::start(criu).await.unwrap();
+        let (source, at) = PageSource::start(criu, &[]).await.unwrap();
         let runs = vec![
             PageRun {
                 pid: 1,
