@@ -1,14 +1,11 @@
-//! Post-copy: the checkpoint leaves the workload's private memory in the frozen source,
-//! served by CRIU's lazy dump on a loopback page server; the destination restores at once
-//! and its `criu lazy-pages` daemon fetches pages (on fault, and in the background) through
-//! a tunnel over the peer link. The source stays frozen, with every page it still has,
-//! until that daemon has them all and the lazy dump exits; only then is it released.
+//! Post-copy: the checkpoint leaves the workload's private memory in the frozen source
+//! (CRIU's lazy dump); the destination restores at once and its `criu lazy-pages` daemon
+//! gets pages (on fault, and in the background) from Ferry's page path: a cache filled
+//! ahead of the freeze (`prepush`) and by a bulk push, and a priority tunnel for faults
+//! the cache cannot answer yet. The source stays frozen, with every page it still has,
+//! until the destination has them all and the lazy dump exits; only then is it released.
 //! After the destination confirmed, a destination crash loses the writes made there since
 //! the switch: that window is recorded (`timings.postcopy_ms`).
-//!
-//! This first increment relays CRIU's own page protocol through the tunnel (one stream,
-//! CRIU's fault and background fetches); Ferry's own page cache, priority and bulk
-//! streams are still to come.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
