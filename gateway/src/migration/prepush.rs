@@ -142,9 +142,11 @@ impl Engine {
                 format!("migration {id} has ended ({})", m.phase),
             );
         }
+        // At most half of what this host can still give: the restored tree needs the rest.
+        let max_pages = memory::available_bytes().map_or(0, |b| b / 2 / memory::PAGE);
         let cache = Arc::new(PageCache::default());
         locked(&self.precaches).insert(id.to_string(), Arc::clone(&cache));
-        match pages::receive_prepush(&mut body, &cache).await {
+        match pages::receive_prepush(&mut body, &cache, max_pages).await {
             Ok(pages) => {
                 tracing::info!(migration = id, pages, "pages received ahead");
                 Response::Ready

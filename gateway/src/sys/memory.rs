@@ -76,6 +76,19 @@ pub fn open(pid: i32) -> std::io::Result<std::fs::File> {
     std::fs::File::open(format!("/proc/{pid}/mem"))
 }
 
+/// Memory this host can still give without swapping (`MemAvailable`), in bytes.
+pub fn available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// `pid`'s id inside its own PID namespace (the last `NSpid` field): the id CRIU's images
 /// and page requests name it by.
 pub fn ns_pid(pid: i32) -> Option<u32> {

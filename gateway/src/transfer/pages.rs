@@ -802,10 +802,12 @@ pub async fn end_prepush(out: &mut (impl AsyncWrite + Unpin)) -> std::io::Result
     Ok(write_chunk_packed(out, &end, None).await? as u64)
 }
 
-/// Receives what [`prepush`] sends into `cache`; returns the pages received.
+/// Receives what [`prepush`] sends into `cache`, at most `max_pages` pages; returns the
+/// pages received.
 pub async fn receive_prepush(
     inp: &mut (impl AsyncRead + Unpin),
     cache: &PageCache,
+    max_pages: u64,
 ) -> std::io::Result<u64> {
     let mut pages = 0;
     loop {
@@ -814,6 +816,11 @@ pub async fn receive_prepush(
             return Ok(pages);
         }
         pages += chunk.data.len() as u64 / PAGE_SIZE;
+        if pages > max_pages {
+            return Err(std::io::Error::other(format!(
+                "more than {max_pages} pages sent ahead (what this site can hold besides the restored workload)"
+            )));
+        }
         cache.insert(chunk);
     }
 }
@@ -1014,7 +1021,7 @@ mod tests {
         let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
         let receiving = {
             let cache = Arc::clone(&cache);
-            tokio::spawn(async move { receive_prepush(&mut rx, &cache).await })
+            tokio::spawn(async move { receive_prepush(&mut rx, &cache, u64::MAX).await })
         };
         let mut sent = Prepushed::default();
         let (first, wire) = prepush(&mut tx, &tree, &mut sent).await.unwrap();
@@ -1110,6 +1117,32 @@ mod tests {
         let (gets, closed) = criu_done.await.unwrap();
         assert_eq!((gets, closed), (1, true));
         std::hint::black_box(&buf);
+    }
+
+    #[tokio::test]
+    async fn no_more_pages_are_kept_than_the_site_can_hold() {
+        let mut stream: Vec<u8> = Vec::new();
+        for i in 0..3u64 {
+            let chunk = Chunk {
+                pid: 1,
+                vaddr: 0x10_000 + i * PAGE_SIZE,
+                data: vec![1u8; page_bytes(1)],
+            };
+            write_chunk_packed(&mut stream, &chunk, None).await.unwrap();
+        }
+        end_prepush(&mut stream).await.unwrap();
+        let cache = PageCache::default();
+        let e = receive_prepush(&mut stream.as_slice(), &cache, 2)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("more than 2 pages"), "{e}");
+        let cache = PageCache::default();
+        assert_eq!(
+            receive_prepush(&mut stream.as_slice(), &cache, 3)
+                .await
+                .unwrap(),
+            3
+        );
     }
 
     #[tokio::test]
