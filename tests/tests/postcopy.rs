@@ -327,8 +327,15 @@ fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
         m["timings"]["prepush_ms"].is_u64(),
         "no pages went ahead: {m}"
     );
+    // The source's record: pages sent ahead, some written before the freeze.
+    let (ahead, stale) = (
+        m["pages"]["ahead"].as_u64().unwrap_or(0),
+        m["pages"]["stale"].as_u64().unwrap_or(0),
+    );
+    assert!(ahead > 10_000, "{m}");
+    assert!(stale > 0, "no page was written after it went ahead: {m}");
     let logs = strip_ansi(&sites.logs());
-    let stale: u64 = logs
+    let listed: u64 = logs
         .lines()
         .filter(|l| l.contains("pages written since they went ahead"))
         .find_map(|l| {
@@ -339,8 +346,19 @@ fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
                 .parse()
                 .ok()
         })
-        .context("the source listed no stale pages")?;
-    assert!(stale > 0, "no page was written after it went ahead");
+        .context("the source logged no stale pages")?;
+    assert_eq!(listed, stale);
+    // The destination's record: how its lazy-pages daemon was answered.
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    let at_b = wait_for("B's page statistics", Duration::from_secs(20), || {
+        let r = sites.b.ferry_json(&["migration", "show", &id]).ok()?;
+        (r["pages"]["requests"].as_u64()? > 0).then_some(r)
+    })?;
+    assert!(at_b["pages"]["hits"].as_u64() > Some(0), "{at_b}");
+    assert_eq!(at_b["pages"]["stale"], stale, "{at_b}");
+    let shown = sites.b.ferry(&["migration", "show", &id])?;
+    assert!(shown.contains("sent ahead"), "{shown}");
+    assert!(shown.contains("from the cache"), "{shown}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(summary["failed"], 0, "{summary}");
     // Every acknowledged write is at B with its value, and nothing else changed.

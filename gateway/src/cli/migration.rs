@@ -53,6 +53,11 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
     }
 }
 
+/// ", in N ms" when known.
+fn ms_label(v: Option<u64>) -> String {
+    v.map_or_else(String::new, |v| format!(", in {v} ms"))
+}
+
 fn ms(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v} ms"))
 }
@@ -93,6 +98,22 @@ pub fn print_migration(m: &Migration) {
             "post-copy   {}   (destination running, pages still coming from the source)",
             ms(t.postcopy_ms)
         );
+    }
+    if let Some(p) = &m.pages {
+        let us =
+            |v: Option<u64>| v.map_or_else(|| "-".into(), |v| format!("{:.1} ms", v as f64 / 1e3));
+        println!(
+            "pages       {} sent ahead ({} written before the freeze){}",
+            p.ahead,
+            p.stale,
+            ms_label(t.prepush_ms)
+        );
+        if p.requests > 0 || p.pushed > 0 {
+            println!(
+                "            {} pushed after the switch; {} requests of the lazy-pages daemon: {} from the cache, {} waited for the source (p50 {}, p99 {})",
+                p.pushed, p.requests, p.hits, p.waits, us(p.wait_p50_us), us(p.wait_p99_us)
+            );
+        }
     }
     println!("total       {}", ms(t.total_ms));
     if m.bytes_on_wire > 0 {

@@ -165,6 +165,32 @@ pub struct Timings {
     pub total_ms: Option<u64>,
 }
 
+/// Post-copy's pages: sent ahead, stale at the freeze, pushed after the switch, and how the
+/// destination's faults were answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageStats {
+    /// Pages sent ahead of the freeze (source), or kept of them (destination).
+    pub ahead: u64,
+    /// Pages sent ahead that were written before the freeze (sent again after it).
+    pub stale: u64,
+    /// Destination: pages the bulk push brought after the switch.
+    #[serde(default)]
+    pub pushed: u64,
+    /// Destination: page requests of the `criu lazy-pages` daemon (faults and its own
+    /// background fetch), those answered from the cache at once, and those that waited for
+    /// the source, with the wait's median and 99th percentile.
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub hits: u64,
+    #[serde(default)]
+    pub waits: u64,
+    #[serde(default)]
+    pub wait_p50_us: Option<u64>,
+    #[serde(default)]
+    pub wait_p99_us: Option<u64>,
+}
+
 /// A migration's durable record, also what the API returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Migration {
@@ -219,6 +245,9 @@ pub struct Migration {
     /// Service level: the replica's last reported state.
     #[serde(default)]
     pub sync: Option<SyncInfo>,
+    /// Post-copy: how the pages travelled (each site records its side).
+    #[serde(default)]
+    pub pages: Option<PageStats>,
     /// Target, service level: the replica's process, until it is confirmed or discarded
     /// (so a restarted gateway can discard it).
     #[serde(default)]
@@ -270,6 +299,7 @@ impl Migration {
             service: None,
             destination: None,
             sync: None,
+            pages: None,
             replica_pid: None,
             replica_pid_start: None,
             page_server: None,
@@ -311,6 +341,7 @@ pub struct Parts {
 
 /// Owns every migration of this site, as source or as destination.
 pub struct Engine {
+    me: std::sync::Weak<Engine>,
     site: String,
     journal: Arc<Journal>,
     workloads: Arc<Workloads>,
@@ -361,7 +392,8 @@ impl Engine {
                 source,
             })?;
         }
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             site: settings.site,
             health_timeout: parts.workloads.health_timeout(),
             journal: parts.journal,
@@ -388,6 +420,12 @@ impl Engine {
             tasks: TaskTracker::new(),
             cancel,
         }))
+    }
+
+    /// This engine, for tasks that outlive the call that starts them (none once it is
+    /// dropped).
+    fn this(&self) -> Option<Arc<Self>> {
+        self.me.upgrade()
     }
 
     pub fn site(&self) -> &str {

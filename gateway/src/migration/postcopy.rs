@@ -218,33 +218,52 @@ impl Engine {
         let local = listener
             .local_addr()
             .map_err(|e| format!("page server address: {e}"))?;
-        let (served, id_owned) = (Arc::clone(&cache), id.to_string());
+        let (served, id_owned, this) = (Arc::clone(&cache), id.to_string(), self.this());
         self.tasks.spawn(async move {
             match pages::serve_daemon(listener, urgent, served).await {
-                Ok(stats) => tracing::info!(
-                    migration = %id_owned,
-                    gets = stats.gets,
-                    hits = stats.hits,
-                    misses = stats.misses,
-                    miss_wait_p50_us = ?stats.miss_wait_us(0.5),
-                    miss_wait_p99_us = ?stats.miss_wait_us(0.99),
-                    "the lazy-pages daemon has every page"
-                ),
+                Ok(stats) => {
+                    tracing::info!(
+                        migration = %id_owned,
+                        gets = stats.gets,
+                        hits = stats.hits,
+                        misses = stats.misses,
+                        miss_wait_p50_us = ?stats.miss_wait_us(0.5),
+                        miss_wait_p99_us = ?stats.miss_wait_us(0.99),
+                        "the lazy-pages daemon has every page"
+                    );
+                    if let Some(engine) = this {
+                        let _ = engine.update(&id_owned, |m| {
+                            let p = m.pages.get_or_insert_with(Default::default);
+                            p.requests = stats.gets;
+                            p.hits = stats.hits;
+                            p.waits = stats.misses;
+                            p.wait_p50_us = stats.miss_wait_us(0.5);
+                            p.wait_p99_us = stats.miss_wait_us(0.99);
+                        });
+                    }
+                }
                 Err(e) => tracing::error!(migration = %id_owned, error = %e, "serving the lazy-pages daemon failed"),
             }
         });
-        let id_owned = id.to_string();
+        let (id_owned, this) = (id.to_string(), self.this());
         let compression = self.peers.compression(peer);
         self.tasks.spawn(async move {
             let started = Instant::now();
             match pages::bulk_fetch(bulk, runs, cache, compression).await {
-                Ok(pages) => tracing::info!(
-                    migration = %id_owned,
-                    pages,
-                    of = total,
-                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "every lazy page pushed"
-                ),
+                Ok(pages) => {
+                    tracing::info!(
+                        migration = %id_owned,
+                        pages,
+                        of = total,
+                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "every lazy page pushed"
+                    );
+                    if let Some(engine) = this {
+                        let _ = engine.update(&id_owned, |m| {
+                            m.pages.get_or_insert_with(Default::default).pushed = pages;
+                        });
+                    }
+                }
                 Err(e) => {
                     tracing::error!(migration = %id_owned, error = %e, "the bulk page push failed");
                 }

@@ -79,10 +79,12 @@ impl Engine {
                     ms,
                     "pages sent ahead"
                 );
-                let pages = sent.pages() as u64 * memory::PAGE;
+                let ahead = sent.pages() as u64;
+                let pages = ahead * memory::PAGE;
                 locked(&self.prepushed).insert(id.to_string(), sent);
                 let _ = self.update(id, |m| {
                     m.timings.prepush_ms = Some(ms);
+                    m.pages.get_or_insert_with(Default::default).ahead = ahead;
                     m.bytes_moved += pages;
                     m.bytes_on_wire += wire;
                 });
@@ -117,6 +119,9 @@ impl Engine {
             tracing::warn!(migration = id, error = %e, "cannot write the stale-page list; the destination drops the pages sent ahead");
             return;
         }
+        let _ = self.update(id, |m| {
+            m.pages.get_or_insert_with(Default::default).stale = stale.len() as u64;
+        });
         tracing::info!(
             migration = id,
             ahead,
@@ -168,6 +173,12 @@ impl Engine {
         match list {
             Ok(stale) => {
                 cache.forget(&stale);
+                let kept = cache.len() as u64;
+                let _ = self.update(id, |m| {
+                    let p = m.pages.get_or_insert_with(Default::default);
+                    p.ahead = kept;
+                    p.stale = stale.len() as u64;
+                });
                 tracing::info!(
                     migration = id,
                     kept = cache.len(),
