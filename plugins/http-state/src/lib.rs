@@ -23,6 +23,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use curl::{Server, StatePath, Transfer};
+use ferry_adapter_sdk::service::{feasible, infeasible, peer, probe_here};
 use ferry_adapter_sdk::*;
 
 struct HttpState;
@@ -198,35 +199,7 @@ impl Staging {
     }
 }
 
-fn infeasible(reason: String) -> Plan {
-    Plan {
-        feasible: false,
-        approach: None,
-        reason,
-        expected_downtime_ms: None,
-    }
-}
 
-fn feasible(reason: String, expected_downtime_ms: Option<u64>) -> Plan {
-    Plan {
-        feasible: true,
-        approach: Some(Approach::Service),
-        reason,
-        expected_downtime_ms,
-    }
-}
-
-fn peer(w: &Workload) -> &str {
-    w.peer.as_deref().unwrap_or("the other site")
-}
-
-fn why(e: AdapterError) -> String {
-    match e {
-        AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => {
-            why
-        }
-    }
-}
 
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -348,12 +321,7 @@ impl ServiceAdapter for HttpState {
             Ok(svc) => svc,
             Err(why) => return infeasible(why),
         };
-        let plan = if w.pid.is_some() {
-            probe_source(&w, &svc)
-        } else {
-            probe_destination(&w, &svc)
-        };
-        plan.unwrap_or_else(|e| infeasible(why(e)))
+        probe_here(&w, |w| probe_source(w, &svc), |w| probe_destination(w, &svc))
     }
 
     fn start_sync(w: Workload) -> Result<(), AdapterError> {

@@ -28,6 +28,7 @@ mod psql;
 
 use std::time::{Duration, Instant};
 
+use ferry_adapter_sdk::service::{feasible, infeasible, peer, probe_here, reason};
 use ferry_adapter_sdk::*;
 use pg::{caught_up, ident, literal, Lsn, Mark, Names, Progress, Subscription, Version};
 use psql::{tool_version, Scratch, Server, QUICK_MS, SLOW_MS};
@@ -59,10 +60,6 @@ const SYNC_WORKERS: i64 = 2;
 const USER_TABLES: &str =
     "c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'";
 
-fn peer(w: &Workload) -> &str {
-    w.peer.as_deref().unwrap_or("the other site")
-}
-
 /// The migration's names, seen from the destination (the peer is the source).
 fn names_at_destination(w: &Workload) -> Result<Names, AdapterError> {
     let source = w.peer.as_deref().ok_or_else(|| no_peer(w))?;
@@ -93,31 +90,6 @@ fn is_postgres(w: &Workload) -> bool {
     runs_postgres || setting(w, "service") == Some("postgres")
 }
 
-fn infeasible(reason: String) -> Plan {
-    Plan {
-        feasible: false,
-        approach: None,
-        reason,
-        expected_downtime_ms: None,
-    }
-}
-
-fn feasible(reason: String, expected_downtime_ms: Option<u64>) -> Plan {
-    Plan {
-        feasible: true,
-        approach: Some(Approach::Service),
-        reason,
-        expected_downtime_ms,
-    }
-}
-
-fn why(e: AdapterError) -> String {
-    match e {
-        AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => {
-            why
-        }
-    }
-}
 
 fn warn(message: &str) {
     log::log(log::Level::Warn, message);
@@ -362,7 +334,7 @@ fn drop_source_slots(source: &Server, names: &Names, suboids: &[u32]) {
         Ok(_) | Err(_) => warn(&format!(
             "replication slots of this migration may be left at the source, keeping its WAL ({}); drop them there: SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE {cond}",
             match outcome {
-                Err(e) => why(e),
+                Err(e) => reason(e),
                 Ok(_) => "still active".into(),
             }
         )),
@@ -495,7 +467,7 @@ fn ready(local: &Server) -> Result<Version, AdapterError> {
             Err(e) if Instant::now() >= deadline => {
                 return Err(AdapterError::Failed(format!(
                     "the fresh instance did not accept sessions within {READY_MS} ms: {}",
-                    why(e)
+                    reason(e)
                 )))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -650,12 +622,7 @@ impl ServiceAdapter for Postgres {
                 w.name
             ));
         }
-        let plan = if w.pid.is_some() {
-            probe_source(&w)
-        } else {
-            probe_destination(&w)
-        };
-        plan.unwrap_or_else(|e| infeasible(why(e)))
+        probe_here(&w, probe_source, probe_destination)
     }
 
     fn start_sync(w: Workload) -> Result<(), AdapterError> {
@@ -684,13 +651,13 @@ impl ServiceAdapter for Postgres {
         if let Err(e) = retry_interval(&local, Some(SYNC_RETRY_INTERVAL)) {
             warn(&format!(
                 "each database's replication may wait up to wal_retrieve_retry_interval to start: {}",
-                why(e)
+                reason(e)
             ));
         }
         for db in &dbs {
             replicate_database(&w, &local, &source, &names, db, present.contains(&db.name))
                 .map_err(|e| {
-                    AdapterError::Failed(format!("replicating database {}: {}", db.name, why(e)))
+                    AdapterError::Failed(format!("replicating database {}: {}", db.name, reason(e)))
                 })?;
         }
         info(&format!(
@@ -725,7 +692,7 @@ impl ServiceAdapter for Postgres {
             if let Err(e) = retry_interval(&local, None) {
                 warn(&format!(
                     "wal_retrieve_retry_interval stays at {SYNC_RETRY_INTERVAL}: {}",
-                    why(e)
+                    reason(e)
                 ));
             }
         }
@@ -768,7 +735,7 @@ impl ServiceAdapter for Postgres {
                 if let Err(lift) = lift_fence(&local) {
                     warn(&format!(
                         "the source stays read-only ({}); lift it with ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf()",
-                        why(lift)
+                        reason(lift)
                     ));
                 }
                 Err(e)
@@ -845,7 +812,7 @@ impl ServiceAdapter for Postgres {
             Ok(source) => drop_source_slots(&source, &names, &[]),
             Err(e) => warn(&format!(
                 "no tunnel to the source to drop its replication slots: {}",
-                why(e)
+                reason(e)
             )),
         }
         info(&format!(
@@ -867,7 +834,7 @@ impl ServiceAdapter for Postgres {
         let subs = subscriptions(&local, &names).unwrap_or_else(|e| {
             warn(&format!(
                 "cannot list the replica's subscriptions: {}",
-                why(e)
+                reason(e)
             ));
             Vec::new()
         });
@@ -886,14 +853,14 @@ impl ServiceAdapter for Postgres {
                 warn(&format!(
                     "cannot drop subscription {} here: {}",
                     s.name,
-                    why(e)
+                    reason(e)
                 ));
             }
         }
         if let Err(e) = retry_interval(&local, None) {
             warn(&format!(
                 "wal_retrieve_retry_interval stays at {SYNC_RETRY_INTERVAL}: {}",
-                why(e)
+                reason(e)
             ));
         }
         let source = match Server::source(&w) {
@@ -902,7 +869,7 @@ impl ServiceAdapter for Postgres {
                 warn(&format!(
                     "no tunnel to the source: its publications and replication slots {}… stay ({})",
                     names.prefix(),
-                    why(e)
+                    reason(e)
                 ));
                 return Ok(());
             }
@@ -930,14 +897,14 @@ impl ServiceAdapter for Postgres {
                         warn(&format!(
                             "cannot drop the publication in database {} at the source: {}",
                             db.name,
-                            why(e)
+                            reason(e)
                         ));
                     }
                 }
             }
             Err(e) => warn(&format!(
                 "cannot list the source's databases to drop publications: {}",
-                why(e)
+                reason(e)
             )),
         }
         Ok(())

@@ -15,6 +15,7 @@ mod resp;
 
 use std::time::{Duration, Instant};
 
+use ferry_adapter_sdk::service::{feasible, infeasible, peer, probe_here};
 use ferry_adapter_sdk::*;
 use info::{Info, Replica, Version};
 
@@ -210,27 +211,6 @@ fn is_redis(w: &Workload) -> bool {
     program == Some("redis-server") || setting(w, "service") == Some("redis")
 }
 
-fn infeasible(reason: String) -> Plan {
-    Plan {
-        feasible: false,
-        approach: None,
-        reason,
-        expected_downtime_ms: None,
-    }
-}
-
-fn feasible(reason: String) -> Plan {
-    Plan {
-        feasible: true,
-        approach: Some(Approach::Service),
-        reason,
-        expected_downtime_ms: Some(EXPECTED_DOWNTIME_MS),
-    }
-}
-
-fn peer(w: &Workload) -> &str {
-    w.peer.as_deref().unwrap_or("the other site")
-}
 
 /// At the source: the running instance is a primary, new enough to be fenced, with no
 /// module whose state or commands a replica elsewhere might not have.
@@ -273,7 +253,7 @@ fn probe_source(w: &Workload) -> Result<Plan, AdapterError> {
         "redis {version} at {}: a live replica at {} follows it, then is promoted while the ingress holds clients",
         w.site,
         peer(w)
-    )))
+    ), Some(EXPECTED_DOWNTIME_MS)))
 }
 
 /// At the destination: this site can run the same service.
@@ -290,7 +270,7 @@ fn probe_destination(w: &Workload) -> Result<Plan, AdapterError> {
         w.site,
         w.name,
         peer(w)
-    )))
+    ), Some(EXPECTED_DOWNTIME_MS)))
 }
 
 /// Waits, with the source paused, until the replica has everything up to `mark` (the
@@ -351,14 +331,7 @@ impl ServiceAdapter for Redis {
                 w.name
             ));
         }
-        let plan = if w.pid.is_some() {
-            probe_source(&w)
-        } else {
-            probe_destination(&w)
-        };
-        plan.unwrap_or_else(|e| match e {
-            AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => infeasible(why),
-        })
+        probe_here(&w, probe_source, probe_destination)
     }
 
     fn start_sync(w: Workload) -> Result<(), AdapterError> {

@@ -25,7 +25,54 @@ wit_bindgen::generate!({
 
 pub use ferry::adapter::tunnel;
 
-use crate::{AdapterError, AdapterInfo, Plan, SyncState, Workload};
+use crate::{AdapterError, AdapterInfo, Approach, Plan, SyncState, Workload};
+
+/// A plan saying this adapter cannot move the workload, and why.
+pub fn infeasible(reason: String) -> Plan {
+    Plan {
+        feasible: false,
+        approach: None,
+        reason,
+        expected_downtime_ms: None,
+    }
+}
+
+/// A service-level plan, with the switch's expected downtime if the adapter knows it.
+pub fn feasible(reason: String, expected_downtime_ms: Option<u64>) -> Plan {
+    Plan {
+        feasible: true,
+        approach: Some(Approach::Service),
+        reason,
+        expected_downtime_ms,
+    }
+}
+
+/// The probe's usual shape: at the source (`w.pid` set) ask `at_source`, at the
+/// destination `at_destination`; an error is an infeasible plan saying it.
+pub fn probe_here(
+    w: &Workload,
+    at_source: impl FnOnce(&Workload) -> Result<Plan, AdapterError>,
+    at_destination: impl FnOnce(&Workload) -> Result<Plan, AdapterError>,
+) -> Plan {
+    let plan = if w.pid.is_some() {
+        at_source(w)
+    } else {
+        at_destination(w)
+    };
+    plan.unwrap_or_else(|e| infeasible(reason(e)))
+}
+
+/// What an error says, without its kind (for a plan's reason).
+pub fn reason(e: AdapterError) -> String {
+    match e {
+        AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => why,
+    }
+}
+
+/// The migration's other site, for messages.
+pub fn peer(w: &Workload) -> &str {
+    w.peer.as_deref().unwrap_or("the other site")
+}
 
 /// What a service adapter implements. [`describe`](ServiceAdapter::describe) and
 /// [`probe`](ServiceAdapter::probe) are required: a service adapter is chosen only by
