@@ -415,6 +415,46 @@ impl TwoSites {
         Ok(())
     }
 
+    /// Starts Redis at A in a runc container (`redis_oci_bundle`) through the API; the
+    /// returned guard deletes both sites' `NAME` containers (`a-NAME`, `b-NAME`) however the
+    /// test ends.
+    pub fn run_redis_in_runc_at_a(&self, name: &str, port: u16) -> Result<Cleanup> {
+        let cleanup = Cleanup(
+            ["a", "b"]
+                .iter()
+                .map(|s| {
+                    [
+                        "runc",
+                        "--root",
+                        &format!("/run/ferry-runc/{s}"),
+                        "delete",
+                        "-f",
+                        &format!("{s}-{name}"),
+                    ]
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+                })
+                .collect(),
+        );
+        let bundle = redis_oci_bundle(&self.root.join("bundle"), port)?;
+        let (setting, p) = (format!("bundle={}", bundle.display()), port.to_string());
+        self.a.ferry(&[
+            "workload",
+            "run",
+            name,
+            "--runtime",
+            "runc",
+            "--setting",
+            &setting,
+            "--port",
+            &p,
+            "--",
+            "redis-server",
+        ])?;
+        Ok(cleanup)
+    }
+
     /// As [`Self::run_redis_at_a`], with its `CONFIG` command disabled (a hardened
     /// server: no adapter can change its settings).
     pub fn run_redis_at_a_without_config(&self, name: &str, port: u16) -> Result<()> {
@@ -429,22 +469,12 @@ impl TwoSites {
         redis_args: &[&str],
     ) -> Result<()> {
         let p = port.to_string();
+        let server = redis_process_args(port);
         let mut args = vec!["workload", "run", name, "--port", &p];
         args.extend_from_slice(flags);
-        args.extend_from_slice(&[
-            "--",
-            "redis-server",
-            "--port",
-            &p,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--enable-debug-command",
-            "yes",
-            "--daemonize",
-            "no",
-        ]);
+        args.push("--");
+        args.extend(server.iter().map(String::as_str));
+        args.extend_from_slice(&["--daemonize", "no"]);
         args.extend_from_slice(redis_args);
         self.a.ferry(&args)?;
         Ok(())
@@ -708,6 +738,25 @@ pub fn redis_rootfs(rootfs: &Path) -> Result<()> {
         fs::copy(lib, &dest).with_context(|| format!("copy {lib}"))?;
     }
     Ok(())
+}
+
+/// The command that runs Redis as a plain process on `port`: no persistence, DEBUG on.
+pub fn redis_process_args(port: u16) -> Vec<String> {
+    let p = port.to_string();
+    [
+        "redis-server",
+        "--port",
+        &p,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
 }
 
 /// The arguments that run Redis inside a container on `port`.

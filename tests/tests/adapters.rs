@@ -115,39 +115,7 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
     let mut opts = Options::new("runc");
     opts.adapters.push("runc".into());
     let sites = TwoSites::start(opts)?;
-    let _cleanup = ferry_e2e::Cleanup(
-        ["a", "b"]
-            .iter()
-            .map(|s| {
-                [
-                    "runc",
-                    "--root",
-                    &format!("/run/ferry-runc/{s}"),
-                    "delete",
-                    "-f",
-                    &format!("{s}-redis"),
-                ]
-                .iter()
-                .map(std::string::ToString::to_string)
-                .collect()
-            })
-            .collect(),
-    );
-    let bundle = ferry_e2e::redis_oci_bundle(&sites.root.join("bundle"), PORT)?;
-    let setting = format!("bundle={}", bundle.display());
-    sites.a.ferry(&[
-        "workload",
-        "run",
-        "redis",
-        "--runtime",
-        "runc",
-        "--setting",
-        &setting,
-        "--port",
-        "6379",
-        "--",
-        "redis-server",
-    ])?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "30000", "key", "64"])?;

@@ -247,21 +247,9 @@ fn redis_in_podman_moves_to_a_plain_process_through_the_service_level() -> Resul
         sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
     );
     // At B it runs as a plain process: another runtime, and a host path for the binary.
-    let p = PORT.to_string();
-    let to_process = [
-        "--runtime",
-        "process",
-        "--",
-        "redis-server",
-        "--port",
-        &p,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ];
+    let server = ferry_e2e::redis_process_args(PORT);
+    let mut to_process = vec!["--runtime", "process", "--"];
+    to_process.extend(server.iter().map(String::as_str));
     let mut plan_args = vec!["migrate", "redis", "--to", "b", "--plan"];
     plan_args.extend_from_slice(&to_process);
     let plan = sites.a.ferry(&plan_args)?;
@@ -297,39 +285,7 @@ fn redis_in_runc_moves_at_the_service_level() -> Result<()> {
     let mut opts = options("svrunc");
     opts.adapters.push("runc".into());
     let sites = TwoSites::start(opts)?;
-    let _cleanup = ferry_e2e::Cleanup(
-        ["a", "b"]
-            .iter()
-            .map(|s| {
-                [
-                    "runc",
-                    "--root",
-                    &format!("/run/ferry-runc/{s}"),
-                    "delete",
-                    "-f",
-                    &format!("{s}-redis"),
-                ]
-                .iter()
-                .map(std::string::ToString::to_string)
-                .collect()
-            })
-            .collect(),
-    );
-    let bundle = ferry_e2e::redis_oci_bundle(&sites.root.join("bundle"), PORT)?;
-    let setting = format!("bundle={}", bundle.display());
-    sites.a.ferry(&[
-        "workload",
-        "run",
-        "redis",
-        "--runtime",
-        "runc",
-        "--setting",
-        &setting,
-        "--port",
-        "6379",
-        "--",
-        "redis-server",
-    ])?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "64"])?;

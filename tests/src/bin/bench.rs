@@ -723,26 +723,9 @@ fn plain_redis(sites: &TwoSites, work: &Path) -> Result<(String, (Reaped, KillPi
     let holder = sites
         .a
         .command("setsid")
-        .args([
-            "unshare",
-            "--pid",
-            "--fork",
-            "--",
-            "setsid",
-            "redis-server",
-            "--port",
-            "6380",
-        ])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--enable-debug-command",
-            "yes",
-            "--protected-mode",
-            "no",
-        ])
+        .args(["unshare", "--pid", "--fork", "--", "setsid"])
+        .args(ferry_e2e::redis_process_args(6380))
+        .args(["--protected-mode", "no"])
         .current_dir(work)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -808,15 +791,8 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         .command(criu)
         .args(["dump", "-t", &pid, "-D"])
         .arg(&img_a)
-        .args([
-            "--tcp-close",
-            "--network-lock",
-            "skip",
-            "--skip-in-flight",
-            "--file-locks",
-            "-o",
-            "dump.log",
-        ]))
+        .args(DUMP_FLAGS)
+        .args(["-o", "dump.log"]))
     .with_context(|| std::fs::read_to_string(img_a.join("dump.log")).unwrap_or_default())?;
     let mut send = sites.a.command(self_exe()?);
     send.args(["send", send_to]).arg(&img_a);
@@ -827,7 +803,8 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         .command(criu)
         .args(["restore", "-d", "-D"])
         .arg(&img_b)
-        .args(["--tcp-close", "--file-locks", "-o", "restore.log"]))
+        .args(RESTORE_FLAGS)
+        .args(["-o", "restore.log"]))
     .with_context(|| std::fs::read_to_string(img_b.join("restore.log")).unwrap_or_default())?;
     let total = started.elapsed();
     let (client, client_too_short) = client.finish(Instant::now())?;
@@ -855,16 +832,31 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
 const PAGE_SERVER: &str = "10.213.0.1:7560";
 const PAGE_RELAY: &str = "10.213.0.2:7559";
 
-/// Starts CRIU in `site`'s namespace with `--status-fd` pointing at `status` (a file: CRIU
-/// writes one byte to it once it serves).
-fn criu_with_status(
+/// How the hand-driven ways dump Redis (open connections closed, as Ferry does).
+const DUMP_FLAGS: [&str; 5] = [
+    "--tcp-close",
+    "--network-lock",
+    "skip",
+    "--skip-in-flight",
+    "--file-locks",
+];
+/// And restore it.
+const RESTORE_FLAGS: [&str; 2] = ["--tcp-close", "--file-locks"];
+
+/// Starts CRIU in `site`'s namespace on the images in `dir`, logging to `dir/log`, and
+/// returns once it serves (its `--status-fd` byte, written to a file in `dir`), failing
+/// early if it exits first.
+fn criu_until_ready(
     site: &ferry_e2e::Site,
-    status: &Path,
     args: &[&str],
     dir: &Path,
+    log: &str,
+    limit: Duration,
 ) -> Result<Reaped> {
-    let _ = std::fs::remove_file(status);
-    Ok(Reaped(
+    let (status, name) = (dir.join(format!("{log}.status")), log);
+    let log = dir.join(name);
+    let _ = std::fs::remove_file(&status);
+    let mut child = Reaped(
         site.command("sh")
             .args([
                 "-c",
@@ -874,25 +866,22 @@ fn criu_with_status(
             .args(args)
             .arg("-D")
             .arg(dir)
-            .env("FERRY_BENCH_STATUS", status)
+            .args(["-o", name])
+            .env("FERRY_BENCH_STATUS", &status)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
-    ))
-}
-
-/// Waits for CRIU's readiness byte in `status`, failing early if it exits first.
-fn wait_ready(status: &Path, log: &Path, child: &mut Reaped, limit: Duration) -> Result<()> {
+    );
     let deadline = Instant::now() + limit;
     loop {
-        if std::fs::metadata(status).is_ok_and(|m| m.len() > 0) {
-            return Ok(());
+        if std::fs::metadata(&status).is_ok_and(|m| m.len() > 0) {
+            return Ok(child);
         }
         if let Some(st) = child.0.try_wait()? {
             bail!(
                 "criu exited ({st}) before it was ready: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
         if Instant::now() > deadline {
@@ -933,59 +922,35 @@ fn criu_lazy_run(
     let memory = ferry::sys::process::tree_rss_bytes(pid.parse()?).unwrap_or(0);
     let started = Instant::now();
     // The dump freezes Redis, writes all but the lazy pages, then serves those.
-    let status = work.join("dump.status");
-    let mut dump = criu_with_status(
+    let dump_args: Vec<&str> = ["dump", "-t", &pid, "--lazy-pages", "--address", ps_ip]
+        .into_iter()
+        .chain(["--port", ps_port])
+        .chain(DUMP_FLAGS)
+        .collect();
+    let mut dump = criu_until_ready(
         &sites.a,
-        &status,
-        &[
-            "dump",
-            "-t",
-            &pid,
-            "--lazy-pages",
-            "--address",
-            ps_ip,
-            "--port",
-            ps_port,
-            "--tcp-close",
-            "--network-lock",
-            "skip",
-            "--skip-in-flight",
-            "--file-locks",
-            "-o",
-            "dump.log",
-        ],
+        &dump_args,
         &img_a,
-    )?;
-    wait_ready(
-        &status,
-        &img_a.join("dump.log"),
-        &mut dump,
+        "dump.log",
         Duration::from_secs(120),
     )?;
     let mut send = sites.a.command(self_exe()?);
     send.args(["send", send_to]).arg(&img_a);
     run(&mut send)?;
     recv.0.wait()?;
-    let status = work.join("lazy.status");
-    let mut daemon = criu_with_status(
+    let daemon_args = [
+        "lazy-pages",
+        "--page-server",
+        "--address",
+        from_ip,
+        "--port",
+        from_port,
+    ];
+    let mut daemon = criu_until_ready(
         &sites.b,
-        &status,
-        &[
-            "lazy-pages",
-            "--page-server",
-            "--address",
-            from_ip,
-            "--port",
-            from_port,
-            "-o",
-            "lazy-pages.log",
-        ],
+        &daemon_args,
         &img_b,
-    )?;
-    wait_ready(
-        &status,
-        &img_b.join("lazy-pages.log"),
-        &mut daemon,
+        "lazy-pages.log",
         Duration::from_secs(30),
     )?;
     run(sites
@@ -993,7 +958,8 @@ fn criu_lazy_run(
         .command(CRIU)
         .args(["restore", "-d", "--lazy-pages", "-D"])
         .arg(&img_b)
-        .args(["--tcp-close", "--file-locks", "-o", "restore.log"]))
+        .args(RESTORE_FLAGS)
+        .args(["-o", "restore.log"]))
     .with_context(|| std::fs::read_to_string(img_b.join("restore.log")).unwrap_or_default())?;
     let restored = started.elapsed();
     // The source stays frozen until the daemon has fetched every page.
