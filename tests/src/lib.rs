@@ -740,6 +740,54 @@ pub fn redis_rootfs(rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A `ferry-load` client (tests/src/bin/load.rs) running in a site's network.
+pub struct Load(std::process::Child);
+
+/// What a [`Load`] client saw.
+pub struct LoadOutcome {
+    /// It exited successfully.
+    pub ok: bool,
+    pub stderr: String,
+    /// Its JSON summary: requests, ok, failed, unavailable, stalls, latencies.
+    pub summary: Value,
+}
+
+impl Site {
+    /// Starts `ferry-load KIND ADDR RATE SECONDS CONNECTIONS ACKED` in this site's network.
+    pub fn start_load(
+        &self,
+        kind: &str,
+        addr: &str,
+        rate: &str,
+        seconds: &str,
+        connections: &str,
+        acked: &Path,
+    ) -> Result<Load> {
+        let bin = ferry_bin()?.with_file_name("ferry-load");
+        Ok(Load(
+            self.command(bin)
+                .args([kind, addr, rate, seconds, connections])
+                .arg(acked)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        ))
+    }
+}
+
+impl Load {
+    /// Waits for the client to end and reads its summary.
+    pub fn finish(self) -> Result<LoadOutcome> {
+        let out = self.0.wait_with_output()?;
+        let summary = serde_json::from_slice(&out.stdout).context("client summary")?;
+        Ok(LoadOutcome {
+            ok: out.status.success(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            summary,
+        })
+    }
+}
+
 /// The command that runs Redis as a plain process on `port`: no persistence, DEBUG on.
 pub fn redis_process_args(port: u16) -> Vec<String> {
     let p = port.to_string();

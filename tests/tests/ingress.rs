@@ -2,19 +2,13 @@
 //! workload through site A's ingress while it moves to site B, and sees no failed request;
 //! every write it got an answer for is at B afterwards.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferry_e2e::{Options, TwoSites};
-use serde_json::Value;
 
 const PORT: u16 = 6379;
 const ROUTE: &str = "0.0.0.0:16379";
-
-fn load_bin() -> Result<std::path::PathBuf> {
-    Ok(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
-}
 
 #[test]
 fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
@@ -27,22 +21,13 @@ fn clients_see_no_failed_request_while_redis_moves() -> Result<()> {
     // 500 requests/s for 4 s over 4 connections, through A's ingress.
     let client = sites
         .a
-        .command(load_bin()?)
-        .args(["redis", "127.0.0.1:16379", "500", "4", "4"])
-        .arg(&acked)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+        .start_load("redis", "127.0.0.1:16379", "500", "4", "4", &acked)?;
     std::thread::sleep(Duration::from_millis(1200));
     let (ok, m) = sites.migrate("redis", "b")?;
-    let out = client.wait_with_output()?;
+    let out = client.finish()?;
     assert!(ok, "{m}\n{}", sites.logs());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).context("client summary")?;
+    assert!(out.ok, "{}", out.stderr);
+    let summary = out.summary;
     eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["ok"], summary["requests"], "{summary}");
@@ -152,15 +137,11 @@ fn run_counter(sites: &TwoSites, route: &str) -> Result<()> {
     Ok(())
 }
 
-fn http_load(sites: &TwoSites, rate: &str, seconds: &str) -> Result<std::process::Child> {
-    Ok(sites
+fn http_load(sites: &TwoSites, rate: &str, seconds: &str) -> Result<ferry_e2e::Load> {
+    let acked = sites.root.join("acked-http.txt");
+    sites
         .a
-        .command(load_bin()?)
-        .args(["http", "127.0.0.1:18080", rate, seconds, "4"])
-        .arg(sites.root.join("acked-http.txt"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?)
+        .start_load("http", "127.0.0.1:18080", rate, seconds, "4", &acked)
 }
 
 #[test]
@@ -173,13 +154,13 @@ fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
     let client = http_load(&sites, "300", "4")?;
     std::thread::sleep(Duration::from_millis(1200));
     let (ok, m) = sites.migrate("counter", "b")?;
-    let out = client.wait_with_output()?;
+    let out = client.finish()?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert!(
         m["bytes_on_wire"].as_u64() > m["bytes_moved"].as_u64(),
         "uncompressed: every byte plus framing travels: {m}"
     );
-    let summary: Value = serde_json::from_slice(&out.stdout).context("client summary")?;
+    let summary = out.summary;
     eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["unavailable"], 0, "{summary}");
@@ -223,9 +204,9 @@ fn requests_held_past_the_bound_get_503_with_retry_after() -> Result<()> {
     let client = http_load(&sites, "100", "4")?;
     std::thread::sleep(Duration::from_millis(500));
     let (ok, m) = sites.migrate("counter", "b")?;
-    let out = client.wait_with_output()?;
+    let out = client.finish()?;
     assert!(ok, "{m}\n{}", sites.logs());
-    let summary: Value = serde_json::from_slice(&out.stdout).context("client summary")?;
+    let summary = out.summary;
     eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
     assert!(
         summary["unavailable"].as_u64().unwrap_or(0) > 0,

@@ -310,18 +310,12 @@ fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
     // Writes through A's route before, during and after the pages go ahead, so some of
     // what went ahead is stale by the freeze.
     let acked = sites.root.join("acked.txt");
-    let load = ferry_e2e::ferry_bin()?.with_file_name("ferry-load");
     let client = sites
         .a
-        .command(load)
-        .args(["redis", "127.0.0.1:16390", "500", "8", "4"])
-        .arg(&acked)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+        .start_load("redis", "127.0.0.1:16390", "500", "8", "4", &acked)?;
     std::thread::sleep(Duration::from_millis(1500));
     let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
-    let out = client.wait_with_output()?;
+    let out = client.finish()?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert!(
         m["timings"]["prepush_ms"].is_u64(),
@@ -359,7 +353,7 @@ fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
     let shown = sites.b.ferry(&["migration", "show", &id])?;
     assert!(shown.contains("sent ahead"), "{shown}");
     assert!(shown.contains("from the cache"), "{shown}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let summary = out.summary;
     assert_eq!(summary["failed"], 0, "{summary}");
     // Every acknowledged write is at B with its value, and nothing else changed.
     let keys: Vec<String> = std::fs::read_to_string(&acked)?

@@ -3,7 +3,6 @@
 //! while A's ingress holds clients for the switch. Real gateways, real Redis, two
 //! network namespaces with no other path between them than the peer link.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,10 +17,6 @@ fn options(tag: &str) -> Options {
     let mut o = Options::new(tag);
     o.adapters = vec!["process".into(), "redis".into()];
     o
-}
-
-fn load_bin() -> Result<std::path::PathBuf> {
-    Ok(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
 }
 
 /// Is anything answering Redis on `PORT` at this site?
@@ -41,15 +36,10 @@ fn redis_moves_at_the_service_level_while_clients_write() -> Result<()> {
     // full sync waits Redis's 5 s diskless delay, so the writes span the sync and the switch.
     let client = sites
         .a
-        .command(load_bin()?)
-        .args(["redis", "127.0.0.1:16379", "500", "12", "4"])
-        .arg(&acked)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+        .start_load("redis", "127.0.0.1:16379", "500", "12", "4", &acked)?;
     std::thread::sleep(Duration::from_millis(1000));
     let (ok, m) = sites.migrate("redis", "b")?;
-    let out = client.wait_with_output()?;
+    let out = client.finish()?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["approach"], "service", "{m}");
     assert!(m["timings"]["dump_ms"].is_null(), "a checkpoint ran: {m}");
@@ -57,12 +47,8 @@ fn redis_moves_at_the_service_level_while_clients_write() -> Result<()> {
         "migration: approach {}, timings {}, sync {}",
         m["approach"], m["timings"], m["sync"]
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).context("client summary")?;
+    assert!(out.ok, "{}", out.stderr);
+    let summary = out.summary;
     eprintln!("client: {summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["ok"], summary["requests"], "{summary}");

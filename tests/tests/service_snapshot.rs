@@ -5,7 +5,6 @@
 //! adapter beside `redis`'s live replica, through the same world. Real gateways, a real
 //! HTTP service, two network namespaces.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -123,10 +122,6 @@ fn get(site: &Site, port: u16, path: &str) -> Result<String> {
     site.exec("curl", &["-sf", &format!("http://127.0.0.1:{port}{path}")])
 }
 
-fn load_bin() -> Result<std::path::PathBuf> {
-    Ok(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
-}
-
 #[test]
 fn an_http_service_moves_by_export_and_import_while_clients_count() -> Result<()> {
     let sites = TwoSites::start(options("hsnap"))?;
@@ -149,17 +144,17 @@ fn an_http_service_moves_by_export_and_import_while_clients_count() -> Result<()
     assert!(reason.contains("2.0 MB"), "{plan}");
 
     // 300 increments/s for 4 s over 4 connections, through A's ingress.
-    let client = sites
-        .a
-        .command(load_bin()?)
-        .args(["http", "127.0.0.1:18080", "300", "4", "4"])
-        .arg(sites.root.join("acked.txt"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let client = sites.a.start_load(
+        "http",
+        "127.0.0.1:18080",
+        "300",
+        "4",
+        "4",
+        &sites.root.join("acked.txt"),
+    )?;
     std::thread::sleep(Duration::from_millis(1200));
     let (ok, m) = sites.migrate("counter", "b")?;
-    let out = client.wait_with_output()?;
+    let out = client.finish()?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["approach"], "service", "{m}");
     assert_eq!(m["service"], "http-state", "{m}");
@@ -173,12 +168,8 @@ fn an_http_service_moves_by_export_and_import_while_clients_count() -> Result<()
         "migration: approach {} ({}), timings {}, sync {}",
         m["approach"], m["service"], m["timings"], m["sync"]
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).context("client summary")?;
+    assert!(out.ok, "{}", out.stderr);
+    let summary = out.summary;
     eprintln!("client: {summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["unavailable"], 0, "{summary}");
