@@ -184,6 +184,15 @@ impl Site {
         run(self.command(program).args(args))
     }
 
+    /// The Redis dataset on `port` at this site, as (`DBSIZE`, `DEBUG DIGEST`): equal
+    /// pairs are equal datasets.
+    pub fn redis_dataset(&self, port: u16) -> Result<(String, String)> {
+        Ok((
+            self.redis(port, &["DBSIZE"])?,
+            self.redis(port, &["DEBUG", "DIGEST"])?,
+        ))
+    }
+
     /// `redis-cli -p PORT ARGS…` at this site; the reply, trimmed.
     pub fn redis(&self, port: u16, args: &[&str]) -> Result<String> {
         let p = port.to_string();

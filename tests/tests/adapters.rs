@@ -122,18 +122,12 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
     sites
         .a
         .redis(PORT, &["SET", "greeting", "from a container"])?;
-    let before = (
-        sites.a.redis(PORT, &["DBSIZE"])?,
-        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let before = sites.a.redis_dataset(PORT)?;
 
     let (ok, m) = sites.migrate("redis", "b")?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["approach"], "orchestrator", "{m}");
-    let after = (
-        sites.b.redis(PORT, &["DBSIZE"])?,
-        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let after = sites.b.redis_dataset(PORT)?;
     assert_eq!(after, before);
     assert_eq!(
         sites.b.redis(PORT, &["GET", "greeting"])?,
@@ -192,18 +186,12 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
     sites
         .a
         .redis(PORT, &["SET", "greeting", "from a podman container"])?;
-    let before = (
-        sites.a.redis(PORT, &["DBSIZE"])?,
-        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let before = sites.a.redis_dataset(PORT)?;
 
     let (ok, m) = sites.migrate("redis", "b")?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["approach"], "orchestrator");
-    let after = (
-        sites.b.redis(PORT, &["DBSIZE"])?,
-        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let after = sites.b.redis_dataset(PORT)?;
     assert_eq!(after, before);
     assert_eq!(
         sites.b.redis(PORT, &["GET", "greeting"])?,

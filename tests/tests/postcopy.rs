@@ -18,10 +18,7 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "200"])?;
     sites.a.redis(PORT, &["SET", "greeting", "lazily"])?;
-    let before = (
-        sites.a.redis(PORT, &["DBSIZE"])?,
-        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let before = sites.a.redis_dataset(PORT)?;
     let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
     assert!(ok, "{m}\n{}", sites.logs());
     eprintln!(
@@ -39,10 +36,7 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
     );
     assert!(moved > 20_000_000, "{m}");
     assert!(wire > 0 && wire < moved / 2, "{m}");
-    let after = (
-        sites.b.redis(PORT, &["DBSIZE"])?,
-        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let after = sites.b.redis_dataset(PORT)?;
     assert_eq!(after, before);
     assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "lazily");
     // The source is released once every page is at B; nothing is left at A.
@@ -252,10 +246,7 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
     sites
         .a
         .redis(PORT, &["SET", "greeting", "through an outage"])?;
-    let before = (
-        sites.a.redis(PORT, &["DBSIZE"])?,
-        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let before = sites.a.redis_dataset(PORT)?;
     // A slow link, so the pages take longer to reach B than the outage lasts.
     sites.a.limit_egress("50mbit")?;
     let m = sites.a.ferry_json(&[
@@ -288,10 +279,7 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
         phase(&sites.a).filter(|p| p != "paging")
     })?;
     assert_eq!(end, "completed", "{}", sites.logs());
-    let after = (
-        sites.b.redis(PORT, &["DBSIZE"])?,
-        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let after = sites.b.redis_dataset(PORT)?;
     assert_eq!(after, before);
     assert_eq!(
         sites.b.redis(PORT, &["GET", "greeting"])?,

@@ -228,10 +228,7 @@ fn redis_in_podman_moves_to_a_plain_process_through_the_service_level() -> Resul
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "5000", "key", "64"])?;
-    let before = (
-        sites.a.redis(PORT, &["DBSIZE"])?,
-        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let before = sites.a.redis_dataset(PORT)?;
     // At B it runs as a plain process: another runtime, and a host path for the binary.
     let server = ferry_e2e::redis_process_args(PORT);
     let mut to_process = vec!["--runtime", "process", "--"];
@@ -245,10 +242,7 @@ fn redis_in_podman_moves_to_a_plain_process_through_the_service_level() -> Resul
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["approach"], "service", "{m}");
     assert_eq!(m["destination"]["runtime"], "process", "{m}");
-    let after = (
-        sites.b.redis(PORT, &["DBSIZE"])?,
-        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let after = sites.b.redis_dataset(PORT)?;
     assert_eq!(after, before);
     let at_b = sites.b.ferry_json(&["workload", "ls"])?;
     assert_eq!(at_b[0]["runtime"], "process", "{at_b}");
@@ -276,18 +270,12 @@ fn redis_in_runc_moves_at_the_service_level() -> Result<()> {
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "64"])?;
     sites.a.redis(PORT, &["SET", "greeting", "from runc"])?;
-    let before = (
-        sites.a.redis(PORT, &["DBSIZE"])?,
-        sites.a.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let before = sites.a.redis_dataset(PORT)?;
     let (ok, m) = sites.migrate_with("redis", "b", &["--approach", "service"])?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["approach"], "service", "{m}");
     assert!(m["timings"]["dump_ms"].is_null(), "a checkpoint ran: {m}");
-    let after = (
-        sites.b.redis(PORT, &["DBSIZE"])?,
-        sites.b.redis(PORT, &["DEBUG", "DIGEST"])?,
-    );
+    let after = sites.b.redis_dataset(PORT)?;
     assert_eq!(after, before);
     // B's instance is a fresh runc container of its own, now a primary.
     let role = sites.b.redis(PORT, &["ROLE"])?;

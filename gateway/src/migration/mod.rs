@@ -551,6 +551,12 @@ impl Engine {
         self.faults.replace(faults);
     }
 
+    /// Source: moves `id` on to `phase` (after the fault a test may inject on entering it).
+    async fn enter_phase(&self, id: &str, phase: Phase) -> Result<Migration, MigrationError> {
+        self.faults.enter(Role::Source, phase, &self.cancel).await?;
+        self.set_phase(id, phase)
+    }
+
     fn set_phase(&self, id: &str, phase: Phase) -> Result<Migration, MigrationError> {
         tracing::info!(migration = %id, phase = %phase, "phase");
         self.update(id, |m| m.phase = phase)

@@ -20,7 +20,7 @@ use crate::transfer::pages::{self, PageCache, Prepushed, TreeProcess};
 const PASSES: usize = 2;
 
 /// The stale-page list in the image directory (Ferry's, not CRIU's).
-pub const STALE_PAGES: &str = "ferry-stale-pages";
+const STALE_PAGES: &str = "ferry-stale-pages";
 
 /// The processes of `init`'s tree, with their ids in CRIU's images.
 pub(super) fn tree_of(init: i32) -> Vec<TreeProcess> {

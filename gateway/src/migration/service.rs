@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::source::{confirm, hold_clients, prepare_destination, request_switch};
-use super::{Engine, MigrationError, Phase, Role};
+use super::source::{confirm, hold_clients, prepare, prepare_destination, request_switch};
+use super::{Engine, MigrationError, Phase};
 use crate::peer::wire::{Request, Response};
 use crate::plugins::AdapterCall;
 use crate::spec::WorkloadSpec;
@@ -33,27 +33,9 @@ pub(super) async fn drive(
         .ok_or_else(|| MigrationError::NotFound(id.to_string()))?;
     let target = m.target.clone();
 
-    engine
-        .faults
-        .enter(Role::Source, Phase::Preparing, &engine.cancel)
-        .await?;
-    engine.set_phase(id, Phase::Preparing)?;
-    prepare_destination(
-        engine,
-        &target,
-        Request::Prepare {
-            migration: id.to_string(),
-            workload: destination.clone(),
-            service: Some(service.to_string()),
-        },
-    )
-    .await?;
+    prepare(engine, id, &target, destination, Some(service)).await?;
 
-    engine
-        .faults
-        .enter(Role::Source, Phase::Syncing, &engine.cancel)
-        .await?;
-    engine.set_phase(id, Phase::Syncing)?;
+    engine.enter_phase(id, Phase::Syncing).await?;
     let sync_started = Instant::now();
     prepare_destination(
         engine,

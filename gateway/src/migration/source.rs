@@ -11,7 +11,7 @@ use crate::criu::layout;
 use crate::peer::wire::{Request, Response, TargetState};
 use crate::plugins::AdapterCall;
 use crate::proxy::Target;
-use crate::spec::WorkloadState;
+use crate::spec::{WorkloadSpec, WorkloadState};
 use crate::transfer::{self, FileMeta};
 use crate::workload::WorkloadError;
 
@@ -113,21 +113,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         about.postcopy = true;
     }
 
-    engine
-        .faults
-        .enter(Role::Source, Phase::Preparing, &engine.cancel)
-        .await?;
-    engine.set_phase(id, Phase::Preparing)?;
-    prepare_destination(
-        engine,
-        &target,
-        Request::Prepare {
-            migration: id.to_string(),
-            workload: m.spec.clone(),
-            service: None,
-        },
-    )
-    .await?;
+    prepare(engine, id, &target, &m.spec, None).await?;
 
     let images = engine.images_dir.join(id);
     std::fs::create_dir_all(&images).map_err(|source| MigrationError::Io {
@@ -144,11 +130,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
     // Clients see the pause from here: their traffic is held until the workload runs again.
     let freeze = hold_clients(engine, &m.workload).await;
-    engine
-        .faults
-        .enter(Role::Source, Phase::Checkpointing, &engine.cancel)
-        .await?;
-    engine.set_phase(id, Phase::Checkpointing)?;
+    engine.enter_phase(id, Phase::Checkpointing).await?;
     // Page images go to the destination while the checkpoint writes them.
     let (dumped, dumping) = watch::channel(false);
     let channel = Arc::new(engine.peers.files(&target, id)?);
@@ -181,11 +163,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
-    engine
-        .faults
-        .enter(Role::Source, Phase::Transferring, &engine.cancel)
-        .await?;
-    engine.set_phase(id, Phase::Transferring)?;
+    engine.enter_phase(id, Phase::Transferring).await?;
     let t = Instant::now();
     let sent = sending.await.map_err(transfer::TransferError::Task)??;
     engine.update(id, |m| {
@@ -239,6 +217,28 @@ pub(super) async fn request_switch(engine: &Engine, id: &str) -> Result<(), Migr
         m.restore_requested = true;
     })?;
     Ok(())
+}
+
+/// Enters `preparing` and has `target` reserve the workload (with `service`, start a fresh
+/// instance for that service adapter to sync).
+pub(super) async fn prepare(
+    engine: &Arc<Engine>,
+    id: &str,
+    target: &str,
+    workload: &WorkloadSpec,
+    service: Option<&str>,
+) -> Result<(), MigrationError> {
+    engine.enter_phase(id, Phase::Preparing).await?;
+    prepare_destination(
+        engine,
+        target,
+        Request::Prepare {
+            migration: id.to_string(),
+            workload: workload.clone(),
+            service: service.map(str::to_string),
+        },
+    )
+    .await
 }
 
 /// Asks `target` to prepare; anything but `Ready` is its refusal.

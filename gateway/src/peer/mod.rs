@@ -480,7 +480,18 @@ impl PeerLink {
 /// Each direction's buffer where a tunnel meets a TCP connection: a replica's full copy
 /// crosses at line rate, and tokio's default (8 KiB) costs a syscall and a stream write
 /// every 8 KiB.
-pub const TUNNEL_BUFFER: usize = 256 * 1024;
+const TUNNEL_BUFFER: usize = 256 * 1024;
+
+/// Copies bytes both ways between a TCP connection and a tunnel's streams until either
+/// side ends; the bytes each way (up: TCP to tunnel).
+pub async fn splice(
+    tcp: &mut tokio::net::TcpStream,
+    recv: impl AsyncRead + Unpin,
+    send: SendStream,
+) -> std::io::Result<(u64, u64)> {
+    let mut stream = tokio::io::join(recv, send);
+    tokio::io::copy_bidirectional_with_sizes(tcp, &mut stream, TUNNEL_BUFFER, TUNNEL_BUFFER).await
+}
 
 /// Answers a tunnel request, then copies bytes both ways until either side ends.
 async fn pipe(peer: &str, mut tcp: tokio::net::TcpStream, mut send: SendStream, recv: RecvStream) {
@@ -491,15 +502,7 @@ async fn pipe(peer: &str, mut tcp: tokio::net::TcpStream, mut send: SendStream, 
         return;
     }
     let _ = tcp.set_nodelay(true);
-    let mut stream = tokio::io::join(recv, send);
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut tcp,
-        &mut stream,
-        TUNNEL_BUFFER,
-        TUNNEL_BUFFER,
-    )
-    .await
-    {
+    match splice(&mut tcp, recv, send).await {
         Ok((up, down)) => tracing::debug!(peer, up, down, "tunnel closed"),
         Err(e) => tracing::debug!(peer, error = %e, "tunnel ended"),
     }

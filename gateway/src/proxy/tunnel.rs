@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Ingress, Target};
-use crate::peer::{PeerLink, TunnelRecv, TunnelTarget, TUNNEL_BUFFER};
+use crate::peer::{PeerLink, TunnelRecv, TunnelTarget};
 use crate::plugins::TunnelOpener;
 
 /// The near end for a client: a byte pipe to `workload` at `peer`. The client's bytes go
@@ -198,15 +198,7 @@ pub async fn connect_port(workload: &str, port: u16) -> Result<TcpStream, String
 
 /// Copies bytes both ways between a local connection and a tunnel until either ends.
 async fn pipe(mut tcp: TcpStream, recv: TunnelRecv, send: SendStream) {
-    let mut stream = tokio::io::join(recv, send);
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut tcp,
-        &mut stream,
-        TUNNEL_BUFFER,
-        TUNNEL_BUFFER,
-    )
-    .await
-    {
+    match crate::peer::splice(&mut tcp, recv, send).await {
         Ok((up, down)) => tracing::debug!(up, down, "migration tunnel connection closed"),
         // A refusal by the peer shows here too, as the first read's error.
         Err(e) => tracing::debug!(error = %e, "migration tunnel connection ended"),

@@ -748,6 +748,28 @@ fn plain_redis(sites: &TwoSites, work: &Path) -> Result<(String, (Reaped, KillPi
     Ok((pid, guard))
 }
 
+/// A hand-driven way's Redis at A, filled, and its image directories at each site.
+struct HandRun {
+    img_a: PathBuf,
+    img_b: PathBuf,
+    pid: String,
+    _redis: (Reaped, KillPid),
+}
+
+fn hand_start(sites: &TwoSites, way: &str, mib: u64) -> Result<HandRun> {
+    let work = sites.root.join(way);
+    let (img_a, img_b) = (work.join("a"), work.join("b"));
+    std::fs::create_dir_all(&img_a)?;
+    let (pid, _redis) = plain_redis(sites, &work)?;
+    populate(sites, 6380, mib)?;
+    Ok(HandRun {
+        img_a,
+        img_b,
+        pid,
+        _redis,
+    })
+}
+
 /// Receives image files at B, and the way A sends them there: through a delay relay
 /// when the link has a round trip.
 fn image_path(
@@ -776,11 +798,13 @@ fn image_path(
 
 fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> Result<Outcome> {
     let criu = CRIU;
-    let work = sites.root.join("plain");
-    let (img_a, img_b) = (work.join("a"), work.join("b"));
-    std::fs::create_dir_all(&img_a)?;
-    let (pid, _plain_redis) = plain_redis(sites, &work)?;
-    populate(sites, 6380, mib)?;
+    let HandRun {
+        img_a,
+        img_b,
+        pid,
+        _redis,
+        ..
+    } = hand_start(sites, "plain", mib)?;
     let (mut recv, _relay, send_to) = image_path(sites, &img_b, rtt)?;
     std::thread::sleep(Duration::from_millis(300));
     let client = Client::start(sites, "10.213.0.1:6380,10.213.0.2:6380", load, seconds)?;
@@ -898,11 +922,12 @@ fn criu_lazy_run(
     seconds: u64,
     rtt: u64,
 ) -> Result<Outcome> {
-    let work = sites.root.join("lazy");
-    let (img_a, img_b) = (work.join("a"), work.join("b"));
-    std::fs::create_dir_all(&img_a)?;
-    let (pid, _redis) = plain_redis(sites, &work)?;
-    populate(sites, 6380, mib)?;
+    let HandRun {
+        img_a,
+        img_b,
+        pid,
+        _redis,
+    } = hand_start(sites, "lazy", mib)?;
     let (mut recv, _relay, send_to) = image_path(sites, &img_b, rtt)?;
     let (_page_relay, pages_from) = if rtt == 0 {
         (None, PAGE_SERVER)
