@@ -64,16 +64,46 @@ pub fn present_private_anon(pid: i32) -> std::io::Result<Vec<Present>> {
     Ok(runs)
 }
 
-/// `pages` pages of `pid`'s memory from `vaddr`.
-pub fn read(mem: &std::fs::File, vaddr: u64, pages: u64) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; usize::try_from(pages * PAGE).map_err(std::io::Error::other)?];
-    mem.read_exact_at(&mut buf, vaddr)?;
-    Ok(buf)
+/// A process's memory, for reading its pages: `process_vm_readv` (one copy, no
+/// per-page mapping of `/proc/PID/mem`, ~2.5x faster here), with `/proc/PID/mem`
+/// kept open as the fallback and as the handle that names the process.
+pub struct Memory {
+    pid: i32,
+    file: std::fs::File,
 }
 
-/// `/proc/PID/mem`, for [`read`].
-pub fn open(pid: i32) -> std::io::Result<std::fs::File> {
-    std::fs::File::open(format!("/proc/{pid}/mem"))
+impl Memory {
+    pub fn open(pid: i32) -> std::io::Result<Self> {
+        let file = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+        Ok(Self { pid, file })
+    }
+
+    /// `pages` pages from `vaddr`.
+    pub fn read(&self, vaddr: u64, pages: u64) -> std::io::Result<Vec<u8>> {
+        let len = usize::try_from(pages * PAGE).map_err(std::io::Error::other)?;
+        let mut buf = vec![0u8; len];
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let remote = libc::iovec {
+            iov_base: vaddr as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: `local` describes `buf`, which lives and is not otherwise borrowed for
+        // the call; the kernel writes at most `len` bytes into it. `remote` names the
+        // other process's addresses, which the kernel checks (it never dereferences them
+        // here).
+        let got = unsafe {
+            libc::process_vm_readv(self.pid, &raw const local, 1, &raw const remote, 1, 0)
+        };
+        if usize::try_from(got).ok() != Some(len) {
+            // A partial read (a page unmapped meanwhile) or a refusal: the slow path
+            // says which.
+            self.file.read_exact_at(&mut buf, vaddr)?;
+        }
+        Ok(buf)
+    }
 }
 
 /// Memory this host can still give without swapping (`MemAvailable`), in bytes.
@@ -138,8 +168,8 @@ mod tests {
             .iter()
             .find(|r| r.vaddr <= addr && addr < r.vaddr + r.pages * PAGE)
             .expect("the vector's first page is present");
-        let mem = open(me).expect("own mem");
-        let page = read(&mem, addr, 1).expect("read");
+        let mem = Memory::open(me).expect("own mem");
+        let page = mem.read(addr, 1).expect("read");
         let off = v.as_ptr() as u64 - addr;
         assert_eq!(page[usize::try_from(off).unwrap() + 100], 7);
         assert!(run.pages >= 1);

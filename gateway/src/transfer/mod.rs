@@ -25,6 +25,11 @@ use tokio::task::JoinSet;
 pub use codec::{receive, Compression, ReceiveError};
 pub use manifest::FileMeta;
 
+/// Files up to this size travel without waiting for one of the `parallel` slots.
+const SMALL_FILE_BYTES: u64 = 64 * 1024;
+/// Small files in flight at once (streams of the peer link's allowance).
+const SMALL_FILES_AT_ONCE: usize = 32;
+
 /// How often the image directory is listed for new files while the checkpoint runs.
 const DIR_POLL: Duration = Duration::from_millis(5);
 
@@ -175,12 +180,17 @@ pub async fn send_image<C: Channel>(
     mut dumped: watch::Receiver<bool>,
 ) -> Result<Vec<Sent>, TransferError> {
     let permits = Arc::new(Semaphore::new(layout.parallel.max(1)));
+    // Small files cost a round trip each, not bandwidth: they go at once, on their own
+    // (larger) allowance, so the last ones of a checkpoint do not queue behind each other.
+    let small_permits = Arc::new(Semaphore::new(SMALL_FILES_AT_ONCE));
     let mut started = HashSet::new();
     let mut set = JoinSet::new();
     let spawn = |set: &mut JoinSet<Result<Sent, TransferError>>,
                  path: PathBuf,
                  growing: Option<watch::Receiver<bool>>| {
-        let (channel, permits) = (Arc::clone(&channel), Arc::clone(&permits));
+        let small = growing.is_none() && path.metadata().is_ok_and(|m| m.len() <= SMALL_FILE_BYTES);
+        let permits = Arc::clone(if small { &small_permits } else { &permits });
+        let channel = Arc::clone(&channel);
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let grew = growing.is_some();
