@@ -205,13 +205,9 @@ impl Engine {
         let total: u64 = runs.iter().map(|r| r.nr_pages).sum();
         // Pages the source sent ahead (less those written since) are served at once; the
         // bulk push brings the rest.
-        let (cache, runs) = match self.take_precache(id, images) {
-            Some(cache) => {
-                let missing = cache.missing(&runs);
-                (cache, missing)
-            }
-            None => (Arc::new(PageCache::default()), runs),
-        };
+        let cache = self
+            .take_precache(id)
+            .unwrap_or_else(|| Arc::new(PageCache::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
@@ -249,8 +245,27 @@ impl Engine {
         let compression = self.peers.compression(peer);
         self.tasks.spawn(async move {
             let started = Instant::now();
-            match pages::bulk_fetch(bulk, runs, cache, compression).await {
-                Ok(pages) => {
+            let settled = {
+                let (id, this) = (id_owned.clone(), this.clone());
+                move |p: pages::Pushed| {
+                    tracing::info!(
+                        migration = %id,
+                        kept = p.kept,
+                        stale = p.stale,
+                        "pages sent ahead, less those written since"
+                    );
+                    if let Some(engine) = this {
+                        let _ = engine.update(&id, |m| {
+                            let pages = m.pages.get_or_insert_with(Default::default);
+                            pages.ahead = p.kept;
+                            pages.stale = p.stale;
+                        });
+                    }
+                }
+            };
+            match pages::bulk_fetch(bulk, runs, cache, compression, settled).await {
+                Ok(pushed) => {
+                    let pages = pushed.pages;
                     tracing::info!(
                         migration = %id_owned,
                         pages,

@@ -1,10 +1,10 @@
 //! Post-copy's pages sent ahead: while the source still runs, every present page of its
 //! private memory goes to the destination's page cache; once the lazy dump has frozen it,
-//! the source reads those pages again and lists the ones written since (by digest). The
-//! list travels with the image; the destination forgets those pages, so its page path
-//! serves the rest at once, and only written and new pages are left to faults and the
-//! bulk push. A destination without the list (the sending failed, the list is missing)
-//! drops what it was sent ahead: stale pages are never served.
+//! the source reads those pages again and lists the ones written since (by digest), while
+//! the destination already restores. The list opens the bulk page connection; the
+//! destination serves nothing sent ahead before it, then forgets those pages and serves
+//! the rest at once, and only written and new pages are left to faults and the bulk push.
+//! A source that cannot tell which are stale says "all": stale pages are never served.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,13 +14,10 @@ use super::{locked, Engine};
 use crate::peer::wire::{ErrorCode, Request, Response};
 use crate::peer::Body;
 use crate::sys::{memory, process};
-use crate::transfer::pages::{self, PageCache, Prepushed, TreeProcess};
+use crate::transfer::pages::{self, PageCache, Prepushed, Stale, TreeProcess};
 
 /// Passes over the running tree's memory: all of it, then what changed during the first.
 const PASSES: usize = 2;
-
-/// The stale-page list in the image directory (Ferry's, not CRIU's).
-const STALE_PAGES: &str = "ferry-stale-pages";
 
 /// The processes of `init`'s tree, with their ids in CRIU's images.
 pub(super) fn tree_of(init: i32) -> Vec<TreeProcess> {
@@ -95,40 +92,55 @@ impl Engine {
         }
     }
 
-    /// Source, once the lazy dump froze the tree: lists the pages sent ahead that it no
-    /// longer holds as sent, into the image directory (nothing, if none were sent).
-    pub(super) async fn list_stale(&self, id: &str, images: &Path, init: i32) {
-        let Some(sent) = locked(&self.prepushed).remove(id) else {
+    /// Source, once the lazy dump froze the tree and its page source runs: compares the
+    /// pages sent ahead with what the tree holds now, off the freeze's path (the
+    /// destination restores meanwhile and serves nothing sent ahead until it has the
+    /// list), and hands the page source the list of those written since: all of them if
+    /// the comparison failed, none if nothing went ahead.
+    pub(super) fn settle_stale(&self, id: &str, images: &Path, init: Option<i32>) {
+        let Some(source) = locked(&self.page_sources).get(id).map(Arc::clone) else {
             return;
         };
-        let started = Instant::now();
-        let tree = tree_of(init);
-        let stale = tokio::task::spawn_blocking(move || {
-            let stale = sent.stale(&tree);
-            (sent.pages(), stale)
-        })
-        .await;
-        let Ok((ahead, Some(stale))) = stale else {
-            tracing::warn!(
-                migration = id,
-                "comparing the pages sent ahead failed; the destination drops them"
+        let sent = locked(&self.prepushed).remove(id);
+        let lazy = crate::criu::image::lazy_runs(images);
+        let (Some(sent), Some(init), Ok(lazy)) = (sent, init, lazy) else {
+            source.set_stale(Stale::All, Vec::new());
+            return;
+        };
+        let (id, this) = (id.to_string(), self.this());
+        self.tasks.spawn(async move {
+            let started = Instant::now();
+            let tree = tree_of(init);
+            let compared = tokio::task::spawn_blocking(move || {
+                let stale = sent.stale(&tree);
+                // The stale pages the lazy dump holds go unasked, first.
+                let push = stale.as_ref().map(|s| pages::within(&lazy, s));
+                (sent.pages(), stale, push)
+            })
+            .await;
+            let Ok((ahead, Some(stale), Some(push))) = compared else {
+                tracing::warn!(
+                    migration = %id,
+                    "comparing the pages sent ahead failed; the destination drops them"
+                );
+                source.set_stale(Stale::All, Vec::new());
+                return;
+            };
+            let count = stale.len();
+            source.set_stale(Stale::Only(stale), push);
+            if let Some(engine) = this {
+                let _ = engine.update(&id, |m| {
+                    m.pages.get_or_insert_with(Default::default).stale = count as u64;
+                });
+            }
+            tracing::info!(
+                migration = %id,
+                ahead,
+                stale = count,
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "pages written since they went ahead"
             );
-            return;
-        };
-        if let Err(e) = std::fs::write(images.join(STALE_PAGES), pages::encode_stale(&stale)) {
-            tracing::warn!(migration = id, error = %e, "cannot write the stale-page list; the destination drops the pages sent ahead");
-            return;
-        }
-        let _ = self.update(id, |m| {
-            m.pages.get_or_insert_with(Default::default).stale = stale.len() as u64;
         });
-        tracing::info!(
-            migration = id,
-            ahead,
-            stale = stale.len(),
-            ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "pages written since they went ahead"
-        );
     }
 
     /// Destination: keeps the pages the source sends ahead for an incoming migration.
@@ -149,7 +161,7 @@ impl Engine {
         }
         // At most half of what this host can still give: the restored tree needs the rest.
         let max_pages = memory::available_bytes().map_or(0, |b| b / 2 / memory::PAGE);
-        let cache = Arc::new(PageCache::default());
+        let cache = Arc::new(PageCache::held());
         locked(&self.precaches).insert(id.to_string(), Arc::clone(&cache));
         match pages::receive_prepush(&mut body, &cache, max_pages).await {
             Ok(pages) => {
@@ -163,35 +175,9 @@ impl Engine {
         }
     }
 
-    /// Destination: the pages sent ahead for `id`, with the ones the image's list names
-    /// forgotten; none without a list (they may be stale).
-    pub(super) fn take_precache(&self, id: &str, images: &Path) -> Option<Arc<PageCache>> {
-        let cache = locked(&self.precaches).remove(id)?;
-        let list = std::fs::read(images.join(STALE_PAGES))
-            .map_err(|e| e.to_string())
-            .and_then(|b| pages::decode_stale(&b));
-        match list {
-            Ok(stale) => {
-                cache.forget(&stale);
-                let kept = cache.len() as u64;
-                let _ = self.update(id, |m| {
-                    let p = m.pages.get_or_insert_with(Default::default);
-                    p.ahead = kept;
-                    p.stale = stale.len() as u64;
-                });
-                tracing::info!(
-                    migration = id,
-                    kept = cache.len(),
-                    stale = stale.len(),
-                    "pages sent ahead, less those written since"
-                );
-                Some(cache)
-            }
-            Err(e) => {
-                tracing::warn!(migration = id, error = %e, "no usable stale-page list; dropping the pages sent ahead");
-                None
-            }
-        }
+    /// Destination: the pages sent ahead for `id`, held until the source's stale list came.
+    pub(super) fn take_precache(&self, id: &str) -> Option<Arc<PageCache>> {
+        locked(&self.precaches).remove(id)
     }
 
     pub(super) fn drop_precache(&self, id: &str) {

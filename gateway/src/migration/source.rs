@@ -144,12 +144,6 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         tokio::spawn(async move { transfer::send_image(channel, &images, layout, dumping).await })
     };
     let checkpoint = adapter.checkpoint(about.with_images(images.clone())).await;
-    if postcopy && checkpoint.is_ok() {
-        // Frozen now: which pages sent ahead were written since goes with the image.
-        if let Some(pid) = workload.pid {
-            engine.list_stale(id, &images, pid).await;
-        }
-    }
     let _ = dumped.send(true);
     let notes = match checkpoint {
         Ok(notes) => notes,
@@ -160,6 +154,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     };
     if postcopy {
         engine.adopt_lazy_dump(id, &images, workload.pid).await?;
+        // Frozen now: which pages sent ahead were written since is found while the
+        // destination restores, and opens its bulk page connection.
+        engine.settle_stale(id, &images, workload.pid);
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 

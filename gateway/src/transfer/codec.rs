@@ -24,6 +24,40 @@ const BLOCK_RAW: u8 = 1;
 const BLOCK_ZSTD: u8 = 2;
 /// Fast enough to outrun a 1 Gbit/s link on one core with room to spare.
 const ZSTD_LEVEL: i32 = 1;
+
+thread_local! {
+    /// One zstd context per thread, reused: making one costs more than compressing a
+    /// page with it (a post-copy push compresses thousands of single pages).
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `data` compressed at Ferry's level, on this thread's context; `None` if zstd fails.
+pub(crate) fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        slot.as_mut()?.compress(data).ok()
+    })
+}
+
+/// `data` decompressed into at most `capacity` bytes, on this thread's context.
+pub(crate) fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, capacity),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
 /// How often a growing file is looked at for new bytes.
 const GROW_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -92,7 +126,7 @@ impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
         let (buf, packed) = match self.compression {
             Compression::None => (buf, None),
             Compression::Zstd => tokio::task::spawn_blocking(move || {
-                let packed = zstd::bulk::compress(&buf[..len], ZSTD_LEVEL).ok();
+                let packed = compress(&buf[..len]);
                 (buf, packed)
             })
             .await
@@ -273,12 +307,12 @@ pub async fn receive<R: AsyncRead + Unpin + ?Sized>(
                 match kind {
                     BLOCK_RAW => {}
                     BLOCK_ZSTD => {
-                        buf = tokio::task::spawn_blocking(move || {
-                            zstd::bulk::decompress(&buf, CHUNK)
-                        })
-                        .await
-                        .map_err(|e| ReceiveError::Stream(e.to_string()))?
-                        .map_err(|e| ReceiveError::Stream(format!("corrupt zstd block: {e}")))?;
+                        buf = tokio::task::spawn_blocking(move || decompress(&buf, CHUNK))
+                            .await
+                            .map_err(|e| ReceiveError::Stream(e.to_string()))?
+                            .map_err(|e| {
+                                ReceiveError::Stream(format!("corrupt zstd block: {e}"))
+                            })?;
                     }
                     other => {
                         return Err(ReceiveError::Stream(format!("unknown block kind {other}")))

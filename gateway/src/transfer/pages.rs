@@ -13,8 +13,12 @@
 //! - priority: the destination sends requests `[pid u32][vaddr u64][pages u64]`; the
 //!   source answers each, in order, `[pid u32][vaddr u64][pages u64]` and the pages (maybe
 //!   fewer than asked, never none);
-//! - bulk: the destination sends `[runs u32]` and the runs; the source answers chunks in
-//!   the same framing, then a chunk of zero pages; the destination then sends one byte,
+//! - bulk: the source first says which pages it sent ahead are stale (written since, or
+//!   all of them when it cannot tell): `[0 u8]` for all, or `[1 u8][count u32]` and
+//!   `[pid u32][vaddr u64]` each, once its frozen tree has been compared (the destination
+//!   serves nothing from the pages sent ahead before that); the destination then sends
+//!   `[runs u32]` and the runs it lacks; the source answers chunks in the same framing,
+//!   then a chunk of zero pages; the destination then sends one byte,
 //!   and the source ends the lazy dump (the source's pages are no longer needed) and
 //!   answers one byte. A *compressed* bulk connection frames each chunk's pages as a
 //!   block, `[kind u8][length u32][bytes]`, the kind saying raw or zstd (pages that do not
@@ -51,8 +55,6 @@ const KIND_BULK: u8 = b'B';
 const KIND_BULK_ZSTD: u8 = b'Z';
 const BLOCK_RAW: u8 = 1;
 const BLOCK_ZSTD: u8 = 2;
-/// As the image transfer: fast enough to outrun a 1 Gbit/s link on one core.
-const ZSTD_LEVEL: i32 = 1;
 
 fn page_bytes(pages: u64) -> usize {
     usize::try_from(pages * PAGE_SIZE).unwrap_or(usize::MAX)
@@ -106,7 +108,7 @@ async fn write_chunk_packed(
 /// Compresses a chunk's pages off the async threads; `None` if zstd fails (sent raw).
 async fn pack(data: Vec<u8>) -> std::io::Result<(Vec<u8>, Option<Vec<u8>>)> {
     tokio::task::spawn_blocking(move || {
-        let packed = zstd::bulk::compress(&data, ZSTD_LEVEL).ok();
+        let packed = super::codec::compress(&data);
         (data, packed)
     })
     .await
@@ -134,7 +136,7 @@ async fn read_chunk_packed(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Resul
     inp.read_exact(&mut body).await?;
     let data = match kind {
         BLOCK_RAW => body,
-        BLOCK_ZSTD => tokio::task::spawn_blocking(move || zstd::bulk::decompress(&body, want))
+        BLOCK_ZSTD => tokio::task::spawn_blocking(move || super::codec::decompress(&body, want))
             .await
             .map_err(std::io::Error::other)??,
         other => {
@@ -202,6 +204,61 @@ struct Fetch {
     reply: oneshot::Sender<std::io::Result<Chunk>>,
 }
 
+/// Which pages sent ahead of the switch the destination must not serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// Every one (the source cannot tell which were written since).
+    All,
+    /// These (by CRIU's process id and address).
+    Only(Vec<(u32, u64)>),
+}
+
+/// The stale list, and the lazy runs of stale pages pushed unasked.
+type Settled = (Stale, Vec<PageRun>);
+
+/// Longest a destination waits for the source's stale list before it gives up the pages.
+const STALE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most entries a stale list may have (a 64 GiB tree's every page).
+const MAX_STALE: u32 = 1 << 24;
+
+async fn write_stale(out: &mut (impl AsyncWrite + Unpin), stale: &Stale) -> std::io::Result<()> {
+    match stale {
+        Stale::All => out.write_u8(0).await,
+        Stale::Only(keys) => {
+            out.write_u8(1).await?;
+            out.write_u32(u32::try_from(keys.len()).map_err(std::io::Error::other)?)
+                .await?;
+            for (id, vaddr) in keys {
+                out.write_u32(*id).await?;
+                out.write_u64(*vaddr).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn read_stale(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Stale> {
+    match inp.read_u8().await? {
+        0 => Ok(Stale::All),
+        1 => {
+            let count = inp.read_u32().await?;
+            if count > MAX_STALE {
+                return Err(std::io::Error::other(format!(
+                    "a stale list of {count} pages (at most {MAX_STALE})"
+                )));
+            }
+            let mut keys = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                keys.push((inp.read_u32().await?, inp.read_u64().await?));
+            }
+            Ok(Stale::Only(keys))
+        }
+        other => Err(std::io::Error::other(format!(
+            "unknown stale list kind {other}"
+        ))),
+    }
+}
+
 /// The source's end: the lazy dump's one client, serving the destination's connections.
 /// Pages of the frozen tree's processes it can read itself (`/proc/PID/mem`) it reads
 /// there, in any order and without a round trip to CRIU per run; CRIU's page server is
@@ -215,6 +272,9 @@ pub struct PageSource {
     stop: tokio_util::sync::CancellationToken,
     /// Ends the lazy dump (CLOSE) once the destination has every page.
     close: Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+    /// Which pages sent ahead are stale, once the frozen tree has been compared, and the
+    /// runs of them the lazy dump holds (pushed at once, before the destination asks).
+    stale: tokio::sync::watch::Sender<Option<Arc<Settled>>>,
     /// Page bytes sent to the destination, faulted and pushed, and what they took on
     /// the connections (framing, compression).
     sent: std::sync::atomic::AtomicU64,
@@ -247,6 +307,7 @@ impl PageSource {
             bulk: bulk_tx,
             stop: stop.clone(),
             close: Mutex::new(Some(close_tx)),
+            stale: tokio::sync::watch::Sender::new(None),
             sent: std::sync::atomic::AtomicU64::new(0),
             wire: std::sync::atomic::AtomicU64::new(0),
         });
@@ -270,6 +331,12 @@ impl PageSource {
             }
         });
         Ok((this, addr))
+    }
+
+    /// Which pages sent ahead the destination must drop, and the lazy runs of them to push
+    /// unasked (the destination does not ask for those); its bulk connection waits for it.
+    pub fn set_stale(&self, stale: Stale, push: Vec<PageRun>) {
+        self.stale.send_replace(Some(Arc::new((stale, push))));
     }
 
     async fn fetch(&self, queue: &mpsc::Sender<Fetch>, run: PageRun) -> std::io::Result<Chunk> {
@@ -311,22 +378,51 @@ impl PageSource {
                 self.count(chunk.data.len(), 20 + chunk.data.len());
             },
             kind @ (KIND_BULK | KIND_BULK_ZSTD) => {
+                let started = std::time::Instant::now();
+                let (mut read_here, mut asked) = (0u64, 0u64);
                 let compressed = kind == KIND_BULK_ZSTD;
-                let count = conn.read_u32().await?;
-                let mut runs = Vec::with_capacity(count.min(1 << 20) as usize);
-                for _ in 0..count {
-                    runs.push(read_run(&mut conn).await?);
-                }
-                // The destination acknowledges each chunk, in order; at most
-                // BULK_WINDOW_PAGES are in flight, so bulk data never queues deep enough
-                // on the link to delay a fault's pages. Its last byte (not an
-                // acknowledgement) says it has all.
+                let settled = self
+                    .stale
+                    .subscribe()
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| std::io::Error::other("the source stopped"))?
+                    .clone();
+                let Some(settled) = settled else {
+                    return Err(std::io::Error::other("no stale list"));
+                };
+                write_stale(&mut conn, &settled.0).await?;
+                // The stale pages go at once (they were written last: the hottest); the
+                // destination's request for the rest, then its acknowledgements, follow
+                // on the other direction meanwhile. Each chunk is acknowledged, in
+                // order; at most BULK_WINDOW_PAGES are in flight, so bulk data never
+                // queues deep enough on the link to delay a fault's pages. Its last byte
+                // (not an acknowledgement) says it has all.
                 let (mut rd, wr) = conn.into_split();
                 let credits = Arc::new(tokio::sync::Semaphore::new(BULK_WINDOW_PAGES));
                 let in_flight = Arc::new(Mutex::new(std::collections::VecDeque::<u32>::new()));
                 let (has_all_tx, has_all) = oneshot::channel::<()>();
                 let (acks, acked) = (Arc::clone(&credits), Arc::clone(&in_flight));
+                let (runs_tx, runs_rx) = oneshot::channel::<Vec<PageRun>>();
                 tokio::spawn(async move {
+                    let asked = async {
+                        let count = rd.read_u32().await?;
+                        let mut runs = Vec::with_capacity(count.min(1 << 20) as usize);
+                        for _ in 0..count {
+                            runs.push(read_run(&mut rd).await?);
+                        }
+                        Ok::<_, std::io::Error>(runs)
+                    }
+                    .await;
+                    match asked {
+                        Ok(runs) => {
+                            let _ = runs_tx.send(runs);
+                        }
+                        Err(_) => {
+                            acks.close();
+                            return;
+                        }
+                    }
                     let mut has_all_tx = Some(has_all_tx);
                     while let Ok(b) = rd.read_u8().await {
                         if b == ACK {
@@ -345,8 +441,12 @@ impl PageSource {
                 // Reading and compressing run ahead of the link, on a thread of their own.
                 let (ready_tx, mut ready) = mpsc::channel(BULK_READ_AHEAD);
                 let memory = self.memory.clone();
+                let push = settled.1.clone();
                 let producer = tokio::task::spawn_blocking(move || {
-                    prepare_bulk(&memory, runs, compressed, &ready_tx);
+                    prepare_bulk(&memory, push, compressed, &ready_tx);
+                    if let Ok(runs) = runs_rx.blocking_recv() {
+                        prepare_bulk(&memory, runs, compressed, &ready_tx);
+                    }
                 });
                 let mut wr = tokio::io::BufWriter::with_capacity(1 << 20, wr);
                 loop {
@@ -362,9 +462,13 @@ impl PageSource {
                         Err(mpsc::error::TryRecvError::Disconnected) => break,
                     };
                     let prepared = match item {
-                        Prepared::Read { chunk, packed } => vec![(chunk, packed)],
+                        Prepared::Read { chunk, packed } => {
+                            read_here += 1;
+                            vec![(chunk, packed)]
+                        }
                         // Not readable here: CRIU's page server has it (maybe in parts).
                         Prepared::Ask(run) => {
+                            asked += 1;
                             let mut parts = Vec::new();
                             let (mut vaddr, end) =
                                 (run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE);
@@ -414,6 +518,12 @@ impl PageSource {
                     }
                 }
                 producer.await.map_err(std::io::Error::other)?;
+                tracing::debug!(
+                    chunks_read_here = read_here,
+                    chunks_from_criu = asked,
+                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "bulk pages pushed"
+                );
                 let end = Chunk {
                     pid: 0,
                     vaddr: 0,
@@ -520,7 +630,7 @@ fn prepare_bulk(
             let item = match read {
                 Some(data) => {
                     let packed = if compressed {
-                        zstd::bulk::compress(&data, ZSTD_LEVEL).ok()
+                        super::codec::compress(&data)
                     } else {
                         None
                     };
@@ -601,13 +711,59 @@ async fn get(criu: &mut TcpStream, run: PageRun) -> std::io::Result<Chunk> {
 type PageAt = (Arc<Vec<u8>>, usize);
 
 /// The destination's pages, as they arrive.
-#[derive(Default)]
 pub struct PageCache {
     pages: Mutex<HashMap<(u32, u64), PageAt>>,
     arrived: Notify,
+    /// Holding pages sent ahead that may be stale: nothing is served until the source's
+    /// stale list came ([`bulk_fetch`] releases it).
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for PageCache {
+    fn default() -> Self {
+        Self {
+            pages: Mutex::default(),
+            arrived: Notify::new(),
+            held: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl PageCache {
+    /// A cache for pages sent ahead: held until the stale list has been applied.
+    pub fn held() -> Self {
+        let cache = Self::default();
+        cache.held.send_replace(true);
+        cache
+    }
+
+    /// Applies the source's stale list and serves from then on.
+    fn settle(&self, stale: &Stale) {
+        match stale {
+            Stale::All => self
+                .pages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear(),
+            Stale::Only(keys) => self.forget(keys),
+        }
+        self.held.send_replace(false);
+    }
+
+    /// Waits until the cache may be served from.
+    async fn ready(&self) -> std::io::Result<()> {
+        let mut held = self.held.subscribe();
+        tokio::time::timeout(STALE_DEADLINE, held.wait_for(|h| !*h))
+            .await
+            .map_err(|_| {
+                std::io::Error::other(
+                    "the source never said which pages sent ahead are stale; none may be served",
+                )
+            })?
+            .map_err(|_| std::io::Error::other("the page cache is gone"))?;
+        Ok(())
+    }
+
     fn insert(&self, chunk: Chunk) {
         let pages = chunk.data.len() / page_bytes(1);
         let (pid, vaddr) = (chunk.pid, chunk.vaddr);
@@ -660,28 +816,11 @@ impl PageCache {
             .pages
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out: Vec<PageRun> = Vec::new();
-        for r in runs {
-            for i in 0..r.nr_pages {
-                let vaddr = r.vaddr + i * PAGE_SIZE;
-                if map.contains_key(&(r.pid, vaddr)) {
-                    continue;
-                }
-                match out.last_mut() {
-                    Some(last)
-                        if last.pid == r.pid && last.vaddr + last.nr_pages * PAGE_SIZE == vaddr =>
-                    {
-                        last.nr_pages += 1;
-                    }
-                    _ => out.push(PageRun {
-                        pid: r.pid,
-                        vaddr,
-                        nr_pages: 1,
-                    }),
-                }
-            }
-        }
-        out
+        coalesce(runs.iter().flat_map(|r| {
+            (0..r.nr_pages)
+                .map(move |i| (r.pid, r.vaddr + i * PAGE_SIZE))
+                .filter(|k| !map.contains_key(k))
+        }))
     }
 
     pub fn len(&self) -> usize {
@@ -696,14 +835,64 @@ impl PageCache {
     }
 }
 
-/// The destination's bulk fetch: asks the source for every lazy run and fills the cache;
-/// then tells it to end the lazy dump. Returns the pages received.
+/// `runs` less the pages `keys` names.
+pub fn without(runs: &[PageRun], keys: &[(u32, u64)]) -> Vec<PageRun> {
+    let drop: std::collections::HashSet<(u32, u64)> = keys.iter().copied().collect();
+    coalesce(runs.iter().flat_map(|r| {
+        (0..r.nr_pages)
+            .map(move |i| (r.pid, r.vaddr + i * PAGE_SIZE))
+            .filter(|k| !drop.contains(k))
+    }))
+}
+
+/// `runs` that hold one of the pages `keys` names, cut to those pages.
+pub fn within(runs: &[PageRun], keys: &[(u32, u64)]) -> Vec<PageRun> {
+    let keep: std::collections::HashSet<(u32, u64)> = keys.iter().copied().collect();
+    coalesce(runs.iter().flat_map(|r| {
+        (0..r.nr_pages)
+            .map(move |i| (r.pid, r.vaddr + i * PAGE_SIZE))
+            .filter(|k| keep.contains(k))
+    }))
+}
+
+/// Pages, in order, as runs of consecutive pages of one process.
+fn coalesce(pages: impl Iterator<Item = (u32, u64)>) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::new();
+    for (pid, vaddr) in pages {
+        match out.last_mut() {
+            Some(last) if last.pid == pid && last.vaddr + last.nr_pages * PAGE_SIZE == vaddr => {
+                last.nr_pages += 1;
+            }
+            _ => out.push(PageRun {
+                pid,
+                vaddr,
+                nr_pages: 1,
+            }),
+        }
+    }
+    out
+}
+
+/// What the bulk push brought: pages, and how many sent ahead were stale.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pushed {
+    pub pages: u64,
+    pub stale: u64,
+    /// Pages of the cache still served from what went ahead.
+    pub kept: u64,
+}
+
+/// The destination's bulk fetch: takes the source's stale list (and lets the cache serve),
+/// asks for every lazy page of `lazy` the cache then lacks, and fills the cache; then
+/// tells the source to end the lazy dump. `settled` hears about the list as soon as it
+/// is applied.
 pub async fn bulk_fetch(
     source: SocketAddr,
-    runs: Vec<PageRun>,
+    lazy: Vec<PageRun>,
     cache: Arc<PageCache>,
     compression: Compression,
-) -> std::io::Result<u64> {
+    settled: impl FnOnce(Pushed) + Send,
+) -> std::io::Result<Pushed> {
     let mut conn = TcpStream::connect(source).await?;
     let _ = conn.set_nodelay(true);
     let compressed = compression == Compression::Zstd;
@@ -713,12 +902,30 @@ pub async fn bulk_fetch(
         KIND_BULK
     })
     .await?;
-    conn.write_u32(u32::try_from(runs.len()).map_err(std::io::Error::other)?)
+    let stale = read_stale(&mut conn).await?;
+    cache.settle(&stale);
+    let mut pushed = Pushed {
+        stale: match &stale {
+            Stale::All => 0,
+            Stale::Only(keys) => keys.len() as u64,
+        },
+        kept: cache.len() as u64,
+        ..Pushed::default()
+    };
+    settled(pushed);
+    // The source pushes the stale pages unasked: ask for the rest.
+    let mut runs = cache.missing(&lazy);
+    if let Stale::Only(keys) = &stale {
+        runs = without(&runs, keys);
+    }
+    let mut out = tokio::io::BufWriter::new(&mut conn);
+    out.write_u32(u32::try_from(runs.len()).map_err(std::io::Error::other)?)
         .await?;
     for r in &runs {
-        write_run(&mut conn, r).await?;
+        write_run(&mut out, r).await?;
     }
-    let mut received = 0u64;
+    out.flush().await?;
+    drop(out);
     loop {
         let chunk = if compressed {
             read_chunk_packed(&mut conn).await?
@@ -726,15 +933,16 @@ pub async fn bulk_fetch(
             read_chunk(&mut conn).await?
         };
         if chunk.data.is_empty() {
+            tracing::debug!(pages = pushed.pages, "bulk pages received");
             break;
         }
-        received += chunk.data.len() as u64 / PAGE_SIZE;
+        pushed.pages += chunk.data.len() as u64 / PAGE_SIZE;
         cache.insert(chunk);
         conn.write_u8(ACK).await?;
     }
     conn.write_u8(HAS_ALL).await?;
     conn.read_u8().await?;
-    Ok(received)
+    Ok(pushed)
 }
 
 /// A process of the tree whose pages go ahead: its host pid, and its id in CRIU's images.
@@ -868,7 +1076,7 @@ pub async fn prepush(
                         .into_iter()
                         .map(|(first, count)| {
                             let bytes = data[page_bytes(first)..page_bytes(first + count)].to_vec();
-                            let packed = zstd::bulk::compress(&bytes, ZSTD_LEVEL).ok();
+                            let packed = super::codec::compress(&bytes);
                             let chunk = Chunk {
                                 pid: 0,
                                 vaddr: vaddr + first * PAGE_SIZE,
@@ -931,35 +1139,6 @@ pub async fn receive_prepush(
     }
 }
 
-/// The stale-page list as a file in the image directory: `[id u32][vaddr u64]` each.
-pub fn encode_stale(stale: &[(u32, u64)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(stale.len() * 12);
-    for (id, vaddr) in stale {
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&vaddr.to_be_bytes());
-    }
-    out
-}
-
-pub fn decode_stale(bytes: &[u8]) -> Result<Vec<(u32, u64)>, String> {
-    if !bytes.len().is_multiple_of(12) {
-        return Err(format!(
-            "a stale-page list of {} bytes is not whole entries",
-            bytes.len()
-        ));
-    }
-    Ok(bytes
-        .chunks_exact(12)
-        .map(|e| {
-            let mut id = [0u8; 4];
-            id.copy_from_slice(&e[..4]);
-            let mut vaddr = [0u8; 8];
-            vaddr.copy_from_slice(&e[4..]);
-            (u32::from_be_bytes(id), u64::from_be_bytes(vaddr))
-        })
-        .collect())
-}
-
 /// What serving the lazy-pages daemon took.
 #[derive(Debug, Clone, Default)]
 pub struct ServeStats {
@@ -1011,6 +1190,7 @@ pub async fn serve_daemon(
         let req = Header::decode(&head);
         match req.command() {
             CMD_GET => {
+                cache.ready().await?;
                 let pid = u32::try_from(req.dst_id).map_err(std::io::Error::other)?;
                 let want = req.nr_pages.clamp(1, MAX_GET_PAGES);
                 stats.gets += 1;
@@ -1029,6 +1209,13 @@ pub async fn serve_daemon(
                     data = cache.run_from(pid, req.vaddr, want);
                     stats.misses += 1;
                     stats.miss_wait.push(waited.elapsed());
+                    tracing::debug!(
+                        pid,
+                        vaddr = req.vaddr,
+                        pages = req.nr_pages,
+                        us = u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        "page miss"
+                    );
                 } else {
                     stats.hits += 1;
                 }
@@ -1171,9 +1358,12 @@ mod tests {
             "the written page is not stale"
         );
         assert!(!stale.contains(&(1, k_page)), "an untouched page is stale");
-        // The cache forgets the stale pages; the bulk push then brings only those.
-        let list = decode_stale(&encode_stale(&stale)).unwrap();
-        cache.forget(&list);
+        // The cache forgets the stale pages (and serves again); the bulk push then
+        // brings only those.
+        let mut wire = Vec::new();
+        write_stale(&mut wire, &Stale::Only(stale)).await.unwrap();
+        cache.settle(&read_stale(&mut wire.as_slice()).await.unwrap());
+        cache.ready().await.unwrap();
         let runs = [PageRun {
             pid: 1,
             vaddr: w_page,
@@ -1181,7 +1371,9 @@ mod tests {
         }];
         let missing = cache.missing(&runs);
         assert_eq!(missing.first().map(|r| (r.vaddr, r.pid)), Some((w_page, 1)));
-        assert!(decode_stale(&[0u8; 13]).is_err());
+        assert!(read_stale(&mut [1u8, 0, 0, 0, 1, 0].as_slice())
+            .await
+            .is_err());
         std::hint::black_box((&written, &kept));
     }
 
@@ -1283,9 +1475,33 @@ mod tests {
         assert!(e.to_string().contains("100 bytes for 1 pages"), "{e}");
     }
 
+    #[tokio::test]
+    async fn pages_sent_ahead_are_served_only_after_the_stale_list_and_all_drops_them() {
+        let cache = Arc::new(PageCache::held());
+        cache.insert(Chunk {
+            pid: 1,
+            vaddr: 0x10_000,
+            data: page(1, 0x10_000),
+        });
+        let waiting = {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.ready().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a held cache was served from");
+        cache.settle(&Stale::All);
+        waiting.await.unwrap().unwrap();
+        assert!(
+            cache.is_empty(),
+            "pages sent ahead were kept when none may be trusted"
+        );
+    }
+
     async fn faults_and_bulk(compression: Compression) {
         let (criu, criu_done) = fake_criu().await;
         let (source, at) = PageSource::start(criu, &[]).await.unwrap();
+        // Nothing went ahead: none is stale.
+        source.set_stale(Stale::Only(Vec::new()), Vec::new());
         let runs = vec![
             PageRun {
                 pid: 1,
@@ -1318,11 +1534,12 @@ mod tests {
         let mut data = vec![0u8; page_bytes(reply.nr_pages)];
         daemon.read_exact(&mut data).await.unwrap();
         assert_eq!(&data[..page_bytes(1)], page(2, 0x41_000).as_slice());
-        // The bulk push brings every lazy page, then ends the lazy dump.
-        let pushed = bulk_fetch(at, runs, Arc::clone(&cache), compression)
+        let faulted = reply.nr_pages;
+        // The bulk push brings every lazy page the fault did not, then ends the lazy dump.
+        let pushed = bulk_fetch(at, runs, Arc::clone(&cache), compression, |_| {})
             .await
             .unwrap();
-        assert_eq!(pushed, 15);
+        assert_eq!(pushed.pages + faulted, 15);
         // The fault's pages and the pushed ones, counted; compressed, the (patterned)
         // pages take fewer bytes on the wire than they hold.
         let (sent, wire) = source.bytes_sent();
