@@ -32,6 +32,45 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "config {path} holds the API token (full control of this site) and other users can read it (mode {mode:03o}); run `chmod 600 {path}` and start again"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+}
+
+/// Refuses a config file other users can read or write: it holds the site's API token.
+fn check_private(path: &Path, file: &std::fs::File) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file
+        .metadata()
+        .map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a config file that only its owner may read.
+fn read_private(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    check_private(path, &file)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read)?;
+    Ok(text)
 }
 
 /// A site's configuration as written in `site.toml`. Relative paths are relative to the
@@ -270,10 +309,7 @@ pub struct CriuConfig {
 impl SiteConfig {
     /// Reads, resolves relative paths against the file's directory, and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_private(path)?;
         let mut cfg: SiteConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
@@ -289,10 +325,7 @@ impl SiteConfig {
 
     /// Reads the file as written, relative paths unresolved (for editing it in place).
     pub fn read_raw(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_private(path)?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
@@ -312,10 +345,33 @@ impl SiteConfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+        // Owner-only from its first byte (it holds the API token), and whole: written
+        // beside it, then renamed over it.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let write = |source| ConfigError::Write {
             path: path.to_path_buf(),
             source,
-        })
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(write)
     }
 
     fn resolve(&mut self, base: &Path) {
@@ -435,7 +491,35 @@ fingerprint = "aa:bb"
         std::fs::create_dir_all(&dir).expect("tmp dir");
         let path = dir.join(format!("site-{}.toml", text.len()));
         std::fs::write(&path, text).expect("write");
+        set_mode(&path, 0o600);
         SiteConfig::load(&path)
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn a_config_others_can_read_is_refused_and_saving_makes_it_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-cfg-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("site.toml");
+        std::fs::write(&path, sample().replace("aa:bb", &"ab".repeat(32))).expect("write");
+        set_mode(&path, 0o644);
+        let err = SiteConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && err.contains("644"), "{err}");
+        assert!(SiteConfig::read_raw(&path).is_err());
+        // Saved again (by init or an edit): owner-only, and loadable.
+        set_mode(&path, 0o600);
+        let cfg = SiteConfig::read_raw(&path).expect("owner-only");
+        set_mode(&path, 0o644);
+        cfg.save(&path).expect("save");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        SiteConfig::load(&path).expect("loads");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -38,12 +38,31 @@ pub enum GatewayError {
     Plugins(#[from] PluginError),
     #[error("cannot become the reaper of restored workloads: {0}")]
     Subreaper(#[source] std::io::Error),
+    #[error("cannot make the data directory {path} owner-only (it holds checkpoint images of workload memory): {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The data directory holds checkpoint images (workload memory) and the journal: only
+/// the gateway's user may enter it.
+fn restrict_data_dir(dir: &std::path::Path) -> Result<(), GatewayError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        GatewayError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// Runs the gateway until `cancel` fires.
 pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), GatewayError> {
     let identity = Arc::new(Identity::load(&cfg.identity.cert, &cfg.identity.key)?);
     let journal = Arc::new(Journal::open(&cfg.data_dir)?);
+    restrict_data_dir(&cfg.data_dir)?;
     process::become_subreaper().map_err(GatewayError::Subreaper)?;
 
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;

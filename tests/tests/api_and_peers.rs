@@ -74,6 +74,28 @@ fn api_calls_without_the_token_get_401() -> Result<()> {
 }
 
 #[test]
+fn the_token_and_the_images_are_for_the_owner_only() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let sites = TwoSites::start(Options::new("perm"))?;
+    let mode = |p: &std::path::Path| -> Result<u32> {
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+    };
+    // `ferry init` wrote the token owner-only; the gateway made its data directory
+    // (journal, checkpoint images of workload memory) owner-only.
+    assert_eq!(mode(&sites.a.config)?, 0o600);
+    assert_eq!(mode(&sites.a.dir.join("data"))?, 0o700);
+    // A config others can read is refused, with what to do.
+    std::fs::set_permissions(&sites.a.config, std::fs::Permissions::from_mode(0o644))?;
+    let out = sites.a.ferry_output(&["workload", "ls"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a world-readable token was used");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    std::fs::set_permissions(&sites.a.config, std::fs::Permissions::from_mode(0o600))?;
+    sites.a.ferry(&["workload", "ls"])?;
+    Ok(())
+}
+
+#[test]
 fn bad_api_input_gets_a_clear_4xx_and_loses_nothing() -> Result<()> {
     let sites = TwoSites::start(Options::new("input"))?;
     let t = sites.a.token()?;

@@ -67,6 +67,14 @@ async fn main() -> Result<()> {
             dir.join("work").display()
         ),
     )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The config holds a token: owner-only, or it is refused.
+        std::fs::set_permissions(
+            dir.join("site.toml"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+    }
     let cfg = SiteConfig::load(&dir.join("site.toml"))?;
 
     let t = Instant::now();
