@@ -11,6 +11,42 @@ use ferry_e2e::{wait_for, Options, TwoSites};
 const PORT: u16 = 6390;
 
 #[test]
+fn auto_mode_moves_a_large_tree_post_copy_and_keeps_a_small_one_stop_and_copy() -> Result<()> {
+    let sites = TwoSites::start(Options::new("pcauto"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    let mode_of = |plan: &serde_json::Value| {
+        plan["candidates"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["approach"] == "container"))
+            .map(|c| (c["mode"].clone(), c["reason"].to_string()))
+    };
+    // A few MiB: stop-and-copy, and the plan says why.
+    let plan = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--plan"])?;
+    let (mode, reason) = mode_of(&plan).context("no container candidate")?;
+    assert_eq!(mode, "stop-and-copy", "{plan}");
+    assert!(reason.contains("auto"), "{reason}");
+    // 100 MiB of values: post-copy, predicted shorter.
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "big", "1000"])?;
+    let plan = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--plan"])?;
+    let (mode, reason) = mode_of(&plan).context("no container candidate")?;
+    assert_eq!(mode, "postcopy", "{plan}");
+    assert!(reason.contains("predicted stall"), "{reason}");
+    let before = sites.a.redis_dataset(PORT)?;
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["options"]["mode"], "postcopy", "{m}");
+    assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
+    assert_eq!(sites.b.redis_dataset(PORT)?, before);
+    Ok(())
+}
+
+#[test]
 fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
     let sites = TwoSites::start(Options::new("pcopy"))?;
     sites.run_redis_at_a("redis", PORT)?;

@@ -27,12 +27,14 @@ pub struct Args {
     /// Run this approach (orchestrator, container, service) instead of the chosen one.
     #[arg(long)]
     approach: Option<String>,
-    /// How a checkpoint moves memory: stop-and-copy (default), or postcopy: the pages go
-    /// ahead while the source runs (unless [migration] prepush = false), the destination
-    /// runs as soon as the small state has moved and gets the pages written since from the
-    /// frozen source. Post-copy needs an adapter that checkpoints through the gateway's
-    /// CRIU (process). Until the destination holds every page, a destination crash loses
-    /// the writes made there since the switch; the window is recorded (postcopy_ms).
+    /// How a checkpoint moves memory: auto (default: post-copy where the adapter can and
+    /// it is predicted to stall clients less, from the tree's memory and the link's RTT;
+    /// `--plan` shows the predictions), stop-and-copy, or postcopy: the pages go ahead
+    /// while the source runs (unless [migration] prepush = false), the destination runs as
+    /// soon as the small state has moved and gets the pages written since from the frozen
+    /// source. Post-copy needs an adapter that checkpoints through the gateway's CRIU
+    /// (process). Until the destination holds every page, a destination crash loses the
+    /// writes made there since the switch; the window is recorded (postcopy_ms).
     #[arg(long)]
     mode: Option<String>,
     /// Run the workload under this runtime at the destination (service level).

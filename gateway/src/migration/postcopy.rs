@@ -19,8 +19,8 @@ use crate::proxy::Target;
 use crate::sys::process;
 use crate::transfer::pages::{self, PageCache, PageSource};
 
-/// The modes a checkpoint move can run in.
-pub const MODES: [&str; 2] = ["stop-and-copy", "postcopy"];
+/// The modes a checkpoint move can run in; "auto" (the default) picks one of the others.
+pub const MODES: [&str; 3] = ["auto", "stop-and-copy", "postcopy"];
 
 impl Engine {
     /// Can the adapter serving `runtime` checkpoint lazily? Only through the host's CRIU.

@@ -90,6 +90,10 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         if chosen.as_ref().is_some_and(|c| c.approach == "service") {
             m.service = chosen.as_ref().map(|c| c.adapter.clone());
         }
+        // A checkpoint's mode as chosen (auto picks one): the record says which ran.
+        if let Some(mode) = chosen.as_ref().and_then(|c| c.mode.clone()) {
+            m.options.mode = Some(mode);
+        }
     })?;
     let Some(chosen) = chosen else {
         return Err(MigrationError::Refused {
@@ -102,7 +106,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
     let adapter = engine.plugins.adapter(&m.spec.runtime)?;
     let mut about = AdapterCall::for_workload(&workload).with_peer(&target);
-    let postcopy = m.options.mode.as_deref() == Some("postcopy");
+    let postcopy = chosen.mode.as_deref() == Some("postcopy");
     if postcopy {
         engine
             .postcopy_capable(&m.spec.runtime)
