@@ -324,6 +324,93 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
     Ok(())
 }
 
+/// Starts a post-copy move of a 60 MB Redis over a 50 Mbit/s link with no pages sent
+/// ahead, and returns once the source is in the page phase (the migration's id).
+fn into_the_page_phase(sites: &TwoSites) -> Result<(String, (String, String))> {
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "300000", "key", "200"])?;
+    sites.a.redis(PORT, &["SET", "greeting", "kept at A"])?;
+    let before = sites.a.redis_dataset(PORT)?;
+    sites.a.limit_egress("50mbit")?;
+    let m = sites.a.ferry_json(&[
+        "migrate",
+        "redis",
+        "--to",
+        "b",
+        "--mode",
+        "postcopy",
+        "--no-wait",
+    ])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    wait_for("the page phase", Duration::from_secs(60), || {
+        (phase(&sites.a, &id)? == "paging").then_some(())
+    })?;
+    Ok((id, before))
+}
+
+fn phase(site: &ferry_e2e::Site, id: &str) -> Option<String> {
+    let m = site.ferry_json(&["migration", "show", id]).ok()?;
+    m["phase"].as_str().map(str::to_string)
+}
+
+#[test]
+fn destination_killed_in_the_page_phase_stops_its_copy_and_the_source_resumes() -> Result<()> {
+    let mut opts = Options::new("pcdkil");
+    opts.prepush = Some(false);
+    let mut sites = TwoSites::start(opts)?;
+    let (id, before) = into_the_page_phase(&sites)?;
+    sites.b.crash_gateway();
+    // B's copy lacks pages it can no longer get: its guard stops it at once (its memory
+    // would read zeros where pages never came), before B's gateway is back.
+    wait_for("B's copy to stop", Duration::from_secs(20), || {
+        sites.b.redis(PORT, &["PING"]).is_err().then_some(())
+    })?;
+    // A, frozen with every page, waits for B's word.
+    assert_eq!(phase(&sites.a, &id).as_deref(), Some("paging"));
+    sites.start_gateway_b()?;
+    let end = wait_for("the move to end", Duration::from_secs(60), || {
+        phase(&sites.a, &id).filter(|p| p != "paging")
+    })?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("lost its copy"),
+        "{m}"
+    );
+    // The source runs on with its data; B holds nothing.
+    assert_eq!(sites.a.redis_dataset(PORT)?, before);
+    assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    assert_eq!(phase(&sites.b, &id).as_deref(), Some("failed"));
+    assert!(sites
+        .b
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    Ok(())
+}
+
+#[test]
+fn source_killed_in_the_page_phase_ends_with_one_copy_and_every_page() -> Result<()> {
+    let mut opts = Options::new("pcskil");
+    opts.prepush = Some(false);
+    let mut sites = TwoSites::start(opts)?;
+    let (id, before) = into_the_page_phase(&sites)?;
+    sites.a.crash_gateway();
+    sites.start_gateway_a()?;
+    let end = wait_for("the move to end", Duration::from_secs(90), || {
+        phase(&sites.a, &id).filter(|p| p != "paging")
+    })?;
+    // The page path went with A's gateway: B could not get the rest, stopped its copy,
+    // and the source (which kept every page) runs again at A.
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    assert_eq!(sites.a.redis_dataset(PORT)?, before);
+    assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    assert!(sites.b.redis(PORT, &["PING"]).is_err(), "two copies run");
+    Ok(())
+}
+
 #[test]
 fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
     let sites = TwoSites::start(Options::new("pcwrit"))?;

@@ -10,6 +10,9 @@ pub const RESTORE_LOG: &str = "restore.log";
 pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
 /// Where `criu restore --pidfile` writes the restored root's host pid.
 pub const RESTORE_PIDFILE: &str = "restore.pid";
+/// The exit code of the `criu lazy-pages` daemon, written by the guard that outlives the
+/// gateway ("0": the restored tree got every page).
+pub const LAZY_PAGES_EXIT: &str = "lazy-pages.exit";
 
 /// A page image (`pages-N.img`): nearly all of an image's bytes, written front to back.
 pub fn is_page_image(name: &str) -> bool {
@@ -18,7 +21,7 @@ pub fn is_page_image(name: &str) -> bool {
 
 /// A file of the image directory that is not part of the image (logs, the pidfile).
 pub fn is_local_only(name: &str) -> bool {
-    name.ends_with(".log") || name == RESTORE_PIDFILE
+    name.ends_with(".log") || name == RESTORE_PIDFILE || name == LAZY_PAGES_EXIT
 }
 
 #[cfg(test)]

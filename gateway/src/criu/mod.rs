@@ -82,6 +82,14 @@ pub struct Running {
     pub log: PathBuf,
 }
 
+/// Runs `criu lazy-pages` ($3…), records its exit code in $1, and on failure kills the
+/// cgroup whose `cgroup.kill` is $2.
+const LAZY_GUARD: &str = r#"exit_file=$1; kill_file=$2; shift 2
+"$@"; rc=$?
+echo "$rc" > "$exit_file"
+[ "$rc" -eq 0 ] || echo 1 > "$kill_file"
+exit "$rc""#;
+
 /// Options shared by dump and restore. Established TCP connections are closed rather than
 /// moved: clients reconnect through the ingress, and a moved connection would need the
 /// same address at the destination. The network is never locked with firewall rules, so a
@@ -223,7 +231,23 @@ impl Criu {
         if let Some(server) = req.lazy_from {
             // The daemon that fetches pages for the restored tree's page faults; it must
             // listen on its socket in the image directory before the restore connects.
-            let mut daemon = Command::new(&self.bin);
+            // A guard (a shell, not the gateway) waits for it and writes its exit code;
+            // if it failed (its page server, the gateway, went away before the tree had
+            // every page) the guard kills the restored tree's cgroup: pages that never
+            // came would read as zeros.
+            let mut daemon = match req.cgroup {
+                Some(cgroup) => {
+                    let mut sh = Command::new("/bin/sh");
+                    sh.arg("-c")
+                        .arg(LAZY_GUARD)
+                        .arg("ferry-lazy-guard")
+                        .arg(req.images.join(layout::LAZY_PAGES_EXIT))
+                        .arg(cgroup.join("cgroup.kill"))
+                        .arg(&self.bin);
+                    sh
+                }
+                None => Command::new(&self.bin),
+            };
             daemon
                 .arg("lazy-pages")
                 .arg("--page-server")

@@ -14,10 +14,23 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::{locked, Engine, MigrationError, Phase, Role};
+use crate::peer::wire::{Request, Response, TargetState};
 use crate::plugins::Capability;
 use crate::proxy::Target;
 use crate::sys::process;
 use crate::transfer::pages::{self, PageCache, PageSource};
+
+/// How often the source asks the destination about its copy during the page phase.
+const DESTINATION_CHECK: Duration = Duration::from_secs(1);
+
+/// How a page phase ended at the source.
+#[derive(Debug)]
+pub(super) enum Paged {
+    /// The destination has every page: the source goes.
+    Complete,
+    /// The destination stopped its copy: the source resumes (why).
+    DestinationLost(String),
+}
 
 /// The modes a checkpoint move can run in; "auto" (the default) picks one of the others.
 pub const MODES: [&str; 3] = ["auto", "stop-and-copy", "postcopy"];
@@ -96,8 +109,10 @@ impl Engine {
     }
 
     /// Source, once the destination confirmed: its clients go there now; the frozen
-    /// source keeps serving pages until the destination has them all.
-    pub(super) async fn page_phase(self: &Arc<Self>, id: &str) -> Result<(), MigrationError> {
+    /// source keeps serving pages until the destination has them all, or until the
+    /// destination says its copy is gone (it stops a copy that can no longer get its
+    /// pages): then the source, which still has every page, is to resume.
+    pub(super) async fn page_phase(self: &Arc<Self>, id: &str) -> Result<Paged, MigrationError> {
         let m = self.update(id, |m| m.phase = Phase::Paging)?;
         tracing::info!(
             migration = id,
@@ -107,31 +122,43 @@ impl Engine {
             .release(&m.workload, Target::Remote(m.target.clone()));
         let started = Instant::now();
         let running = locked(&self.lazy).remove(id);
-        let ok = match running {
-            Some(mut r) => match r.child.wait().await {
-                Ok(status) if status.success() => true,
-                Ok(status) => {
-                    let log = std::fs::read_to_string(&r.log).unwrap_or_default();
-                    tracing::error!(%status, tail = %crate::criu::error_tail(&log), "the lazy dump failed");
-                    false
+        let dump_ended = async {
+            match running {
+                Some(mut r) => match r.child.wait().await {
+                    Ok(status) if status.success() => true,
+                    Ok(status) => {
+                        let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+                        tracing::error!(%status, tail = %crate::criu::error_tail(&log), "the lazy dump failed");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot wait for the lazy dump");
+                        false
+                    }
+                },
+                // After a restart the page path is gone, and the lazy dump ends as it lost
+                // its client: proof of nothing. Only the destination's word that it has
+                // every page completes the move; then the dump must not outlive it.
+                None => {
+                    self.destination_complete(id, &m.target).await;
+                    if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
+                        if process::alive(pid, start) {
+                            process::kill(pid);
+                        }
+                    }
+                    wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;
+                    true
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot wait for the lazy dump");
-                    false
-                }
-            },
-            // After a restart: the dump runs on without us; wait for it to end.
-            None => {
-                wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;
-                true
             }
         };
-        let (pages, wire) = locked(&self.page_sources)
-            .remove(id)
-            .map_or((0, 0), |source| {
-                source.stop();
-                source.bytes_sent()
-            });
+        let ok = tokio::select! {
+            ok = dump_ended => ok,
+            lost = self.destination_lost(id, &m.target) => {
+                self.stop_page_source(id);
+                return Ok(Paged::DestinationLost(lost));
+            }
+        };
+        let (pages, wire) = self.stop_page_source(id);
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         // The pages crossed the link too, after the switch.
         self.update(id, |m| {
@@ -145,7 +172,7 @@ impl Engine {
                 ms = window,
                 "every page is at the destination"
             );
-            Ok(())
+            Ok(Paged::Complete)
         } else {
             // CRIU resumes a source whose page transfer failed: never let it run beside
             // the confirmed copy.
@@ -156,6 +183,71 @@ impl Engine {
                 site: m.target,
                 message: "the post-copy page transfer failed after the destination confirmed; the source was stopped (its lazy dump's log has the cause) and the destination's copy may lack pages".into(),
             })
+        }
+    }
+
+    /// Stops serving pages for `id`; returns the page bytes sent and their wire bytes.
+    fn stop_page_source(&self, id: &str) -> (u64, u64) {
+        locked(&self.page_sources)
+            .remove(id)
+            .map_or((0, 0), |source| {
+                source.stop();
+                source.bytes_sent()
+            })
+    }
+
+    /// Source, during the page phase: returns (why) once the destination says it holds no
+    /// copy of this migration's workload any more. A destination that does not answer
+    /// is asked again: the source stays frozen with every page meanwhile.
+    async fn destination_lost(&self, id: &str, target: &str) -> String {
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => std::future::pending::<()>().await,
+                () = tokio::time::sleep(DESTINATION_CHECK) => {}
+            }
+            let asked = self
+                .peers
+                .request(
+                    target,
+                    &Request::Status {
+                        migration: id.to_string(),
+                    },
+                )
+                .await;
+            if let Ok(Response::Status {
+                state: state @ (TargetState::Aborted | TargetState::Unknown),
+            }) = asked
+            {
+                return format!(
+                    "site {target} lost its copy during the page phase ({state:?}: its page path or gateway stopped before it had every page); the source, frozen with every page, resumed here, and the writes made at {target} since the switch are lost"
+                );
+            }
+        }
+    }
+
+    /// Source, after a restart in the page phase: returns once the destination says its
+    /// copy has every page.
+    async fn destination_complete(&self, id: &str, target: &str) {
+        loop {
+            let asked = self
+                .peers
+                .request(
+                    target,
+                    &Request::Status {
+                        migration: id.to_string(),
+                    },
+                )
+                .await;
+            if let Ok(Response::Status {
+                state: TargetState::Confirmed,
+            }) = asked
+            {
+                return;
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => std::future::pending::<()>().await,
+                () = tokio::time::sleep(DESTINATION_CHECK) => {}
+            }
         }
     }
 
@@ -288,23 +380,59 @@ impl Engine {
     }
 
     /// Destination, after a lazy restore: the `criu lazy-pages` daemon fetching the pages
-    /// runs on; when it has them all, the image and the tunnel go.
+    /// runs on; when it has them all, the migration is complete here and the image and
+    /// the tunnels go. If it fails, the copy is stopped (see [`Engine::fail_paging`]).
     pub(super) fn follow_lazy_pages(&self, id: &str, images: std::path::PathBuf) {
         let Some(mut running) = self.criu.take_running(&images) else {
             return;
         };
-        let (ingress, id) = (Arc::clone(&self.ingress), id.to_string());
+        let (ingress, id, this) = (Arc::clone(&self.ingress), id.to_string(), self.this());
         self.tasks.spawn(async move {
             let status = running.child.wait().await;
-            match status {
-                Ok(s) if s.success() => tracing::info!(migration = %id, "every page fetched"),
-                other => {
-                    let log = std::fs::read_to_string(&running.log).unwrap_or_default();
-                    tracing::error!(migration = %id, status = ?other, tail = %crate::criu::error_tail(&log), "the lazy-pages daemon failed");
-                }
+            let ok = matches!(&status, Ok(s) if s.success());
+            if ok {
+                tracing::info!(migration = %id, "every page fetched");
+            } else {
+                let log = std::fs::read_to_string(&running.log).unwrap_or_default();
+                tracing::error!(migration = %id, status = ?status, tail = %crate::criu::error_tail(&log), "the lazy-pages daemon failed");
             }
-            ingress.close_tunnels(&id);
-            super::remove_dir(&images);
+            let Some(engine) = this else { return };
+            if ok {
+                let _ = engine.update(&id, |m| {
+                    if m.phase == Phase::Paging {
+                        m.phase = Phase::Completed;
+                    }
+                });
+                ingress.close_tunnels(&id);
+                super::remove_dir(&images);
+            } else {
+                engine
+                    .fail_paging(&id, "the lazy-pages daemon failed before the copy had every page; the copy here was stopped and the source resumes (writes made here since the switch are lost)")
+                    .await;
+            }
+        });
+    }
+
+    /// Destination, after a restart during the page phase: the daemon's guard wrote how
+    /// it ended. Every page here: complete. Otherwise (or unknown) the copy cannot be
+    /// trusted and is stopped.
+    pub(super) fn recover_paging(self: &Arc<Self>, id: &str) {
+        let exit = std::fs::read_to_string(
+            self.incoming_dir
+                .join(id)
+                .join(crate::criu::layout::LAZY_PAGES_EXIT),
+        )
+        .ok();
+        if exit.as_deref().map(str::trim) == Some("0") {
+            if let Err(e) = self.update(id, |m| m.phase = Phase::Completed) {
+                tracing::error!(migration = id, error = %e, "cannot journal the completed page phase");
+            }
+            super::remove_dir(&self.incoming_dir.join(id));
+            return;
+        }
+        let (this, id) = (Arc::clone(self), id.to_string());
+        self.tasks.spawn(async move {
+            this.fail_paging(&id, "the destination gateway restarted before the copy had every page; the copy here was stopped and the source resumes (writes made here since the switch are lost)").await;
         });
     }
 }

@@ -64,6 +64,10 @@ impl Engine {
 
     fn recover_target(self: &Arc<Self>, id: &str) {
         let Some(m) = self.get(id) else { return };
+        if m.phase == Phase::Paging {
+            self.recover_paging(id);
+            return;
+        }
         let adopted = self
             .workloads
             .get(&m.workload)
@@ -105,10 +109,16 @@ impl Engine {
     async fn recover_source(self: Arc<Self>, id: &str) {
         let Some(m) = self.get(id) else { return };
         if m.phase == Phase::Paging {
-            // Post-copy after the confirmation: the lazy dump (not ours any more) serves
-            // on; once it has served every page, the source is released.
+            // Post-copy after the confirmation: the page path went with the old gateway.
+            // Only the destination can say how it ended: with every page (the source
+            // goes) or with its copy stopped (the source resumes; if the lazy dump
+            // already let it go, it runs on).
             let outcome = match self.page_phase(id).await {
-                Ok(()) => source::cut_over(&self, id, None).await,
+                Ok(super::postcopy::Paged::Complete) => source::cut_over(&self, id, None).await,
+                Ok(super::postcopy::Paged::DestinationLost(reason)) => {
+                    source::finish_rollback(&self, id, &m.workload, reason).await;
+                    Ok(())
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = outcome {

@@ -34,7 +34,12 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
                 // The downtime ends at the confirmation; pages follow while B runs.
                 let _ = engine.update(&id, |m| m.timings.freeze_ms = Some(ms(freeze.elapsed())));
                 match engine.page_phase(&id).await {
-                    Ok(()) => cut_over(&engine, &id, None).await,
+                    Ok(super::postcopy::Paged::Complete) => cut_over(&engine, &id, None).await,
+                    Ok(super::postcopy::Paged::DestinationLost(reason)) => {
+                        let workload = engine.get(&id).map(|m| m.workload).unwrap_or_default();
+                        finish_rollback(&engine, &id, &workload, reason).await;
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 }
             } else {
@@ -321,7 +326,7 @@ pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Ver
             .await
         {
             Ok(Response::Status {
-                state: TargetState::Confirmed,
+                state: TargetState::Confirmed | TargetState::Paging,
             }) => return Verdict::Confirmed,
             Ok(Response::Status {
                 state: TargetState::Restoring,

@@ -264,8 +264,13 @@ impl Engine {
             Ok(pid) => {
                 let restore_ms = started.elapsed().as_millis() as u64;
                 // The workload record is journaled by adopt(); that is the confirmation.
+                // Post-copy: running, but complete only once every page is here.
                 let done = self.update(id, |m| {
-                    m.phase = Phase::Completed;
+                    m.phase = if postcopy {
+                        Phase::Paging
+                    } else {
+                        Phase::Completed
+                    };
                     m.timings.restore_ms = Some(restore_ms);
                     m.received.clear();
                 });
@@ -374,6 +379,39 @@ impl Engine {
 
     /// Ends a restored copy that will not be confirmed: through its adapter (which knows
     /// the runtime's own state), and by killing its tree if that is not enough.
+    /// Destination, post-copy: the restored copy can never get the pages it lacks (the
+    /// page path failed, or the gateway restarted): it is stopped, as its memory would
+    /// read zeros where pages never came, and the migration fails here; the source, still
+    /// frozen with every page, resumes when it hears so.
+    pub(super) async fn fail_paging(&self, id: &str, reason: &str) {
+        let Some(m) = self.get(id) else { return };
+        if let Some(w) = self
+            .workloads
+            .get(&m.workload)
+            .filter(|w| w.restored_from.as_ref().map(|o| o.migration.as_str()) == Some(id))
+        {
+            if let (Ok(adapter), Some(pid)) = (self.plugins.adapter(&w.spec.runtime), w.pid) {
+                self.discard_restored(&adapter, &w, pid).await;
+            }
+            if let Err(e) = self.workloads.forget(&w.spec.name) {
+                tracing::error!(workload = %w.spec.name, error = %e, "cannot forget the stopped copy");
+            }
+        }
+        self.ingress.close_tunnels(id);
+        remove_dir(&self.incoming_dir.join(id));
+        tracing::error!(
+            migration = id,
+            reason,
+            "post-copy copy stopped before it had every page"
+        );
+        if let Err(e) = self.update(id, |m| {
+            m.phase = Phase::Failed;
+            m.error = Some(reason.to_string());
+        }) {
+            tracing::error!(migration = id, error = %e, "cannot journal the failed page phase");
+        }
+    }
+
     async fn discard_restored(&self, adapter: &AdapterHandle, reserved: &Workload, pid: i32) {
         let about = AdapterCall::for_workload(reserved).with_pid(pid);
         let pid_start = about.pid_start;
@@ -405,6 +443,7 @@ impl Engine {
         match self.incoming(peer, id).map(|m| m.phase) {
             None => TargetState::Unknown,
             Some(Phase::Restoring) => TargetState::Restoring,
+            Some(Phase::Paging) => TargetState::Paging,
             Some(Phase::Completed) => TargetState::Confirmed,
             Some(p) if p.is_terminal() => TargetState::Aborted,
             Some(_) => TargetState::Receiving,
@@ -418,6 +457,10 @@ impl Engine {
         match m.phase {
             Phase::Completed => Response::Status {
                 state: TargetState::Confirmed,
+            },
+            // The copy runs: never dropped on the source's word.
+            Phase::Paging => Response::Status {
+                state: TargetState::Paging,
             },
             Phase::Restoring => Response::error(ErrorCode::Busy, "restore in progress; ask again"),
             p if p.is_terminal() => Response::Aborted,

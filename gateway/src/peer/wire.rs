@@ -120,6 +120,8 @@ pub enum TargetState {
     Unknown,
     Receiving,
     Restoring,
+    /// Post-copy: the restored copy runs and its pages are still arriving.
+    Paging,
     Confirmed,
     Aborted,
 }
