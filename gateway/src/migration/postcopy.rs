@@ -200,35 +200,36 @@ impl Engine {
     /// copy of this migration's workload any more. A destination that does not answer
     /// is asked again: the source stays frozen with every page meanwhile.
     async fn destination_lost(&self, id: &str, target: &str) -> String {
-        loop {
-            tokio::select! {
-                () = self.cancel.cancelled() => std::future::pending::<()>().await,
-                () = tokio::time::sleep(DESTINATION_CHECK) => {}
-            }
-            let asked = self
-                .peers
-                .request(
-                    target,
-                    &Request::Status {
-                        migration: id.to_string(),
-                    },
-                )
-                .await;
-            if let Ok(Response::Status {
-                state: state @ (TargetState::Aborted | TargetState::Unknown),
-            }) = asked
-            {
-                return format!(
-                    "site {target} lost its copy during the page phase ({state:?}: its page path or gateway stopped before it had every page); the source, frozen with every page, resumed here, and the writes made at {target} since the switch are lost"
-                );
-            }
-        }
+        let state = self
+            .destination_says(id, target, |s| {
+                matches!(s, TargetState::Aborted | TargetState::Unknown)
+            })
+            .await;
+        format!(
+            "site {target} lost its copy during the page phase ({state:?}: its page path or gateway stopped before it had every page); the source, frozen with every page, resumed here, and the writes made at {target} since the switch are lost"
+        )
     }
 
     /// Source, after a restart in the page phase: returns once the destination says its
     /// copy has every page.
     async fn destination_complete(&self, id: &str, target: &str) {
+        self.destination_says(id, target, |s| s == TargetState::Confirmed)
+            .await;
+    }
+
+    /// Asks the destination about `id` every [`DESTINATION_CHECK`] until its answer is
+    /// one `wanted` accepts (never, once this gateway shuts down).
+    async fn destination_says(
+        &self,
+        id: &str,
+        target: &str,
+        wanted: impl Fn(TargetState) -> bool,
+    ) -> TargetState {
         loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => std::future::pending::<()>().await,
+                () = tokio::time::sleep(DESTINATION_CHECK) => {}
+            }
             let asked = self
                 .peers
                 .request(
@@ -238,15 +239,10 @@ impl Engine {
                     },
                 )
                 .await;
-            if let Ok(Response::Status {
-                state: TargetState::Confirmed,
-            }) = asked
-            {
-                return;
-            }
-            tokio::select! {
-                () = self.cancel.cancelled() => std::future::pending::<()>().await,
-                () = tokio::time::sleep(DESTINATION_CHECK) => {}
+            if let Ok(Response::Status { state }) = asked {
+                if wanted(state) {
+                    return state;
+                }
             }
         }
     }

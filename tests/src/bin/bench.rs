@@ -409,7 +409,8 @@ impl Way {
     /// `ferry migrate` flags for Ferry's ways.
     fn flags(self) -> &'static [&'static str] {
         match self {
-            Way::Plain | Way::CriuLazy | Way::Container => &["--approach", "container"],
+            Way::Plain | Way::CriuLazy => &["--approach", "container"],
+            Way::Container => &["--approach", "container", "--mode", "stop-and-copy"],
             Way::Postcopy => &["--approach", "container", "--mode", "postcopy"],
             Way::Service => &["--approach", "service"],
         }
@@ -1098,13 +1099,14 @@ fn measure(
 fn print_row(mib: u64, way: Way, o: &Outcome) {
     let c = &o.client;
     println!(
-        "{:<8} {:<9} {:>9} {:>7} {:>7.0} ms {:>7.0} ms {:>10} {:>7} ms {:>10} {:>7.1} MB{}{}",
+        "{:<8} {:<9} {:>9} {:>7} {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>10} {:>7} ms {:>10} {:>7.1} MB{}{}",
         format!("{mib} MiB"),
         way.name(),
         c["requests"].as_u64().unwrap_or(0),
         c["failed"].as_u64().unwrap_or(0),
         c["max_gap_ms"].as_f64().unwrap_or(0.0),
         c["max_stall_ms"].as_f64().unwrap_or(0.0),
+        c["p99_after_switch_ms"].as_f64().unwrap_or(0.0),
         o.acked,
         o.total_ms,
         o.image
@@ -1140,16 +1142,17 @@ fn bench(args: &[String]) -> Result<()> {
         "link {}, round trip +{} ms (userspace relays), client {load} requests/s over 16 connections, 5 s timeout, data: {data}",
         link.rate, link.rtt_ms
     );
-    println!("stall: longest gap between two answers on one connection; late: longest time a request was answered after it was due; acked at B: every acknowledged write is at B");
+    println!("stall: longest gap between two answers on one connection; late: longest time a request was answered after it was due; p99 1s: p99 latency of the requests due in the first second after the switch; acked at B: every acknowledged write is at B");
     println!("gateway logs of each run: {}", logs.display());
     println!(
-        "{:<8} {:<9} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:<8} {:<9} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "memory",
         "way",
         "requests",
         "failed",
         "stall",
         "late",
+        "p99 1s",
         "acked at B",
         "total",
         "image",

@@ -201,6 +201,27 @@ async fn main() -> Result<()> {
             .map(|(i, _)| format!("k{i}\n"))
             .collect::<String>(),
     )?;
+    // The first second after the switch: requests due within 1 s after the longest
+    // wait ended (when the held requests were answered).
+    let after_switch =
+        r.ok.iter()
+            .max_by_key(|(_, d)| *d)
+            .map(|(i, d)| *i as f64 / rate + d.as_secs_f64())
+            .map(|end| {
+                let mut v: Vec<f64> =
+                    r.ok.iter()
+                        .filter(|(i, _)| {
+                            let due = *i as f64 / rate;
+                            due >= end && due < end + 1.0
+                        })
+                        .map(|(_, d)| d.as_secs_f64() * 1e3)
+                        .collect();
+                v.sort_by(f64::total_cmp);
+                v.get(((v.len() as f64 * 0.99) as usize).min(v.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+            .unwrap_or(0.0);
     let first_errors: Vec<String> = r
         .failed
         .iter()
@@ -218,6 +239,7 @@ async fn main() -> Result<()> {
             "max_stall_ms": lat.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
+            "p99_after_switch_ms": after_switch,
             "errors": first_errors,
         })
     );
