@@ -207,7 +207,7 @@ async fn main() -> Result<()> {
         r.ok.iter()
             .max_by_key(|(_, d)| *d)
             .map(|(i, d)| *i as f64 / rate + d.as_secs_f64())
-            .map(|end| {
+            .map_or(0.0, |end| {
                 let mut v: Vec<f64> =
                     r.ok.iter()
                         .filter(|(i, _)| {
@@ -220,8 +220,7 @@ async fn main() -> Result<()> {
                 v.get(((v.len() as f64 * 0.99) as usize).min(v.len().saturating_sub(1)))
                     .copied()
                     .unwrap_or(0.0)
-            })
-            .unwrap_or(0.0);
+            });
     let first_errors: Vec<String> = r
         .failed
         .iter()
