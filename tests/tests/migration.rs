@@ -189,3 +189,70 @@ fn port_taken_at_destination_refuses_before_freeze() -> Result<()> {
     assert_eq!(sites.a.redis(PORT, &["GET", "k"])?, "v");
     Ok(())
 }
+
+#[test]
+fn an_operator_abort_rolls_back_before_the_switch_and_is_refused_after() -> Result<()> {
+    // Uncompressed over a slow link, so the image transfer lasts.
+    let mut opts = Options::new("abort");
+    opts.compression = "none".into();
+    let sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", 6391)?;
+    sites
+        .a
+        .redis(6391, &["DEBUG", "POPULATE", "60000", "key", "1000"])?;
+    let before = sites.a.redis_dataset(6391)?;
+    sites.a.limit_egress("20mbit")?;
+    let m = sites.a.ferry_json(&[
+        "migrate",
+        "redis",
+        "--to",
+        "b",
+        "--mode",
+        "stop-and-copy",
+        "--no-wait",
+    ])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    let phase = |site: &ferry_e2e::Site| -> Option<String> {
+        let m = site.ferry_json(&["migration", "show", &id]).ok()?;
+        m["phase"].as_str().map(str::to_string)
+    };
+    wait_for("the transfer", Duration::from_secs(60), || {
+        (phase(&sites.a)? == "transferring").then_some(())
+    })?;
+    // The destination cannot abort it; the source can.
+    let out = sites.b.ferry_output(&["migration", "abort", &id])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("abort it at its source"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sites.a.ferry(&["migration", "abort", &id])?;
+    let end = wait_for("the rollback", Duration::from_secs(30), || {
+        phase(&sites.a).filter(|p| p == "rolled_back" || p == "failed" || p == "completed")
+    })?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("aborted by the operator"),
+        "{m}"
+    );
+    // The source runs on with its data; B holds nothing; an ended move cannot be aborted.
+    assert_eq!(sites.a.redis_dataset(6391)?, before);
+    assert!(sites
+        .b
+        .ferry_json(&["workload", "ls"])?
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    let out = sites.a.ferry_output(&["migration", "abort", &id])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already ended"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -159,6 +159,10 @@ impl Api {
                     .await?;
                 Ok(json(StatusCode::OK, &plan))
             }
+            (Method::DELETE, ["v1", "migrations", id]) => {
+                let m = self.state.engine.operator_abort(id)?;
+                Ok(json(StatusCode::ACCEPTED, &m))
+            }
             (Method::GET, ["v1", "migrations", id]) => self
                 .state
                 .engine

@@ -10,6 +10,10 @@ pub enum Cmd {
     Ls,
     /// Show one migration with its phase timings.
     Show { id: String },
+    /// Abort a migration this site drives: before the destination was asked to run the
+    /// workload it rolls back and the source runs on; after that it is refused (only the
+    /// destination's word can end it then).
+    Abort { id: String },
 }
 
 pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
@@ -39,6 +43,17 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                         ]
                     })
                     .collect(),
+            );
+            Ok(())
+        }
+        Cmd::Abort { id } => {
+            let m: Migration = client.delete(&format!("/v1/migrations/{id}")).await?;
+            if out == Output::Json {
+                return output::json(&m);
+            }
+            println!(
+                "migration {} ({}): abort requested in phase {}; it rolls back at its next step (`ferry migration show {}`)",
+                m.id, m.workload, m.phase, m.id
             );
             Ok(())
         }

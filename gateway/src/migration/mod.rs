@@ -71,6 +71,10 @@ pub enum MigrationError {
     Injected { phase: Phase, message: String },
     #[error("injected crash entering {phase}")]
     Crashed { phase: Phase },
+    #[error("aborted by the operator")]
+    Aborted,
+    #[error("migration {id} cannot be aborted: {why}")]
+    CannotAbort { id: String, why: String },
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -261,6 +265,10 @@ pub struct Migration {
     pub lazy_dump_pid: Option<i32>,
     #[serde(default)]
     pub lazy_dump_pid_start: Option<u64>,
+    /// Source: an operator asked to abort (honoured at the next step, before the
+    /// destination is asked to run the workload; refused after).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort_requested: bool,
 }
 
 impl Migration {
@@ -305,6 +313,7 @@ impl Migration {
             page_server: None,
             lazy_dump_pid: None,
             lazy_dump_pid_start: None,
+            abort_requested: false,
         }
     }
 }
@@ -339,6 +348,26 @@ pub struct Parts {
     pub criu: crate::criu::Criu,
 }
 
+/// Why `m` cannot be aborted now, if it cannot.
+fn abort_refusal(m: &Migration) -> Option<String> {
+    if m.role == Role::Target {
+        return Some(format!(
+            "this site is its destination; abort it at its source, site {}",
+            m.source
+        ));
+    }
+    if m.phase.is_terminal() {
+        return Some(format!("it has already ended ({})", m.phase));
+    }
+    if m.restore_requested {
+        return Some(format!(
+            "site {} was already asked to run the workload (phase {}): only its word can end the move now (it completes, or rolls back if the destination fails)",
+            m.target, m.phase
+        ));
+    }
+    None
+}
+
 /// Owns every migration of this site, as source or as destination.
 pub struct Engine {
     me: std::sync::Weak<Engine>,
@@ -355,6 +384,8 @@ pub struct Engine {
     page_sources: Mutex<std::collections::HashMap<String, Arc<crate::transfer::pages::PageSource>>>,
     /// Post-copy, source: the pages sent ahead of the freeze, by migration.
     prepushed: Mutex<std::collections::HashMap<String, crate::transfer::pages::Prepushed>>,
+    /// Source: wakes a migration's long waits when an operator aborts it.
+    aborts: Mutex<std::collections::HashMap<String, CancellationToken>>,
     /// Post-copy, destination: the pages the source sent ahead, by migration.
     precaches: Mutex<std::collections::HashMap<String, Arc<crate::transfer::pages::PageCache>>>,
     images_dir: PathBuf,
@@ -406,6 +437,7 @@ impl Engine {
             page_sources: Mutex::new(std::collections::HashMap::new()),
             prepushed: Mutex::new(std::collections::HashMap::new()),
             precaches: Mutex::new(std::collections::HashMap::new()),
+            aborts: Mutex::new(std::collections::HashMap::new()),
             images_dir,
             incoming_dir,
             parallel_files: settings.parallel_files.max(1),
@@ -554,7 +586,58 @@ impl Engine {
     /// Source: moves `id` on to `phase` (after the fault a test may inject on entering it).
     async fn enter_phase(&self, id: &str, phase: Phase) -> Result<Migration, MigrationError> {
         self.faults.enter(Role::Source, phase, &self.cancel).await?;
+        self.check_abort(id)?;
         self.set_phase(id, phase)
+    }
+
+    /// Operator abort of a migration this site drives: safe at any phase. Before the
+    /// destination is asked to run the workload, the migration rolls back (at its next
+    /// step; long waits wake at once) and the source runs on; after, it is refused, as
+    /// only the destination's word can end it then. Returns the record.
+    pub fn operator_abort(&self, id: &str) -> Result<Migration, MigrationError> {
+        let mut refused = None;
+        let m = self.update(id, |m| match abort_refusal(m) {
+            Some(why) => refused = Some(why),
+            None => m.abort_requested = true,
+        })?;
+        if let Some(why) = refused {
+            return Err(MigrationError::CannotAbort {
+                id: id.to_string(),
+                why,
+            });
+        }
+        tracing::warn!(migration = id, phase = %m.phase, "abort requested by the operator");
+        self.abort_token(id).cancel();
+        Ok(m)
+    }
+
+    /// Fails with `Aborted` if an operator asked to abort `id`.
+    fn check_abort(&self, id: &str) -> Result<(), MigrationError> {
+        if self.get(id).is_some_and(|m| m.abort_requested) {
+            return Err(MigrationError::Aborted);
+        }
+        Ok(())
+    }
+
+    /// Cancelled when an operator aborts `id`: long waits select on it.
+    fn abort_token(&self, id: &str) -> CancellationToken {
+        locked(&self.aborts)
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs `step` unless (or until) an operator aborts `id`: the step is dropped then.
+    async fn abortable<T>(
+        &self,
+        id: &str,
+        step: impl std::future::Future<Output = Result<T, MigrationError>>,
+    ) -> Result<T, MigrationError> {
+        let token = self.abort_token(id);
+        tokio::select! {
+            r = step => r,
+            () = token.cancelled() => Err(MigrationError::Aborted),
+        }
     }
 
     fn set_phase(&self, id: &str, phase: Phase) -> Result<Migration, MigrationError> {
@@ -619,6 +702,24 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_abort_is_refused_once_the_destination_may_run_the_workload() {
+        let spec: WorkloadSpec =
+            serde_json::from_str(r#"{"name":"w","runtime":"process","command":["x"]}"#)
+                .expect("spec");
+        let mut m = Migration::new("m1", spec, Role::Source, "a", "b", Phase::Transferring);
+        assert_eq!(abort_refusal(&m), None);
+        m.restore_requested = true;
+        m.phase = Phase::Restoring;
+        assert!(abort_refusal(&m).is_some_and(|why| why.contains("only its word")));
+        m.phase = Phase::Completed;
+        m.restore_requested = false;
+        assert!(abort_refusal(&m).is_some_and(|why| why.contains("already ended")));
+        m.role = Role::Target;
+        m.phase = Phase::Transferring;
+        assert!(abort_refusal(&m).is_some_and(|why| why.contains("at its source")));
     }
 
     #[test]

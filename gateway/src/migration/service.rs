@@ -172,8 +172,10 @@ async fn wait_in_sync(
                 last,
             });
         }
+        let aborted = engine.abort_token(id);
         tokio::select! {
             () = engine.cancel.cancelled() => return Err(MigrationError::Crashed { phase: Phase::Syncing }),
+            () = aborted.cancelled() => return Err(MigrationError::Aborted),
             () = tokio::time::sleep(SYNC_POLL) => {}
         }
     }

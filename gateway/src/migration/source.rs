@@ -134,7 +134,12 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     if postcopy && engine.prepush {
         // While it still runs: its pages go ahead, so few are left for the switch.
         if let Some(pid) = workload.pid {
-            engine.prepush(id, &target, pid).await;
+            engine
+                .abortable(id, async {
+                    engine.prepush(id, &target, pid).await;
+                    Ok(())
+                })
+                .await?;
         }
     }
     // Clients see the pause from here: their traffic is held until the workload runs again.
@@ -169,9 +174,18 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
-    engine.enter_phase(id, Phase::Transferring).await?;
+    if let Err(e) = engine.enter_phase(id, Phase::Transferring).await {
+        sending.abort();
+        return Err(e);
+    }
     let t = Instant::now();
-    let sent = sending.await.map_err(transfer::TransferError::Task)??;
+    let abort = sending.abort_handle();
+    let sent = engine
+        .abortable(id, async {
+            Ok(sending.await.map_err(transfer::TransferError::Task)??)
+        })
+        .await
+        .inspect_err(|_| abort.abort())?;
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved += sent.iter().map(|f| f.meta.size).sum::<u64>();
@@ -218,10 +232,17 @@ pub(super) async fn request_switch(engine: &Engine, id: &str) -> Result<(), Migr
         .faults
         .enter(Role::Source, Phase::Restoring, &engine.cancel)
         .await?;
-    engine.update(id, |m| {
-        m.phase = Phase::Restoring;
-        m.restore_requested = true;
+    // One step with the abort check: an abort either lands before (and the move rolls
+    // back) or is refused after.
+    let m = engine.update(id, |m| {
+        if !m.abort_requested {
+            m.phase = Phase::Restoring;
+            m.restore_requested = true;
+        }
     })?;
+    if m.abort_requested {
+        return Err(MigrationError::Aborted);
+    }
     Ok(())
 }
 
