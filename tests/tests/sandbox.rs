@@ -45,6 +45,14 @@ capabilities = ["log", "criu", "process"]
         work = dir.join("work").display()
     );
     std::fs::write(dir.join("site.toml"), text)?;
+    // It holds a token: owner-only, or it is refused (later rewrites keep the mode).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("site.toml"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+    }
     Ok(SiteConfig::load(&dir.join("site.toml"))?)
 }
 
