@@ -69,6 +69,9 @@ impl From<MigrationError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, "migration_not_found", e.to_string())
             }
             M::CannotAbort { .. } => Self::new(StatusCode::CONFLICT, "cannot_abort", e.to_string()),
+            M::NotReleased { .. } => {
+                Self::new(StatusCode::CONFLICT, "workload_not_released", e.to_string())
+            }
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }

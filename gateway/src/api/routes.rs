@@ -134,6 +134,7 @@ impl Api {
                     ApiError::not_found(format!("workload {name:?} not found on this site"))
                 }),
             (Method::DELETE, ["v1", "workloads", name]) => {
+                self.state.engine.check_removable(name).await?;
                 let w = self.state.workloads.remove(name).await?;
                 Ok(json(StatusCode::OK, &w))
             }

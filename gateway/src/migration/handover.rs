@@ -95,8 +95,11 @@ impl Engine {
         let Some(w) = self.workloads.get(name) else {
             return Ok(());
         };
-        self.workloads.forget(name)?;
+        // Stopped before its record goes: a crash in between leaves a record (held by
+        // the migration, so its exit is not recorded) that the restarted gateway releases
+        // again, never a frozen source no record names, holding its port for ever.
         self.workloads.stop(&w).await;
+        self.workloads.forget(name)?;
         tracing::info!(workload = %name, "source released");
         Ok(())
     }

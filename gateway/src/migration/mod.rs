@@ -75,6 +75,8 @@ pub enum MigrationError {
     Aborted,
     #[error("migration {id} cannot be aborted: {why}")]
     CannotAbort { id: String, why: String },
+    #[error("workload {workload:?} cannot be removed here yet: {why}; removing it could leave the service nowhere, retry once the move has completed at its source")]
+    NotReleased { workload: String, why: String },
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -269,6 +271,10 @@ pub struct Migration {
     /// destination is asked to run the workload; refused after).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub abort_requested: bool,
+    /// Destination: the source said it released its copy (the restored workload may be
+    /// removed here from then on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_released: bool,
 }
 
 impl Migration {
@@ -314,6 +320,7 @@ impl Migration {
             lazy_dump_pid: None,
             lazy_dump_pid_start: None,
             abort_requested: false,
+            source_released: false,
         }
     }
 }

@@ -69,6 +69,7 @@ impl Handler for Engine {
                 self.restore(&peer, &migration, ask).await
             }
             Request::Prepush { migration } => self.receive_prepush(&peer, &migration, body).await,
+            Request::SourceState { migration } => self.source_state(&peer, &migration),
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),
             },
@@ -436,6 +437,79 @@ impl Engine {
             m.received.clear();
         }) {
             tracing::error!(migration = id, error = %e, "cannot journal the abort");
+        }
+    }
+
+    /// Source: whether the move `id` to `peer` is complete here (the source released).
+    fn source_state(&self, peer: &str, id: &str) -> Response {
+        match self
+            .get(id)
+            .filter(|m| m.role == Role::Source && m.target == peer)
+        {
+            Some(m) => Response::SourceState {
+                released: m.phase == Phase::Completed,
+                phase: m.phase.to_string(),
+            },
+            None => Response::SourceState {
+                released: false,
+                phase: "unknown".into(),
+            },
+        }
+    }
+
+    /// Destination: may the workload `name` be removed here? Not while the site it was
+    /// moved from has not released its own copy: that site may still resume it, or cut
+    /// over later and find nothing here (the service nowhere). The source is asked once;
+    /// its yes is journaled.
+    pub async fn check_removable(&self, name: &str) -> Result<(), MigrationError> {
+        let Some(origin) = self.workloads.get(name).and_then(|w| w.restored_from) else {
+            return Ok(());
+        };
+        let Some(m) = self
+            .get(&origin.migration)
+            .filter(|m| m.role == Role::Target)
+        else {
+            return Ok(());
+        };
+        if m.source_released {
+            return Ok(());
+        }
+        let refuse = |why: String| MigrationError::NotReleased {
+            workload: name.to_string(),
+            why,
+        };
+        if m.phase != Phase::Completed {
+            return Err(refuse(format!(
+                "its move from site {} is still {} here",
+                m.source, m.phase
+            )));
+        }
+        let asked = self
+            .peers
+            .request(
+                &m.source,
+                &Request::SourceState {
+                    migration: m.id.clone(),
+                },
+            )
+            .await;
+        match asked {
+            Ok(Response::SourceState { released: true, .. }) => {
+                self.update(&m.id, |m| m.source_released = true)?;
+                Ok(())
+            }
+            Ok(Response::SourceState { phase, .. }) => Err(refuse(format!(
+                "site {} has not released its copy yet (its migration {} is {phase})",
+                m.source, m.id
+            ))),
+            Ok(other) => Err(refuse(format!(
+                "site {} answered {other:?} about migration {}",
+                m.source, m.id
+            ))),
+            Err(e) => Err(refuse(format!(
+                "cannot ask site {} whether it released its copy: {e}",
+                m.source
+            ))),
         }
     }
 

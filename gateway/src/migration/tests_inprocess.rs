@@ -850,10 +850,27 @@ async fn a_source_crash_after_the_destination_confirmed_completes_on_restart() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Both a frozen source and a confirmed copy exist: allowed, the source is frozen.
     assert_eq!(pair.a().state_of("svc").and_then(|s| s.1), Some('T'));
+    // B must not drop its copy while A may still cut over to it.
+    let refused = pair.b().engine.check_removable("svc").await;
+    assert!(
+        matches!(&refused, Err(MigrationError::NotReleased { why, .. }) if why.contains("not released")),
+        "{refused:?}"
+    );
     pair.crash_and_restart("a").await;
     let done = finished(pair.a(), &m.id).await;
     assert_eq!(done.phase, Phase::Completed, "{done:?}");
     runs_only_at(&pair, "b", "svc");
+    // A released its source: now B may remove it, and remembers that it may.
+    pair.b()
+        .engine
+        .check_removable("svc")
+        .await
+        .expect("removable once A released");
+    assert!(pair
+        .b()
+        .engine
+        .get(&m.id)
+        .is_some_and(|m| m.source_released));
     until("the source process to end", || {
         process::start_time(src.pid.expect("pid")).is_none()
     })

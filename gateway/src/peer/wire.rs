@@ -73,6 +73,9 @@ pub enum Request {
     /// keeps them for the page path, and uses them only if the image then names the ones
     /// written since. Answered with `Ready`.
     Prepush { migration: String },
+    /// Destination → source: has the source of this migration released its copy (the
+    /// move is complete there)? Answered with `SourceState`.
+    SourceState { migration: String },
     /// Every file is sent; verify them against the manifest and restore.
     Restore {
         migration: String,
@@ -164,6 +167,11 @@ pub enum Response {
         state: TargetState,
     },
     Aborted,
+    /// The source's word on a migration: whether it released its copy, and its phase.
+    SourceState {
+        released: bool,
+        phase: String,
+    },
     TunnelOpen,
     Error {
         code: ErrorCode,
