@@ -134,3 +134,52 @@ fn workload_held_by_an_unknown_migration_is_released_on_restart() -> Result<()> 
     assert_eq!(sites.b.redis(PORT, &["GET", "k"])?, "v");
     Ok(())
 }
+
+#[test]
+fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() -> Result<()> {
+    let mut sites = TwoSites::start(Options::new("crdump"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    // Enough memory that the dump lasts well beyond the moment the gateway dies.
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "600000", "key", "1000"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let pid = sites.a.ferry_json(&["workload", "ls"])?[0]["pid"]
+        .as_i64()
+        .unwrap_or(0);
+    // The dump of this source's tree, as the process list shows it.
+    let dump = format!("criu dump -t {pid} ");
+    let dumping = || {
+        ferry_e2e::run(std::process::Command::new("pgrep").args(["-f", &dump]))
+            .is_ok_and(|out| !out.trim().is_empty())
+    };
+    let m = sites.a.ferry_json(&[
+        "migrate",
+        "redis",
+        "--to",
+        "b",
+        "--mode",
+        "stop-and-copy",
+        "--no-wait",
+    ])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    wait_for("the checkpoint", Duration::from_secs(20), || {
+        (phase(&sites.a, &id).ok()? == "checkpointing").then_some(())
+    })?;
+    sites.a.crash_gateway();
+    eprintln!("criu dump still running after the crash: {}", dumping());
+    // Restarted, the gateway waits for the dump the old one left, then rolls back: the
+    // source runs with its data (not left stopped by a late --leave-stopped).
+    sites.start_gateway_a()?;
+    wait_for("the rollback", Duration::from_secs(90), || {
+        (phase(&sites.a, &id).ok()? == "rolled_back").then_some(())
+    })?;
+    assert!(!dumping(), "the rollback did not wait for the dump");
+    assert_ne!(
+        Site::process_state(pid),
+        Some('T'),
+        "the source was left stopped"
+    );
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    Ok(())
+}

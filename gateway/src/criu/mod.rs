@@ -334,6 +334,25 @@ impl Criu {
     }
 }
 
+/// CRIU dumps of the tree rooted at `pid` still running (a gateway killed mid-dump does
+/// not take its `criu dump` with it), and whether each is a lazy one (which, its dump
+/// done, waits for a page client for ever).
+pub fn dumps_of(pid: i32) -> Vec<(i32, bool)> {
+    let target = pid.to_string();
+    let mut found = Vec::new();
+    for p in crate::sys::process::with_cmdline(|args| {
+        args.first()
+            .is_some_and(|a| a.rsplit('/').next() == Some("criu"))
+            && args.iter().any(|a| a == "dump")
+            && args.windows(2).any(|w| w[0] == "-t" && w[1] == target)
+    }) {
+        let lazy = std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| c.windows(12).any(|w| w == b"--lazy-pages"));
+        found.push((p, lazy));
+    }
+    found
+}
+
 /// Pipe size a lazy dump asks for (CRIU's PIPE_MAX_SIZE pages, rounded up by the kernel).
 const LAZY_PIPE_BYTES: u64 = 4 << 20;
 

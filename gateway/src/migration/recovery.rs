@@ -9,11 +9,39 @@ use crate::criu::layout;
 use crate::journal::Collection;
 use crate::sys::process;
 
+/// How long recovery waits for a `criu dump` the old gateway left running.
+const DUMP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for the CRIU dumps of `pid`'s tree to end; a lazy one (it never ends by itself)
+/// or one past [`DUMP_WAIT`] is killed.
+async fn end_dumps_of(pid: i32) {
+    let deadline = std::time::Instant::now() + DUMP_WAIT;
+    loop {
+        let dumps = crate::criu::dumps_of(pid);
+        if dumps.is_empty() {
+            return;
+        }
+        let late = std::time::Instant::now() > deadline;
+        for (dump, lazy) in &dumps {
+            if *lazy || late {
+                tracing::warn!(
+                    dump,
+                    lazy,
+                    "ending a CRIU dump the previous gateway left running"
+                );
+                process::kill(*dump);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 impl Engine {
     /// Loads the journal and finishes or rolls back what was under way. Source migrations
     /// that need the destination's word continue in the background.
     pub fn recover(self: &Arc<Self>) -> Result<(), MigrationError> {
         let all: Vec<Migration> = self.journal.load_all(Collection::Migrations)?;
+        let mut before_peers = Vec::new();
         for m in all {
             let id = m.id.clone();
             let unfinished = !m.phase.is_terminal();
@@ -24,7 +52,7 @@ impl Engine {
             }
             tracing::info!(migration = %id, ?role, "recovering an unfinished migration");
             match role {
-                Role::Target => self.recover_target(&id),
+                Role::Target => before_peers.extend(self.recover_target(&id)),
                 Role::Source => {
                     let this = Arc::clone(self);
                     self.tasks.spawn(tracing::Instrument::instrument(
@@ -37,8 +65,14 @@ impl Engine {
         let this = Arc::clone(self);
         self.tasks
             .spawn(async move { this.reconcile_workloads().await });
-        // Peers get answers from here on.
-        self.recovered.send_replace(true);
+        // Peers get answers once interrupted restores here are ended.
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move {
+            for task in before_peers {
+                let _ = task.await;
+            }
+            this.recovered.send_replace(true);
+        });
         Ok(())
     }
 
@@ -62,11 +96,11 @@ impl Engine {
         }
     }
 
-    fn recover_target(self: &Arc<Self>, id: &str) {
-        let Some(m) = self.get(id) else { return };
+    fn recover_target(self: &Arc<Self>, id: &str) -> Option<tokio::task::JoinHandle<()>> {
+        let m = self.get(id)?;
         if m.phase == Phase::Paging {
             self.recover_paging(id);
-            return;
+            return None;
         }
         let adopted = self
             .workloads
@@ -81,15 +115,26 @@ impl Engine {
                 tracing::error!(migration = id, error = %e, "cannot journal the recovered restore");
             }
             super::remove_dir(&self.incoming_dir.join(id));
-            return;
+            return None;
         }
         if self.recover_replica(&m) {
             // A service-level replica never promoted: discarded in the background.
-            return;
+            return None;
         }
-        if m.phase == Phase::Restoring {
-            // A restore interrupted by the crash may have left a tree running: end it.
-            let pidfile = self.incoming_dir.join(id).join(layout::RESTORE_PIDFILE);
+        if m.phase != Phase::Restoring {
+            self.abort_local(
+                id,
+                &m.workload,
+                "the destination gateway restarted before confirming",
+            );
+            return None;
+        }
+        // A restore interrupted by the crash may have left a copy running, whether or not
+        // it wrote its pidfile: its cgroup and the adapter's own handle (a container by
+        // name) end it, the pidfile's pid too. Peers hear nothing before that is done.
+        let (this, id) = (Arc::clone(self), id.to_string());
+        Some(tokio::spawn(async move {
+            let pidfile = this.incoming_dir.join(&id).join(layout::RESTORE_PIDFILE);
             if let Some(pid) = std::fs::read_to_string(pidfile)
                 .ok()
                 .and_then(|t| t.trim().parse::<i32>().ok())
@@ -98,16 +143,35 @@ impl Engine {
                     process::kill(pid);
                 }
             }
-        }
-        self.abort_local(
-            id,
-            &m.workload,
-            "the destination gateway restarted before confirming",
-        );
+            if let Some(reserved) = this.workloads.get(&m.workload) {
+                if let Some(cg) = &reserved.cgroup {
+                    process::kill_cgroup(cg);
+                }
+                if let Ok(adapter) = this.plugins.adapter(&reserved.spec.runtime) {
+                    let about = crate::plugins::AdapterCall::for_workload(&reserved);
+                    if let Err(e) = adapter.release_source(about).await {
+                        tracing::warn!(migration = %id, error = %e, "adapter could not discard an interrupted restore");
+                    }
+                }
+            }
+            this.abort_local(
+                &id,
+                &m.workload,
+                "the destination gateway restarted before confirming",
+            );
+        }))
     }
 
     async fn recover_source(self: Arc<Self>, id: &str) {
         let Some(m) = self.get(id) else { return };
+        if matches!(m.phase, Phase::Checkpointing | Phase::Transferring) {
+            // A dump the old gateway started may still be running on the tree: nothing
+            // is decided until it has ended (a late `--leave-stopped` would stop a
+            // source already resumed).
+            if let Some(pid) = self.workloads.get(&m.workload).and_then(|w| w.pid) {
+                end_dumps_of(pid).await;
+            }
+        }
         if m.phase == Phase::Paging {
             // Post-copy after the confirmation: the page path went with the old gateway.
             // Only the destination can say how it ended: with every page (the source

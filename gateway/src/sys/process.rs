@@ -172,6 +172,31 @@ pub fn tree(init: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The processes whose command line (`/proc/PID/cmdline`, split at NULs) `matches`.
+pub fn with_cmdline(matches: impl Fn(&[String]) -> bool) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let args: Vec<String> = raw
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                matches(&args)
+            })
+        })
+        .collect()
+}
+
+/// Kills every process of the cgroup (v2) `dir` at once (`cgroup.kill`); false if it
+/// has no such file (gone, or not a cgroup v2 directory).
+pub fn kill_cgroup(dir: &Path) -> bool {
+    std::fs::write(dir.join("cgroup.kill"), "1").is_ok()
+}
+
 /// Resident memory of `init`'s tree in bytes: every process of its PID namespace when it
 /// has one of its own, else the process alone.
 pub fn tree_rss_bytes(init: i32) -> Option<u64> {
