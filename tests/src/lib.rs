@@ -154,6 +154,20 @@ impl Site {
         Ok(c)
     }
 
+    /// The phase of migration `id` as this site records it.
+    pub fn migration_phase(&self, id: &str) -> Option<String> {
+        let m = self.ferry_json(&["migration", "show", id]).ok()?;
+        m["phase"].as_str().map(str::to_string)
+    }
+
+    /// This site lists no workload.
+    pub fn has_no_workloads(&self) -> Result<bool> {
+        Ok(self
+            .ferry_json(&["workload", "ls"])?
+            .as_array()
+            .is_some_and(Vec::is_empty))
+    }
+
     /// Runs a CLI verb and returns stdout; fails on a non-zero exit.
     pub fn ferry(&self, args: &[&str]) -> Result<String> {
         run(&mut self.ferry_cmd(args)?)
@@ -487,6 +501,18 @@ impl TwoSites {
         args.extend_from_slice(redis_args);
         self.a.ferry(&args)?;
         Ok(())
+    }
+
+    /// Starts `ferry migrate WORKLOAD --to TO FLAGS… --no-wait` at A; returns its id.
+    pub fn start_migration(&self, workload: &str, to: &str, flags: &[&str]) -> Result<String> {
+        let mut args = vec!["migrate", workload, "--to", to];
+        args.extend_from_slice(flags);
+        args.push("--no-wait");
+        let m = self.a.ferry_json(&args)?;
+        m["id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("ferry migrate --no-wait printed no id: {m}"))
     }
 
     /// Follows a migration through `ferry migrate` and returns the final record (JSON).

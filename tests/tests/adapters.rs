@@ -42,11 +42,7 @@ fn misbehaving_checkpoint_keeps_the_source(tag: &str, mode: &str, reason: &str) 
         sites.a.ferry_json(&["workload", "ls"])?[0]["state"],
         "running"
     );
-    assert!(sites
-        .b
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(std::vec::Vec::is_empty));
+    assert!(sites.b.has_no_workloads()?);
     Ok(())
 }
 
@@ -141,11 +137,7 @@ fn redis_in_runc_moves_between_sites() -> Result<()> {
         !at_a.contains("a-redis"),
         "source container still there: {at_a}"
     );
-    assert!(sites
-        .a
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(std::vec::Vec::is_empty));
+    assert!(sites.a.has_no_workloads()?);
     let at_b = sites
         .b
         .exec("runc", &["--root", "/run/ferry-runc/b", "list", "-q"])?;
@@ -208,11 +200,7 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
         "source container left: {containers}"
     );
     assert!(containers.lines().any(|c| c == "b-redis"), "{containers}");
-    assert!(sites
-        .a
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(std::vec::Vec::is_empty));
+    assert!(sites.a.has_no_workloads()?);
     // No CRIU firewall chain is left in the source's namespace.
     let rules = sites.a.exec("iptables", &["-S"]).unwrap_or_default();
     assert!(!rules.contains("CRIU"), "{rules}");

@@ -69,11 +69,7 @@ fn source_gateway_crash_during_transfer_rolls_back_on_restart() -> Result<()> {
     wait_for("B to abort", Duration::from_secs(15), || {
         (phase(&sites.b, &id).ok()? == "rolled_back").then_some(())
     })?;
-    assert!(sites
-        .b
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(std::vec::Vec::is_empty));
+    assert!(sites.b.has_no_workloads()?);
     assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
     Ok(())
 }
@@ -94,11 +90,7 @@ fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
     // B, restarted, aborts what its journal says was half received.
     sites.start_gateway_b()?;
     assert_eq!(phase(&sites.b, &id)?, "rolled_back");
-    assert!(sites
-        .b
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(std::vec::Vec::is_empty));
+    assert!(sites.b.has_no_workloads()?);
     assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
     // And the next migration goes through.
     sites
@@ -153,18 +145,9 @@ fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() 
         ferry_e2e::run(std::process::Command::new("pgrep").args(["-f", &dump]))
             .is_ok_and(|out| !out.trim().is_empty())
     };
-    let m = sites.a.ferry_json(&[
-        "migrate",
-        "redis",
-        "--to",
-        "b",
-        "--mode",
-        "stop-and-copy",
-        "--no-wait",
-    ])?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
+    let id = sites.start_migration("redis", "b", &["--mode", "stop-and-copy"])?;
     wait_for("the checkpoint", Duration::from_secs(20), || {
-        (phase(&sites.a, &id).ok()? == "checkpointing").then_some(())
+        (sites.a.migration_phase(&id)? == "checkpointing").then_some(())
     })?;
     sites.a.crash_gateway();
     eprintln!("criu dump still running after the crash: {}", dumping());
@@ -172,7 +155,7 @@ fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() 
     // source runs with its data (not left stopped by a late --leave-stopped).
     sites.start_gateway_a()?;
     wait_for("the rollback", Duration::from_secs(90), || {
-        (phase(&sites.a, &id).ok()? == "rolled_back").then_some(())
+        (sites.a.migration_phase(&id)? == "rolled_back").then_some(())
     })?;
     assert!(!dumping(), "the rollback did not wait for the dump");
     assert_ne!(

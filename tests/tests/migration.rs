@@ -202,20 +202,8 @@ fn an_operator_abort_rolls_back_before_the_switch_and_is_refused_after() -> Resu
         .redis(6391, &["DEBUG", "POPULATE", "60000", "key", "1000"])?;
     let before = sites.a.redis_dataset(6391)?;
     sites.a.limit_egress("20mbit")?;
-    let m = sites.a.ferry_json(&[
-        "migrate",
-        "redis",
-        "--to",
-        "b",
-        "--mode",
-        "stop-and-copy",
-        "--no-wait",
-    ])?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
-    let phase = |site: &ferry_e2e::Site| -> Option<String> {
-        let m = site.ferry_json(&["migration", "show", &id]).ok()?;
-        m["phase"].as_str().map(str::to_string)
-    };
+    let id = sites.start_migration("redis", "b", &["--mode", "stop-and-copy"])?;
+    let phase = |site: &ferry_e2e::Site| site.migration_phase(&id);
     wait_for("the transfer", Duration::from_secs(60), || {
         (phase(&sites.a)? == "transferring").then_some(())
     })?;
@@ -242,11 +230,7 @@ fn an_operator_abort_rolls_back_before_the_switch_and_is_refused_after() -> Resu
     );
     // The source runs on with its data; B holds nothing; an ended move cannot be aborted.
     assert_eq!(sites.a.redis_dataset(6391)?, before);
-    assert!(sites
-        .b
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(Vec::is_empty));
+    assert!(sites.b.has_no_workloads()?);
     let out = sites.a.ferry_output(&["migration", "abort", &id])?;
     assert!(!out.status.success());
     assert!(

@@ -79,11 +79,7 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
     wait_for("the source to go", Duration::from_secs(10), || {
         sites.a.redis(PORT, &["PING"]).is_err().then_some(())
     })?;
-    assert!(sites
-        .a
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(Vec::is_empty));
+    assert!(sites.a.has_no_workloads()?);
     Ok(())
 }
 
@@ -133,11 +129,7 @@ fn a_failed_post_copy_restore_resumes_the_source_with_its_data() -> Result<()> {
     sites.a.redis(PORT, &["SET", "still", "writable"])?;
     let at_a = sites.a.ferry_json(&["workload", "ls"])?;
     assert_eq!(at_a[0]["state"], "running", "{at_a}");
-    assert!(sites
-        .b
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(Vec::is_empty));
+    assert!(sites.b.has_no_workloads()?);
     Ok(())
 }
 
@@ -277,7 +269,7 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
     opts.prepush = Some(false);
     let sites = TwoSites::start(opts)?;
     let (id, before) = into_the_page_phase(&sites)?;
-    let phase = |site: &ferry_e2e::Site| phase(site, &id);
+    let phase = |site: &ferry_e2e::Site| site.migration_phase(&id);
     {
         let _outage = Outage::start(&sites.a, &sites.b.addr)?;
         std::thread::sleep(Duration::from_secs(5));
@@ -307,18 +299,9 @@ fn into_the_page_phase(sites: &TwoSites) -> Result<(String, (String, String))> {
     sites.a.redis(PORT, &["SET", "greeting", "kept at A"])?;
     let before = sites.a.redis_dataset(PORT)?;
     sites.a.limit_egress("50mbit")?;
-    let m = sites.a.ferry_json(&[
-        "migrate",
-        "redis",
-        "--to",
-        "b",
-        "--mode",
-        "postcopy",
-        "--no-wait",
-    ])?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
+    let id = sites.start_migration("redis", "b", &["--mode", "postcopy"])?;
     wait_for("the page phase", Duration::from_secs(60), || {
-        (phase(&sites.a, &id)? == "paging").then_some(())
+        (sites.a.migration_phase(&id)? == "paging").then_some(())
     })?;
     Ok((id, before))
 }
@@ -326,11 +309,6 @@ fn into_the_page_phase(sites: &TwoSites) -> Result<(String, (String, String))> {
 /// A phase a migration ends in (not one it passes through, such as `cutting_over`).
 fn ended(phase: &str) -> bool {
     matches!(phase, "completed" | "rolled_back" | "failed")
-}
-
-fn phase(site: &ferry_e2e::Site, id: &str) -> Option<String> {
-    let m = site.ferry_json(&["migration", "show", id]).ok()?;
-    m["phase"].as_str().map(str::to_string)
 }
 
 #[test]
@@ -346,10 +324,10 @@ fn destination_killed_in_the_page_phase_stops_its_copy_and_the_source_resumes() 
         sites.b.redis(PORT, &["PING"]).is_err().then_some(())
     })?;
     // A, frozen with every page, waits for B's word.
-    assert_eq!(phase(&sites.a, &id).as_deref(), Some("paging"));
+    assert_eq!(sites.a.migration_phase(&id).as_deref(), Some("paging"));
     sites.start_gateway_b()?;
     let end = wait_for("the move to end", Duration::from_secs(60), || {
-        phase(&sites.a, &id).filter(|p| ended(p))
+        sites.a.migration_phase(&id).filter(|p| ended(p))
     })?;
     assert_eq!(end, "rolled_back", "{}", sites.logs());
     let m = sites.a.ferry_json(&["migration", "show", &id])?;
@@ -360,12 +338,8 @@ fn destination_killed_in_the_page_phase_stops_its_copy_and_the_source_resumes() 
     // The source runs on with its data; B holds nothing.
     assert_eq!(sites.a.redis_dataset(PORT)?, before);
     assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
-    assert_eq!(phase(&sites.b, &id).as_deref(), Some("failed"));
-    assert!(sites
-        .b
-        .ferry_json(&["workload", "ls"])?
-        .as_array()
-        .is_some_and(Vec::is_empty));
+    assert_eq!(sites.b.migration_phase(&id).as_deref(), Some("failed"));
+    assert!(sites.b.has_no_workloads()?);
     Ok(())
 }
 
@@ -378,7 +352,7 @@ fn source_killed_in_the_page_phase_ends_with_one_copy_and_every_page() -> Result
     sites.a.crash_gateway();
     sites.start_gateway_a()?;
     let end = wait_for("the move to end", Duration::from_secs(90), || {
-        phase(&sites.a, &id).filter(|p| ended(p))
+        sites.a.migration_phase(&id).filter(|p| ended(p))
     })?;
     // The page path went with A's gateway: B could not get the rest, stopped its copy,
     // and the source (which kept every page) runs again at A.
