@@ -70,8 +70,9 @@ pub enum Request {
     },
     /// Post-copy, before the freeze: the source's pages follow, sent ahead while it still
     /// runs (compressed bulk page framing, an empty chunk at the end); the destination
-    /// keeps them for the page path, and uses them only if the image then names the ones
-    /// written since. Answered with `Ready`.
+    /// keeps them for the page path, and serves them only once the source's list of the
+    /// ones written since (which opens the bulk page connection) has come. Answered with
+    /// `Ready`.
     Prepush { migration: String },
     /// Destination → source: has the source of this migration released its copy (the
     /// move is complete there)? Answered with `SourceState`.
