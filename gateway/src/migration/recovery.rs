@@ -144,13 +144,12 @@ impl Engine {
                 }
             }
             if let Some(reserved) = this.workloads.get(&m.workload) {
-                if let Some(cg) = &reserved.cgroup {
-                    process::kill_cgroup(cg);
-                }
-                if let Ok(adapter) = this.plugins.adapter(&reserved.spec.runtime) {
-                    let about = crate::plugins::AdapterCall::for_workload(&reserved);
-                    if let Err(e) = adapter.release_source(about).await {
-                        tracing::warn!(migration = %id, error = %e, "adapter could not discard an interrupted restore");
+                match this.plugins.adapter(&reserved.spec.runtime) {
+                    Ok(adapter) => this.discard_by_name(&adapter, &reserved).await,
+                    Err(_) => {
+                        if let Some(cg) = &reserved.cgroup {
+                            process::kill_cgroup(cg);
+                        }
                     }
                 }
             }

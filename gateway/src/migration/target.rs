@@ -338,7 +338,16 @@ impl Engine {
                 let _ = daemon.child.start_kill();
             }
         }
-        let pid = restored?;
+        let pid = match restored {
+            Ok(pid) => pid,
+            Err(e) => {
+                // The runtime may have started the copy before the call failed (restored,
+                // then an inspect failed; or the deadline fired after the host call
+                // finished): whatever exists is discarded, by name and by cgroup.
+                self.discard_by_name(&adapter, &reserved).await;
+                return Err(e.into());
+            }
+        };
         tracing::debug!(
             migration = id,
             pid,
@@ -410,6 +419,18 @@ impl Engine {
             m.error = Some(reason.to_string());
         }) {
             tracing::error!(migration = id, error = %e, "cannot journal the failed page phase");
+        }
+    }
+
+    /// Discards a copy a restore may have started without reporting it: the adapter's
+    /// release by name (a container), then the workload's cgroup.
+    pub(super) async fn discard_by_name(&self, adapter: &AdapterHandle, reserved: &Workload) {
+        let about = AdapterCall::for_workload(reserved);
+        if let Err(e) = adapter.release_source(about).await {
+            tracing::warn!(workload = %reserved.spec.name, error = %e, "adapter could not discard a failed restore");
+        }
+        if let Some(cg) = &reserved.cgroup {
+            process::kill_cgroup(cg);
         }
     }
 

@@ -70,6 +70,11 @@ struct World {
     unfenced: Mutex<Vec<String>>,
     /// Sites get the service adapter too (else only checkpoints can move workloads).
     with_services: std::sync::atomic::AtomicBool,
+    /// Copies a restore started, by (site, workload): a runtime knows its containers by
+    /// name, and its release finds them so.
+    started: Mutex<HashMap<(String, String), i32>>,
+    /// Sites whose restore starts the copy and then fails (an inspect after the start).
+    fail_after_start: Mutex<Vec<String>>,
 }
 
 impl World {
@@ -248,7 +253,21 @@ impl World {
                 if notes != [("fake".to_string(), "1".to_string())] {
                     return Err(failed(format!("notes lost: {notes:?}")));
                 }
-                Ok(Reply::Pid(self.spawn()))
+                let pid = self.spawn();
+                self.started
+                    .lock()
+                    .unwrap()
+                    .insert((site.to_string(), c.spec.name.clone()), pid);
+                if self
+                    .fail_after_start
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s == site)
+                {
+                    return Err(failed("started, then the inspect failed".into()));
+                }
+                Ok(Reply::Pid(pid))
             }
             Call::ResumeSource(c) => {
                 if let Some(pid) = c.live_pid() {
@@ -258,6 +277,14 @@ impl World {
             }
             Call::ReleaseSource(c) => {
                 if let Some(pid) = c.live_pid() {
+                    process::kill(pid);
+                }
+                let by_name = self
+                    .started
+                    .lock()
+                    .unwrap()
+                    .remove(&(site.to_string(), c.spec.name.clone()));
+                if let Some(pid) = by_name {
                     process::kill(pid);
                 }
                 Ok(Reply::Unit)
@@ -682,6 +709,30 @@ async fn a_restore_failure_at_the_destination_resumes_the_source() {
     let m = pair.a().engine.start("svc", "b").expect("planned");
     rolled_back_with(&pair, &m.id, "image rejected").await;
     assert_eq!(finished(pair.b(), &m.id).await.phase, Phase::RolledBack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_started_the_copy_then_failed_discards_it() {
+    let pair = Pair::new("restore-late").await;
+    pair.a().run("svc").await;
+    pair.world
+        .fail_after_start
+        .lock()
+        .unwrap()
+        .push("b".to_string());
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    rolled_back_with(&pair, &m.id, "inspect failed").await;
+    // The copy the runtime started at B is gone: the source alone runs.
+    until("the copy at B to end", || {
+        pair.world
+            .started
+            .lock()
+            .unwrap()
+            .get(&("b".to_string(), "svc".to_string()))
+            .is_none_or(|pid| process::start_time(*pid).is_none())
+    })
+    .await;
+    runs_only_at(&pair, "a", "svc");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
