@@ -823,11 +823,11 @@ impl Load {
     }
 }
 
-/// The command that runs Redis as a plain process on `port`: no persistence, DEBUG on.
-pub fn redis_process_args(port: u16) -> Vec<String> {
+/// `binary` serving Redis on `port`: no persistence, DEBUG on.
+fn redis_args(binary: &str, port: u16) -> Vec<String> {
     let p = port.to_string();
     [
-        "redis-server",
+        binary,
         "--port",
         &p,
         "--save",
@@ -842,25 +842,16 @@ pub fn redis_process_args(port: u16) -> Vec<String> {
     .collect()
 }
 
-/// The arguments that run Redis inside a container on `port`.
+/// The command that runs Redis as a plain process on `port`.
+pub fn redis_process_args(port: u16) -> Vec<String> {
+    redis_args("redis-server", port)
+}
+
+/// The arguments that run Redis inside a container on `port` (its files in /data).
 pub fn redis_container_args(port: u16) -> Vec<String> {
-    let p = port.to_string();
-    [
-        "/bin/redis-server",
-        "--port",
-        &p,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "yes",
-        "--dir",
-        "/data",
-    ]
-    .iter()
-    .map(std::string::ToString::to_string)
-    .collect()
+    let mut args = redis_args("/bin/redis-server", port);
+    args.extend(["--dir".to_string(), "/data".to_string()]);
+    args
 }
 
 /// Builds an OCI bundle running `redis-server` on `port`. The container shares the

@@ -339,18 +339,15 @@ impl Criu {
 /// done, waits for a page client for ever).
 pub fn dumps_of(pid: i32) -> Vec<(i32, bool)> {
     let target = pid.to_string();
-    let mut found = Vec::new();
-    for p in crate::sys::process::with_cmdline(|args| {
+    crate::sys::process::with_cmdline(|args| {
         args.first()
             .is_some_and(|a| a.rsplit('/').next() == Some("criu"))
             && args.iter().any(|a| a == "dump")
             && args.windows(2).any(|w| w[0] == "-t" && w[1] == target)
-    }) {
-        let lazy = std::fs::read(format!("/proc/{p}/cmdline"))
-            .is_ok_and(|c| c.windows(12).any(|w| w == b"--lazy-pages"));
-        found.push((p, lazy));
-    }
-    found
+    })
+    .into_iter()
+    .map(|(p, args)| (p, args.iter().any(|a| a == "--lazy-pages")))
+    .collect()
 }
 
 /// Pipe size a lazy dump asks for (CRIU's PIPE_MAX_SIZE pages, rounded up by the kernel).

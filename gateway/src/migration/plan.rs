@@ -84,10 +84,9 @@ const STOP_AND_COPY_BYTES_PER_MS: u64 = 100_000;
 /// Fixed cost of a checkpoint and restore (CRIU, the health check).
 const STOP_AND_COPY_FIXED_MS: u64 = 300;
 
-/// Predicted stall of a checkpoint of `w`: proportional to its memory.
-fn stop_and_copy_ms(w: &Workload) -> Option<u64> {
-    let rss = w.pid.and_then(process::tree_rss_bytes)?;
-    Some(STOP_AND_COPY_FIXED_MS + rss / STOP_AND_COPY_BYTES_PER_MS)
+/// Predicted stall of a checkpoint of a tree of `rss` bytes: proportional to its memory.
+fn stop_and_copy_ms(rss: u64) -> u64 {
+    STOP_AND_COPY_FIXED_MS + rss / STOP_AND_COPY_BYTES_PER_MS
 }
 
 /// Post-copy with the pages sent ahead, as measured here (2 cores, 1 Gbit/s, +10 ms RTT):
@@ -215,12 +214,13 @@ impl Engine {
                 } else {
                     (feasible, reason)
                 };
-                let stop_and_copy = expected.or_else(|| stop_and_copy_ms(w));
+                // Read once: it scans every process of the tree.
+                let rss = w.pid.and_then(process::tree_rss_bytes);
+                let stop_and_copy = expected.or_else(|| rss.map(stop_and_copy_ms));
                 let rtt_ms = self
                     .peers
                     .rtt(to)
                     .map_or(0, |r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX));
-                let rss = w.pid.and_then(process::tree_rss_bytes);
                 let postcopy_predicted = rss.map(|rss| postcopy_ms(rss, rtt_ms));
                 let postcopy = if !self.prepush {
                     Err("the pages are not sent ahead ([migration] prepush = false)".into())

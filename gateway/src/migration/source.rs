@@ -25,7 +25,10 @@ pub(super) enum Verdict {
 
 pub(super) async fn run(engine: Arc<Engine>, id: String) {
     let started = Instant::now();
-    match drive(&engine, &id).await {
+    let driven = drive(&engine, &id).await;
+    // Past this point an abort is refused: its token has nothing left to wake.
+    super::locked(&engine.aborts).remove(&id);
+    match driven {
         Ok(freeze) => {
             let postcopy = engine
                 .get(&id)

@@ -172,21 +172,21 @@ pub fn tree(init: i32) -> Vec<i32> {
         .collect()
 }
 
-/// The processes whose command line (`/proc/PID/cmdline`, split at NULs) `matches`.
-pub fn with_cmdline(matches: impl Fn(&[String]) -> bool) -> Vec<i32> {
+/// The processes whose command line (`/proc/PID/cmdline`, split at NULs) `matches`, with
+/// that command line.
+pub fn with_cmdline(matches: impl Fn(&[String]) -> bool) -> Vec<(i32, Vec<String>)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
-                let args: Vec<String> = raw
-                    .split(|b| *b == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                matches(&args)
-            })
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            matches(&args).then_some((pid, args))
         })
         .collect()
 }

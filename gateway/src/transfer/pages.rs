@@ -752,6 +752,10 @@ impl PageCache {
 
     /// Waits until the cache may be served from.
     async fn ready(&self) -> std::io::Result<()> {
+        // Every page request asks: once released, no subscription.
+        if !*self.held.borrow() {
+            return Ok(());
+        }
         let mut held = self.held.subscribe();
         tokio::time::timeout(STALE_DEADLINE, held.wait_for(|h| !*h))
             .await

@@ -497,17 +497,9 @@ fn check_fresh(
     local: &Server,
     names: &Names,
     dbs: &[Database],
+    present: &[String],
     site: &str,
 ) -> Result<(), AdapterError> {
-    let present: Vec<String> = local
-        .query(
-            &local.maintenance_db,
-            &["SELECT datname FROM pg_catalog.pg_database"],
-            QUICK_MS,
-        )?
-        .into_iter()
-        .filter_map(|r| r.into_iter().next())
-        .collect();
     let mut found = Vec::new();
     let leftovers = subscriptions(local, names)?;
     if !leftovers.is_empty() {
@@ -638,7 +630,8 @@ impl ServiceAdapter for Postgres {
             )));
         }
         let dbs = databases(&source)?;
-        check_fresh(&local, &names, &dbs, &w.site)?;
+        // The databases this instance has (asked once: the freshness check and the
+        // copy both need them).
         let present: Vec<String> = local
             .query(
                 &local.maintenance_db,
@@ -648,6 +641,7 @@ impl ServiceAdapter for Postgres {
             .into_iter()
             .filter_map(|r| r.into_iter().next())
             .collect();
+        check_fresh(&local, &names, &dbs, &present, &w.site)?;
         if let Err(e) = retry_interval(&local, Some(SYNC_RETRY_INTERVAL)) {
             warn(&format!(
                 "each database's replication may wait up to wal_retrieve_retry_interval to start: {}",
