@@ -123,31 +123,21 @@ impl Engine {
         let started = Instant::now();
         let running = locked(&self.lazy).remove(id);
         let dump_ended = async {
-            match running {
-                Some(mut r) => match r.child.wait().await {
-                    Ok(status) if status.success() => true,
-                    Ok(status) => {
-                        let log = std::fs::read_to_string(&r.log).unwrap_or_default();
-                        tracing::error!(%status, tail = %crate::criu::error_tail(&log), "the lazy dump failed");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot wait for the lazy dump");
-                        false
-                    }
-                },
-                // After a restart the page path is gone, and the lazy dump ends as it lost
-                // its client: proof of nothing. Only the destination's word that it has
-                // every page completes the move; then the dump must not outlive it.
-                None => {
-                    self.destination_complete(id, &m.target).await;
-                    if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
-                        if process::alive(pid, start) {
-                            process::kill(pid);
-                        }
-                    }
-                    wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;
-                    true
+            let Some(mut r) = running else {
+                // After a restart the page path is gone, and the lazy dump ends as it
+                // lost its client: proof of nothing.
+                return false;
+            };
+            match r.child.wait().await {
+                Ok(status) if status.success() => true,
+                Ok(status) => {
+                    let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+                    tracing::error!(%status, tail = %crate::criu::error_tail(&log), "the lazy dump failed");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot wait for the lazy dump");
+                    false
                 }
             }
         };
@@ -158,6 +148,29 @@ impl Engine {
                 return Ok(Paged::DestinationLost(lost));
             }
         };
+        if !ok {
+            // Only the destination can say how it ended: with every page (the source goes)
+            // or with its copy stopped (the source, which CRIU may have let go already,
+            // runs on). The dump must not outlive that word.
+            let state = self
+                .destination_says(id, &m.target, |s| {
+                    matches!(
+                        s,
+                        TargetState::Confirmed | TargetState::Aborted | TargetState::Unknown
+                    )
+                })
+                .await;
+            if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
+                if process::alive(pid, start) {
+                    process::kill(pid);
+                }
+            }
+            wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;
+            if state != TargetState::Confirmed {
+                self.stop_page_source(id);
+                return Ok(Paged::DestinationLost(lost_reason(&m.target, state)));
+            }
+        }
         let (pages, wire) = self.stop_page_source(id);
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         // The pages crossed the link too, after the switch.
@@ -166,24 +179,12 @@ impl Engine {
             m.bytes_moved += pages;
             m.bytes_on_wire += wire;
         })?;
-        if ok {
-            tracing::info!(
-                migration = id,
-                ms = window,
-                "every page is at the destination"
-            );
-            Ok(Paged::Complete)
-        } else {
-            // CRIU resumes a source whose page transfer failed: never let it run beside
-            // the confirmed copy.
-            if let Some(pid) = self.workloads.get(&m.workload).and_then(|w| w.pid) {
-                process::kill(pid);
-            }
-            Err(MigrationError::RestoreFailed {
-                site: m.target,
-                message: "the post-copy page transfer failed after the destination confirmed; the source was stopped (its lazy dump's log has the cause) and the destination's copy may lack pages".into(),
-            })
-        }
+        tracing::info!(
+            migration = id,
+            ms = window,
+            "every page is at the destination"
+        );
+        Ok(Paged::Complete)
     }
 
     /// Stops serving pages for `id`; returns the page bytes sent and their wire bytes.
@@ -205,16 +206,7 @@ impl Engine {
                 matches!(s, TargetState::Aborted | TargetState::Unknown)
             })
             .await;
-        format!(
-            "site {target} lost its copy during the page phase ({state:?}: its page path or gateway stopped before it had every page); the source, frozen with every page, resumed here, and the writes made at {target} since the switch are lost"
-        )
-    }
-
-    /// Source, after a restart in the page phase: returns once the destination says its
-    /// copy has every page.
-    async fn destination_complete(&self, id: &str, target: &str) {
-        self.destination_says(id, target, |s| s == TargetState::Confirmed)
-            .await;
+        lost_reason(target, state)
     }
 
     /// Asks the destination about `id` every [`DESTINATION_CHECK`] until its answer is
@@ -431,6 +423,13 @@ impl Engine {
             this.fail_paging(&id, "the destination gateway restarted before the copy had every page; the copy here was stopped and the source resumes (writes made here since the switch are lost)").await;
         });
     }
+}
+
+/// Why the source resumes: the destination's copy is gone (`state`).
+fn lost_reason(target: &str, state: TargetState) -> String {
+    format!(
+        "site {target} lost its copy during the page phase ({state:?}: its page path or gateway stopped before it had every page); the source, frozen with every page, resumed here, and the writes made at {target} since the switch are lost"
+    )
 }
 
 /// Waits until process `pid` (with that start time) is gone.
