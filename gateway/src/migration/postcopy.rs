@@ -20,8 +20,12 @@ use crate::proxy::Target;
 use crate::sys::process;
 use crate::transfer::pages::{self, PageCache, PageSource};
 
-/// How often the source asks the destination about its copy during the page phase.
+/// How often, at most, the source asks the destination about its copy during the page
+/// phase (first after 100 ms, then less often).
 const DESTINATION_CHECK: Duration = Duration::from_secs(1);
+/// How long a restarted source waits for the previous gateway's lazy dump to end (it
+/// ends once its client, the old gateway, is gone).
+const LAZY_DUMP_END: Duration = Duration::from_secs(10);
 
 /// How a page phase ended at the source.
 #[derive(Debug)]
@@ -73,13 +77,15 @@ impl Engine {
             site: self.site.clone(),
             message: "the lazy dump names no page server".into(),
         })?;
-        let (source, page_server) =
-            PageSource::start(dump, &init.map(super::prepush::tree_of).unwrap_or_default())
-                .await
-                .map_err(|e| MigrationError::RestoreFailed {
-                    site: self.site.clone(),
-                    message: format!("cannot reach the lazy dump's page server: {e}"),
-                })?;
+        let (source, page_server) = PageSource::start(
+            Some(dump),
+            &init.map(super::prepush::tree_of).unwrap_or_default(),
+        )
+        .await
+        .map_err(|e| MigrationError::RestoreFailed {
+            site: self.site.clone(),
+            message: format!("cannot reach the lazy dump's page server: {e}"),
+        })?;
         locked(&self.page_sources).insert(id.to_string(), source);
         self.update(id, |m| {
             m.page_server = Some(page_server);
@@ -122,10 +128,18 @@ impl Engine {
             .release(&m.workload, Target::Remote(m.target.clone()));
         let started = Instant::now();
         let running = locked(&self.lazy).remove(id);
+        // After a restart the lazy dump ended with its client, leaving the tree stopped
+        // with every page: the pages are served from the tree itself.
+        let resumed = match running {
+            Some(_) => None,
+            None => self.resume_page_source(id, &m.workload).await,
+        };
         let dump_ended = async {
+            if let Some(source) = resumed {
+                source.finished().await;
+                return true;
+            }
             let Some(mut r) = running else {
-                // After a restart the page path is gone, and the lazy dump ends as it
-                // lost its client: proof of nothing.
                 return false;
             };
             match r.child.wait().await {
@@ -148,28 +162,29 @@ impl Engine {
                 return Ok(Paged::DestinationLost(lost));
             }
         };
+        // Every page crossed (or the page path failed): only the destination can say how
+        // its copy ended, with every page in place (the source goes) or stopped (the
+        // source, which CRIU may have let go already, runs on). The dump must not outlive
+        // that word.
+        let state = self
+            .destination_says(id, &m.target, |s| {
+                matches!(
+                    s,
+                    TargetState::Confirmed | TargetState::Aborted | TargetState::Unknown
+                )
+            })
+            .await;
         if !ok {
-            // Only the destination can say how it ended: with every page (the source goes)
-            // or with its copy stopped (the source, which CRIU may have let go already,
-            // runs on). The dump must not outlive that word.
-            let state = self
-                .destination_says(id, &m.target, |s| {
-                    matches!(
-                        s,
-                        TargetState::Confirmed | TargetState::Aborted | TargetState::Unknown
-                    )
-                })
-                .await;
             if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
                 if process::alive(pid, start) {
                     process::kill(pid);
                 }
             }
             wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;
-            if state != TargetState::Confirmed {
-                self.stop_page_source(id);
-                return Ok(Paged::DestinationLost(lost_reason(&m.target, state)));
-            }
+        }
+        if state != TargetState::Confirmed {
+            self.stop_page_source(id);
+            return Ok(Paged::DestinationLost(lost_reason(&m.target, state)));
         }
         let (pages, wire) = self.stop_page_source(id);
         let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -185,6 +200,49 @@ impl Engine {
             "every page is at the destination"
         );
         Ok(Paged::Complete)
+    }
+
+    /// Source, after a restart in the page phase: serves the pages again from the frozen
+    /// tree, which the lazy dump left stopped when its client (the old gateway) went. A
+    /// tree that is gone or runs again cannot serve the pages the destination started
+    /// from: `None`, and the destination's word decides.
+    async fn resume_page_source(&self, id: &str, workload: &str) -> Option<Arc<PageSource>> {
+        let init = self.workloads.get(workload).and_then(|w| w.pid)?;
+        let deadline = Instant::now() + LAZY_DUMP_END;
+        while !crate::criu::dumps_of(init).is_empty() {
+            if Instant::now() > deadline {
+                tracing::error!(migration = id, "the previous gateway's lazy dump does not end; the pages cannot be served again");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let tree = super::prepush::tree_of(init);
+        if let Some(p) = tree
+            .iter()
+            .find(|p| process::state(p.pid).is_none_or(|s| s != 'T' && s != 't'))
+        {
+            tracing::error!(migration = id, pid = p.pid, state = ?process::state(p.pid), "the source tree is not stopped; its pages are not those the destination started from");
+            return None;
+        }
+        // The destination's cache was settled against the old list, or is told "all".
+        let (source, addr) = match PageSource::start(None, &tree).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(migration = id, error = %e, "cannot serve the pages again");
+                return None;
+            }
+        };
+        source.set_stale(pages::Stale::All, Vec::new());
+        locked(&self.page_sources).insert(id.to_string(), Arc::clone(&source));
+        if let Err(e) = self.update(id, |m| m.page_server = Some(addr)) {
+            tracing::error!(migration = id, error = %e, "cannot journal the page path");
+        }
+        tracing::info!(
+            migration = id,
+            processes = tree.len(),
+            "serving the frozen tree's pages again after the restart"
+        );
+        Some(source)
     }
 
     /// Stops serving pages for `id`; returns the page bytes sent and their wire bytes.
@@ -217,11 +275,8 @@ impl Engine {
         target: &str,
         wanted: impl Fn(TargetState) -> bool,
     ) -> TargetState {
+        let mut pause = Duration::from_millis(100);
         loop {
-            tokio::select! {
-                () = self.cancel.cancelled() => std::future::pending::<()>().await,
-                () = tokio::time::sleep(DESTINATION_CHECK) => {}
-            }
             let asked = self
                 .peers
                 .request(
@@ -236,6 +291,11 @@ impl Engine {
                     return state;
                 }
             }
+            tokio::select! {
+                () = self.cancel.cancelled() => std::future::pending::<()>().await,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(DESTINATION_CHECK);
         }
     }
 
@@ -254,7 +314,8 @@ impl Engine {
         }
         let server: SocketAddr = m
             .page_server
-            .ok_or_else(|| format!("migration {migration} serves no pages"))?;
+            .filter(|_| locked(&self.page_sources).contains_key(migration))
+            .ok_or_else(|| format!("migration {migration} serves no pages (yet)"))?;
         let tcp = TcpStream::connect(server)
             .await
             .map_err(|e| format!("the page server of {migration} does not answer: {e}"))?;

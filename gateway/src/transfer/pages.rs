@@ -272,6 +272,8 @@ pub struct PageSource {
     stop: tokio_util::sync::CancellationToken,
     /// Ends the lazy dump (CLOSE) once the destination has every page.
     close: Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+    /// Set once the destination said it has every page.
+    done: tokio::sync::watch::Sender<bool>,
     /// Which pages sent ahead are stale, once the frozen tree has been compared, and the
     /// runs of them the lazy dump holds (pushed at once, before the destination asks).
     stale: tokio::sync::watch::Sender<Option<Arc<Settled>>>,
@@ -283,21 +285,24 @@ pub struct PageSource {
 
 impl PageSource {
     /// Connects to the lazy dump's page server and listens for the destination's
-    /// connections on loopback; returns where.
+    /// connections on loopback; returns where. Without a dump (after a restart, the lazy
+    /// dump having ended and left the tree stopped) every page is read from the tree.
     pub async fn start(
-        dump: SocketAddr,
+        dump: Option<SocketAddr>,
         tree: &[TreeProcess],
     ) -> std::io::Result<(Arc<Self>, SocketAddr)> {
         let memory = tree
             .iter()
             .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
             .collect();
-        let criu = TcpStream::connect(dump).await?;
-        let _ = criu.set_nodelay(true);
         let (prio_tx, prio_rx) = mpsc::channel(1024);
         let (bulk_tx, bulk_rx) = mpsc::channel(4);
         let (close_tx, close_rx) = oneshot::channel();
-        tokio::spawn(drive_criu(criu, prio_rx, bulk_rx, close_rx));
+        if let Some(dump) = dump {
+            let criu = TcpStream::connect(dump).await?;
+            let _ = criu.set_nodelay(true);
+            tokio::spawn(drive_criu(criu, prio_rx, bulk_rx, close_rx));
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stop = tokio_util::sync::CancellationToken::new();
@@ -307,6 +312,7 @@ impl PageSource {
             bulk: bulk_tx,
             stop: stop.clone(),
             close: Mutex::new(Some(close_tx)),
+            done: tokio::sync::watch::Sender::new(false),
             stale: tokio::sync::watch::Sender::new(None),
             sent: std::sync::atomic::AtomicU64::new(0),
             wire: std::sync::atomic::AtomicU64::new(0),
@@ -567,7 +573,8 @@ impl PageSource {
         self.stop.cancel();
     }
 
-    /// Ends the lazy dump: CLOSE, its answer, then the connection.
+    /// The destination has every page: ends the lazy dump (CLOSE, its answer, then the
+    /// connection), if one serves, and says so to [`Self::finished`].
     pub async fn finish(&self) {
         let close = self
             .close
@@ -580,6 +587,13 @@ impl PageSource {
                 let _ = wait.await;
             }
         }
+        self.done.send_replace(true);
+    }
+
+    /// Returns once the destination has said it has every page.
+    pub async fn finished(&self) {
+        let mut done = self.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
     }
 }
 
@@ -737,8 +751,13 @@ impl PageCache {
         cache
     }
 
-    /// Applies the source's stale list and serves from then on.
-    fn settle(&self, stale: &Stale) {
+    /// Applies the source's stale list and serves from then on; true if it did. A cache
+    /// already serving holds only pages read from the frozen source: a later list (a
+    /// reconnection's, maybe a restarted source's "all") changes nothing.
+    fn settle(&self, stale: &Stale) -> bool {
+        if !*self.held.borrow() {
+            return false;
+        }
         match stale {
             Stale::All => self
                 .pages
@@ -748,6 +767,7 @@ impl PageCache {
             Stale::Only(keys) => self.forget(keys),
         }
         self.held.send_replace(false);
+        true
     }
 
     /// Waits until the cache may be served from.
@@ -889,7 +909,9 @@ pub struct Pushed {
 /// The destination's bulk fetch: takes the source's stale list (and lets the cache serve),
 /// asks for every lazy page of `lazy` the cache then lacks, and fills the cache; then
 /// tells the source to end the lazy dump. `settled` hears about the list as soon as it
-/// is applied.
+/// is applied. A connection lost on the way (the link, or the source's gateway restarting)
+/// is opened again, for what the cache still lacks, until [`SOURCE_PATIENCE`] passes
+/// without one that brings anything.
 pub async fn bulk_fetch(
     source: SocketAddr,
     lazy: Vec<PageRun>,
@@ -897,6 +919,51 @@ pub async fn bulk_fetch(
     compression: Compression,
     settled: impl FnOnce(Pushed) + Send,
 ) -> std::io::Result<Pushed> {
+    let mut settled = Some(settled);
+    let mut pushed = Pushed::default();
+    let mut since = std::time::Instant::now();
+    loop {
+        let before = (pushed.pages, settled.is_some());
+        match bulk_attempt(
+            source,
+            &lazy,
+            &cache,
+            compression,
+            &mut settled,
+            &mut pushed,
+        )
+        .await
+        {
+            Ok(()) => return Ok(pushed),
+            Err(e) => {
+                if (pushed.pages, settled.is_some()) != before {
+                    since = std::time::Instant::now();
+                }
+                if since.elapsed() > SOURCE_PATIENCE {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, pages = pushed.pages, "the bulk page connection was lost; opening it again");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// How long the destination's page path keeps trying to reach a source that went away
+/// (its gateway restarting, the link down) before it gives up on the copy.
+pub const SOURCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+/// Between two attempts to reach the source.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// One bulk connection: see [`bulk_fetch`].
+async fn bulk_attempt(
+    source: SocketAddr,
+    lazy: &[PageRun],
+    cache: &PageCache,
+    compression: Compression,
+    settled: &mut Option<impl FnOnce(Pushed) + Send>,
+    pushed: &mut Pushed,
+) -> std::io::Result<()> {
     let mut conn = TcpStream::connect(source).await?;
     let _ = conn.set_nodelay(true);
     let compressed = compression == Compression::Zstd;
@@ -907,18 +974,18 @@ pub async fn bulk_fetch(
     })
     .await?;
     let stale = read_stale(&mut conn).await?;
-    cache.settle(&stale);
-    let mut pushed = Pushed {
-        stale: match &stale {
+    if cache.settle(&stale) || settled.is_some() {
+        pushed.stale = match &stale {
             Stale::All => 0,
             Stale::Only(keys) => keys.len() as u64,
-        },
-        kept: cache.len() as u64,
-        ..Pushed::default()
-    };
-    settled(pushed);
+        };
+        pushed.kept = cache.len() as u64;
+    }
+    if let Some(tell) = settled.take() {
+        tell(*pushed);
+    }
     // The source pushes the stale pages unasked: ask for the rest.
-    let mut runs = cache.missing(&lazy);
+    let mut runs = cache.missing(lazy);
     if let Stale::Only(keys) = &stale {
         runs = without(&runs, keys);
     }
@@ -946,7 +1013,7 @@ pub async fn bulk_fetch(
     }
     conn.write_u8(HAS_ALL).await?;
     conn.read_u8().await?;
-    Ok(pushed)
+    Ok(())
 }
 
 /// A process of the tree whose pages go ahead: its host pid, and its id in CRIU's images.
@@ -1169,6 +1236,67 @@ impl ServeStats {
     }
 }
 
+/// The destination's priority connection to the source; opened again when lost (the
+/// link, the source's gateway restarting), for up to [`SOURCE_PATIENCE`] per request.
+struct Priority {
+    source: SocketAddr,
+    conn: Option<TcpStream>,
+}
+
+impl Priority {
+    /// Opens the connection at once (a first fault then does not wait for it).
+    async fn new(source: SocketAddr) -> Self {
+        let conn = Self::open(source).await.ok();
+        Self { source, conn }
+    }
+
+    async fn open(source: SocketAddr) -> std::io::Result<TcpStream> {
+        let mut conn = TcpStream::connect(source).await?;
+        let _ = conn.set_nodelay(true);
+        conn.write_u8(KIND_PRIORITY).await?;
+        Ok(conn)
+    }
+
+    /// The pages of `run` (at least its first).
+    async fn fetch(&mut self, run: &PageRun) -> std::io::Result<Chunk> {
+        let since = std::time::Instant::now();
+        loop {
+            let attempt = async {
+                let conn = match &mut self.conn {
+                    Some(c) => c,
+                    None => self.conn.insert(Self::open(self.source).await?),
+                };
+                write_run(conn, run).await?;
+                read_chunk(conn).await
+            }
+            .await;
+            match attempt {
+                Ok(chunk) if chunk.vaddr == run.vaddr && chunk.pid == run.pid && !chunk.data.is_empty() => {
+                    return Ok(chunk)
+                }
+                Ok(chunk) => {
+                    return Err(std::io::Error::other(format!(
+                        "the source answered {} pages at {:#x} of process {} to a fault at {:#x} of process {}",
+                        chunk.data.len() as u64 / PAGE_SIZE,
+                        chunk.vaddr,
+                        chunk.pid,
+                        run.vaddr,
+                        run.pid
+                    )))
+                }
+                Err(e) => {
+                    self.conn = None;
+                    if since.elapsed() > SOURCE_PATIENCE {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, vaddr = run.vaddr, "the priority page connection was lost; opening it again");
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                }
+            }
+        }
+    }
+}
+
 /// Stands in as the page server of the destination's `criu lazy-pages` daemon: answers
 /// its GETs from the cache, and asks the source's priority connection for pages that are
 /// not there yet. Returns when the daemon closes, with what it took.
@@ -1181,9 +1309,7 @@ pub async fn serve_daemon(
     let (mut daemon, _) = listener.accept().await?;
     drop(listener);
     let _ = daemon.set_nodelay(true);
-    let mut priority = TcpStream::connect(source).await?;
-    let _ = priority.set_nodelay(true);
-    priority.write_u8(KIND_PRIORITY).await?;
+    let mut priority = Priority::new(source).await;
     loop {
         let mut head = [0u8; HEADER_LEN];
         match daemon.read_exact(&mut head).await {
@@ -1207,8 +1333,7 @@ pub async fn serve_daemon(
                         vaddr: req.vaddr,
                         nr_pages: want.min(MAX_MISS_PAGES),
                     };
-                    write_run(&mut priority, &run).await?;
-                    let chunk = read_chunk(&mut priority).await?;
+                    let chunk = priority.fetch(&run).await?;
                     cache.insert(chunk);
                     data = cache.run_from(pid, req.vaddr, want);
                     stats.misses += 1;
@@ -1314,7 +1439,7 @@ mod tests {
         let page_of = |v: &Vec<u8>| (v.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let (w_page, k_page) = (page_of(&written), page_of(&kept));
         let w_at = usize::try_from(w_page - written.as_ptr() as u64).unwrap();
-        let cache = Arc::new(PageCache::default());
+        let cache = Arc::new(PageCache::held());
         let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
         let receiving = {
             let cache = Arc::clone(&cache);
@@ -1375,6 +1500,11 @@ mod tests {
         }];
         let missing = cache.missing(&runs);
         assert_eq!(missing.first().map(|r| (r.vaddr, r.pid)), Some((w_page, 1)));
+        // A later list (a restarted source's "all") leaves a serving cache as it is: it
+        // holds only pages read from the frozen source.
+        let kept_pages = cache.len();
+        assert!(!cache.settle(&Stale::All));
+        assert_eq!(cache.len(), kept_pages);
         assert!(read_stale(&mut [1u8, 0, 0, 0, 1, 0].as_slice())
             .await
             .is_err());
@@ -1385,7 +1515,7 @@ mod tests {
     async fn the_source_reads_the_frozen_trees_pages_itself_without_asking_criu() {
         let (criu, criu_done) = fake_criu().await;
         let me = std::process::id() as i32;
-        let (source, _) = PageSource::start(criu, &[TreeProcess { pid: me, id: 9 }])
+        let (source, _) = PageSource::start(Some(criu), &[TreeProcess { pid: me, id: 9 }])
             .await
             .unwrap();
         let buf = vec![0x3cu8; 4 * page_bytes(1)];
@@ -1503,7 +1633,7 @@ mod tests {
 
     async fn faults_and_bulk(compression: Compression) {
         let (criu, criu_done) = fake_criu().await;
-        let (source, at) = PageSource::start(criu, &[]).await.unwrap();
+        let (source, at) = PageSource::start(Some(criu), &[]).await.unwrap();
         // Nothing went ahead: none is stale.
         source.set_stale(Stale::Only(Vec::new()), Vec::new());
         let runs = vec![
