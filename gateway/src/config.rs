@@ -117,6 +117,15 @@ pub struct MigrationConfig {
     /// the switch; less traffic for a workload that rewrites its memory fast).
     #[serde(default = "default_true")]
     pub prepush: bool,
+    /// Post-copy, at the destination: which lazy-pages daemon places the pages, "ferry"
+    /// (its own: faults answered at once, the rest copied in large runs) or "criu"
+    /// (`criu lazy-pages`).
+    #[serde(default = "default_lazy_pages")]
+    pub lazy_pages: String,
+}
+
+fn default_lazy_pages() -> String {
+    "ferry".into()
 }
 
 fn default_true() -> bool {
@@ -129,6 +138,7 @@ impl Default for MigrationConfig {
             approaches: default_approaches(),
             sync_timeout_secs: default_sync_timeout(),
             prepush: true,
+            lazy_pages: default_lazy_pages(),
         }
     }
 }
@@ -427,6 +437,12 @@ impl SiteConfig {
             return Err(format!(
                 "migration.approaches: unknown approach {a:?} (known: {})",
                 APPROACHES.join(", ")
+            ));
+        }
+        if !["ferry", "criu"].contains(&self.migration.lazy_pages.as_str()) {
+            return Err(format!(
+                "migration.lazy_pages: unknown daemon {:?} (known: ferry, criu)",
+                self.migration.lazy_pages
             ));
         }
         if !self.workloads.work_root.is_absolute() {

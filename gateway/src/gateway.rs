@@ -69,7 +69,15 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let ingress = Ingress::new(Arc::clone(&peers), hold_limits(&cfg), cancel.clone());
     // Service adapters open their tunnels through the ingress.
     let tunnels: Arc<dyn crate::plugins::TunnelOpener> = ingress.clone();
-    let criu = Criu::new(cfg.criu_path());
+    let mut criu = Criu::new(cfg.criu_path());
+    if cfg.migration.lazy_pages == "ferry" {
+        match std::env::current_exe() {
+            Ok(exe) => criu = criu.with_lazy_daemon(exe),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find this executable; post-copy restores here use criu lazy-pages");
+            }
+        }
+    }
     if let Err(why) = crate::criu::lazy_dump_ready() {
         tracing::warn!("{why}; post-copy migrations from this site will be refused");
     }

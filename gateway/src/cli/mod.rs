@@ -2,6 +2,7 @@
 
 mod gateway;
 mod init;
+mod lazy_pages;
 mod migrate;
 mod migration;
 mod output;
@@ -81,6 +82,9 @@ enum Command {
     /// List and inspect migrations.
     #[command(subcommand)]
     Migration(migration::Cmd),
+    /// Ferry's lazy-pages daemon, started by the gateway for a post-copy restore.
+    #[command(hide = true)]
+    LazyPages(lazy_pages::Args),
 }
 
 impl Connect {
@@ -164,5 +168,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Route(cmd) => route::run(cmd, &cli.connect, out).await,
         Command::Migrate(args) => migrate::run(args, &cli.connect, out).await,
         Command::Migration(cmd) => migration::run(cmd, &cli.connect, out).await,
+        Command::LazyPages(args) => tokio::task::spawn_blocking(move || lazy_pages::run(&args))
+            .await
+            .map_err(anyhow::Error::from)?,
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod image;
 pub mod layout;
+pub mod lazy;
 pub mod pageproto;
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -66,6 +67,9 @@ pub struct Restored {
 #[derive(Debug, Clone)]
 pub struct Criu {
     bin: PathBuf,
+    /// Ferry's own lazy-pages daemon (this executable, `ferry lazy-pages`), or `None` for
+    /// `criu lazy-pages`.
+    lazy_daemon: Option<PathBuf>,
     /// CRIU processes that outlive the call that started them (post-copy: a lazy dump
     /// serving the frozen source's pages, a lazy-pages daemon fetching them), by image
     /// directory, until the migration engine takes them.
@@ -100,8 +104,16 @@ impl Criu {
     pub fn new(bin: PathBuf) -> Self {
         Self {
             bin,
+            lazy_daemon: None,
             running: std::sync::Arc::default(),
         }
+    }
+
+    /// Post-copy restores fetch their pages with Ferry's daemon (`exe lazy-pages`).
+    #[must_use]
+    pub fn with_lazy_daemon(mut self, exe: PathBuf) -> Self {
+        self.lazy_daemon = Some(exe);
+        self
     }
 
     /// The CRIU process left running for the image directory `images`, if any.
@@ -234,7 +246,8 @@ impl Criu {
             // A guard (a shell, not the gateway) waits for it and writes its exit code;
             // if it failed (its page server, the gateway, went away before the tree had
             // every page) the guard kills the restored tree's cgroup: pages that never
-            // came would read as zeros.
+            // came would read as zeros. Ferry's daemon kills it itself first, while it
+            // still holds the userfaultfds (CRIU's lets go of them when it exits).
             let mut daemon = match req.cgroup {
                 Some(cgroup) => {
                     let mut sh = Command::new("/bin/sh");
@@ -242,22 +255,43 @@ impl Criu {
                         .arg(LAZY_GUARD)
                         .arg("ferry-lazy-guard")
                         .arg(req.images.join(layout::LAZY_PAGES_EXIT))
-                        .arg(cgroup.join("cgroup.kill"))
-                        .arg(&self.bin);
+                        .arg(cgroup.join("cgroup.kill"));
                     sh
                 }
-                None => Command::new(&self.bin),
+                None => {
+                    // No guard: run the daemon itself (its program is the first argument).
+                    let mut env = Command::new("/usr/bin/env");
+                    env.arg("--");
+                    env
+                }
             };
-            daemon
-                .arg("lazy-pages")
-                .arg("--page-server")
-                .arg("--address")
-                .arg(server.ip().to_string())
-                .arg("--port")
-                .arg(server.port().to_string())
-                .arg("-D")
-                .arg(req.images)
-                .args(["-o", layout::LAZY_PAGES_LOG]);
+            match &self.lazy_daemon {
+                Some(exe) => {
+                    daemon
+                        .arg(exe)
+                        .arg("lazy-pages")
+                        .arg("--images")
+                        .arg(req.images)
+                        .arg("--page-server")
+                        .arg(server.to_string());
+                    if let Some(cgroup) = req.cgroup {
+                        daemon.arg("--kill").arg(cgroup.join("cgroup.kill"));
+                    }
+                }
+                None => {
+                    daemon
+                        .arg(&self.bin)
+                        .arg("lazy-pages")
+                        .arg("--page-server")
+                        .arg("--address")
+                        .arg(server.ip().to_string())
+                        .arg("--port")
+                        .arg(server.port().to_string())
+                        .arg("-D")
+                        .arg(req.images)
+                        .args(["-o", layout::LAZY_PAGES_LOG]);
+                }
+            }
             let log = req.images.join(layout::LAZY_PAGES_LOG);
             let child = self.start_with_status(daemon, "lazy-pages", &log).await?;
             self.keep_running(

@@ -1297,24 +1297,70 @@ impl Priority {
     }
 }
 
-/// Stands in as the page server of the destination's `criu lazy-pages` daemon: answers
-/// its GETs from the cache, and asks the source's priority connection for pages that are
-/// not there yet. Returns when the daemon closes, with what it took.
+/// Stands in as the page server of the destination's lazy-pages daemon (CRIU's, on one
+/// connection, or Ferry's, with a second one for its background copy): answers its GETs
+/// from the cache, and asks the source's priority connection for pages a fault waits for
+/// that are not there yet. A background GET (Ferry's) for pages that have not arrived is
+/// answered with none. Returns when the daemon sends CLOSE, or when every connection it
+/// opened has ended, with what it took.
 pub async fn serve_daemon(
     listener: TcpListener,
     source: SocketAddr,
     cache: Arc<PageCache>,
 ) -> std::io::Result<ServeStats> {
-    let mut stats = ServeStats::default();
-    let (mut daemon, _) = listener.accept().await?;
-    drop(listener);
-    let _ = daemon.set_nodelay(true);
-    let mut priority = Priority::new(source).await;
+    let stats = Arc::new(Mutex::new(ServeStats::default()));
+    let priority = Arc::new(tokio::sync::Mutex::new(None::<Priority>));
+    let (ended_tx, mut ended) = mpsc::channel::<std::io::Result<bool>>(4);
+    let mut open = 0usize;
+    loop {
+        tokio::select! {
+            conn = listener.accept(), if open < 2 => {
+                let (conn, _) = conn?;
+                let _ = conn.set_nodelay(true);
+                open += 1;
+                let (stats, priority, cache, ended) = (
+                    Arc::clone(&stats),
+                    Arc::clone(&priority),
+                    Arc::clone(&cache),
+                    ended_tx.clone(),
+                );
+                tokio::spawn(async move {
+                    let outcome = serve_daemon_conn(conn, source, &cache, &priority, &stats).await;
+                    let _ = ended.send(outcome).await;
+                });
+            }
+            Some(outcome) = ended.recv() => {
+                open -= 1;
+                let closed = outcome?;
+                if closed || open == 0 {
+                    let stats = std::mem::take(
+                        &mut *stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                    return Ok(stats);
+                }
+            }
+        }
+    }
+}
+
+/// One connection of the daemon; true if it ended with CLOSE.
+async fn serve_daemon_conn(
+    mut daemon: TcpStream,
+    source: SocketAddr,
+    cache: &PageCache,
+    priority: &tokio::sync::Mutex<Option<Priority>>,
+    stats: &Mutex<ServeStats>,
+) -> std::io::Result<bool> {
+    let count = |f: &dyn Fn(&mut ServeStats)| {
+        f(&mut stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    };
     loop {
         let mut head = [0u8; HEADER_LEN];
         match daemon.read_exact(&mut head).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(stats),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
         }
         let req = Header::decode(&head);
@@ -1323,9 +1369,16 @@ pub async fn serve_daemon(
                 cache.ready().await?;
                 let pid = u32::try_from(req.dst_id).map_err(std::io::Error::other)?;
                 let want = req.nr_pages.clamp(1, MAX_GET_PAGES);
-                stats.gets += 1;
                 let mut data = cache.run_from(pid, req.vaddr, want);
-                if data.is_empty() {
+                if req.is_background() {
+                    // Not arrived yet (none): the daemon asks again later.
+                    if !data.is_empty() {
+                        count(&|s| {
+                            s.gets += 1;
+                            s.hits += 1;
+                        });
+                    }
+                } else if data.is_empty() {
                     let waited = std::time::Instant::now();
                     // A fault waits for this page: ask for it ahead of any bulk.
                     let run = PageRun {
@@ -1333,26 +1386,42 @@ pub async fn serve_daemon(
                         vaddr: req.vaddr,
                         nr_pages: want.min(MAX_MISS_PAGES),
                     };
-                    let chunk = priority.fetch(&run).await?;
+                    let chunk = {
+                        let mut p = priority.lock().await;
+                        if p.is_none() {
+                            *p = Some(Priority::new(source).await);
+                        }
+                        match p.as_mut() {
+                            Some(p) => p.fetch(&run).await?,
+                            None => return Err(std::io::Error::other("no priority connection")),
+                        }
+                    };
                     cache.insert(chunk);
                     data = cache.run_from(pid, req.vaddr, want);
-                    stats.misses += 1;
-                    stats.miss_wait.push(waited.elapsed());
+                    let took = waited.elapsed();
+                    count(&|s| {
+                        s.gets += 1;
+                        s.misses += 1;
+                        s.miss_wait.push(took);
+                    });
                     tracing::debug!(
                         pid,
                         vaddr = req.vaddr,
                         pages = req.nr_pages,
-                        us = u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
                         "page miss"
                     );
+                    if data.is_empty() {
+                        return Err(std::io::Error::other(format!(
+                            "no page at {:#x} of process {pid}",
+                            req.vaddr
+                        )));
+                    }
                 } else {
-                    stats.hits += 1;
-                }
-                if data.is_empty() {
-                    return Err(std::io::Error::other(format!(
-                        "no page at {:#x} of process {pid}",
-                        req.vaddr
-                    )));
+                    count(&|s| {
+                        s.gets += 1;
+                        s.hits += 1;
+                    });
                 }
                 let pages = data.len() as u64 / PAGE_SIZE;
                 daemon.write_all(&req.reply(pages).encode()).await?;
@@ -1363,7 +1432,7 @@ pub async fn serve_daemon(
                 // The daemon closes after reading the answer.
                 let mut rest = Vec::new();
                 let _ = daemon.read_to_end(&mut rest).await;
-                return Ok(stats);
+                return Ok(true);
             }
             other => {
                 return Err(std::io::Error::other(format!(
