@@ -195,6 +195,15 @@ pub struct PageStats {
     pub wait_p50_us: Option<u64>,
     #[serde(default)]
     pub wait_p99_us: Option<u64>,
+    /// Source: what the pages sent ahead took on the wire.
+    #[serde(default)]
+    pub ahead_wire: u64,
+    /// Source: what the pages sent after the switch (faults and the bulk push) took on
+    /// the wire, and how long the bulk push ran (its first chunk to its last).
+    #[serde(default)]
+    pub after_wire: u64,
+    #[serde(default)]
+    pub push_ms: Option<u64>,
 }
 
 /// A migration's durable record, also what the API returns.

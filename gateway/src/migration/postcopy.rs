@@ -247,12 +247,20 @@ impl Engine {
 
     /// Stops serving pages for `id`; returns the page bytes sent and their wire bytes.
     fn stop_page_source(&self, id: &str) -> (u64, u64) {
-        locked(&self.page_sources)
-            .remove(id)
-            .map_or((0, 0), |source| {
-                source.stop();
-                source.bytes_sent()
-            })
+        let Some(source) = locked(&self.page_sources).remove(id) else {
+            return (0, 0);
+        };
+        source.stop();
+        let (pages, wire) = source.bytes_sent();
+        let push_ms = source.push_ms();
+        let _ = self.update(id, |m| {
+            let p = m.pages.get_or_insert_with(Default::default);
+            p.after_wire += wire;
+            if push_ms.is_some() {
+                p.push_ms = push_ms;
+            }
+        });
+        (pages, wire)
     }
 
     /// Source, during the page phase: returns (why) once the destination says it holds no

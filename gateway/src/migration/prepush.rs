@@ -81,7 +81,9 @@ impl Engine {
                 locked(&self.prepushed).insert(id.to_string(), sent);
                 let _ = self.update(id, |m| {
                     m.timings.prepush_ms = Some(ms);
-                    m.pages.get_or_insert_with(Default::default).ahead = ahead;
+                    let p = m.pages.get_or_insert_with(Default::default);
+                    p.ahead = ahead;
+                    p.ahead_wire = wire;
                     m.bytes_moved += pages;
                     m.bytes_on_wire += wire;
                 });

@@ -281,6 +281,8 @@ pub struct PageSource {
     /// the connections (framing, compression).
     sent: std::sync::atomic::AtomicU64,
     wire: std::sync::atomic::AtomicU64,
+    /// How long the last complete bulk push ran, in ms (0: none yet).
+    push_ms: std::sync::atomic::AtomicU64,
 }
 
 impl PageSource {
@@ -316,6 +318,7 @@ impl PageSource {
             stale: tokio::sync::watch::Sender::new(None),
             sent: std::sync::atomic::AtomicU64::new(0),
             wire: std::sync::atomic::AtomicU64::new(0),
+            push_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let serving = Arc::downgrade(&this);
         tokio::spawn(async move {
@@ -398,6 +401,7 @@ impl PageSource {
                     return Err(std::io::Error::other("no stale list"));
                 };
                 write_stale(&mut conn, &settled.0).await?;
+                let pushing = std::time::Instant::now();
                 // The stale pages go at once (they were written last: the hottest); the
                 // destination's request for the rest, then its acknowledgements, follow
                 // on the other direction meanwhile. Each chunk is acknowledged, in
@@ -524,6 +528,12 @@ impl PageSource {
                     }
                 }
                 producer.await.map_err(std::io::Error::other)?;
+                self.push_ms.store(
+                    u64::try_from(pushing.elapsed().as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tracing::debug!(
                     chunks_read_here = read_here,
                     chunks_from_criu = asked,
@@ -566,6 +576,15 @@ impl PageSource {
     pub fn bytes_sent(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.sent.load(Relaxed), self.wire.load(Relaxed))
+    }
+
+    /// How long the last complete bulk push ran (its connection's start to its last
+    /// chunk), if one completed.
+    pub fn push_ms(&self) -> Option<u64> {
+        match self.push_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
     }
 
     /// Stops serving (the migration ended).

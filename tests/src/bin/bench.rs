@@ -644,6 +644,34 @@ fn freeze_detail(m: &Value, link: &Link, redis: Option<&RedisSync>) -> String {
         let pages = m["timings"]["postcopy_ms"]
             .as_u64()
             .map_or_else(String::new, |ms| format!("; every page at B {ms} ms later"));
+        // Link utilisation while pages went ahead and during the push after the switch.
+        let use_of = |wire: u64, ms: u64| {
+            if ms == 0 || wire == 0 {
+                return String::from("-");
+            }
+            format!(
+                "{:.0}% ({:.1} MB in {ms} ms)",
+                link.ms_for(wire) / ms as f64 * 100.0,
+                wire as f64 / 1e6
+            )
+        };
+        let p = &m["pages"];
+        let link_use = if p.is_object() {
+            format!(
+                "; link use: ahead {}, push {}",
+                use_of(
+                    p["ahead_wire"].as_u64().unwrap_or(0),
+                    m["timings"]["prepush_ms"].as_u64().unwrap_or(0)
+                ),
+                use_of(
+                    p["after_wire"].as_u64().unwrap_or(0),
+                    p["push_ms"].as_u64().unwrap_or(0)
+                )
+            )
+        } else {
+            String::new()
+        };
+        let pages = format!("{pages}{link_use}");
         return format!(
             "   (freeze {} ms: dump {}, transfer {}, restore {}{pages})",
             t("freeze_ms"),
