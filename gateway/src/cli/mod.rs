@@ -2,7 +2,7 @@
 
 mod gateway;
 mod init;
-mod lazy_pages;
+mod lazy_guard;
 mod migrate;
 mod migration;
 mod output;
@@ -82,9 +82,9 @@ enum Command {
     /// List and inspect migrations.
     #[command(subcommand)]
     Migration(migration::Cmd),
-    /// Ferry's lazy-pages daemon, started by the gateway for a post-copy restore.
+    /// The guard of a post-copy restore's userfaultfds, started by the gateway.
     #[command(hide = true)]
-    LazyPages(lazy_pages::Args),
+    LazyGuard(lazy_guard::Args),
 }
 
 impl Connect {
@@ -118,6 +118,10 @@ impl Connect {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The guard is small and runs without the async runtime.
+    if let Command::LazyGuard(args) = &cli.command {
+        return lazy_guard::run(args);
+    }
     let is_gateway = matches!(cli.command, Command::Gateway(_));
     init_tracing(
         is_gateway,
@@ -168,8 +172,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Route(cmd) => route::run(cmd, &cli.connect, out).await,
         Command::Migrate(args) => migrate::run(args, &cli.connect, out).await,
         Command::Migration(cmd) => migration::run(cmd, &cli.connect, out).await,
-        Command::LazyPages(args) => tokio::task::spawn_blocking(move || lazy_pages::run(&args))
-            .await
-            .map_err(anyhow::Error::from)?,
+        // Handled in main, before the runtime starts.
+        Command::LazyGuard(_) => Ok(()),
     }
 }

@@ -1,15 +1,19 @@
-//! Ferry's lazy-pages daemon (`ferry lazy-pages`), in place of `criu lazy-pages`: takes
-//! the userfaultfds `criu restore --lazy-pages` hands over, answers each fault at once
-//! (one GET to the gateway's page server, which serves its cache or asks the source), and
+//! Ferry's lazy-pages daemon, in place of `criu lazy-pages`, inside the gateway: takes the
+//! userfaultfds `criu restore --lazy-pages` hands over, answers each fault at once from a
+//! [`Supply`] (the gateway's page cache, or the source for a page not there yet), and
 //! meanwhile copies every other lazy page in large runs, from the last faulted address
-//! on, as soon as the page server has it. Fork, mremap, madvise and munmap events are
-//! followed as CRIU's daemon follows them. If it cannot finish, it kills the restored
-//! tree's cgroup while it still holds the userfaultfds: a thread waiting for a page must
-//! never read zeros where the page never came.
+//! on, as soon as the supply has it. Fork, mremap, madvise and munmap events are followed
+//! as CRIU's daemon follows them.
+//!
+//! A thread waiting for a page must never read zeros where the page never came, and a
+//! closed userfaultfd lets it do exactly that: so a small guard process (`ferry
+//! lazy-guard`, [`guard`]) holds a duplicate of every userfaultfd until the gateway says
+//! the process has every page. If the gateway dies (or gives up) first, the guard kills
+//! the restored tree's cgroup before it lets go of them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,7 +22,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::image::{self, PageRun, PAGE_SIZE};
-use super::pageproto::{Header, CMD_ADD_F, HEADER_LEN};
 use crate::sys::uffd::{self, Event, Placed, Userfault};
 
 /// The socket `criu restore --lazy-pages` connects to, in its image directory.
@@ -40,20 +43,10 @@ pub enum LazyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the page server answered {got:?} to {asked:?}")]
-    Protocol { asked: Header, got: Header },
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> LazyError {
     move |source| LazyError::Io { what, source }
-}
-
-/// What the daemon did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Summary {
-    pub processes: usize,
-    pub faults: u64,
-    pub copied_pages: u64,
 }
 
 /// A run of pages still to place: `pages` pages at a destination address, whose content
@@ -173,6 +166,8 @@ struct Proc {
     /// Where the last fault was: the background copy goes on from there.
     cursor: u64,
     gone: bool,
+    /// Its number with the guard.
+    index: u32,
 }
 
 impl Proc {
@@ -185,6 +180,7 @@ impl Proc {
             deferred: Vec::new(),
             cursor,
             gone: false,
+            index: 0,
         }
     }
 
@@ -203,67 +199,19 @@ impl Proc {
     }
 }
 
-/// The two connections to the gateway's page server: faults, and the background copy.
-struct Server {
-    faults: Mutex<TcpStream>,
-    background: Mutex<TcpStream>,
+/// Where the pages come from.
+pub trait Supply: Send + Sync {
+    /// Up to `pages` pages of image process `pid` from `vaddr`, at least the first; for a
+    /// `background` request, none if they have not arrived (a fault's request waits).
+    fn get(&self, pid: u32, vaddr: u64, pages: u64, background: bool) -> std::io::Result<Vec<u8>>;
+    /// Every restored process has every page (`true`), or the daemon gave up.
+    fn finished(&self, ok: bool);
 }
 
-impl Server {
-    fn connect(addr: SocketAddr) -> Result<Self, LazyError> {
-        let open = || -> Result<TcpStream, LazyError> {
-            let s = TcpStream::connect(addr).map_err(io("connect to the page server"))?;
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        };
-        Ok(Self {
-            faults: Mutex::new(open()?),
-            background: Mutex::new(open()?),
-        })
-    }
-
-    /// Asks for `pages` pages of image process `pid` at `vaddr`; the pages answered
-    /// (fewer, or none for a background request whose pages have not arrived).
-    fn get(
-        &self,
-        pid: u32,
-        vaddr: u64,
-        pages: u64,
-        background: bool,
-    ) -> Result<Vec<u8>, LazyError> {
-        let (conn, req) = if background {
-            (&self.background, Header::get_background(pid, vaddr, pages))
-        } else {
-            (&self.faults, Header::get(pid, vaddr, pages))
-        };
-        let mut conn = lock(conn);
-        conn.write_all(&req.encode())
-            .map_err(io("ask the page server"))?;
-        let mut head = [0u8; HEADER_LEN];
-        conn.read_exact(&mut head)
-            .map_err(io("read the page server's answer"))?;
-        let got = Header::decode(&head);
-        let zero_ok = background && got.nr_pages == 0;
-        if got.command() != CMD_ADD_F
-            || got.vaddr != vaddr
-            || got.nr_pages > pages
-            || (got.nr_pages == 0 && !zero_ok)
-        {
-            return Err(LazyError::Protocol { asked: req, got });
-        }
-        let mut data = vec![0u8; usize::try_from(got.nr_pages * PAGE_SIZE).unwrap_or(0)];
-        conn.read_exact(&mut data)
-            .map_err(io("read pages from the page server"))?;
-        Ok(data)
-    }
-
-    fn close(&self) {
-        let mut conn = lock(&self.faults);
-        let _ = conn.write_all(&Header::close().encode());
-        let mut ack = [0u8; 4];
-        let _ = conn.read_exact(&mut ack);
-    }
-}
+/// What the gateway tells the guard: `[kind u8][index u32]`, a descriptor with `TAKE`.
+const TAKE: u8 = b'U';
+const RELEASE: u8 = b'R';
+const DONE: u8 = b'D';
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -271,7 +219,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Everything the daemon shares between its threads.
 struct Daemon {
-    server: Server,
+    supply: Arc<dyn Supply>,
+    /// The guard's socket: every userfaultfd goes there too, and back out when done.
+    guard: Mutex<OwnedFd>,
+    next_index: std::sync::atomic::AtomicU32,
     procs: Mutex<Vec<Arc<Mutex<Proc>>>>,
     /// Set on the first fatal error (every thread then stops).
     failed: Mutex<Option<String>>,
@@ -294,7 +245,19 @@ impl Daemon {
         lock(&self.failed).is_some()
     }
 
-    fn add(self: &Arc<Self>, proc: Proc) {
+    fn add(self: &Arc<Self>, mut proc: Proc) {
+        let index = self
+            .next_index
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        proc.index = index;
+        if let Some(uffd) = &proc.uffd {
+            let mut msg = [TAKE, 0, 0, 0, 0];
+            msg[1..].copy_from_slice(&index.to_le_bytes());
+            if let Err(e) = uffd::send_message(&lock(&self.guard), &msg, Some(uffd.fd())) {
+                // Unguarded, a gateway crash would let its threads read zeros.
+                self.fail(format!("cannot hand a userfaultfd to the guard: {e}"));
+            }
+        }
         let proc = Arc::new(Mutex::new(proc));
         lock(&self.procs).push(Arc::clone(&proc));
         let this = Arc::clone(self);
@@ -393,7 +356,10 @@ impl Daemon {
             }
             return Ok(());
         };
-        let data = self.server.get(span.src_pid, span.src, span.pages, false)?;
+        let data = self
+            .supply
+            .get(span.src_pid, span.src, span.pages, false)
+            .map_err(io("fetch a faulted page"))?;
         self.place(p, at, span, &data);
         if p.todo.0.contains_key(&at) {
             // An event is pending on the range (put back): again once it is read.
@@ -411,8 +377,14 @@ impl Daemon {
             {
                 let mut p = lock(proc);
                 if self.failed() || p.done() {
-                    // Closed (with this thread's handle) once done: nobody reads it now.
+                    // Closed (with this thread's handle, and the guard's) once done:
+                    // nobody reads it now.
                     p.uffd = None;
+                    if !self.failed() {
+                        let mut msg = [RELEASE, 0, 0, 0, 0];
+                        msg[1..].copy_from_slice(&p.index.to_le_bytes());
+                        let _ = uffd::send_message(&lock(&self.guard), &msg, None);
+                    }
                     drop(p);
                     self.changed.notify_all();
                     return;
@@ -478,9 +450,19 @@ impl Daemon {
             if self.failed() {
                 return Ok(());
             }
+            let finished = *lock(&self.finished);
+            if !finished {
+                // Until the restore has set up every mapping (and registered it), a copy
+                // would find no mapping: faults alone are answered meanwhile.
+                let f = lock(&self.finished);
+                let _ = self
+                    .changed
+                    .wait_timeout(f, Duration::from_millis(5))
+                    .map_err(|_| ());
+                continue;
+            }
             let procs: Vec<_> = lock(&self.procs).clone();
-            let all_done = procs.iter().all(|p| lock(p).done());
-            if all_done && *lock(&self.finished) {
+            if procs.iter().all(|p| lock(p).done()) {
                 return Ok(());
             }
             let mut progressed = false;
@@ -504,7 +486,10 @@ impl Daemon {
                     }
                     continue;
                 };
-                let data = self.server.get(span.src_pid, span.src, span.pages, true);
+                let data = self
+                    .supply
+                    .get(span.src_pid, span.src, span.pages, true)
+                    .map_err(io("fetch pages"));
                 let mut p = lock(proc);
                 let voided = std::mem::replace(&mut p.voided, false);
                 p.in_flight = None;
@@ -544,47 +529,29 @@ impl Daemon {
     }
 }
 
-/// Where the daemon runs and what it does on failure.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub images: PathBuf,
-    pub page_server: SocketAddr,
-    /// `cgroup.kill` of the restored tree: written before the daemon gives up.
-    pub kill: Option<PathBuf>,
-    /// Told (one byte) once the daemon listens.
-    pub status_fd: Option<i32>,
-}
-
-/// Runs the daemon until every restored process has every page (or is gone).
-pub fn run(opts: &Options) -> Result<Summary, LazyError> {
-    let outcome = serve(opts);
-    if let Err(e) = &outcome {
-        if let Some(kill) = &opts.kill {
-            // The userfaultfds are still open here: no thread has read a missing page.
-            let _ = std::fs::write(kill, "1");
-        }
-        tracing::error!(error = %e, "the lazy-pages daemon failed; the restored tree was killed");
-    }
-    outcome
-}
-
-fn serve(opts: &Options) -> Result<Summary, LazyError> {
-    let started = Instant::now();
+/// Starts the daemon for a restore from `images`: listens on the restore's socket there
+/// at once, then (on its own threads) takes the hand-over, places the pages from `supply`
+/// and, when every restored process has them all, tells the guard (`guard`, the gateway's
+/// end of its socket) and `supply`. On failure it kills the tree's cgroup through `kill`
+/// first, while the userfaultfds are still held.
+pub fn start(
+    images: &Path,
+    supply: Arc<dyn Supply>,
+    guard: OwnedFd,
+    kill: Option<PathBuf>,
+) -> Result<(), LazyError> {
     let mut by_pid: HashMap<u32, Vec<PageRun>> = HashMap::new();
-    for r in image::lazy_runs(&opts.images)? {
+    for r in image::lazy_runs(images)? {
         by_pid.entry(r.pid).or_default().push(r);
     }
-    let path = opts.images.join(SOCKET);
+    let path = images.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(io("listen for the restore"))?;
-    let server = Server::connect(opts.page_server)?;
-    if let Some(fd) = opts.status_fd {
-        crate::sys::exec::tell_ready(fd);
-    }
-    let (mut restore, _) = listener.accept().map_err(io("accept the restore"))?;
-    drop(listener);
+    let log = images.join(super::layout::LAZY_PAGES_LOG);
     let daemon = Arc::new(Daemon {
-        server,
+        supply: Arc::clone(&supply),
+        guard: Mutex::new(guard),
+        next_index: 0.into(),
         procs: Mutex::new(Vec::new()),
         failed: Mutex::new(None),
         finished: Mutex::new(false),
@@ -592,16 +559,58 @@ fn serve(opts: &Options) -> Result<Summary, LazyError> {
         faults: 0.into(),
         copied: 0.into(),
     });
+    std::thread::Builder::new()
+        .name("lazy-pages".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let outcome = serve(&daemon, &listener, &by_pid);
+            let line = match &outcome {
+                Ok(()) => {
+                    let _ = uffd::send_message(&lock(&daemon.guard), &[DONE, 0, 0, 0, 0], None);
+                    let summary = format!(
+                        "{} processes, {} faults, {} pages placed, {} ms",
+                        lock(&daemon.procs).len(),
+                        daemon.faults.load(std::sync::atomic::Ordering::Relaxed),
+                        daemon.copied.load(std::sync::atomic::Ordering::Relaxed),
+                        started.elapsed().as_millis()
+                    );
+                    tracing::info!(%summary, "every lazy page placed");
+                    format!("Lazy pages transfer finished successfully: {summary}\n")
+                }
+                Err(e) => {
+                    if let Some(kill) = &kill {
+                        // The userfaultfds are still open here (and at the guard): no
+                        // thread has read a missing page.
+                        let _ = std::fs::write(kill, "1");
+                    }
+                    tracing::error!(error = %e, "lazy pages failed; the restored tree was killed");
+                    format!("Error: lazy pages transfer FAILED: {e}\n")
+                }
+            };
+            let _ = std::fs::write(&log, line);
+            supply.finished(outcome.is_ok());
+            // Dropping the daemon closes the guard's socket: after DONE it exits 0, else
+            // it kills the cgroup (again) and exits 1.
+        })
+        .map_err(io("start the lazy-pages thread"))?;
+    Ok(())
+}
+
+fn serve(
+    daemon: &Arc<Daemon>,
+    listener: &UnixListener,
+    by_pid: &HashMap<u32, Vec<PageRun>>,
+) -> Result<(), LazyError> {
+    let (mut restore, _) = listener.accept().map_err(io("accept the restore"))?;
     let copier = {
-        let d = Arc::clone(&daemon);
+        let d = Arc::clone(daemon);
         std::thread::spawn(move || {
             if let Err(e) = d.background() {
                 d.fail(e.to_string());
             }
         })
     };
-    let handed = hand_over(&daemon, &mut restore, &by_pid);
-    if let Err(e) = handed {
+    if let Err(e) = hand_over(daemon, &mut restore, by_pid) {
         daemon.fail(e.to_string());
     }
     let _ = copier.join();
@@ -613,26 +622,48 @@ fn serve(opts: &Options) -> Result<Summary, LazyError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    if let Some(why) = lock(&daemon.failed).clone() {
-        return Err(LazyError::Io {
+    match lock(&daemon.failed).clone() {
+        Some(why) => Err(LazyError::Io {
             what: "lazy pages",
             source: std::io::Error::other(why),
-        });
+        }),
+        None => Ok(()),
     }
-    daemon.server.close();
-    let summary = Summary {
-        processes: lock(&daemon.procs).len(),
-        faults: daemon.faults.load(std::sync::atomic::Ordering::Relaxed),
-        copied_pages: daemon.copied.load(std::sync::atomic::Ordering::Relaxed),
+}
+
+/// The guard (`ferry lazy-guard`): holds the userfaultfds the gateway sends on `sock`
+/// until it says the process has every page; if the gateway goes first (the socket ends
+/// without DONE), kills the cgroup through `kill` before letting go of them. Writes its
+/// verdict (0: every page placed) to `exit_file` and returns it.
+pub fn guard(sock: &OwnedFd, kill: Option<&Path>, exit_file: &Path) -> i32 {
+    let mut held: HashMap<u32, OwnedFd> = HashMap::new();
+    let mut msg = [0u8; 5];
+    let code = loop {
+        match uffd::recv_message(sock, &mut msg) {
+            Ok((5, fd)) => {
+                let index = u32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
+                match (msg[0], fd) {
+                    (TAKE, Some(fd)) => {
+                        held.insert(index, fd);
+                    }
+                    (RELEASE, _) => {
+                        held.remove(&index);
+                    }
+                    (DONE, _) => break 0,
+                    _ => {}
+                }
+            }
+            Ok(_) | Err(_) => break 1,
+        }
     };
-    tracing::info!(
-        processes = summary.processes,
-        faults = summary.faults,
-        pages = summary.copied_pages,
-        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "every lazy page placed"
-    );
-    Ok(summary)
+    if code != 0 {
+        if let Some(kill) = kill {
+            let _ = std::fs::write(kill, "1");
+        }
+    }
+    let _ = std::fs::write(exit_file, format!("{code}\n"));
+    drop(held);
+    code
 }
 
 /// Reads the restore's hand-over: (pid, userfaultfd) per task, then "finished".
@@ -666,7 +697,7 @@ fn hand_over(
     }
 }
 
-/// The image directory's socket path (for callers that wait for it).
+/// The socket a lazy restore from `images` connects to.
 pub fn socket(images: &Path) -> PathBuf {
     images.join(SOCKET)
 }

@@ -67,13 +67,27 @@ pub struct Restored {
 #[derive(Debug, Clone)]
 pub struct Criu {
     bin: PathBuf,
-    /// Ferry's own lazy-pages daemon (this executable, `ferry lazy-pages`), or `None` for
-    /// `criu lazy-pages`.
+    /// Ferry's own lazy-pages daemon (in the gateway; this executable runs its guard,
+    /// `ferry lazy-guard`), or `None` for `criu lazy-pages`.
     lazy_daemon: Option<PathBuf>,
+    /// Where Ferry's daemon gets the pages of a lazy restore, by image directory.
+    supplies: std::sync::Arc<Supplies>,
     /// CRIU processes that outlive the call that started them (post-copy: a lazy dump
     /// serving the frozen source's pages, a lazy-pages daemon fetching them), by image
     /// directory, until the migration engine takes them.
     running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, Running>>>,
+}
+
+/// Page supplies by image directory.
+#[derive(Default)]
+pub struct Supplies(
+    std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<dyn lazy::Supply>>>,
+);
+
+impl std::fmt::Debug for Supplies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Supplies")
+    }
 }
 
 /// A CRIU process serving or fetching pages after its call returned.
@@ -105,8 +119,39 @@ impl Criu {
         Self {
             bin,
             lazy_daemon: None,
+            supplies: std::sync::Arc::default(),
             running: std::sync::Arc::default(),
         }
+    }
+
+    /// The pages of the lazy restore from `images` come from `supply` (with Ferry's
+    /// daemon; `criu lazy-pages` asks the restore's page server instead).
+    pub fn supply_pages(&self, images: &Path, supply: std::sync::Arc<dyn lazy::Supply>) {
+        self.supplies
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(images.to_path_buf(), supply);
+    }
+
+    /// A lazy restore from `images` failed: its daemon (or guard) is killed, its page
+    /// supply dropped, and Ferry's daemon, if it still waits for the restore, woken (it
+    /// then finds no hand-over and ends).
+    pub fn abandon_lazy(&self, images: &Path) {
+        if let Some(mut daemon) = self.take_running(images) {
+            let _ = daemon.child.start_kill();
+        }
+        self.supplies
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(images);
+        let _ = std::os::unix::net::UnixStream::connect(lazy::socket(images));
+    }
+
+    /// Does this site place lazy pages with Ferry's daemon?
+    pub fn ferry_lazy_pages(&self) -> bool {
+        self.lazy_daemon.is_some()
     }
 
     /// Post-copy restores fetch their pages with Ferry's daemon (`exe lazy-pages`).
@@ -240,14 +285,55 @@ impl Criu {
         let start = Instant::now();
         let pidfile = req.images.join(layout::RESTORE_PIDFILE);
         let _ = std::fs::remove_file(&pidfile);
-        if let Some(server) = req.lazy_from {
+        let supply = req.lazy_from.and_then(|_| {
+            self.supplies
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(req.images)
+        });
+        if let (Some(supply), Some(exe)) = (supply, &self.lazy_daemon) {
+            // Ferry's daemon, in this process, and its guard: see `lazy`.
+            let (ours, theirs) = crate::sys::uffd::message_pair().map_err(|e| {
+                CriuError::NoPid(format!("cannot set up the lazy-pages guard: {e}"))
+            })?;
+            let mut guard = Command::new(exe);
+            guard
+                .arg("lazy-guard")
+                .arg("--exit-file")
+                .arg(req.images.join(layout::LAZY_PAGES_EXIT));
+            let kill = req.cgroup.map(|c| c.join("cgroup.kill"));
+            if let Some(kill) = &kill {
+                guard.arg("--kill").arg(kill);
+            }
+            guard
+                .stdin(std::process::Stdio::from(theirs))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(false);
+            let child = guard.spawn().map_err(|source| CriuError::Spawn {
+                bin: exe.clone(),
+                source,
+            })?;
+            lazy::start(req.images, supply, ours, kill).map_err(|e| {
+                CriuError::NoPid(format!("cannot start the lazy-pages daemon: {e}"))
+            })?;
+            self.keep_running(
+                req.images,
+                Running {
+                    child,
+                    page_server: None,
+                    log: req.images.join(layout::LAZY_PAGES_LOG),
+                },
+            );
+        } else if let Some(server) = req.lazy_from {
             // The daemon that fetches pages for the restored tree's page faults; it must
             // listen on its socket in the image directory before the restore connects.
             // A guard (a shell, not the gateway) waits for it and writes its exit code;
             // if it failed (its page server, the gateway, went away before the tree had
             // every page) the guard kills the restored tree's cgroup: pages that never
-            // came would read as zeros. Ferry's daemon kills it itself first, while it
-            // still holds the userfaultfds (CRIU's lets go of them when it exits).
+            // came would read as zeros (CRIU's daemon lets go of the userfaultfds as it
+            // exits, a moment before: Ferry's own daemon, above, does not).
             let mut daemon = match req.cgroup {
                 Some(cgroup) => {
                     let mut sh = Command::new("/bin/sh");
@@ -258,40 +344,19 @@ impl Criu {
                         .arg(cgroup.join("cgroup.kill"));
                     sh
                 }
-                None => {
-                    // No guard: run the daemon itself (its program is the first argument).
-                    let mut env = Command::new("/usr/bin/env");
-                    env.arg("--");
-                    env
-                }
+                None => Command::new("/usr/bin/env"),
             };
-            match &self.lazy_daemon {
-                Some(exe) => {
-                    daemon
-                        .arg(exe)
-                        .arg("lazy-pages")
-                        .arg("--images")
-                        .arg(req.images)
-                        .arg("--page-server")
-                        .arg(server.to_string());
-                    if let Some(cgroup) = req.cgroup {
-                        daemon.arg("--kill").arg(cgroup.join("cgroup.kill"));
-                    }
-                }
-                None => {
-                    daemon
-                        .arg(&self.bin)
-                        .arg("lazy-pages")
-                        .arg("--page-server")
-                        .arg("--address")
-                        .arg(server.ip().to_string())
-                        .arg("--port")
-                        .arg(server.port().to_string())
-                        .arg("-D")
-                        .arg(req.images)
-                        .args(["-o", layout::LAZY_PAGES_LOG]);
-                }
-            }
+            daemon
+                .arg(&self.bin)
+                .arg("lazy-pages")
+                .arg("--page-server")
+                .arg("--address")
+                .arg(server.ip().to_string())
+                .arg("--port")
+                .arg(server.port().to_string())
+                .arg("-D")
+                .arg(req.images)
+                .args(["-o", layout::LAZY_PAGES_LOG]);
             let log = req.images.join(layout::LAZY_PAGES_LOG);
             let child = self.start_with_status(daemon, "lazy-pages", &log).await?;
             self.keep_running(

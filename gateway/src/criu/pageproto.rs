@@ -16,9 +16,6 @@ pub const CMD_CLOSE: u32 = 0x1023;
 pub const CMD_FORCE_CLOSE: u32 = 0x1024;
 /// "Pages present" (PE_PRESENT), in the command's flag bits.
 const FLAG_PRESENT: u32 = 1 << 2;
-/// Ferry's own flag on a GET (CRIU never sets it): a background fetch, answered with no
-/// pages (a zero count) if they have not arrived yet, instead of waiting for them.
-const FLAG_BACKGROUND: u32 = 1 << 15;
 
 /// Size of a header on the wire.
 pub const HEADER_LEN: usize = 32;
@@ -46,19 +43,6 @@ impl Header {
             vaddr,
             dst_id: u64::from(pid),
         }
-    }
-
-    /// A background GET (see [`FLAG_BACKGROUND`]).
-    pub fn get_background(pid: u32, vaddr: u64, nr_pages: u64) -> Self {
-        Self {
-            cmd: CMD_GET | (FLAG_BACKGROUND << 16),
-            ..Self::get(pid, vaddr, nr_pages)
-        }
-    }
-
-    /// Is this a background GET?
-    pub fn is_background(&self) -> bool {
-        self.cmd & (FLAG_BACKGROUND << 16) != 0
     }
 
     /// The answer to this GET carrying `nr_pages` pages.

@@ -357,39 +357,68 @@ impl Engine {
         let cache = self
             .take_precache(id)
             .unwrap_or_else(|| Arc::new(PageCache::default()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| format!("page server address: {e}"))?;
-        let (served, id_owned, this) = (Arc::clone(&cache), id.to_string(), self.this());
-        self.tasks.spawn(async move {
-            match pages::serve_daemon(listener, urgent, served).await {
-                Ok(stats) => {
-                    tracing::info!(
-                        migration = %id_owned,
-                        gets = stats.gets,
-                        hits = stats.hits,
-                        misses = stats.misses,
-                        miss_wait_p50_us = ?stats.miss_wait_us(0.5),
-                        miss_wait_p99_us = ?stats.miss_wait_us(0.99),
-                        "the lazy-pages daemon has every page"
-                    );
-                    if let Some(engine) = this {
-                        let _ = engine.update(&id_owned, |m| {
-                            let p = m.pages.get_or_insert_with(Default::default);
-                            p.requests = stats.gets;
-                            p.hits = stats.hits;
-                            p.waits = stats.misses;
-                            p.wait_p50_us = stats.miss_wait_us(0.5);
-                            p.wait_p99_us = stats.miss_wait_us(0.99);
-                        });
+        // Once the daemon has every page, the bulk push (which may still bring pages a
+        // fault fetched first) stops: the source is released then.
+        let placed = tokio_util::sync::CancellationToken::new();
+        let record = {
+            let (id, this, placed) = (id.to_string(), self.this(), placed.clone());
+            move |stats: pages::ServeStats| {
+                placed.cancel();
+                tracing::info!(
+                    migration = %id,
+                    gets = stats.gets,
+                    hits = stats.hits,
+                    misses = stats.misses,
+                    miss_wait_p50_us = ?stats.miss_wait_us(0.5),
+                    miss_wait_p99_us = ?stats.miss_wait_us(0.99),
+                    "the lazy-pages daemon has every page"
+                );
+                if let Some(engine) = this {
+                    let _ = engine.update(&id, |m| {
+                        let p = m.pages.get_or_insert_with(Default::default);
+                        p.requests = stats.gets;
+                        p.hits = stats.hits;
+                        p.waits = stats.misses;
+                        p.wait_p50_us = stats.miss_wait_us(0.5);
+                        p.wait_p99_us = stats.miss_wait_us(0.99);
+                    });
+                }
+            }
+        };
+        let local = if self.criu.ferry_lazy_pages() {
+            // Ferry's daemon, in this gateway, reads the cache itself.
+            let supply = Arc::new(pages::CacheSupply::new(Arc::clone(&cache), urgent));
+            self.criu.supply_pages(images, Arc::clone(&supply) as _);
+            let (id_owned, ended) = (id.to_string(), placed.clone());
+            self.tasks.spawn(async move {
+                match supply.finished().await {
+                    (true, stats) => record(stats),
+                    (false, _) => {
+                        ended.cancel();
+                        tracing::error!(migration = %id_owned, "the lazy-pages daemon gave up");
                     }
                 }
-                Err(e) => tracing::error!(migration = %id_owned, error = %e, "serving the lazy-pages daemon failed"),
-            }
-        });
+            });
+            urgent
+        } else {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| format!("page server address: {e}"))?;
+            let (served, id_owned, ended) = (Arc::clone(&cache), id.to_string(), placed.clone());
+            self.tasks.spawn(async move {
+                match pages::serve_daemon(listener, urgent, served).await {
+                    Ok(stats) => record(stats),
+                    Err(e) => {
+                        ended.cancel();
+                        tracing::error!(migration = %id_owned, error = %e, "serving the lazy-pages daemon failed");
+                    }
+                }
+            });
+            local
+        };
         let (id_owned, this) = (id.to_string(), self.this());
         let compression = self.peers.compression(peer);
         self.tasks.spawn(async move {
@@ -412,7 +441,14 @@ impl Engine {
                     }
                 }
             };
-            match pages::bulk_fetch(bulk, runs, cache, compression, settled).await {
+            let fetched = tokio::select! {
+                f = pages::bulk_fetch(bulk, runs, cache, compression, settled) => f,
+                () = placed.cancelled() => {
+                    tracing::debug!(migration = %id_owned, "every page placed; the bulk push stops");
+                    return;
+                }
+            };
+            match fetched {
                 Ok(pushed) => {
                     let pages = pushed.pages;
                     tracing::info!(

@@ -334,8 +334,8 @@ impl Engine {
             if restored.is_ok() {
                 // It fetches the rest while the tree runs; followed to its end.
                 self.follow_lazy_pages(id, images);
-            } else if let Some(mut daemon) = self.criu.take_running(&images) {
-                let _ = daemon.child.start_kill();
+            } else {
+                self.criu.abandon_lazy(&images);
             }
         }
         let pid = match restored {

@@ -258,3 +258,103 @@ pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     // SAFETY: the kernel installed this descriptor in our table for us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (messages keep their boundaries and
+/// their descriptors), close-on-exec.
+pub fn message_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair fills the two-int array.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends one message (`data`), with descriptor `fd` attached if given.
+pub fn send_message(sock: &OwnedFd, data: &[u8], fd: Option<&OwnedFd>) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: zeroed msghdr, then every pointer set to live buffers.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &raw mut iov;
+    hdr.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        hdr.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        hdr.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+        // SAFETY: the control buffer is large enough for one int's message.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const hdr);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+        }
+    }
+    // SAFETY: hdr points at live buffers.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const hdr, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf` (its length; 0 at the end), with its descriptor if
+/// one came.
+pub fn recv_message(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: zeroed msghdr, then every pointer set to live buffers.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &raw mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    hdr.msg_controllen = std::mem::size_of_val(&control);
+    let n = loop {
+        // SAFETY: hdr points at live buffers.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: the kernel filled the control buffer of hdr.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const hdr) };
+    // SAFETY: cmsg, if not null, points into `control`; an SCM_RIGHTS message holds an int.
+    let fd = unsafe {
+        (!cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS)
+            .then(|| {
+                OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+                ))
+            })
+    };
+    Ok((usize::try_from(n).unwrap_or(0), fd))
+}
+
+impl Userfault {
+    /// The descriptor, to hand a duplicate to a guard.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.0
+    }
+}

@@ -1316,12 +1316,116 @@ impl Priority {
     }
 }
 
-/// Stands in as the page server of the destination's lazy-pages daemon (CRIU's, on one
-/// connection, or Ferry's, with a second one for its background copy): answers its GETs
-/// from the cache, and asks the source's priority connection for pages a fault waits for
-/// that are not there yet. A background GET (Ferry's) for pages that have not arrived is
-/// answered with none. Returns when the daemon sends CLOSE, or when every connection it
-/// opened has ended, with what it took.
+/// The destination's pages for Ferry's own lazy-pages daemon (`criu::lazy`), which runs
+/// in the gateway: the cache, read directly, and the source's priority connection for a
+/// fault on a page not there yet. Its daemon's threads block; the priority fetch runs on
+/// the gateway's runtime.
+pub struct CacheSupply {
+    cache: Arc<PageCache>,
+    source: SocketAddr,
+    runtime: tokio::runtime::Handle,
+    priority: tokio::sync::Mutex<Option<Priority>>,
+    stats: Mutex<ServeStats>,
+    done: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl CacheSupply {
+    pub fn new(cache: Arc<PageCache>, source: SocketAddr) -> Self {
+        Self {
+            cache,
+            source,
+            runtime: tokio::runtime::Handle::current(),
+            priority: tokio::sync::Mutex::new(None),
+            stats: Mutex::default(),
+            done: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// Waits until the daemon is done: true if every page was placed; with what the
+    /// supply served.
+    pub async fn finished(&self) -> (bool, ServeStats) {
+        let mut done = self.done.subscribe();
+        let ok = done
+            .wait_for(Option::is_some)
+            .await
+            .is_ok_and(|d| d.unwrap_or(false));
+        let stats = std::mem::take(
+            &mut *self
+                .stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        (ok, stats)
+    }
+}
+
+impl crate::criu::lazy::Supply for CacheSupply {
+    fn get(&self, pid: u32, vaddr: u64, pages: u64, background: bool) -> std::io::Result<Vec<u8>> {
+        let count = |f: &dyn Fn(&mut ServeStats)| {
+            f(&mut self
+                .stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner));
+        };
+        if *self.cache.held.borrow() {
+            // Pages sent ahead may be stale until the source's list came.
+            if background {
+                return Ok(Vec::new());
+            }
+            self.runtime.block_on(self.cache.ready())?;
+        }
+        let want = pages.clamp(1, MAX_GET_PAGES);
+        let data = self.cache.run_from(pid, vaddr, want);
+        if background || !data.is_empty() {
+            if !data.is_empty() {
+                count(&|s| {
+                    s.gets += 1;
+                    s.hits += 1;
+                });
+            }
+            return Ok(data);
+        }
+        let waited = std::time::Instant::now();
+        let run = PageRun {
+            pid,
+            vaddr,
+            nr_pages: want.min(MAX_MISS_PAGES),
+        };
+        let chunk = self.runtime.block_on(async {
+            let mut p = self.priority.lock().await;
+            if p.is_none() {
+                *p = Some(Priority::new(self.source).await);
+            }
+            match p.as_mut() {
+                Some(p) => p.fetch(&run).await,
+                None => Err(std::io::Error::other("no priority connection")),
+            }
+        })?;
+        self.cache.insert(chunk);
+        let took = waited.elapsed();
+        count(&|s| {
+            s.gets += 1;
+            s.misses += 1;
+            s.miss_wait.push(took);
+        });
+        let data = self.cache.run_from(pid, vaddr, want);
+        if data.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "no page at {vaddr:#x} of process {pid}"
+            )));
+        }
+        Ok(data)
+    }
+
+    fn finished(&self, ok: bool) {
+        self.done.send_replace(Some(ok));
+    }
+}
+
+/// Stands in as the page server of the destination's `criu lazy-pages` daemon: answers
+/// its GETs from the cache, and asks the source's priority connection for pages a fault
+/// waits for that are not there yet. Returns when the daemon sends CLOSE, or when every
+/// connection it opened has ended, with what it took.
 pub async fn serve_daemon(
     listener: TcpListener,
     source: SocketAddr,
@@ -1389,15 +1493,7 @@ async fn serve_daemon_conn(
                 let pid = u32::try_from(req.dst_id).map_err(std::io::Error::other)?;
                 let want = req.nr_pages.clamp(1, MAX_GET_PAGES);
                 let mut data = cache.run_from(pid, req.vaddr, want);
-                if req.is_background() {
-                    // Not arrived yet (none): the daemon asks again later.
-                    if !data.is_empty() {
-                        count(&|s| {
-                            s.gets += 1;
-                            s.hits += 1;
-                        });
-                    }
-                } else if data.is_empty() {
+                if data.is_empty() {
                     let waited = std::time::Instant::now();
                     // A fault waits for this page: ask for it ahead of any bulk.
                     let run = PageRun {
