@@ -108,6 +108,13 @@ echo "$rc" > "$exit_file"
 [ "$rc" -eq 0 ] || echo 1 > "$kill_file"
 exit "$rc""#;
 
+/// Runs a restore ($2…): joins the cgroup whose `cgroup.procs` is $0 (if any), moves its
+/// standard input to fd $1 (if any; `/dev/null` then), and execs the rest.
+const RESTORE_TRAMPOLINE: &str = r#"[ -z "$0" ] || echo $$ > "$0" || exit 125
+fd=$1; shift
+if [ -n "$fd" ]; then exec 3<&0 0</dev/null; fi
+exec "$@""#;
+
 /// Options shared by dump and restore. Established TCP connections are closed rather than
 /// moved: clients reconnect through the ingress, and a moved connection would need the
 /// same address at the destination. The network is never locked with firewall rules, so a
@@ -368,7 +375,26 @@ impl Criu {
                 },
             );
         }
-        let mut cmd = Command::new(&self.bin);
+        // The restore's process joins the tree's cgroup and gets its inherited file at
+        // fd 3 through a shell trampoline (spawned without forking the gateway, whose
+        // memory may be large: post-copy's page cache), or, with more than one inherited
+        // file, in a pre-exec hook (a fork).
+        let trampoline = req.inherit.len() <= 1;
+        let mut cmd = if trampoline {
+            let mut sh = Command::new("/bin/sh");
+            sh.arg("-c")
+                .arg(RESTORE_TRAMPOLINE)
+                .arg(
+                    req.cgroup
+                        .map(|c| c.join("cgroup.procs"))
+                        .unwrap_or_default(),
+                )
+                .arg(if req.inherit.is_empty() { "" } else { "3" })
+                .arg(&self.bin);
+            sh
+        } else {
+            Command::new(&self.bin)
+        };
         cmd.arg("restore")
             .arg("-D")
             .arg(req.images)
@@ -387,9 +413,20 @@ impl Criu {
                 .arg(format!("fd[{target}]:{}", key.trim_start_matches('/')));
             moves.push((inh.fd.as_raw_fd(), target));
         }
-        crate::sys::exec::place_fds_in_cgroup(&mut cmd, moves, req.cgroup)
-            .map_err(|e| CriuError::NoPid(format!("cannot prepare the restore: {e}")))?;
-        self.run(cmd, "restore", &req.images.join(layout::RESTORE_LOG))
+        let stdin =
+            if trampoline {
+                match req.inherit.first() {
+                    Some(inh) => Some(inh.fd.try_clone().map_err(|e| {
+                        CriuError::NoPid(format!("cannot prepare the restore: {e}"))
+                    })?),
+                    None => None,
+                }
+            } else {
+                crate::sys::exec::place_fds_in_cgroup(&mut cmd, moves, req.cgroup)
+                    .map_err(|e| CriuError::NoPid(format!("cannot prepare the restore: {e}")))?;
+                None
+            };
+        self.run_with(cmd, "restore", &req.images.join(layout::RESTORE_LOG), stdin)
             .await?;
         drop(req.inherit);
         let text = tokio::fs::read_to_string(&pidfile)
@@ -405,13 +442,19 @@ impl Criu {
         })
     }
 
-    async fn run(
+    async fn run(&self, cmd: Command, action: &'static str, log: &Path) -> Result<(), CriuError> {
+        self.run_with(cmd, action, log, None).await
+    }
+
+    /// [`Self::run`], with `stdin` as the command's standard input (else none).
+    async fn run_with(
         &self,
         mut cmd: Command,
         action: &'static str,
         log: &Path,
+        stdin: Option<std::os::fd::OwnedFd>,
     ) -> Result<(), CriuError> {
-        cmd.stdin(std::process::Stdio::null())
+        cmd.stdin(stdin.map_or_else(std::process::Stdio::null, std::process::Stdio::from))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
