@@ -343,6 +343,47 @@ fn destination_killed_in_the_page_phase_stops_its_copy_and_the_source_resumes() 
     Ok(())
 }
 
+/// Site B's CRIU, slowed: a restore starts 4 s late (long enough to kill B's gateway
+/// before it confirms).
+const SLOW_RESTORE: &str = "d=/tmp/ferry-e2e-pcdcon-criu; mkdir -p $d; cp /usr/local/sbin/criu $d/real; \
+printf '#!/bin/sh\nif [ \"$1\" = restore ]; then sleep 4; fi\nexec /tmp/ferry-e2e-pcdcon-criu/real \"$@\"\n' > $d/slow; \
+chmod +x $d/slow; mount --bind $d/slow /usr/local/sbin/criu";
+
+#[test]
+fn destination_killed_before_it_confirmed_leaves_the_source_to_resume_with_its_data() -> Result<()>
+{
+    let mut opts = Options::new("pcdcon");
+    opts.b_mount_setup = Some(SLOW_RESTORE.into());
+    let mut sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "200"])?;
+    sites.a.redis(PORT, &["SET", "greeting", "kept at A"])?;
+    let before = sites.a.redis_dataset(PORT)?;
+    let id = sites.start_migration("redis", "b", &["--mode", "postcopy"])?;
+    wait_for("B to restore", Duration::from_secs(60), || {
+        (sites.b.migration_phase(&id)? == "restoring").then_some(())
+    })?;
+    sites.b.crash_gateway();
+    // No confirmation came: A stays frozen with every page, waiting for B's word.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sites.a.migration_phase(&id).as_deref(), Some("restoring"));
+    sites.start_gateway_b()?;
+    let end = wait_for("the move to end", Duration::from_secs(90), || {
+        sites.a.migration_phase(&id).filter(|p| ended(p))
+    })?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    assert_eq!(sites.a.redis_dataset(PORT)?, before);
+    assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    // The restore the crash interrupted never runs a copy at B, even after its delay.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(sites.b.has_no_workloads()?, "B holds a workload");
+    assert!(sites.b.redis(PORT, &["PING"]).is_err(), "two copies run");
+    let _ = std::fs::remove_dir_all("/tmp/ferry-e2e-pcdcon-criu");
+    Ok(())
+}
+
 #[test]
 fn source_killed_in_the_page_phase_serves_the_pages_after_its_restart() -> Result<()> {
     let mut opts = Options::new("pcskil");
