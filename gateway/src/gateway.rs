@@ -64,6 +64,12 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let journal = Arc::new(Journal::open(&cfg.data_dir)?);
     restrict_data_dir(&cfg.data_dir)?;
     process::become_subreaper().map_err(GatewayError::Subreaper)?;
+    match process::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit; many clients may exhaust it");
+        }
+    }
 
     let peers = PeerLink::bind(&cfg, Arc::clone(&identity))?;
     let ingress = Ingress::new(Arc::clone(&peers), hold_limits(&cfg), cancel.clone());

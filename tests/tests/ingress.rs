@@ -258,3 +258,72 @@ fn http_redirect_routes_send_clients_to_the_new_site() -> Result<()> {
     assert_eq!(count.trim(), "1");
     Ok(())
 }
+
+/// Holds `n` client connections open through the route at `addr` (each answered once).
+const HOLD_CLIENTS: &str = r#"
+import socket, sys, time
+socks = []
+for i in range(int(sys.argv[2])):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+    s.sendall(b"PING\r\n")
+    s.recv(64)
+    socks.append(s)
+print("open", flush=True)
+time.sleep(120)
+"#;
+
+#[test]
+fn many_forwarded_clients_do_not_starve_the_peer_link() -> Result<()> {
+    let sites = TwoSites::start(Options::new("credit"))?;
+    sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}");
+    // 150 idle clients of A's route, each a tunnel (a QUIC stream) to B.
+    let mut holder = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sites.a.netns))
+        .args(["python3", "-c", HOLD_CLIENTS, "16379", "150"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = holder.stdout.take() {
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    }
+    let held = line.trim() == "open";
+    // The link still carries control requests (a probe, then a migration back).
+    let started = std::time::Instant::now();
+    let mut probe = sites.a.ferry_cmd(&["--output", "json", "peer", "ls"])?;
+    let mut child = probe.stdout(std::process::Stdio::piped()).spawn()?;
+    let answered = loop {
+        if let Some(status) = child.try_wait()? {
+            break status.success();
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let back = if answered {
+        let out = sites
+            .b
+            .ferry_output(&["--output", "json", "migrate", "redis", "--to", "a"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        (m["phase"] == "completed", m)
+    } else {
+        (false, serde_json::Value::Null)
+    };
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(held, "the clients could not all connect through A's route");
+    assert!(
+        answered,
+        "a peer probe did not get through while 150 clients were tunnelled"
+    );
+    assert!(
+        back.0,
+        "a migration could not run while 150 clients were tunnelled: {}",
+        back.1
+    );
+    Ok(())
+}

@@ -18,6 +18,8 @@ type Opening = Pin<Box<dyn Future<Output = io::Result<RecvStream>> + Send>>;
 
 pub struct TunnelRecv {
     state: State,
+    /// A client tunnel's share of the link's stream credit, held while it lives.
+    _credit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 enum State {
@@ -43,7 +45,14 @@ impl TunnelRecv {
         });
         Self {
             state: State::Opening(opening),
+            _credit: None,
         }
+    }
+
+    /// Holds `credit` (a client tunnel's share of the link) while this stream lives.
+    pub(super) fn with_credit(mut self, credit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._credit = Some(credit);
+        self
     }
 
     /// Waits for the peer's answer: the stream, once the tunnel is open.

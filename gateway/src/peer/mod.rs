@@ -110,6 +110,8 @@ pub struct PeerLink {
     peers: Vec<PeerConfig>,
     transport: Arc<quinn::TransportConfig>,
     connections: DashMap<String, quinn::Connection>,
+    /// Per peer: the streams clients' tunnels may hold (all but [`CONTROL_STREAMS`]).
+    client_credit: DashMap<String, Arc<tokio::sync::Semaphore>>,
     tasks: TaskTracker,
 }
 
@@ -117,6 +119,13 @@ pub struct PeerLink {
 const URGENT: i32 = 100;
 /// Stream priority of bulk page tunnels: behind clients' traffic and everything else.
 const BULK: i32 = -10;
+
+/// Streams a peer may have open at once on the link.
+const MAX_STREAMS: u32 = 4096;
+/// Streams kept for the migrations' own traffic (requests, image files, page and
+/// replication tunnels): clients' tunnels never take them, so however many clients a
+/// route forwards, a Prepare or a Status still gets through.
+const CONTROL_STREAMS: u32 = 256;
 
 /// Socket buffer size for the UDP socket: the kernel default drops packets at 1 Gbit/s.
 const UDP_BUFFER: usize = 16 << 20;
@@ -127,7 +136,7 @@ fn transport() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
         .receive_window(quinn::VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(64))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(2)));
     // A dead peer is noticed within 10 s; keep-alives keep a quiet healthy link open.
@@ -164,6 +173,7 @@ impl PeerLink {
             peers: cfg.peers.clone(),
             transport,
             connections: DashMap::new(),
+            client_credit: DashMap::new(),
             tasks: TaskTracker::new(),
         }))
     }
@@ -260,6 +270,25 @@ impl PeerLink {
         peer: &str,
         target: &TunnelTarget,
     ) -> Result<(TunnelRecv, SendStream), PeerError> {
+        // A client's tunnel waits for a share of the clients' credit first.
+        let credit = match target {
+            TunnelTarget::Workload(_) => {
+                let credit = self
+                    .client_credit
+                    .entry(peer.to_string())
+                    .or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(
+                            (MAX_STREAMS - CONTROL_STREAMS) as usize,
+                        ))
+                    })
+                    .clone();
+                Some(credit.acquire_owned().await.map_err(|_| PeerError::Link {
+                    peer: peer.to_string(),
+                    detail: "the link is closing".into(),
+                })?)
+            }
+            _ => None,
+        };
         let (mut send, recv) = self.open(peer).await?;
         let req = match target.clone() {
             TunnelTarget::Workload(workload) => Request::Tunnel {
@@ -296,7 +325,14 @@ impl PeerLink {
             let _ = send.set_priority(if *urgent { URGENT } else { BULK });
         }
         write_frame(peer, &mut send, &req).await?;
-        Ok((TunnelRecv::new(peer.to_string(), recv), send))
+        let recv = TunnelRecv::new(peer.to_string(), recv);
+        Ok((
+            match credit {
+                Some(c) => recv.with_credit(c),
+                None => recv,
+            },
+            send,
+        ))
     }
 
     /// Sends `req` on a stream of its own and returns the stream, for a body to follow;
