@@ -122,6 +122,15 @@ pub struct MigrationConfig {
     /// (`criu lazy-pages`).
     #[serde(default = "default_lazy_pages")]
     pub lazy_pages: String,
+    /// A source that has waited this long for a silent destination's word (its restore's
+    /// outcome, or its page phase) reports the migration `stalled` (API and metrics); it
+    /// stays frozen with its image until the destination answers.
+    #[serde(default = "default_stall_after")]
+    pub stall_after_secs: u64,
+}
+
+fn default_stall_after() -> u64 {
+    60
 }
 
 fn default_lazy_pages() -> String {
@@ -139,6 +148,7 @@ impl Default for MigrationConfig {
             sync_timeout_secs: default_sync_timeout(),
             prepush: true,
             lazy_pages: default_lazy_pages(),
+            stall_after_secs: default_stall_after(),
         }
     }
 }

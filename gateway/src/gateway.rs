@@ -104,6 +104,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
             approaches: cfg.migration.approaches.clone(),
             sync_timeout: Duration::from_secs(cfg.migration.sync_timeout_secs),
             prepush: cfg.migration.prepush,
+            stall_after: Duration::from_secs(cfg.migration.stall_after_secs),
         },
         Parts {
             journal: Arc::clone(&journal),

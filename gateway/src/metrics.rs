@@ -47,6 +47,19 @@ pub fn render(workloads: &[Workload], migrations: &[Migration], routes: &[RouteS
         );
     }
 
+    // Sources frozen past the site's bound, waiting for a silent destination.
+    let stalled = migrations
+        .iter()
+        .filter(|m| m.stalled_since_ms.is_some() && !m.phase.is_terminal())
+        .count() as u64;
+    family(
+        &mut out,
+        "ferry_migrations_stalled",
+        "gauge",
+        "Outgoing migrations whose source has waited past migration.stall_after_secs for a silent destination (frozen, with its image).",
+    );
+    sample(&mut out, "ferry_migrations_stalled", &[], stalled);
+
     // What clients felt and what the links carried, over the completed outgoing moves.
     let done: Vec<&Migration> = migrations
         .iter()
@@ -184,6 +197,7 @@ mod tests {
         );
         assert!(text.contains("ferry_ingress_target{workload=\"web\\\"1\",target=\"peer:b\"} 1\n"));
         assert!(text.contains("ferry_migration_freeze_milliseconds_count 0\n"));
+        assert!(text.contains("ferry_migrations_stalled 0\n"));
         // Every sample line is NAME[{LABELS}] VALUE.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

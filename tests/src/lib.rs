@@ -84,6 +84,8 @@ pub struct Options {
     pub tunnel_ports: Vec<(String, Vec<u16>)>,
     /// `[migration] prepush` at both sites (post-copy's pages sent ahead).
     pub prepush: Option<bool>,
+    /// `[migration] stall_after_secs` at both sites.
+    pub stall_after_secs: Option<u64>,
 }
 
 impl Options {
@@ -102,6 +104,7 @@ impl Options {
             sync_timeout_secs: None,
             tunnel_ports: Vec::new(),
             prepush: None,
+            stall_after_secs: None,
         }
     }
 }
@@ -631,6 +634,11 @@ fn init_site(
     if let Some(on) = opts.prepush {
         let mut migration = table(&mut cfg, "migration")?;
         migration.insert("prepush".into(), on.into());
+        cfg.insert("migration".into(), migration.into());
+    }
+    if let Some(secs) = opts.stall_after_secs {
+        let mut migration = table(&mut cfg, "migration")?;
+        migration.insert("stall_after_secs".into(), (secs as i64).into());
         cfg.insert("migration".into(), migration.into());
     }
     fs::write(&config, toml::to_string(&cfg)?)?;

@@ -354,6 +354,7 @@ fn destination_killed_before_it_confirmed_leaves_the_source_to_resume_with_its_d
 {
     let mut opts = Options::new("pcdcon");
     opts.b_mount_setup = Some(SLOW_RESTORE.into());
+    opts.stall_after_secs = Some(2);
     let mut sites = TwoSites::start(opts)?;
     sites.run_redis_at_a("redis", PORT)?;
     sites
@@ -366,14 +367,27 @@ fn destination_killed_before_it_confirmed_leaves_the_source_to_resume_with_its_d
         (sites.b.migration_phase(&id)? == "restoring").then_some(())
     })?;
     sites.b.crash_gateway();
-    // No confirmation came: A stays frozen with every page, waiting for B's word.
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(sites.a.migration_phase(&id).as_deref(), Some("restoring"));
+    // No confirmation came: A stays frozen with every page, waiting for B's word; past
+    // the site's bound (2 s here) it reports the migration stalled.
+    let stalled = wait_for("A to report the stall", Duration::from_secs(20), || {
+        let m = sites.a.ferry_json(&["migration", "show", &id]).ok()?;
+        m["stalled_since_ms"].is_u64().then_some(m)
+    })?;
+    assert_eq!(stalled["phase"], "restoring", "{stalled}");
+    assert!(
+        stalled["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("stalled"),
+        "{stalled}"
+    );
     sites.start_gateway_b()?;
     let end = wait_for("the move to end", Duration::from_secs(90), || {
         sites.a.migration_phase(&id).filter(|p| ended(p))
     })?;
     assert_eq!(end, "rolled_back", "{}", sites.logs());
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert!(m["stalled_since_ms"].is_null(), "still stalled: {m}");
     assert_eq!(sites.a.redis_dataset(PORT)?, before);
     assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
     // The restore the crash interrupted never runs a copy at B, even after its delay.

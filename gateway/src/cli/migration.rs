@@ -91,6 +91,10 @@ pub fn print_migration(m: &Migration) {
     if let Some(d) = &m.destination {
         println!("runs as     {} at {}", d.runtime, m.target);
     }
+    if let Some(since) = m.stalled_since_ms {
+        let secs = crate::spec::now_ms().saturating_sub(since) / 1000;
+        println!("STALLED     for {secs} s past the site's bound (migration.stall_after_secs): the destination is silent");
+    }
     if let Some(e) = &m.error {
         println!("reason      {e}");
     }

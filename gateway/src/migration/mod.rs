@@ -280,6 +280,10 @@ pub struct Migration {
     /// destination is asked to run the workload; refused after).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub abort_requested: bool,
+    /// Source: since when (ms since the epoch) it has waited longer than the site's bound
+    /// for a silent destination's word; cleared when the word comes.
+    #[serde(default)]
+    pub stalled_since_ms: Option<u64>,
     /// Destination: the source said it released its copy (the restored workload may be
     /// removed here from then on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -329,7 +333,57 @@ impl Migration {
             lazy_dump_pid: None,
             lazy_dump_pid_start: None,
             abort_requested: false,
+            stalled_since_ms: None,
             source_released: false,
+        }
+    }
+}
+
+/// A source's wait for a destination's word: once the destination has said nothing for
+/// the site's bound, the migration is reported `stalled` (its record and `/metrics`),
+/// until it answers again.
+pub(super) struct StallWatch {
+    id: String,
+    target: String,
+    what: String,
+    bound: std::time::Duration,
+    /// The last answer (or the start of the wait).
+    since: Mutex<std::time::Instant>,
+    noted: std::sync::atomic::AtomicBool,
+}
+
+impl StallWatch {
+    /// Runs alongside the wait (never returns): marks the migration stalled whenever the
+    /// destination has been silent for the bound.
+    pub(super) async fn watch(&self, engine: &Engine) -> std::convert::Infallible {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let since = *locked(&self.since);
+            tokio::time::sleep_until((since + self.bound).into()).await;
+            if *locked(&self.since) != since || self.noted.swap(true, Relaxed) {
+                continue;
+            }
+            let (target, what, secs) = (&self.target, &self.what, self.bound.as_secs());
+            tracing::warn!(migration = %self.id, peer = %target, secs, "stalled: the destination is silent");
+            let _ = engine.update(&self.id, |m| {
+                m.stalled_since_ms = Some(crate::spec::now_ms());
+                m.error = Some(format!(
+                    "stalled: site {target} has not said {what} for over {secs} s; the source stays frozen with its image (it never resumes on silence: {target} may run the workload). Bring {target} or the link to it back, and the move ends on its word"
+                ));
+            });
+        }
+    }
+
+    /// The destination answered: not stalled (any more).
+    pub(super) fn answered(&self, engine: &Engine) {
+        *locked(&self.since) = std::time::Instant::now();
+        let was = self.noted.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if was
+            || engine
+                .get(&self.id)
+                .is_some_and(|m| m.stalled_since_ms.is_some())
+        {
+            let _ = engine.update(&self.id, |m| m.stalled_since_ms = None);
         }
     }
 }
@@ -350,6 +404,8 @@ pub struct EngineSettings {
     pub sync_timeout: std::time::Duration,
     /// Post-copy: send the pages ahead of the freeze.
     pub prepush: bool,
+    /// A source waiting this long for a silent destination reports `stalled`.
+    pub stall_after: std::time::Duration,
 }
 
 /// The parts of a site the engine drives.
@@ -411,6 +467,7 @@ pub struct Engine {
     approaches: Vec<String>,
     sync_timeout: std::time::Duration,
     prepush: bool,
+    stall_after: std::time::Duration,
     migrations: DashMap<String, Migration>,
     /// Serializes record changes so none is journaled while a map lock is held.
     writes: Mutex<()>,
@@ -460,6 +517,7 @@ impl Engine {
             approaches: settings.approaches,
             sync_timeout: settings.sync_timeout,
             prepush: settings.prepush,
+            stall_after: settings.stall_after,
             migrations: DashMap::new(),
             writes: Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
@@ -625,6 +683,18 @@ impl Engine {
         tracing::warn!(migration = id, phase = %m.phase, "abort requested by the operator");
         self.abort_token(id).cancel();
         Ok(m)
+    }
+
+    /// Starts timing a source's wait for `target`'s word about `what`.
+    pub(super) fn stall_watch(&self, id: &str, target: &str, what: &str) -> StallWatch {
+        StallWatch {
+            id: id.to_string(),
+            target: target.to_string(),
+            what: what.to_string(),
+            bound: self.stall_after,
+            since: Mutex::new(std::time::Instant::now()),
+            noted: false.into(),
+        }
     }
 
     /// Fails with `Aborted` if an operator asked to abort `id`.

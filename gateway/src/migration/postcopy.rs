@@ -283,6 +283,20 @@ impl Engine {
         target: &str,
         wanted: impl Fn(TargetState) -> bool,
     ) -> TargetState {
+        let stall = self.stall_watch(id, target, "how its copy is doing in the page phase");
+        tokio::select! {
+            s = self.ask_until(id, target, &wanted, &stall) => s,
+            never = stall.watch(self) => match never {},
+        }
+    }
+
+    async fn ask_until(
+        &self,
+        id: &str,
+        target: &str,
+        wanted: &impl Fn(TargetState) -> bool,
+        stall: &super::StallWatch,
+    ) -> TargetState {
         let mut pause = Duration::from_millis(100);
         loop {
             let asked = self
@@ -295,6 +309,7 @@ impl Engine {
                 )
                 .await;
             if let Ok(Response::Status { state }) = asked {
+                stall.answered(self);
                 if wanted(state) {
                     return state;
                 }

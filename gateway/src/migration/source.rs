@@ -300,7 +300,15 @@ pub(super) async fn confirm(
     req: Request,
 ) -> Result<(), MigrationError> {
     let target = target.to_string();
-    match engine.peers.request(&target, &req).await {
+    let stall = engine.stall_watch(id, &target, "whether it restored the workload");
+    let answer = tokio::select! {
+        a = engine.peers.request(&target, &req) => a,
+        never = stall.watch(engine) => match never {},
+    };
+    if answer.is_ok() {
+        stall.answered(engine);
+    }
+    match answer {
         Ok(Response::Restored { restore_ms, pid }) => {
             tracing::info!(
                 peer_pid = pid,
@@ -336,6 +344,21 @@ pub(super) async fn confirm(
 
 /// Asks the destination, until it answers, whether it restored the workload.
 pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Verdict {
+    let stall = engine.stall_watch(id, target, "whether it restored the workload");
+    let verdict = tokio::select! {
+        v = resolve_waiting(engine, id, target, &stall) => v,
+        never = stall.watch(engine) => match never {},
+    };
+    stall.answered(engine);
+    verdict
+}
+
+async fn resolve_waiting(
+    engine: &Arc<Engine>,
+    id: &str,
+    target: &str,
+    stall: &super::StallWatch,
+) -> Verdict {
     let mut delay = Duration::from_millis(200);
     let mut noted = false;
     loop {
@@ -354,7 +377,7 @@ pub(super) async fn resolve(engine: &Arc<Engine>, id: &str, target: &str) -> Ver
             }) => return Verdict::Confirmed,
             Ok(Response::Status {
                 state: TargetState::Restoring,
-            }) => {}
+            }) => stall.answered(engine),
             Ok(Response::Status { .. }) => {
                 match engine
                     .peers

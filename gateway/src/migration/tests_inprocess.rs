@@ -428,6 +428,7 @@ impl Site {
                 approaches: crate::config::APPROACHES.map(String::from).to_vec(),
                 sync_timeout: Duration::from_secs(1),
                 prepush: true,
+                stall_after: std::time::Duration::from_secs(60),
             },
             Parts {
                 journal,
@@ -985,6 +986,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             parallel_files: 1,
             approaches: crate::config::APPROACHES.map(String::from).to_vec(),
             prepush: true,
+            stall_after: std::time::Duration::from_secs(60),
             sync_timeout: Duration::from_secs(5),
         },
         Parts {
