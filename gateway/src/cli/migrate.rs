@@ -34,7 +34,9 @@ pub struct Args {
     /// soon as the small state has moved and gets the pages written since from the frozen
     /// source. Post-copy needs an adapter that checkpoints through the gateway's CRIU
     /// (process). Until the destination holds every page, a destination crash loses the
-    /// writes made there since the switch; the window is recorded (postcopy_ms).
+    /// writes made there since the switch (its copy is stopped, the source resumes); the
+    /// window is recorded (postcopy_ms). A source gateway restarted meanwhile serves the
+    /// rest of the pages from the frozen tree.
     #[arg(long)]
     mode: Option<String>,
     /// Run the workload under this runtime at the destination (service level).
