@@ -38,18 +38,20 @@ impl Api {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let result = self.route(req).await;
+        // Every body is read (bounded) before the answer, whatever the route: a client
+        // still sending gets its 4xx, not a reset connection.
+        let (parts, body) = req.into_parts();
+        let result = match read_body(body).await {
+            Ok(body) => self.route(&parts, body).await,
+            Err(e) => Err(e),
+        };
         let response = result.unwrap_or_else(|e| json(e.status, &e.body()));
         tracing::debug!(%method, %path, status = response.status().as_u16(), us = started.elapsed().as_micros() as u64, "api request");
         response
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(value) = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
+    fn authorized(&self, req: &hyper::http::request::Parts) -> bool {
+        let Some(value) = req.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return false;
         };
         let Some(token) = value.strip_prefix("Bearer ") else {
@@ -58,20 +60,20 @@ impl Api {
         constant_time_eq(token.as_bytes(), self.state.token.as_bytes())
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Reply {
-        let path = req.uri().path().trim_end_matches('/').to_string();
+    async fn route(&self, req: &hyper::http::request::Parts, body: Body) -> Reply {
+        let path = req.uri.path().trim_end_matches('/').to_string();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         if segments == ["healthz"] {
             return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
         }
-        if !self.authorized(&req) {
+        if !self.authorized(req) {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "missing or wrong bearer token; pass the api.token from site.toml as 'Authorization: Bearer TOKEN'",
             ));
         }
-        let method = req.method().clone();
+        let method = req.method.clone();
         match (method.clone(), segments.as_slice()) {
             (Method::GET, ["metrics"]) => {
                 let text = crate::metrics::render(
@@ -119,7 +121,7 @@ impl Api {
                 Ok(json(StatusCode::OK, &self.state.workloads.list()))
             }
             (Method::POST, ["v1", "workloads"]) => {
-                let spec: WorkloadSpec = read_json(req).await?;
+                let spec: WorkloadSpec = body.json()?;
                 let w = self.state.workloads.run(spec).await?;
                 let mut r = json(StatusCode::CREATED, &w);
                 set_location(&mut r, &format!("/v1/workloads/{}", w.spec.name));
@@ -142,7 +144,7 @@ impl Api {
                 Ok(json(StatusCode::OK, &self.state.engine.list()))
             }
             (Method::POST, ["v1", "migrations"]) => {
-                let body: MigrationRequest = read_json(req).await?;
+                let body: MigrationRequest = body.json()?;
                 let m = self
                     .state
                     .engine
@@ -152,7 +154,7 @@ impl Api {
                 Ok(r)
             }
             (Method::POST, ["v1", "migrations", "plan"]) => {
-                let body: MigrationRequest = read_json(req).await?;
+                let body: MigrationRequest = body.json()?;
                 let plan = self
                     .state
                     .engine
@@ -222,9 +224,37 @@ impl Api {
     }
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let mut body = req.into_body();
-    let mut buf: Vec<u8> = Vec::new();
+/// A request's body, read before routing: its first [`MAX_BODY`] bytes, and whether it
+/// was longer.
+struct Body {
+    bytes: Vec<u8>,
+    too_large: bool,
+}
+
+impl Body {
+    /// The body as JSON: 413 if it was too large, 422 if it is not a valid `T`.
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        if self.too_large {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {MAX_BODY} bytes"),
+            ));
+        }
+        serde_json::from_slice(&self.bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_json",
+                format!("request body is not valid: {e}"),
+            )
+        })
+    }
+}
+
+/// Reads a body: up to [`MAX_BODY`] bytes kept, the rest (up to [`MAX_DRAIN`]) read and
+/// dropped so the client, still sending, actually receives the answer.
+async fn read_body(mut body: Incoming) -> Result<Body, ApiError> {
+    let mut bytes: Vec<u8> = Vec::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame
@@ -234,26 +264,14 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
         };
         seen += data.len();
         if seen <= MAX_BODY {
-            buf.extend_from_slice(&data);
+            bytes.extend_from_slice(&data);
         } else if seen > MAX_DRAIN {
             break;
         }
     }
-    // An oversize body is read to its end (up to MAX_DRAIN) so the client, still sending,
-    // actually receives the 413 instead of a reset connection.
-    if seen > MAX_BODY {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body exceeds {MAX_BODY} bytes"),
-        ));
-    }
-    serde_json::from_slice(&buf).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_json",
-            format!("request body is not valid: {e}"),
-        )
+    Ok(Body {
+        bytes,
+        too_large: seen > MAX_BODY,
     })
 }
 

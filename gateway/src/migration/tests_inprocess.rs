@@ -343,6 +343,7 @@ struct Site {
     workloads: Arc<Workloads>,
     ingress: Arc<Ingress>,
     peers: Arc<PeerLink>,
+    plugins: Arc<PluginHost>,
 }
 
 fn free_udp_port() -> SocketAddr {
@@ -434,7 +435,7 @@ impl Site {
                 journal,
                 workloads: Arc::clone(&workloads),
                 peers: Arc::clone(&peers),
-                plugins,
+                plugins: Arc::clone(&plugins),
                 ingress: Arc::clone(&ingress),
                 criu: crate::criu::Criu::new("criu".into()),
             },
@@ -456,6 +457,7 @@ impl Site {
             workloads,
             ingress,
             peers,
+            plugins,
         }
     }
 
@@ -1356,4 +1358,363 @@ async fn a_forced_checkpoint_runs_even_when_a_replica_would_be_faster() {
     assert_eq!(m.approach.as_deref(), Some("container"));
     assert!(m.timings.dump_ms.is_some() && m.timings.sync_ms.is_none());
     assert_eq!(m.candidates.len(), 2);
+}
+
+/// A fixed-seed xorshift generator: the fuzz below is the same on every run (unless
+/// `FERRY_FUZZ_SEED` picks another seed; `FERRY_FUZZ_ITERATIONS` runs longer).
+struct Fuzz(u64);
+
+/// Inputs per fuzz test: 10,000, or `FERRY_FUZZ_ITERATIONS`.
+fn fuzz_iterations() -> u32 {
+    std::env::var("FERRY_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+impl Fuzz {
+    fn seeded(default: u64) -> Self {
+        let seed = std::env::var("FERRY_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default);
+        Self(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// A name: plain, empty, a path escape, very long, or odd characters.
+    fn name(&mut self) -> String {
+        match self.below(6) {
+            0 => String::new(),
+            1 => format!("../../fuzz-escape-{}", self.below(1000)),
+            2 => "x".repeat(5000),
+            3 => format!("a/b/{}", self.below(100)),
+            4 => String::from_utf8_lossy(&self.bytes(12)).into_owned(),
+            _ => format!("m{}", self.below(50)),
+        }
+    }
+
+    fn spec(&mut self) -> WorkloadSpec {
+        WorkloadSpec {
+            name: self.name(),
+            command: (0..self.below(3)).map(|_| self.name()).collect(),
+            port: (self.below(2) == 0).then(|| self.next() as u16),
+            env: BTreeMap::new(),
+            runtime: format!("no-such-runtime-{}", self.below(5)),
+            settings: BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// A well-formed request with hostile field values.
+    fn request(&mut self) -> crate::peer::wire::Request {
+        use crate::peer::wire::Request;
+        match self.below(9) {
+            0 => Request::Hello,
+            1 => Request::Status {
+                migration: self.name(),
+            },
+            2 => Request::Abort {
+                migration: self.name(),
+            },
+            3 => Request::File {
+                migration: self.name(),
+                name: self.name(),
+                size: self.next(),
+                compression: Default::default(),
+                growing: self.below(2) == 0,
+            },
+            4 => Request::Prepare {
+                migration: self.name(),
+                workload: self.spec(),
+                service: (self.below(2) == 0).then(|| self.name()),
+            },
+            5 => Request::StartSync {
+                migration: self.name(),
+            },
+            6 => Request::SourceState {
+                migration: self.name(),
+            },
+            7 => Request::Restore {
+                migration: self.name(),
+                workload: self.spec(),
+                source_log: PathBuf::from(self.name()),
+                manifest: Vec::new(),
+                notes: Vec::new(),
+                postcopy: self.below(2) == 0,
+            },
+            _ => Request::Tunnel {
+                workload: self.name(),
+                migration: (self.below(2) == 0).then(|| self.name()),
+                port: (self.below(2) == 0).then(|| self.next() as u16),
+                pages: self.below(2) == 0,
+                urgent: self.below(2) == 0,
+            },
+        }
+    }
+
+    /// Bytes for one stream: a mutated or random frame, or a well-formed hostile one.
+    fn frame(&mut self) -> Vec<u8> {
+        let good = crate::peer::wire::encode(&self.request()).expect("encode");
+        match self.below(5) {
+            0 => good,
+            1 => {
+                // A few bytes flipped (the length prefix included, sometimes).
+                let mut f = good;
+                for _ in 0..=self.below(4) {
+                    let i = self.below(f.len() as u64) as usize;
+                    f[i] ^= (self.next() as u8) | 1;
+                }
+                f
+            }
+            2 => {
+                let cut = self.below(good.len() as u64) as usize;
+                good[..cut].to_vec()
+            }
+            3 => {
+                // A length prefix past the header limit, then a little.
+                let mut f =
+                    ((crate::peer::wire::MAX_HEADER as u32) + 1 + self.below(1 << 20) as u32)
+                        .to_be_bytes()
+                        .to_vec();
+                f.extend(self.bytes(64));
+                f
+            }
+            _ => {
+                let n = self.below(300) as usize;
+                self.bytes(n)
+            }
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_malformed_or_hostile_peer_messages_are_refused_and_change_nothing() {
+    let pair = Pair::new("fuzzpeer").await;
+    let mut fuzz = Fuzz::seeded(0x5EED_F00D_CAFE_D00D);
+    let before = {
+        let mut v = Vec::new();
+        files_under(&pair.b().dir, &mut v);
+        v.len()
+    };
+    let (mut refused, mut answered) = (0u32, 0u32);
+    let n = fuzz_iterations();
+    for _ in 0..n {
+        let frame = fuzz.frame();
+        let (mut send, mut recv) = pair.a().peers.open("b").await.expect("a stream");
+        let _ = send.write_all(&frame).await;
+        let _ = send.finish();
+        let reply = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16))
+            .await
+            .expect("the peer answers or closes every stream within 5 s");
+        match reply {
+            Ok(bytes) if bytes.len() > 4 => {
+                match serde_json::from_slice::<crate::peer::wire::Response>(&bytes[4..]) {
+                    Ok(crate::peer::wire::Response::Error { .. }) => refused += 1,
+                    Ok(_) => answered += 1,
+                    Err(e) => panic!("an answer that is not a response: {e}"),
+                }
+            }
+            _ => refused += 1,
+        }
+    }
+    // The peer still serves, and nothing it refused left a trace.
+    let hello = pair
+        .a()
+        .peers
+        .request("b", &crate::peer::wire::Request::Hello)
+        .await;
+    assert!(
+        matches!(hello, Ok(crate::peer::wire::Response::Hello { .. })),
+        "{hello:?}"
+    );
+    eprintln!("peer fuzz: {refused} refused, {answered} answered");
+    assert!(refused > n / 2, "refused {refused}, answered {answered}");
+    assert!(
+        pair.b().workloads.list().is_empty(),
+        "a workload was created"
+    );
+    assert!(
+        pair.b().engine.list().is_empty(),
+        "a migration record was created"
+    );
+    let mut after = Vec::new();
+    files_under(&pair.b().dir, &mut after);
+    assert_eq!(after.len(), before, "files appeared: {after:?}");
+    let root = pair
+        .b()
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    if let Some(root) = root {
+        let mut all = Vec::new();
+        files_under(&root, &mut all);
+        assert!(
+            !all.iter()
+                .any(|p| p.to_string_lossy().contains("fuzz-escape")),
+            "a file escaped the data directory"
+        );
+    }
+}
+
+impl Fuzz {
+    /// An API path: the routes', with hostile segments, and others.
+    fn api_path(&mut self) -> String {
+        let seg = match self.below(5) {
+            0 => "..".to_string(),
+            1 => "%2e%2e%2f%2e%2e".to_string(),
+            2 => "y".repeat(3000),
+            3 => format!("m{}", self.below(9)),
+            _ => String::from_utf8_lossy(&self.bytes(6))
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect(),
+        };
+        match self.below(12) {
+            0 => "/v1/workloads".into(),
+            1 => format!("/v1/workloads/{seg}"),
+            2 => "/v1/migrations".into(),
+            3 => format!("/v1/migrations/{seg}"),
+            4 => format!("/v1/routes/{seg}"),
+            5 => "/v1/peers".into(),
+            6 => "/v1/site".into(),
+            7 => "/metrics".into(),
+            8 => format!("/v1/{seg}/{seg}/{seg}"),
+            9 => format!("/v1/plan/{seg}"),
+            10 => "/healthz".into(),
+            _ => format!("/{seg}"),
+        }
+    }
+
+    /// A body: random bytes, a mutated request, or one past the size limit.
+    fn api_body(&mut self) -> Vec<u8> {
+        let spec = serde_json::to_vec(&self.spec()).expect("json");
+        let req = serde_json::to_vec(&serde_json::json!({
+            "workload": self.name(), "to": self.name(), "approach": self.name(),
+        }))
+        .expect("json");
+        match self.below(6) {
+            0 => Vec::new(),
+            1 => spec,
+            2 => req,
+            3 => {
+                let mut b = if self.below(2) == 0 { spec } else { req };
+                for _ in 0..=self.below(4) {
+                    let i = self.below(b.len() as u64) as usize;
+                    b[i] ^= (self.next() as u8) | 1;
+                }
+                b
+            }
+            4 => vec![b'{'; 70 * 1024],
+            _ => {
+                let n = self.below(400) as usize;
+                self.bytes(n)
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothing() {
+    use hyper::Method;
+    let pair = Pair::new("fuzzapi").await;
+    let b = pair.b();
+    let identity = Identity::load(&b.cfg.identity.cert, &b.cfg.identity.key).expect("identity");
+    let server = crate::api::ApiServer::bind("127.0.0.1:0".parse().expect("addr"), &identity)
+        .await
+        .expect("bind the API");
+    let addr = server.local_addr().expect("addr");
+    let state = Arc::new(crate::api::ApiState {
+        token: "fuzz-token".into(),
+        site: crate::api::types::SiteInfo {
+            name: "b".into(),
+            version: "fuzz".into(),
+            fingerprint: identity.fingerprint().to_string(),
+            api: addr,
+            peer_listen: addr,
+            peers: Vec::new(),
+        },
+        workloads: Arc::clone(&b.workloads),
+        engine: Arc::clone(&b.engine),
+        peers: Arc::clone(&b.peers),
+        plugins: Arc::clone(&b.plugins),
+        ingress: Arc::clone(&b.ingress),
+    });
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.serve(state, cancel.clone()));
+    let client = crate::api::client::ApiClient::new(
+        &format!("https://{addr}"),
+        "fuzz-token",
+        identity.fingerprint(),
+    )
+    .expect("client");
+    let stranger = crate::api::client::ApiClient::new(
+        &format!("https://{addr}"),
+        "not-the-token",
+        identity.fingerprint(),
+    )
+    .expect("client");
+    let mut fuzz = Fuzz::seeded(0xA11C_E5ED_0BAD_F00D);
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::DELETE,
+        Method::PUT,
+        Method::PATCH,
+    ];
+    let (mut by_class, mut unauthorized) = ([0u32; 6], 0u32);
+    let n = fuzz_iterations();
+    for i in 0..n {
+        let method = methods[fuzz.below(methods.len() as u64) as usize].clone();
+        let (path, body) = (fuzz.api_path(), fuzz.api_body());
+        let who = if i % 10 == 0 { &stranger } else { &client };
+        let (status, _) = who
+            .send_raw(method.clone(), &path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: no answer: {e}"));
+        assert!(status.as_u16() < 500, "{method} {path} answered {status}");
+        by_class[usize::from(status.as_u16() / 100)] += 1;
+        if i % 10 == 0 && path != "/healthz" {
+            assert_eq!(status.as_u16(), 401, "{method} {path} without the token");
+            unauthorized += 1;
+        }
+    }
+    eprintln!(
+        "api fuzz: 2xx {}, 4xx {}, 401 without the token {unauthorized}",
+        by_class[2], by_class[4]
+    );
+    assert!(by_class[4] > n / 2, "{by_class:?}");
+    assert!(b.workloads.list().is_empty(), "a workload was created");
+    assert!(b.engine.list().is_empty(), "a migration was recorded");
+    cancel.cancel();
 }
