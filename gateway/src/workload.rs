@@ -267,12 +267,37 @@ impl Workloads {
         name: &str,
         f: impl FnOnce(&mut Workload) -> Result<(), WorkloadError>,
     ) -> Result<Workload, WorkloadError> {
+        self.modify_with(name, f, true)
+    }
+
+    /// As [`Self::modify`], but a change the journal cannot take (a full disk) still
+    /// holds in memory: for what has happened anyway (a source resumed). The journal's
+    /// older record is reconciled the same way after a restart.
+    pub fn modify_even_unjournaled(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Workload) -> Result<(), WorkloadError>,
+    ) -> Result<Workload, WorkloadError> {
+        self.modify_with(name, f, false)
+    }
+
+    fn modify_with(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Workload) -> Result<(), WorkloadError>,
+        journaled: bool,
+    ) -> Result<Workload, WorkloadError> {
         let _w = self.writer();
         let mut next = self
             .get(name)
             .ok_or_else(|| WorkloadError::NotFound(name.to_string()))?;
         f(&mut next)?;
-        self.journal.put(Collection::Workloads, name, &next)?;
+        if let Err(e) = self.journal.put(Collection::Workloads, name, &next) {
+            if journaled {
+                return Err(e.into());
+            }
+            tracing::error!(workload = name, error = %e, "cannot journal the workload's state; going on");
+        }
         self.map.insert(name.to_string(), next.clone());
         Ok(next)
     }

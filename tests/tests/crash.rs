@@ -166,3 +166,91 @@ fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() 
     assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
     Ok(())
 }
+
+/// A's journal directory on a small tmpfs of its own while it lives (unmounted after).
+struct SmallJournal {
+    journal: std::path::PathBuf,
+    disk: std::path::PathBuf,
+}
+
+impl SmallJournal {
+    fn mount(sites: &TwoSites) -> Result<Self> {
+        let journal = sites.a.dir.join("data/journal");
+        let disk = sites.root.join("small-disk");
+        std::fs::create_dir_all(&disk)?;
+        let sh = |script: String| -> Result<()> {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        sh(format!(
+            "mount -t tmpfs -o size=4m tmpfs {}",
+            disk.display()
+        ))?;
+        sh(format!("cp -a {}/. {}/", journal.display(), disk.display()))?;
+        sh(format!(
+            "mount --bind {} {}",
+            disk.display(),
+            journal.display()
+        ))?;
+        Ok(Self { journal, disk })
+    }
+
+    /// Fills the disk to the last byte.
+    fn fill(&self) {
+        let _ = std::process::Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}/fill", self.disk.display()))
+            .args(["bs=64k", "status=none"])
+            .status();
+    }
+}
+
+impl Drop for SmallJournal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.journal)
+            .status();
+        let _ = std::process::Command::new("umount")
+            .arg(&self.disk)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_sources_journal_rolls_back_and_releases_everything() -> Result<()> {
+    let sites = TwoSites::start(Options::new("dskful"))?;
+    let disk = SmallJournal::mount(&sites)?;
+    let (id, pid, digest) = start_slow_migration(&sites)?;
+    // The journal can take no more: the next step's record fails.
+    disk.fill();
+    wait_for("the rollback at A", Duration::from_secs(60), || {
+        let p = phase(&sites.a, &id).ok()?;
+        (p == "rolled_back" || p == "failed").then_some(p)
+    })?;
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert_eq!(m["phase"], "rolled_back", "{m}\n{}", sites.logs());
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("not journaled"),
+        "{m}"
+    );
+    // The source runs again with its data, its clients are not held, B kept nothing.
+    assert_ne!(Site::process_state(pid), Some('T'));
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
+    assert_eq!(w["state"], "running", "{w}");
+    wait_for(
+        "B to drop what it received",
+        Duration::from_secs(20),
+        || (!sites.b.dir.join("data/incoming").join(&id).exists()).then_some(()),
+    )?;
+    assert!(sites.b.has_no_workloads()?);
+    assert!(!sites.a.dir.join("data/images").join(&id).exists());
+    Ok(())
+}

@@ -70,7 +70,8 @@ impl Engine {
             process::resume(p);
         }
         let alive = matches!((pid, pid_start), (Some(p), Some(s)) if process::alive(p, s));
-        self.workloads.modify(name, |next| {
+        // The tree runs again whether or not the journal can say so.
+        self.workloads.modify_even_unjournaled(name, |next| {
             next.migration = None;
             next.pid = pid;
             next.pid_start = pid_start;

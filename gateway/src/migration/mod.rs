@@ -640,6 +640,30 @@ impl Engine {
         Ok(next)
     }
 
+    /// As [`Self::update`], but a record the journal cannot take (a full disk) is still
+    /// updated in memory, with the journal's error in its reason: for the steps that must
+    /// happen anyway (a rollback releasing the source). `None` if there is no such record.
+    fn update_unjournaled_ok(&self, id: &str, f: impl FnOnce(&mut Migration)) -> Option<Migration> {
+        let mut next = self.get(id)?;
+        f(&mut next);
+        match self.update(id, |m| *m = next.clone()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!(migration = id, error = %e, "cannot journal this step; going on");
+                next.updated_at_ms = now_ms();
+                if next.phase.is_terminal() && next.finished_at_ms.is_none() {
+                    next.finished_at_ms = Some(next.updated_at_ms);
+                }
+                let reason = next.error.take().unwrap_or_default();
+                next.error = Some(format!(
+                    "{reason} (not journaled: {e}; free space in the data directory: a restart rolls back the same way)"
+                ));
+                self.migrations.insert(id.to_string(), next.clone());
+                Some(next)
+            }
+        }
+    }
+
     /// Journals and lists a new migration record.
     fn insert(&self, m: &Migration) -> Result<(), MigrationError> {
         let _w = self.writer();

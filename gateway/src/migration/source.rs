@@ -447,11 +447,15 @@ pub(super) async fn cut_over(
 /// Undoes a failed migration: the destination must hold no running copy, then the source
 /// resumes. If the destination may have restored and cannot say, the source stays frozen.
 pub(super) async fn rollback(engine: &Arc<Engine>, id: &str, reason: String) {
-    let Ok(m) = engine.update(id, |m| {
+    // A rollback goes on even if the journal cannot record it (a full disk, no
+    // descriptors): the source resumes, its clients are let go, the destination is told.
+    // What the journal still holds (an earlier phase) rolls back the same way after a
+    // restart.
+    let Some(m) = engine.update_unjournaled_ok(id, |m| {
         m.phase = Phase::RollingBack;
         m.error = Some(reason.clone());
     }) else {
-        tracing::error!("cannot journal the rollback; leaving the source as it is");
+        tracing::error!("no record of this migration; leaving the source as it is");
         return;
     };
     if m.restore_requested {
@@ -517,7 +521,7 @@ pub(super) async fn finish_rollback(
         .get(workload)
         .is_some_and(|w| w.state == WorkloadState::Running);
     remove_dir(&engine.images_dir.join(id));
-    let outcome = engine.update(id, |m| {
+    let outcome = engine.update_unjournaled_ok(id, |m| {
         m.phase = if running {
             Phase::RolledBack
         } else {
@@ -530,8 +534,8 @@ pub(super) async fn finish_rollback(
         });
     });
     match outcome {
-        Ok(m) => tracing::info!(phase = %m.phase, "rolled back"),
-        Err(e) => tracing::error!(error = %e, "cannot journal the rollback's end"),
+        Some(m) => tracing::info!(phase = %m.phase, "rolled back"),
+        None => tracing::error!("no record of this migration to end"),
     }
 }
 
