@@ -124,6 +124,25 @@ impl Granted {
     }
 }
 
+/// Environment variables an adapter may not set for a program it runs: they change which
+/// code the program loads or how its shell and C library behave (`LD_PRELOAD`, `PATH`,
+/// `GLIBC_TUNABLES`…), so an allow-listed program would run something else.
+pub fn env_refused(name: &str) -> bool {
+    const REFUSED: [&str; 10] = [
+        "PATH",
+        "GCONV_PATH",
+        "GLIBC_TUNABLES",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "BASH_ENV",
+        "ENV",
+        "IFS",
+        "SHELLOPTS",
+    ];
+    name.starts_with("LD_") || name.starts_with("MALLOC_") || REFUSED.contains(&name)
+}
+
 /// How an interface of the `ferry:adapter` package maps to a capability: `None` if the
 /// import is not Ferry's, `Some(None)` for Ferry interfaces anyone may import (types).
 pub fn capability_of(import: &str) -> Option<Option<Capability>> {
@@ -180,6 +199,22 @@ mod tests {
             "exec list needs the exec capability"
         );
         assert_eq!(Granted::intersect(&m, None), Granted::default());
+    }
+
+    #[test]
+    fn no_adapter_sets_what_changes_the_code_a_program_runs() {
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "PATH",
+            "GLIBC_TUNABLES",
+            "BASH_ENV",
+        ] {
+            assert!(env_refused(name), "{name}");
+        }
+        for name in ["HOME", "XDG_RUNTIME_DIR", "REDIS_PORT", "LANG"] {
+            assert!(!env_refused(name), "{name}");
+        }
     }
 
     #[test]

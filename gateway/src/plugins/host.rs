@@ -222,6 +222,13 @@ impl State {
                 self.plugin, cmd.program, self.granted.exec
             )));
         }
+        if let Some((name, _)) = cmd.env.iter().find(|(k, _)| super::grant::env_refused(k)) {
+            tracing::warn!(plugin = %self.plugin, program = %cmd.program, variable = %name, "adapter denied an environment variable");
+            return Err(HostError::Denied(format!(
+                "adapter {} may not set {name} for {:?}: it changes the code the program runs",
+                self.plugin, cmd.program
+            )));
+        }
         let plugin = self.plugin.clone();
         if cmd.output == exec::OutputMode::WorkloadLog {
             let Some(log) = self.call.as_ref().map(|c| c.placement.log.clone()) else {
@@ -437,17 +444,14 @@ async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, S
     let mut child = c
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", cmd.program))?;
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    // Both pipes are drained at once to their end (a program filling one while the other
+    // is read would block), keeping a bounded part of each.
     let collect = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.take(MAX_STDOUT as u64).read_to_end(&mut out).await;
-        }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut err).await;
-        }
+        let (out, err) = tokio::join!(
+            read_bounded(stdout, MAX_STDOUT, false),
+            read_bounded(stderr, STDERR_TAIL, true)
+        );
         let status = child.wait().await;
         (out, err, status)
     };
@@ -459,10 +463,67 @@ async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, S
         )
     })?;
     let code = exit_code(status.map_err(|e| format!("waiting for {}: {e}", cmd.program))?);
-    let tail = &err[err.len().saturating_sub(STDERR_TAIL)..];
     Ok(exec::Output {
         status: code,
         stdout: String::from_utf8_lossy(&out).into_owned(),
-        stderr_tail: String::from_utf8_lossy(tail).into_owned(),
+        stderr_tail: String::from_utf8_lossy(&err).into_owned(),
     })
+}
+
+/// Reads `from` to its end, keeping at most `keep` bytes: the first ones, or the last
+/// ones with `tail`.
+async fn read_bounded(
+    from: Option<impl tokio::io::AsyncRead + Unpin>,
+    keep: usize,
+    tail: bool,
+) -> Vec<u8> {
+    let Some(mut from) = from else {
+        return Vec::new();
+    };
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => n,
+        };
+        if tail {
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > keep {
+                kept.drain(..kept.len() - keep);
+            }
+        } else if kept.len() < keep {
+            let room = keep - kept.len();
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_program_filling_both_pipes_is_drained_with_bounded_output() {
+        // A writer far past both bounds, on both pipes: nothing blocks, the head of one
+        // and the tail of the other are kept.
+        let (mut out_w, out_r) = tokio::io::duplex(4096);
+        let (mut err_w, err_r) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for i in 0..200u32 {
+                let line = format!("{i:08}\n").repeat(128);
+                let _ = err_w.write_all(line.as_bytes()).await;
+                let _ = out_w.write_all(line.as_bytes()).await;
+            }
+        });
+        let (out, err) = tokio::join!(
+            read_bounded(Some(out_r), 1000, false),
+            read_bounded(Some(err_r), 18, true)
+        );
+        writer.await.expect("writer");
+        assert_eq!(out.len(), 1000);
+        assert!(out.starts_with(b"00000000\n"));
+        assert_eq!(err, b"00000199\n00000199\n");
+    }
 }
