@@ -47,6 +47,11 @@ pub struct Journal {
     root: PathBuf,
 }
 
+/// The file holding the journal's generation: a counter advanced (durably) each time the
+/// site takes in a migration, so a journal that went back in time (lost, or an old copy
+/// put back) shows a lower number than one a peer was told.
+const GENERATION: &str = "generation";
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
     move |source| JournalError::Io {
         path: path.to_path_buf(),
@@ -62,6 +67,29 @@ impl Journal {
             fs::create_dir_all(&d).map_err(io(&d))?;
         }
         Ok(Self { root })
+    }
+
+    /// The journal's generation (0 for a journal that never advanced it).
+    pub fn generation(&self) -> u64 {
+        fs::read_to_string(self.root.join(GENERATION))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Durably advances the generation; returns the new one.
+    pub fn advance_generation(&self) -> Result<u64, JournalError> {
+        let next = self.generation() + 1;
+        let path = self.root.join(GENERATION);
+        let tmp = self.root.join("generation.tmp");
+        {
+            let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(next.to_string().as_bytes()).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(&self.root)?;
+        Ok(next)
     }
 
     fn path(&self, c: Collection, key: &str) -> PathBuf {

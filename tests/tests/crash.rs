@@ -254,3 +254,90 @@ fn a_full_disk_under_the_sources_journal_rolls_back_and_releases_everything() ->
     assert!(!sites.a.dir.join("data/images").join(&id).exists());
     Ok(())
 }
+
+/// Site B's CRIU, slowed: a restore starts 4 s late.
+const SLOW_RESTORE: &str = "d=/tmp/ferry-e2e-oldjnl-criu; mkdir -p $d; cp /usr/local/sbin/criu $d/real; \
+printf '#!/bin/sh\\nif [ \"$1\" = restore ]; then sleep 4; fi\\nexec /tmp/ferry-e2e-oldjnl-criu/real \"$@\"\\n' > $d/slow; \
+chmod +x $d/slow; mount --bind $d/slow /usr/local/sbin/criu";
+
+#[test]
+fn an_old_journal_put_back_at_the_destination_never_makes_two_copies() -> Result<()> {
+    let mut opts = Options::new("oldjnl");
+    opts.b_mount_setup = Some(SLOW_RESTORE.into());
+    let mut sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    let pid = sites.a.ferry_json(&["workload", "ls"])?[0]["pid"]
+        .as_i64()
+        .unwrap_or(0);
+    // B's journal as it was before the migration.
+    let journal = sites.b.dir.join("data/journal");
+    let old = sites.root.join("old-journal");
+    run_sh(&format!("cp -a {} {}", journal.display(), old.display()))?;
+    let m = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    wait_for("B to restore", Duration::from_secs(30), || {
+        (phase(&sites.b, &id).ok()? == "restoring").then_some(())
+    })?;
+    sites.b.crash_gateway();
+    run_sh(&format!(
+        "rm -rf {j} && cp -a {o} {j}",
+        j = journal.display(),
+        o = old.display()
+    ))?;
+    sites.start_gateway_b()?;
+    // The interrupted restore goes on without B's gateway and starts a copy B no longer
+    // knows. B answers "unknown" about the migration, from a journal older than the one
+    // that recorded it: A must not take that for "no copy".
+    let m = wait_for(
+        "A to distrust B's old journal",
+        Duration::from_secs(60),
+        || {
+            let m = sites.a.ferry_json(&["migration", "show", &id]).ok()?;
+            let distrusted = m["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("journal is older"));
+            (distrusted || m["phase"] != "restoring").then_some(m)
+        },
+    )?;
+    let restored_pid = std::fs::read_to_string(
+        sites
+            .b
+            .dir
+            .join("data/incoming")
+            .join(&id)
+            .join("restore.pid"),
+    )
+    .ok()
+    .and_then(|t| t.trim().parse::<i32>().ok());
+    if let Some(p) = restored_pid {
+        // The orphan copy goes with the test.
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &p.to_string()])
+            .status();
+    }
+    assert_eq!(m["phase"], "restoring", "{m}\n{}", sites.logs());
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("journal is older"),
+        "{m}"
+    );
+    assert_eq!(Site::process_state(pid), Some('T'), "the source resumed");
+    Ok(())
+}
+
+fn run_sh(script: &str) -> Result<()> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

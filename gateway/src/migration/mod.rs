@@ -284,6 +284,10 @@ pub struct Migration {
     /// for a silent destination's word; cleared when the word comes.
     #[serde(default)]
     pub stalled_since_ms: Option<u64>,
+    /// Source: the destination journal's generation once it recorded this migration (its
+    /// answers from a journal with a lower one are not trusted).
+    #[serde(default)]
+    pub destination_generation: Option<u64>,
     /// Destination: the source said it released its copy (the restored workload may be
     /// removed here from then on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -334,6 +338,7 @@ impl Migration {
             lazy_dump_pid_start: None,
             abort_requested: false,
             stalled_since_ms: None,
+            destination_generation: None,
             source_released: false,
         }
     }

@@ -308,7 +308,7 @@ impl Engine {
                     },
                 )
                 .await;
-            if let Ok(Response::Status { state }) = asked {
+            if let Ok(Response::Status { state, .. }) = asked {
                 stall.answered(self);
                 if wanted(state) {
                     return state;

@@ -44,7 +44,8 @@ pub(super) async fn drive(
             migration: id.to_string(),
         },
     )
-    .await?;
+    .await
+    .map(|_| ())?;
     wait_in_sync(engine, id, &target, sync_started).await?;
     engine.update(id, |m| m.timings.sync_ms = Some(ms(sync_started.elapsed())))?;
 

@@ -259,7 +259,7 @@ pub(super) async fn prepare(
     service: Option<&str>,
 ) -> Result<(), MigrationError> {
     engine.enter_phase(id, Phase::Preparing).await?;
-    prepare_destination(
+    let generation = prepare_destination(
         engine,
         target,
         Request::Prepare {
@@ -268,17 +268,23 @@ pub(super) async fn prepare(
             service: service.map(str::to_string),
         },
     )
-    .await
+    .await?;
+    if generation.is_some() {
+        engine.update(id, |m| m.destination_generation = generation)?;
+    }
+    Ok(())
 }
 
-/// Asks `target` to prepare; anything but `Ready` is its refusal.
+/// Asks `target` to prepare; anything but `Ready` (or `Prepared`, with the generation of
+/// its journal) is its refusal.
 pub(super) async fn prepare_destination(
     engine: &Arc<Engine>,
     target: &str,
     req: Request,
-) -> Result<(), MigrationError> {
+) -> Result<Option<u64>, MigrationError> {
     match engine.peers.request(target, &req).await? {
-        Response::Ready => Ok(()),
+        Response::Ready => Ok(None),
+        Response::Prepared { generation } => Ok(Some(generation)),
         Response::Error { message, .. } => Err(MigrationError::Refused {
             site: target.to_string(),
             message,
@@ -374,10 +380,29 @@ async fn resolve_waiting(
         {
             Ok(Response::Status {
                 state: TargetState::Confirmed | TargetState::Paging,
+                ..
             }) => return Verdict::Confirmed,
             Ok(Response::Status {
                 state: TargetState::Restoring,
+                ..
             }) => stall.answered(engine),
+            Ok(Response::Status {
+                generation: Some(now),
+                ..
+            }) if engine
+                .get(id)
+                .and_then(|m| m.destination_generation)
+                .is_some_and(|then| now < then) =>
+            {
+                // Its journal went back in time: it may run a copy it no longer knows.
+                let then = engine.get(id).and_then(|m| m.destination_generation);
+                let _ = engine.update(id, |m| {
+                    m.error = Some(format!(
+                        "site {target}'s journal is older than this migration (generation {now}, it recorded the migration at {}): it may run a copy it no longer knows, so its word cannot end the move; the source stays frozen with its image. Check {target} for a copy of the workload",
+                        then.unwrap_or_default()
+                    ));
+                });
+            }
             Ok(Response::Status { .. }) => {
                 match engine
                     .peers
@@ -392,6 +417,7 @@ async fn resolve_waiting(
                     Ok(Response::Aborted) => return Verdict::NotRestored,
                     Ok(Response::Status {
                         state: TargetState::Confirmed,
+                        ..
                     }) => return Verdict::Confirmed,
                     _ => {}
                 }

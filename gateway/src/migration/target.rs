@@ -72,6 +72,7 @@ impl Handler for Engine {
             Request::SourceState { migration } => self.source_state(&peer, &migration),
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),
+                generation: Some(self.journal.generation()),
             },
             Request::Abort { migration } => self.abort(&peer, &migration).await,
         }
@@ -158,8 +159,17 @@ impl Engine {
             remove_dir(&dir);
             return Response::error(ErrorCode::Internal, e.to_string());
         }
-        tracing::info!(migration = id, workload = %m.workload, from = peer, "incoming migration prepared");
-        Response::Ready
+        // The journal's generation moves on with every migration taken in: the source
+        // keeps it, and a later answer from a journal that went back in time shows less.
+        let generation = match self.journal.advance_generation() {
+            Ok(g) => g,
+            Err(e) => {
+                self.abort_local(id, &m.workload, "cannot journal the preparation");
+                return Response::error(ErrorCode::Internal, e.to_string());
+            }
+        };
+        tracing::info!(migration = id, workload = %m.workload, from = peer, generation, "incoming migration prepared");
+        Response::Prepared { generation }
     }
 
     async fn receive(
@@ -534,8 +544,20 @@ impl Engine {
         }
     }
 
+    /// Does a workload here run as restored from migration `id` of `peer` (whatever the
+    /// migration records say)?
+    fn holds_copy_of(&self, peer: &str, id: &str) -> bool {
+        self.workloads.list().iter().any(|w| {
+            w.restored_from
+                .as_ref()
+                .is_some_and(|o| o.migration == id && o.site == peer)
+        })
+    }
+
     fn target_state(&self, peer: &str, id: &str) -> TargetState {
         match self.incoming(peer, id).map(|m| m.phase) {
+            // No record, but its copy runs here: never "unknown" (read as "no copy").
+            None if self.holds_copy_of(peer, id) => TargetState::Confirmed,
             None => TargetState::Unknown,
             Some(Phase::Restoring) => TargetState::Restoring,
             Some(Phase::Paging) => TargetState::Paging,
@@ -547,15 +569,23 @@ impl Engine {
 
     async fn abort(&self, peer: &str, id: &str) -> Response {
         let Some(m) = self.incoming(peer, id) else {
+            if self.holds_copy_of(peer, id) {
+                return Response::Status {
+                    state: TargetState::Confirmed,
+                    generation: None,
+                };
+            }
             return Response::Aborted;
         };
         match m.phase {
             Phase::Completed => Response::Status {
                 state: TargetState::Confirmed,
+                generation: None,
             },
             // The copy runs: never dropped on the source's word.
             Phase::Paging => Response::Status {
                 state: TargetState::Paging,
+                generation: None,
             },
             Phase::Restoring => Response::error(ErrorCode::Busy, "restore in progress; ask again"),
             p if p.is_terminal() => Response::Aborted,

@@ -1029,7 +1029,8 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
         matches!(
             answer,
             crate::peer::wire::Response::Status {
-                state: crate::peer::wire::TargetState::Confirmed
+                state: crate::peer::wire::TargetState::Confirmed,
+                ..
             }
         ),
         "{answer:?}"

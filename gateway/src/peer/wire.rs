@@ -149,6 +149,11 @@ pub enum Response {
         version: String,
     },
     Ready,
+    /// The answer to `Prepare`: ready, and the destination journal's generation after it
+    /// recorded the migration (see `Status`).
+    Prepared {
+        generation: u64,
+    },
     Stored {
         name: String,
         blake3: String,
@@ -166,6 +171,11 @@ pub enum Response {
     Sync(SyncInfo),
     Status {
         state: TargetState,
+        /// The destination journal's generation now: lower than the one it answered to
+        /// `Prepare` means its journal went back in time (lost, or an old copy put back),
+        /// and its word on this migration cannot be trusted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
     },
     Aborted,
     /// The source's word on a migration: whether it released its copy, and its phase.
