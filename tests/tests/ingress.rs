@@ -119,6 +119,9 @@ class H(http.server.BaseHTTPRequestHandler):
             now = count
         self.reply(now)
     def do_GET(self):
+        if self.path == "/who":
+            self.reply(self.headers.get("X-Forwarded-For", "-") + " " + str(self.headers.get("Connection")))
+            return
         self.reply(count)
     def log_message(self, *args):
         pass
@@ -171,6 +174,18 @@ fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
     // Through A's route, clients reach B over the peer link.
     let via_a = sites.a.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
     assert_eq!(via_a.trim(), summary["ok"].to_string());
+    // The workload learns who the client was, through either route; hop-by-hop
+    // headers stop at the ingress.
+    let who = sites.a.exec(
+        "curl",
+        &[
+            "-s",
+            "-H",
+            "Connection: keep-alive",
+            "http://127.0.0.1:18080/who",
+        ],
+    )?;
+    assert_eq!(who.trim(), "127.0.0.1 None", "{who}");
     // HTTP/2 clients (prior knowledge) too, at either site.
     for site in [&sites.a, &sites.b] {
         let h2 = site.exec(

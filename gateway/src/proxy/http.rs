@@ -5,17 +5,22 @@
 //! the move a route may answer 307 with the new site's address instead of forwarding.
 //! Each client connection keeps one backend connection (keep-alive) while the route's
 //! target stays the same; any change of target drops it, so nothing outlives a move.
+//! As a proxy it drops the hop-by-hop headers (RFC 9110 §7.6.1) and tells the workload
+//! who the client is (`X-Forwarded-For`, `Forwarded`); a client gets 30 s to send a
+//! request's headers (a slow or silent one is closed).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, HOST, LOCATION, RETRY_AFTER};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
 
@@ -52,8 +57,10 @@ pub(super) async fn serve(
     peers: Arc<PeerLink>,
     limits: HoldLimits,
 ) {
+    let client = conn.peer_addr().ok().map(|a| a.ip());
     let state = Arc::new(Mutex::new(ClientState::new(&routed)));
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        proxy_headers(req.headers_mut(), client);
         let (route, routed, peers, limits, state) = (
             route.clone(),
             Arc::clone(&routed),
@@ -73,9 +80,61 @@ pub(super) async fn serve(
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true);
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     if let Err(e) = builder.serve_connection(TokioIo::new(conn), service).await {
         tracing::debug!(error = %e, "client connection ended");
+    }
+}
+
+/// Longest a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers for one hop only (RFC 9110 §7.6.1), besides those `Connection` names.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// A request's headers as the workload gets them: without the hop-by-hop ones, with
+/// the client's address appended to `X-Forwarded-For` and in `Forwarded`.
+fn proxy_headers(headers: &mut HeaderMap, client: Option<IpAddr>) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let Some(ip) = client else { return };
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(before) => format!("{before}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto=http")) {
+        headers.append("forwarded", v);
     }
 }
 
@@ -220,6 +279,27 @@ fn as_http1<B>(req: &mut Request<B>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_client_is_named() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("for this hop"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.7"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        proxy_headers(&mut h, Some("10.213.0.9".parse().unwrap()));
+        for gone in ["connection", "keep-alive", "x-secret", "upgrade"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7, 10.213.0.9");
+        assert_eq!(h["forwarded"], "for=10.213.0.9;proto=http");
+        let mut h = HeaderMap::new();
+        proxy_headers(&mut h, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+    }
 
     #[test]
     fn http2_requests_reach_the_workload_as_http1_with_a_host() {
