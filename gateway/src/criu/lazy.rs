@@ -199,11 +199,26 @@ impl Proc {
     }
 }
 
+/// Pages a supply hands over: in place where they arrived (no copy), or copied.
+pub enum Pages {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+impl Pages {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Shared(v, range) => v.get(range.clone()).unwrap_or_default(),
+        }
+    }
+}
+
 /// Where the pages come from.
 pub trait Supply: Send + Sync {
     /// Up to `pages` pages of image process `pid` from `vaddr`, at least the first; for a
     /// `background` request, none if they have not arrived (a fault's request waits).
-    fn get(&self, pid: u32, vaddr: u64, pages: u64, background: bool) -> std::io::Result<Vec<u8>>;
+    fn get(&self, pid: u32, vaddr: u64, pages: u64, background: bool) -> std::io::Result<Pages>;
     /// Every restored process has every page (`true`), or the daemon gave up.
     fn finished(&self, ok: bool);
 }
@@ -360,7 +375,7 @@ impl Daemon {
             .supply
             .get(span.src_pid, span.src, span.pages, false)
             .map_err(io("fetch a faulted page"))?;
-        self.place(p, at, span, &data);
+        self.place(p, at, span, data.bytes());
         if p.todo.0.contains_key(&at) {
             // An event is pending on the range (put back): again once it is read.
             p.deferred.push(page);
@@ -494,9 +509,10 @@ impl Daemon {
                 let voided = std::mem::replace(&mut p.voided, false);
                 p.in_flight = None;
                 match data {
-                    Ok(data) if !voided && !data.is_empty() => {
+                    Ok(data) if !voided && !data.bytes().is_empty() => {
+                        let data = data.bytes();
                         p.cursor = at + data.len() as u64;
-                        if self.place(&mut p, at, span, &data) > 0 {
+                        if self.place(&mut p, at, span, data) > 0 {
                             progressed = true;
                         }
                     }

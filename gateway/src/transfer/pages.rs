@@ -842,6 +842,28 @@ impl PageCache {
         out
     }
 
+    /// The cached pages of `pid` from `vaddr` that lie one after the other in the chunk
+    /// they arrived in (at most `max`), without copying them.
+    fn run_shared(&self, pid: u32, vaddr: u64, max: u64) -> crate::criu::lazy::Pages {
+        use crate::criu::lazy::Pages;
+        let map = self
+            .pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((chunk, first)) = map.get(&(pid, vaddr)).map(|(c, i)| (Arc::clone(c), *i)) else {
+            return Pages::Owned(Vec::new());
+        };
+        let mut n = 1;
+        while (n as u64) < max {
+            match map.get(&(pid, vaddr + n as u64 * PAGE_SIZE)) {
+                Some((c, i)) if Arc::ptr_eq(c, &chunk) && *i == first + n => n += 1,
+                _ => break,
+            }
+        }
+        let page = page_bytes(1);
+        Pages::Shared(chunk, first * page..(first + n) * page)
+    }
+
     /// Forgets pages (sent ahead, then written at the source before it froze).
     pub fn forget(&self, stale: &[(u32, u64)]) {
         let mut map = self
@@ -1360,7 +1382,14 @@ impl CacheSupply {
 }
 
 impl crate::criu::lazy::Supply for CacheSupply {
-    fn get(&self, pid: u32, vaddr: u64, pages: u64, background: bool) -> std::io::Result<Vec<u8>> {
+    fn get(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        pages: u64,
+        background: bool,
+    ) -> std::io::Result<crate::criu::lazy::Pages> {
+        use crate::criu::lazy::Pages;
         let count = |f: &dyn Fn(&mut ServeStats)| {
             f(&mut self
                 .stats
@@ -1370,14 +1399,14 @@ impl crate::criu::lazy::Supply for CacheSupply {
         if *self.cache.held.borrow() {
             // Pages sent ahead may be stale until the source's list came.
             if background {
-                return Ok(Vec::new());
+                return Ok(Pages::Owned(Vec::new()));
             }
             self.runtime.block_on(self.cache.ready())?;
         }
         let want = pages.clamp(1, MAX_GET_PAGES);
-        let data = self.cache.run_from(pid, vaddr, want);
-        if background || !data.is_empty() {
-            if !data.is_empty() {
+        let data = self.cache.run_shared(pid, vaddr, want);
+        if background || !data.bytes().is_empty() {
+            if !data.bytes().is_empty() {
                 count(&|s| {
                     s.gets += 1;
                     s.hits += 1;
@@ -1408,8 +1437,8 @@ impl crate::criu::lazy::Supply for CacheSupply {
             s.misses += 1;
             s.miss_wait.push(took);
         });
-        let data = self.cache.run_from(pid, vaddr, want);
-        if data.is_empty() {
+        let data = self.cache.run_shared(pid, vaddr, want);
+        if data.bytes().is_empty() {
             return Err(std::io::Error::other(format!(
                 "no page at {vaddr:#x} of process {pid}"
             )));
