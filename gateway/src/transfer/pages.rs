@@ -842,8 +842,9 @@ impl PageCache {
         out
     }
 
-    /// The cached pages of `pid` from `vaddr` that lie one after the other in the chunk
-    /// they arrived in (at most `max`), without copying them.
+    /// The cached pages of `pid` from `vaddr` (at most `max`): without copying them when
+    /// they lie one after the other in the chunk they arrived in, else copied into one
+    /// run (as [`Self::run_from`]).
     fn run_shared(&self, pid: u32, vaddr: u64, max: u64) -> crate::criu::lazy::Pages {
         use crate::criu::lazy::Pages;
         let map = self
@@ -861,6 +862,12 @@ impl PageCache {
             }
         }
         let page = page_bytes(1);
+        let next = vaddr + n as u64 * PAGE_SIZE;
+        if (n as u64) < max && map.contains_key(&(pid, next)) {
+            // More follow in other chunks: one copied run beats several short ones.
+            drop(map);
+            return Pages::Owned(self.run_from(pid, vaddr, max));
+        }
         Pages::Shared(chunk, first * page..(first + n) * page)
     }
 
