@@ -190,6 +190,10 @@ impl Engine {
                 )
             }
         }
+        let dir = self.incoming_dir.join(id);
+        if let Err(why) = room_for(&dir, size) {
+            return Response::error(ErrorCode::Refused, why);
+        }
         match transfer::receive(&self.incoming_dir.join(id), name, size, compression, body).await {
             Ok(_) if self.incoming(peer, id).map(|m| m.phase) != Some(Phase::Preparing) => {
                 Response::error(ErrorCode::Refused, format!("migration {id} was aborted"))
@@ -606,9 +610,45 @@ impl Engine {
     }
 }
 
+/// Space kept free in the data directory whatever arrives (the journal needs room).
+const DISK_RESERVE: u64 = 64 << 20;
+
+/// Is there room in `dir` for a file of `size` bytes (unknown: a growing file), besides
+/// [`DISK_RESERVE`]?
+fn room_for(dir: &std::path::Path, size: Option<u64>) -> Result<(), String> {
+    let free = process::free_bytes(dir)
+        .map_err(|e| format!("cannot see the free space in {}: {e}", dir.display()))?;
+    fits(size.unwrap_or(0), free)
+        .map_err(|why| format!("{why} in {}; free space there", dir.display()))
+}
+
+fn fits(size: u64, free: u64) -> Result<(), String> {
+    if free >= DISK_RESERVE && size <= free - DISK_RESERVE {
+        return Ok(());
+    }
+    Err(format!(
+        "no room for an image file of {} MB: {} MB free, {} MB kept free",
+        size >> 20,
+        free >> 20,
+        DISK_RESERVE >> 20
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_needs_its_size_and_the_reserve() {
+        assert!(fits(10 << 20, 100 << 20).is_ok());
+        let err = fits(50 << 20, 100 << 20).unwrap_err();
+        assert!(
+            err.contains("50 MB") && err.contains("100 MB free"),
+            "{err}"
+        );
+        assert!(fits(0, 10 << 20).is_err(), "the reserve itself is kept");
+        assert!(fits(u64::MAX, u64::MAX).is_err());
+    }
 
     #[test]
     fn migration_ids_from_peers_are_checked() {

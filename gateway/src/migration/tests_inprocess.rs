@@ -1719,3 +1719,54 @@ async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothi
     assert!(b.engine.list().is_empty(), "a migration was recorded");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_file_larger_than_the_free_space_is_refused_before_a_byte_is_written() {
+    use crate::peer::wire::{Request, Response};
+    let pair = Pair::new("room").await;
+    let spec = WorkloadSpec {
+        name: "big".into(),
+        command: vec!["sleep".into(), "600".into()],
+        port: None,
+        env: BTreeMap::new(),
+        runtime: RUNTIME.into(),
+        settings: BTreeMap::new(),
+        routes: Vec::new(),
+    };
+    let prepared = pair
+        .a()
+        .peers
+        .request(
+            "b",
+            &Request::Prepare {
+                migration: "00000000feedf00d".into(),
+                workload: spec,
+                service: None,
+            },
+        )
+        .await;
+    assert!(
+        matches!(prepared, Ok(Response::Prepared { .. })),
+        "{prepared:?}"
+    );
+    let answer = pair
+        .a()
+        .peers
+        .request(
+            "b",
+            &Request::File {
+                migration: "00000000feedf00d".into(),
+                name: "pages-1.img".into(),
+                size: 1 << 60,
+                compression: Default::default(),
+                growing: false,
+            },
+        )
+        .await;
+    match answer {
+        Ok(Response::Error { message, .. }) => assert!(message.contains("no room"), "{message}"),
+        other => panic!("a file larger than the disk was not refused: {other:?}"),
+    }
+    let dir = pair.b().dir.join("incoming").join("00000000feedf00d");
+    assert!(!dir.join("pages-1.img").exists(), "bytes were written");
+}
