@@ -358,28 +358,65 @@ fn compile(
         &blake3::hash(&bytes).to_hex()[..32]
     );
     let cached = cache_dir.join(key);
-    if cached.is_file() {
-        match crate::sys::wasm::load_precompiled(engine, &cached) {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                tracing::warn!(plugin = name, error = %e, "stale compile cache entry; recompiling");
-            }
-        }
+    if let Some(c) = from_cache(engine, name, cache_dir, &cached) {
+        return Ok(c);
     }
     let component =
         Component::new(engine, &bytes).map_err(|e| format!("not a valid component: {e:#}"))?;
-    if std::fs::create_dir_all(cache_dir).is_ok() {
-        if let Ok(ser) = component.serialize() {
-            let tmp = cached.with_extension("tmp");
-            if std::fs::write(&tmp, ser)
-                .and_then(|_| std::fs::rename(&tmp, &cached))
-                .is_err()
-            {
-                tracing::warn!(plugin = name, "cannot write the compile cache");
-            }
+    if let Ok(ser) = component.serialize() {
+        if let Err(e) = write_cache(cache_dir, &cached, &ser) {
+            tracing::warn!(plugin = name, error = %e, "cannot write the compile cache");
         }
     }
     Ok(component)
+}
+
+/// The digest file beside a cache entry: BLAKE3 of its bytes, as this gateway wrote them.
+fn digest_path(cached: &Path) -> PathBuf {
+    cached.with_extension("blake3")
+}
+
+/// A cache entry, only if it is what this gateway wrote: its directory and file owned by
+/// this user and writable by no one else, its bytes matching the digest written beside
+/// them. Precompiled code is run as it is, so anything else is recompiled.
+fn from_cache(engine: &Engine, name: &str, cache_dir: &Path, cached: &Path) -> Option<Component> {
+    if !cached.is_file() {
+        return None;
+    }
+    let digest = std::fs::read_to_string(digest_path(cached)).unwrap_or_default();
+    let trusted = crate::sys::wasm::owned_and_private(cache_dir)
+        && crate::sys::wasm::owned_and_private(cached)
+        && crate::sys::wasm::owned_and_private(&digest_path(cached));
+    let bytes = std::fs::read(cached).ok()?;
+    if !trusted || blake3::hash(&bytes).to_hex().as_str() != digest.trim() {
+        tracing::warn!(plugin = name, cache = %cached.display(), "compile cache entry not as this gateway wrote it (owner, modes or digest); recompiling");
+        return None;
+    }
+    match crate::sys::wasm::load_precompiled(engine, &bytes) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(plugin = name, error = %e, "stale compile cache entry; recompiling");
+            None
+        }
+    }
+}
+
+/// Writes a cache entry and its digest (the directory private to this user).
+fn write_cache(cache_dir: &Path, cached: &Path, ser: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(cache_dir)?;
+    std::fs::set_permissions(cache_dir, std::fs::Permissions::from_mode(0o700))?;
+    let write = |path: &Path, bytes: &[u8]| -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)
+    };
+    write(&digest_path(cached), blake3::hash(ser).to_hex().as_bytes())?;
+    write(cached, ser)
 }
 
 impl PluginHost {
@@ -659,5 +696,49 @@ impl PluginHost {
                         .join(", ")
                 },
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest component there is: its preamble.
+    const EMPTY_COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+
+    #[test]
+    fn a_compile_cache_entry_changed_after_it_was_written_is_not_loaded() {
+        let dir = std::env::temp_dir().join(format!("ferry-cwasm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let wasm = dir.join("empty.wasm");
+        std::fs::write(&wasm, EMPTY_COMPONENT).expect("write");
+        let cache = dir.join("cache");
+        let engine = engine().expect("engine");
+        compile(&engine, "empty", &wasm, &cache).expect("compiles");
+        let entry = std::fs::read_dir(&cache)
+            .expect("cache")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .expect("a cache entry");
+        assert!(
+            from_cache(&engine, "empty", &cache, &entry).is_some(),
+            "its own entry loads"
+        );
+        // One byte changed at rest: the entry is not loaded (it would run as it is).
+        let mut bytes = std::fs::read(&entry).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x5a;
+        std::fs::write(&entry, &bytes).expect("tamper");
+        assert!(from_cache(&engine, "empty", &cache, &entry).is_none());
+        // Recompiling writes it afresh.
+        compile(&engine, "empty", &wasm, &cache).expect("compiles");
+        assert!(from_cache(&engine, "empty", &cache, &entry).is_some());
+        // Writable by others: not trusted either.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(from_cache(&engine, "empty", &cache, &entry).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
