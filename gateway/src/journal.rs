@@ -45,6 +45,8 @@ impl Collection {
 #[derive(Debug)]
 pub struct Journal {
     root: PathBuf,
+    /// The generation as last read or written (only this journal writes it).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// The file holding the journal's generation: a counter advanced (durably) each time the
@@ -66,15 +68,19 @@ impl Journal {
             let d = root.join(c.dir());
             fs::create_dir_all(&d).map_err(io(&d))?;
         }
-        Ok(Self { root })
+        let generation = fs::read_to_string(root.join(GENERATION))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Self {
+            root,
+            generation: generation.into(),
+        })
     }
 
     /// The journal's generation (0 for a journal that never advanced it).
     pub fn generation(&self) -> u64 {
-        fs::read_to_string(self.root.join(GENERATION))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Durably advances the generation; returns the new one.
@@ -89,6 +95,8 @@ impl Journal {
         }
         fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(&self.root)?;
+        self.generation
+            .store(next, std::sync::atomic::Ordering::SeqCst);
         Ok(next)
     }
 

@@ -629,15 +629,8 @@ fn serve(
     if let Err(e) = hand_over(daemon, &mut restore, by_pid) {
         daemon.fail(e.to_string());
     }
+    // The copier ends once every process is done (or the daemon failed).
     let _ = copier.join();
-    // Every event thread ends once its process is done.
-    loop {
-        let procs: Vec<_> = lock(&daemon.procs).clone();
-        if daemon.failed() || procs.iter().all(|p| lock(p).done()) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
     match lock(&daemon.failed).clone() {
         Some(why) => Err(LazyError::Io {
             what: "lazy pages",
@@ -655,7 +648,7 @@ pub fn guard(sock: &OwnedFd, kill: Option<&Path>, exit_file: &Path) -> i32 {
     let mut held: HashMap<u32, OwnedFd> = HashMap::new();
     let mut msg = [0u8; 5];
     let code = loop {
-        match uffd::recv_message(sock, &mut msg) {
+        match uffd::recv_message(std::os::fd::AsFd::as_fd(sock), &mut msg) {
             Ok((5, fd)) => {
                 let index = u32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
                 match (msg[0], fd) {

@@ -382,12 +382,7 @@ impl StallWatch {
     /// The destination answered: not stalled (any more).
     pub(super) fn answered(&self, engine: &Engine) {
         *locked(&self.since) = std::time::Instant::now();
-        let was = self.noted.swap(false, std::sync::atomic::Ordering::Relaxed);
-        if was
-            || engine
-                .get(&self.id)
-                .is_some_and(|m| m.stalled_since_ms.is_some())
-        {
+        if self.noted.swap(false, std::sync::atomic::Ordering::Relaxed) {
             let _ = engine.update(&self.id, |m| m.stalled_since_ms = None);
         }
     }
@@ -630,6 +625,24 @@ impl Engine {
         id: &str,
         f: impl FnOnce(&mut Migration),
     ) -> Result<Migration, MigrationError> {
+        self.apply(id, f, true)
+    }
+
+    /// As [`Self::update`], but a record the journal cannot take (a full disk) is still
+    /// updated in memory, with the journal's error in its reason: for the steps that must
+    /// happen anyway (a rollback releasing the source). `None` if there is no such record.
+    fn update_unjournaled_ok(&self, id: &str, f: impl FnOnce(&mut Migration)) -> Option<Migration> {
+        self.apply(id, f, false).ok()
+    }
+
+    /// Applies `f` to the record of `id`, journals it and lists it. A journal failure is
+    /// an error, or (not `journaled`) noted in the reason, and the record listed anyway.
+    fn apply(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Migration),
+        journaled: bool,
+    ) -> Result<Migration, MigrationError> {
         let _w = self.writer();
         let mut next = self
             .get(id)
@@ -640,33 +653,18 @@ impl Engine {
             next.finished_at_ms = Some(next.updated_at_ms);
             next.timings.total_ms = Some(next.updated_at_ms.saturating_sub(next.created_at_ms));
         }
-        self.journal.put(Collection::Migrations, id, &next)?;
+        if let Err(e) = self.journal.put(Collection::Migrations, id, &next) {
+            if journaled {
+                return Err(e.into());
+            }
+            tracing::error!(migration = id, error = %e, "cannot journal this step; going on");
+            let reason = next.error.take().unwrap_or_default();
+            next.error = Some(format!(
+                "{reason} (not journaled: {e}; free space in the data directory: a restart rolls back the same way)"
+            ));
+        }
         self.migrations.insert(id.to_string(), next.clone());
         Ok(next)
-    }
-
-    /// As [`Self::update`], but a record the journal cannot take (a full disk) is still
-    /// updated in memory, with the journal's error in its reason: for the steps that must
-    /// happen anyway (a rollback releasing the source). `None` if there is no such record.
-    fn update_unjournaled_ok(&self, id: &str, f: impl FnOnce(&mut Migration)) -> Option<Migration> {
-        let mut next = self.get(id)?;
-        f(&mut next);
-        match self.update(id, |m| *m = next.clone()) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::error!(migration = id, error = %e, "cannot journal this step; going on");
-                next.updated_at_ms = now_ms();
-                if next.phase.is_terminal() && next.finished_at_ms.is_none() {
-                    next.finished_at_ms = Some(next.updated_at_ms);
-                }
-                let reason = next.error.take().unwrap_or_default();
-                next.error = Some(format!(
-                    "{reason} (not journaled: {e}; free space in the data directory: a restart rolls back the same way)"
-                ));
-                self.migrations.insert(id.to_string(), next.clone());
-                Some(next)
-            }
-        }
     }
 
     /// Journals and lists a new migration record.
@@ -722,7 +720,12 @@ impl Engine {
             what: what.to_string(),
             bound: self.stall_after,
             since: Mutex::new(std::time::Instant::now()),
-            noted: false.into(),
+            // A stall reported before (by an earlier wait, or before a restart) is this
+            // watch's to clear.
+            noted: self
+                .get(id)
+                .is_some_and(|m| m.stalled_since_ms.is_some())
+                .into(),
         }
     }
 

@@ -367,6 +367,8 @@ async fn resolve_waiting(
 ) -> Verdict {
     let mut delay = Duration::from_millis(200);
     let mut noted = false;
+    // The generation the destination's journal had once it recorded this migration.
+    let fenced_at = engine.get(id).and_then(|m| m.destination_generation);
     loop {
         match engine
             .peers
@@ -389,17 +391,12 @@ async fn resolve_waiting(
             Ok(Response::Status {
                 generation: Some(now),
                 ..
-            }) if engine
-                .get(id)
-                .and_then(|m| m.destination_generation)
-                .is_some_and(|then| now < then) =>
-            {
+            }) if fenced_at.is_some_and(|then| now < then) => {
                 // Its journal went back in time: it may run a copy it no longer knows.
-                let then = engine.get(id).and_then(|m| m.destination_generation);
                 let _ = engine.update(id, |m| {
                     m.error = Some(format!(
                         "site {target}'s journal is older than this migration (generation {now}, it recorded the migration at {}): it may run a copy it no longer knows, so its word cannot end the move; the source stays frozen with its image. Check {target} for a copy of the workload",
-                        then.unwrap_or_default()
+                        fenced_at.unwrap_or_default()
                     ));
                 });
             }

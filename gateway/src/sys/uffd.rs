@@ -4,7 +4,7 @@
 //! faulting threads and unregister removed ranges (linux/userfaultfd.h).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 /// Event codes of `struct uffd_msg`.
@@ -221,42 +221,14 @@ fn decode(msg: &[u8]) -> Option<Event> {
 /// One descriptor sent with `SCM_RIGHTS` (and a byte of data, as CRIU's `send_fd` does).
 pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // Room for one descriptor's control message.
-    let mut control = [0u64; 8];
-    // SAFETY: zeroed msghdr, then every pointer set to live buffers.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &raw mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: hdr points at live buffers.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut hdr, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
-        return Err(io::Error::new(
+    match recv_message(sock.as_fd(), &mut byte)? {
+        (0, _) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the restore closed its socket",
-        ));
+        )),
+        (_, Some(fd)) => Ok(fd),
+        (_, None) => Err(io::Error::other("no descriptor came with the message")),
     }
-    // SAFETY: the kernel filled the control buffer of hdr.
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const hdr) };
-    // SAFETY: cmsg, if not null, points into `control`.
-    if cmsg.is_null()
-        || unsafe { (*cmsg).cmsg_level } != libc::SOL_SOCKET
-        || unsafe { (*cmsg).cmsg_type } != libc::SCM_RIGHTS
-    {
-        return Err(io::Error::other("no descriptor came with the message"));
-    }
-    // SAFETY: an SCM_RIGHTS message holds at least one int.
-    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>()) };
-    // SAFETY: the kernel installed this descriptor in our table for us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A connected pair of `SOCK_SEQPACKET` Unix sockets (messages keep their boundaries and
@@ -313,7 +285,7 @@ pub fn send_message(sock: &OwnedFd, data: &[u8], fd: Option<&OwnedFd>) -> io::Re
 
 /// Receives one message into `buf` (its length; 0 at the end), with its descriptor if
 /// one came.
-pub fn recv_message(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+pub fn recv_message(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),

@@ -1460,46 +1460,21 @@ impl crate::criu::lazy::Supply for CacheSupply {
 
 /// Stands in as the page server of the destination's `criu lazy-pages` daemon: answers
 /// its GETs from the cache, and asks the source's priority connection for pages a fault
-/// waits for that are not there yet. Returns when the daemon sends CLOSE, or when every
-/// connection it opened has ended, with what it took.
+/// waits for that are not there yet. Returns when the daemon closes, with what it took.
 pub async fn serve_daemon(
     listener: TcpListener,
     source: SocketAddr,
     cache: Arc<PageCache>,
 ) -> std::io::Result<ServeStats> {
-    let stats = Arc::new(Mutex::new(ServeStats::default()));
-    let priority = Arc::new(tokio::sync::Mutex::new(None::<Priority>));
-    let (ended_tx, mut ended) = mpsc::channel::<std::io::Result<bool>>(4);
-    let mut open = 0usize;
-    loop {
-        tokio::select! {
-            conn = listener.accept(), if open < 2 => {
-                let (conn, _) = conn?;
-                let _ = conn.set_nodelay(true);
-                open += 1;
-                let (stats, priority, cache, ended) = (
-                    Arc::clone(&stats),
-                    Arc::clone(&priority),
-                    Arc::clone(&cache),
-                    ended_tx.clone(),
-                );
-                tokio::spawn(async move {
-                    let outcome = serve_daemon_conn(conn, source, &cache, &priority, &stats).await;
-                    let _ = ended.send(outcome).await;
-                });
-            }
-            Some(outcome) = ended.recv() => {
-                open -= 1;
-                let closed = outcome?;
-                if closed || open == 0 {
-                    let stats = std::mem::take(
-                        &mut *stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
-                    );
-                    return Ok(stats);
-                }
-            }
-        }
-    }
+    let (conn, _) = listener.accept().await?;
+    drop(listener);
+    let _ = conn.set_nodelay(true);
+    let stats = Mutex::new(ServeStats::default());
+    let priority = tokio::sync::Mutex::new(None::<Priority>);
+    serve_daemon_conn(conn, source, &cache, &priority, &stats).await?;
+    Ok(stats
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 /// One connection of the daemon; true if it ended with CLOSE.
