@@ -362,6 +362,14 @@ fn mark_facts(names: &Names) -> String {
 /// took is at or below it), then per database with a publication of this migration its
 /// table count and every sequence's value. One session for the maintenance database, one
 /// more per other database.
+/// A committed transaction in the session's database, written after the mark was read,
+/// so that every database's WAL sender has a transaction of its own database past the
+/// mark to decode and reports a position past it to its subscriber. Without it, a
+/// subscription of an idle database was once seen short of the mark (by the other
+/// database's last commit) for the whole catch-up wait. The message is not published
+/// (subscriptions do not ask for messages); it only moves each sender on.
+const NUDGE: &str = "SELECT 'nudge', pg_catalog.pg_logical_emit_message(true, 'ferry', 'fence')::text";
+
 fn read_mark(local: &Server, names: &Names) -> Result<Mark, AdapterError> {
     let facts = mark_facts(names);
     let rows = local.query(
@@ -372,6 +380,7 @@ fn read_mark(local: &Server, names: &Names) -> Result<Mark, AdapterError> {
                FROM pg_catalog.pg_stat_activity \
               WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() AND backend_xid IS NOT NULL",
             "SELECT 'lsn', pg_catalog.pg_current_wal_lsn()::text",
+            NUDGE,
             "SELECT 'db', datname FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate ORDER BY oid",
             &facts,
         ],
@@ -407,7 +416,7 @@ fn read_mark(local: &Server, names: &Names) -> Result<Mark, AdapterError> {
         let facts_rows = if db == local.maintenance_db {
             &rows
         } else {
-            other = local.query(db, &[&facts], QUICK_MS)?;
+            other = local.query(db, &[NUDGE, &facts], QUICK_MS)?;
             &other
         };
         let mut d = pg::DatabaseMark {
