@@ -232,7 +232,7 @@ impl Engine {
                 return None;
             }
         };
-        source.set_stale(pages::Stale::All, Vec::new());
+        source.set_stale(pages::Stale::All);
         locked(&self.page_sources).insert(id.to_string(), Arc::clone(&source));
         if let Err(e) = self.update(id, |m| m.page_server = Some(addr)) {
             tracing::error!(migration = id, error = %e, "cannot journal the page path");
@@ -370,7 +370,7 @@ impl Engine {
         // Pages the source sent ahead (less those written since) are served at once; the
         // bulk push brings the rest.
         let cache = self
-            .take_precache(id)
+            .precache(id)
             .unwrap_or_else(|| Arc::new(PageCache::default()));
         // Once the daemon has every page, the bulk push (which may still bring pages a
         // fault fetched first) stops: the source is released then.
@@ -492,6 +492,7 @@ impl Engine {
     /// the tunnels go. If it fails, the copy is stopped (see [`Engine::fail_paging`]).
     pub(super) fn follow_lazy_pages(&self, id: &str, images: std::path::PathBuf) {
         let Some(mut running) = self.criu.take_running(&images) else {
+            self.drop_precache(id);
             return;
         };
         let (ingress, id, this) = (Arc::clone(&self.ingress), id.to_string(), self.this());
@@ -505,6 +506,7 @@ impl Engine {
                 tracing::error!(migration = %id, status = ?status, tail = %crate::criu::error_tail(&log), "the lazy-pages daemon failed");
             }
             let Some(engine) = this else { return };
+            engine.drop_precache(&id);
             if ok {
                 let _ = engine.update(&id, |m| {
                     if m.phase == Phase::Paging {

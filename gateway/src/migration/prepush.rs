@@ -1,14 +1,16 @@
 //! Post-copy's pages sent ahead: while the source still runs, every present page of its
 //! private memory goes to the destination's page cache; once the lazy dump has frozen it,
 //! the source reads those pages again and lists the ones written since (by digest), while
-//! the destination already restores. The list opens the bulk page connection; the
-//! destination serves nothing sent ahead before it, then forgets those pages and serves
-//! the rest at once, and only written and new pages are left to faults and the bulk push.
-//! A source that cannot tell which are stale says "all": stale pages are never served.
+//! the image travels and the destination restores. The list goes to the destination at
+//! once with those pages as they are now (`Settle`), and then opens the bulk page
+//! connection; the destination serves nothing sent ahead before it, then forgets the
+//! stale pages and serves the rest at once, and only new pages are left to faults and the
+//! bulk push. A source that cannot tell which are stale says "all": stale pages are never
+//! served.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{locked, Engine};
 use crate::peer::wire::{ErrorCode, Request, Response};
@@ -18,6 +20,9 @@ use crate::transfer::pages::{self, PageCache, Prepushed, Stale, TreeProcess};
 
 /// Passes over the running tree's memory: all of it, then what changed during the first.
 const PASSES: usize = 2;
+/// How long the bulk page connection waits for the stale pages to have gone early before
+/// it is told the list (it then asks for what it lacks, maybe some of those again).
+const SETTLE_FIRST: Duration = Duration::from_secs(2);
 
 /// The processes of `init`'s tree, with their ids in CRIU's images.
 pub(super) fn tree_of(init: i32) -> Vec<TreeProcess> {
@@ -95,54 +100,120 @@ impl Engine {
     }
 
     /// Source, once the lazy dump froze the tree and its page source runs: compares the
-    /// pages sent ahead with what the tree holds now, off the freeze's path (the
-    /// destination restores meanwhile and serves nothing sent ahead until it has the
-    /// list), and hands the page source the list of those written since: all of them if
-    /// the comparison failed, none if nothing went ahead.
-    pub(super) fn settle_stale(&self, id: &str, images: &Path, init: Option<i32>) {
+    /// pages sent ahead with what the tree holds now, off the freeze's path (the image
+    /// travels and the destination restores meanwhile, serving nothing sent ahead until
+    /// it has the list), sends `target` the list of those written since with their
+    /// contents now, then hands the page source the list for its bulk connection: all of
+    /// them if the comparison failed, none if nothing went ahead.
+    pub(super) fn settle_stale(&self, id: &str, target: &str, images: &Path, init: Option<i32>) {
         let Some(source) = locked(&self.page_sources).get(id).map(Arc::clone) else {
             return;
         };
         let sent = locked(&self.prepushed).remove(id);
         let lazy = crate::criu::image::lazy_runs(images);
         let (Some(sent), Some(init), Ok(lazy)) = (sent, init, lazy) else {
-            source.set_stale(Stale::All, Vec::new());
+            source.set_stale(Stale::All);
             return;
         };
-        let (id, this) = (id.to_string(), self.this());
+        let (id, target, this) = (id.to_string(), target.to_string(), self.this());
         self.tasks.spawn(async move {
             let started = Instant::now();
             let tree = tree_of(init);
             let compared = tokio::task::spawn_blocking(move || {
                 let stale = sent.stale(&tree);
-                // The stale pages the lazy dump holds go unasked, first.
-                let push = stale.as_ref().map(|s| pages::within(&lazy, s));
-                (sent.pages(), stale, push)
+                // The lazy runs of the stale pages: what the destination gets with the list.
+                let runs = stale.as_ref().map(|s| pages::within(&lazy, s));
+                (sent.pages(), stale, runs)
             })
             .await;
-            let Ok((ahead, Some(stale), Some(push))) = compared else {
-                tracing::warn!(
-                    migration = %id,
-                    "comparing the pages sent ahead failed; the destination drops them"
-                );
-                source.set_stale(Stale::All, Vec::new());
+            let (stale, runs) = match compared {
+                Ok((ahead, Some(stale), Some(runs))) => {
+                    tracing::info!(
+                        migration = %id,
+                        ahead,
+                        stale = stale.len(),
+                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "pages written since they went ahead"
+                    );
+                    (Stale::Only(stale), runs)
+                }
+                _ => {
+                    tracing::warn!(
+                        migration = %id,
+                        "comparing the pages sent ahead failed; the destination drops them"
+                    );
+                    (Stale::All, Vec::new())
+                }
+            };
+            let Some(engine) = this else {
+                source.set_stale(stale);
                 return;
             };
-            let count = stale.len();
-            source.set_stale(Stale::Only(stale), push);
-            if let Some(engine) = this {
+            if let Stale::Only(keys) = &stale {
+                let count = keys.len() as u64;
                 let _ = engine.update(&id, |m| {
-                    m.pages.get_or_insert_with(Default::default).stale = count as u64;
+                    m.pages.get_or_insert_with(Default::default).stale = count;
                 });
             }
-            tracing::info!(
-                migration = %id,
-                ahead,
-                stale = count,
-                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "pages written since they went ahead"
-            );
+            let early = {
+                let (engine, source, id, stale) =
+                    (Arc::clone(&engine), Arc::clone(&source), id.clone(), stale.clone());
+                tokio::spawn(async move { engine.send_settled(&id, &target, &source, &stale, runs).await })
+            };
+            if tokio::time::timeout(SETTLE_FIRST, early).await.is_err() {
+                tracing::warn!(migration = %id, "the stale pages are slow to go; the bulk connection gets the list meanwhile");
+            }
+            source.set_stale(stale);
         });
+    }
+
+    /// Source: sends `target` the stale list and the stale pages (`runs`) at once
+    /// (`Settle`). Best effort: what does not arrive this way the bulk push brings.
+    async fn send_settled(
+        &self,
+        id: &str,
+        target: &str,
+        source: &pages::PageSource,
+        stale: &Stale,
+        runs: Vec<crate::criu::image::PageRun>,
+    ) {
+        let started = Instant::now();
+        let req = Request::Settle {
+            migration: id.to_string(),
+        };
+        let compressed = self.peers.compression(target) == crate::transfer::Compression::Zstd;
+        let outcome = async {
+            let (mut send, recv) = self
+                .peers
+                .open_request(target, &req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let sent = source
+                .send_settled(&mut send, stale, runs, compressed)
+                .await
+                .map_err(|e| e.to_string())?;
+            match self.peers.answer(target, send, recv).await {
+                Ok(Response::Ready) => Ok(sent),
+                Ok(Response::Error { message, .. }) => Err(message),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        .await;
+        match outcome {
+            Ok((pages, wire)) => {
+                tracing::info!(
+                    migration = id,
+                    pages,
+                    wire,
+                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "stale list and pages sent"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(migration = id, error = %e, "could not send the stale pages early; the bulk push brings them");
+            }
+        }
     }
 
     /// Destination: keeps the pages the source sends ahead for an incoming migration.
@@ -177,9 +248,42 @@ impl Engine {
         }
     }
 
-    /// Destination: the pages sent ahead for `id`, held until the source's stale list came.
-    pub(super) fn take_precache(&self, id: &str) -> Option<Arc<PageCache>> {
-        locked(&self.precaches).remove(id)
+    /// Destination: the source's stale list and the stale pages' contents now, for the
+    /// pages sent ahead for `id`.
+    pub(super) async fn receive_settled(
+        &self,
+        peer: &str,
+        id: &str,
+        mut body: Body<'_>,
+    ) -> Response {
+        let cache = match self.incoming(peer, id) {
+            Some(m) if !m.phase.is_terminal() => self.precache(id),
+            _ => None,
+        };
+        let Some(cache) = cache else {
+            return Response::error(
+                ErrorCode::Refused,
+                format!("no pages sent ahead for migration {id} here"),
+            );
+        };
+        match pages::receive_settled(&mut body, &cache).await {
+            Ok((stale, pages)) => {
+                tracing::info!(
+                    migration = id,
+                    stale,
+                    pages,
+                    "stale list and pages received"
+                );
+                Response::Ready
+            }
+            Err(e) => Response::error(ErrorCode::BadRequest, format!("stale pages: {e}")),
+        }
+    }
+
+    /// Destination: the pages sent ahead for `id`, held until the source's stale list
+    /// came; kept (for that list) until the page phase ends.
+    pub(super) fn precache(&self, id: &str) -> Option<Arc<PageCache>> {
+        locked(&self.precaches).get(id).map(Arc::clone)
     }
 
     pub(super) fn drop_precache(&self, id: &str) {

@@ -173,7 +173,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         engine.adopt_lazy_dump(id, &images, workload.pid).await?;
         // Frozen now: which pages sent ahead were written since is found while the
         // destination restores, and opens its bulk page connection.
-        engine.settle_stale(id, &images, workload.pid);
+        engine.settle_stale(id, &target, &images, workload.pid);
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 

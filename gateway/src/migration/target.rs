@@ -69,6 +69,7 @@ impl Handler for Engine {
                 self.restore(&peer, &migration, ask).await
             }
             Request::Prepush { migration } => self.receive_prepush(&peer, &migration, body).await,
+            Request::Settle { migration } => self.receive_settled(&peer, &migration, body).await,
             Request::SourceState { migration } => self.source_state(&peer, &migration),
             Request::Status { migration } => Response::Status {
                 state: self.target_state(&peer, &migration),

@@ -74,6 +74,12 @@ pub enum Request {
     /// ones written since (which opens the bulk page connection) has come. Answered with
     /// `Ready`.
     Prepush { migration: String },
+    /// Post-copy, once the lazy dump froze the source: which pages sent ahead are stale
+    /// (the bulk page connection's list), then those pages as the frozen source holds them
+    /// (packed page chunks, an empty one at the end). The destination forgets the stale
+    /// pages sent ahead and serves its page cache from then on, usually before its restore
+    /// touches a page. Answered with `Ready`.
+    Settle { migration: String },
     /// Destination → source: has the source of this migration released its copy (the
     /// move is complete there)? Answered with `SourceState`.
     SourceState { migration: String },
