@@ -35,6 +35,35 @@ pub(super) fn tree_of(init: i32) -> Vec<TreeProcess> {
         .collect()
 }
 
+/// How far around a thread's stack pointer its pages count as the first to be needed.
+const STACK_REACH: u64 = 64 * 1024;
+
+/// `runs` with those near a thread's stack pointer (of `tree`, frozen) first, each part in
+/// its order.
+fn stacks_first(
+    runs: Vec<crate::criu::image::PageRun>,
+    tree: &[TreeProcess],
+) -> Vec<crate::criu::image::PageRun> {
+    let near: Vec<(u32, u64, u64)> = tree
+        .iter()
+        .flat_map(|p| {
+            memory::stack_pointers(p.pid).into_iter().map(move |sp| {
+                (
+                    p.id,
+                    sp.saturating_sub(STACK_REACH),
+                    sp.saturating_add(STACK_REACH),
+                )
+            })
+        })
+        .collect();
+    let (first, rest): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| {
+        let end = r.vaddr + r.nr_pages * memory::PAGE;
+        near.iter()
+            .any(|&(id, lo, hi)| id == r.pid && r.vaddr < hi && end > lo)
+    });
+    first.into_iter().chain(rest).collect()
+}
+
 impl Engine {
     /// Source, before the freeze: sends the running tree's pages ahead. Best effort: a
     /// failure only means the destination gets every page after the switch.
@@ -50,9 +79,25 @@ impl Engine {
                 .open_request(target, &req)
                 .await
                 .map_err(|e| e.to_string())?;
+            // The kernel tracks writes from here (where it can), before any page is read.
+            let (mut sent, tracked) = tokio::task::spawn_blocking({
+                let tree = tree.clone();
+                move || {
+                    let mut sent = Prepushed::default();
+                    let tracked = sent.track(&tree);
+                    (sent, tracked)
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            tracing::debug!(
+                migration = id,
+                processes = tree.len(),
+                tracked,
+                "write tracking"
+            );
             // A first pass sends every page; a second only those written during the
             // first, so the freeze finds few written since.
-            let mut sent = Prepushed::default();
             let mut wire = 0;
             for _ in 0..PASSES {
                 let (_, w) = pages::prepush(&mut send, &tree, &mut sent)
@@ -122,7 +167,11 @@ impl Engine {
             let compared = tokio::task::spawn_blocking(move || {
                 let stale = sent.stale(&tree);
                 // The lazy runs of the stale pages: what the destination gets with the list.
-                let runs = stale.as_ref().map(|s| pages::within(&lazy, s));
+                // The pages around each thread's stack pointer first: the restore writes
+                // there before the workload runs again, and the workload's next steps do.
+                let runs = stale
+                    .as_ref()
+                    .map(|s| stacks_first(pages::within(&lazy, s), &tree));
                 (sent.pages(), stale, runs)
             })
             .await;
@@ -288,5 +337,58 @@ impl Engine {
 
     pub(super) fn drop_precache(&self, id: &str) {
         locked(&self.precaches).remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::criu::image::PageRun;
+
+    #[test]
+    fn the_runs_at_a_threads_stack_pointer_go_first() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("2")
+            .spawn()
+            .expect("sleep runs");
+        let pid = child.id() as i32;
+        std::thread::sleep(Duration::from_millis(100));
+        let sp = memory::stack_pointers(pid);
+        assert_eq!(sp.len(), 1, "one thread, one stack pointer: {sp:x?}");
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+        let stack = maps
+            .lines()
+            .find(|l| l.ends_with("[stack]"))
+            .expect("a stack");
+        let (lo, hi) = stack
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'))
+            .map(|(a, b)| {
+                (
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                )
+            })
+            .expect("its range");
+        assert!(
+            (lo..hi).contains(&sp[0]),
+            "{:#x} outside the stack {lo:#x}-{hi:#x}",
+            sp[0]
+        );
+        let page = sp[0] & !(memory::PAGE - 1);
+        let run = |vaddr| PageRun {
+            pid: 7,
+            vaddr,
+            nr_pages: 1,
+        };
+        let tree = [TreeProcess { pid, id: 7 }];
+        let ordered = stacks_first(vec![run(0x1000), run(0x2000), run(page)], &tree);
+        assert_eq!(
+            ordered.iter().map(|r| r.vaddr).collect::<Vec<_>>(),
+            vec![page, 0x1000, 0x2000]
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

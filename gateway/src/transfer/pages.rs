@@ -758,9 +758,11 @@ fn prepare_bulk(
                 }
                 continue;
             };
+            // One process's pages, in increasing order, at most MAX_GET_PAGES.
             let full = gather.at.len() as u64 + run.nr_pages > MAX_GET_PAGES;
+            let behind = gather.at.last().is_some_and(|&last| last >= run.vaddr);
             if gather.gathered()
-                && (gather.pid != run.pid || full)
+                && (gather.pid != run.pid || full || behind)
                 && !ready(std::mem::replace(&mut gather, Chunk::end()))
             {
                 return;
@@ -1161,10 +1163,78 @@ pub struct TreeProcess {
     pub id: u32,
 }
 
-/// The pages the source sent ahead of the switch, each by a digest of what it held then.
+/// The pages the source sent ahead of the switch, each by a digest of what it held then,
+/// and, where the kernel tracks it, which of its processes' pages were written since.
 #[derive(Default)]
 pub struct Prepushed {
-    digests: HashMap<(u32, u64), [u8; 16]>,
+    /// In address order, by process: the pages a tracked process may have written are
+    /// found by range.
+    digests: std::collections::BTreeMap<(u32, u64), [u8; 16]>,
+    /// By CRIU's process id: write tracking started before the first page was read.
+    trackers: HashMap<u32, crate::sys::dirty::Tracker>,
+    /// Passes made over the tree.
+    passes: usize,
+}
+
+/// Is `addr` in one of `ranges` (sorted, disjoint)?
+fn within_ranges(ranges: &[(u64, u64)], addr: u64) -> bool {
+    let i = ranges.partition_point(|&(_, end)| end <= addr);
+    ranges.get(i).is_some_and(|&(start, _)| start <= addr)
+}
+
+/// Sorted, disjoint ranges covering both `a` and `b` (each sorted, disjoint).
+fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The gaps between sorted, disjoint `ranges`, over the whole address space.
+fn gaps(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(s, e) in ranges {
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+    }
+    out.push((at, u64::MAX));
+    out
+}
+
+/// What the kernel says about a tracked process's pages: the ranges tracked now and those
+/// written since they were last protected (`protect`: protected again).
+struct Writes {
+    tracked: Vec<(u64, u64)>,
+    written: Vec<(u64, u64)>,
+}
+
+impl Writes {
+    fn of(tracker: &crate::sys::dirty::Tracker, protect: bool) -> Option<Self> {
+        // Written first: a range that stops being tracked after this still counts as
+        // untracked below (compared by content), never as unwritten.
+        let written = tracker.written(protect).ok()?;
+        let tracked = tracker.tracked().ok()?;
+        Some(Self { tracked, written })
+    }
+
+    /// Known unchanged: tracked and not written.
+    fn unchanged(&self, addr: u64) -> bool {
+        within_ranges(&self.tracked, addr) && !within_ranges(&self.written, addr)
+    }
+
+    /// Where pages may have changed: written, or not tracked.
+    fn suspect(&self) -> Vec<(u64, u64)> {
+        union(&self.written, &gaps(&self.tracked))
+    }
 }
 
 /// A page's fingerprint: 128-bit XXH3 (a page written since differs from the one sent
@@ -1179,13 +1249,54 @@ impl Prepushed {
         self.digests.len()
     }
 
+    /// Blocking: starts the kernel's write tracking of every process of `tree` that allows
+    /// it (before any page is read); returns how many. The others' pages are compared by
+    /// content.
+    pub fn track(&mut self, tree: &[TreeProcess]) -> usize {
+        for p in tree {
+            match crate::sys::dirty::Tracker::start(p.pid) {
+                Ok(t) => {
+                    self.trackers.insert(p.id, t);
+                }
+                Err(e) => {
+                    tracing::debug!(pid = p.pid, error = %e, "no write tracking; pages compared by content");
+                }
+            }
+        }
+        self.trackers.len()
+    }
+
     /// The pages sent ahead that the (now frozen) tree no longer holds as sent: written
-    /// since, or gone. Blocking: reads every such page once, on every core (the source is
-    /// frozen meanwhile). `None` if a part of it failed: then no page sent ahead may be
-    /// trusted.
+    /// since, or gone. Where the kernel tracked writes, its list decides; elsewhere every
+    /// page is read once and compared, on every core (the source is frozen meanwhile).
+    /// `None` if a part of it failed: then no page sent ahead may be trusted.
     pub fn stale(&self, tree: &[TreeProcess]) -> Option<Vec<(u32, u64)>> {
-        let mut keys: Vec<(u32, u64)> = self.digests.keys().copied().collect();
-        keys.sort_unstable();
+        // The pages to compare: every page of a process the kernel did not track (or not
+        // this one: same id, another process), only the suspect ranges of the others.
+        let mut keys: Vec<(u32, u64)> = Vec::new();
+        let mut next = self.digests.keys().next().map(|k| k.0);
+        while let Some(id) = next {
+            next = id
+                .checked_add(1)
+                .and_then(|n| self.digests.range((n, 0)..).next().map(|(k, _)| k.0));
+            let writes = self
+                .trackers
+                .get(&id)
+                .filter(|t| tree.iter().any(|p| p.id == id && p.pid == t.pid()))
+                .and_then(|t| Writes::of(t, false));
+            match writes {
+                Some(w) => {
+                    for (s, e) in w.suspect() {
+                        keys.extend(self.digests.range((id, s)..(id, e)).map(|(k, _)| *k));
+                    }
+                }
+                None => keys.extend(
+                    self.digests
+                        .range((id, 0)..=(id, u64::MAX))
+                        .map(|(k, _)| *k),
+                ),
+            }
+        }
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let part = keys.len().div_ceil(threads.max(1)).max(1);
         std::thread::scope(|s| {
@@ -1201,6 +1312,7 @@ impl Prepushed {
         })
     }
 
+    /// Of `keys` (sorted), those whose page now differs from what was sent.
     fn stale_in(&self, keys: &[(u32, u64)], tree: &[TreeProcess]) -> Vec<(u32, u64)> {
         let memory: HashMap<u32, Memory> = tree
             .iter()
@@ -1240,18 +1352,45 @@ impl Prepushed {
 /// Sends the present private anonymous pages of the running `tree` on `out`, framed as
 /// a compressed bulk connection, and records their digests in `sent`: every page the
 /// first time, then (called again with the same `sent`) only those whose content changed
-/// or that are new. Returns the pages and bytes it sent. The caller ends the stream with
-/// [`end_prepush`].
+/// or that are new (where the kernel tracks writes, only the pages it says were written
+/// are read again, and protected again). Returns the pages and bytes it sent. The caller
+/// ends the stream with [`end_prepush`].
 pub async fn prepush(
     out: &mut (impl AsyncWrite + Unpin),
     tree: &[TreeProcess],
     sent: &mut Prepushed,
 ) -> std::io::Result<(u64, u64)> {
     let (mut pages, mut wire) = (0u64, 0u64);
+    let again = sent.passes > 0;
+    sent.passes += 1;
     for p in tree {
+        let writes = sent
+            .trackers
+            .get(&p.id)
+            .filter(|_| again)
+            .and_then(|t| Writes::of(t, true));
         let runs = tokio::task::spawn_blocking({
             let pid = p.pid;
-            move || crate::sys::memory::present_private_anon(pid)
+            move || {
+                let runs = crate::sys::memory::present_private_anon(pid)?;
+                let Some(w) = writes else {
+                    return Ok(runs);
+                };
+                // Unchanged since the last pass: not read again.
+                let mut left: Vec<crate::sys::memory::Present> = Vec::new();
+                for r in runs {
+                    for vaddr in (0..r.pages).map(|i| r.vaddr + i * PAGE_SIZE) {
+                        if w.unchanged(vaddr) {
+                            continue;
+                        }
+                        match left.last_mut() {
+                            Some(l) if l.vaddr + l.pages * PAGE_SIZE == vaddr => l.pages += 1,
+                            _ => left.push(crate::sys::memory::Present { vaddr, pages: 1 }),
+                        }
+                    }
+                }
+                Ok::<_, std::io::Error>(left)
+            }
         })
         .await
         .map_err(std::io::Error::other)??;
@@ -1858,6 +1997,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tracked_process_has_its_written_pages_stale_and_no_other() {
+        // A process with a private region of 64 populated pages, asleep.
+        let script = "import mmap, time, ctypes\n\
+            m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE)\n\
+            for i in range(64): m[i * 4096] = i + 1\n\
+            print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n\
+            time.sleep(3)\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("its address");
+        let region: u64 = line.trim().parse().expect("an address");
+        let pid = child.id() as i32;
+        let tree = [TreeProcess { pid, id: 1 }];
+        let mut sent = Prepushed::default();
+        assert_eq!(sent.track(&tree), 1, "not tracked");
+        prepush(&mut tokio::io::sink(), &tree, &mut sent)
+            .await
+            .unwrap();
+        assert!(sent.digests.contains_key(&(1, region)));
+        // One page written with new bytes, one with the bytes it held.
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .expect("mem");
+        use std::os::unix::fs::FileExt;
+        let (changed, same) = (region + 5 * PAGE_SIZE, region + 9 * PAGE_SIZE);
+        mem.write_all_at(&[0xee], changed).expect("write");
+        let mut b = [0u8; 1];
+        mem.read_exact_at(&mut b, same).expect("read");
+        mem.write_all_at(&b, same).expect("write");
+        let stale = tokio::task::spawn_blocking(move || sent.stale(&tree))
+            .await
+            .unwrap()
+            .expect("compared");
+        let here: Vec<u64> = stale
+            .iter()
+            .filter(|(id, a)| *id == 1 && *a >= region && *a < region + 64 * PAGE_SIZE)
+            .map(|(_, a)| *a)
+            .collect();
+        assert_eq!(here, vec![changed], "stale in the region");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[tokio::test]
     async fn the_stale_list_comes_with_the_stale_pages_as_they_are_now() {
         let me = std::process::id() as i32;
         let (source, _) = PageSource::start(None, &[TreeProcess { pid: me, id: 3 }])
@@ -1992,6 +2185,36 @@ mod tests {
                 "a page not pushed is there"
             );
         }
+        // Runs out of address order (a stack's pages first) start a new gathered chunk.
+        let (tx, mut rx) = mpsc::channel(64);
+        let back = vec![
+            PageRun {
+                pid: 9,
+                vaddr: base + 9 * PAGE_SIZE,
+                nr_pages: 1,
+            },
+            PageRun {
+                pid: 9,
+                vaddr: base,
+                nr_pages: 1,
+            },
+        ];
+        let m = memory.clone();
+        tokio::task::spawn_blocking(move || prepare_bulk(&m, back, true, &tx))
+            .await
+            .unwrap();
+        let mut wire: Vec<u8> = Vec::new();
+        while let Ok(Prepared::Read { chunk, packed }) = rx.try_recv() {
+            write_chunk_packed(&mut wire, &chunk, packed.as_deref())
+                .await
+                .unwrap();
+        }
+        let cache = PageCache::default();
+        let mut inp = wire.as_slice();
+        while !inp.is_empty() {
+            cache.insert(read_chunk_packed(&mut inp).await.unwrap());
+        }
+        assert_eq!(cache.len(), 2);
         std::hint::black_box(&buf);
     }
 
