@@ -32,6 +32,8 @@ const RESTORE_FINISHED: u32 = 0x5253_5446;
 const FAULT_PAGES: u64 = 16;
 /// Pages one background copy moves (the page server answers at most this many).
 const BACKGROUND_PAGES: u64 = 256;
+/// The background copier's nice value (the rest of the gateway runs at 0).
+const COPIER_NICE: i32 = 10;
 
 #[derive(Debug, Error)]
 pub enum LazyError {
@@ -621,6 +623,9 @@ fn serve(
     let copier = {
         let d = Arc::clone(daemon);
         std::thread::spawn(move || {
+            // Behind the restored workload, its faults and the gateway's forwarding of
+            // its clients (which take the CPU first at the switch), not ahead of them.
+            let _ = crate::sys::process::nice_this_thread(COPIER_NICE);
             if let Err(e) = d.background() {
                 d.fail(e.to_string());
             }

@@ -8,7 +8,6 @@
 //! bulk push. A source that cannot tell which are stale says "all": stale pages are never
 //! served.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,26 @@ use crate::transfer::pages::{self, PageCache, Prepushed, Stale, TreeProcess};
 
 /// Passes over the running tree's memory: all of it, then what changed during the first.
 const PASSES: usize = 2;
+/// Drops what it holds on a blocking thread (pages sent ahead: a large map, and write
+/// tracking whose end makes the kernel unprotect every page), off the async threads and
+/// after the work that needs speed.
+struct ReleaseLater(Option<Prepushed>);
+
+impl Drop for ReleaseLater {
+    fn drop(&mut self) {
+        if let Some(sent) = self.0.take() {
+            tokio::task::spawn_blocking(move || drop(sent));
+        }
+    }
+}
+
+/// How often the source looks whether CRIU has frozen the tree yet.
+const FREEZE_POLL: Duration = Duration::from_millis(2);
+
+/// What the source found while the dump ran: the pages sent ahead, and the settlement
+/// made of the frozen tree (if it was frozen in time and could be compared).
+pub(super) type Early = tokio::task::JoinHandle<(Prepushed, Option<pages::Settlement>)>;
+
 /// How long the bulk page connection waits for the stale pages to have gone early before
 /// it is told the list (it then asks for what it lacks, maybe some of those again).
 const SETTLE_FIRST: Duration = Duration::from_secs(2);
@@ -144,70 +163,113 @@ impl Engine {
         }
     }
 
-    /// Source, once the lazy dump froze the tree and its page source runs: compares the
-    /// pages sent ahead with what the tree holds now, off the freeze's path (the image
-    /// travels and the destination restores meanwhile, serving nothing sent ahead until
-    /// it has the list), sends `target` the list of those written since with their
-    /// contents now, then hands the page source the list for its bulk connection: all of
-    /// them if the comparison failed, none if nothing went ahead.
-    pub(super) fn settle_stale(&self, id: &str, target: &str, images: &Path, init: Option<i32>) {
+    /// Source, as the checkpoint starts (the tree still runs): waits until CRIU has
+    /// frozen every process of the tree, then, while the dump goes on, finds the pages
+    /// sent ahead that were written since and reads them (see [`Self::settle_stale`]).
+    /// Ends without a result if the tree is not frozen by the time `dumped` is set.
+    pub(super) fn settle_while_dumping(
+        &self,
+        id: &str,
+        target: &str,
+        init: Option<i32>,
+        dumped: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Option<Early> {
+        let init = init?;
+        let sent = locked(&self.prepushed).remove(id)?;
+        let compressed = self.peers.compression(target) == crate::transfer::Compression::Zstd;
+        Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            loop {
+                let tree = tree_of(init);
+                if !tree.is_empty() && tree.iter().all(|p| process::threads_stopped(p.pid)) {
+                    let settled = sent.settle(&tree, |r| stacks_first(r, &tree), compressed);
+                    tracing::debug!(
+                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        stale = settled.as_ref().map(|s| s.stale.len()),
+                        "stale pages found while the dump ran"
+                    );
+                    return (sent, settled);
+                }
+                if dumped.load(std::sync::atomic::Ordering::Acquire) {
+                    return (sent, None);
+                }
+                std::thread::sleep(FREEZE_POLL);
+            }
+        }))
+    }
+
+    /// Source, once the lazy dump froze the tree and its page source runs: the stale
+    /// pages (found while the dump ran, `early`, brought up to date; else found now,
+    /// off the freeze's path: the image travels and the destination restores meanwhile,
+    /// serving nothing sent ahead until it has the list) go to `target` with the list,
+    /// then the page source's bulk connection gets the list: all of them if the
+    /// comparison failed, none if nothing went ahead.
+    pub(super) fn settle_stale(
+        &self,
+        id: &str,
+        target: &str,
+        init: Option<i32>,
+        early: Option<Early>,
+    ) {
         let Some(source) = locked(&self.page_sources).get(id).map(Arc::clone) else {
             return;
         };
-        let sent = locked(&self.prepushed).remove(id);
-        let lazy = crate::criu::image::lazy_runs(images);
-        let (Some(sent), Some(init), Ok(lazy)) = (sent, init, lazy) else {
+        let (Some(init), Some(early)) = (init, early) else {
             source.set_stale(Stale::All);
             return;
         };
+        let compressed = self.peers.compression(target) == crate::transfer::Compression::Zstd;
         let (id, target, this) = (id.to_string(), target.to_string(), self.this());
         self.tasks.spawn(async move {
             let started = Instant::now();
-            let tree = tree_of(init);
-            let compared = tokio::task::spawn_blocking(move || {
-                let stale = sent.stale(&tree);
-                // The lazy runs of the stale pages: what the destination gets with the list.
-                // The pages around each thread's stack pointer first: the restore writes
-                // there before the workload runs again, and the workload's next steps do.
-                let runs = stale
-                    .as_ref()
-                    .map(|s| stacks_first(pages::within(&lazy, s), &tree));
-                (sent.pages(), stale, runs)
-            })
+            let settled = async {
+                let (sent, found) = early.await.ok()?;
+                tokio::task::spawn_blocking(move || {
+                    let tree = tree_of(init);
+                    let early = found
+                        .and_then(|mut s| sent.refresh(&mut s, &tree, compressed).then_some(s));
+                    let fresh = early.is_none();
+                    let settled = early.or_else(|| {
+                        sent.settle(&tree, |r| stacks_first(r, &tree), compressed)
+                    });
+                    // Handed back: letting go of it (the write tracking ends, the
+                    // kernel unprotects every page) waits until the list has gone.
+                    settled.map(|s| (sent, s, fresh))
+                })
+                .await
+                .ok()
+                .flatten()
+            }
             .await;
-            let (stale, runs) = match compared {
-                Ok((ahead, Some(stale), Some(runs))) => {
-                    tracing::info!(
-                        migration = %id,
-                        ahead,
-                        stale = stale.len(),
-                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        "pages written since they went ahead"
-                    );
-                    (Stale::Only(stale), runs)
-                }
-                _ => {
-                    tracing::warn!(
-                        migration = %id,
-                        "comparing the pages sent ahead failed; the destination drops them"
-                    );
-                    (Stale::All, Vec::new())
-                }
+            let Some((sent, settled, fresh)) = settled else {
+                tracing::warn!(
+                    migration = %id,
+                    "comparing the pages sent ahead failed; the destination drops them"
+                );
+                source.set_stale(Stale::All);
+                return;
             };
+            tracing::info!(
+                migration = %id,
+                ahead = sent.pages(),
+                stale = settled.stale.len(),
+                found_while_dumping = !fresh,
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "pages written since they went ahead"
+            );
+            let stale = Stale::Only(settled.stale.clone());
             let Some(engine) = this else {
                 source.set_stale(stale);
                 return;
             };
-            if let Stale::Only(keys) = &stale {
-                let count = keys.len() as u64;
-                let _ = engine.update(&id, |m| {
-                    m.pages.get_or_insert_with(Default::default).stale = count;
-                });
-            }
+            let _release = ReleaseLater(Some(sent));
+            let count = settled.stale.len() as u64;
+            let _ = engine.update(&id, |m| {
+                m.pages.get_or_insert_with(Default::default).stale = count;
+            });
             let early = {
-                let (engine, source, id, stale) =
-                    (Arc::clone(&engine), Arc::clone(&source), id.clone(), stale.clone());
-                tokio::spawn(async move { engine.send_settled(&id, &target, &source, &stale, runs).await })
+                let (engine, source, id) = (Arc::clone(&engine), Arc::clone(&source), id.clone());
+                tokio::spawn(async move { engine.send_settled(&id, &target, &source, &settled).await })
             };
             if tokio::time::timeout(SETTLE_FIRST, early).await.is_err() {
                 tracing::warn!(migration = %id, "the stale pages are slow to go; the bulk connection gets the list meanwhile");
@@ -216,21 +278,19 @@ impl Engine {
         });
     }
 
-    /// Source: sends `target` the stale list and the stale pages (`runs`) at once
-    /// (`Settle`). Best effort: what does not arrive this way the bulk push brings.
+    /// Source: sends `target` the stale list and the stale pages at once (`Settle`). Best
+    /// effort: what does not arrive this way the bulk push brings.
     async fn send_settled(
         &self,
         id: &str,
         target: &str,
         source: &pages::PageSource,
-        stale: &Stale,
-        runs: Vec<crate::criu::image::PageRun>,
+        settled: &pages::Settlement,
     ) {
         let started = Instant::now();
         let req = Request::Settle {
             migration: id.to_string(),
         };
-        let compressed = self.peers.compression(target) == crate::transfer::Compression::Zstd;
         let outcome = async {
             let (mut send, recv) = self
                 .peers
@@ -238,7 +298,7 @@ impl Engine {
                 .await
                 .map_err(|e| e.to_string())?;
             let sent = source
-                .send_settled(&mut send, stale, runs, compressed)
+                .send_settlement(&mut send, settled)
                 .await
                 .map_err(|e| e.to_string())?;
             match self.peers.answer(target, send, recv).await {

@@ -160,7 +160,16 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         let images = images.clone();
         tokio::spawn(async move { transfer::send_image(channel, &images, layout, dumping).await })
     };
+    // Post-copy: once CRIU has frozen the tree, the pages written since they went ahead
+    // are found while it dumps.
+    let dump_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let early = if postcopy {
+        engine.settle_while_dumping(id, &target, workload.pid, Arc::clone(&dump_over))
+    } else {
+        None
+    };
     let checkpoint = adapter.checkpoint(about.with_images(images.clone())).await;
+    dump_over.store(true, std::sync::atomic::Ordering::Release);
     let _ = dumped.send(true);
     let notes = match checkpoint {
         Ok(notes) => notes,
@@ -173,7 +182,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         engine.adopt_lazy_dump(id, &images, workload.pid).await?;
         // Frozen now: which pages sent ahead were written since is found while the
         // destination restores, and opens its bulk page connection.
-        engine.settle_stale(id, &target, &images, workload.pid);
+        engine.settle_stale(id, &target, workload.pid, early);
     }
     engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 

@@ -155,6 +155,29 @@ pub fn state(pid: i32) -> Option<char> {
     stat[stat.rfind(')')? + 2..].chars().next()
 }
 
+/// Every thread of `pid` is stopped (by a tracer, `t`, or a stop signal, `T`); false if
+/// it cannot be read.
+pub fn threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            return false;
+        };
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..))
+            .and_then(|s| s.chars().next());
+        if !matches!(state, Some('t' | 'T')) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 fn pid_ns(pid: i32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
 }
@@ -277,6 +300,21 @@ fn reap(pid: i32) -> Option<i32> {
         }
     } else {
         None
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux applies nice values
+/// per thread): it then gets the CPU mostly when nothing of normal priority wants it.
+pub fn nice_this_thread(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no arguments; setpriority with integer arguments.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, u32::try_from(tid).unwrap_or(0), nice)
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -429,32 +429,22 @@ impl PageSource {
         self.stale.send_replace(Some(Arc::new(stale)));
     }
 
-    /// Sends on `out` which pages sent ahead are stale, then `runs` (the lazy runs of those
-    /// pages) as the frozen tree holds them now, gathered and (`compressed`) compressed,
-    /// then an empty chunk: see [`receive_settled`]. Pages the tree does not give here are
-    /// left to the bulk push. Returns the pages and bytes sent.
-    pub async fn send_settled(
+    /// Sends on `out` the stale list of `s`, then its pages, then an empty chunk: see
+    /// [`receive_settled`]. Returns the pages and bytes sent.
+    pub async fn send_settlement(
         &self,
         out: &mut (impl AsyncWrite + Unpin),
-        stale: &Stale,
-        runs: Vec<PageRun>,
-        compressed: bool,
+        s: &Settlement,
     ) -> std::io::Result<(u64, u64)> {
-        write_stale(out, stale).await?;
-        let (tx, mut ready) = mpsc::channel(BULK_READ_AHEAD);
-        let memory = self.memory.clone();
-        let producer =
-            tokio::task::spawn_blocking(move || prepare_bulk(&memory, runs, compressed, &tx));
+        let stale = Stale::Only(s.stale.clone());
+        write_stale(out, &stale).await?;
         let (mut pages, mut wire) = (0u64, 0u64);
-        while let Some(item) = ready.recv().await {
-            if let Prepared::Read { chunk, packed } = item {
-                pages += chunk.data.len() as u64 / PAGE_SIZE;
-                let w = write_chunk_packed(out, &chunk, packed.as_deref()).await?;
-                self.count(chunk.data.len(), w);
-                wire += w as u64;
-            }
+        for (chunk, packed) in &s.chunks {
+            pages += chunk.data.len() as u64 / PAGE_SIZE;
+            let w = write_chunk_packed(out, chunk, packed.as_deref()).await?;
+            self.count(chunk.data.len(), w);
+            wire += w as u64;
         }
-        producer.await.map_err(std::io::Error::other)?;
         wire += write_chunk_packed(out, &Chunk::end(), None).await? as u64;
         Ok((pages, wire))
     }
@@ -738,22 +728,34 @@ fn prepare_bulk(
     compressed: bool,
     out: &mpsc::Sender<Prepared>,
 ) {
-    let ready = |chunk: Chunk| {
+    prepare(memory, runs, compressed, |item| {
+        out.blocking_send(item).is_ok()
+    });
+}
+
+/// [`prepare_bulk`], handing each item to `out` (false: stop).
+fn prepare(
+    memory: &HashMap<u32, Arc<Memory>>,
+    runs: Vec<PageRun>,
+    compressed: bool,
+    mut out: impl FnMut(Prepared) -> bool,
+) {
+    let read = |chunk: Chunk| {
         let packed = if compressed {
             super::codec::compress(&chunk.body())
         } else {
             None
         };
-        out.blocking_send(Prepared::Read { chunk, packed }).is_ok()
+        Prepared::Read { chunk, packed }
     };
     let mut gather = Chunk::end();
     for run in runs {
         if run.nr_pages < GATHER_BELOW {
-            let read = memory
+            let data = memory
                 .get(&run.pid)
                 .and_then(|m| m.read(run.vaddr, run.nr_pages).ok());
-            let Some(data) = read else {
-                if out.blocking_send(Prepared::Ask(run)).is_err() {
+            let Some(data) = data else {
+                if !out(Prepared::Ask(run)) {
                     return;
                 }
                 continue;
@@ -763,7 +765,7 @@ fn prepare_bulk(
             let behind = gather.at.last().is_some_and(|&last| last >= run.vaddr);
             if gather.gathered()
                 && (gather.pid != run.pid || full || behind)
-                && !ready(std::mem::replace(&mut gather, Chunk::end()))
+                && !out(read(std::mem::replace(&mut gather, Chunk::end())))
             {
                 return;
             }
@@ -774,7 +776,7 @@ fn prepare_bulk(
             gather.data.extend_from_slice(&data);
             continue;
         }
-        if gather.gathered() && !ready(std::mem::replace(&mut gather, Chunk::end())) {
+        if gather.gathered() && !out(read(std::mem::replace(&mut gather, Chunk::end()))) {
             return;
         }
         let (mut vaddr, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE);
@@ -785,12 +787,12 @@ fn prepare_bulk(
                 nr_pages: ((end - vaddr) / PAGE_SIZE).min(MAX_GET_PAGES),
             };
             vaddr += piece.nr_pages * PAGE_SIZE;
-            let read = memory
+            let data = memory
                 .get(&piece.pid)
                 .and_then(|m| m.read(piece.vaddr, piece.nr_pages).ok());
-            let sent = match read {
-                Some(data) => ready(Chunk::run(piece.pid, piece.vaddr, data)),
-                None => out.blocking_send(Prepared::Ask(piece)).is_ok(),
+            let sent = match data {
+                Some(data) => out(read(Chunk::run(piece.pid, piece.vaddr, data))),
+                None => out(Prepared::Ask(piece)),
             };
             if !sent {
                 return;
@@ -798,7 +800,7 @@ fn prepare_bulk(
         }
     }
     if gather.gathered() {
-        ready(gather);
+        out(read(gather));
     }
 }
 
@@ -1015,16 +1017,6 @@ impl PageCache {
     }
 }
 
-/// `runs` that hold one of the pages `keys` names, cut to those pages.
-pub fn within(runs: &[PageRun], keys: &[(u32, u64)]) -> Vec<PageRun> {
-    let keep: std::collections::HashSet<(u32, u64)> = keys.iter().copied().collect();
-    coalesce(runs.iter().flat_map(|r| {
-        (0..r.nr_pages)
-            .map(move |i| (r.pid, r.vaddr + i * PAGE_SIZE))
-            .filter(|k| keep.contains(k))
-    }))
-}
-
 /// Pages, in order, as runs of consecutive pages of one process.
 fn coalesce(pages: impl Iterator<Item = (u32, u64)>) -> Vec<PageRun> {
     let mut out: Vec<PageRun> = Vec::new();
@@ -1163,6 +1155,17 @@ pub struct TreeProcess {
     pub id: u32,
 }
 
+/// The stale list of a frozen tree and the stale pages' contents, ready to go
+/// ([`Prepushed::settle`], [`PageSource::send_settlement`]).
+pub struct Settlement {
+    pub stale: Vec<(u32, u64)>,
+    /// The processes it was made of.
+    tree: Vec<TreeProcess>,
+    /// The kernel's written ranges it was made with, by process id.
+    written: HashMap<u32, Vec<(u64, u64)>>,
+    chunks: Vec<(Chunk, Option<Vec<u8>>)>,
+}
+
 /// The pages the source sent ahead of the switch, each by a digest of what it held then,
 /// and, where the kernel tracks it, which of its processes' pages were written since.
 #[derive(Default)]
@@ -1271,20 +1274,34 @@ impl Prepushed {
     /// page is read once and compared, on every core (the source is frozen meanwhile).
     /// `None` if a part of it failed: then no page sent ahead may be trusted.
     pub fn stale(&self, tree: &[TreeProcess]) -> Option<Vec<(u32, u64)>> {
-        // The pages to compare: every page of a process the kernel did not track (or not
-        // this one: same id, another process), only the suspect ranges of the others.
+        self.stale_with(tree, &self.writes(tree))
+    }
+
+    /// What the kernel says now of the writes of each process of `tree` it tracked (not
+    /// another process with the same id).
+    fn writes(&self, tree: &[TreeProcess]) -> HashMap<u32, Writes> {
+        self.trackers
+            .iter()
+            .filter(|(id, t)| tree.iter().any(|p| p.id == **id && p.pid == t.pid()))
+            .filter_map(|(id, t)| Some((*id, Writes::of(t, false)?)))
+            .collect()
+    }
+
+    /// [`Self::stale`], with the kernel's word `writes`.
+    fn stale_with(
+        &self,
+        tree: &[TreeProcess],
+        writes: &HashMap<u32, Writes>,
+    ) -> Option<Vec<(u32, u64)>> {
+        // The pages to compare: every page of a process the kernel did not track, only
+        // the suspect ranges of the others.
         let mut keys: Vec<(u32, u64)> = Vec::new();
         let mut next = self.digests.keys().next().map(|k| k.0);
         while let Some(id) = next {
             next = id
                 .checked_add(1)
                 .and_then(|n| self.digests.range((n, 0)..).next().map(|(k, _)| k.0));
-            let writes = self
-                .trackers
-                .get(&id)
-                .filter(|t| tree.iter().any(|p| p.id == id && p.pid == t.pid()))
-                .and_then(|t| Writes::of(t, false));
-            match writes {
+            match writes.get(&id) {
                 Some(w) => {
                     for (s, e) in w.suspect() {
                         keys.extend(self.digests.range((id, s)..(id, e)).map(|(k, _)| *k));
@@ -1310,6 +1327,93 @@ impl Prepushed {
             }
             Some(stale)
         })
+    }
+
+    /// Blocking, once `tree` is frozen: the stale list, and the stale pages as the tree
+    /// holds them, read and (`compressed`) compressed in the order `order` gives their
+    /// runs. `None` if the comparison failed (no page sent ahead may be trusted then).
+    pub fn settle(
+        &self,
+        tree: &[TreeProcess],
+        order: impl FnOnce(Vec<PageRun>) -> Vec<PageRun>,
+        compressed: bool,
+    ) -> Option<Settlement> {
+        let writes = self.writes(tree);
+        let stale = self.stale_with(tree, &writes)?;
+        let runs = order(coalesce(stale.iter().copied()));
+        let memory: HashMap<u32, Arc<Memory>> = tree
+            .iter()
+            .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
+            .collect();
+        let mut chunks = Vec::new();
+        prepare(&memory, runs, compressed, |item| {
+            // A page the tree does not give here is left to the bulk push.
+            if let Prepared::Read { chunk, packed } = item {
+                chunks.push((chunk, packed));
+            }
+            true
+        });
+        Some(Settlement {
+            stale,
+            tree: tree.to_vec(),
+            written: writes.into_iter().map(|(id, w)| (id, w.written)).collect(),
+            chunks,
+        })
+    }
+
+    /// Blocking: brings `s` (made while the dump ran) up to what `tree` holds now that it
+    /// is over: pages the kernel reports written since are compared, and those changed
+    /// join the list with their contents (a thread the dump ran code in may have had a
+    /// page written, its `rseq` area for one). False if it cannot be (other processes, a
+    /// failed scan): make a new one then. Where the kernel tracked nothing, `s` was made
+    /// with the tree frozen, as now.
+    pub fn refresh(&self, s: &mut Settlement, tree: &[TreeProcess], compressed: bool) -> bool {
+        let same = s.tree.len() == tree.len()
+            && s.tree
+                .iter()
+                .all(|p| tree.iter().any(|q| q.pid == p.pid && q.id == p.id));
+        let now = self.writes(tree);
+        if !same || now.len() != s.written.len() {
+            return false;
+        }
+        let listed: std::collections::HashSet<(u32, u64)> = s.stale.iter().copied().collect();
+        let mut keys: Vec<(u32, u64)> = Vec::new();
+        for (id, w) in &now {
+            let Some(before) = s.written.get(id) else {
+                return false;
+            };
+            for &(start, end) in &w.written {
+                keys.extend(
+                    self.digests
+                        .range((*id, start)..(*id, end))
+                        .map(|(k, _)| *k)
+                        .filter(|k| !within_ranges(before, k.1) && !listed.contains(k)),
+                );
+            }
+        }
+        keys.sort_unstable();
+        let fresh = self.stale_in(&keys, tree);
+        if !fresh.is_empty() {
+            let memory: HashMap<u32, Arc<Memory>> = tree
+                .iter()
+                .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
+                .collect();
+            prepare(
+                &memory,
+                coalesce(fresh.iter().copied()),
+                compressed,
+                |item| {
+                    if let Prepared::Read { chunk, packed } = item {
+                        s.chunks.push((chunk, packed));
+                    }
+                    true
+                },
+            );
+            s.stale.extend(fresh);
+            s.stale.sort_unstable();
+        }
+        s.written = now.into_iter().map(|(id, w)| (id, w.written)).collect();
+        true
     }
 
     /// Of `keys` (sorted), those whose page now differs from what was sent.
@@ -2036,16 +2140,47 @@ mod tests {
         let mut b = [0u8; 1];
         mem.read_exact_at(&mut b, same).expect("read");
         mem.write_all_at(&b, same).expect("write");
-        let stale = tokio::task::spawn_blocking(move || sent.stale(&tree))
-            .await
-            .unwrap()
-            .expect("compared");
-        let here: Vec<u64> = stale
+        let (mut settled, holds, sent) = tokio::task::spawn_blocking(move || {
+            let mut s = sent.settle(&tree, |r| r, true).expect("compared");
+            let holds = sent.refresh(&mut s, &tree, true);
+            (s, holds, sent)
+        })
+        .await
+        .unwrap();
+        let here: Vec<u64> = settled
+            .stale
             .iter()
             .filter(|(id, a)| *id == 1 && *a >= region && *a < region + 64 * PAGE_SIZE)
             .map(|(_, a)| *a)
             .collect();
         assert_eq!(here, vec![changed], "stale in the region");
+        assert!(
+            holds,
+            "nothing was written since, yet it cannot be brought up to date"
+        );
+        let before = settled.stale.len();
+        // A write after it was made (as while the dump ran): brought in by a refresh.
+        let late = region + 20 * PAGE_SIZE;
+        mem.write_all_at(&[0xdd], late).expect("write");
+        let (settled, holds) = tokio::task::spawn_blocking(move || {
+            let holds = sent.refresh(&mut settled, &tree, true);
+            (settled, holds)
+        })
+        .await
+        .unwrap();
+        assert!(holds);
+        assert!(
+            settled.stale.contains(&(1, late)),
+            "a write since it was made went unseen"
+        );
+        assert_eq!(settled.stale.len(), before + 1);
+        assert!(
+            settled
+                .chunks
+                .iter()
+                .any(|(c, _)| c.addresses().any(|a| a == late)),
+            "its page was not read"
+        );
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -2053,47 +2188,42 @@ mod tests {
     #[tokio::test]
     async fn the_stale_list_comes_with_the_stale_pages_as_they_are_now() {
         let me = std::process::id() as i32;
-        let (source, _) = PageSource::start(None, &[TreeProcess { pid: me, id: 3 }])
-            .await
-            .unwrap();
+        let tree = [TreeProcess { pid: me, id: 3 }];
+        let (source, _) = PageSource::start(None, &tree).await.unwrap();
         let now = vec![0x5au8; 5 * page_bytes(1)];
         let base = (now.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let (a, b, c) = (base, base + PAGE_SIZE, base + 3 * PAGE_SIZE);
-        // Sent ahead: three pages, as they were then; two of them were written since.
+        // Sent ahead: three pages; two of them were written since.
+        let old = vec![0x01u8; page_bytes(1)];
         let cache = PageCache::held();
+        let mut sent = Prepushed::default();
         for at in [a, b, c] {
-            cache.insert(Chunk::run(3, at, vec![0x01u8; page_bytes(1)]));
+            let then = if at == b {
+                vec![0x5au8; page_bytes(1)]
+            } else {
+                old.clone()
+            };
+            sent.digests.insert((3, at), digest(&then));
+            cache.insert(Chunk::run(3, at, then));
         }
-        let stale = Stale::Only(vec![(3, a), (3, c)]);
-        let runs = vec![
-            PageRun {
-                pid: 3,
-                vaddr: a,
-                nr_pages: 1,
-            },
-            PageRun {
-                pid: 3,
-                vaddr: c,
-                nr_pages: 1,
-            },
-        ];
-        let mut wire: Vec<u8> = Vec::new();
-        let (pages, _) = source
-            .send_settled(&mut wire, &stale, runs, true)
+        let settled = tokio::task::spawn_blocking(move || sent.settle(&tree, |r| r, true))
             .await
-            .unwrap();
+            .unwrap()
+            .expect("compared");
+        assert_eq!(settled.stale, vec![(3, a), (3, c)]);
+        let mut wire: Vec<u8> = Vec::new();
+        let (pages, _) = source.send_settlement(&mut wire, &settled).await.unwrap();
         assert_eq!(pages, 2);
         let (named, got) = receive_settled(&mut wire.as_slice(), &cache).await.unwrap();
         assert_eq!((named, got), (2, 2));
         cache.ready().await.unwrap();
-        for at in [a, c] {
+        for at in [a, b, c] {
             assert_eq!(
                 cache.run_from(3, at, 1),
                 vec![0x5au8; page_bytes(1)],
                 "{at:#x}"
             );
         }
-        assert_eq!(cache.run_from(3, b, 1), vec![0x01u8; page_bytes(1)]);
         // Nothing left for the bulk push; the bulk connection's list changes nothing now.
         let lazy = [PageRun {
             pid: 3,
@@ -2104,20 +2234,17 @@ mod tests {
             cache.missing(&lazy).iter().map(|r| r.nr_pages).sum::<u64>(),
             1
         );
-        assert!(!cache.settle(&stale));
+        assert!(!cache.settle(&Stale::Only(settled.stale.clone())));
         assert_eq!(cache.run_from(3, c, 1), vec![0x5au8; page_bytes(1)]);
         // More pages than the list names are refused.
+        let more = Settlement {
+            stale: vec![(3, a)],
+            tree: Vec::new(),
+            written: HashMap::new(),
+            chunks: vec![(Chunk::run(3, a, vec![1u8; page_bytes(2)]), None)],
+        };
         let mut wire: Vec<u8> = Vec::new();
-        let one = Stale::Only(vec![(3, a)]);
-        let runs = vec![PageRun {
-            pid: 3,
-            vaddr: a,
-            nr_pages: 2,
-        }];
-        source
-            .send_settled(&mut wire, &one, runs, false)
-            .await
-            .unwrap();
+        source.send_settlement(&mut wire, &more).await.unwrap();
         let e = receive_settled(&mut wire.as_slice(), &PageCache::held())
             .await
             .unwrap_err();
