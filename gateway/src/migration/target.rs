@@ -183,6 +183,15 @@ impl Engine {
         body: Body<'_>,
     ) -> Response {
         match self.incoming(peer, id) {
+            Some(m) if m.phase == Phase::Preparing && m.files >= MAX_IMAGE_FILES => {
+                return Response::error(
+                    ErrorCode::Refused,
+                    format!(
+                        "migration {id} has sent {} image files, the most a migration may",
+                        m.files
+                    ),
+                )
+            }
             Some(m) if m.phase == Phase::Preparing => {}
             _ => {
                 return Response::error(
@@ -616,6 +625,9 @@ const DISK_RESERVE: u64 = 64 << 20;
 
 /// Is there room in `dir` for a file of `size` bytes (unknown: a growing file), besides
 /// [`DISK_RESERVE`]?
+/// Image files one migration may send (CRIU writes a few dozen per process).
+pub(super) const MAX_IMAGE_FILES: u32 = 8192;
+
 fn room_for(dir: &std::path::Path, size: Option<u64>) -> Result<(), String> {
     let free = process::free_bytes(dir)
         .map_err(|e| format!("cannot see the free space in {}: {e}", dir.display()))?;

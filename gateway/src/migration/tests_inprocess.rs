@@ -1721,7 +1721,7 @@ async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_file_larger_than_the_free_space_is_refused_before_a_byte_is_written() {
+async fn an_image_file_past_the_free_space_or_the_file_limit_is_refused_before_a_byte_is_written() {
     use crate::peer::wire::{Request, Response};
     let pair = Pair::new("room").await;
     let spec = WorkloadSpec {
@@ -1769,4 +1769,32 @@ async fn an_image_file_larger_than_the_free_space_is_refused_before_a_byte_is_wr
     }
     let dir = pair.b().dir.join("incoming").join("00000000feedf00d");
     assert!(!dir.join("pages-1.img").exists(), "bytes were written");
+    // Past the most files a migration may send, another (small) one is refused too.
+    pair.b()
+        .engine
+        .update("00000000feedf00d", |m| {
+            m.files = super::target::MAX_IMAGE_FILES;
+        })
+        .expect("journaled");
+    let answer = pair
+        .a()
+        .peers
+        .request(
+            "b",
+            &Request::File {
+                migration: "00000000feedf00d".into(),
+                name: "core-1.img".into(),
+                size: 10,
+                compression: Default::default(),
+                growing: false,
+            },
+        )
+        .await;
+    match answer {
+        Ok(Response::Error { message, .. }) => {
+            assert!(message.contains("the most a migration may"), "{message}");
+        }
+        other => panic!("a file past the limit was not refused: {other:?}"),
+    }
+    assert!(!dir.join("core-1.img").exists(), "bytes were written");
 }

@@ -7,7 +7,8 @@
 //! target stays the same; any change of target drops it, so nothing outlives a move.
 //! As a proxy it drops the hop-by-hop headers (RFC 9110 §7.6.1) and tells the workload
 //! who the client is (`X-Forwarded-For`, `Forwarded`); a client gets 30 s to send a
-//! request's headers (a slow or silent one is closed).
+//! request's headers (a slow or silent one is closed), and an HTTP/2 connection at most
+//! 128 requests at once.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -85,10 +86,18 @@ pub(super) async fn serve(
         .keep_alive(true)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS);
     if let Err(e) = builder.serve_connection(TokioIo::new(conn), service).await {
         tracing::debug!(error = %e, "client connection ended");
     }
 }
+
+/// Requests one HTTP/2 client connection may have open at once (each is held, then
+/// forwarded, at a switch).
+const MAX_STREAMS: u32 = 128;
 
 /// Longest a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);

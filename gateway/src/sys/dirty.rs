@@ -68,13 +68,54 @@ pub struct Tracker {
     pagemap: std::fs::File,
 }
 
+/// How long starting to track a process may take (its thread must stop for a moment).
+const START_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Tracker {
     /// Starts tracking `pid` (the process, as root sees it): every page of its private
     /// writable mappings counts as unwritten from here. Errors if the kernel, the
-    /// architecture or the process does not allow it; nothing of it is left in the
-    /// process then.
+    /// architecture or the process does not allow it, or it takes longer than
+    /// [`START_WITHIN`] (a thread that does not stop); nothing of it is left in the
+    /// process then. Not for a process under a seccomp filter (a filter may kill it for
+    /// the system call), or one stopped or in uninterruptible sleep.
     pub fn start(pid: i32) -> io::Result<Self> {
-        let uffd = make_userfaultfd_in(pid)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map_or("", str::trim)
+        };
+        if field("Seccomp:") != "0" {
+            return Err(io::Error::other("under a seccomp filter"));
+        }
+        if field("State:").starts_with(['T', 't', 'D']) {
+            return Err(io::Error::other(format!("in state {}", field("State:"))));
+        }
+        // On a thread of its own, which stays to hand the process back if it stops only
+        // after the caller gave up (ptrace's requests come from the thread that seized).
+        let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gave_up = std::sync::Arc::clone(&cancelled);
+        std::thread::Builder::new()
+            .name("ferry-track".into())
+            .spawn(move || {
+                let _ = tx.send(Self::start_here(pid, &gave_up));
+            })?;
+        match rx.recv_timeout(START_WITHIN) {
+            Ok(r) => r,
+            Err(_) => {
+                cancelled.store(true, std::sync::atomic::Ordering::Release);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the process did not stop to be tracked",
+                ))
+            }
+        }
+    }
+
+    fn start_here(pid: i32, cancelled: &std::sync::atomic::AtomicBool) -> io::Result<Self> {
+        let uffd = make_userfaultfd_in(pid, cancelled)?;
         let mut api = [UFFD_API, FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED, 0];
         // SAFETY: a valid `uffdio_api` for this descriptor.
         if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) } != 0 {
@@ -201,8 +242,12 @@ fn private_writable(line: &str) -> Option<(u64, u64)> {
 
 /// Makes a userfaultfd in `pid` and returns a copy of it here (closed there).
 #[cfg(target_arch = "x86_64")]
-fn make_userfaultfd_in(pid: i32) -> io::Result<OwnedFd> {
+fn make_userfaultfd_in(pid: i32, cancelled: &std::sync::atomic::AtomicBool) -> io::Result<OwnedFd> {
     let stopped = Stopped::seize(pid)?;
+    if cancelled.load(std::sync::atomic::Ordering::Acquire) {
+        stopped.resume()?;
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "stopped too late"));
+    }
     let fd = stopped.syscall(
         libc::SYS_userfaultfd,
         [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0],
@@ -219,7 +264,10 @@ fn make_userfaultfd_in(pid: i32) -> io::Result<OwnedFd> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn make_userfaultfd_in(_pid: i32) -> io::Result<OwnedFd> {
+fn make_userfaultfd_in(
+    _pid: i32,
+    _cancelled: &std::sync::atomic::AtomicBool,
+) -> io::Result<OwnedFd> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "write tracking injects a system call, written for x86-64 only",
@@ -445,6 +493,24 @@ mod tests {
             }
         }
         (present, swapped)
+    }
+
+    #[test]
+    fn a_stopped_process_is_not_tracked_and_stays_stopped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep runs");
+        let pid = child.id() as i32;
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let e = Tracker::start(pid).expect_err("tracked while stopped");
+        assert!(e.to_string().contains("state T"), "{e}");
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        assert!(state.contains(") T "), "{state}");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
