@@ -216,6 +216,11 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token every API call must present.
     pub token: String,
+    /// The programs a workload started through the API may run (its command's first
+    /// word: a name found on PATH, or an absolute path); absent: any. `ferry init`
+    /// writes the list it is given (`--allow-command`), empty by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_commands: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -129,6 +129,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
 
     let state = Arc::new(ApiState {
         token: cfg.api.token.clone(),
+        allowed_commands: cfg.api.allowed_commands.clone(),
         site: SiteInfo {
             name: cfg.name.clone(),
             version: crate::VERSION.to_string(),

@@ -499,3 +499,52 @@ fn mkdir(p: &Path) -> Result<(), WorkloadError> {
         source,
     })
 }
+/// Whether `list` (`[api] allowed_commands`; `None`: any program) allows `spec`'s program:
+/// a listed name allows that program as PATH finds it, and the same program named by its
+/// path. The refusal says what was asked and what is allowed.
+pub fn program_allowed(spec: &WorkloadSpec, list: Option<&[String]>) -> Result<(), String> {
+    let Some(list) = list else {
+        return Ok(());
+    };
+    let program = spec.command.first().map(String::as_str).unwrap_or_default();
+    let found = process::resolve(program);
+    if list
+        .iter()
+        .any(|a| a == program || process::resolve(a) == found)
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "this site does not start {program:?} through its API (allowed: {list:?})"
+    ))
+}
+
+#[cfg(test)]
+mod allow_tests {
+    use super::*;
+
+    fn spec(program: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            name: "w".into(),
+            command: vec![program.into(), "1".into()],
+            port: None,
+            env: std::collections::BTreeMap::new(),
+            runtime: "process".into(),
+            settings: std::collections::BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_listed_programs_start_by_name_or_by_path() {
+        assert!(program_allowed(&spec("sleep"), None).is_ok());
+        let list = vec!["sleep".to_string()];
+        assert!(program_allowed(&spec("sleep"), Some(&list)).is_ok());
+        let path = process::resolve("sleep").display().to_string();
+        assert!(path.starts_with('/'), "{path}");
+        assert!(program_allowed(&spec(&path), Some(&list)).is_ok());
+        let e = program_allowed(&spec("sh"), Some(&list)).unwrap_err();
+        assert!(e.contains("\"sh\"") && e.contains("sleep"), "{e}");
+        assert!(program_allowed(&spec("sleep"), Some(&[])).is_err());
+    }
+}

@@ -39,6 +39,8 @@ pub enum ApiServerError {
 /// Everything a request handler may touch.
 pub struct ApiState {
     pub token: String,
+    /// `[api] allowed_commands`: the programs a workload started here may run (None: any).
+    pub allowed_commands: Option<Vec<String>>,
     pub site: types::SiteInfo,
     pub workloads: Arc<Workloads>,
     pub engine: Arc<Engine>,

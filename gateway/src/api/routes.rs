@@ -122,6 +122,7 @@ impl Api {
             }
             (Method::POST, ["v1", "workloads"]) => {
                 let spec: WorkloadSpec = body.json()?;
+                allowed(&spec, self.state.allowed_commands.as_deref())?;
                 let w = self.state.workloads.run(spec).await?;
                 let mut r = json(StatusCode::CREATED, &w);
                 set_location(&mut r, &format!("/v1/workloads/{}", w.spec.name));
@@ -299,4 +300,15 @@ fn set_location(r: &mut Response<Full<Bytes>>, location: &str) {
     if let Ok(v) = HeaderValue::from_str(location) {
         r.headers_mut().insert(LOCATION, v);
     }
+}
+
+/// Refuses a workload whose program `[api] allowed_commands` does not list.
+fn allowed(spec: &WorkloadSpec, list: Option<&[String]>) -> Result<(), ApiError> {
+    crate::workload::program_allowed(spec, list).map_err(|why| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "command_not_allowed",
+            format!("{why}: add it to [api] allowed_commands in site.toml"),
+        )
+    })
 }

@@ -30,6 +30,10 @@ pub struct Args {
     /// Data directory (journal, images, logs); default DIR/data.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A program workloads started through the API may run (repeatable); none: the
+    /// API starts nothing until `[api] allowed_commands` in site.toml lists some.
+    #[arg(long = "allow-command", value_name = "PROGRAM")]
+    allow_commands: Vec<String>,
     /// Overwrite an existing identity and config.
     #[arg(long)]
     force: bool,
@@ -59,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         api: ApiConfig {
             listen: args.api_listen,
             token: new_token()?,
+            allowed_commands: Some(args.allow_commands.clone()),
         },
         peer: PeerListenConfig {
             listen: args.peer_listen,
@@ -126,4 +131,35 @@ fn new_token() -> anyhow::Result<String> {
         .fill(&mut bytes)
         .map_err(|_| anyhow::anyhow!("no system randomness for the API token"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(dir: &std::path::Path, allow: &[&str]) -> SiteConfig {
+        run(Args {
+            name: "edge".into(),
+            dir: dir.to_path_buf(),
+            api_listen: "127.0.0.1:7443".parse().expect("addr"),
+            peer_listen: "0.0.0.0:7444".parse().expect("addr"),
+            data_dir: None,
+            allow_commands: allow.iter().map(ToString::to_string).collect(),
+            force: true,
+        })
+        .expect("init");
+        SiteConfig::load(&dir.join("site.toml")).expect("load")
+    }
+
+    #[test]
+    fn a_new_site_starts_only_the_programs_it_was_told_through_its_api() {
+        let dir = std::env::temp_dir().join(format!("ferry-init-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(init(&dir, &[]).api.allowed_commands, Some(Vec::new()));
+        assert_eq!(
+            init(&dir, &["redis-server"]).api.allowed_commands,
+            Some(vec!["redis-server".to_string()])
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }

@@ -362,6 +362,7 @@ fn site_config(name: &str, dir: &Path, listen: SocketAddr, peer: PeerConfig) -> 
         api: ApiConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             token: "0123456789abcdef0123".into(),
+            allowed_commands: None,
         },
         peer: PeerListenConfig { listen },
         peers: vec![peer],
@@ -1121,8 +1122,11 @@ async fn the_plan_lists_every_approach_and_prefers_the_lowest_stall() {
         Some("service"),
         "{plan:?}"
     );
+    // (The prediction counts the link's measured round trip: its milliseconds vary with
+    // the machine's load.)
     assert!(
-        plan.why.contains("lowest predicted stall (10 ms)"),
+        plan.why
+            .contains("service has the lowest predicted stall ("),
         "{}",
         plan.why
     );
@@ -1656,6 +1660,7 @@ async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothi
         .expect("bind the API");
     let addr = server.local_addr().expect("addr");
     let state = Arc::new(crate::api::ApiState {
+        allowed_commands: None,
         token: "fuzz-token".into(),
         site: crate::api::types::SiteInfo {
             name: "b".into(),
