@@ -228,9 +228,15 @@ fn an_operator_abort_rolls_back_before_the_switch_and_is_refused_after() -> Resu
             .contains("aborted by the operator"),
         "{m}"
     );
-    // The source runs on with its data; B holds nothing; an ended move cannot be aborted.
+    // The source runs on with its data; B lets go of its reservation when the source's
+    // abort reaches it (on this slow link, behind the image data already sent); an ended
+    // move cannot be aborted.
     assert_eq!(sites.a.redis_dataset(6391)?, before);
-    assert!(sites.b.has_no_workloads()?);
+    wait_for(
+        "B to let go of its reservation",
+        Duration::from_secs(15),
+        || sites.b.has_no_workloads().ok()?.then_some(()),
+    )?;
     let out = sites.a.ferry_output(&["migration", "abort", &id])?;
     assert!(!out.status.success());
     assert!(

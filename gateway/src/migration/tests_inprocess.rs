@@ -1649,18 +1649,25 @@ impl Fuzz {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothing() {
-    use hyper::Method;
-    let pair = Pair::new("fuzzapi").await;
-    let b = pair.b();
+/// Serves `b`'s API (token "fuzz-token", `allowed` as `[api] allowed_commands`) on a
+/// loopback port: a client with the token, the site's identity, the address, and what
+/// stops it.
+async fn api_of(
+    b: &Site,
+    allowed: Option<Vec<String>>,
+) -> (
+    crate::api::client::ApiClient,
+    Identity,
+    std::net::SocketAddr,
+    CancellationToken,
+) {
     let identity = Identity::load(&b.cfg.identity.cert, &b.cfg.identity.key).expect("identity");
     let server = crate::api::ApiServer::bind("127.0.0.1:0".parse().expect("addr"), &identity)
         .await
         .expect("bind the API");
     let addr = server.local_addr().expect("addr");
     let state = Arc::new(crate::api::ApiState {
-        allowed_commands: None,
+        allowed_commands: allowed,
         token: "fuzz-token".into(),
         site: crate::api::types::SiteInfo {
             name: "b".into(),
@@ -1684,6 +1691,40 @@ async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothi
         identity.fingerprint(),
     )
     .expect("client");
+    (client, identity, addr, cancel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_starts_no_program_its_site_does_not_list() {
+    use hyper::Method;
+    let pair = Pair::new("allow").await;
+    let b = pair.b();
+    let (client, _, _, cancel) = api_of(b, Some(vec!["sleep".into()])).await;
+    let spec = serde_json::json!({
+        "name": "shell",
+        "command": ["sh", "-c", "sleep 600"],
+        "runtime": RUNTIME,
+    });
+    let (status, body) = client
+        .send_raw(Method::POST, "/v1/workloads", spec.to_string().into_bytes())
+        .await
+        .expect("an answer");
+    assert_eq!(status.as_u16(), 403, "{body:?}");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("command_not_allowed") && text.contains("sh"),
+        "{text}"
+    );
+    assert!(b.workloads.list().is_empty(), "a workload was created");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_malformed_or_hostile_api_requests_get_4xx_and_change_nothing() {
+    use hyper::Method;
+    let pair = Pair::new("fuzzapi").await;
+    let b = pair.b();
+    let (client, identity, addr, cancel) = api_of(b, None).await;
     let stranger = crate::api::client::ApiClient::new(
         &format!("https://{addr}"),
         "not-the-token",
