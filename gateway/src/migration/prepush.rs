@@ -84,6 +84,28 @@ fn stacks_first(
 }
 
 impl Engine {
+    /// Sends `req` to `target` with the body `write` puts on its stream; the body's
+    /// result once `target` answers `Ready`, else why not.
+    async fn with_body<T>(
+        &self,
+        target: &str,
+        req: &Request,
+        write: impl AsyncFnOnce(&mut quinn::SendStream) -> std::io::Result<T>,
+    ) -> Result<T, String> {
+        let (mut send, recv) = self
+            .peers
+            .open_request(target, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let out = write(&mut send).await.map_err(|e| e.to_string())?;
+        match self.peers.answer(target, send, recv).await {
+            Ok(Response::Ready) => Ok(out),
+            Ok(Response::Error { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Source, before the freeze: sends the running tree's pages ahead. Best effort: a
     /// failure only means the destination gets every page after the switch.
     pub(super) async fn prepush(&self, id: &str, target: &str, init: i32) {
@@ -92,49 +114,36 @@ impl Engine {
         let req = Request::Prepush {
             migration: id.to_string(),
         };
-        let outcome = async {
-            let (mut send, recv) = self
-                .peers
-                .open_request(target, &req)
+        let outcome = self
+            .with_body(target, &req, async |send| {
+                // The kernel tracks writes from here (where it can), before any page is
+                // read.
+                let (mut sent, tracked) = tokio::task::spawn_blocking({
+                    let tree = tree.clone();
+                    move || {
+                        let mut sent = Prepushed::default();
+                        let tracked = sent.track(&tree);
+                        (sent, tracked)
+                    }
+                })
                 .await
-                .map_err(|e| e.to_string())?;
-            // The kernel tracks writes from here (where it can), before any page is read.
-            let (mut sent, tracked) = tokio::task::spawn_blocking({
-                let tree = tree.clone();
-                move || {
-                    let mut sent = Prepushed::default();
-                    let tracked = sent.track(&tree);
-                    (sent, tracked)
+                .map_err(std::io::Error::other)?;
+                tracing::debug!(
+                    migration = id,
+                    processes = tree.len(),
+                    tracked,
+                    "write tracking"
+                );
+                // A first pass sends every page; a second only those written during the
+                // first, so the freeze finds few written since.
+                let mut wire = 0;
+                for _ in 0..PASSES {
+                    wire += pages::prepush(send, &tree, &mut sent).await?.1;
                 }
+                wire += pages::end_prepush(send).await?;
+                Ok((sent, wire))
             })
-            .await
-            .map_err(|e| e.to_string())?;
-            tracing::debug!(
-                migration = id,
-                processes = tree.len(),
-                tracked,
-                "write tracking"
-            );
-            // A first pass sends every page; a second only those written during the
-            // first, so the freeze finds few written since.
-            let mut wire = 0;
-            for _ in 0..PASSES {
-                let (_, w) = pages::prepush(&mut send, &tree, &mut sent)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                wire += w;
-            }
-            wire += pages::end_prepush(&mut send)
-                .await
-                .map_err(|e| e.to_string())?;
-            match self.peers.answer(target, send, recv).await {
-                Ok(Response::Ready) => Ok((sent, wire)),
-                Ok(Response::Error { message, .. }) => Err(message),
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        .await;
+            .await;
         match outcome {
             Ok((sent, wire)) => {
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -291,24 +300,11 @@ impl Engine {
         let req = Request::Settle {
             migration: id.to_string(),
         };
-        let outcome = async {
-            let (mut send, recv) = self
-                .peers
-                .open_request(target, &req)
-                .await
-                .map_err(|e| e.to_string())?;
-            let sent = source
-                .send_settlement(&mut send, settled)
-                .await
-                .map_err(|e| e.to_string())?;
-            match self.peers.answer(target, send, recv).await {
-                Ok(Response::Ready) => Ok(sent),
-                Ok(Response::Error { message, .. }) => Err(message),
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        .await;
+        let outcome = self
+            .with_body(target, &req, async |send| {
+                source.send_settlement(send, settled).await
+            })
+            .await;
         match outcome {
             Ok((pages, wire)) => {
                 tracing::info!(

@@ -6,10 +6,12 @@
 //! kernel; the process never waits.
 //!
 //! A userfaultfd acts on the memory of the process that made it, so one is made *in* the
-//! tracked process: its thread is stopped with `PTRACE_SEIZE`/`PTRACE_INTERRUPT`, made to
-//! run `userfaultfd(2)` (two instruction bytes, `syscall; int3`, written where it stopped
-//! and put back after), the descriptor is copied out with `pidfd_getfd(2)`, closed there
-//! the same way, and the thread resumes as it was (an interrupted system call restarts).
+//! tracked process: every thread of it is stopped with `PTRACE_SEIZE`/`PTRACE_INTERRUPT`
+//! (another thread running where the code is written would run it too), the main thread
+//! is made to run `userfaultfd(2)` (three instruction bytes, `syscall; int3`, written
+//! where it stopped and put back after), the descriptor is copied out with
+//! `pidfd_getfd(2)`, closed there the same way, and every thread resumes as it was (an
+//! interrupted system call restarts).
 //! The process is left with no descriptor of ours: CRIU dumps it as it would any other.
 
 use std::io;
@@ -291,8 +293,9 @@ fn pidfd_getfd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(got) })
 }
 
-/// A thread stopped under `PTRACE_SEIZE`: resumed (with its registers and any signal
-/// that came meanwhile) when dropped.
+/// A process stopped under `PTRACE_SEIZE`, every thread of it (one resuming where code
+/// is injected would run it): resumed (its main thread with its registers, each with any
+/// signal that came meanwhile) when dropped. Code runs in the main thread.
 #[cfg(target_arch = "x86_64")]
 struct Stopped {
     pid: i32,
@@ -300,6 +303,8 @@ struct Stopped {
     /// A signal that arrived while it was stopped, delivered when it resumes.
     pending: std::cell::Cell<i32>,
     resumed: std::cell::Cell<bool>,
+    /// Its other threads, each with a signal to deliver when it resumes.
+    others: Vec<(i32, std::cell::Cell<i32>)>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -312,39 +317,40 @@ impl Stopped {
             regs: unsafe { std::mem::zeroed() },
             pending: std::cell::Cell::new(0),
             resumed: std::cell::Cell::new(false),
+            others: Vec::new(),
         };
         ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0)?;
         stopped.wait_for(|status| status >> 16 == libc::PTRACE_EVENT_STOP)?;
         stopped.regs = stopped.get_regs()?;
-        Ok(stopped)
+        // Then every other thread, until a listing shows none new (one not stopped yet
+        // may have started another).
+        loop {
+            let new: Vec<i32> = threads(pid)
+                .into_iter()
+                .filter(|t| *t != pid && !stopped.others.iter().any(|(o, _)| o == t))
+                .collect();
+            if new.is_empty() {
+                return Ok(stopped);
+            }
+            for tid in new {
+                if ptrace(libc::PTRACE_SEIZE, tid, 0, 0).is_err() {
+                    continue; // ended meanwhile
+                }
+                let pending = std::cell::Cell::new(0);
+                let stop = ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0).and_then(|()| {
+                    wait_stop(tid, &pending, |status| {
+                        status >> 16 == libc::PTRACE_EVENT_STOP
+                    })
+                });
+                stopped.others.push((tid, pending));
+                stop?;
+            }
+        }
     }
 
-    /// Waits for a stop `wanted` accepts; other signal stops are remembered (delivered
-    /// at resume) and let go.
+    /// Waits for a stop of the main thread `wanted` accepts.
     fn wait_for(&self, wanted: impl Fn(i32) -> bool) -> io::Result<()> {
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid on our tracee, writing `status`.
-            let r = unsafe { libc::waitpid(self.pid, &raw mut status, libc::__WALL) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if !libc::WIFSTOPPED(status) {
-                return Err(io::Error::other("the process ended while it was stopped"));
-            }
-            if wanted(status) {
-                return Ok(());
-            }
-            let sig = libc::WSTOPSIG(status);
-            if status >> 16 == 0 && sig != libc::SIGTRAP {
-                self.pending.set(sig);
-            }
-            ptrace(libc::PTRACE_CONT, self.pid, 0, 0)?;
-        }
+        wait_stop(self.pid, &self.pending, wanted)
     }
 
     fn get_regs(&self) -> io::Result<libc::user_regs_struct> {
@@ -396,14 +402,68 @@ impl Stopped {
 
     fn resume(self) -> io::Result<()> {
         self.resumed.set(true);
-        self.set_regs(&self.regs)?;
-        ptrace(
-            libc::PTRACE_DETACH,
-            self.pid,
-            0,
-            self.pending.get() as usize,
-        )
+        let main = self.set_regs(&self.regs).and_then(|()| {
+            ptrace(
+                libc::PTRACE_DETACH,
+                self.pid,
+                0,
+                self.pending.get() as usize,
+            )
+        });
+        self.let_others_go();
+        main
     }
+
+    fn let_others_go(&self) {
+        for (tid, pending) in &self.others {
+            let _ = ptrace(libc::PTRACE_DETACH, *tid, 0, pending.get() as usize);
+        }
+    }
+}
+
+/// Waits for a stop of thread `tid` that `wanted` accepts; other signal stops are
+/// remembered in `pending` (delivered at resume) and let go.
+#[cfg(target_arch = "x86_64")]
+fn wait_stop(
+    tid: i32,
+    pending: &std::cell::Cell<i32>,
+    wanted: impl Fn(i32) -> bool,
+) -> io::Result<()> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our tracee, writing `status`.
+        let r = unsafe { libc::waitpid(tid, &raw mut status, libc::__WALL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if !libc::WIFSTOPPED(status) {
+            return Err(io::Error::other("the process ended while it was stopped"));
+        }
+        if wanted(status) {
+            return Ok(());
+        }
+        let sig = libc::WSTOPSIG(status);
+        if status >> 16 == 0 && sig != libc::SIGTRAP {
+            pending.set(sig);
+        }
+        ptrace(libc::PTRACE_CONT, tid, 0, 0)?;
+    }
+}
+
+/// The thread ids of `pid`.
+#[cfg(target_arch = "x86_64")]
+fn threads(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -417,6 +477,7 @@ impl Drop for Stopped {
                 0,
                 self.pending.get() as usize,
             );
+            self.let_others_go();
         }
     }
 }
@@ -465,9 +526,26 @@ fn poke(pid: i32, at: u64, word: u64) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// A `python3 -c script` child, and the address its script printed first (a region
+    /// of its memory the test then reads, writes or tracks).
+    pub(crate) fn python_with_region(script: &str) -> (std::process::Child, u64) {
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("its address");
+        (child, line.trim().parse().expect("an address"))
+    }
 
     /// Pages of `pid`'s private writable mappings `/proc/PID/pagemap` shows present, and
     /// shows swapped (what CRIU would dump besides).
@@ -493,6 +571,34 @@ mod tests {
             }
         }
         (present, swapped)
+    }
+
+    #[test]
+    fn a_process_whose_threads_all_run_the_same_code_survives_being_tracked() {
+        // Eight threads sleeping 50 µs at a time in the same libc call as the main
+        // thread: one resuming where the main thread stopped would meet the injected
+        // instructions if it ran meanwhile.
+        let script = "import threading, time, ctypes, mmap\n\
+            m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE)\n\
+            m[0] = 1\n\
+            stop = time.time() + 3\n\
+            def spin():\n\
+            \x20   while time.time() < stop: time.sleep(0.00005)\n\
+            ts = [threading.Thread(target=spin) for _ in range(8)]\n\
+            [t.start() for t in ts]\n\
+            print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n\
+            while time.time() < stop: time.sleep(0.00005)\n\
+            [t.join() for t in ts]\n";
+        let (mut child, _) = python_with_region(script);
+        let pid = child.id() as i32;
+        for i in 0..20 {
+            match Tracker::start(pid) {
+                Ok(t) => drop(t),
+                Err(e) => panic!("write tracking, time {i}: {e}"),
+            }
+        }
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "it ended {status}");
     }
 
     #[test]
@@ -525,19 +631,8 @@ mod tests {
             a = ctypes.addressof(ctypes.c_char.from_buffer(m))\n\
             print(a, flush=True)\n\
             time.sleep(2)\n";
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
+        let (mut child, region) = python_with_region(script);
         let pid = child.id() as i32;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("its address");
-        let region: u64 = line.trim().parse().expect("an address");
         std::thread::sleep(std::time::Duration::from_millis(100));
         let before = present_and_swapped(pid);
         let tracker = Tracker::start(pid).unwrap_or_else(|e| panic!("write tracking: {e}"));

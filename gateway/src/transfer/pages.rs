@@ -2108,18 +2108,7 @@ mod tests {
             for i in range(64): m[i * 4096] = i + 1\n\
             print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n\
             time.sleep(3)\n";
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("its address");
-        let region: u64 = line.trim().parse().expect("an address");
+        let (mut child, region) = crate::sys::dirty::tests::python_with_region(script);
         let pid = child.id() as i32;
         let tree = [TreeProcess { pid, id: 1 }];
         let mut sent = Prepushed::default();
