@@ -188,9 +188,17 @@ impl Engine {
         let compressed = self.peers.compression(target) == crate::transfer::Compression::Zstd;
         Some(tokio::task::spawn_blocking(move || {
             let started = Instant::now();
+            let stopped = |tree: &[TreeProcess]| {
+                !tree.is_empty() && tree.iter().all(|p| process::threads_stopped(p.pid))
+            };
+            // Polled: the tree as it was (listing a PID namespace reads all of /proc);
+            // listed again once it looks frozen, to take in what it forked meanwhile.
+            let mut tree = tree_of(init);
             loop {
-                let tree = tree_of(init);
-                if !tree.is_empty() && tree.iter().all(|p| process::threads_stopped(p.pid)) {
+                if stopped(&tree) {
+                    tree = tree_of(init);
+                }
+                if stopped(&tree) {
                     let settled = sent.settle(&tree, |r| stacks_first(r, &tree), compressed);
                     tracing::debug!(
                         ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
