@@ -178,23 +178,16 @@ impl SmallJournal {
         let journal = sites.a.dir.join("data/journal");
         let disk = sites.root.join("small-disk");
         std::fs::create_dir_all(&disk)?;
-        let sh = |script: String| -> Result<()> {
-            let out = std::process::Command::new("sh")
-                .args(["-c", &script])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
-        };
-        sh(format!(
+        run_sh(&format!(
             "mount -t tmpfs -o size=4m tmpfs {}",
             disk.display()
         ))?;
-        sh(format!("cp -a {}/. {}/", journal.display(), disk.display()))?;
-        sh(format!(
+        run_sh(&format!(
+            "cp -a {}/. {}/",
+            journal.display(),
+            disk.display()
+        ))?;
+        run_sh(&format!(
             "mount --bind {} {}",
             disk.display(),
             journal.display()

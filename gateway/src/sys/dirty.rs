@@ -82,17 +82,12 @@ impl Tracker {
     /// the system call), or one stopped or in uninterruptible sleep.
     pub fn start(pid: i32) -> io::Result<Self> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map_or("", str::trim)
-        };
-        if field("Seccomp:") != "0" {
+        let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:"));
+        if seccomp.map(str::trim) != Some("0") {
             return Err(io::Error::other("under a seccomp filter"));
         }
-        if field("State:").starts_with(['T', 't', 'D']) {
-            return Err(io::Error::other(format!("in state {}", field("State:"))));
+        if let Some(state @ ('T' | 't' | 'D')) = super::process::state(pid) {
+            return Err(io::Error::other(format!("in state {state}")));
         }
         // On a thread of its own, which stays to hand the process back if it stops only
         // after the caller gave up (ptrace's requests come from the thread that seized).
@@ -167,22 +162,15 @@ impl Tracker {
         self.scan(0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED)
     }
 
-    /// The ranges of tracked pages written since they were last protected (at the
-    /// granularity the kernel maps them: a transparent huge page counts whole; a page
-    /// not populated now counts as written); with `protect`, only the present ones, and
-    /// they are protected again in the same pass (the next call lists only pages
-    /// written after this one).
-    pub fn written(&self, protect: bool) -> io::Result<Vec<(u64, u64)>> {
-        // Protected again: present pages only (an unpopulated page reads as written, and
-        // protecting it would leave a marker that looks swapped, see `start`).
-        let (flags, present) = if protect {
-            (SCAN_WP_MATCHING, PAGE_IS_PRESENT)
-        } else {
-            (0, 0)
-        };
+    /// The ranges of present tracked pages written since they were last protected (at
+    /// the granularity the kernel maps them: a transparent huge page counts whole),
+    /// protected again in the same pass: the next call lists only pages written after
+    /// this one. Present pages only: an unpopulated page reads as written, and
+    /// protecting it would leave a marker that looks swapped (see `start`).
+    pub fn protect_written(&self) -> io::Result<Vec<(u64, u64)>> {
         self.scan(
-            flags,
-            PAGE_IS_WPALLOWED | PAGE_IS_WRITTEN | present,
+            SCAN_WP_MATCHING,
+            PAGE_IS_WPALLOWED | PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
             PAGE_IS_WRITTEN,
         )
     }
@@ -190,7 +178,26 @@ impl Tracker {
     /// One `PAGEMAP_SCAN` over the whole address space, in as many calls as its output
     /// needs: the ranges of pages with every category of `mask`.
     fn scan(&self, flags: u64, mask: u64, report: u64) -> io::Result<Vec<(u64, u64)>> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
+        Ok(merged(self.scan_with(flags, mask, report)?.into_iter()))
+    }
+
+    /// The ranges tracked now and, of them, those written since they were last
+    /// protected (a page not populated now counts as written), in one pass over the
+    /// page tables, protecting nothing.
+    pub fn tracked_and_written(&self) -> io::Result<(Ranges, Ranges)> {
+        let regions = self.scan_with(0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED | PAGE_IS_WRITTEN)?;
+        let written = merged(
+            regions
+                .iter()
+                .filter(|r| r.2 & PAGE_IS_WRITTEN != 0)
+                .copied(),
+        );
+        Ok((merged(regions.into_iter()), written))
+    }
+
+    /// [`Self::scan`], each range with the categories of `report` it has.
+    fn scan_with(&self, flags: u64, mask: u64, report: u64) -> io::Result<Vec<(u64, u64, u64)>> {
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
         let mut regions = vec![Region::default(); 4096];
         let mut start = 0;
         while start < USER_END {
@@ -211,12 +218,11 @@ impl Tracker {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            for r in &regions[..usize::try_from(n).unwrap_or(0)] {
-                match out.last_mut() {
-                    Some(last) if last.1 == r.start => last.1 = r.end,
-                    _ => out.push((r.start, r.end)),
-                }
-            }
+            out.extend(
+                regions[..usize::try_from(n).unwrap_or(0)]
+                    .iter()
+                    .map(|r| (r.start, r.end, r.categories)),
+            );
             if arg.walk_end <= start {
                 break;
             }
@@ -224,6 +230,21 @@ impl Tracker {
         }
         Ok(out)
     }
+}
+
+/// Address ranges, `(start, end)`, sorted.
+pub type Ranges = Vec<(u64, u64)>;
+
+/// Ranges that touch joined into one, whatever their categories.
+fn merged(regions: impl Iterator<Item = (u64, u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end, _) in regions {
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 /// A private, writable mapping of `/proc/PID/maps` (anonymous or not: private file pages
@@ -325,7 +346,7 @@ impl Stopped {
         // Then every other thread, until a listing shows none new (one not stopped yet
         // may have started another).
         loop {
-            let new: Vec<i32> = threads(pid)
+            let new: Vec<i32> = super::process::threads(pid)
                 .into_iter()
                 .filter(|t| *t != pid && !stopped.others.iter().any(|(o, _)| o == t))
                 .collect();
@@ -452,18 +473,6 @@ fn wait_stop(
         }
         ptrace(libc::PTRACE_CONT, tid, 0, 0)?;
     }
-}
-
-/// The thread ids of `pid`.
-#[cfg(target_arch = "x86_64")]
-fn threads(pid: i32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -641,7 +650,7 @@ pub(crate) mod tests {
             tracked.iter().any(|&(s, e)| s <= region && region < e),
             "the region is not tracked: {tracked:x?}"
         );
-        let idle = tracker.written(true).expect("scan");
+        let idle = tracker.protect_written().expect("scan");
         assert!(
             !idle.iter().any(|&(s, e)| s <= region && region < e),
             "written before any write: {idle:x?}"
@@ -656,7 +665,7 @@ pub(crate) mod tests {
         let mut buf = [0u8; 1];
         mem.read_exact_at(&mut buf, page).expect("read");
         mem.write_all_at(&buf, page).expect("write");
-        let written = tracker.written(false).expect("scan");
+        let (_, written) = tracker.tracked_and_written().expect("scan");
         let in_region: Vec<_> = written
             .iter()
             .filter(|&&(s, e)| e > region && s < region + (8 << 20))

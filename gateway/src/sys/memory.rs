@@ -139,12 +139,9 @@ pub fn ns_pid(pid: i32) -> Option<u32> {
 /// The stack pointers of `pid`'s threads, as `/proc/PID/task/TID/syscall` shows them for
 /// a stopped (or blocked) thread; threads it does not say it of are left out.
 pub fn stack_pointers(pid: i32) -> Vec<u64> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("syscall")).ok())
+    super::process::threads(pid)
+        .into_iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok())
         .filter_map(|line| {
             // "NR ARG1..ARG6 SP PC", or "-1 SP PC" outside a system call.
             let fields: Vec<&str> = line.split_whitespace().collect();

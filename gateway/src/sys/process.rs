@@ -151,31 +151,37 @@ pub fn alive(pid: i32, started: u64) -> bool {
 
 /// Process state letter from /proc (R, S, T for stopped, …).
 pub fn state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
+    stat_state(&format!("/proc/{pid}/stat"))
+}
+
+/// The state letter of a `stat` file.
+fn stat_state(path: &str) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat.get(stat.rfind(')')? + 2..)?.chars().next()
+}
+
+/// The thread ids of `pid` (none if it cannot be read).
+pub fn threads(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Every thread of `pid` is stopped (by a tracer, `t`, or a stop signal, `T`); false if
 /// it cannot be read.
 pub fn threads_stopped(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    let mut any = false;
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            return false;
-        };
-        let state = stat
-            .rfind(')')
-            .and_then(|i| stat.get(i + 2..))
-            .and_then(|s| s.chars().next());
-        if !matches!(state, Some('t' | 'T')) {
-            return false;
-        }
-        any = true;
-    }
-    any
+    let tids = threads(pid);
+    !tids.is_empty()
+        && tids.iter().all(|tid| {
+            matches!(
+                stat_state(&format!("/proc/{pid}/task/{tid}/stat")),
+                Some('t' | 'T')
+            )
+        })
 }
 
 fn pid_ns(pid: i32) -> Option<PathBuf> {

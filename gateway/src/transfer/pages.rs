@@ -375,10 +375,7 @@ impl PageSource {
         dump: Option<SocketAddr>,
         tree: &[TreeProcess],
     ) -> std::io::Result<(Arc<Self>, SocketAddr)> {
-        let memory = tree
-            .iter()
-            .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
-            .collect();
+        let memory = open_memory(tree);
         let (prio_tx, prio_rx) = mpsc::channel(1024);
         let (bulk_tx, bulk_rx) = mpsc::channel(4);
         let (close_tx, close_rx) = oneshot::channel();
@@ -1179,6 +1176,31 @@ pub struct Prepushed {
     passes: usize,
 }
 
+/// The memory of each process of `tree` that can be opened, by its id in CRIU's images.
+fn open_memory(tree: &[TreeProcess]) -> HashMap<u32, Arc<Memory>> {
+    tree.iter()
+        .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
+        .collect()
+}
+
+/// Blocking: `runs` as `tree` holds them, read and (`compressed`) compressed as
+/// [`prepare_bulk`] does; a page the tree does not give here is left out (to the bulk
+/// push).
+fn read_runs(
+    tree: &[TreeProcess],
+    runs: Vec<PageRun>,
+    compressed: bool,
+) -> Vec<(Chunk, Option<Vec<u8>>)> {
+    let mut chunks = Vec::new();
+    prepare(&open_memory(tree), runs, compressed, |item| {
+        if let Prepared::Read { chunk, packed } = item {
+            chunks.push((chunk, packed));
+        }
+        true
+    });
+    chunks
+}
+
 /// Is `addr` in one of `ranges` (sorted, disjoint)?
 fn within_ranges(ranges: &[(u64, u64)], addr: u64) -> bool {
     let i = ranges.partition_point(|&(_, end)| end <= addr);
@@ -1222,9 +1244,13 @@ struct Writes {
 
 impl Writes {
     fn of(tracker: &crate::sys::dirty::Tracker, protect: bool) -> Option<Self> {
-        // Written first: a range that stops being tracked after this still counts as
-        // untracked below (compared by content), never as unwritten.
-        let written = tracker.written(protect).ok()?;
+        if !protect {
+            let (tracked, written) = tracker.tracked_and_written().ok()?;
+            return Some(Self { tracked, written });
+        }
+        // Written (and protected again) first: a range that stops being tracked after
+        // this still counts as untracked below (compared by content), never as unwritten.
+        let written = tracker.protect_written().ok()?;
         let tracked = tracker.tracked().ok()?;
         Some(Self { tracked, written })
     }
@@ -1341,23 +1367,11 @@ impl Prepushed {
         let writes = self.writes(tree);
         let stale = self.stale_with(tree, &writes)?;
         let runs = order(coalesce(stale.iter().copied()));
-        let memory: HashMap<u32, Arc<Memory>> = tree
-            .iter()
-            .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
-            .collect();
-        let mut chunks = Vec::new();
-        prepare(&memory, runs, compressed, |item| {
-            // A page the tree does not give here is left to the bulk push.
-            if let Prepared::Read { chunk, packed } = item {
-                chunks.push((chunk, packed));
-            }
-            true
-        });
         Some(Settlement {
             stale,
             tree: tree.to_vec(),
             written: writes.into_iter().map(|(id, w)| (id, w.written)).collect(),
-            chunks,
+            chunks: read_runs(tree, runs, compressed),
         })
     }
 
@@ -1391,24 +1405,11 @@ impl Prepushed {
                 );
             }
         }
-        keys.sort_unstable();
-        let fresh = self.stale_in(&keys, tree);
-        if !fresh.is_empty() {
-            let memory: HashMap<u32, Arc<Memory>> = tree
-                .iter()
-                .filter_map(|p| Some((p.id, Arc::new(Memory::open(p.pid).ok()?))))
-                .collect();
-            prepare(
-                &memory,
-                coalesce(fresh.iter().copied()),
-                compressed,
-                |item| {
-                    if let Prepared::Read { chunk, packed } = item {
-                        s.chunks.push((chunk, packed));
-                    }
-                    true
-                },
-            );
+        if !keys.is_empty() {
+            keys.sort_unstable();
+            let fresh = self.stale_in(&keys, tree);
+            s.chunks
+                .extend(read_runs(tree, coalesce(fresh.iter().copied()), compressed));
             s.stale.extend(fresh);
             s.stale.sort_unstable();
         }
@@ -1418,10 +1419,7 @@ impl Prepushed {
 
     /// Of `keys` (sorted), those whose page now differs from what was sent.
     fn stale_in(&self, keys: &[(u32, u64)], tree: &[TreeProcess]) -> Vec<(u32, u64)> {
-        let memory: HashMap<u32, Memory> = tree
-            .iter()
-            .filter_map(|p| Some((p.id, Memory::open(p.pid).ok()?)))
-            .collect();
+        let memory = open_memory(tree);
         let mut stale = Vec::new();
         let mut i = 0;
         while i < keys.len() {
