@@ -21,6 +21,7 @@ fn main() {
         "postgres",
         "hostile",
         "legacy",
+        "legacy2",
         "examples/minimal",
     ] {
         println!(

@@ -1,7 +1,7 @@
 //! Post-copy, end to end: CRIU's lazy dump keeps Redis's memory in the frozen source,
 //! the destination restores at once, and its `criu lazy-pages` daemon fetches the pages
 //! through a tunnel over the QUIC peer link; the source is released only once every page
-//! has arrived.
+//! has arrived. The runc adapter does the same through runc's own lazy checkpoint.
 
 use std::time::Duration;
 
@@ -80,6 +80,71 @@ fn redis_moves_post_copy_with_an_identical_dataset() -> Result<()> {
         sites.a.redis(PORT, &["PING"]).is_err().then_some(())
     })?;
     assert!(sites.a.has_no_workloads()?);
+    Ok(())
+}
+
+#[test]
+fn redis_in_runc_moves_post_copy_through_runcs_lazy_checkpoint() -> Result<()> {
+    let mut opts = Options::new("pcrunc");
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "200"])?;
+    sites
+        .a
+        .redis(PORT, &["SET", "greeting", "lazily, from a container"])?;
+    let before = sites.a.redis_dataset(PORT)?;
+    // runc's adapter runs runc's own lazy checkpoint: post-copy is on offer for it.
+    let plan = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--plan"])?;
+    let candidate = plan["candidates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["approach"] == "orchestrator"))
+        .cloned()
+        .context("no orchestrator candidate")?;
+    assert!(
+        !candidate["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("post-copy needs an adapter"),
+        "{plan}"
+    );
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
+    eprintln!("runc post-copy: {m}");
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["approach"], "orchestrator", "{m}");
+    assert_eq!(m["options"]["mode"], "postcopy", "{m}");
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
+    assert!(m["page_server"].is_string(), "{m}");
+    assert_eq!(sites.b.redis_dataset(PORT)?, before);
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "greeting"])?,
+        "lazily, from a container"
+    );
+    // Every page arrived before the source went: B's copy takes writes and keeps them.
+    sites.b.redis(PORT, &["SET", "after", "the move"])?;
+    assert_eq!(sites.b.redis(PORT, &["GET", "after"])?, "the move");
+    wait_for(
+        "the source container to go",
+        Duration::from_secs(20),
+        || {
+            let at_a = sites
+                .a
+                .exec("runc", &["--root", "/run/ferry-runc/a", "list", "-q"])
+                .ok()?;
+            (!at_a.contains("a-redis")).then_some(())
+        },
+    )?;
+    assert!(sites.a.has_no_workloads()?);
+    let at_b = sites
+        .b
+        .exec("runc", &["--root", "/run/ferry-runc/b", "list", "-q"])?;
+    assert!(at_b.contains("b-redis"), "{at_b}");
+    sites.b.ferry(&["workload", "rm", "redis"])?;
     Ok(())
 }
 

@@ -1,9 +1,10 @@
 //! The adapter sandbox, proved with a hostile guest built from ../plugins/hostile: an
 //! endless loop hits the call deadline, unbounded memory growth hits the memory limit, an
 //! ungranted capability is denied by name, a trap is contained, and the adapter keeps
-//! serving calls afterwards. And the WIT versions: an adapter built against the frozen
-//! 0.1.0 (../plugins/legacy) still loads and answers; a manifest naming a version this
-//! gateway does not host, or not the one its component was built against, is refused.
+//! serving calls afterwards. And the WIT versions: adapters built against the frozen
+//! 0.1.0 (../plugins/legacy) and 0.2.0 (../plugins/legacy2) still load and answer; a
+//! manifest naming a version this gateway does not host, or not the one its component was
+//! built against, is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -305,8 +306,56 @@ async fn an_adapter_built_against_0_1_0_still_loads_and_answers() -> Result<()> 
         ),
         other => panic!("expected a denial, got {other}"),
     }
-    // The 0.2.0 adapters load beside it.
+    // The current version's adapters load beside it.
     assert_eq!(host.adapter("hostile")?.describe().await?.name, "hostile");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_adapter_built_against_0_2_0_still_loads_and_answers() -> Result<()> {
+    let dir = std::env::temp_dir().join("ferry-sandbox-legacy2");
+    site(&dir, 30_000, 64)?;
+    ferry_e2e::install_adapter("legacy2", &dir.join("plugins"))?;
+    // Granted log only: it asks for exec too, so its `exec.run` is refused, in 0.2.0's
+    // typed host-error.
+    let path = dir.join("site.toml");
+    let mut text = std::fs::read_to_string(&path)?;
+    text.push_str("[plugins.grants.legacy2]\ncapabilities = [\"log\"]\n");
+    std::fs::write(&path, text)?;
+    let cfg = SiteConfig::load(&path)?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
+    let info = host
+        .list()
+        .into_iter()
+        .find(|p| p.name == "legacy2")
+        .expect("listed");
+    assert_eq!(info.status, "loaded");
+    assert!(!info.lazy, "0.2.0 has no lazy interface");
+    let adapter = host.adapter("legacy2")?;
+    let mut call = workload("none").with_peer("far");
+    call.spec.runtime = "legacy2".into();
+    let plan = adapter.probe(call.clone()).await?;
+    assert_eq!(plan.reason, "legacy2 adapter would move victim to far");
+    assert_eq!(plan.expected_downtime_ms, Some(9));
+    let err = adapter.start_fresh(call.clone()).await.unwrap_err();
+    match &err {
+        PluginError::Denied { detail, .. } => assert!(
+            detail.starts_with("capability exec is not granted to adapter legacy2"),
+            "{detail}"
+        ),
+        other => panic!("expected a denial, got {other}"),
+    }
+    // Granted, the same call runs the program through 0.2.0's exec records.
+    let mut text = std::fs::read_to_string(&path)?;
+    text = text.replace(
+        "[plugins.grants.legacy2]\ncapabilities = [\"log\"]\n",
+        "[plugins.grants.legacy2]\ncapabilities = [\"log\", \"exec\"]\nexec = [\"true\"]\n",
+    );
+    std::fs::write(&path, text)?;
+    let cfg = SiteConfig::load(&path)?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
+    let started = host.adapter("legacy2")?.start_fresh(call).await?;
+    assert_eq!(started.pid, 0, "`true` exits 0");
     Ok(())
 }
 
@@ -322,9 +371,9 @@ async fn a_manifest_must_name_a_hosted_wit_version_and_the_one_built_against() -
         std::fs::write(&manifest, text.replace(from, to))?;
         Ok(())
     };
-    edit("hostile", r#"wit = "0.2.0""#, r#"wit = "9.9.9""#)?;
-    // Without the field the manifest means 0.1.0, but the component is built against 0.2.0.
-    edit("process", "wit = \"0.2.0\"\n", "")?;
+    edit("hostile", r#"wit = "0.3.0""#, r#"wit = "9.9.9""#)?;
+    // Without the field the manifest means 0.1.0, but the component is built against 0.3.0.
+    edit("process", "wit = \"0.3.0\"\n", "")?;
     let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
     let status = |name: &str| {
         host.list()
@@ -336,13 +385,13 @@ async fn a_manifest_must_name_a_hosted_wit_version_and_the_one_built_against() -
     let hostile = status("hostile");
     assert!(
         hostile.contains(
-            r#"wit version "9.9.9" is not supported; this gateway hosts 0.1.0 and 0.2.0"#
+            r#"wit version "9.9.9" is not supported; this gateway hosts 0.1.0, 0.2.0 and 0.3.0"#
         ),
         "{hostile}"
     );
     let process = status("process");
     assert!(
-        process.contains("is built against ferry:adapter@0.2.0")
+        process.contains("is built against ferry:adapter@0.3.0")
             && process.contains(r#"wit = "0.1.0""#),
         "{process}"
     );

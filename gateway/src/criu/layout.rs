@@ -4,6 +4,8 @@
 
 /// CRIU's log of a dump, written into the image directory.
 pub const DUMP_LOG: &str = "dump.log";
+/// What a runtime's own lazy checkpoint (`runc checkpoint --lazy-pages`) printed.
+pub const RUNTIME_DUMP_LOG: &str = "runtime-dump.log";
 /// CRIU's log of a restore.
 pub const RESTORE_LOG: &str = "restore.log";
 /// The log of the `criu lazy-pages` daemon of a post-copy restore.

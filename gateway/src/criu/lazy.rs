@@ -229,6 +229,9 @@ pub trait Supply: Send + Sync {
 const TAKE: u8 = b'U';
 const RELEASE: u8 = b'R';
 const DONE: u8 = b'D';
+/// With a descriptor: the restored tree's `cgroup.kill`, once the gateway knows it (a
+/// runtime's restore places the tree in a cgroup of its own choosing).
+const KILL: u8 = b'K';
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -247,6 +250,41 @@ struct Daemon {
     changed: Condvar,
     faults: std::sync::atomic::AtomicU64,
     copied: std::sync::atomic::AtomicU64,
+    /// The restored tree's `cgroup.kill`, written on failure while the userfaultfds are
+    /// still held.
+    kill: Mutex<Option<std::fs::File>>,
+}
+
+/// The gateway's hold on a running daemon, to name the restored tree's cgroup once it
+/// is known. It does not keep the daemon alive.
+#[derive(Clone)]
+pub struct Handle(std::sync::Weak<Daemon>);
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("lazy::Handle")
+    }
+}
+
+impl Handle {
+    /// On failure (of the daemon, or of the gateway: the guard), the restored tree is
+    /// killed through `cgroup_kill`.
+    pub fn kill_through(&self, cgroup_kill: &Path) -> std::io::Result<()> {
+        let Some(daemon) = self.0.upgrade() else {
+            // Ended: every page placed, or the failure already handled.
+            return Ok(());
+        };
+        let file = std::fs::OpenOptions::new().write(true).open(cgroup_kill)?;
+        let fd = OwnedFd::from(file.try_clone()?);
+        uffd::send_message(&lock(&daemon.guard), &[KILL, 0, 0, 0, 0], Some(&fd))?;
+        *lock(&daemon.kill) = Some(file);
+        Ok(())
+    }
+}
+
+/// Kills a cgroup through its open `cgroup.kill`.
+fn kill_with(file: &mut std::fs::File) {
+    let _ = std::io::Write::write_all(file, b"1");
 }
 
 impl Daemon {
@@ -551,13 +589,23 @@ impl Daemon {
 /// at once, then (on its own threads) takes the hand-over, places the pages from `supply`
 /// and, when every restored process has them all, tells the guard (`guard`, the gateway's
 /// end of its socket) and `supply`. On failure it kills the tree's cgroup through `kill`
-/// first, while the userfaultfds are still held.
+/// (or what [`Handle::kill_through`] names later) first, while the userfaultfds are
+/// still held.
 pub fn start(
     images: &Path,
     supply: Arc<dyn Supply>,
     guard: OwnedFd,
     kill: Option<PathBuf>,
-) -> Result<(), LazyError> {
+) -> Result<Handle, LazyError> {
+    let kill = match kill {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io("open the restored tree's cgroup.kill"))?,
+        ),
+        None => None,
+    };
     let mut by_pid: HashMap<u32, Vec<PageRun>> = HashMap::new();
     for r in image::lazy_runs(images)? {
         by_pid.entry(r.pid).or_default().push(r);
@@ -576,7 +624,9 @@ pub fn start(
         changed: Condvar::new(),
         faults: 0.into(),
         copied: 0.into(),
+        kill: Mutex::new(kill),
     });
+    let handle = Handle(Arc::downgrade(&daemon));
     std::thread::Builder::new()
         .name("lazy-pages".into())
         .spawn(move || {
@@ -596,10 +646,10 @@ pub fn start(
                     format!("Lazy pages transfer finished successfully: {summary}\n")
                 }
                 Err(e) => {
-                    if let Some(kill) = &kill {
+                    if let Some(kill) = lock(&daemon.kill).as_mut() {
                         // The userfaultfds are still open here (and at the guard): no
                         // thread has read a missing page.
-                        let _ = std::fs::write(kill, "1");
+                        kill_with(kill);
                     }
                     tracing::error!(error = %e, "lazy pages failed; the restored tree was killed");
                     format!("Error: lazy pages transfer FAILED: {e}\n")
@@ -611,7 +661,7 @@ pub fn start(
             // it kills the cgroup (again) and exits 1.
         })
         .map_err(io("start the lazy-pages thread"))?;
-    Ok(())
+    Ok(handle)
 }
 
 fn serve(
@@ -651,6 +701,7 @@ fn serve(
 /// verdict (0: every page placed) to `exit_file` and returns it.
 pub fn guard(sock: &OwnedFd, kill: Option<&Path>, exit_file: &Path) -> i32 {
     let mut held: HashMap<u32, OwnedFd> = HashMap::new();
+    let mut kill_later: Option<std::fs::File> = None;
     let mut msg = [0u8; 5];
     let code = loop {
         match uffd::recv_message(std::os::fd::AsFd::as_fd(sock), &mut msg) {
@@ -663,6 +714,7 @@ pub fn guard(sock: &OwnedFd, kill: Option<&Path>, exit_file: &Path) -> i32 {
                     (RELEASE, _) => {
                         held.remove(&index);
                     }
+                    (KILL, Some(fd)) => kill_later = Some(std::fs::File::from(fd)),
                     (DONE, _) => break 0,
                     _ => {}
                 }
@@ -673,6 +725,9 @@ pub fn guard(sock: &OwnedFd, kill: Option<&Path>, exit_file: &Path) -> i32 {
     if code != 0 {
         if let Some(kill) = kill {
             let _ = std::fs::write(kill, "1");
+        }
+        if let Some(file) = kill_later.as_mut() {
+            kill_with(file);
         }
     }
     let _ = std::fs::write(exit_file, format!("{code}\n"));

@@ -98,6 +98,8 @@ pub struct Running {
     pub page_server: Option<std::net::SocketAddr>,
     /// Its log, to explain a failure.
     pub log: PathBuf,
+    /// Ferry's lazy-pages daemon, when this is its guard.
+    pub daemon: Option<lazy::Handle>,
 }
 
 /// Runs `criu lazy-pages` ($3…), records its exit code in $1, and on failure kills the
@@ -203,6 +205,42 @@ impl Criu {
                 child,
                 page_server: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
                 log,
+                daemon: None,
+            },
+        );
+        Ok(start.elapsed())
+    }
+
+    /// Post-copy through a runtime that runs CRIU itself (`runc checkpoint --lazy-pages`):
+    /// starts `cmd`, which reports on fd 3 (CRIU's status fd, passed on) once everything
+    /// but the lazy pages is in `images` and its page server on loopback `port` serves the
+    /// frozen tree. It keeps running as the lazy dump of `images` (see
+    /// [`Self::take_running`]); its output goes to `output`.
+    pub async fn start_runtime_lazy_dump(
+        &self,
+        mut cmd: Command,
+        images: &Path,
+        port: u16,
+        output: std::fs::File,
+    ) -> Result<Duration, CriuError> {
+        let start = Instant::now();
+        let spawn_error = |source| CriuError::Spawn {
+            bin: PathBuf::from(cmd_program(&cmd)),
+            source,
+        };
+        let errors = output.try_clone().map_err(spawn_error)?;
+        cmd.stdout(output).stderr(errors);
+        let log = images.join(layout::DUMP_LOG);
+        let child = self
+            .spawn_until_ready(cmd, "dump", &[&images.join(layout::RUNTIME_DUMP_LOG), &log])
+            .await?;
+        self.keep_running(
+            images,
+            Running {
+                child,
+                page_server: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+                log,
+                daemon: None,
             },
         );
         Ok(start.elapsed())
@@ -217,25 +255,32 @@ impl Criu {
         action: &'static str,
         log: &Path,
     ) -> Result<tokio::process::Child, CriuError> {
-        let (reader, writer) = std::io::pipe().map_err(|source| CriuError::Spawn {
-            bin: self.bin.clone(),
-            source,
-        })?;
         cmd.args(["--status-fd", "3"])
-            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(false);
-        crate::sys::exec::place_fds_in_cgroup(&mut cmd, vec![(writer.as_raw_fd(), 3)], None)
-            .map_err(|source| CriuError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
-        tracing::debug!(?cmd, "starting criu");
-        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
-            bin: self.bin.clone(),
+            .stderr(std::process::Stdio::null());
+        self.spawn_until_ready(cmd, action, &[log]).await
+    }
+
+    /// Starts `cmd` with the write end of a pipe at fd 3 and waits for one byte on it; a
+    /// program that exits first failed, and its `logs` say why. The child is not killed
+    /// when dropped.
+    async fn spawn_until_ready(
+        &self,
+        mut cmd: Command,
+        action: &'static str,
+        logs: &[&Path],
+    ) -> Result<tokio::process::Child, CriuError> {
+        let program = PathBuf::from(cmd_program(&cmd));
+        let spawn_error = |source| CriuError::Spawn {
+            bin: program.clone(),
             source,
-        })?;
+        };
+        let (reader, writer) = std::io::pipe().map_err(spawn_error)?;
+        cmd.stdin(std::process::Stdio::null()).kill_on_drop(false);
+        crate::sys::exec::place_fds_in_cgroup(&mut cmd, vec![(writer.as_raw_fd(), 3)], None)
+            .map_err(spawn_error)?;
+        tracing::debug!(?cmd, "starting a program that reports readiness");
+        let mut child = cmd.spawn().map_err(spawn_error)?;
         drop(writer);
         let ready = tokio::task::spawn_blocking(move || {
             let mut byte = [0u8; 1];
@@ -248,7 +293,11 @@ impl Criu {
             return Ok(child);
         }
         let status = child.wait().await.ok();
-        let log_text = std::fs::read_to_string(log).unwrap_or_default();
+        let log_text: String = logs
+            .iter()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
         Err(CriuError::Failed {
             action,
             code: status.and_then(|s| s.code()),
@@ -300,39 +349,7 @@ impl Criu {
                 .remove(req.images)
         });
         if let (Some(supply), Some(exe)) = (supply, &self.lazy_daemon) {
-            // Ferry's daemon, in this process, and its guard: see `lazy`.
-            let (ours, theirs) = crate::sys::uffd::message_pair().map_err(|e| {
-                CriuError::NoPid(format!("cannot set up the lazy-pages guard: {e}"))
-            })?;
-            let mut guard = Command::new(exe);
-            guard
-                .arg("lazy-guard")
-                .arg("--exit-file")
-                .arg(req.images.join(layout::LAZY_PAGES_EXIT));
-            let kill = req.cgroup.map(|c| c.join("cgroup.kill"));
-            if let Some(kill) = &kill {
-                guard.arg("--kill").arg(kill);
-            }
-            guard
-                .stdin(std::process::Stdio::from(theirs))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(false);
-            let child = guard.spawn().map_err(|source| CriuError::Spawn {
-                bin: exe.clone(),
-                source,
-            })?;
-            lazy::start(req.images, supply, ours, kill).map_err(|e| {
-                CriuError::NoPid(format!("cannot start the lazy-pages daemon: {e}"))
-            })?;
-            self.keep_running(
-                req.images,
-                Running {
-                    child,
-                    page_server: None,
-                    log: req.images.join(layout::LAZY_PAGES_LOG),
-                },
-            );
+            self.serve_lazy(req.images, supply, exe, req.cgroup)?;
         } else if let Some(server) = req.lazy_from {
             // The daemon that fetches pages for the restored tree's page faults; it must
             // listen on its socket in the image directory before the restore connects.
@@ -372,6 +389,7 @@ impl Criu {
                     child,
                     page_server: None,
                     log,
+                    daemon: None,
                 },
             );
         }
@@ -442,6 +460,96 @@ impl Criu {
         })
     }
 
+    /// Starts Ferry's lazy-pages daemon (in this process) for a restore from `images`,
+    /// listening on its socket there, with its guard; kept as that directory's running
+    /// CRIU helper. On failure the restored tree's cgroup (`cgroup`, or one named later
+    /// with [`Self::kill_lazy_through`]) is killed.
+    fn serve_lazy(
+        &self,
+        images: &Path,
+        supply: std::sync::Arc<dyn lazy::Supply>,
+        exe: &Path,
+        cgroup: Option<&Path>,
+    ) -> Result<(), CriuError> {
+        let (ours, theirs) = crate::sys::uffd::message_pair()
+            .map_err(|e| CriuError::NoPid(format!("cannot set up the lazy-pages guard: {e}")))?;
+        let mut guard = Command::new(exe);
+        guard
+            .arg("lazy-guard")
+            .arg("--exit-file")
+            .arg(images.join(layout::LAZY_PAGES_EXIT));
+        let kill = cgroup.map(|c| c.join("cgroup.kill"));
+        if let Some(kill) = &kill {
+            guard.arg("--kill").arg(kill);
+        }
+        guard
+            .stdin(std::process::Stdio::from(theirs))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false);
+        let child = guard.spawn().map_err(|source| CriuError::Spawn {
+            bin: exe.to_path_buf(),
+            source,
+        })?;
+        let daemon = lazy::start(images, supply, ours, kill)
+            .map_err(|e| CriuError::NoPid(format!("cannot start the lazy-pages daemon: {e}")))?;
+        self.keep_running(
+            images,
+            Running {
+                child,
+                page_server: None,
+                log: images.join(layout::LAZY_PAGES_LOG),
+                daemon: Some(daemon),
+            },
+        );
+        Ok(())
+    }
+
+    /// Post-copy through a runtime that runs CRIU itself: Ferry's daemon waits for the
+    /// runtime's `criu restore --lazy-pages` whose work directory is `images` (where its
+    /// socket is), with the pages supplied for `images`.
+    pub fn await_lazy_restore(&self, images: &Path) -> Result<(), CriuError> {
+        let waiting = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(images)
+            .is_some_and(|r| r.daemon.is_some());
+        if waiting {
+            return Ok(());
+        }
+        let supply = self
+            .supplies
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(images)
+            .ok_or_else(|| CriuError::NoPid("this restore has no page supply".into()))?;
+        let exe = self.lazy_daemon.as_deref().ok_or_else(|| {
+            CriuError::NoPid(
+                "a runtime's lazy restore needs Ferry's lazy-pages daemon, which this gateway does not run".into(),
+            )
+        })?;
+        self.serve_lazy(images, supply, exe, None)
+    }
+
+    /// The lazy restore from `images` ran: its tree, rooted at `pid`, is killed through
+    /// its cgroup if its pages stop coming (a runtime's restore chose that cgroup).
+    pub fn kill_lazy_through(&self, images: &Path, pid: i32) {
+        let daemon = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(images)
+            .and_then(|r| r.daemon.clone());
+        let (Some(daemon), Some(cgroup)) = (daemon, crate::sys::process::cgroup_of(pid)) else {
+            return;
+        };
+        if let Err(e) = daemon.kill_through(&cgroup.join("cgroup.kill")) {
+            tracing::warn!(pid, cgroup = %cgroup.display(), error = %e, "cannot arm the lazy restore's kill switch");
+        }
+    }
+
     async fn run(&self, cmd: Command, action: &'static str, log: &Path) -> Result<(), CriuError> {
         self.run_with(cmd, action, log, None).await
     }
@@ -474,6 +582,11 @@ impl Criu {
             tail: error_tail(&format!("{stderr}\n{log_text}")),
         })
     }
+}
+
+/// The program a command runs, for messages.
+fn cmd_program(cmd: &Command) -> String {
+    cmd.as_std().get_program().to_string_lossy().into_owned()
 }
 
 /// CRIU dumps of the tree rooted at `pid` still running (a gateway killed mid-dump does
@@ -514,7 +627,7 @@ pub fn lazy_dump_ready() -> Result<(), String> {
 }
 
 /// A loopback port nothing listens on now (CRIU's page server needs one named in advance).
-fn free_loopback_port() -> std::io::Result<u16> {
+pub fn free_loopback_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -15,7 +15,6 @@ use tokio::net::TcpStream;
 
 use super::{locked, Engine, MigrationError, Phase, Role};
 use crate::peer::wire::{Request, Response, TargetState};
-use crate::plugins::Capability;
 use crate::proxy::Target;
 use crate::sys::process;
 use crate::transfer::pages::{self, PageCache, PageSource};
@@ -44,11 +43,11 @@ impl Engine {
     pub(super) fn postcopy_capable(&self, runtime: &str) -> Result<(), String> {
         crate::criu::lazy_dump_ready()?;
         let adapter = self.plugins.adapter(runtime).map_err(|e| e.to_string())?;
-        if self.plugins.grants(adapter.name(), Capability::Criu) {
+        if self.plugins.can_dump_lazily(adapter.name()) {
             Ok(())
         } else {
             Err(format!(
-                "post-copy needs an adapter that checkpoints through the gateway's CRIU (the criu capability); adapter {} does not",
+                "post-copy needs an adapter that checkpoints through the gateway's CRIU (the criu capability) or runs its runtime's lazy checkpoint through the lazy interface (with exec); adapter {} does neither",
                 adapter.name()
             ))
         }

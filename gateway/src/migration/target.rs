@@ -355,7 +355,10 @@ impl Engine {
         let restored = adapter.restore(about, notes).await;
         if postcopy {
             let images = self.incoming_dir.join(id);
-            if restored.is_ok() {
+            if let Ok(pid) = restored {
+                // A runtime's restore chose the tree's cgroup: killed through it if its
+                // pages stop coming.
+                self.criu.kill_lazy_through(&images, pid);
                 // It fetches the rest while the tree runs; followed to its end.
                 self.follow_lazy_pages(id, images);
             } else {

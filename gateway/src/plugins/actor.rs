@@ -117,6 +117,7 @@ impl Actor {
             },
             call: None,
             spawned: None,
+            dump_port: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -168,6 +169,7 @@ impl Actor {
         let w = about.as_ref().map(AdapterCall::view);
         inst.store.data_mut().call = about;
         inst.store.data_mut().spawned = None;
+        inst.store.data_mut().dump_port = None;
         inst.store.data_mut().memory.hit = false;
         inst.store.data_mut().reset_wasi();
         inst.store.set_epoch_deadline(self.deadline_ticks());

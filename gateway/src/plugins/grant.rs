@@ -150,7 +150,8 @@ pub fn capability_of(import: &str) -> Option<Option<Capability>> {
     let iface = iface.split('@').next().unwrap_or(iface);
     Some(match iface {
         "log" => Some(Capability::Log),
-        "exec" => Some(Capability::Exec),
+        // `lazy.start-dump` runs a program like `exec`, from the same allow-list.
+        "exec" | "lazy" => Some(Capability::Exec),
         "criu" => Some(Capability::Criu),
         "process" => Some(Capability::Process),
         "tunnel" => Some(Capability::Tunnel),
@@ -175,6 +176,10 @@ mod tests {
     fn imports_map_to_capabilities() {
         assert_eq!(
             capability_of("ferry:adapter/exec@0.1.0"),
+            Some(Some(Capability::Exec))
+        );
+        assert_eq!(
+            capability_of("ferry:adapter/lazy@0.3.0"),
             Some(Some(Capability::Exec))
         );
         assert_eq!(capability_of("ferry:adapter/types@0.1.0"), Some(None));

@@ -84,6 +84,8 @@ pub struct State {
     pub call: Option<AdapterCall>,
     /// What `process.spawn` started during this call.
     pub spawned: Option<Started>,
+    /// The loopback port `lazy.dump-spec` gave this call's lazy dump.
+    pub dump_port: Option<u16>,
 }
 
 impl WasiView for State {
@@ -214,6 +216,22 @@ impl State {
 
     /// `exec.run`: a program from the adapter's allow-list, under its timeout.
     pub async fn exec(&mut self, cmd: exec::Command) -> Result<exec::Output, HostError> {
+        self.check_program(&cmd)?;
+        let plugin = self.plugin.clone();
+        if cmd.output == exec::OutputMode::WorkloadLog {
+            let Some(log) = self.call.as_ref().map(|c| c.placement.log.clone()) else {
+                return Err(HostError::Invalid("no workload log for this call".into()));
+            };
+            return run_into_log(&plugin, cmd, &log)
+                .await
+                .map_err(HostError::Failed);
+        }
+        run_program(&plugin, cmd).await.map_err(HostError::Failed)
+    }
+
+    /// May this adapter run `cmd`: the exec capability, the program on its allow-list, no
+    /// environment variable that changes the code it runs.
+    fn check_program(&self, cmd: &exec::Command) -> Result<(), HostError> {
         self.check(Capability::Exec)?;
         if !self.granted.allows_program(&cmd.program) {
             tracing::warn!(plugin = %self.plugin, program = %cmd.program, "adapter denied a program");
@@ -229,16 +247,72 @@ impl State {
                 self.plugin, cmd.program
             )));
         }
-        let plugin = self.plugin.clone();
-        if cmd.output == exec::OutputMode::WorkloadLog {
-            let Some(log) = self.call.as_ref().map(|c| c.placement.log.clone()) else {
-                return Err(HostError::Invalid("no workload log for this call".into()));
-            };
-            return run_into_log(&plugin, cmd, &log)
-                .await
-                .map_err(HostError::Failed);
+        Ok(())
+    }
+
+    /// `lazy.dump-spec`: in a post-copy checkpoint, the loopback address its dump's page
+    /// server must listen on (one per call) and the status descriptor's number.
+    pub fn lazy_dump_spec(&mut self) -> Option<(std::net::SocketAddr, u32)> {
+        if !self.call.as_ref()?.postcopy {
+            return None;
         }
-        run_program(&plugin, cmd).await.map_err(HostError::Failed)
+        let port = match self.dump_port {
+            Some(port) => port,
+            None => {
+                let port = crate::criu::free_loopback_port().ok()?;
+                self.dump_port = Some(port);
+                port
+            }
+        };
+        Some((std::net::SocketAddr::from(([127, 0, 0, 1], port)), 3))
+    }
+
+    /// `lazy.start-dump`: runs the runtime's lazy checkpoint and returns once it serves
+    /// the frozen tree's pages; the migration engine takes it from there.
+    pub async fn lazy_start_dump(&mut self, cmd: exec::Command) -> Result<u64, HostError> {
+        self.check_program(&cmd)?;
+        let images = self.images()?;
+        let port = self
+            .dump_port
+            .filter(|_| self.call.as_ref().is_some_and(|c| c.postcopy));
+        let Some(port) = port else {
+            return Err(HostError::Invalid(
+                "start-dump belongs to a post-copy checkpoint, after dump-spec".into(),
+            ));
+        };
+        let output_path = images.join(crate::criu::layout::RUNTIME_DUMP_LOG);
+        let output = std::fs::File::create(&output_path).map_err(|e| {
+            HostError::Failed(format!("cannot create {}: {e}", output_path.display()))
+        })?;
+        let mut program = command(&cmd);
+        // The program holds a frozen tree's pages: it must outlive this call.
+        program.kill_on_drop(false);
+        tracing::debug!(plugin = %self.plugin, program = %cmd.program, args = ?cmd.args, "adapter starts a lazy dump");
+        let criu = self.criu.clone();
+        let started = criu.start_runtime_lazy_dump(program, &images, port, output);
+        let timeout = Duration::from_millis(u64::from(cmd.timeout_ms.max(1)));
+        match tokio::time::timeout(timeout, started).await {
+            Ok(Ok(took)) => Ok(took.as_millis() as u64),
+            Ok(Err(e)) => Err(HostError::Failed(e.to_string())),
+            Err(_) => Err(HostError::Failed(format!(
+                "{} did not report its page server ready within {} ms",
+                cmd.program, cmd.timeout_ms
+            ))),
+        }
+    }
+
+    /// `lazy.restore-work-dir`: in a post-copy restore, Ferry's daemon now waits in the
+    /// image directory for the runtime's lazy restore; the directory is the answer.
+    pub fn lazy_restore_work_dir(&mut self) -> Result<Option<PathBuf>, HostError> {
+        let call = self.call()?;
+        if call.page_server.is_none() {
+            return Ok(None);
+        }
+        let images = self.images()?;
+        self.criu
+            .await_lazy_restore(&images)
+            .map_err(|e| HostError::Failed(e.to_string()))?;
+        Ok(Some(images))
     }
 
     /// `criu.dump`: the current workload's tree into the migration's image directory,

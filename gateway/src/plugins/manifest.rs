@@ -122,7 +122,7 @@ capabilities = ["log", "exec"]
         assert!(matches!(err, ManifestError::Wit { .. }), "{err}");
         assert_eq!(
             err.to_string(),
-            r#"wit version "9.9.9" is not supported; this gateway hosts 0.1.0 and 0.2.0"#
+            r#"wit version "9.9.9" is not supported; this gateway hosts 0.1.0, 0.2.0 and 0.3.0"#
         );
     }
 

@@ -137,6 +137,9 @@ pub struct PluginInfo {
     pub approaches: Vec<String>,
     pub asks: Vec<Capability>,
     pub granted: Granted,
+    /// It runs its runtime's own lazy checkpoint through the `lazy` host interface
+    /// (0.3.0 on), so it can move post-copy with the `exec` capability alone.
+    pub lazy: bool,
     /// "loaded", or why it could not be.
     pub status: String,
 }
@@ -433,6 +436,7 @@ impl PluginHost {
                 approaches: Vec::new(),
                 asks: Vec::new(),
                 granted: Granted::default(),
+                lazy: false,
                 status: "native".into(),
             })
             .collect();
@@ -544,6 +548,7 @@ impl PluginHost {
             approaches: Vec::new(),
             asks: Vec::new(),
             granted: Granted::default(),
+            lazy: false,
             status: String::new(),
         };
         // A plugin that cannot load is listed with the reason, and logged.
@@ -583,6 +588,7 @@ impl PluginHost {
         // Checked at load: a component may import only host interfaces its manifest asks for.
         let ty = component.component_type();
         for (import, _) in ty.imports(engine) {
+            info.lazy |= import.starts_with("ferry:adapter/lazy@");
             if let Some(Some(cap)) = capability_of(import) {
                 if !manifest.capabilities.contains(&cap) {
                     return fail(
@@ -655,6 +661,16 @@ impl PluginHost {
         self.infos
             .iter()
             .any(|p| p.name == name && p.granted.allows(c))
+    }
+
+    /// Whether the adapter named `name` can checkpoint post-copy here: through the
+    /// gateway's CRIU (`criu`), or its runtime's own lazy dump (`lazy`, with `exec`).
+    pub fn can_dump_lazily(&self, name: &str) -> bool {
+        self.infos.iter().any(|p| {
+            p.name == name
+                && (p.granted.allows(Capability::Criu)
+                    || (p.lazy && p.granted.allows(Capability::Exec)))
+        })
     }
 
     /// Every service adapter of this site.

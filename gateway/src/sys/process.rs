@@ -226,6 +226,13 @@ pub fn kill_cgroup(dir: &Path) -> bool {
     std::fs::write(dir.join("cgroup.kill"), "1").is_ok()
 }
 
+/// The cgroup (v2) directory `pid` is in.
+pub fn cgroup_of(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(cgroup2_mount()?.join(path.trim_start_matches('/')))
+}
+
 /// Resident memory of `init`'s tree in bytes: every process of its PID namespace when it
 /// has one of its own, else the process alone.
 pub fn tree_rss_bytes(init: i32) -> Option<u64> {

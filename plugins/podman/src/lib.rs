@@ -23,7 +23,9 @@ fn id(w: &Workload) -> String {
 
 fn image(w: &Workload) -> Result<&str, AdapterError> {
     setting(w, "image").ok_or_else(|| {
-        AdapterError::Unsupported("podman workloads need --setting image=REF (present at every site)".into())
+        AdapterError::Unsupported(
+            "podman workloads need --setting image=REF (present at every site)".into(),
+        )
     })
 }
 
@@ -54,7 +56,10 @@ fn pid(w: &Workload) -> Result<i32, AdapterError> {
     let text = inspect(w, "{{.State.Pid}}")?;
     match text.parse::<i32>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(AdapterError::Failed(format!("container {} has no running process ({text})", id(w)))),
+        _ => Err(AdapterError::Failed(format!(
+            "container {} has no running process ({text})",
+            id(w)
+        ))),
     }
 }
 
@@ -73,7 +78,10 @@ impl Adapter for Podman {
             Ok(img) => Plan {
                 feasible: true,
                 approach: Some(Approach::Orchestrator),
-                reason: format!("podman checkpoint --export of {} (image {img} needed at the destination)", id(&w)),
+                reason: format!(
+                    "podman checkpoint --export of {} (image {img} needed at the destination); stop-and-copy only: podman's checkpoint has no lazy-pages mode, so it cannot move post-copy",
+                    id(&w)
+                ),
                 expected_downtime_ms: None,
             },
             Err(AdapterError::Unsupported(why) | AdapterError::Failed(why) | AdapterError::Denied(why)) => Plan {
@@ -102,8 +110,18 @@ impl Adapter for Podman {
         let id = id(&w);
         let annotation = format!("org.criu.config={}/{CRIU_CONF}", w.work_dir);
         let mut args: Vec<String> = [
-            "run", "-d", "--name", &id, "--network", "host", "--ulimit", "nofile=20000:20000", "--ulimit",
-            "nproc=32768:32768", "--annotation", &annotation,
+            "run",
+            "-d",
+            "--name",
+            &id,
+            "--network",
+            "host",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=32768:32768",
+            "--annotation",
+            &annotation,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -121,7 +139,11 @@ impl Adapter for Podman {
 
     fn checkpoint(w: Workload) -> Result<Notes, AdapterError> {
         let export = format!("--export={}", archive(&w)?);
-        run("podman", &["container", "checkpoint", &export, &id(&w)], IMAGE_MS)?;
+        run(
+            "podman",
+            &["container", "checkpoint", &export, &id(&w)],
+            IMAGE_MS,
+        )?;
         Ok(vec![("source-container".into(), id(&w))])
     }
 
@@ -130,7 +152,11 @@ impl Adapter for Podman {
         let id = id(&w);
         // A container left by an earlier failed attempt would block the name.
         let _ = run("podman", &["rm", "-f", &id], QUICK_MS);
-        run("podman", &["container", "restore", &import, "--name", &id], IMAGE_MS)?;
+        run(
+            "podman",
+            &["container", "restore", &import, "--name", &id],
+            IMAGE_MS,
+        )?;
         pid(&w)
     }
 

@@ -6,6 +6,12 @@
 //! paused (cgroup freezer) before the checkpoint and left paused, so a failed migration
 //! resumes it and a confirmed one deletes it. The container's stdio are pipes the
 //! gateway drains into the workload's log, which CRIU can carry across.
+//!
+//! Post-copy (when the engine chooses it, through the `lazy` host interface): the
+//! checkpoint is runc's own lazy one (`--lazy-pages`, its page server where the gateway
+//! says, readiness on the status descriptor), which the gateway keeps running and serves
+//! the paused container's pages from; the restore is `runc restore --lazy-pages` with the
+//! image directory as CRIU's work directory, where the gateway's lazy-pages daemon waits.
 
 use ferry_adapter_sdk::*;
 
@@ -82,10 +88,17 @@ impl Adapter for Runc {
             Ok(b) => Plan {
                 feasible: true,
                 approach: Some(Approach::Orchestrator),
-                reason: format!("runc checkpoint of container {} (bundle {b} needed at the destination)", id(&w)),
+                reason: format!(
+                    "runc checkpoint of container {} (bundle {b} needed at the destination)",
+                    id(&w)
+                ),
                 expected_downtime_ms: None,
             },
-            Err(AdapterError::Unsupported(why) | AdapterError::Failed(why) | AdapterError::Denied(why)) => Plan {
+            Err(
+                AdapterError::Unsupported(why)
+                | AdapterError::Failed(why)
+                | AdapterError::Denied(why),
+            ) => Plan {
                 feasible: false,
                 approach: None,
                 reason: why,
@@ -108,11 +121,43 @@ impl Adapter for Runc {
         let images = images(&w)?.to_string();
         let id = id(&w);
         runc(&w, &["pause", &id], QUICK_MS)?;
-        runc(
-            &w,
-            &["checkpoint", "--image-path", &images, "--leave-running", "--file-locks", &id],
-            IMAGE_MS,
-        )?;
+        let mut args = vec![
+            "checkpoint",
+            "--image-path",
+            &images,
+            "--leave-running",
+            "--file-locks",
+        ];
+        match lazy::dump_spec() {
+            None => {
+                args.push(&id);
+                runc(&w, &args, IMAGE_MS)?;
+            }
+            Some(spec) => {
+                // The dump goes on serving the pages after this call; the gateway owns it.
+                let status_fd = spec.status_fd.to_string();
+                args.extend([
+                    "--lazy-pages",
+                    "--page-server",
+                    &spec.page_server,
+                    "--status-fd",
+                    &status_fd,
+                    "--work-path",
+                    &images,
+                    &id,
+                ]);
+                let root = root(&w);
+                let mut all = vec!["--root", root.as_str()];
+                all.extend_from_slice(&args);
+                lazy::start_dump(&exec::Command {
+                    program: "runc".into(),
+                    args: all.iter().map(ToString::to_string).collect(),
+                    env: Vec::new(),
+                    timeout_ms: IMAGE_MS,
+                    output: exec::OutputMode::Capture,
+                })?;
+            }
+        }
         Ok(vec![("source-container".into(), id)])
     }
 
@@ -122,7 +167,14 @@ impl Adapter for Runc {
         let id = id(&w);
         // A container left by an earlier failed attempt would block the name.
         let _ = runc(&w, &["delete", "-f", &id], QUICK_MS);
-        runc_into_log(&w, &["restore", "-d", "--image-path", &images, "--bundle", &b, &id], IMAGE_MS)?;
+        let mut args = vec!["restore", "-d", "--image-path", &images, "--bundle", &b];
+        // Post-copy: the pages come later, through the gateway's daemon in this directory.
+        let work = lazy::restore_work_dir()?;
+        if let Some(work) = &work {
+            args.extend(["--lazy-pages", "--work-path", work]);
+        }
+        args.push(&id);
+        runc_into_log(&w, &args, IMAGE_MS)?;
         pid(&w)
     }
 

@@ -1,4 +1,4 @@
-//! Guest SDK for Ferry adapters, on `ferry:adapter@0.2.0` (`wit/ferry-adapter@0.2.0`): the
+//! Guest SDK for Ferry adapters, on `ferry:adapter@0.3.0` (`wit/ferry-adapter@0.3.0`): the
 //! generated bindings of both worlds, the [`Adapter`] trait (world `runtime-adapter`) and
 //! the [`ServiceAdapter`] trait (world `service-adapter`) with defaults for what an
 //! adapter does not support, their export macros, and helpers for what every adapter does.
@@ -26,7 +26,7 @@
 // component only through its export macro, so a runtime adapter never claims to export
 // `service`, nor a service adapter `runtime`.
 wit_bindgen::generate!({
-    path: "../../wit/ferry-adapter@0.2.0",
+    path: "../../wit/ferry-adapter@0.3.0",
     world: "runtime-adapter",
     pub_export_macro: true,
     export_macro_name: "export_runtime_adapter",
@@ -39,7 +39,7 @@ pub mod service;
 pub use ferry::adapter::types::{
     AdapterError, AdapterInfo, Approach, Endpoint, HostError, Notes, Plan, SyncState, Workload,
 };
-pub use ferry::adapter::{criu, exec, log, process};
+pub use ferry::adapter::{criu, exec, lazy, log, process};
 pub use service::{tunnel, ServiceAdapter};
 
 /// A host refusal stays a refusal, so the engine reports it as a denial naming the
@@ -166,7 +166,11 @@ pub fn run(program: &str, args: &[&str], timeout_ms: u32) -> Result<exec::Output
 
 /// Runs an allowed program whose stdout and stderr go to the workload's log (for
 /// programs that start the workload and leave it running, like `runc run -d`).
-pub fn run_into_log(program: &str, args: &[&str], timeout_ms: u32) -> Result<exec::Output, AdapterError> {
+pub fn run_into_log(
+    program: &str,
+    args: &[&str],
+    timeout_ms: u32,
+) -> Result<exec::Output, AdapterError> {
     run_with(program, args, timeout_ms, exec::OutputMode::WorkloadLog)
 }
 

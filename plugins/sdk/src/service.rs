@@ -11,15 +11,15 @@
 //! abandoned.
 
 wit_bindgen::generate!({
-    path: "../../wit/ferry-adapter@0.2.0",
+    path: "../../wit/ferry-adapter@0.3.0",
     world: "service-adapter",
     pub_export_macro: true,
     export_macro_name: "export_service_world",
     default_bindings_module: "ferry_adapter_sdk::service",
     with: {
-        "ferry:adapter/types@0.2.0": crate::ferry::adapter::types,
-        "ferry:adapter/log@0.2.0": crate::ferry::adapter::log,
-        "ferry:adapter/exec@0.2.0": crate::ferry::adapter::exec,
+        "ferry:adapter/types@0.3.0": crate::ferry::adapter::types,
+        "ferry:adapter/log@0.3.0": crate::ferry::adapter::log,
+        "ferry:adapter/exec@0.3.0": crate::ferry::adapter::exec,
     },
 });
 
@@ -65,7 +65,9 @@ pub fn probe_here(
 /// What an error says, without its kind (for a plan's reason).
 pub fn reason(e: AdapterError) -> String {
     match e {
-        AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => why,
+        AdapterError::Unsupported(why) | AdapterError::Denied(why) | AdapterError::Failed(why) => {
+            why
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 pub mod v0_1;
 pub mod v0_2;
 pub mod v0_2_service;
+pub mod v0_3;
+pub mod v0_3_service;
 
 use std::fmt;
 
@@ -18,7 +20,7 @@ use wasmtime::{Engine, Store};
 use super::host::State;
 
 /// The version the gateway's own code speaks, and the guest SDK targets.
-pub use v0_2 as current;
+pub use v0_3 as current;
 
 pub use current::exports::ferry::adapter::runtime::{AdapterError, AdapterInfo, Plan, Workload};
 pub use current::ferry::adapter::types::{Approach, SyncState};
@@ -62,16 +64,19 @@ pub enum WitVersion {
     V0_1,
     /// Host errors are the typed `host-error` variant.
     V0_2,
+    /// The `lazy` host interface: post-copy for runtimes that run CRIU themselves.
+    V0_3,
 }
 
 impl WitVersion {
     /// Every version this gateway hosts, oldest first.
-    pub const HOSTED: [WitVersion; 2] = [WitVersion::V0_1, WitVersion::V0_2];
+    pub const HOSTED: [WitVersion; 3] = [WitVersion::V0_1, WitVersion::V0_2, WitVersion::V0_3];
 
     pub fn as_str(self) -> &'static str {
         match self {
             WitVersion::V0_1 => "0.1.0",
             WitVersion::V0_2 => "0.2.0",
+            WitVersion::V0_3 => "0.3.0",
         }
     }
 
@@ -81,7 +86,7 @@ impl WitVersion {
         Self::HOSTED.into_iter().find(|v| v.as_str() == s)
     }
 
-    /// "0.1.0 and 0.2.0": the hosted versions, for messages.
+    /// "0.1.0, 0.2.0 and 0.3.0": the hosted versions, for messages.
     pub fn hosted_list() -> String {
         let names: Vec<&str> = Self::HOSTED.iter().map(|v| v.as_str()).collect();
         match names.split_last() {
@@ -104,23 +109,24 @@ pub struct Linkers {
     v0_1: Linker<State>,
     v0_2: Linker<State>,
     v0_2_service: Linker<State>,
+    v0_3: Linker<State>,
+    v0_3_service: Linker<State>,
 }
 
 impl Linkers {
     pub fn new(engine: &Engine) -> wasmtime::Result<Self> {
-        let mut v0_1 = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut v0_1)?;
-        v0_1::add_to_linker(&mut v0_1)?;
-        let mut v0_2 = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut v0_2)?;
-        v0_2::add_to_linker(&mut v0_2)?;
-        let mut v0_2_service = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut v0_2_service)?;
-        v0_2_service::add_to_linker(&mut v0_2_service)?;
+        let with_wasi = |add: fn(&mut Linker<State>) -> wasmtime::Result<()>| {
+            let mut linker = Linker::new(engine);
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+            add(&mut linker)?;
+            wasmtime::Result::<_>::Ok(linker)
+        };
         Ok(Self {
-            v0_1,
-            v0_2,
-            v0_2_service,
+            v0_1: with_wasi(v0_1::add_to_linker)?,
+            v0_2: with_wasi(v0_2::add_to_linker)?,
+            v0_2_service: with_wasi(v0_2_service::add_to_linker)?,
+            v0_3: with_wasi(v0_3::add_to_linker)?,
+            v0_3_service: with_wasi(v0_3_service::add_to_linker)?,
         })
     }
 
@@ -129,20 +135,63 @@ impl Linkers {
             (WitVersion::V0_1, _) => &self.v0_1,
             (WitVersion::V0_2, World::Runtime) => &self.v0_2,
             (WitVersion::V0_2, World::Service) => &self.v0_2_service,
+            (WitVersion::V0_3, World::Runtime) => &self.v0_3,
+            (WitVersion::V0_3, World::Service) => &self.v0_3_service,
         }
     }
 }
 
 /// An instantiated component, through the bindings of the version it was built against.
-/// Each call converts the workload down to that version and the answer up to the current
-/// one.
+/// 0.2.0 and 0.3.0 share the current version's records; a 0.1.0 call converts the
+/// workload down and the answer up.
 pub enum Guest {
     V0_1(v0_1::RuntimeAdapter),
     V0_2(v0_2::RuntimeAdapter),
-    Service(v0_2_service::ServiceAdapter),
+    V0_3(v0_3::RuntimeAdapter),
+    ServiceV0_2(v0_2_service::ServiceAdapter),
+    Service(v0_3_service::ServiceAdapter),
 }
 
 type Answer<T> = wasmtime::Result<Result<T, AdapterError>>;
+
+/// `$call` on the `runtime` exports (`$r`) of a 0.2.0 or 0.3.0 component, `$old` on a
+/// 0.1.0 one's (which converts); a service adapter does not export `runtime`.
+macro_rules! runtime {
+    ($guest:expr, $name:literal, |$r:ident| $call:expr, |$o:ident| $old:expr) => {
+        match $guest {
+            Guest::V0_1(g) => {
+                let $o = g.ferry_adapter_runtime();
+                $old
+            }
+            Guest::V0_2(g) => {
+                let $r = g.ferry_adapter_runtime();
+                $call
+            }
+            Guest::V0_3(g) => {
+                let $r = g.ferry_adapter_runtime();
+                $call
+            }
+            Guest::ServiceV0_2(_) | Guest::Service(_) => Ok(Err(Guest::not_this_world($name))),
+        }
+    };
+}
+
+/// `$call` on the `service` exports (`$s`) of a service adapter of any version.
+macro_rules! service {
+    ($guest:expr, $name:literal, |$s:ident| $call:expr) => {
+        match $guest {
+            Guest::ServiceV0_2(g) => {
+                let $s = g.ferry_adapter_service();
+                $call
+            }
+            Guest::Service(g) => {
+                let $s = g.ferry_adapter_service();
+                $call
+            }
+            _ => Ok(Err(Guest::not_this_world($name))),
+        }
+    };
+}
 
 impl Guest {
     pub async fn instantiate(
@@ -160,8 +209,14 @@ impl Guest {
             (WitVersion::V0_2, World::Runtime) => Guest::V0_2(
                 v0_2::RuntimeAdapter::instantiate_async(store, component, linker).await?,
             ),
-            (WitVersion::V0_2, World::Service) => Guest::Service(
+            (WitVersion::V0_2, World::Service) => Guest::ServiceV0_2(
                 v0_2_service::ServiceAdapter::instantiate_async(store, component, linker).await?,
+            ),
+            (WitVersion::V0_3, World::Runtime) => Guest::V0_3(
+                v0_3::RuntimeAdapter::instantiate_async(store, component, linker).await?,
+            ),
+            (WitVersion::V0_3, World::Service) => Guest::Service(
+                v0_3_service::ServiceAdapter::instantiate_async(store, component, linker).await?,
             ),
         })
     }
@@ -172,55 +227,37 @@ impl Guest {
     }
 
     pub async fn start_sync(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
-        match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_start_sync(store, w).await,
-            _ => Ok(Err(Self::not_this_world("start-sync"))),
-        }
+        service!(self, "start-sync", |s| s.call_start_sync(store, w).await)
     }
 
     pub async fn sync_progress(&self, store: &mut Store<State>, w: &Workload) -> Answer<SyncState> {
-        match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_sync_progress(store, w).await,
-            _ => Ok(Err(Self::not_this_world("sync-progress"))),
-        }
+        service!(self, "sync-progress", |s| s
+            .call_sync_progress(store, w)
+            .await)
     }
 
     pub async fn fence(&self, store: &mut Store<State>, w: &Workload) -> Answer<String> {
-        match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_fence(store, w).await,
-            _ => Ok(Err(Self::not_this_world("fence"))),
-        }
+        service!(self, "fence", |s| s.call_fence(store, w).await)
     }
 
     pub async fn unfence(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
-        match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_unfence(store, w).await,
-            _ => Ok(Err(Self::not_this_world("unfence"))),
-        }
+        service!(self, "unfence", |s| s.call_unfence(store, w).await)
     }
 
     pub async fn cut_over(&self, store: &mut Store<State>, w: &Workload, mark: &str) -> Answer<()> {
-        match self {
-            Guest::Service(g) => {
-                g.ferry_adapter_service()
-                    .call_cut_over(store, w, mark)
-                    .await
-            }
-            _ => Ok(Err(Self::not_this_world("cut-over"))),
-        }
+        service!(self, "cut-over", |s| s.call_cut_over(store, w, mark).await)
     }
 
     pub async fn abort_sync(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
-        match self {
-            Guest::Service(g) => g.ferry_adapter_service().call_abort_sync(store, w).await,
-            _ => Ok(Err(Self::not_this_world("abort-sync"))),
-        }
+        service!(self, "abort-sync", |s| s.call_abort_sync(store, w).await)
     }
 
     pub async fn describe(&self, store: &mut Store<State>) -> wasmtime::Result<AdapterInfo> {
         match self {
             Guest::V0_1(g) => Ok(g.ferry_adapter_runtime().call_describe(store).await?.into()),
             Guest::V0_2(g) => g.ferry_adapter_runtime().call_describe(store).await,
+            Guest::V0_3(g) => g.ferry_adapter_runtime().call_describe(store).await,
+            Guest::ServiceV0_2(g) => g.ferry_adapter_service().call_describe(store).await,
             Guest::Service(g) => g.ferry_adapter_service().call_describe(store).await,
         }
     }
@@ -233,32 +270,28 @@ impl Guest {
                 .await?
                 .into()),
             Guest::V0_2(g) => g.ferry_adapter_runtime().call_probe(store, w).await,
+            Guest::V0_3(g) => g.ferry_adapter_runtime().call_probe(store, w).await,
+            Guest::ServiceV0_2(g) => g.ferry_adapter_service().call_probe(store, w).await,
             Guest::Service(g) => g.ferry_adapter_service().call_probe(store, w).await,
         }
     }
 
     pub async fn prepare(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
-        match self {
-            Guest::Service(_) => Ok(Err(Self::not_this_world("prepare"))),
-            Guest::V0_1(g) => Ok(g
-                .ferry_adapter_runtime()
-                .call_prepare(store, &w.into())
-                .await?
-                .map_err(Into::into)),
-            Guest::V0_2(g) => g.ferry_adapter_runtime().call_prepare(store, w).await,
-        }
+        runtime!(self, "prepare", |r| r.call_prepare(store, w).await, |o| Ok(
+            o.call_prepare(store, &w.into()).await?.map_err(Into::into)
+        ))
     }
 
     pub async fn start_fresh(&self, store: &mut Store<State>, w: &Workload) -> Answer<i32> {
-        match self {
-            Guest::Service(_) => Ok(Err(Self::not_this_world("start-fresh"))),
-            Guest::V0_1(g) => Ok(g
-                .ferry_adapter_runtime()
+        runtime!(
+            self,
+            "start-fresh",
+            |r| r.call_start_fresh(store, w).await,
+            |o| Ok(o
                 .call_start_fresh(store, &w.into())
                 .await?
-                .map_err(Into::into)),
-            Guest::V0_2(g) => g.ferry_adapter_runtime().call_start_fresh(store, w).await,
-        }
+                .map_err(Into::into))
+        )
     }
 
     pub async fn checkpoint(
@@ -266,15 +299,15 @@ impl Guest {
         store: &mut Store<State>,
         w: &Workload,
     ) -> Answer<Vec<(String, String)>> {
-        match self {
-            Guest::Service(_) => Ok(Err(Self::not_this_world("checkpoint"))),
-            Guest::V0_1(g) => Ok(g
-                .ferry_adapter_runtime()
+        runtime!(
+            self,
+            "checkpoint",
+            |r| r.call_checkpoint(store, w).await,
+            |o| Ok(o
                 .call_checkpoint(store, &w.into())
                 .await?
-                .map_err(Into::into)),
-            Guest::V0_2(g) => g.ferry_adapter_runtime().call_checkpoint(store, w).await,
-        }
+                .map_err(Into::into))
+        )
     }
 
     pub async fn restore(
@@ -283,19 +316,15 @@ impl Guest {
         w: &Workload,
         notes: Vec<(String, String)>,
     ) -> Answer<i32> {
-        match self {
-            Guest::Service(_) => Ok(Err(Self::not_this_world("restore"))),
-            Guest::V0_1(g) => Ok(g
-                .ferry_adapter_runtime()
+        runtime!(
+            self,
+            "restore",
+            |r| r.call_restore(store, w, &notes).await,
+            |o| Ok(o
                 .call_restore(store, &w.into(), &notes)
                 .await?
-                .map_err(Into::into)),
-            Guest::V0_2(g) => {
-                g.ferry_adapter_runtime()
-                    .call_restore(store, w, &notes)
-                    .await
-            }
-        }
+                .map_err(Into::into))
+        )
     }
 
     pub async fn resume_source(
@@ -303,31 +332,27 @@ impl Guest {
         store: &mut Store<State>,
         w: &Workload,
     ) -> Answer<Option<i32>> {
-        match self {
-            Guest::Service(_) => Ok(Err(Self::not_this_world("resume-source"))),
-            Guest::V0_1(g) => Ok(g
-                .ferry_adapter_runtime()
+        runtime!(
+            self,
+            "resume-source",
+            |r| r.call_resume_source(store, w).await,
+            |o| Ok(o
                 .call_resume_source(store, &w.into())
                 .await?
-                .map_err(Into::into)),
-            Guest::V0_2(g) => g.ferry_adapter_runtime().call_resume_source(store, w).await,
-        }
+                .map_err(Into::into))
+        )
     }
 
     pub async fn release_source(&self, store: &mut Store<State>, w: &Workload) -> Answer<()> {
-        match self {
-            Guest::Service(_) => Ok(Err(Self::not_this_world("release-source"))),
-            Guest::V0_1(g) => Ok(g
-                .ferry_adapter_runtime()
+        runtime!(
+            self,
+            "release-source",
+            |r| r.call_release_source(store, w).await,
+            |o| Ok(o
                 .call_release_source(store, &w.into())
                 .await?
-                .map_err(Into::into)),
-            Guest::V0_2(g) => {
-                g.ferry_adapter_runtime()
-                    .call_release_source(store, w)
-                    .await
-            }
-        }
+                .map_err(Into::into))
+        )
     }
 }
 
@@ -341,7 +366,8 @@ mod tests {
         assert_eq!(WitVersion::parse("0.2.0"), Some(WitVersion::V0_2));
         assert_eq!(WitVersion::parse("0.2"), None);
         assert_eq!(WitVersion::parse("9.9.9"), None);
-        assert_eq!(WitVersion::hosted_list(), "0.1.0 and 0.2.0");
+        assert_eq!(WitVersion::parse("0.3.0"), Some(WitVersion::V0_3));
+        assert_eq!(WitVersion::hosted_list(), "0.1.0, 0.2.0 and 0.3.0");
         assert_eq!(WitVersion::default(), WitVersion::V0_1);
     }
 }

@@ -1,12 +1,11 @@
-//! `ferry:adapter@0.2.0`, world `service-adapter`: the bindings of service adapters. The
-//! interfaces it shares with `runtime-adapter` (types, log, exec) are the ones generated
-//! in [`super::v0_2`], so their host implementations are not repeated; `tunnel` is
-//! implemented here, as a thin call into `host.rs`.
+//! `ferry:adapter@0.2.0`, world `service-adapter`, frozen: the same as 0.3.0's. Its
+//! `types` are the current version's, `log` and `exec` the ones generated in
+//! [`super::v0_2`]; `tunnel` is a thin call into `host.rs`.
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::Result as WtResult;
 
-use super::v0_2::ferry::adapter::types::{Endpoint, HostError};
+use super::current::ferry::adapter::types::{Endpoint, HostError};
 use crate::plugins::host::State;
 
 wasmtime::component::bindgen!({
@@ -15,7 +14,7 @@ wasmtime::component::bindgen!({
     imports: { default: async | trappable },
     exports: { default: async },
     with: {
-        "ferry:adapter/types": super::v0_2::ferry::adapter::types,
+        "ferry:adapter/types": super::current::ferry::adapter::types,
         "ferry:adapter/log": super::v0_2::ferry::adapter::log,
         "ferry:adapter/exec": super::v0_2::ferry::adapter::exec,
     },
