@@ -358,6 +358,11 @@ fn a_link_lost_for_5_s_during_the_page_phase_only_delays_the_move() -> Result<()
 /// ahead, and returns once the source is in the page phase (the migration's id).
 fn into_the_page_phase(sites: &TwoSites) -> Result<(String, (String, String))> {
     sites.run_redis_at_a("redis", PORT)?;
+    page_phase_of_redis(sites)
+}
+
+/// [`into_the_page_phase`] for the Redis already running at A.
+fn page_phase_of_redis(sites: &TwoSites) -> Result<(String, (String, String))> {
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "300000", "key", "200"])?;
@@ -404,6 +409,38 @@ fn destination_killed_in_the_page_phase_stops_its_copy_and_the_source_resumes() 
     assert_eq!(sites.a.redis_dataset(PORT)?, before);
     assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
     assert_eq!(sites.b.migration_phase(&id).as_deref(), Some("failed"));
+    assert!(sites.b.has_no_workloads()?);
+    Ok(())
+}
+
+#[test]
+fn destination_killed_in_a_runc_page_phase_stops_the_container_and_the_source_resumes() -> Result<()>
+{
+    let mut opts = Options::new("pcdrun");
+    opts.prepush = Some(false);
+    opts.adapters.push("runc".into());
+    let mut sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    let (id, before) = page_phase_of_redis(&sites)?;
+    sites.b.crash_gateway();
+    // runc chose the container's cgroup; the guard learnt it after the restore and kills
+    // the copy through it.
+    wait_for("B's container to stop", Duration::from_secs(20), || {
+        sites.b.redis(PORT, &["PING"]).is_err().then_some(())
+    })?;
+    assert_eq!(sites.a.migration_phase(&id).as_deref(), Some("paging"));
+    sites.start_gateway_b()?;
+    let end = wait_for("the move to end", Duration::from_secs(60), || {
+        sites.a.migration_phase(&id).filter(|p| ended(p))
+    })?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    // runc's lazy dump let go of the paused container, which runs again with its data.
+    assert_eq!(sites.a.redis_dataset(PORT)?, before);
+    sites.a.redis(PORT, &["SET", "still", "writable"])?;
+    let at_a = sites
+        .a
+        .exec("runc", &["--root", "/run/ferry-runc/a", "list"])?;
+    assert!(at_a.contains("running"), "{at_a}");
     assert!(sites.b.has_no_workloads()?);
     Ok(())
 }

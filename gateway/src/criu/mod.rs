@@ -229,7 +229,8 @@ impl Criu {
             source,
         };
         let errors = output.try_clone().map_err(spawn_error)?;
-        cmd.stdout(output).stderr(errors);
+        // Its own process group, so ending it ends the CRIU it started too.
+        cmd.stdout(output).stderr(errors).process_group(0);
         let log = images.join(layout::DUMP_LOG);
         let child = self
             .spawn_until_ready(cmd, "dump", &[&images.join(layout::RUNTIME_DUMP_LOG), &log])

@@ -102,12 +102,17 @@ impl Engine {
         }
         let running = locked(&self.lazy).remove(id);
         if let Some(mut r) = running {
-            let _ = r.child.start_kill();
+            match r.child.id().and_then(|p| i32::try_from(p).ok()) {
+                Some(pid) => process::kill_with_group(pid).await,
+                None => {
+                    let _ = r.child.start_kill();
+                }
+            }
             let _ = r.child.wait().await;
         } else if let Some(m) = self.get(id) {
             if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
                 if process::alive(pid, start) {
-                    process::kill(pid);
+                    process::kill_with_group(pid).await;
                 }
             }
         }
@@ -176,7 +181,7 @@ impl Engine {
         if !ok {
             if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
                 if process::alive(pid, start) {
-                    process::kill(pid);
+                    process::kill_with_group(pid).await;
                 }
             }
             wait_gone(m.lazy_dump_pid, m.lazy_dump_pid_start).await;

@@ -280,6 +280,32 @@ pub fn kill(init: i32) {
     unsafe { libc::kill(init, libc::SIGKILL) };
 }
 
+/// Kills `pid` and, if it leads a process group, the whole group (a runtime's lazy dump:
+/// `runc` and the CRIU it started, which would otherwise hold the frozen tree on), then
+/// waits (up to a second) until the group's processes that are this gateway's children
+/// have exited, and reaps them: a CRIU whose parent died is re-parented to the gateway.
+pub async fn kill_with_group(pid: i32) {
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) with a valid signal; a negative pid names a process group, and
+    // one this pid does not lead is an error return.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    kill(pid);
+    for _ in 0..50 {
+        let mut status = 0;
+        // SAFETY: waitpid on a process group, non-blocking.
+        match unsafe { libc::waitpid(-pid, &mut status, libc::WNOHANG) } {
+            // None of our children is in the group (any more).
+            -1 => return,
+            // Some are, still running.
+            0 => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            // One reaped; look again at once.
+            _ => {}
+        }
+    }
+}
+
 /// Waits until `pid` has exited, then reaps it if it is our child (a restored tree is
 /// re-parented to the gateway). Returns the exit code when we reaped it.
 pub async fn wait_exit(pid: i32) -> Option<i32> {
