@@ -527,6 +527,40 @@ fn source_killed_in_the_page_phase_serves_the_pages_after_its_restart() -> Resul
 }
 
 #[test]
+fn source_killed_in_a_runc_page_phase_serves_the_pages_after_its_restart() -> Result<()> {
+    let mut opts = Options::new("pcsrun");
+    opts.prepush = Some(false);
+    opts.adapters.push("runc".into());
+    let mut sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    let (id, before) = page_phase_of_redis(&sites)?;
+    sites.a.crash_gateway();
+    std::thread::sleep(Duration::from_secs(2));
+    sites.start_gateway_a()?;
+    let end = wait_for("the move to end", Duration::from_secs(120), || {
+        sites.a.migration_phase(&id).filter(|p| ended(p))
+    })?;
+    // runc's lazy dump ended with its client; the paused container (held by its cgroup
+    // freezer, not stopped) still had every page, and the restarted source served them.
+    assert_eq!(end, "completed", "{}", sites.logs());
+    assert_eq!(sites.b.redis_dataset(PORT)?, before);
+    assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    wait_for(
+        "the source container to go",
+        Duration::from_secs(20),
+        || {
+            let at_a = sites
+                .a
+                .exec("runc", &["--root", "/run/ferry-runc/a", "list", "-q"])
+                .ok()?;
+            (!at_a.contains("a-redis")).then_some(())
+        },
+    )?;
+    assert!(sites.a.has_no_workloads()?, "two copies");
+    Ok(())
+}
+
+#[test]
 fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
     let sites = TwoSites::start(Options::new("pcwrit"))?;
     sites.run_redis_at_a_with("redis", PORT, &["--route", "0.0.0.0:16390"])?;

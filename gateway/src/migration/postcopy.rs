@@ -213,7 +213,15 @@ impl Engine {
     async fn resume_page_source(&self, id: &str, workload: &str) -> Option<Arc<PageSource>> {
         let init = self.workloads.get(workload).and_then(|w| w.pid)?;
         let deadline = Instant::now() + LAZY_DUMP_END;
-        while !crate::criu::dumps_of(init).is_empty() {
+        // The previous gateway's lazy dump: a `criu dump` of the tree, or the runtime's
+        // (runc and the CRIU it started, a process group of its own).
+        let dump = self
+            .get(id)
+            .and_then(|m| m.lazy_dump_pid.zip(m.lazy_dump_pid_start));
+        let dump_runs = || {
+            dump.is_some_and(|(pid, start)| process::alive(pid, start) || process::group_alive(pid))
+        };
+        while !crate::criu::dumps_of(init).is_empty() || dump_runs() {
             if Instant::now() > deadline {
                 tracing::error!(migration = id, "the previous gateway's lazy dump does not end; the pages cannot be served again");
                 return None;
@@ -221,10 +229,10 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let tree = super::prepush::tree_of(init);
-        if let Some(p) = tree
-            .iter()
-            .find(|p| process::state(p.pid).is_none_or(|s| s != 'T' && s != 't'))
-        {
+        if let Some(p) = tree.iter().find(|p| {
+            process::state(p.pid).is_none_or(|s| s != 'T' && s != 't')
+                && !process::frozen_by_cgroup(p.pid)
+        }) {
             tracing::error!(migration = id, pid = p.pid, state = ?process::state(p.pid), "the source tree is not stopped; its pages are not those the destination started from");
             return None;
         }

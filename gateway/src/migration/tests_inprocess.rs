@@ -1428,8 +1428,25 @@ impl Fuzz {
     /// A well-formed request with hostile field values.
     fn request(&mut self) -> crate::peer::wire::Request {
         use crate::peer::wire::Request;
-        match self.below(9) {
+        match self.below(14) {
             0 => Request::Hello,
+            9 => Request::Probe {
+                workload: self.spec(),
+                service: (self.below(2) == 0).then(|| self.name()),
+            },
+            10 => Request::SyncStatus {
+                migration: self.name(),
+            },
+            11 => Request::Promote {
+                migration: self.name(),
+                mark: self.name(),
+            },
+            12 => Request::Prepush {
+                migration: self.name(),
+            },
+            13 => Request::Settle {
+                migration: self.name(),
+            },
             1 => Request::Status {
                 migration: self.name(),
             },

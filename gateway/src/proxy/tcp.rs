@@ -67,10 +67,7 @@ pub(super) async fn dial(
 ) -> Result<(Reader, Writer), String> {
     match target {
         Target::Local => {
-            let s = TcpStream::connect(("127.0.0.1", routed.port))
-                .await
-                .map_err(|e| format!("127.0.0.1:{}: {e}", routed.port))?;
-            let _ = s.set_nodelay(true);
+            let s = super::tunnel::connect_port(&routed.workload, routed.port).await?;
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
         }

@@ -187,10 +187,22 @@ impl TunnelOpener for Ingress {
     }
 }
 
-/// Connects to a port of this site (a tunnel's far end).
+/// How long a dial to a local workload may take: a loopback connect answers at once
+/// unless the listener's backlog is full (a stopped or overloaded workload), when the
+/// kernel would retry for minutes.
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connects to a port of this site (a route's backend, a tunnel's far end), within
+/// [`DIAL_TIMEOUT`].
 pub async fn connect_port(workload: &str, port: u16) -> Result<TcpStream, String> {
-    let tcp = TcpStream::connect(("127.0.0.1", port))
+    let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(("127.0.0.1", port)))
         .await
+        .map_err(|_| {
+            format!(
+                "workload {workload} did not accept a connection on port {port} within {} s",
+                DIAL_TIMEOUT.as_secs()
+            )
+        })?
         .map_err(|e| format!("workload {workload} does not answer on port {port}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)

@@ -233,6 +233,43 @@ pub fn cgroup_of(pid: i32) -> Option<PathBuf> {
     Some(cgroup2_mount()?.join(path.trim_start_matches('/')))
 }
 
+/// Is `pid` held by a cgroup freezer (a paused container: `runc pause`)? Its state then
+/// reads `D` or `S`, yet it runs no instruction until the cgroup is thawed.
+pub fn frozen_by_cgroup(pid: i32) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "freezer") {
+            let state = std::fs::read_to_string(
+                Path::new("/sys/fs/cgroup/freezer")
+                    .join(path)
+                    .join("freezer.state"),
+            );
+            if state.is_ok_and(|s| s.trim() == "FROZEN") {
+                return true;
+            }
+        } else if controllers.is_empty() {
+            let events = cgroup2_mount()
+                .map(|m| m.join(path).join("cgroup.events"))
+                .and_then(|e| std::fs::read_to_string(e).ok());
+            if events.is_some_and(|e| e.lines().any(|l| l.trim() == "frozen 1")) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Is any process of the process group `pgid` still there?
+pub fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks; a negative pid names the group.
+    pgid > 0 && unsafe { libc::kill(-pgid, 0) } == 0
+}
+
 /// Resident memory of `init`'s tree in bytes: every process of its PID namespace when it
 /// has one of its own, else the process alone.
 pub fn tree_rss_bytes(init: i32) -> Option<u64> {
