@@ -278,6 +278,19 @@ impl Engine {
             self.abort_local(id, &m.workload, &reason);
             return Response::error(ErrorCode::RestoreFailed, reason);
         }
+        // What the disk holds now is what the restore reads.
+        let images = self.incoming_dir.join(id);
+        let owned = manifest.to_vec();
+        let at_rest = tokio::task::spawn_blocking(move || {
+            transfer::manifest::verify_at_rest(&images, &owned)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the image check did not finish: {e}")));
+        if let Err(msg) = at_rest {
+            let reason = format!("image damaged at rest: {msg}");
+            self.abort_local(id, &m.workload, &reason);
+            return Response::error(ErrorCode::Integrity, reason);
+        }
         if let Err(e) = self.set_phase(id, Phase::Restoring) {
             return Response::error(ErrorCode::Internal, e.to_string());
         }

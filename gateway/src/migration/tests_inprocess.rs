@@ -815,6 +815,38 @@ async fn a_destination_failing_as_it_restores_rolls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_byte_changed_at_rest_at_the_destination_rolls_back() {
+    let pair = Pair::new("atrest").await;
+    pair.a().run("svc").await;
+    // The destination waits before it restores: the image is then complete on its disk.
+    pair.b().engine.set_faults(Faults::default().at(
+        Role::Target,
+        Phase::Restoring,
+        Fault::Delay(Duration::from_millis(1500)),
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    let file = pair
+        .b()
+        .dir
+        .join("incoming")
+        .join(&m.id)
+        .join("inventory.img");
+    until("the image at the destination", || {
+        // The source asked for the restore: every file is in.
+        pair.a()
+            .engine
+            .get(&m.id)
+            .is_some_and(|r| r.phase == Phase::Restoring)
+            && file.exists()
+    })
+    .await;
+    let mut bytes = std::fs::read(&file).expect("read the image");
+    bytes[0] ^= 0x20;
+    std::fs::write(&file, bytes).expect("write the image");
+    rolled_back_with(&pair, &m.id, "changed on disk since it arrived").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_counts_in_the_freeze_and_the_move_completes() {
     let pair = Pair::new("delay").await;
     pair.a().run("svc").await;

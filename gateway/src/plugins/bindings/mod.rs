@@ -6,6 +6,57 @@
 //! version converts to and from them at its own edge (`v0_1.rs`), so the host interfaces
 //! are implemented once (`host.rs`) and the engine never sees a version.
 
+/// The `criu` and `process` host interfaces of a version whose errors are the typed
+/// `host-error` (0.2.0 on): thin calls into `host.rs`, the same in every such version.
+/// `$m` is the version's generated `ferry::adapter` module.
+macro_rules! typed_criu_and_process {
+    ($m:path) => {
+        use $m as generated;
+
+        impl generated::criu::Host for State {
+            async fn dump(&mut self) -> WtResult<Result<u64, HostError>> {
+                Ok(self.criu_dump().await.map_err(HostError::from))
+            }
+
+            async fn restore(&mut self) -> WtResult<Result<i32, HostError>> {
+                Ok(self.criu_restore().await.map_err(HostError::from))
+            }
+        }
+
+        impl generated::process::Host for State {
+            async fn spawn(&mut self) -> WtResult<Result<i32, HostError>> {
+                Ok(self.process_spawn().await.map_err(HostError::from))
+            }
+
+            async fn resume(&mut self) -> WtResult<Result<(), HostError>> {
+                Ok(self.process_resume().map_err(HostError::from))
+            }
+
+            async fn kill(&mut self) -> WtResult<Result<(), HostError>> {
+                Ok(self.process_kill().map_err(HostError::from))
+            }
+        }
+    };
+}
+
+/// A service world's `tunnel.open`, the same in every version that has it.
+macro_rules! tunnel_open {
+    ($m:path) => {
+        impl $m for State {
+            async fn open(&mut self, port: u16) -> WtResult<Result<Endpoint, HostError>> {
+                Ok(self
+                    .tunnel_open(port)
+                    .await
+                    .map(|addr| Endpoint {
+                        host: addr.ip().to_string(),
+                        port: addr.port(),
+                    })
+                    .map_err(HostError::from))
+            }
+        }
+    };
+}
+
 pub mod v0_1;
 pub mod v0_2;
 pub mod v0_2_service;

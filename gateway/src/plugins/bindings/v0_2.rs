@@ -20,7 +20,7 @@ wasmtime::component::bindgen!({
     },
 });
 
-use self::ferry::adapter::{criu, exec, log, process};
+use self::ferry::adapter::{exec, log};
 
 pub fn add_to_linker(linker: &mut Linker<State>) -> WtResult<()> {
     RuntimeAdapter::add_to_linker::<State, HasSelf<State>>(linker, |s| s)
@@ -73,26 +73,4 @@ impl exec::Host for State {
     }
 }
 
-impl criu::Host for State {
-    async fn dump(&mut self) -> WtResult<Result<u64, HostError>> {
-        Ok(self.criu_dump().await.map_err(HostError::from))
-    }
-
-    async fn restore(&mut self) -> WtResult<Result<i32, HostError>> {
-        Ok(self.criu_restore().await.map_err(HostError::from))
-    }
-}
-
-impl process::Host for State {
-    async fn spawn(&mut self) -> WtResult<Result<i32, HostError>> {
-        Ok(self.process_spawn().await.map_err(HostError::from))
-    }
-
-    async fn resume(&mut self) -> WtResult<Result<(), HostError>> {
-        Ok(self.process_resume().map_err(HostError::from))
-    }
-
-    async fn kill(&mut self) -> WtResult<Result<(), HostError>> {
-        Ok(self.process_kill().map_err(HostError::from))
-    }
-}
+typed_criu_and_process!(self::ferry::adapter);

@@ -24,15 +24,4 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> WtResult<()> {
     ServiceAdapter::add_to_linker::<State, HasSelf<State>>(linker, |s| s)
 }
 
-impl ferry::adapter::tunnel::Host for State {
-    async fn open(&mut self, port: u16) -> WtResult<Result<Endpoint, HostError>> {
-        Ok(self
-            .tunnel_open(port)
-            .await
-            .map(|addr| Endpoint {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-            })
-            .map_err(HostError::from))
-    }
-}
+tunnel_open!(ferry::adapter::tunnel::Host);
