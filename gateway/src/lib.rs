@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod criu;
 pub mod gateway;
+pub mod health;
 pub mod identity;
 pub mod journal;
 pub mod metrics;

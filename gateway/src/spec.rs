@@ -41,6 +41,89 @@ pub struct WorkloadSpec {
     /// Ingress routes: where clients reach the workload at its site. They move with it.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// What says it serves, after it starts and after a restore (none: a TCP connection
+    /// to `port`, or, without a port, that it keeps running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+/// How a site decides a workload it started or restored is healthy, beyond its process
+/// running (which is always required).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthCheck {
+    /// The port accepts a TCP connection.
+    Tcp,
+    /// `GET path` on the port answers 2xx or 3xx.
+    Http { path: String },
+    /// This command, run by the gateway at the workload's site (its network, the
+    /// workload's PATH, no environment), exits 0.
+    Exec { command: Vec<String> },
+}
+
+impl std::fmt::Display for HealthCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HealthCheck::Tcp => f.write_str("tcp"),
+            HealthCheck::Http { path } => write!(f, "http:{path}"),
+            HealthCheck::Exec { command } => write!(f, "exec:{}", command.join(" ")),
+        }
+    }
+}
+
+impl std::str::FromStr for HealthCheck {
+    type Err = String;
+
+    /// `tcp`, `http:/PATH`, or `exec:PROGRAM ARGS…` (split at spaces).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let check = if s == "tcp" {
+            HealthCheck::Tcp
+        } else if let Some(path) = s.strip_prefix("http:") {
+            HealthCheck::Http { path: path.into() }
+        } else if let Some(cmd) = s.strip_prefix("exec:") {
+            HealthCheck::Exec {
+                command: cmd.split_whitespace().map(String::from).collect(),
+            }
+        } else {
+            return Err(format!(
+                "health check {s:?}: use tcp, http:/PATH or exec:PROGRAM ARGS"
+            ));
+        };
+        check.validate().map_err(|e| e.to_string())?;
+        Ok(check)
+    }
+}
+
+impl HealthCheck {
+    fn validate(&self) -> Result<(), SpecError> {
+        match self {
+            HealthCheck::Tcp => Ok(()),
+            HealthCheck::Http { path } => {
+                let printable = path.bytes().all(|b| b.is_ascii_graphic());
+                if path.starts_with('/') && printable && path.len() <= 1024 {
+                    Ok(())
+                } else {
+                    Err(SpecError::Invalid(format!(
+                        "health check path {path:?} must start with / and hold no spaces or control characters"
+                    )))
+                }
+            }
+            HealthCheck::Exec { command } => {
+                let program = command.first().map(String::as_str).unwrap_or_default();
+                if program.is_empty()
+                    || program.starts_with('-')
+                    || command.len() > 64
+                    || command.iter().any(|a| a.contains('\0'))
+                {
+                    Err(SpecError::Invalid(
+                        "health check command: a program, then at most 63 arguments".into(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 
 /// A listen address at the site whose traffic goes to the workload's `port`.
@@ -146,6 +229,14 @@ impl WorkloadSpec {
         }
         if self.port == Some(0) {
             return Err(SpecError::Invalid("port must be 1-65535".into()));
+        }
+        if let Some(check) = &self.health {
+            check.validate()?;
+            if self.port.is_none() && !matches!(check, HealthCheck::Exec { .. }) {
+                return Err(SpecError::Invalid(format!(
+                    "health check {check} needs the workload's --port"
+                )));
+            }
         }
         for k in self.env.keys() {
             let ok = !k.is_empty()
@@ -259,6 +350,7 @@ mod tests {
             runtime: "process".into(),
             settings: BTreeMap::new(),
             routes: Vec::new(),
+            health: None,
         }
     }
 

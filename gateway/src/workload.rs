@@ -46,8 +46,8 @@ pub enum WorkloadError {
     },
     #[error(transparent)]
     Spawn(#[from] process::SpawnError),
-    #[error("workload did not answer on port {port} within {secs} s; see its log {log}")]
-    NotHealthy { port: u16, secs: u64, log: PathBuf },
+    #[error("workload is not healthy: {why}; see its log {log}")]
+    NotHealthy { why: String, log: PathBuf },
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -361,15 +361,12 @@ impl Workloads {
         };
         let w = self.record(spec, placement, Some(pid), None);
         self.insert_running(&w, waiter)?;
-        if let Some(port) = spec.port {
-            if !process::wait_port(port, self.settings.health_timeout).await {
-                self.stop(&w).await;
-                return Err(WorkloadError::NotHealthy {
-                    port,
-                    secs: self.settings.health_timeout.as_secs(),
-                    log: placement.log.clone(),
-                });
-            }
+        if let Err(why) = crate::health::wait(spec, pid, self.settings.health_timeout).await {
+            self.stop(&w).await;
+            return Err(WorkloadError::NotHealthy {
+                why,
+                log: placement.log.clone(),
+            });
         }
         if let Err(e) = self.ingress.open(spec).await {
             self.stop(&w).await;
@@ -506,17 +503,23 @@ pub fn program_allowed(spec: &WorkloadSpec, list: Option<&[String]>) -> Result<(
     let Some(list) = list else {
         return Ok(());
     };
-    let program = spec.command.first().map(String::as_str).unwrap_or_default();
-    let found = process::resolve(program);
-    if list
-        .iter()
-        .any(|a| a == program || process::resolve(a) == found)
-    {
-        return Ok(());
+    let mut programs = vec![spec.command.first().map(String::as_str).unwrap_or_default()];
+    if let Some(crate::spec::HealthCheck::Exec { command }) = &spec.health {
+        // The gateway runs a health command too.
+        programs.push(command.first().map(String::as_str).unwrap_or_default());
     }
-    Err(format!(
-        "this site does not start {program:?} through its API (allowed: {list:?})"
-    ))
+    for program in programs {
+        let found = process::resolve(program);
+        if !list
+            .iter()
+            .any(|a| a == program || process::resolve(a) == found)
+        {
+            return Err(format!(
+                "this site does not start {program:?} through its API (allowed: {list:?})"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -532,6 +535,7 @@ mod allow_tests {
             runtime: "process".into(),
             settings: std::collections::BTreeMap::new(),
             routes: Vec::new(),
+            health: None,
         }
     }
 

@@ -156,6 +156,61 @@ fn restore_failure_resumes_source() -> Result<()> {
 }
 
 #[test]
+fn a_restore_failing_its_health_check_is_discarded_and_the_source_resumes() -> Result<()> {
+    // B's health command fails (its redis-cli is `false`), though Redis restores there
+    // and answers on its port: the copy is not healthy by the workload's own check.
+    let mut opts = Options::new("health");
+    opts.b_mount_setup = Some("mount --bind /usr/bin/false /usr/bin/redis-cli".into());
+    let sites = TwoSites::start(opts)?;
+    let check = format!("exec:redis-cli -p {PORT} ping");
+    sites.run_redis_at_a_with("redis", PORT, &["--health", &check])?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    let before = dataset(&sites.a)?;
+    let shown = sites.a.ferry_json(&["workload", "show", "redis"])?;
+    assert_eq!(shown["health"]["kind"], "exec", "{shown}");
+
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(!ok, "migration should fail: {m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}\n{}", sites.logs());
+    let reason = m["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("not healthy") && reason.contains("redis-cli -p"),
+        "reason: {reason}"
+    );
+    // B discarded its copy; A serves again with its data.
+    assert!(workloads(&sites.b)?.is_empty());
+    assert!(
+        sites.b.redis(PORT, &["PING"]).is_err(),
+        "B's copy still runs"
+    );
+    assert_eq!(dataset(&sites.a)?, before);
+    sites.a.redis(PORT, &["SET", "still", "writable"])?;
+    // A check that fails at the start refuses the workload there.
+    let out = sites.a.ferry_output(&[
+        "workload",
+        "run",
+        "never",
+        "--port",
+        "6399",
+        "--health",
+        "http:/ready",
+        "--",
+        "redis-server",
+        "--port",
+        "6399",
+        "--save",
+        "",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not healthy") && err.contains("GET /ready"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
 fn port_taken_at_destination_refuses_before_freeze() -> Result<()> {
     let sites = TwoSites::start(Options::new("port"))?;
     sites.run_redis_at_a("redis", PORT)?;

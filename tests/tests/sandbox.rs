@@ -66,6 +66,7 @@ fn workload(mode: &str) -> AdapterCall {
         env: Default::default(),
         settings: [("mode".to_string(), mode.to_string())].into(),
         routes: Vec::new(),
+        health: None,
     };
     let placement = Placement {
         work_dir: "/tmp".into(),

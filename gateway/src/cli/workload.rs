@@ -28,6 +28,12 @@ pub enum Cmd {
         /// to the new site after a move. Clients are held, not refused, during a migration.
         #[arg(long = "route", value_name = "[MODE:]ADDR:PORT")]
         routes: Vec<crate::spec::RouteSpec>,
+        /// What says it serves, after it starts and after every restore: tcp (the default
+        /// with --port), http:/PATH (a 2xx or 3xx answer on --port), or exec:PROGRAM ARGS
+        /// (run at the site, exit 0). Without --port and without a check: that it keeps
+        /// running. A restore that fails it is discarded and the source resumes.
+        #[arg(long, value_name = "CHECK")]
+        health: Option<crate::spec::HealthCheck>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -64,6 +70,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             runtime,
             settings,
             routes,
+            health,
             command,
         } => {
             let spec = WorkloadSpec {
@@ -74,6 +81,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 runtime,
                 settings: pairs("--setting", settings)?,
                 routes,
+                health,
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             if out == Output::Json {

@@ -119,15 +119,10 @@ impl Engine {
             self.discard_replica(id).await;
             return Response::error(ErrorCode::Internal, e.to_string());
         }
-        if let Some(port) = spec.port {
-            if !process::wait_port(port, self.health_timeout).await {
-                let reason = format!(
-                    "the fresh instance did not answer on port {port} within {} s",
-                    self.health_timeout.as_secs()
-                );
-                self.discard_replica(id).await;
-                return Response::error(ErrorCode::Refused, reason);
-            }
+        if let Err(why) = crate::health::wait(&spec, pid, self.health_timeout).await {
+            let reason = format!("the fresh instance is not healthy: {why}");
+            self.discard_replica(id).await;
+            return Response::error(ErrorCode::Refused, reason);
         }
         tracing::info!(migration = id, workload = %spec.name, pid, service, from = peer, "replica started");
         Response::Ready

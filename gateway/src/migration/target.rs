@@ -394,17 +394,12 @@ impl Engine {
             ms = started.elapsed().as_millis() as u64,
             "adapter restored"
         );
-        if let Some(port) = spec.port {
-            if !process::wait_port(port, self.health_timeout).await {
-                self.discard_restored(&adapter, &reserved, pid).await;
-                return Err(MigrationError::RestoreFailed {
-                    site: self.site.clone(),
-                    message: format!(
-                        "restored workload did not answer on port {port} within {} s",
-                        self.health_timeout.as_secs()
-                    ),
-                });
-            }
+        if let Err(why) = crate::health::wait(spec, pid, self.health_timeout).await {
+            self.discard_restored(&adapter, &reserved, pid).await;
+            return Err(MigrationError::RestoreFailed {
+                site: self.site.clone(),
+                message: format!("the restored workload is not healthy: {why}"),
+            });
         }
         if let Err(e) = self.ingress.open(spec).await {
             // The restore stands: clients can still come through the source site's tunnel.

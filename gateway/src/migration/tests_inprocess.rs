@@ -483,6 +483,7 @@ impl Site {
                 runtime: RUNTIME.into(),
                 settings: BTreeMap::new(),
                 routes: Vec::new(),
+                health: None,
             })
             .await
             .expect("workload starts")
@@ -1004,6 +1005,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             runtime: RUNTIME.into(),
             settings: BTreeMap::new(),
             routes: Vec::new(),
+            health: None,
         },
         Role::Target,
         "a",
@@ -1107,6 +1109,7 @@ async fn tunnels_reach_a_workload_only_where_it_runs_unheld() {
         runtime: RUNTIME.into(),
         settings: BTreeMap::new(),
         routes: Vec::new(),
+        health: None,
     };
     // The ingress serves whatever listens on the workload's port here.
     pair.b().ingress.open(&spec).await.expect("open");
@@ -1454,6 +1457,7 @@ impl Fuzz {
             runtime: format!("no-such-runtime-{}", self.below(5)),
             settings: BTreeMap::new(),
             routes: Vec::new(),
+            health: None,
         }
     }
 
@@ -1827,6 +1831,7 @@ async fn an_image_file_past_the_free_space_or_the_file_limit_is_refused_before_a
         runtime: RUNTIME.into(),
         settings: BTreeMap::new(),
         routes: Vec::new(),
+        health: None,
     };
     let prepared = pair
         .a()

@@ -37,6 +37,7 @@ fn workload() -> AdapterCall {
         env: [("LANG".to_string(), "C".to_string())].into(),
         settings: Default::default(),
         routes: Vec::new(),
+        health: None,
     };
     let placement = Placement {
         work_dir: "/var/lib/ferry/workdirs/redis".into(),
