@@ -550,5 +550,14 @@ mod allow_tests {
         let e = program_allowed(&spec("sh"), Some(&list)).unwrap_err();
         assert!(e.contains("\"sh\"") && e.contains("sleep"), "{e}");
         assert!(program_allowed(&spec("sleep"), Some(&[])).is_err());
+        // The gateway runs an exec health check's program too: it must be listed.
+        let mut checked = spec("sleep");
+        checked.health = Some(crate::spec::HealthCheck::Exec {
+            command: vec!["sh".into(), "-c".into(), "true".into()],
+        });
+        let e = program_allowed(&checked, Some(&list)).unwrap_err();
+        assert!(e.contains("\"sh\""), "{e}");
+        let both = vec!["sleep".to_string(), "sh".to_string()];
+        assert!(program_allowed(&checked, Some(&both)).is_ok());
     }
 }
