@@ -528,7 +528,7 @@ impl Criu {
             .ok_or_else(|| CriuError::NoPid("this restore has no page supply".into()))?;
         let exe = self.lazy_daemon.as_deref().ok_or_else(|| {
             CriuError::NoPid(
-                "a runtime's lazy restore needs Ferry's lazy-pages daemon, which this gateway does not run".into(),
+                "a runtime's lazy restore needs Ferry's lazy-pages daemon, which this site does not run ([migration] lazy_pages = \"criu\"); set lazy_pages = \"ferry\" there".into(),
             )
         })?;
         self.serve_lazy(images, supply, exe, None)

@@ -39,7 +39,8 @@ pub(super) enum Paged {
 pub const MODES: [&str; 3] = ["auto", "stop-and-copy", "postcopy"];
 
 impl Engine {
-    /// Can the adapter serving `runtime` checkpoint lazily? Only through the host's CRIU.
+    /// Can the adapter serving `runtime` checkpoint lazily: through the host's CRIU, or
+    /// its runtime's own lazy dump (the `lazy` interface)?
     pub(super) fn postcopy_capable(&self, runtime: &str) -> Result<(), String> {
         crate::criu::lazy_dump_ready()?;
         let adapter = self.plugins.adapter(runtime).map_err(|e| e.to_string())?;
