@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferry_e2e::{wait_for, Options, Site, TwoSites};
 use serde_json::Value;
 
@@ -99,6 +99,76 @@ fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
     let (ok, m) = sites.migrate("redis", "b")?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    Ok(())
+}
+
+#[test]
+fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_succeeds(
+) -> Result<()> {
+    let mut sites = TwoSites::start(Options::new("sigtrm"))?;
+    let (id, pid, digest) = start_slow_migration(&sites)?;
+    // The destination's gateway is asked to stop mid-transfer (SIGTERM): nothing was
+    // restored there, so the source resumes, and B, restarted, has dropped its part.
+    sites.b.stop_gateway();
+    wait_for("the rollback at A", Duration::from_secs(60), || {
+        (phase(&sites.a, &id).ok()? == "rolled_back").then_some(())
+    })
+    .with_context(|| sites.logs())?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    assert_ne!(
+        Site::process_state(pid),
+        Some('T'),
+        "the source stays frozen"
+    );
+    sites.start_gateway_b()?;
+    wait_for("B to drop its part", Duration::from_secs(20), || {
+        (phase(&sites.b, &id).ok()? == "rolled_back" && sites.b.has_no_workloads().ok()?)
+            .then_some(())
+    })
+    .with_context(|| sites.logs())?;
+
+    // Then the source's gateway, during the next move's transfer. It drains the move (up
+    // to 10 s) before it goes; after its restart the move has ended one way or the other,
+    // with exactly one copy.
+    let m = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    wait_for("the transfer phase", Duration::from_secs(20), || {
+        (phase(&sites.a, &id).ok()? == "transferring").then_some(())
+    })?;
+    sites.a.stop_gateway();
+    let b_runs = || -> Result<bool> {
+        let list = sites.b.ferry_json(&["workload", "ls"])?;
+        Ok(list
+            .as_array()
+            .is_some_and(|l| l.iter().any(|w| !w["pid"].is_null())))
+    };
+    let source = Site::process_state(pid).filter(|s| *s != 'Z');
+    assert!(
+        !(b_runs()? && source.is_some()),
+        "two copies: B runs one and the source is {source:?}"
+    );
+    sites.start_gateway_a()?;
+    let end = wait_for("the move to end at A", Duration::from_secs(60), || {
+        let p = phase(&sites.a, &id).ok()?;
+        (p == "rolled_back" || p == "completed").then_some(p)
+    })
+    .with_context(|| sites.logs())?;
+    let at = if end == "completed" {
+        &sites.b
+    } else {
+        &sites.a
+    };
+    assert_eq!(at.redis(PORT, &["DEBUG", "DIGEST"])?, digest, "{end}");
+    wait_for("one copy", Duration::from_secs(20), || {
+        let (a, b) = (
+            sites.a.has_no_workloads().ok()?,
+            sites.b.has_no_workloads().ok()?,
+        );
+        (a != b).then_some(())
+    })
+    .with_context(|| sites.logs())?;
     Ok(())
 }
 

@@ -406,10 +406,8 @@ impl PeerLink {
                 .instrument(tracing::info_span!("peer_conn", %remote)),
             );
         }
-        self.endpoint.close(
-            quinn::VarInt::from_u32(CloseCode::Shutdown as u32),
-            b"shutdown",
-        );
+        // The endpoint stays open: migrations still draining at shutdown use their
+        // connections to finish or to tell the peer they rolled back; `shutdown` closes it.
     }
 
     fn identify(&self, conn: &quinn::Connection) -> Option<String> {
