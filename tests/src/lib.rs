@@ -902,6 +902,35 @@ pub fn redis_podman_image(dir: &Path, reference: &str) -> Result<()> {
     Ok(())
 }
 
+/// Drops every packet between `site` and `peer` (an address, both ways) while it lives.
+pub struct Outage<'a> {
+    site: &'a Site,
+    peer: String,
+}
+
+impl<'a> Outage<'a> {
+    pub fn start(site: &'a Site, peer: &str) -> Result<Self> {
+        site.exec("iptables", &["-I", "INPUT", "-s", peer, "-j", "DROP"])?;
+        site.exec("iptables", &["-I", "OUTPUT", "-d", peer, "-j", "DROP"])?;
+        Ok(Self {
+            site,
+            peer: peer.to_string(),
+        })
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .site
+            .exec("iptables", &["-D", "INPUT", "-s", &self.peer, "-j", "DROP"]);
+        let _ = self.site.exec(
+            "iptables",
+            &["-D", "OUTPUT", "-d", &self.peer, "-j", "DROP"],
+        );
+    }
+}
+
 /// Runs cleanup commands when dropped (containers a failed test would leave behind).
 pub struct Cleanup(pub Vec<Vec<String>>);
 

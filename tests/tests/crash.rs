@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_e2e::{wait_for, Options, Site, TwoSites};
+use ferry_e2e::{wait_for, Options, Outage, Site, TwoSites};
 use serde_json::Value;
 
 const PORT: u16 = 6379;
@@ -169,6 +169,60 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
         (a != b).then_some(())
     })
     .with_context(|| sites.logs())?;
+    Ok(())
+}
+
+#[test]
+fn a_link_lost_for_15_s_during_a_transfer_leaves_one_copy_and_a_next_move_succeeds() -> Result<()> {
+    let sites = TwoSites::start(Options::new("link15"))?;
+    let (id, pid, digest) = start_slow_migration(&sites)?;
+    let b_runs = || -> Result<bool> {
+        let list = sites.b.ferry_json(&["workload", "ls"])?;
+        Ok(list
+            .as_array()
+            .is_some_and(|l| l.iter().any(|w| !w["pid"].is_null())))
+    };
+    {
+        let _outage = Outage::start(&sites.a, &sites.b.addr)?;
+        // No restore was asked: B runs nothing, and the source is frozen or runs again.
+        for _ in 0..15 {
+            std::thread::sleep(Duration::from_secs(1));
+            assert!(!b_runs()?, "B runs a copy during the outage");
+            assert!(Site::process_state(pid).is_some(), "the source is gone");
+        }
+    }
+    let end = wait_for("the move to end at A", Duration::from_secs(60), || {
+        let p = phase(&sites.a, &id).ok()?;
+        (p == "rolled_back" || p == "completed").then_some(p)
+    })
+    .with_context(|| sites.logs())?;
+    eprintln!("a 15 s link outage mid-transfer: the move ended {end}");
+    let at = if end == "completed" {
+        &sites.b
+    } else {
+        &sites.a
+    };
+    assert_eq!(at.redis(PORT, &["DEBUG", "DIGEST"])?, digest, "{end}");
+    wait_for(
+        "one copy, B's part dropped",
+        Duration::from_secs(60),
+        || {
+            let (a, b) = (
+                sites.a.has_no_workloads().ok()?,
+                sites.b.has_no_workloads().ok()?,
+            );
+            (a != b).then_some(())
+        },
+    )
+    .with_context(|| sites.logs())?;
+    if end == "rolled_back" {
+        sites
+            .a
+            .exec("tc", &["qdisc", "del", "dev", &sites.a.dev, "root"])?;
+        let (ok, m) = sites.migrate("redis", "b")?;
+        assert!(ok, "{m}\n{}", sites.logs());
+        assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_e2e::{wait_for, Options, TwoSites};
+use ferry_e2e::{wait_for, Options, Outage, TwoSites};
 
 const PORT: u16 = 6390;
 
@@ -295,35 +295,6 @@ fn a_pre_forked_server_moves_post_copy_with_every_process_and_its_memory() -> Re
         ask(&sites.a, PORT).is_err().then_some(())
     })?;
     Ok(())
-}
-
-/// Drops every packet between site A and `peer` (both ways) while it lives.
-struct Outage<'a> {
-    site: &'a ferry_e2e::Site,
-    peer: String,
-}
-
-impl<'a> Outage<'a> {
-    fn start(site: &'a ferry_e2e::Site, peer: &str) -> Result<Self> {
-        site.exec("iptables", &["-I", "INPUT", "-s", peer, "-j", "DROP"])?;
-        site.exec("iptables", &["-I", "OUTPUT", "-d", peer, "-j", "DROP"])?;
-        Ok(Self {
-            site,
-            peer: peer.to_string(),
-        })
-    }
-}
-
-impl Drop for Outage<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .site
-            .exec("iptables", &["-D", "INPUT", "-s", &self.peer, "-j", "DROP"]);
-        let _ = self.site.exec(
-            "iptables",
-            &["-D", "OUTPUT", "-d", &self.peer, "-j", "DROP"],
-        );
-    }
 }
 
 #[test]

@@ -65,6 +65,7 @@ impl Engine {
         let this = Arc::clone(self);
         self.tasks
             .spawn(async move { this.reconcile_workloads().await });
+        self.expire_reservations();
         // Peers get answers once interrupted restores here are ended.
         let this = Arc::clone(self);
         self.tasks.spawn(async move {

@@ -2,7 +2,8 @@
 //! image, restores it, and confirms only once the restored workload is healthy and
 //! journaled.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
 use crate::peer::wire::{ErrorCode, Request, Response, TargetState};
@@ -633,6 +634,65 @@ impl Engine {
 
 /// Space kept free in the data directory whatever arrives (the journal needs room).
 const DISK_RESERVE: u64 = 64 << 20;
+
+/// How often the destination looks at reservations whose record stopped changing.
+const RESERVATION_CHECK: Duration = Duration::from_secs(5);
+
+impl Engine {
+    /// Destination: an incoming move that has not reached its restore holds a name, a port
+    /// and a partial image here. While such a record stays unchanged, the source is asked
+    /// every few seconds how the move stands; one that ended it (rolled back, failed) or
+    /// does not know it, its Abort lost with the link or with its gateway, gets the same
+    /// treatment here as its Abort would have: the reservation and the image go. Nothing
+    /// runs here before the restore request (a service-level replica serves no client),
+    /// so this never ends a copy that serves. An unreachable source is asked again later.
+    pub(super) fn expire_reservations(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = this.cancel.cancelled() => return,
+                    () = tokio::time::sleep(RESERVATION_CHECK) => {}
+                }
+                this.check_reservations().await;
+            }
+        });
+    }
+
+    async fn check_reservations(&self) {
+        let now = super::now_ms();
+        let quiet = self.list().into_iter().filter(|m| {
+            m.role == Role::Target
+                && matches!(
+                    m.phase,
+                    Phase::Planned
+                        | Phase::Preparing
+                        | Phase::Syncing
+                        | Phase::Checkpointing
+                        | Phase::Transferring
+                )
+                && now.saturating_sub(m.updated_at_ms) >= RESERVATION_CHECK.as_millis() as u64
+        });
+        for m in quiet {
+            let asked = self
+                .peers
+                .request(
+                    &m.source,
+                    &Request::SourceState {
+                        migration: m.id.clone(),
+                    },
+                )
+                .await;
+            let Ok(Response::SourceState { phase, .. }) = asked else {
+                continue;
+            };
+            if matches!(phase.as_str(), "rolled_back" | "failed" | "unknown") {
+                tracing::info!(migration = %m.id, source = %m.source, source_phase = %phase, "the source ended this move without a word here; dropping its reservation");
+                let _ = self.abort(&m.source, &m.id).await;
+            }
+        }
+    }
+}
 
 /// Is there room in `dir` for a file of `size` bytes (unknown: a growing file), besides
 /// [`DISK_RESERVE`]?

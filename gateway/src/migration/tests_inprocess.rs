@@ -848,6 +848,33 @@ async fn an_image_byte_changed_at_rest_at_the_destination_rolls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_whose_source_ended_the_move_unheard_expires() {
+    let pair = Pair::new("expire").await;
+    pair.a().run("svc").await;
+    // The source's driver stops once B has prepared; its record then says it rolled back
+    // without B hearing a word (an Abort lost with the link).
+    pair.a().engine.set_faults(Faults::default().at(
+        Role::Source,
+        Phase::Checkpointing,
+        Fault::Crash,
+    ));
+    let m = pair.a().engine.start("svc", "b").expect("planned");
+    until("B to reserve", || pair.b().workloads.get("svc").is_some()).await;
+    pair.a()
+        .engine
+        .update(&m.id, |m| m.phase = Phase::RolledBack)
+        .expect("journaled");
+    // B asks the source about a quiet reservation and drops it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pair.b().workloads.get("svc").is_some() {
+        assert!(Instant::now() < deadline, "B kept the reservation");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at_b = pair.b().engine.get(&m.id).expect("B's record");
+    assert!(at_b.phase.is_terminal(), "{at_b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_counts_in_the_freeze_and_the_move_completes() {
     let pair = Pair::new("delay").await;
     pair.a().run("svc").await;
