@@ -22,19 +22,38 @@ fn start_slow_migration(sites: &TwoSites) -> Result<(String, i64, String)> {
         .as_i64()
         .unwrap_or(0);
     sites.a.limit_egress("40mbit")?;
-    let m = sites
-        .a
-        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
-    wait_for("the transfer phase", Duration::from_secs(20), || {
-        let m = sites.a.ferry_json(&["migration", "show", &id]).ok()?;
-        (m["phase"] == "transferring").then_some(())
-    })?;
+    let id = start_move_until(sites, &sites.a, "transferring", Duration::from_secs(20))?;
     Ok((id, pid, digest))
 }
 
 fn phase(site: &Site, id: &str) -> Result<Value> {
     Ok(site.ferry_json(&["migration", "show", id])?["phase"].clone())
+}
+
+/// Starts moving `redis` to B without waiting; returns its id once `site` reports
+/// `wanted` for it.
+fn start_move_until(
+    sites: &TwoSites,
+    site: &Site,
+    wanted: &str,
+    within: Duration,
+) -> Result<String> {
+    let m = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    wait_for(&format!("the {wanted} phase"), within, || {
+        (phase(site, &id).ok()? == wanted).then_some(())
+    })?;
+    Ok(id)
+}
+
+/// Does `site` run a copy of a workload (a listed workload with a process)?
+fn runs_a_copy(site: &Site) -> Result<bool> {
+    let list = site.ferry_json(&["workload", "ls"])?;
+    Ok(list
+        .as_array()
+        .is_some_and(|l| l.iter().any(|w| !w["pid"].is_null())))
 }
 
 #[test]
@@ -130,23 +149,11 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
     // Then the source's gateway, during the next move's transfer. It drains the move (up
     // to 10 s) before it goes; after its restart the move has ended one way or the other,
     // with exactly one copy.
-    let m = sites
-        .a
-        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
-    wait_for("the transfer phase", Duration::from_secs(20), || {
-        (phase(&sites.a, &id).ok()? == "transferring").then_some(())
-    })?;
+    let id = start_move_until(&sites, &sites.a, "transferring", Duration::from_secs(20))?;
     sites.a.stop_gateway();
-    let b_runs = || -> Result<bool> {
-        let list = sites.b.ferry_json(&["workload", "ls"])?;
-        Ok(list
-            .as_array()
-            .is_some_and(|l| l.iter().any(|w| !w["pid"].is_null())))
-    };
     let source = Site::process_state(pid).filter(|s| *s != 'Z');
     assert!(
-        !(b_runs()? && source.is_some()),
+        !(runs_a_copy(&sites.b)? && source.is_some()),
         "two copies: B runs one and the source is {source:?}"
     );
     sites.start_gateway_a()?;
@@ -176,18 +183,12 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
 fn a_link_lost_for_15_s_during_a_transfer_leaves_one_copy_and_a_next_move_succeeds() -> Result<()> {
     let sites = TwoSites::start(Options::new("link15"))?;
     let (id, pid, digest) = start_slow_migration(&sites)?;
-    let b_runs = || -> Result<bool> {
-        let list = sites.b.ferry_json(&["workload", "ls"])?;
-        Ok(list
-            .as_array()
-            .is_some_and(|l| l.iter().any(|w| !w["pid"].is_null())))
-    };
     {
         let _outage = Outage::start(&sites.a, &sites.b.addr)?;
         // No restore was asked: B runs nothing, and the source is frozen or runs again.
         for _ in 0..15 {
             std::thread::sleep(Duration::from_secs(1));
-            assert!(!b_runs()?, "B runs a copy during the outage");
+            assert!(!runs_a_copy(&sites.b)?, "B runs a copy during the outage");
             assert!(Site::process_state(pid).is_some(), "the source is gone");
         }
     }
@@ -391,13 +392,7 @@ fn an_old_journal_put_back_at_the_destination_never_makes_two_copies() -> Result
     let journal = sites.b.dir.join("data/journal");
     let old = sites.root.join("old-journal");
     run_sh(&format!("cp -a {} {}", journal.display(), old.display()))?;
-    let m = sites
-        .a
-        .ferry_json(&["migrate", "redis", "--to", "b", "--no-wait"])?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
-    wait_for("B to restore", Duration::from_secs(30), || {
-        (phase(&sites.b, &id).ok()? == "restoring").then_some(())
-    })?;
+    let id = start_move_until(&sites, &sites.b, "restoring", Duration::from_secs(30))?;
     sites.b.crash_gateway();
     run_sh(&format!(
         "rm -rf {j} && cp -a {o} {j}",

@@ -541,15 +541,7 @@ impl Engine {
                 m.source, m.phase
             )));
         }
-        let asked = self
-            .peers
-            .request(
-                &m.source,
-                &Request::SourceState {
-                    migration: m.id.clone(),
-                },
-            )
-            .await;
+        let asked = self.ask_source_state(&m).await;
         match asked {
             Ok(Response::SourceState { released: true, .. }) => {
                 self.update(&m.id, |m| m.source_released = true)?;
@@ -659,6 +651,18 @@ impl Engine {
         });
     }
 
+    /// Asks the source of incoming move `m` how that move stands there.
+    async fn ask_source_state(&self, m: &Migration) -> Result<Response, crate::peer::PeerError> {
+        self.peers
+            .request(
+                &m.source,
+                &Request::SourceState {
+                    migration: m.id.clone(),
+                },
+            )
+            .await
+    }
+
     async fn check_reservations(&self) {
         let now = super::now_ms();
         let quiet = self.list().into_iter().filter(|m| {
@@ -674,16 +678,7 @@ impl Engine {
                 && now.saturating_sub(m.updated_at_ms) >= RESERVATION_CHECK.as_millis() as u64
         });
         for m in quiet {
-            let asked = self
-                .peers
-                .request(
-                    &m.source,
-                    &Request::SourceState {
-                        migration: m.id.clone(),
-                    },
-                )
-                .await;
-            let Ok(Response::SourceState { phase, .. }) = asked else {
+            let Ok(Response::SourceState { phase, .. }) = self.ask_source_state(&m).await else {
                 continue;
             };
             if matches!(phase.as_str(), "rolled_back" | "failed" | "unknown") {
