@@ -902,6 +902,73 @@ pub fn redis_podman_image(dir: &Path, reference: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks, every 50 ms on its own thread, that the Redis on `port` never answers at both
+/// sites at once (a frozen source answers nothing; a restored copy answers once it runs):
+/// the migration invariant watched *during* a fault, not only at its end.
+pub struct OneCopy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<std::result::Result<u32, String>>>,
+}
+
+impl OneCopy {
+    pub fn watch(sites: &TwoSites, port: u16) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let netns = [sites.a.netns.clone(), sites.b.netns.clone()];
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let answers = |ns: &str| {
+                Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .args([
+                        "timeout",
+                        "0.3",
+                        "redis-cli",
+                        "-p",
+                        &port.to_string(),
+                        "PING",
+                    ])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+            };
+            let started = Instant::now();
+            let mut answered = 0u32;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let (a, b) = (answers(&netns[0]), answers(&netns[1]));
+                if a && b {
+                    return Err(format!(
+                        "both sites answered on port {port} {} ms into the watch",
+                        started.elapsed().as_millis()
+                    ));
+                }
+                answered += u32::from(a || b);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(answered)
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; fails if both sites ever answered. Returns in how many checks one
+    /// site answered (the watch sees a serving copy at all).
+    pub fn finish(mut self) -> Result<u32> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Ok(n))) => Ok(n),
+            Some(Ok(Err(e))) => bail!("two copies: {e}"),
+            _ => bail!("the one-copy watch did not finish"),
+        }
+    }
+}
+
+impl Drop for OneCopy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Drops every packet between `site` and `peer` (an address, both ways) while it lives.
 pub struct Outage<'a> {
     site: &'a Site,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_e2e::{wait_for, Options, Outage, Site, TwoSites};
+use ferry_e2e::{wait_for, OneCopy, Options, Outage, Site, TwoSites};
 use serde_json::Value;
 
 const PORT: u16 = 6379;
@@ -126,6 +126,7 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
 ) -> Result<()> {
     let mut sites = TwoSites::start(Options::new("sigtrm"))?;
     let (id, pid, digest) = start_slow_migration(&sites)?;
+    let watch = OneCopy::watch(&sites, PORT);
     // The destination's gateway is asked to stop mid-transfer (SIGTERM): nothing was
     // restored there, so the source resumes, and B, restarted, has dropped its part.
     sites.b.stop_gateway();
@@ -176,6 +177,8 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
         (a != b).then_some(())
     })
     .with_context(|| sites.logs())?;
+    let answered = watch.finish()?;
+    assert!(answered > 0, "the watch never saw a serving copy");
     Ok(())
 }
 
@@ -183,6 +186,7 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
 fn a_link_lost_for_15_s_during_a_transfer_leaves_one_copy_and_a_next_move_succeeds() -> Result<()> {
     let sites = TwoSites::start(Options::new("link15"))?;
     let (id, pid, digest) = start_slow_migration(&sites)?;
+    let watch = OneCopy::watch(&sites, PORT);
     {
         let _outage = Outage::start(&sites.a, &sites.b.addr)?;
         // No restore was asked: B runs nothing, and the source is frozen or runs again.
@@ -216,6 +220,8 @@ fn a_link_lost_for_15_s_during_a_transfer_leaves_one_copy_and_a_next_move_succee
         },
     )
     .with_context(|| sites.logs())?;
+    let answered = watch.finish()?;
+    assert!(answered > 0, "the watch never saw a serving copy");
     if end == "rolled_back" {
         sites
             .a
