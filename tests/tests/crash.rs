@@ -48,6 +48,31 @@ fn start_move_until(
     Ok(id)
 }
 
+/// After a fault: waits (`within`) for the move `id` to end at A, checks the dataset
+/// where it ended up and that exactly one site keeps the workload. Returns the end phase.
+fn ends_with_one_copy(sites: &TwoSites, id: &str, digest: &str, within: Duration) -> Result<Value> {
+    let end = wait_for("the move to end at A", within, || {
+        let p = phase(&sites.a, id).ok()?;
+        (p == "rolled_back" || p == "completed").then_some(p)
+    })
+    .with_context(|| sites.logs())?;
+    let at = if end == "completed" {
+        &sites.b
+    } else {
+        &sites.a
+    };
+    assert_eq!(at.redis(PORT, &["DEBUG", "DIGEST"])?, digest, "{end}");
+    wait_for("one copy", within, || {
+        let (a, b) = (
+            sites.a.has_no_workloads().ok()?,
+            sites.b.has_no_workloads().ok()?,
+        );
+        (a != b).then_some(())
+    })
+    .with_context(|| sites.logs())?;
+    Ok(end)
+}
+
 /// Does `site` run a copy of a workload (a listed workload with a process)?
 fn runs_a_copy(site: &Site) -> Result<bool> {
     let list = site.ferry_json(&["workload", "ls"])?;
@@ -158,25 +183,7 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
         "two copies: B runs one and the source is {source:?}"
     );
     sites.start_gateway_a()?;
-    let end = wait_for("the move to end at A", Duration::from_secs(60), || {
-        let p = phase(&sites.a, &id).ok()?;
-        (p == "rolled_back" || p == "completed").then_some(p)
-    })
-    .with_context(|| sites.logs())?;
-    let at = if end == "completed" {
-        &sites.b
-    } else {
-        &sites.a
-    };
-    assert_eq!(at.redis(PORT, &["DEBUG", "DIGEST"])?, digest, "{end}");
-    wait_for("one copy", Duration::from_secs(20), || {
-        let (a, b) = (
-            sites.a.has_no_workloads().ok()?,
-            sites.b.has_no_workloads().ok()?,
-        );
-        (a != b).then_some(())
-    })
-    .with_context(|| sites.logs())?;
+    ends_with_one_copy(&sites, &id, &digest, Duration::from_secs(60))?;
     let answered = watch.finish()?;
     assert!(answered > 0, "the watch never saw a serving copy");
     Ok(())
@@ -196,30 +203,8 @@ fn a_link_lost_for_15_s_during_a_transfer_leaves_one_copy_and_a_next_move_succee
             assert!(Site::process_state(pid).is_some(), "the source is gone");
         }
     }
-    let end = wait_for("the move to end at A", Duration::from_secs(60), || {
-        let p = phase(&sites.a, &id).ok()?;
-        (p == "rolled_back" || p == "completed").then_some(p)
-    })
-    .with_context(|| sites.logs())?;
+    let end = ends_with_one_copy(&sites, &id, &digest, Duration::from_secs(60))?;
     eprintln!("a 15 s link outage mid-transfer: the move ended {end}");
-    let at = if end == "completed" {
-        &sites.b
-    } else {
-        &sites.a
-    };
-    assert_eq!(at.redis(PORT, &["DEBUG", "DIGEST"])?, digest, "{end}");
-    wait_for(
-        "one copy, B's part dropped",
-        Duration::from_secs(60),
-        || {
-            let (a, b) = (
-                sites.a.has_no_workloads().ok()?,
-                sites.b.has_no_workloads().ok()?,
-            );
-            (a != b).then_some(())
-        },
-    )
-    .with_context(|| sites.logs())?;
     let answered = watch.finish()?;
     assert!(answered > 0, "the watch never saw a serving copy");
     if end == "rolled_back" {

@@ -352,25 +352,53 @@ fn ended(phase: &str) -> bool {
     matches!(phase, "completed" | "rolled_back" | "failed")
 }
 
+/// Kills B's gateway in the page phase of move `id`: B's copy, lacking pages it can no
+/// longer get, is stopped at once by its guard (its memory would read zeros where pages
+/// never came); A, frozen with every page, waits for B's word, and once B is back the
+/// move has rolled back.
+fn kill_b_in_the_page_phase(sites: &mut TwoSites, id: &str) -> Result<()> {
+    sites.b.crash_gateway();
+    wait_for("B's copy to stop", Duration::from_secs(20), || {
+        sites.b.redis(PORT, &["PING"]).is_err().then_some(())
+    })?;
+    assert_eq!(sites.a.migration_phase(id).as_deref(), Some("paging"));
+    sites.start_gateway_b()?;
+    let end = wait_for("the move to end", Duration::from_secs(60), || {
+        sites.a.migration_phase(id).filter(|p| ended(p))
+    })?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    Ok(())
+}
+
+/// Kills A's gateway in the page phase of move `id` and restarts it 2 s later: the
+/// restarted source serves the rest of the pages from its frozen tree and the move
+/// completes with B's dataset `before`.
+fn kill_a_in_the_page_phase(
+    sites: &mut TwoSites,
+    id: &str,
+    before: &(String, String),
+) -> Result<()> {
+    sites.a.crash_gateway();
+    // B keeps its copy (a fault waits for the source) while A's gateway is down.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sites.b.migration_phase(id).as_deref(), Some("paging"));
+    sites.start_gateway_a()?;
+    let end = wait_for("the move to end", Duration::from_secs(120), || {
+        sites.a.migration_phase(id).filter(|p| ended(p))
+    })?;
+    assert_eq!(end, "completed", "{}", sites.logs());
+    assert_eq!(&sites.b.redis_dataset(PORT)?, before);
+    assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    Ok(())
+}
+
 #[test]
 fn destination_killed_in_the_page_phase_stops_its_copy_and_the_source_resumes() -> Result<()> {
     let mut opts = Options::new("pcdkil");
     opts.prepush = Some(false);
     let mut sites = TwoSites::start(opts)?;
     let (id, before) = into_the_page_phase(&sites)?;
-    sites.b.crash_gateway();
-    // B's copy lacks pages it can no longer get: its guard stops it at once (its memory
-    // would read zeros where pages never came), before B's gateway is back.
-    wait_for("B's copy to stop", Duration::from_secs(20), || {
-        sites.b.redis(PORT, &["PING"]).is_err().then_some(())
-    })?;
-    // A, frozen with every page, waits for B's word.
-    assert_eq!(sites.a.migration_phase(&id).as_deref(), Some("paging"));
-    sites.start_gateway_b()?;
-    let end = wait_for("the move to end", Duration::from_secs(60), || {
-        sites.a.migration_phase(&id).filter(|p| ended(p))
-    })?;
-    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    kill_b_in_the_page_phase(&mut sites, &id)?;
     let m = sites.a.ferry_json(&["migration", "show", &id])?;
     assert!(
         m["error"].as_str().unwrap_or("").contains("lost its copy"),
@@ -393,18 +421,9 @@ fn destination_killed_in_a_runc_page_phase_stops_the_container_and_the_source_re
     let mut sites = TwoSites::start(opts)?;
     let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
     let (id, before) = page_phase_of_redis(&sites)?;
-    sites.b.crash_gateway();
     // runc chose the container's cgroup; the guard learnt it after the restore and kills
     // the copy through it.
-    wait_for("B's container to stop", Duration::from_secs(20), || {
-        sites.b.redis(PORT, &["PING"]).is_err().then_some(())
-    })?;
-    assert_eq!(sites.a.migration_phase(&id).as_deref(), Some("paging"));
-    sites.start_gateway_b()?;
-    let end = wait_for("the move to end", Duration::from_secs(60), || {
-        sites.a.migration_phase(&id).filter(|p| ended(p))
-    })?;
-    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    kill_b_in_the_page_phase(&mut sites, &id)?;
     // runc's lazy dump let go of the paused container, which runs again with its data.
     assert_eq!(sites.a.redis_dataset(PORT)?, before);
     sites.a.redis(PORT, &["SET", "still", "writable"])?;
@@ -477,18 +496,7 @@ fn source_killed_in_the_page_phase_serves_the_pages_after_its_restart() -> Resul
     opts.prepush = Some(false);
     let mut sites = TwoSites::start(opts)?;
     let (id, before) = into_the_page_phase(&sites)?;
-    sites.a.crash_gateway();
-    // B keeps its copy (a fault waits for the source) while A's gateway is down.
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(sites.b.migration_phase(&id).as_deref(), Some("paging"));
-    sites.start_gateway_a()?;
-    let end = wait_for("the move to end", Duration::from_secs(120), || {
-        sites.a.migration_phase(&id).filter(|p| ended(p))
-    })?;
-    // The restarted source served the rest of the pages from its frozen tree.
-    assert_eq!(end, "completed", "{}", sites.logs());
-    assert_eq!(sites.b.redis_dataset(PORT)?, before);
-    assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    kill_a_in_the_page_phase(&mut sites, &id, &before)?;
     assert_eq!(sites.b.migration_phase(&id).as_deref(), Some("completed"));
     wait_for("the source to go", Duration::from_secs(10), || {
         sites.a.redis(PORT, &["PING"]).is_err().then_some(())
@@ -505,17 +513,9 @@ fn source_killed_in_a_runc_page_phase_serves_the_pages_after_its_restart() -> Re
     let mut sites = TwoSites::start(opts)?;
     let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
     let (id, before) = page_phase_of_redis(&sites)?;
-    sites.a.crash_gateway();
-    std::thread::sleep(Duration::from_secs(2));
-    sites.start_gateway_a()?;
-    let end = wait_for("the move to end", Duration::from_secs(120), || {
-        sites.a.migration_phase(&id).filter(|p| ended(p))
-    })?;
-    // runc's lazy dump ended with its client; the paused container (held by its cgroup
-    // freezer, not stopped) still had every page, and the restarted source served them.
-    assert_eq!(end, "completed", "{}", sites.logs());
-    assert_eq!(sites.b.redis_dataset(PORT)?, before);
-    assert_eq!(sites.b.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    // runc's lazy dump ends with its client; the paused container (held by its cgroup
+    // freezer, not stopped) still has every page, and the restarted source serves them.
+    kill_a_in_the_page_phase(&mut sites, &id, &before)?;
     wait_for(
         "the source container to go",
         Duration::from_secs(20),

@@ -229,6 +229,11 @@ pub fn kill_cgroup(dir: &Path) -> bool {
 /// The cgroup (v2) directory `pid` is in.
 pub fn cgroup_of(pid: i32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    cgroup2_dir(&text)
+}
+
+/// The v2 directory named by a `/proc/PID/cgroup` text (its `0::PATH` line).
+fn cgroup2_dir(text: &str) -> Option<PathBuf> {
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
     Some(cgroup2_mount()?.join(path.trim_start_matches('/')))
 }
@@ -239,29 +244,25 @@ pub fn frozen_by_cgroup(pid: i32) -> bool {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return false;
     };
-    for line in text.lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, controllers, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        let path = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "freezer") {
-            let state = std::fs::read_to_string(
-                Path::new("/sys/fs/cgroup/freezer")
-                    .join(path)
-                    .join("freezer.state"),
-            );
-            if state.is_ok_and(|s| s.trim() == "FROZEN") {
-                return true;
-            }
-        } else if controllers.is_empty() {
-            let events = cgroup2_mount()
-                .map(|m| m.join(path).join("cgroup.events"))
-                .and_then(|e| std::fs::read_to_string(e).ok());
-            if events.is_some_and(|e| e.lines().any(|l| l.trim() == "frozen 1")) {
-                return true;
-            }
-        }
+    // cgroup v1: the freezer hierarchy's state.
+    let v1 = text.lines().find_map(|line| {
+        let (_, rest) = line.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        controllers
+            .split(',')
+            .any(|c| c == "freezer")
+            .then(|| Path::new("/sys/fs/cgroup/freezer").join(path.trim_start_matches('/')))
+    });
+    if v1
+        .and_then(|dir| std::fs::read_to_string(dir.join("freezer.state")).ok())
+        .is_some_and(|s| s.trim() == "FROZEN")
+    {
+        return true;
     }
-    false
+    // cgroup v2: the directory's events.
+    cgroup2_dir(&text)
+        .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.events")).ok())
+        .is_some_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
 }
 
 /// Is any process of the process group `pgid` still there?

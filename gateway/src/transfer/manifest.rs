@@ -3,7 +3,6 @@
 //! what its disk holds right before the restore still does.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -66,20 +65,10 @@ fn verify_files(dir: &Path, files: &[FileMeta]) -> Result<(), String> {
     Ok(())
 }
 
-/// A file's size and BLAKE3 digest (hex), read in 1 MiB pieces.
+/// A file's size and BLAKE3 digest (hex).
 fn digest_of(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = std::fs::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
+    let size = std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
     Ok((size, hasher.finalize().to_hex().to_string()))
 }
 
