@@ -283,6 +283,9 @@ impl Criu {
         tracing::debug!(?cmd, "starting a program that reports readiness");
         let mut child = cmd.spawn().map_err(spawn_error)?;
         drop(writer);
+        // Until it is ready, a caller giving up (a call deadline) ends it: nothing else
+        // would, and it may hold a frozen tree.
+        let mut unready = EndUnlessReady(child.id().and_then(|p| i32::try_from(p).ok()));
         let ready = tokio::task::spawn_blocking(move || {
             let mut byte = [0u8; 1];
             std::io::Read::read(&mut &reader, &mut byte).map(|n| n == 1)
@@ -290,6 +293,8 @@ impl Criu {
         .await
         .unwrap_or(Ok(false))
         .unwrap_or(false);
+        // Ready, or its end of the pipe closed: either way the wait is over.
+        unready.0 = None;
         if ready {
             return Ok(child);
         }
@@ -585,6 +590,18 @@ impl Criu {
     }
 }
 
+/// Kills a started program (and its process group) when dropped while it still holds
+/// a pid: see [`Criu::spawn_until_ready`].
+struct EndUnlessReady(Option<i32>);
+
+impl Drop for EndUnlessReady {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            crate::sys::process::kill_group_now(pid);
+        }
+    }
+}
+
 /// The program a command runs, for messages.
 fn cmd_program(cmd: &Command) -> String {
     cmd.as_std().get_program().to_string_lossy().into_owned()
@@ -664,6 +681,39 @@ pub fn error_tail(log: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_program_given_up_on_before_it_is_ready_is_ended_with_its_group() {
+        let pidfile = std::env::temp_dir().join(format!("ferry-unready-{}", std::process::id()));
+        let _ = std::fs::remove_file(&pidfile);
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$0\"; exec sleep 30")
+            .arg(&pidfile)
+            .process_group(0);
+        let criu = Criu::new(PathBuf::from("criu"));
+        let started = criu.spawn_until_ready(cmd, "dump", &[]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), started)
+                .await
+                .is_err(),
+            "it never reports ready"
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while crate::sys::process::start_time(pid).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the abandoned program still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_file(&pidfile);
+    }
 
     #[test]
     fn error_tail_keeps_errors_and_drops_rlimit_noise() {

@@ -326,10 +326,7 @@ pub async fn kill_with_group(pid: i32) {
     if pid <= 0 {
         return;
     }
-    // SAFETY: kill(2) with a valid signal; a negative pid names a process group, and
-    // one this pid does not lead is an error return.
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
-    kill(pid);
+    kill_group_now(pid);
     for _ in 0..50 {
         let mut status = 0;
         // SAFETY: waitpid on a process group, non-blocking.
@@ -342,6 +339,17 @@ pub async fn kill_with_group(pid: i32) {
             _ => {}
         }
     }
+}
+
+/// SIGKILL to `pid` and, if it leads one, its process group; neither waits nor reaps.
+pub fn kill_group_now(pid: i32) {
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) with a valid signal; a negative pid names a process group, and
+    // one this pid does not lead is an error return.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    kill(pid);
 }
 
 /// Waits until `pid` has exited, then reaps it if it is our child (a restored tree is
