@@ -29,11 +29,52 @@ pub fn ferry_bin() -> Result<PathBuf> {
     )
 }
 
+/// How long any one command the harness runs may take before it is killed and the test
+/// fails: a hung step must fail its test, never hold the whole run.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs a command to its end (at most [`COMMAND_LIMIT`]) and returns its output; a command
+/// still running then is killed and reported.
+pub fn output(cmd: &mut Command) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + COMMAND_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} still ran after {COMMAND_LIMIT:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// Runs a command, returning its output; fails with stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = output(cmd)?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}{}",
@@ -178,7 +219,7 @@ impl Site {
 
     /// Runs a CLI verb that is expected to fail; returns its output.
     pub fn ferry_output(&self, args: &[&str]) -> Result<Output> {
-        Ok(self.ferry_cmd(args)?.output()?)
+        output(&mut self.ferry_cmd(args)?)
     }
 
     /// Runs a read verb with `--output json`.
@@ -321,6 +362,8 @@ pub struct TwoSites {
     pub work_root: PathBuf,
     cgroup_parent: String,
     opts: Options,
+    /// Held while the test lives: see [`runtime_locks`].
+    _runtimes: Vec<fs::File>,
 }
 
 const SUBNET: &str = "10.213.0";
@@ -329,6 +372,7 @@ impl TwoSites {
     pub fn start(opts: Options) -> Result<Self> {
         require_root();
         assert!(opts.tag.len() <= 6, "tag must be at most 6 characters");
+        let runtimes = runtime_locks(&opts.adapters)?;
         let root = std::env::temp_dir().join(format!("ferry-e2e-{}", opts.tag));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
@@ -386,6 +430,7 @@ impl TwoSites {
             work_root,
             cgroup_parent,
             opts,
+            _runtimes: runtimes,
         };
         sites.start_gateway_a()?;
         sites.start_gateway_b()?;
@@ -751,6 +796,25 @@ impl Drop for TwoSites {
             let _ = fs::remove_dir_all(&self.root);
         }
     }
+}
+
+/// One test at a time per container runtime: every test's sites are named `a` and `b`, so
+/// their containers share names (`a-redis`), runc's state directory and runc's default
+/// cgroup path; tests run side by side would start, checkpoint and delete each other's
+/// containers. Locks are always taken in the same order (runc, then podman).
+fn runtime_locks(adapters: &[String]) -> Result<Vec<fs::File>> {
+    let mut held = Vec::new();
+    for runtime in ["runc", "podman"] {
+        if adapters.iter().any(|a| a == runtime) {
+            let path = std::env::temp_dir().join(format!("ferry-e2e-{runtime}.lock"));
+            let file = fs::File::create(&path)
+                .with_context(|| format!("cannot open the lock {}", path.display()))?;
+            file.lock()
+                .with_context(|| format!("cannot lock {}", path.display()))?;
+            held.push(file);
+        }
+    }
+    Ok(held)
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.

@@ -434,9 +434,7 @@ fn an_old_journal_put_back_at_the_destination_never_makes_two_copies() -> Result
 }
 
 fn run_sh(script: &str) -> Result<()> {
-    let out = std::process::Command::new("sh")
-        .args(["-c", script])
-        .output()?;
+    let out = ferry_e2e::output(std::process::Command::new("sh").args(["-c", script]))?;
     anyhow::ensure!(
         out.status.success(),
         "{script}: {}",

@@ -626,3 +626,73 @@ fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// `runc kill -9` of site `site`'s Redis container, from outside Ferry.
+fn kill_container(sites: &TwoSites, site: &str) -> Result<String> {
+    sites.a.exec(
+        "runc",
+        &[
+            "--root",
+            &format!("/run/ferry-runc/{site}"),
+            "kill",
+            &format!("{site}-redis"),
+            "KILL",
+        ],
+    )
+}
+
+#[test]
+fn destination_copy_killed_in_a_runc_page_phase_resumes_the_source() -> Result<()> {
+    let mut opts = Options::new("pcbdie");
+    opts.prepush = Some(false);
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    let (id, before) = page_phase_of_redis(&sites)?;
+    // B's copy dies before it has every page: its lazy-pages daemon ends as if it had
+    // them all, but the copy is gone; the source, frozen with every page, resumes.
+    kill_container(&sites, "b")?;
+    let end = wait_for("the move to end", Duration::from_secs(60), || {
+        sites.a.migration_phase(&id).filter(|p| ended(p))
+    })?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("lost its copy"),
+        "{m}"
+    );
+    assert_eq!(sites.a.redis_dataset(PORT)?, before);
+    assert_eq!(sites.a.redis(PORT, &["GET", "greeting"])?, "kept at A");
+    assert_eq!(sites.b.migration_phase(&id).as_deref(), Some("failed"));
+    assert!(sites.b.has_no_workloads()?, "B keeps a dead copy");
+    Ok(())
+}
+
+#[test]
+fn both_copies_killed_in_a_runc_page_phase_end_the_move() -> Result<()> {
+    let mut opts = Options::new("pc2die");
+    opts.prepush = Some(false);
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    let (id, _) = page_phase_of_redis(&sites)?;
+    // Killed from outside at both sites (a lost service, not Ferry's doing): the source's
+    // lazy dump, left with no tree and no client, must not hold the move for ever.
+    kill_container(&sites, "a")?;
+    kill_container(&sites, "b")?;
+    let end = wait_for("the move to end", Duration::from_secs(60), || {
+        sites.a.migration_phase(&id).filter(|p| ended(p))
+    })?;
+    eprintln!("ended {end}");
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert_ne!(
+        m["phase"], "completed",
+        "a move whose copy died cannot complete: {m}"
+    );
+    // The site's lazy dump is gone with it: nothing holds A's ingress or a runc process.
+    let left = sites
+        .a
+        .exec("pgrep", &["-f", "runc --root /run/ferry-runc/a checkpoint"]);
+    assert!(left.is_err(), "the lazy dump outlived the move: {left:?}");
+    Ok(())
+}

@@ -22,8 +22,9 @@ use crate::transfer::pages::{self, PageCache, PageSource};
 /// How often, at most, the source asks the destination about its copy during the page
 /// phase (first after 100 ms, then less often).
 const DESTINATION_CHECK: Duration = Duration::from_secs(1);
-/// How long a restarted source waits for the previous gateway's lazy dump to end (it
-/// ends once its client, the old gateway, is gone).
+/// How long the source waits for a lazy dump to end once it has nothing left to do: a
+/// restarted source for the previous gateway's (it ends once its client, the old gateway,
+/// is gone), any source for its own once the destination holds every page.
 const LAZY_DUMP_END: Duration = Duration::from_secs(10);
 
 /// How a page phase ended at the source.
@@ -160,25 +161,43 @@ impl Engine {
                 }
             }
         };
+        tokio::pin!(dump_ended);
+        let ended_state = |s| {
+            matches!(
+                s,
+                TargetState::Confirmed | TargetState::Aborted | TargetState::Unknown
+            )
+        };
         let ok = tokio::select! {
-            ok = dump_ended => ok,
-            lost = self.destination_lost(id, &m.target) => {
-                self.stop_page_source(id);
-                return Ok(Paged::DestinationLost(lost));
+            ok = &mut dump_ended => ok,
+            state = self.destination_says(id, &m.target, ended_state) => {
+                if state != TargetState::Confirmed {
+                    self.stop_page_source(id);
+                    return Ok(Paged::DestinationLost(lost_reason(&m.target, state)));
+                }
+                // The destination holds every page (or its copy ended with them): the
+                // dump has nothing left to serve. One that does not end on its own (its
+                // page client gone, its tree killed under it) is ended below.
+                if let Ok(ok) = tokio::time::timeout(LAZY_DUMP_END, &mut dump_ended).await {
+                    ok
+                } else {
+                    tracing::warn!(migration = id, "the destination has every page but the lazy dump does not end; ending it");
+                    if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
+                        if process::alive(pid, start) {
+                            process::kill_group_now(pid);
+                        }
+                    }
+                    // Reaped through its own wait (a killed dump reports failure).
+                    let _ = tokio::time::timeout(LAZY_DUMP_END, &mut dump_ended).await;
+                    false
+                }
             }
         };
         // Every page crossed (or the page path failed): only the destination can say how
         // its copy ended, with every page in place (the source goes) or stopped (the
         // source, which CRIU may have let go already, runs on). The dump must not outlive
         // that word.
-        let state = self
-            .destination_says(id, &m.target, |s| {
-                matches!(
-                    s,
-                    TargetState::Confirmed | TargetState::Aborted | TargetState::Unknown
-                )
-            })
-            .await;
+        let state = self.destination_says(id, &m.target, ended_state).await;
         if !ok {
             if let (Some(pid), Some(start)) = (m.lazy_dump_pid, m.lazy_dump_pid_start) {
                 if process::alive(pid, start) {
@@ -274,18 +293,6 @@ impl Engine {
             }
         });
         (pages, wire)
-    }
-
-    /// Source, during the page phase: returns (why) once the destination says it holds no
-    /// copy of this migration's workload any more. A destination that does not answer
-    /// is asked again: the source stays frozen with every page meanwhile.
-    async fn destination_lost(&self, id: &str, target: &str) -> String {
-        let state = self
-            .destination_says(id, target, |s| {
-                matches!(s, TargetState::Aborted | TargetState::Unknown)
-            })
-            .await;
-        lost_reason(target, state)
     }
 
     /// Asks the destination about `id` every [`DESTINATION_CHECK`] until its answer is
@@ -520,6 +527,12 @@ impl Engine {
             }
             let Some(engine) = this else { return };
             engine.drop_precache(&id);
+            if ok && !engine.copy_runs(&id) {
+                engine
+                    .fail_paging(&id, "the copy here exited before it had every page; the source, which has them all, resumes (writes made here since the switch are lost)")
+                    .await;
+                return;
+            }
             if ok {
                 let _ = engine.update(&id, |m| {
                     if m.phase == Phase::Paging {

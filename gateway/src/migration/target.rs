@@ -9,7 +9,7 @@ use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
 use crate::peer::wire::{ErrorCode, Request, Response, TargetState};
 use crate::peer::{Body, Handler};
 use crate::plugins::{AdapterCall, AdapterHandle};
-use crate::spec::{Origin, Workload, WorkloadSpec};
+use crate::spec::{Origin, Workload, WorkloadSpec, WorkloadState};
 use crate::sys::process;
 use crate::transfer::{self, Compression, FileMeta};
 use crate::workload::WorkloadError;
@@ -456,6 +456,23 @@ impl Engine {
         }) {
             tracing::error!(migration = id, error = %e, "cannot journal the failed page phase");
         }
+    }
+
+    /// Destination, in the page phase: does the copy restored by migration `id` still
+    /// run? A copy that exited (killed, crashed) ends CRIU's lazy-pages daemon as if it
+    /// had every page; it had not, and the source, which has them all, is to resume.
+    pub(super) fn copy_runs(&self, id: &str) -> bool {
+        let Some(m) = self.get(id) else { return false };
+        self.workloads
+            .get(&m.workload)
+            .filter(|w| w.restored_from.as_ref().map(|o| o.migration.as_str()) == Some(id))
+            .is_some_and(|w| {
+                w.state != WorkloadState::Exited
+                    && w.pid.is_some_and(|pid| {
+                        w.pid_start.is_none_or(|start| process::alive(pid, start))
+                            && process::state(pid).is_some_and(|s| s != 'Z' && s != 'X')
+                    })
+            })
     }
 
     /// Discards a copy a restore may have started without reporting it: the adapter's
