@@ -182,6 +182,58 @@ async fn an_ungranted_capability_is_denied_by_name() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_granted_container_runtime_cannot_start_a_privileged_or_host_mounting_container(
+) -> Result<()> {
+    let dir = std::env::temp_dir().join("ferry-sandbox-containers");
+    site(&dir, 30_000, 64)?;
+    let path = dir.join("site.toml");
+    let text = std::fs::read_to_string(&path)?.replace(
+        "[plugins.grants.hostile]\ncapabilities = [\"log\", \"criu\", \"process\"]",
+        "[plugins.grants.hostile]\ncapabilities = [\"log\", \"criu\", \"process\", \"exec\"]\nexec = [\"podman\", \"runc\"]\nmounts = [\"/srv/ferry-granted\"]",
+    );
+    std::fs::write(&path, text)?;
+    let cfg = SiteConfig::load(&path)?;
+    let host = PluginHost::load(&plugin_settings(&cfg), Criu::new(PathBuf::from("criu"))).await?;
+    let adapter = host.adapter("hostile")?;
+    // A runc bundle whose config binds the host's /etc.
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs"))?;
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::json!({
+            "root": {"path": "rootfs"},
+            "mounts": [{"destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind"]}],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+        })
+        .to_string(),
+    )?;
+    let runc_args = format!(
+        "--root /run/ferry-sandbox run -d --bundle {} x",
+        bundle.display()
+    );
+    for (program, args, why) in [
+        ("podman", "run -d --privileged img", "--privileged"),
+        ("podman", "run -d -v /:/host img", "host path /"),
+        ("podman", "run -d --cap-add SYS_ADMIN img", "--cap-add"),
+        ("runc", runc_args.as_str(), "host path /etc"),
+    ] {
+        let mut call = workload("container");
+        call.spec.settings.insert("program".into(), program.into());
+        call.spec.settings.insert("args".into(), args.into());
+        let err = adapter.checkpoint(call).await.unwrap_err();
+        match &err {
+            PluginError::Denied { detail, .. } => {
+                assert!(detail.contains(why), "{program} {args}: {detail}");
+            }
+            other => panic!("{program} {args}: expected a denial, got {other}"),
+        }
+    }
+    // The runc container never came into being.
+    assert!(!std::path::Path::new("/run/ferry-sandbox/x").exists());
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_trap_is_contained() -> Result<()> {
     let host = host("trap", 30_000, 64).await?;
     let adapter = host.adapter("hostile")?;

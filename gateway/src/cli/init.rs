@@ -99,6 +99,7 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
         exec: exec.iter().map(std::string::ToString::to_string).collect(),
         sockets: Vec::new(),
         tunnel_ports: Vec::new(),
+        mounts: Vec::new(),
     };
     let redis = Grant {
         tunnel_ports: vec![6379],

@@ -25,6 +25,10 @@ pub struct Grant {
     /// (with the `tunnel` capability).
     #[serde(default)]
     pub tunnel_ports: Vec<u16>,
+    /// Host directories the containers an adapter starts (podman, runc) may bind; none
+    /// by default (see `plugins::containers`).
+    #[serde(default)]
+    pub mounts: Vec<std::path::PathBuf>,
 }
 
 /// A host capability an adapter can be granted.
@@ -71,6 +75,7 @@ pub struct Granted {
     pub exec: Vec<String>,
     pub sockets: Vec<SocketAddr>,
     pub tunnel_ports: Vec<u16>,
+    pub mounts: Vec<std::path::PathBuf>,
 }
 
 impl Granted {
@@ -86,10 +91,10 @@ impl Granted {
             .collect();
         capabilities.sort();
         capabilities.dedup();
-        let exec = if capabilities.contains(&Capability::Exec) {
-            grant.exec.clone()
+        let (exec, mounts) = if capabilities.contains(&Capability::Exec) {
+            (grant.exec.clone(), grant.mounts.clone())
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let sockets = if capabilities.contains(&Capability::Sockets) {
             grant.sockets.clone()
@@ -106,6 +111,7 @@ impl Granted {
             exec,
             sockets,
             tunnel_ports,
+            mounts,
         }
     }
 
@@ -194,6 +200,7 @@ mod tests {
             exec: vec!["runc".into()],
             sockets: Vec::new(),
             tunnel_ports: Vec::new(),
+            mounts: Vec::new(),
         };
         let got = Granted::intersect(&m, Some(&g));
         assert_eq!(got.capabilities, vec![Capability::Log, Capability::Criu]);
@@ -230,6 +237,7 @@ mod tests {
             exec: vec!["runc".into()],
             sockets: Vec::new(),
             tunnel_ports: Vec::new(),
+            mounts: Vec::new(),
         };
         let got = Granted::intersect(&m, Some(&g));
         assert!(got.allows_program("runc"));

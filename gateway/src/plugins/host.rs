@@ -247,6 +247,13 @@ impl State {
                 self.plugin, cmd.program
             )));
         }
+        if let Err(why) = super::containers::check(&cmd.program, &cmd.args, &self.granted.mounts) {
+            tracing::warn!(plugin = %self.plugin, program = %cmd.program, args = ?cmd.args, %why, "adapter denied a container");
+            return Err(HostError::Denied(format!(
+                "adapter {} may not run {} so: {why}",
+                self.plugin, cmd.program
+            )));
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 mod actor;
 mod bindings;
 mod call;
+mod containers;
 pub mod grant;
 mod host;
 mod manifest;

@@ -2,7 +2,9 @@
 //! `checkpoint` misbehaves as the workload's `mode` setting says: `loop` spins forever,
 //! `memory` grows without bound, `exec` calls a capability the site does not grant,
 //! `trap` traps, `connect` opens a TCP connection to the `target` setting, `hang` waits
-//! on one for a reply that never comes. Any other mode
+//! on one for a reply that never comes, `container` runs the `program` setting with the
+//! `args` setting (split on spaces), as a runtime adapter asks runc or podman to start a
+//! container. Any other mode
 //! checkpoints normally (a `connect` that succeeds goes on to the real checkpoint).
 
 use ferry_adapter_sdk::*;
@@ -26,6 +28,15 @@ fn misbehave(w: &Workload) -> Result<(), AdapterError> {
         }
         Some("exec") => {
             run("sh", &["-c", "echo escaped"], 1000)?;
+            Ok(())
+        }
+        Some("container") => {
+            let program = setting(w, "program").unwrap_or("podman");
+            let args: Vec<&str> = setting(w, "args")
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect();
+            run(program, &args, 5000)?;
             Ok(())
         }
         Some("trap") => panic!("hostile adapter traps in checkpoint"),
