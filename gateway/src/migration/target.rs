@@ -282,6 +282,8 @@ impl Engine {
         // What the disk holds now is what the restore reads.
         let images = self.incoming_dir.join(id);
         let owned = manifest.to_vec();
+        let bytes: u64 = manifest.iter().map(|f| f.size).sum();
+        let checked = Instant::now();
         let at_rest = tokio::task::spawn_blocking(move || {
             transfer::manifest::verify_at_rest(&images, &owned)
         })
@@ -292,6 +294,12 @@ impl Engine {
             self.abort_local(id, &m.workload, &reason);
             return Response::error(ErrorCode::Integrity, reason);
         }
+        tracing::info!(
+            migration = id,
+            bytes,
+            ms = checked.elapsed().as_millis() as u64,
+            "image re-verified and synced to disk"
+        );
         if let Err(e) = self.set_phase(id, Phase::Restoring) {
             return Response::error(ErrorCode::Internal, e.to_string());
         }

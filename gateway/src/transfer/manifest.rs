@@ -38,7 +38,8 @@ pub fn check(manifest: &[FileMeta], received: &[FileMeta]) -> Result<(), String>
 
 /// Right before a restore: every file of `manifest` in `dir` still has its size and
 /// digest (a byte changed at rest since it arrived is caught here, not by the restored
-/// workload). Files are hashed on up to two threads at once.
+/// workload), and is on disk (fsynced, then the directory). Files are hashed and synced
+/// on up to two threads at once.
 pub fn verify_at_rest(dir: &Path, manifest: &[FileMeta]) -> Result<(), String> {
     let (left, right) = manifest.split_at(manifest.len() / 2);
     std::thread::scope(|s| {
@@ -48,7 +49,10 @@ pub fn verify_at_rest(dir: &Path, manifest: &[FileMeta]) -> Result<(), String> {
             .join()
             .unwrap_or_else(|_| Err("a hashing thread panicked".into()))
             .and(here)
-    })
+    })?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync the image directory {}: {e}", dir.display()))
 }
 
 fn verify_files(dir: &Path, files: &[FileMeta]) -> Result<(), String> {
@@ -65,10 +69,12 @@ fn verify_files(dir: &Path, files: &[FileMeta]) -> Result<(), String> {
     Ok(())
 }
 
-/// A file's size and BLAKE3 digest (hex).
+/// A file's size and BLAKE3 digest (hex), once its data is on disk.
 fn digest_of(path: &Path) -> std::io::Result<(u64, String)> {
     let mut hasher = blake3::Hasher::new();
-    let size = std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    let mut file = std::fs::File::open(path)?;
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    file.sync_data()?;
     Ok((size, hasher.finalize().to_hex().to_string()))
 }
 
