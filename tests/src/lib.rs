@@ -817,6 +817,18 @@ fn runtime_locks(adapters: &[String]) -> Result<Vec<fs::File>> {
     Ok(held)
 }
 
+/// Where the tests' CRIU is (scripts/setup builds it there).
+pub const CRIU: &str = "/usr/local/sbin/criu";
+
+/// A `b_mount_setup` that makes site B's restores start 4 s late: `program` (CRIU for the
+/// process adapter; runc for runc and podman, which run CRIU through its RPC) is replaced,
+/// in B's mount namespace only, by a script that sleeps when its arguments hold `restore`.
+pub fn slow_restore(tag: &str, program: &str) -> String {
+    format!(
+        r#"d=/tmp/ferry-e2e-{tag}-slow; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" restore "*) sleep 4;; esac\nexec /tmp/ferry-e2e-{tag}-slow/real "$@"\n' > $d/slow; chmod +x $d/slow; mount --bind $d/slow {program}"#
+    )
+}
+
 /// Polls `f` until it returns `Some`, or fails after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;

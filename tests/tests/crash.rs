@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_e2e::{wait_for, OneCopy, Options, Outage, Site, TwoSites};
+use ferry_e2e::{slow_restore, wait_for, OneCopy, Options, Outage, Site, TwoSites, CRIU};
 use serde_json::Value;
 
 const PORT: u16 = 6379;
@@ -73,6 +73,13 @@ fn ends_with_one_copy(sites: &TwoSites, id: &str, digest: &str, within: Duration
     Ok(end)
 }
 
+/// Ends a [`OneCopy`] watch: never two copies, and a copy served at some point.
+fn served_by_one_copy(watch: OneCopy) -> Result<()> {
+    let answered = watch.finish()?;
+    anyhow::ensure!(answered > 0, "the watch never saw a serving copy");
+    Ok(())
+}
+
 /// Does `site` run a copy of a workload (a listed workload with a process)?
 fn runs_a_copy(site: &Site) -> Result<bool> {
     let list = site.ferry_json(&["workload", "ls"])?;
@@ -85,6 +92,7 @@ fn runs_a_copy(site: &Site) -> Result<bool> {
 fn source_gateway_crash_during_transfer_rolls_back_on_restart() -> Result<()> {
     let mut sites = TwoSites::start(Options::new("crasha"))?;
     let (id, pid, digest) = start_slow_migration(&sites)?;
+    let watch = OneCopy::watch(&sites, PORT);
 
     sites.a.crash_gateway();
     // Gateway gone, migration unfinished: the source is frozen, not running, not lost.
@@ -115,6 +123,7 @@ fn source_gateway_crash_during_transfer_rolls_back_on_restart() -> Result<()> {
     })?;
     assert!(sites.b.has_no_workloads()?);
     assert!(!sites.b.dir.join("data/incoming").join(&id).exists());
+    served_by_one_copy(watch)?;
     Ok(())
 }
 
@@ -122,6 +131,7 @@ fn source_gateway_crash_during_transfer_rolls_back_on_restart() -> Result<()> {
 fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
     let mut sites = TwoSites::start(Options::new("crashb"))?;
     let (id, pid, digest) = start_slow_migration(&sites)?;
+    let watch = OneCopy::watch(&sites, PORT);
 
     sites.b.crash_gateway();
     // A notices the dead link, and since no restore was requested, resumes the source.
@@ -143,6 +153,7 @@ fn destination_gateway_crash_during_transfer_resumes_source() -> Result<()> {
     let (ok, m) = sites.migrate("redis", "b")?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    served_by_one_copy(watch)?;
     Ok(())
 }
 
@@ -184,8 +195,7 @@ fn sigterm_of_either_gateway_during_a_transfer_leaves_one_copy_and_a_next_move_s
     );
     sites.start_gateway_a()?;
     ends_with_one_copy(&sites, &id, &digest, Duration::from_secs(60))?;
-    let answered = watch.finish()?;
-    assert!(answered > 0, "the watch never saw a serving copy");
+    served_by_one_copy(watch)?;
     Ok(())
 }
 
@@ -205,8 +215,7 @@ fn a_link_lost_for_15_s_during_a_transfer_leaves_one_copy_and_a_next_move_succee
     }
     let end = ends_with_one_copy(&sites, &id, &digest, Duration::from_secs(60))?;
     eprintln!("a 15 s link outage mid-transfer: the move ended {end}");
-    let answered = watch.finish()?;
-    assert!(answered > 0, "the watch never saw a serving copy");
+    served_by_one_copy(watch)?;
     if end == "rolled_back" {
         sites
             .a
@@ -252,6 +261,7 @@ fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() 
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "600000", "key", "1000"])?;
     let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let watch = OneCopy::watch(&sites, PORT);
     let pid = sites.a.ferry_json(&["workload", "ls"])?[0]["pid"]
         .as_i64()
         .unwrap_or(0);
@@ -280,19 +290,20 @@ fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() 
         "the source was left stopped"
     );
     assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    served_by_one_copy(watch)?;
     Ok(())
 }
 
-/// A's journal directory on a small tmpfs of its own while it lives (unmounted after).
+/// A site's journal directory on a small tmpfs of its own while it lives (unmounted after).
 struct SmallJournal {
     journal: std::path::PathBuf,
     disk: std::path::PathBuf,
 }
 
 impl SmallJournal {
-    fn mount(sites: &TwoSites) -> Result<Self> {
-        let journal = sites.a.dir.join("data/journal");
-        let disk = sites.root.join("small-disk");
+    fn mount(sites: &TwoSites, site: &Site) -> Result<Self> {
+        let journal = site.dir.join("data/journal");
+        let disk = sites.root.join(format!("small-disk-{}", site.name));
         std::fs::create_dir_all(&disk)?;
         run_sh(&format!(
             "mount -t tmpfs -o size=4m tmpfs {}",
@@ -319,6 +330,11 @@ impl SmallJournal {
             .args(["bs=64k", "status=none"])
             .status();
     }
+
+    /// Frees what [`Self::fill`] took.
+    fn free(&self) -> Result<()> {
+        Ok(std::fs::remove_file(self.disk.join("fill"))?)
+    }
 }
 
 impl Drop for SmallJournal {
@@ -335,8 +351,9 @@ impl Drop for SmallJournal {
 #[test]
 fn a_full_disk_under_the_sources_journal_rolls_back_and_releases_everything() -> Result<()> {
     let sites = TwoSites::start(Options::new("dskful"))?;
-    let disk = SmallJournal::mount(&sites)?;
+    let disk = SmallJournal::mount(&sites, &sites.a)?;
     let (id, pid, digest) = start_slow_migration(&sites)?;
+    let watch = OneCopy::watch(&sites, PORT);
     // The journal can take no more: the next step's record fails.
     disk.fill();
     wait_for("the rollback at A", Duration::from_secs(60), || {
@@ -361,18 +378,49 @@ fn a_full_disk_under_the_sources_journal_rolls_back_and_releases_everything() ->
     )?;
     assert!(sites.b.has_no_workloads()?);
     assert!(!sites.a.dir.join("data/images").join(&id).exists());
+    served_by_one_copy(watch)?;
     Ok(())
 }
 
-/// Site B's CRIU, slowed: a restore starts 4 s late.
-const SLOW_RESTORE: &str = "d=/tmp/ferry-e2e-oldjnl-criu; mkdir -p $d; cp /usr/local/sbin/criu $d/real; \
-printf '#!/bin/sh\\nif [ \"$1\" = restore ]; then sleep 4; fi\\nexec /tmp/ferry-e2e-oldjnl-criu/real \"$@\"\\n' > $d/slow; \
-chmod +x $d/slow; mount --bind $d/slow /usr/local/sbin/criu";
+#[test]
+fn a_full_disk_under_the_destinations_journal_rolls_back_and_releases_everything() -> Result<()> {
+    let sites = TwoSites::start(Options::new("dskfub"))?;
+    let disk = SmallJournal::mount(&sites, &sites.b)?;
+    let (id, pid, digest) = start_slow_migration(&sites)?;
+    let watch = OneCopy::watch(&sites, PORT);
+    // B can record nothing more: its next step for the move (the restore) fails there.
+    disk.fill();
+    let end = ends_with_one_copy(&sites, &id, &digest, Duration::from_secs(90))?;
+    assert_eq!(end, "rolled_back", "{}", sites.logs());
+    let m = sites.a.ferry_json(&["migration", "show", &id])?;
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("destination") && e.contains("No space left")),
+        "{m}"
+    );
+    assert_ne!(Site::process_state(pid), Some('T'));
+    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
+    assert_eq!(w["state"], "running", "{w}");
+    wait_for(
+        "B to drop what it received",
+        Duration::from_secs(20),
+        || (!sites.b.dir.join("data/incoming").join(&id).exists()).then_some(()),
+    )
+    .with_context(|| sites.logs())?;
+    assert!(sites.b.has_no_workloads()?);
+    assert!(!sites.a.dir.join("data/images").join(&id).exists());
+    served_by_one_copy(watch)?;
+    // Room again at B: the next move goes through.
+    disk.free()?;
+    next_move_succeeds(&sites, &digest)?;
+    Ok(())
+}
 
 #[test]
 fn an_old_journal_put_back_at_the_destination_never_makes_two_copies() -> Result<()> {
     let mut opts = Options::new("oldjnl");
-    opts.b_mount_setup = Some(SLOW_RESTORE.into());
+    opts.b_mount_setup = Some(slow_restore("oldjnl", CRIU));
     let mut sites = TwoSites::start(opts)?;
     sites.run_redis_at_a("redis", PORT)?;
     sites.a.redis(PORT, &["SET", "k", "v"])?;
@@ -384,6 +432,7 @@ fn an_old_journal_put_back_at_the_destination_never_makes_two_copies() -> Result
     let old = sites.root.join("old-journal");
     run_sh(&format!("cp -a {} {}", journal.display(), old.display()))?;
     let id = start_move_until(&sites, &sites.b, "restoring", Duration::from_secs(30))?;
+    let watch = OneCopy::watch(&sites, PORT);
     sites.b.crash_gateway();
     run_sh(&format!(
         "rm -rf {j} && cp -a {o} {j}",
@@ -430,6 +479,8 @@ fn an_old_journal_put_back_at_the_destination_never_makes_two_copies() -> Result
         "{m}"
     );
     assert_eq!(Site::process_state(pid), Some('T'), "the source resumed");
+    // The copy B's old journal forgot answered, alone: the source stayed frozen.
+    watch.finish()?;
     Ok(())
 }
 
@@ -441,4 +492,95 @@ fn run_sh(script: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// After a move that rolled back: the next one goes through and B has the dataset.
+fn next_move_succeeds(sites: &TwoSites, digest: &str) -> Result<()> {
+    let _ = sites
+        .a
+        .exec("tc", &["qdisc", "del", "dev", &sites.a.dev, "root"]);
+    let (ok, m) = sites.migrate("redis", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    Ok(())
+}
+
+/// The restoring cell for `runtime`: B's gateway is killed while the restore runs
+/// (slowed by 4 s) and started again `after` later. The copy B's runtime goes on to
+/// start without its gateway is either adopted (the move completes) or discarded (the
+/// source resumes): never two copies at any moment, none only while the source is frozen.
+fn destination_killed_while_restoring(runtime: &str, tag: &str, after: Duration) -> Result<()> {
+    let mut opts = Options::new(tag);
+    let slowed = if runtime == "process" {
+        CRIU
+    } else {
+        "/usr/sbin/runc"
+    };
+    opts.b_mount_setup = Some(slow_restore(tag, slowed));
+    let mut cleanup = None;
+    if runtime != "process" {
+        opts.adapters.push(runtime.into());
+    }
+    let mut sites = TwoSites::start(opts)?;
+    match runtime {
+        "runc" => cleanup = Some(sites.run_redis_in_runc_at_a("redis", PORT)?),
+        "podman" => {
+            cleanup = Some(ferry_e2e::Cleanup(
+                ["a-redis", "b-redis"]
+                    .iter()
+                    .map(|c| {
+                        ["podman", "rm", "-f", "-t", "0", c]
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect()
+                    })
+                    .collect(),
+            ));
+            let image = "localhost/ferry-e2e-redis:latest";
+            ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+            sites.run_redis_in_podman_at_a("redis", PORT, image)?;
+        }
+        _ => sites.run_redis_at_a("redis", PORT)?,
+    }
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "100"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let id = start_move_until(&sites, &sites.b, "restoring", Duration::from_secs(60))?;
+    let watch = OneCopy::watch(&sites, PORT);
+    sites.b.crash_gateway();
+    std::thread::sleep(after);
+    sites.start_gateway_b()?;
+    let end = ends_with_one_copy(&sites, &id, &digest, Duration::from_secs(120))?;
+    eprintln!("{runtime}: B killed while restoring, back after {after:?}: the move ended {end}");
+    served_by_one_copy(watch)?;
+    assert_eq!(
+        phase(&sites.b, &id)?,
+        if end == "completed" {
+            "completed"
+        } else {
+            "rolled_back"
+        },
+        "both sites agree on how the move ended"
+    );
+    if end == "rolled_back" {
+        next_move_succeeds(&sites, &digest)?;
+    }
+    drop(cleanup);
+    Ok(())
+}
+
+#[test]
+fn destination_killed_while_restoring_and_back_after_15_s_leaves_one_copy() -> Result<()> {
+    destination_killed_while_restoring("process", "rst15", Duration::from_secs(15))
+}
+
+#[test]
+fn destination_killed_while_restoring_a_runc_container_leaves_one_copy() -> Result<()> {
+    destination_killed_while_restoring("runc", "rstrnc", Duration::ZERO)
+}
+
+#[test]
+fn destination_killed_while_restoring_a_podman_container_leaves_one_copy() -> Result<()> {
+    destination_killed_while_restoring("podman", "rstpod", Duration::ZERO)
 }

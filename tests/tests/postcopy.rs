@@ -435,17 +435,12 @@ fn destination_killed_in_a_runc_page_phase_stops_the_container_and_the_source_re
     Ok(())
 }
 
-/// Site B's CRIU, slowed: a restore starts 4 s late (long enough to kill B's gateway
-/// before it confirms).
-const SLOW_RESTORE: &str = "d=/tmp/ferry-e2e-pcdcon-criu; mkdir -p $d; cp /usr/local/sbin/criu $d/real; \
-printf '#!/bin/sh\nif [ \"$1\" = restore ]; then sleep 4; fi\nexec /tmp/ferry-e2e-pcdcon-criu/real \"$@\"\n' > $d/slow; \
-chmod +x $d/slow; mount --bind $d/slow /usr/local/sbin/criu";
-
 #[test]
 fn destination_killed_before_it_confirmed_leaves_the_source_to_resume_with_its_data() -> Result<()>
 {
     let mut opts = Options::new("pcdcon");
-    opts.b_mount_setup = Some(SLOW_RESTORE.into());
+    // B's restore starts 4 s late: long enough to kill its gateway before it confirms.
+    opts.b_mount_setup = Some(ferry_e2e::slow_restore("pcdcon", ferry_e2e::CRIU));
     opts.stall_after_secs = Some(2);
     let mut sites = TwoSites::start(opts)?;
     sites.run_redis_at_a("redis", PORT)?;
@@ -486,7 +481,7 @@ fn destination_killed_before_it_confirmed_leaves_the_source_to_resume_with_its_d
     std::thread::sleep(Duration::from_secs(5));
     assert!(sites.b.has_no_workloads()?, "B holds a workload");
     assert!(sites.b.redis(PORT, &["PING"]).is_err(), "two copies run");
-    let _ = std::fs::remove_dir_all("/tmp/ferry-e2e-pcdcon-criu");
+    let _ = std::fs::remove_dir_all("/tmp/ferry-e2e-pcdcon-slow");
     Ok(())
 }
 
