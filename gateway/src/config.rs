@@ -257,6 +257,9 @@ pub struct WorkloadConfig {
     /// failed.
     #[serde(default = "default_health_timeout")]
     pub health_timeout_secs: u64,
+    /// Checkpoints kept per workload (`ferry checkpoint`); older ones are dropped.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
 }
 
 impl Default for WorkloadConfig {
@@ -265,8 +268,13 @@ impl Default for WorkloadConfig {
             work_root: default_work_root(),
             cgroup_parent: default_cgroup_parent(),
             health_timeout_secs: default_health_timeout(),
+            keep_checkpoints: default_keep_checkpoints(),
         }
     }
+}
+
+fn default_keep_checkpoints() -> usize {
+    3
 }
 
 fn default_work_root() -> PathBuf {

@@ -36,6 +36,8 @@ pub enum GatewayError {
     Api(#[from] ApiServerError),
     #[error(transparent)]
     Plugins(#[from] PluginError),
+    #[error(transparent)]
+    Checkpoints(#[from] crate::checkpoint::CheckpointError),
     #[error("cannot become the reaper of restored workloads: {0}")]
     Subreaper(#[source] std::io::Error),
     #[error("cannot make the data directory {path} owner-only (it holds checkpoint images of workload memory): {source}")]
@@ -116,6 +118,17 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         },
         cancel.clone(),
     )?;
+    let checkpoints = crate::checkpoint::Checkpoints::open(
+        &cfg.name,
+        &cfg.data_dir,
+        cfg.workloads.keep_checkpoints,
+        crate::checkpoint::Parts {
+            journal: Arc::clone(&journal),
+            workloads: Arc::clone(&workloads),
+            plugins: Arc::clone(&plugins),
+            ingress: Arc::clone(&ingress),
+        },
+    )?;
     let api = ApiServer::bind(cfg.api.listen, &identity).await?;
     let api_addr = api.local_addr().unwrap_or(cfg.api.listen);
     let peer_addr = peers.local_addr().unwrap_or(cfg.peer.listen);
@@ -148,6 +161,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         },
         workloads: Arc::clone(&workloads),
         engine: Arc::clone(&engine),
+        checkpoints,
         peers: Arc::clone(&peers),
         plugins,
         ingress: Arc::clone(&ingress),

@@ -31,6 +31,7 @@ pub enum JournalError {
 pub enum Collection {
     Workloads,
     Migrations,
+    Checkpoints,
 }
 
 impl Collection {
@@ -38,6 +39,7 @@ impl Collection {
         match self {
             Collection::Workloads => "workloads",
             Collection::Migrations => "migrations",
+            Collection::Checkpoints => "checkpoints",
         }
     }
 }
@@ -64,7 +66,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 impl Journal {
     pub fn open(data_dir: &Path) -> Result<Self, JournalError> {
         let root = data_dir.join("journal");
-        for c in [Collection::Workloads, Collection::Migrations] {
+        for c in [
+            Collection::Workloads,
+            Collection::Migrations,
+            Collection::Checkpoints,
+        ] {
             let d = root.join(c.dir());
             fs::create_dir_all(&d).map_err(io(&d))?;
         }

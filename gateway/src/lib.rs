@@ -6,6 +6,7 @@
 //! step durably first ([`journal`]).
 
 pub mod api;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod criu;

@@ -259,6 +259,8 @@ pub enum WorkloadState {
     /// Held by a migration: frozen or about to be.
     Migrating,
     Exited,
+    /// Checkpointed and stopped: its image is kept, nothing runs; restored on demand.
+    Standby,
 }
 
 impl std::fmt::Display for WorkloadState {
@@ -267,6 +269,7 @@ impl std::fmt::Display for WorkloadState {
             WorkloadState::Running => "running",
             WorkloadState::Migrating => "migrating",
             WorkloadState::Exited => "exited",
+            WorkloadState::Standby => "standby",
         })
     }
 }

@@ -136,7 +136,10 @@ impl Workloads {
                         tracing::error!(workload = %spec.name, error = %e, "cannot reopen the workload's routes");
                     }
                 });
-            } else if w.state != WorkloadState::Exited && w.state != WorkloadState::Migrating {
+            } else if !matches!(
+                w.state,
+                WorkloadState::Exited | WorkloadState::Migrating | WorkloadState::Standby
+            ) {
                 tracing::warn!(workload = %w.spec.name, "workload exited while the gateway was down");
                 w.state = WorkloadState::Exited;
                 self.journal.put(Collection::Workloads, &w.spec.name, &w)?;

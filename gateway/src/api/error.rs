@@ -3,6 +3,7 @@
 use hyper::StatusCode;
 
 use super::types::ErrorBody;
+use crate::checkpoint::CheckpointError;
 use crate::migration::MigrationError;
 use crate::workload::WorkloadError;
 
@@ -53,6 +54,29 @@ impl From<WorkloadError> for ApiError {
             }
             W::Adapter(_) => (StatusCode::UNPROCESSABLE_ENTITY, "adapter_failed"),
             W::Io { .. } | W::Journal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<CheckpointError> for ApiError {
+    fn from(e: CheckpointError) -> Self {
+        use CheckpointError as C;
+        let e = match e {
+            C::Workload(w) => return w.into(),
+            other => other,
+        };
+        let (status, code) = match &e {
+            C::Workload(_) | C::Store(_) | C::Journal(_) | C::Io { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+            C::NotFound(_) => (StatusCode::NOT_FOUND, "workload_not_found"),
+            C::NoSuchCheckpoint { .. } => (StatusCode::NOT_FOUND, "checkpoint_not_found"),
+            C::NotRunning { .. } => (StatusCode::CONFLICT, "workload_not_running"),
+            C::Running(_) => (StatusCode::CONFLICT, "workload_running"),
+            C::Busy { .. } => (StatusCode::CONFLICT, "workload_busy"),
+            C::Checkpoint { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_failed"),
+            C::Restore { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "restore_failed"),
         };
         Self::new(status, code, e.to_string())
     }

@@ -44,6 +44,7 @@ pub struct ApiState {
     pub site: types::SiteInfo,
     pub workloads: Arc<Workloads>,
     pub engine: Arc<Engine>,
+    pub checkpoints: Arc<crate::checkpoint::Checkpoints>,
     pub peers: Arc<PeerLink>,
     pub plugins: Arc<crate::plugins::PluginHost>,
     pub ingress: Arc<crate::proxy::Ingress>,

@@ -11,8 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::types::{MigrationRequest, PeerStatus, RouteInfo};
+use super::types::{CheckpointRequest, MigrationRequest, PeerStatus, RestoreRequest, RouteInfo};
 use super::ApiState;
+use crate::checkpoint::CheckpointInfo;
 use crate::peer::wire;
 use crate::proxy::ProxyError;
 use crate::spec::WorkloadSpec;
@@ -141,6 +142,39 @@ impl Api {
                 let w = self.state.workloads.remove(name).await?;
                 Ok(json(StatusCode::OK, &w))
             }
+            (Method::POST, ["v1", "workloads", name, "checkpoints"]) => {
+                let body: CheckpointRequest = body.json_or_default()?;
+                let c = self
+                    .state
+                    .checkpoints
+                    .take(name, body.leave_running)
+                    .await?;
+                let mut r = json(StatusCode::CREATED, &CheckpointInfo::from(&c));
+                set_location(
+                    &mut r,
+                    &format!("/v1/workloads/{name}/checkpoints/{}", c.id),
+                );
+                Ok(r)
+            }
+            (Method::GET, ["v1", "workloads", name, "checkpoints"]) => {
+                let list: Vec<CheckpointInfo> = self
+                    .state
+                    .checkpoints
+                    .list(name)?
+                    .iter()
+                    .map(CheckpointInfo::from)
+                    .collect();
+                Ok(json(StatusCode::OK, &list))
+            }
+            (Method::POST, ["v1", "workloads", name, "restore"]) => {
+                let body: RestoreRequest = body.json_or_default()?;
+                let w = self
+                    .state
+                    .checkpoints
+                    .restore(name, body.from.as_deref(), body.replace)
+                    .await?;
+                Ok(json(StatusCode::OK, &w))
+            }
             (Method::GET, ["v1", "migrations"]) => {
                 Ok(json(StatusCode::OK, &self.state.engine.list()))
             }
@@ -233,6 +267,14 @@ struct Body {
 }
 
 impl Body {
+    /// As [`Self::json`], an empty body being `T`'s default.
+    fn json_or_default<T: DeserializeOwned + Default>(&self) -> Result<T, ApiError> {
+        if self.bytes.is_empty() && !self.too_large {
+            return Ok(T::default());
+        }
+        self.json()
+    }
+
     /// The body as JSON: 413 if it was too large, 422 if it is not a valid `T`.
     fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         if self.too_large {

@@ -101,3 +101,24 @@ impl From<crate::proxy::RouteStats> for RouteInfo {
         }
     }
 }
+
+/// `POST /v1/workloads/{name}/checkpoints`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// Let the workload run on after the checkpoint (else it goes to standby).
+    #[serde(default)]
+    pub leave_running: bool,
+}
+
+/// `POST /v1/workloads/{name}/restore`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The checkpoint's id (default: the newest).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Stop a running workload of that name and restore in its place.
+    #[serde(default)]
+    pub replace: bool,
+}

@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and dispatch, one file per verb.
 
+mod checkpoint;
 mod gateway;
 mod init;
 mod lazy_guard;
@@ -82,6 +83,11 @@ enum Command {
     /// List and inspect migrations.
     #[command(subcommand)]
     Migration(migration::Cmd),
+    /// Checkpoint a workload at its site (kept in the site's block store), or list its
+    /// checkpoints (`ferry checkpoint ls NAME`).
+    Checkpoint(checkpoint::Args),
+    /// Restore a workload at this site from one of its checkpoints.
+    Restore(checkpoint::RestoreArgs),
     /// The guard of a post-copy restore's userfaultfds, started by the gateway.
     #[command(hide = true)]
     LazyGuard(lazy_guard::Args),
@@ -172,6 +178,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Route(cmd) => route::run(cmd, &cli.connect, out).await,
         Command::Migrate(args) => migrate::run(args, &cli.connect, out).await,
         Command::Migration(cmd) => migration::run(cmd, &cli.connect, out).await,
+        Command::Checkpoint(args) => checkpoint::run(args, &cli.connect, out).await,
+        Command::Restore(args) => checkpoint::restore(args, &cli.connect, out).await,
         // Handled in main, before the runtime starts.
         Command::LazyGuard(_) => Ok(()),
     }

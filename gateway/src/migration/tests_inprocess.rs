@@ -1759,6 +1759,18 @@ async fn api_of(
         },
         workloads: Arc::clone(&b.workloads),
         engine: Arc::clone(&b.engine),
+        checkpoints: crate::checkpoint::Checkpoints::open(
+            "b",
+            &b.cfg.data_dir,
+            3,
+            crate::checkpoint::Parts {
+                journal: Arc::new(Journal::open(&b.cfg.data_dir).expect("journal")),
+                workloads: Arc::clone(&b.workloads),
+                plugins: Arc::clone(&b.plugins),
+                ingress: Arc::clone(&b.ingress),
+            },
+        )
+        .expect("checkpoints"),
         peers: Arc::clone(&b.peers),
         plugins: Arc::clone(&b.plugins),
         ingress: Arc::clone(&b.ingress),

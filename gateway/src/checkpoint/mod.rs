@@ -1,0 +1,550 @@
+//! Checkpoints outside migrations: a workload's state taken on demand through its adapter
+//! (the same checkpoint a migration takes), kept in the site's content-addressed block
+//! store ([`store`]) so checkpoints of one workload share what did not change, and
+//! restored at the same site. Each workload keeps its newest `keep` checkpoints.
+//!
+//! While a checkpoint or a restore runs, the workload is held the way a migration holds
+//! it (its record names the hold), so neither a migration nor a removal can interleave;
+//! a gateway that stops mid-checkpoint finds the hold at restart and resumes the
+//! workload (`migration::recovery`). A checkpoint that does not leave the workload
+//! running puts it in `standby`: its image kept, nothing running, clients' connections
+//! refused until `ferry restore` brings it back.
+
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::journal::{Collection, Journal, JournalError};
+use crate::plugins::{AdapterCall, PluginError, PluginHost};
+use crate::proxy::{Ingress, Target};
+use crate::spec::{now_ms, Workload, WorkloadSpec, WorkloadState};
+use crate::workload::{Waiter, WorkloadError, Workloads};
+use store::{BlockStore, StoreError, StoredFile};
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("workload {0:?} not found on this site")]
+    NotFound(String),
+    #[error("workload {name:?} has no checkpoint {id:?}; `ferry checkpoint ls {name}` lists them")]
+    NoSuchCheckpoint { name: String, id: String },
+    #[error("workload {name:?} is {state}; only a running workload can be checkpointed")]
+    NotRunning { name: String, state: WorkloadState },
+    #[error("workload {0:?} is running; stop it first, or restore with --replace to stop it and restore in its place")]
+    Running(String),
+    #[error("workload {name:?} is held by {by}; wait for it to finish")]
+    Busy { name: String, by: String },
+    #[error("the checkpoint of {name:?} failed (the workload runs on): {source}")]
+    Checkpoint {
+        name: String,
+        #[source]
+        source: PluginError,
+    },
+    #[error("the restore of {name:?} from {id} failed (nothing runs in its place): {message}")]
+    Restore {
+        name: String,
+        id: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A checkpoint as journaled: what was taken, from which workload, and its files' blocks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub id: String,
+    pub workload: String,
+    pub spec: WorkloadSpec,
+    pub created_at_ms: u64,
+    /// Whether the workload ran on after it (else it went to standby).
+    pub left_running: bool,
+    /// The adapter's notes from its checkpoint, handed back to its restore.
+    pub notes: Vec<(String, String)>,
+    /// The workload's log when it was taken (its restored stdio is re-pointed from it).
+    pub log: PathBuf,
+    /// How long the workload was frozen (clients held).
+    pub freeze_ms: u64,
+    /// Cutting the image into blocks and storing the new ones (after the freeze).
+    pub store_ms: u64,
+    /// The image's bytes, and those the store did not hold yet.
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub files: Vec<StoredFile>,
+}
+
+/// What the API lists of a checkpoint (its block lists left out).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub id: String,
+    pub workload: String,
+    pub created_at_ms: u64,
+    pub left_running: bool,
+    pub freeze_ms: u64,
+    pub store_ms: u64,
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub files: usize,
+}
+
+impl From<&Checkpoint> for CheckpointInfo {
+    fn from(c: &Checkpoint) -> Self {
+        Self {
+            id: c.id.clone(),
+            workload: c.workload.clone(),
+            created_at_ms: c.created_at_ms,
+            left_running: c.left_running,
+            freeze_ms: c.freeze_ms,
+            store_ms: c.store_ms,
+            bytes: c.bytes,
+            new_bytes: c.new_bytes,
+            files: c.files.len(),
+        }
+    }
+}
+
+pub struct Parts {
+    pub journal: Arc<Journal>,
+    pub workloads: Arc<Workloads>,
+    pub plugins: Arc<PluginHost>,
+    pub ingress: Arc<Ingress>,
+}
+
+pub struct Checkpoints {
+    site: String,
+    store: Arc<BlockStore>,
+    /// Where an image is written before it is stored, and materialized before a restore.
+    work_dir: PathBuf,
+    keep: usize,
+    parts: Parts,
+}
+
+impl Checkpoints {
+    /// Opens the site's checkpoints under `data_dir/checkpoints`; each workload keeps its
+    /// newest `keep`.
+    pub fn open(
+        site: &str,
+        data_dir: &std::path::Path,
+        keep: usize,
+        parts: Parts,
+    ) -> Result<Arc<Self>, CheckpointError> {
+        let root = data_dir.join("checkpoints");
+        let store = Arc::new(BlockStore::open(&root.join("store"))?);
+        let work_dir = root.join("work");
+        // Images half written or materialized by a gateway that stopped: not needed.
+        let _ = std::fs::remove_dir_all(&work_dir);
+        std::fs::create_dir_all(&work_dir).map_err(|source| CheckpointError::Io {
+            what: "create",
+            path: work_dir.clone(),
+            source,
+        })?;
+        Ok(Arc::new(Self {
+            site: site.to_string(),
+            store,
+            work_dir,
+            keep: keep.max(1),
+            parts,
+        }))
+    }
+
+    /// Every checkpoint of `workload`, oldest first.
+    pub fn list(&self, workload: &str) -> Result<Vec<Checkpoint>, CheckpointError> {
+        let mut all: Vec<Checkpoint> = self
+            .parts
+            .journal
+            .load_all::<Checkpoint>(Collection::Checkpoints)?
+            .into_iter()
+            .filter(|c| c.workload == workload)
+            .collect();
+        all.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
+        Ok(all)
+    }
+
+    /// Bytes the site's block store holds on disk.
+    pub fn store_bytes(&self) -> u64 {
+        self.store.disk_bytes()
+    }
+
+    /// Takes a checkpoint of running workload `name`. The workload is frozen (its clients
+    /// held) while the adapter checkpoints it; then it runs on (`leave_running`) or is
+    /// stopped into standby. A failed checkpoint resumes it.
+    pub async fn take(
+        &self,
+        name: &str,
+        leave_running: bool,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let id = format!("{:x}", now_ms() * 1000 + u64::from(rand_u16()));
+        let w = self.hold(name, &id)?;
+        let images = self.work_dir.join(&id);
+        let outcome = self.checkpoint_held(&w, &id, &images, leave_running).await;
+        let _ = std::fs::remove_dir_all(&images);
+        match outcome {
+            Ok(c) => {
+                tracing::info!(workload = name, checkpoint = %c.id, freeze_ms = c.freeze_ms, store_ms = c.store_ms, bytes = c.bytes, new_bytes = c.new_bytes, left_running = leave_running, "checkpoint taken");
+                if let Err(e) = self.retain(name) {
+                    tracing::warn!(workload = name, error = %e, "cannot drop old checkpoints");
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(workload = name, checkpoint = %id, error = %e, "checkpoint failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks `name` as held by checkpoint `id`; it must be running and not held.
+    fn hold(&self, name: &str, id: &str) -> Result<Workload, CheckpointError> {
+        let by = format!("checkpoint {id}");
+        self.parts
+            .workloads
+            .modify(name, |w| {
+                if let Some(m) = &w.migration {
+                    return Err(WorkloadError::Busy {
+                        name: name.to_string(),
+                        migration: m.clone(),
+                    });
+                }
+                if w.state != WorkloadState::Running || w.pid.is_none() {
+                    return Err(WorkloadError::NotRunning {
+                        name: name.to_string(),
+                        state: w.state,
+                    });
+                }
+                w.migration = Some(by.clone());
+                Ok(())
+            })
+            .map_err(|e| match e {
+                WorkloadError::NotFound(n) => CheckpointError::NotFound(n),
+                WorkloadError::Busy { name, migration } => CheckpointError::Busy {
+                    name,
+                    by: migration,
+                },
+                WorkloadError::NotRunning { name, state } => {
+                    CheckpointError::NotRunning { name, state }
+                }
+                other => other.into(),
+            })
+    }
+
+    async fn checkpoint_held(
+        &self,
+        w: &Workload,
+        id: &str,
+        images: &std::path::Path,
+        leave_running: bool,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let name = w.spec.name.as_str();
+        let adapter = self
+            .parts
+            .plugins
+            .adapter(&w.spec.runtime)
+            .map_err(|source| {
+                self.unhold(name, None);
+                CheckpointError::Checkpoint {
+                    name: name.to_string(),
+                    source,
+                }
+            })?;
+        std::fs::create_dir_all(images).map_err(|source| {
+            self.unhold(name, None);
+            CheckpointError::Io {
+                what: "create",
+                path: images.to_path_buf(),
+                source,
+            }
+        })?;
+        let call = AdapterCall::for_workload(w).with_images(images.to_path_buf());
+        let frozen = Instant::now();
+        self.parts.ingress.hold(name).await;
+        let notes = match adapter.checkpoint(call.clone()).await {
+            Ok(notes) => notes,
+            Err(source) => {
+                self.resume(&adapter, call, name).await;
+                return Err(CheckpointError::Checkpoint {
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        };
+        let freeze_ms;
+        if leave_running {
+            self.resume(&adapter, call.clone(), name).await;
+            freeze_ms = ms(frozen.elapsed());
+        } else {
+            freeze_ms = 0;
+        }
+        // Stopped into standby only once the image is stored and journaled: a failure
+        // before that resumes it instead, with nothing lost.
+        let stored = Instant::now();
+        let kept = async {
+            let put = self.put(images.to_path_buf()).await?;
+            let checkpoint = Checkpoint {
+                id: id.to_string(),
+                workload: name.to_string(),
+                spec: w.spec.clone(),
+                created_at_ms: now_ms(),
+                left_running: leave_running,
+                notes,
+                log: w.log.clone(),
+                freeze_ms,
+                store_ms: ms(stored.elapsed()),
+                bytes: put.bytes,
+                new_bytes: put.new_bytes,
+                files: put.files,
+            };
+            self.parts
+                .journal
+                .put(Collection::Checkpoints, &key(name, id), &checkpoint)?;
+            Ok::<_, CheckpointError>(checkpoint)
+        }
+        .await;
+        if leave_running {
+            return kept;
+        }
+        let mut checkpoint = match kept {
+            Ok(c) => c,
+            Err(e) => {
+                self.resume(&adapter, call, name).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = adapter.release_source(call).await {
+            tracing::warn!(workload = name, error = %e, "adapter could not stop the checkpointed workload");
+        }
+        if let (Some(pid), Some(start)) = (w.pid, w.pid_start) {
+            if crate::sys::process::alive(pid, start) {
+                crate::sys::process::kill(pid);
+            }
+        }
+        self.parts.ingress.release(name, Target::Local);
+        self.standby(name);
+        // Frozen until here: the image was stored while it could not change.
+        checkpoint.freeze_ms = ms(frozen.elapsed());
+        Ok(checkpoint)
+    }
+
+    async fn put(&self, dir: PathBuf) -> Result<store::Put, CheckpointError> {
+        let store = Arc::clone(&self.store);
+        // Hashing a large image is CPU work: off the async threads.
+        blocking(move || store.put_dir(&dir)).await
+    }
+
+    /// Resumes a workload frozen by a checkpoint and lifts the hold.
+    async fn resume(&self, adapter: &crate::plugins::AdapterHandle, call: AdapterCall, name: &str) {
+        let pid = match adapter.resume_source(call).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                tracing::error!(workload = name, error = %e, "cannot resume the workload after its checkpoint");
+                None
+            }
+        };
+        self.parts.ingress.release(name, Target::Local);
+        self.unhold(name, pid);
+    }
+
+    /// Lifts a checkpoint's hold (with the pid the adapter resumed it as, if new).
+    fn unhold(&self, name: &str, pid: Option<i32>) {
+        let lifted = self.parts.workloads.modify_even_unjournaled(name, |w| {
+            w.migration = None;
+            if let Some(pid) = pid {
+                w.pid = Some(pid);
+                w.pid_start = crate::sys::process::start_time(pid);
+            }
+            Ok(())
+        });
+        if let Err(e) = lifted {
+            tracing::error!(workload = name, error = %e, "cannot lift the checkpoint's hold");
+        }
+    }
+
+    fn standby(&self, name: &str) {
+        let done = self.parts.workloads.modify_even_unjournaled(name, |w| {
+            w.migration = None;
+            w.state = WorkloadState::Standby;
+            w.pid = None;
+            w.pid_start = None;
+            Ok(())
+        });
+        if let Err(e) = done {
+            tracing::error!(workload = name, error = %e, "cannot record the workload's standby");
+        }
+    }
+
+    /// Keeps each workload's newest checkpoints (`keep`) and frees blocks no kept
+    /// checkpoint uses.
+    fn retain(&self, name: &str) -> Result<(), CheckpointError> {
+        let mine = self.list(name)?;
+        let drop = mine.len().saturating_sub(self.keep);
+        for c in &mine[..drop] {
+            self.parts
+                .journal
+                .remove(Collection::Checkpoints, &key(name, &c.id))?;
+            tracing::info!(workload = name, checkpoint = %c.id, "old checkpoint dropped");
+        }
+        if drop > 0 {
+            let all = self
+                .parts
+                .journal
+                .load_all::<Checkpoint>(Collection::Checkpoints)?;
+            let keep: Vec<&StoredFile> = all.iter().flat_map(|c| c.files.iter()).collect();
+            let freed = self.store.collect(&keep)?;
+            tracing::debug!(freed, "block store collected");
+        }
+        Ok(())
+    }
+
+    /// Restores workload `name` at this site from checkpoint `from` (its newest if
+    /// `None`). A running workload of that name is refused unless `replace`, which stops
+    /// it first.
+    pub async fn restore(
+        &self,
+        name: &str,
+        from: Option<&str>,
+        replace: bool,
+    ) -> Result<Workload, CheckpointError> {
+        let all = self.list(name)?;
+        let checkpoint = match from {
+            Some(id) => all.iter().find(|c| c.id == id),
+            None => all.last(),
+        }
+        .cloned()
+        .ok_or_else(|| CheckpointError::NoSuchCheckpoint {
+            name: name.to_string(),
+            id: from.unwrap_or("(any)").to_string(),
+        })?;
+        if let Some(w) = self.parts.workloads.get(name) {
+            if let Some(by) = &w.migration {
+                return Err(CheckpointError::Busy {
+                    name: name.to_string(),
+                    by: by.clone(),
+                });
+            }
+            if w.state == WorkloadState::Running && !replace {
+                return Err(CheckpointError::Running(name.to_string()));
+            }
+            let removed = self.parts.workloads.remove(name).await?;
+            // Its cgroup goes once empty (in the background): the restore takes a new one.
+            if let Some(cg) = removed.cgroup {
+                for _ in 0..50 {
+                    if !cg.exists() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let spec = checkpoint.spec.clone();
+        let workloads = &self.parts.workloads;
+        workloads.check_free(&spec)?;
+        let placement = workloads.place(name)?;
+        workloads.reserve(&spec, &placement)?;
+        let images = self.work_dir.join(format!("restore-{}", checkpoint.id));
+        let restored = self
+            .restore_reserved(&checkpoint, &placement, &images)
+            .await;
+        let _ = std::fs::remove_dir_all(&images);
+        match restored {
+            Ok(w) => {
+                tracing::info!(workload = name, checkpoint = %checkpoint.id, pid = ?w.pid, "restored from a checkpoint");
+                Ok(w)
+            }
+            Err(e) => {
+                workloads.unreserve(name);
+                if workloads.get(name).is_some_and(|w| w.pid.is_none()) {
+                    let _ = workloads.forget(name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn restore_reserved(
+        &self,
+        c: &Checkpoint,
+        placement: &crate::spec::Placement,
+        images: &std::path::Path,
+    ) -> Result<Workload, CheckpointError> {
+        let failed = |message: String| CheckpointError::Restore {
+            name: c.workload.clone(),
+            id: c.id.clone(),
+            message,
+        };
+        let (files, store, dir) = (
+            c.files.clone(),
+            Arc::clone(&self.store),
+            images.to_path_buf(),
+        );
+        blocking(move || store.materialize(&files, &dir)).await?;
+        let adapter = self
+            .parts
+            .plugins
+            .adapter(&c.spec.runtime)
+            .map_err(|e| failed(e.to_string()))?;
+        let call = AdapterCall::new(c.spec.clone(), placement.clone(), &self.site)
+            .with_images(images.to_path_buf())
+            .with_source_log(c.log.clone());
+        let pid = adapter
+            .restore(call.clone(), c.notes.clone())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let workloads = &self.parts.workloads;
+        let w = workloads.record(&c.spec, placement, Some(pid), None);
+        if let Err(why) = crate::health::wait(&c.spec, pid, workloads.health_timeout()).await {
+            workloads.stop(&w).await;
+            return Err(failed(format!(
+                "the restored workload is not healthy: {why}"
+            )));
+        }
+        workloads.insert_running(&w, Waiter::Pid)?;
+        if let Err(e) = self.parts.ingress.open(&c.spec).await {
+            tracing::warn!(workload = %c.workload, error = %e, "cannot open the workload's routes");
+        }
+        Ok(workloads.get(&c.workload).unwrap_or(w))
+    }
+}
+
+/// Runs store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, CheckpointError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(CheckpointError::Io {
+            what: "finish the block store task for",
+            path: PathBuf::from("checkpoints/store"),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+fn key(workload: &str, id: &str) -> String {
+    format!("{workload}.{id}")
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A little randomness for checkpoint ids taken within one millisecond.
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (nanos % 1000) as u16
+}

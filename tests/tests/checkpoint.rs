@@ -1,0 +1,102 @@
+//! Checkpoints outside migrations (issue: robust in normal operation): a workload's state
+//! kept at its site in the content-addressed block store and restored from it, with real
+//! CRIU and Redis.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferry_e2e::{wait_for, Options, TwoSites};
+use serde_json::Value;
+
+const PORT: u16 = 6379;
+
+fn checkpoint(sites: &TwoSites, flags: &[&str]) -> Result<Value> {
+    let mut args = vec!["checkpoint", "redis"];
+    args.extend_from_slice(flags);
+    sites.a.ferry_json(&args)
+}
+
+#[test]
+fn a_checkpoint_restores_the_dataset_it_took_and_the_next_one_stores_only_what_changed(
+) -> Result<()> {
+    let sites = TwoSites::start(Options::new("ckpt"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "100"])?;
+    let first_digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let first = checkpoint(&sites, &["--leave-running"])?;
+    assert_eq!(first["left_running"], true, "{first}");
+    // It runs on, and takes writes: 1 % of the keys change.
+    for i in 0..1000 {
+        sites
+            .a
+            .redis(PORT, &["SET", &format!("key:{}", i * 100), "changed"])?;
+    }
+    let second_digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    assert_ne!(second_digest, first_digest);
+    // Without --leave-running: stopped into standby once its image is kept.
+    let second = checkpoint(&sites, &[])?;
+    let (bytes, new) = (
+        second["bytes"].as_u64().unwrap_or(0),
+        second["new_bytes"].as_u64().unwrap_or(u64::MAX),
+    );
+    eprintln!(
+        "first checkpoint: {} bytes; second, after 1 % of the keys changed: {bytes} bytes, {new} new ({:.1} %)",
+        first["bytes"],
+        100.0 * new as f64 / bytes.max(1) as f64
+    );
+    assert!(bytes > 10_000_000, "{second}");
+    // Every 100th key changed touches about one page in three of this small-valued
+    // dataset (the new value, the freed old one, the entry): far from all of them.
+    assert!(
+        new * 2 < bytes,
+        "the second checkpoint stored too much anew: {second}"
+    );
+    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
+    assert_eq!(w["state"], "standby", "{w}");
+    assert!(
+        sites.a.redis(PORT, &["PING"]).is_err(),
+        "standby still answers"
+    );
+    let list = sites.a.ferry_json(&["checkpoint", "ls", "redis"])?;
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+
+    // Restored from the newest: the dataset as it was taken.
+    sites.a.ferry(&["restore", "redis"])?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, second_digest);
+    // A running workload is not replaced unless asked.
+    let first_id = first["id"].as_str().unwrap_or_default();
+    let refused = sites
+        .a
+        .ferry_output(&["restore", "redis", "--from", first_id])?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--replace"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    sites
+        .a
+        .ferry(&["restore", "redis", "--from", first_id, "--replace"])?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, first_digest);
+    sites.a.redis(PORT, &["SET", "after", "restore"])?;
+
+    // Each workload keeps its newest three.
+    for _ in 0..2 {
+        checkpoint(&sites, &["--leave-running"])?;
+    }
+    let list = sites.a.ferry_json(&["checkpoint", "ls", "redis"])?;
+    let ids: Vec<&str> = list
+        .as_array()
+        .map(|l| l.iter().filter_map(|c| c["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids.len(), 3, "{list}");
+    assert!(!ids.contains(&first_id), "the oldest was kept: {list}");
+    // What the dropped checkpoint alone used is freed: the newest still restores.
+    sites.a.ferry(&["restore", "redis", "--replace"])?;
+    wait_for("the restored copy", Duration::from_secs(10), || {
+        sites.a.redis(PORT, &["GET", "after"]).ok()
+    })?;
+    Ok(())
+}
