@@ -124,6 +124,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         cfg.workloads.keep_checkpoints,
         crate::checkpoint::Parts {
             journal: Arc::clone(&journal),
+            peers: Arc::clone(&peers),
             workloads: Arc::clone(&workloads),
             plugins: Arc::clone(&plugins),
             ingress: Arc::clone(&ingress),
@@ -134,11 +135,15 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let peer_addr = peers.local_addr().unwrap_or(cfg.peer.listen);
 
     let peer_task = tokio::spawn(Arc::clone(&peers).serve(
-        Arc::clone(&engine),
+        Arc::new(SiteRequests {
+            engine: Arc::clone(&engine),
+            checkpoints: Arc::clone(&checkpoints),
+        }),
         Arc::clone(&engine),
         cancel.clone(),
     ));
     engine.recover()?;
+    checkpoints.schedule(cancel.clone());
 
     let state = Arc::new(ApiState {
         token: cfg.api.token.clone(),
@@ -161,7 +166,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         },
         workloads: Arc::clone(&workloads),
         engine: Arc::clone(&engine),
-        checkpoints,
+        checkpoints: Arc::clone(&checkpoints),
         peers: Arc::clone(&peers),
         plugins,
         ingress: Arc::clone(&ingress),
@@ -225,5 +230,30 @@ fn registry_settings(cfg: &SiteConfig) -> crate::workload::RegistrySettings {
         work_root: cfg.workloads.work_root.clone(),
         cgroup_base,
         health_timeout: std::time::Duration::from_secs(cfg.workloads.health_timeout_secs),
+    }
+}
+
+/// What a peer asks this site: checkpoint replication goes to the site's checkpoints,
+/// everything else to the migration engine.
+struct SiteRequests {
+    engine: Arc<Engine>,
+    checkpoints: Arc<crate::checkpoint::Checkpoints>,
+}
+
+impl crate::peer::Handler for SiteRequests {
+    async fn handle(
+        &self,
+        peer: String,
+        req: crate::peer::wire::Request,
+        body: crate::peer::Body<'_>,
+    ) -> crate::peer::wire::Response {
+        use crate::peer::wire::Request;
+        match req {
+            Request::BlocksWanted { .. }
+            | Request::Blocks { .. }
+            | Request::Replica { .. }
+            | Request::Fence { .. } => self.checkpoints.handle_peer(&peer, req, body).await,
+            other => self.engine.handle(peer, other, body).await,
+        }
     }
 }

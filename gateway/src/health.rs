@@ -149,6 +149,7 @@ mod tests {
             settings: BTreeMap::new(),
             routes: Vec::new(),
             health,
+            checkpoints: None,
         }
     }
 

@@ -45,6 +45,22 @@ pub struct WorkloadSpec {
     /// to `port`, or, without a port, that it keeps running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// Periodic checkpoints and where they are replicated (none: only on demand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointPolicy>,
+}
+
+/// When a workload is checkpointed without being asked, and which peer keeps a copy of
+/// each checkpoint (to recover it there if this site is lost).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointPolicy {
+    /// Seconds between checkpoints taken while it runs (left running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_secs: Option<u64>,
+    /// The peer site each checkpoint is replicated to (only the blocks it lacks travel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicate_to: Option<String>,
 }
 
 /// How a site decides a workload it started or restored is healthy, beyond its process
@@ -230,6 +246,17 @@ impl WorkloadSpec {
         if self.port == Some(0) {
             return Err(SpecError::Invalid("port must be 1-65535".into()));
         }
+        if let Some(policy) = &self.checkpoints {
+            if policy
+                .every_secs
+                .is_some_and(|s| !(5..=7 * 24 * 3600).contains(&s))
+            {
+                return Err(SpecError::Invalid("checkpoints every 5 s to 7 days".into()));
+            }
+            if let Some(site) = &policy.replicate_to {
+                names::validate("site", site)?;
+            }
+        }
         if let Some(check) = &self.health {
             check.validate()?;
             if self.port.is_none() && !matches!(check, HealthCheck::Exec { .. }) {
@@ -354,6 +381,7 @@ mod tests {
             settings: BTreeMap::new(),
             routes: Vec::new(),
             health: None,
+            checkpoints: None,
         }
     }
 

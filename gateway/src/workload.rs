@@ -539,6 +539,7 @@ mod allow_tests {
             settings: std::collections::BTreeMap::new(),
             routes: Vec::new(),
             health: None,
+            checkpoints: None,
         }
     }
 

@@ -100,3 +100,65 @@ fn a_checkpoint_restores_the_dataset_it_took_and_the_next_one_stores_only_what_c
     })?;
     Ok(())
 }
+
+#[test]
+fn replicated_checkpoints_send_only_what_the_peer_lacks_and_recover_there_when_the_site_is_lost(
+) -> Result<()> {
+    let mut sites = TwoSites::start(Options::new("ckrepl"))?;
+    sites.run_redis_at_a_with("redis", PORT, &["--replicate-to", "b"])?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "100"])?;
+    let first = checkpoint(&sites, &["--leave-running"])?;
+    assert!(first["replicated"]["error"].is_null(), "{first}");
+    for i in 0..1000 {
+        sites
+            .a
+            .redis(PORT, &["SET", &format!("key:{}", i * 100), "changed"])?;
+    }
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    let second = checkpoint(&sites, &["--leave-running"])?;
+    assert!(second["replicated"]["error"].is_null(), "{second}");
+    let sent = |c: &Value, what: &str| c["replicated"][what].as_u64().unwrap_or(0);
+    eprintln!(
+        "replicated to b: first checkpoint {} bytes of blocks ({} on the wire), second after 1 % of the keys changed {} ({} on the wire): {:.1} % of the first's blocks",
+        sent(&first, "bytes"),
+        sent(&first, "wire_bytes"),
+        sent(&second, "bytes"),
+        sent(&second, "wire_bytes"),
+        100.0 * sent(&second, "bytes") as f64 / sent(&first, "bytes").max(1) as f64
+    );
+    assert!(sent(&first, "bytes") > 10_000_000, "{first}");
+    assert!(
+        sent(&second, "bytes") * 2 < sent(&first, "bytes"),
+        "the second replication sent too much: {second}"
+    );
+    let at_b = sites.b.ferry_json(&["checkpoint", "ls", "redis"])?;
+    let replicas: Vec<&Value> = at_b
+        .as_array()
+        .map(|l| l.iter().collect())
+        .unwrap_or_default();
+    assert_eq!(replicas.len(), 2, "{at_b}");
+    assert!(replicas.iter().all(|c| c["from_site"] == "a"), "{at_b}");
+
+    // While A answers, B refuses to take over: that is a migration's job.
+    let refused = sites.b.ferry_output(&["workload", "recover", "redis"])?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("answers"));
+
+    // A is cut off: its gateway is gone (its Redis still runs, unreachable from B's side).
+    sites.a.crash_gateway();
+    sites.b.ferry(&["workload", "recover", "redis"])?;
+    assert_eq!(sites.b.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    let w = &sites.b.ferry_json(&["workload", "ls"])?[0];
+    assert_eq!(w["restored_from"]["site"], "a", "{w}");
+    sites.b.redis(PORT, &["SET", "after", "failover"])?;
+
+    // A comes back: it learns the workload was recovered at B and stops its old copy.
+    sites.start_gateway_a()?;
+    wait_for("A to stop its old copy", Duration::from_secs(30), || {
+        (sites.a.has_no_workloads().ok()? && sites.a.redis(PORT, &["PING"]).is_err()).then_some(())
+    })?;
+    assert_eq!(sites.b.redis(PORT, &["GET", "after"])?, "failover");
+    Ok(())
+}

@@ -67,6 +67,7 @@ fn workload(mode: &str) -> AdapterCall {
         settings: [("mode".to_string(), mode.to_string())].into(),
         routes: Vec::new(),
         health: None,
+        checkpoints: None,
     };
     let placement = Placement {
         work_dir: "/tmp".into(),

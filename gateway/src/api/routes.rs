@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::types::{CheckpointRequest, MigrationRequest, PeerStatus, RestoreRequest, RouteInfo};
+use super::types::{
+    CheckpointRequest, MigrationRequest, PeerStatus, RecoverRequest, RestoreRequest, RouteInfo,
+};
 use super::ApiState;
 use crate::checkpoint::CheckpointInfo;
 use crate::peer::wire;
@@ -165,6 +167,15 @@ impl Api {
                     .map(CheckpointInfo::from)
                     .collect();
                 Ok(json(StatusCode::OK, &list))
+            }
+            (Method::POST, ["v1", "workloads", name, "recover"]) => {
+                let body: RecoverRequest = body.json_or_default()?;
+                let w = self
+                    .state
+                    .checkpoints
+                    .recover(name, body.from.as_deref(), body.force)
+                    .await?;
+                Ok(json(StatusCode::OK, &w))
             }
             (Method::POST, ["v1", "workloads", name, "restore"]) => {
                 let body: RestoreRequest = body.json_or_default()?;

@@ -122,3 +122,15 @@ pub struct RestoreRequest {
     #[serde(default)]
     pub replace: bool,
 }
+
+/// `POST /v1/workloads/{name}/recover`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// The replicated checkpoint's id (default: the newest replicated here).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Recover even though the workload's site answers on the peer link.
+    #[serde(default)]
+    pub force: bool,
+}

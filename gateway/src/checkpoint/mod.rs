@@ -10,6 +10,7 @@
 //! running puts it in `standby`: its image kept, nothing running, clients' connections
 //! refused until `ferry restore` brings it back.
 
+pub mod replicate;
 pub mod store;
 
 use std::path::PathBuf;
@@ -50,6 +51,10 @@ pub enum CheckpointError {
         id: String,
         message: String,
     },
+    #[error("site {0} answers on the peer link: it is not lost; move the workload with `ferry migrate` there, or recover with --force")]
+    SiteAnswers(String),
+    #[error("replication: {0}")]
+    Replication(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -86,6 +91,12 @@ pub struct Checkpoint {
     pub bytes: u64,
     pub new_bytes: u64,
     pub files: Vec<StoredFile>,
+    /// A replica: the peer site it came from (none: taken here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_site: Option<String>,
+    /// How its replication to a peer went (taken here with `replicate_to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicated: Option<replicate::Replication>,
 }
 
 /// What the API lists of a checkpoint (its block lists left out).
@@ -100,6 +111,10 @@ pub struct CheckpointInfo {
     pub bytes: u64,
     pub new_bytes: u64,
     pub files: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicated: Option<replicate::Replication>,
 }
 
 impl From<&Checkpoint> for CheckpointInfo {
@@ -114,12 +129,15 @@ impl From<&Checkpoint> for CheckpointInfo {
             bytes: c.bytes,
             new_bytes: c.new_bytes,
             files: c.files.len(),
+            from_site: c.from_site.clone(),
+            replicated: c.replicated.clone(),
         }
     }
 }
 
 pub struct Parts {
     pub journal: Arc<Journal>,
+    pub peers: Arc<crate::peer::PeerLink>,
     pub workloads: Arc<Workloads>,
     pub plugins: Arc<PluginHost>,
     pub ingress: Arc<Ingress>,
@@ -162,6 +180,47 @@ impl Checkpoints {
         }))
     }
 
+    /// Takes the checkpoints workloads' policies ask for (`every_secs`, left running, the
+    /// first one period after the gateway first sees the workload), one at a time, until
+    /// `cancel`.
+    pub fn schedule(self: &Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last: std::collections::HashMap<String, Instant> =
+                std::collections::HashMap::new();
+            // At once after a start: a site back from a loss checks before anything else.
+            let mut fenced = Instant::now()
+                .checked_sub(FENCE_EVERY)
+                .unwrap_or_else(Instant::now);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                if fenced.elapsed() >= FENCE_EVERY {
+                    this.fence().await;
+                    fenced = Instant::now();
+                }
+                for w in this.parts.workloads.list() {
+                    let every = w.spec.checkpoints.as_ref().and_then(|p| p.every_secs);
+                    let Some(every) = every.map(std::time::Duration::from_secs) else {
+                        continue;
+                    };
+                    let name = w.spec.name.clone();
+                    let seen = *last.entry(name.clone()).or_insert_with(Instant::now);
+                    let idle = w.state != WorkloadState::Running || w.migration.is_some();
+                    if idle || seen.elapsed() < every {
+                        continue;
+                    }
+                    last.insert(name.clone(), Instant::now());
+                    if let Err(e) = this.take(&name, true).await {
+                        tracing::warn!(workload = %name, error = %e, "periodic checkpoint failed; tried again next period");
+                    }
+                }
+            }
+        });
+    }
+
     /// Every checkpoint of `workload`, oldest first.
     pub fn list(&self, workload: &str) -> Result<Vec<Checkpoint>, CheckpointError> {
         let mut all: Vec<Checkpoint> = self
@@ -173,6 +232,10 @@ impl Checkpoints {
             .collect();
         all.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
         Ok(all)
+    }
+
+    fn peers(&self) -> Result<&Arc<crate::peer::PeerLink>, CheckpointError> {
+        Ok(&self.parts.peers)
     }
 
     /// Bytes the site's block store holds on disk.
@@ -194,8 +257,26 @@ impl Checkpoints {
         let outcome = self.checkpoint_held(&w, &id, &images, leave_running).await;
         let _ = std::fs::remove_dir_all(&images);
         match outcome {
-            Ok(c) => {
+            Ok(mut c) => {
                 tracing::info!(workload = name, checkpoint = %c.id, freeze_ms = c.freeze_ms, store_ms = c.store_ms, bytes = c.bytes, new_bytes = c.new_bytes, left_running = leave_running, "checkpoint taken");
+                let to = c
+                    .spec
+                    .checkpoints
+                    .as_ref()
+                    .and_then(|p| p.replicate_to.clone())
+                    .filter(|to| *to != self.site);
+                if let Some(to) = to {
+                    let r = self.replicate(&c, &to).await;
+                    tracing::info!(workload = name, checkpoint = %c.id, to = %r.to, blocks = r.blocks, bytes = r.bytes, wire_bytes = r.wire_bytes, ms = r.ms, error = ?r.error, "checkpoint replicated");
+                    c.replicated = Some(r);
+                    if let Err(e) =
+                        self.parts
+                            .journal
+                            .put(Collection::Checkpoints, &key(name, &c.id), &c)
+                    {
+                        tracing::warn!(workload = name, error = %e, "cannot journal the replication");
+                    }
+                }
                 if let Err(e) = self.retain(name) {
                     tracing::warn!(workload = name, error = %e, "cannot drop old checkpoints");
                 }
@@ -307,6 +388,8 @@ impl Checkpoints {
                 bytes: put.bytes,
                 new_bytes: put.new_bytes,
                 files: put.files,
+                from_site: None,
+                replicated: None,
             };
             self.parts
                 .journal
@@ -428,6 +511,59 @@ impl Checkpoints {
             name: name.to_string(),
             id: from.unwrap_or("(any)").to_string(),
         })?;
+        self.restore_from(checkpoint, replace, None).await
+    }
+
+    /// Failover: restores `name` here from the newest checkpoint replicated from another
+    /// site (`from`: that checkpoint's id), when that site is lost. Refused while the
+    /// site answers on the peer link (move it with `ferry migrate` instead) unless
+    /// `force`. The restored workload records where it was recovered from, and the lost
+    /// site, once back, learns it and releases its old copy ([`Self::fence`]).
+    pub async fn recover(
+        &self,
+        name: &str,
+        from: Option<&str>,
+        force: bool,
+    ) -> Result<Workload, CheckpointError> {
+        let all = self.list(name)?;
+        let checkpoint = all
+            .iter()
+            .rev()
+            .filter(|c| c.from_site.is_some())
+            .find(|c| from.is_none_or(|id| c.id == id))
+            .cloned()
+            .ok_or_else(|| CheckpointError::NoSuchCheckpoint {
+                name: name.to_string(),
+                id: from.unwrap_or("(any replicated here)").to_string(),
+            })?;
+        let site = checkpoint.from_site.clone().unwrap_or_default();
+        if !force {
+            let asked = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                self.parts
+                    .peers
+                    .request(&site, &crate::peer::wire::Request::Hello),
+            )
+            .await;
+            if matches!(asked, Ok(Ok(_))) {
+                return Err(CheckpointError::SiteAnswers(site));
+            }
+        }
+        let origin = crate::spec::Origin {
+            site: site.clone(),
+            migration: format!("{RECOVERED}{}", checkpoint.id),
+        };
+        tracing::warn!(workload = name, from = %site, checkpoint = %checkpoint.id, taken_at_ms = checkpoint.created_at_ms, "recovering a workload of a lost site from its replicated checkpoint");
+        self.restore_from(checkpoint, false, Some(origin)).await
+    }
+
+    async fn restore_from(
+        &self,
+        checkpoint: Checkpoint,
+        replace: bool,
+        origin: Option<crate::spec::Origin>,
+    ) -> Result<Workload, CheckpointError> {
+        let name = checkpoint.workload.as_str();
         if let Some(w) = self.parts.workloads.get(name) {
             if let Some(by) = &w.migration {
                 return Err(CheckpointError::Busy {
@@ -456,7 +592,7 @@ impl Checkpoints {
         workloads.reserve(&spec, &placement)?;
         let images = self.work_dir.join(format!("restore-{}", checkpoint.id));
         let restored = self
-            .restore_reserved(&checkpoint, &placement, &images)
+            .restore_reserved(&checkpoint, &placement, &images, origin)
             .await;
         let _ = std::fs::remove_dir_all(&images);
         match restored {
@@ -479,6 +615,7 @@ impl Checkpoints {
         c: &Checkpoint,
         placement: &crate::spec::Placement,
         images: &std::path::Path,
+        origin: Option<crate::spec::Origin>,
     ) -> Result<Workload, CheckpointError> {
         let failed = |message: String| CheckpointError::Restore {
             name: c.workload.clone(),
@@ -504,7 +641,7 @@ impl Checkpoints {
             .await
             .map_err(|e| failed(e.to_string()))?;
         let workloads = &self.parts.workloads;
-        let w = workloads.record(&c.spec, placement, Some(pid), None);
+        let w = workloads.record(&c.spec, placement, Some(pid), origin);
         if let Err(why) = crate::health::wait(&c.spec, pid, workloads.health_timeout()).await {
             workloads.stop(&w).await;
             return Err(failed(format!(
@@ -532,6 +669,12 @@ async fn blocking<T: Send + 'static>(
         }),
     }
 }
+
+/// How often a site asks whether its replicated workloads were recovered elsewhere.
+const FENCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How a workload recovered from a replicated checkpoint names its origin's "migration".
+pub const RECOVERED: &str = "recovered-from-checkpoint-";
 
 fn key(workload: &str, id: &str) -> String {
     format!("{workload}.{id}")

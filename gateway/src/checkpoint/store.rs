@@ -145,6 +145,43 @@ impl BlockStore {
         self.locked().index.contains_key(digest)
     }
 
+    /// Of `digests`, those the store lacks.
+    pub fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        let state = self.locked();
+        digests
+            .iter()
+            .filter(|d| !state.index.contains_key(*d))
+            .copied()
+            .collect()
+    }
+
+    /// One block's bytes, checked against its digest.
+    pub fn read_block(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let at = self
+            .locked()
+            .index
+            .get(digest)
+            .copied()
+            .ok_or_else(|| StoreError::Missing(hex(digest)))?;
+        let path = self.pack_path(at.pack, "pack");
+        let mut buf = vec![0u8; at.len as usize];
+        File::open(&path)
+            .and_then(|f| f.read_exact_at(&mut buf, at.offset))
+            .map_err(io(&path))?;
+        if blake3::hash(&buf).as_bytes() != digest {
+            return Err(StoreError::Damaged {
+                digest: hex(digest),
+                pack: path.display().to_string(),
+            });
+        }
+        Ok(buf)
+    }
+
+    /// A batch of blocks arriving one by one (replication): stored in one pack.
+    pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
+        Batch::new(self)
+    }
+
     /// Stores every regular file of `dir` (not below it), in name order.
     pub fn put_dir(&self, dir: &Path) -> Result<Put, StoreError> {
         let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
@@ -249,7 +286,7 @@ impl BlockStore {
 }
 
 /// One `put`: new blocks go to one pack, indexed once the pack is on disk.
-struct Batch<'a> {
+pub struct Batch<'a> {
     store: &'a BlockStore,
     id: u64,
     pack: Option<File>,
@@ -274,6 +311,22 @@ impl<'a> Batch<'a> {
             entries: Vec::new(),
             fresh: HashSet::new(),
         })
+    }
+
+    /// Adds one block that arrived with its digest: refused if the bytes do not match,
+    /// skipped if the store has it. Whether it was new.
+    pub fn add_block(&mut self, digest: Digest, data: &[u8]) -> Result<bool, StoreError> {
+        if blake3::hash(data).as_bytes() != &digest {
+            return Err(StoreError::Damaged {
+                digest: hex(&digest),
+                pack: "the incoming batch".into(),
+            });
+        }
+        if self.store.has(&digest) || !self.fresh.insert(digest) {
+            return Ok(false);
+        }
+        self.write(digest, data)?;
+        Ok(true)
     }
 
     fn add_file(
@@ -331,7 +384,7 @@ impl<'a> Batch<'a> {
     }
 
     /// Syncs the pack, writes its index, and makes its blocks known; the new bytes.
-    fn finish(self) -> Result<u64, StoreError> {
+    pub fn finish(self) -> Result<u64, StoreError> {
         let Some(pack) = self.pack else { return Ok(0) };
         let path = self.store.pack_path(self.id, "pack");
         pack.sync_all().map_err(io(&path))?;

@@ -34,6 +34,15 @@ pub enum Cmd {
         /// running. A restore that fails it is discarded and the source resumes.
         #[arg(long, value_name = "CHECK")]
         health: Option<crate::spec::HealthCheck>,
+        /// Checkpoint it every DURATION while it runs (30s, 5m, 1h; left running), kept as
+        /// `ferry checkpoint` keeps them.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        checkpoint_every: Option<u64>,
+        /// Replicate each of its checkpoints to peer SITE (only the blocks SITE lacks
+        /// travel), from where `ferry workload recover NAME` brings it back if this site
+        /// is lost.
+        #[arg(long, value_name = "SITE")]
+        replicate_to: Option<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -44,6 +53,39 @@ pub enum Cmd {
     Show { name: String },
     /// Stop and remove a workload.
     Rm { name: String },
+    /// Failover, at the site that takes over: run NAME here from the newest checkpoint
+    /// its lost site replicated here (`--replicate-to`). An operator's decision:
+    /// refused while that site answers, unless --force; the site, once back, stops its
+    /// old copy instead of resuming it. Writes made there since that checkpoint are lost.
+    Recover {
+        name: String,
+        /// The replicated checkpoint (default: the newest).
+        #[arg(long, value_name = "ID")]
+        from: Option<String>,
+        /// Recover even though the workload's site answers on the peer link.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Seconds from "90", "30s", "5m", "2h" or "1d".
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 5m or 1h"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 fn pairs(
@@ -71,8 +113,16 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             settings,
             routes,
             health,
+            checkpoint_every,
+            replicate_to,
             command,
         } => {
+            let checkpoints = (checkpoint_every.is_some() || replicate_to.is_some()).then_some(
+                crate::spec::CheckpointPolicy {
+                    every_secs: checkpoint_every,
+                    replicate_to,
+                },
+            );
             let spec = WorkloadSpec {
                 name,
                 command,
@@ -82,6 +132,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 settings: pairs("--setting", settings)?,
                 routes,
                 health,
+                checkpoints,
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             if out == Output::Json {
@@ -123,6 +174,25 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
         Cmd::Show { name } => {
             let w: Workload = client.get(&format!("/v1/workloads/{name}")).await?;
             output::json(&w)
+        }
+        Cmd::Recover { name, from, force } => {
+            let body = crate::api::types::RecoverRequest { from, force };
+            let (_, w): (_, Workload) = client
+                .post(&format!("/v1/workloads/{name}/recover"), &body)
+                .await?;
+            if out == Output::Json {
+                return output::json(&w);
+            }
+            println!(
+                "workload {} recovered here (pid {}) from {}",
+                w.spec.name,
+                output::opt(w.pid),
+                w.restored_from.as_ref().map_or_else(
+                    || "-".to_string(),
+                    |o| format!("site {} ({})", o.site, o.migration)
+                )
+            );
+            Ok(())
         }
         Cmd::Rm { name } => {
             let w: Workload = client.delete(&format!("/v1/workloads/{name}")).await?;

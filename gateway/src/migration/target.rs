@@ -22,6 +22,12 @@ impl Handler for Engine {
             Request::Hello | Request::Tunnel { .. } => {
                 Response::error(ErrorCode::BadRequest, "answered by the link")
             }
+            Request::BlocksWanted { .. }
+            | Request::Blocks { .. }
+            | Request::Replica { .. }
+            | Request::Fence { .. } => {
+                Response::error(ErrorCode::BadRequest, "answered by the site's checkpoints")
+            }
             Request::Prepare {
                 migration,
                 workload,

@@ -484,6 +484,7 @@ impl Site {
                 settings: BTreeMap::new(),
                 routes: Vec::new(),
                 health: None,
+                checkpoints: None,
             })
             .await
             .expect("workload starts")
@@ -1033,6 +1034,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             settings: BTreeMap::new(),
             routes: Vec::new(),
             health: None,
+            checkpoints: None,
         },
         Role::Target,
         "a",
@@ -1137,6 +1139,7 @@ async fn tunnels_reach_a_workload_only_where_it_runs_unheld() {
         settings: BTreeMap::new(),
         routes: Vec::new(),
         health: None,
+        checkpoints: None,
     };
     // The ingress serves whatever listens on the workload's port here.
     pair.b().ingress.open(&spec).await.expect("open");
@@ -1485,6 +1488,7 @@ impl Fuzz {
             settings: BTreeMap::new(),
             routes: Vec::new(),
             health: None,
+            checkpoints: None,
         }
     }
 
@@ -1765,6 +1769,7 @@ async fn api_of(
             3,
             crate::checkpoint::Parts {
                 journal: Arc::new(Journal::open(&b.cfg.data_dir).expect("journal")),
+                peers: Arc::clone(&b.peers),
                 workloads: Arc::clone(&b.workloads),
                 plugins: Arc::clone(&b.plugins),
                 ingress: Arc::clone(&b.ingress),
@@ -1871,6 +1876,7 @@ async fn an_image_file_past_the_free_space_or_the_file_limit_is_refused_before_a
         settings: BTreeMap::new(),
         routes: Vec::new(),
         health: None,
+        checkpoints: None,
     };
     let prepared = pair
         .a()

@@ -248,6 +248,22 @@ impl PeerLink {
         read_response(peer, &mut recv).await
     }
 
+    /// Sends a request whose body follows it: the caller writes the body to
+    /// [`BodyRequest::body`], then [`BodyRequest::response`] ends it and reads the answer.
+    pub async fn request_with_body(
+        &self,
+        peer: &str,
+        req: &Request,
+    ) -> Result<BodyRequest, PeerError> {
+        let (mut send, recv) = self.open(peer).await?;
+        write_frame(peer, &mut send, req).await?;
+        Ok(BodyRequest {
+            peer: peer.to_string(),
+            send,
+            recv,
+        })
+    }
+
     /// Opens a tunnel to `target` at `peer`: after the peer's `TunnelOpen` the streams
     /// are a raw byte pipe to the workload's port there.
     pub async fn open_tunnel(
@@ -539,6 +555,26 @@ async fn pipe(peer: &str, mut tcp: tokio::net::TcpStream, mut send: SendStream, 
     match splice(&mut tcp, recv, send).await {
         Ok((up, down)) => tracing::debug!(peer, up, down, "tunnel closed"),
         Err(e) => tracing::debug!(peer, error = %e, "tunnel ended"),
+    }
+}
+
+/// A request under way whose body the caller writes (see
+/// [`PeerLink::request_with_body`]).
+pub struct BodyRequest {
+    peer: String,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl BodyRequest {
+    pub fn body(&mut self) -> &mut SendStream {
+        &mut self.send
+    }
+
+    /// Ends the body and waits for the peer's answer.
+    pub async fn response(mut self) -> Result<Response, PeerError> {
+        finish(&self.peer, &mut self.send)?;
+        read_response(&self.peer, &mut self.recv).await
     }
 }
 

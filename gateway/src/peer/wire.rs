@@ -14,6 +14,8 @@ pub const ALPN: &[u8] = b"ferry/1";
 
 /// Largest header a peer may send.
 pub const MAX_HEADER: usize = 1 << 20;
+/// Most block digests one `BlocksWanted` may ask about (512 KiB of hex).
+pub const MAX_WANTED: usize = 8192;
 
 /// Connection close codes.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +101,26 @@ pub enum Request {
         #[serde(default)]
         postcopy: bool,
     },
+    /// Checkpoint replication: which of these blocks (64 hex digits each, at most
+    /// [`MAX_WANTED`]) of `workload`'s checkpoints does this site lack? Answered with
+    /// `Missing`.
+    BlocksWanted { workload: String, digests: String },
+    /// Checkpoint replication: blocks follow (batches: a count, the digests, their
+    /// lengths, then the blocks zstd-compressed together; a zero count ends). Each is
+    /// checked against its digest. Answered with `Kept`.
+    Blocks { workload: String },
+    /// Checkpoint replication: the record of checkpoint `checkpoint` of `workload` follows
+    /// (`size` bytes of JSON); every block it names must be here already. Answered with
+    /// `Kept`.
+    Replica {
+        workload: String,
+        checkpoint: String,
+        size: u64,
+    },
+    /// Failover fence: does this site run `workload` recovered from a checkpoint the
+    /// asking site replicated here (a failover while it was lost)? Answered with
+    /// `Recovered`.
+    Fence { workload: String },
     /// What is the destination's state for this migration?
     Status { migration: String },
     /// Give up this migration (refused once the destination has confirmed).
@@ -190,6 +212,20 @@ pub enum Response {
         phase: String,
     },
     TunnelOpen,
+    /// The blocks asked about that this site lacks (64 hex digits each).
+    Missing {
+        digests: String,
+    },
+    /// The answer to `Fence`: since when this site runs the workload recovered from the
+    /// asking site's checkpoint (none: it does not).
+    Recovered {
+        since_ms: Option<u64>,
+    },
+    /// What a replication request stored.
+    Kept {
+        blocks: u64,
+        bytes: u64,
+    },
     Error {
         code: ErrorCode,
         message: String,

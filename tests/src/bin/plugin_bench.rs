@@ -38,6 +38,7 @@ fn workload() -> AdapterCall {
         settings: Default::default(),
         routes: Vec::new(),
         health: None,
+        checkpoints: None,
     };
     let placement = Placement {
         work_dir: "/var/lib/ferry/workdirs/redis".into(),

@@ -1,0 +1,470 @@
+//! Checkpoints replicated to a peer over the QUIC link, so a site that is lost can have
+//! its workloads recovered elsewhere. Only the blocks the peer lacks travel (it is asked
+//! first), zstd-compressed in batches, each checked against its digest on arrival; then
+//! the checkpoint's record, accepted only once every block it names is there.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::store::{self, Digest};
+use super::{key, Checkpoint, CheckpointError, Checkpoints};
+use crate::journal::Collection;
+use crate::peer::wire::{ErrorCode, Request, Response, MAX_WANTED};
+use crate::peer::Body;
+
+/// Blocks per compressed batch on the wire.
+const BATCH_BLOCKS: usize = 256;
+/// Bounds on what a peer may send in one batch and one record.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+const MAX_RECORD: u64 = 64 << 20;
+
+/// How a checkpoint's replication went (in the source's record).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    pub to: String,
+    /// Blocks and bytes the peer lacked (those that travelled), and bytes on the wire.
+    pub blocks: u64,
+    pub bytes: u64,
+    pub wire_bytes: u64,
+    pub ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn refused(message: impl Into<String>) -> CheckpointError {
+    CheckpointError::Replication(message.into())
+}
+
+fn hex_list(digests: &[Digest]) -> String {
+    digests.iter().map(store::hex).collect()
+}
+
+fn parse_hex_list(text: &str, most: usize) -> Result<Vec<Digest>, String> {
+    if !text.len().is_multiple_of(64) || text.len() / 64 > most {
+        return Err(format!(
+            "a digest list is a multiple of 64 hex digits, at most {most} digests"
+        ));
+    }
+    text.as_bytes()
+        .chunks(64)
+        .map(|c| {
+            std::str::from_utf8(c)
+                .ok()
+                .and_then(|s| blake3::Hash::from_hex(s).ok())
+                .map(|h| *h.as_bytes())
+                .ok_or_else(|| "a digest is not 64 hex digits".to_string())
+        })
+        .collect()
+}
+
+impl Checkpoints {
+    /// Sends checkpoint `c` to `peer`: the blocks it lacks, then the record.
+    pub(super) async fn replicate(&self, c: &Checkpoint, peer: &str) -> Replication {
+        let started = Instant::now();
+        let mut r = Replication {
+            to: peer.to_string(),
+            ..Replication::default()
+        };
+        if let Err(e) = self.replicate_into(c, peer, &mut r).await {
+            tracing::warn!(workload = %c.workload, checkpoint = %c.id, peer, error = %e, "checkpoint not replicated");
+            r.error = Some(e.to_string());
+        }
+        r.ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        r
+    }
+
+    async fn replicate_into(
+        &self,
+        c: &Checkpoint,
+        peer: &str,
+        r: &mut Replication,
+    ) -> Result<(), CheckpointError> {
+        let peers = self.peers()?;
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<Digest> = c
+            .files
+            .iter()
+            .flat_map(|f| f.blocks.iter().copied())
+            .filter(|d| seen.insert(*d))
+            .collect();
+        let mut missing = Vec::new();
+        for chunk in unique.chunks(MAX_WANTED) {
+            let asked = Request::BlocksWanted {
+                workload: c.workload.clone(),
+                digests: hex_list(chunk),
+            };
+            match peers
+                .request(peer, &asked)
+                .await
+                .map_err(|e| refused(e.to_string()))?
+            {
+                Response::Missing { digests } => {
+                    missing.extend(parse_hex_list(&digests, MAX_WANTED).map_err(refused)?);
+                }
+                other => {
+                    return Err(refused(format!(
+                        "{peer} answered {other:?} to BlocksWanted"
+                    )))
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let mut req = peers
+                .request_with_body(
+                    peer,
+                    &Request::Blocks {
+                        workload: c.workload.clone(),
+                    },
+                )
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+            for batch in missing.chunks(BATCH_BLOCKS) {
+                let store = std::sync::Arc::clone(&self.store);
+                let digests = batch.to_vec();
+                let frame = super::blocking(move || encode_batch(&store, &digests)).await?;
+                r.blocks += batch.len() as u64;
+                r.bytes += frame.raw;
+                r.wire_bytes += frame.bytes.len() as u64;
+                req.body()
+                    .write_all(&frame.bytes)
+                    .await
+                    .map_err(|e| refused(format!("sending blocks to {peer}: {e}")))?;
+            }
+            req.body()
+                .write_all(&0u32.to_le_bytes())
+                .await
+                .map_err(|e| refused(format!("sending blocks to {peer}: {e}")))?;
+            match req.response().await.map_err(|e| refused(e.to_string()))? {
+                Response::Kept { .. } => {}
+                Response::Error { message, .. } => {
+                    return Err(refused(format!("{peer}: {message}")))
+                }
+                other => return Err(refused(format!("{peer} answered {other:?} to Blocks"))),
+            }
+        }
+        let record = serde_json::to_vec(c).map_err(|e| refused(e.to_string()))?;
+        r.wire_bytes += record.len() as u64;
+        let mut req = peers
+            .request_with_body(
+                peer,
+                &Request::Replica {
+                    workload: c.workload.clone(),
+                    checkpoint: c.id.clone(),
+                    size: record.len() as u64,
+                },
+            )
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        req.body()
+            .write_all(&record)
+            .await
+            .map_err(|e| refused(format!("sending the record to {peer}: {e}")))?;
+        match req.response().await.map_err(|e| refused(e.to_string()))? {
+            Response::Kept { .. } => Ok(()),
+            Response::Error { message, .. } => Err(refused(format!("{peer}: {message}"))),
+            other => Err(refused(format!("{peer} answered {other:?} to Replica"))),
+        }
+    }
+
+    /// A peer's replication request (`BlocksWanted`, `Blocks`, `Replica`).
+    pub async fn handle_peer(&self, peer: &str, req: Request, body: Body<'_>) -> Response {
+        let answered = match req {
+            Request::BlocksWanted { workload, digests } => self.wanted(&workload, &digests),
+            Request::Blocks { workload } => self.receive_blocks(&workload, body).await,
+            Request::Replica {
+                workload,
+                checkpoint,
+                size,
+            } => {
+                self.receive_record(peer, &workload, &checkpoint, size, body)
+                    .await
+            }
+            Request::Fence { workload } => Ok(Response::Recovered {
+                since_ms: self.recovered_here(peer, &workload),
+            }),
+            _ => Err("not a replication request".to_string()),
+        };
+        answered.unwrap_or_else(|message| {
+            tracing::warn!(peer, %message, "replication request refused");
+            Response::error(ErrorCode::BadRequest, message)
+        })
+    }
+
+    /// Since when `workload` runs here recovered from a checkpoint `peer` replicated.
+    fn recovered_here(&self, peer: &str, workload: &str) -> Option<u64> {
+        let w = self.parts.workloads.get(workload)?;
+        let o = w.restored_from.as_ref()?;
+        (o.site == peer && o.migration.starts_with(super::RECOVERED)).then_some(w.started_at_ms)
+    }
+
+    /// The lost site, back: asks the peer each of its workloads replicates to whether it
+    /// recovered that workload meanwhile; an older copy here is then stopped and
+    /// forgotten (the service runs there now), never resumed.
+    pub(super) async fn fence(&self) {
+        for w in self.parts.workloads.list() {
+            let Some(peer) = w
+                .spec
+                .checkpoints
+                .as_ref()
+                .and_then(|p| p.replicate_to.clone())
+                .filter(|p| *p != self.site)
+            else {
+                continue;
+            };
+            let asked = Request::Fence {
+                workload: w.spec.name.clone(),
+            };
+            let answer = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                self.parts.peers.request(&peer, &asked),
+            )
+            .await;
+            let Ok(Ok(Response::Recovered {
+                since_ms: Some(since),
+            })) = answer
+            else {
+                continue;
+            };
+            if w.started_at_ms >= since || w.migration.is_some() {
+                continue;
+            }
+            tracing::warn!(workload = %w.spec.name, site = %peer, since_ms = since, "this workload was recovered at another site while this one was lost; the old copy here is stopped, not resumed");
+            if let Err(e) = self.parts.workloads.remove(&w.spec.name).await {
+                tracing::error!(workload = %w.spec.name, error = %e, "cannot stop the fenced copy");
+            }
+        }
+    }
+
+    fn wanted(&self, workload: &str, digests: &str) -> Result<Response, String> {
+        crate::names::validate("workload", workload).map_err(|e| e.to_string())?;
+        let asked = parse_hex_list(digests, MAX_WANTED)?;
+        Ok(Response::Missing {
+            digests: hex_list(&self.store.missing(&asked)),
+        })
+    }
+
+    async fn receive_blocks(&self, workload: &str, body: Body<'_>) -> Result<Response, String> {
+        crate::names::validate("workload", workload).map_err(|e| e.to_string())?;
+        let mut batches = Vec::new();
+        let mut total = 0usize;
+        loop {
+            let Some(batch) = read_batch(body).await? else {
+                break;
+            };
+            total += batch.len();
+            batches.push(batch);
+            // Stored as they come: at most one batch's blocks are held at once per 64.
+            if batches.len() >= 64 {
+                self.store_batches(std::mem::take(&mut batches)).await?;
+            }
+        }
+        let (blocks, bytes) = self.store_batches(batches).await?;
+        tracing::debug!(workload, total, blocks, bytes, "replicated blocks kept");
+        Ok(Response::Kept { blocks, bytes })
+    }
+
+    async fn store_batches(
+        &self,
+        batches: Vec<Vec<(Digest, Vec<u8>)>>,
+    ) -> Result<(u64, u64), String> {
+        let store = std::sync::Arc::clone(&self.store);
+        super::blocking(move || {
+            let mut batch = store.batch()?;
+            let mut blocks = 0;
+            for (digest, data) in batches.iter().flatten() {
+                if batch.add_block(*digest, data)? {
+                    blocks += 1;
+                }
+            }
+            let bytes = batch.finish()?;
+            Ok((blocks, bytes))
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    async fn receive_record(
+        &self,
+        peer: &str,
+        workload: &str,
+        id: &str,
+        size: u64,
+        body: Body<'_>,
+    ) -> Result<Response, String> {
+        crate::names::validate("workload", workload).map_err(|e| e.to_string())?;
+        if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("bad checkpoint id {id:?}"));
+        }
+        if size > MAX_RECORD {
+            return Err(format!(
+                "a checkpoint record of {size} bytes is over the {MAX_RECORD} byte limit"
+            ));
+        }
+        let mut bytes = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
+        body.read_exact(&mut bytes)
+            .await
+            .map_err(|e| format!("reading the record: {e}"))?;
+        let mut c: Checkpoint =
+            serde_json::from_slice(&bytes).map_err(|e| format!("the record is not valid: {e}"))?;
+        if c.workload != workload || c.id != id || c.spec.name != workload {
+            return Err("the record names another workload or checkpoint".into());
+        }
+        c.spec.validate().map_err(|e| e.to_string())?;
+        let named: Vec<Digest> = c
+            .files
+            .iter()
+            .flat_map(|f| f.blocks.iter().copied())
+            .collect();
+        let lacking = self.store.missing(&named);
+        if !lacking.is_empty() {
+            return Err(format!(
+                "{} of its blocks are not here; send them first",
+                lacking.len()
+            ));
+        }
+        c.from_site = Some(peer.to_string());
+        c.replicated = None;
+        self.parts
+            .journal
+            .put(Collection::Checkpoints, &key(workload, id), &c)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            workload,
+            checkpoint = id,
+            from = peer,
+            bytes = c.bytes,
+            "checkpoint replica kept"
+        );
+        if let Err(e) = self.retain(workload) {
+            tracing::warn!(workload, error = %e, "cannot drop old checkpoints");
+        }
+        Ok(Response::Kept {
+            blocks: named.len() as u64,
+            bytes: c.bytes,
+        })
+    }
+}
+
+/// One batch as it goes on the wire, and the raw bytes it carries.
+struct Frame {
+    bytes: Vec<u8>,
+    raw: u64,
+}
+
+fn encode_batch(store: &store::BlockStore, digests: &[Digest]) -> Result<Frame, store::StoreError> {
+    let mut raw = Vec::new();
+    let mut lens = Vec::with_capacity(digests.len());
+    for d in digests {
+        let block = store.read_block(d)?;
+        lens.push(u32::try_from(block.len()).unwrap_or(u32::MAX));
+        raw.extend_from_slice(&block);
+    }
+    let packed = zstd::bulk::compress(&raw, 1).map_err(|source| store::StoreError::Io {
+        path: "zstd".into(),
+        source,
+    })?;
+    let mut bytes = Vec::with_capacity(8 + digests.len() * 36 + packed.len());
+    bytes.extend_from_slice(&u32::try_from(digests.len()).unwrap_or(0).to_le_bytes());
+    for d in digests {
+        bytes.extend_from_slice(d);
+    }
+    for l in &lens {
+        bytes.extend_from_slice(&l.to_le_bytes());
+    }
+    bytes.extend_from_slice(
+        &u32::try_from(packed.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    bytes.extend_from_slice(&packed);
+    Ok(Frame {
+        bytes,
+        raw: raw.len() as u64,
+    })
+}
+
+/// Reads one batch (`None` at the end marker), bounded, each block split out.
+async fn read_batch(
+    body: &mut (dyn AsyncRead + Unpin + Send),
+) -> Result<Option<Vec<(Digest, Vec<u8>)>>, String> {
+    let read_err = |e: std::io::Error| format!("reading blocks: {e}");
+    let n = body.read_u32_le().await.map_err(read_err)? as usize;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > BATCH_BLOCKS {
+        return Err(format!(
+            "a batch of {n} blocks is over the {BATCH_BLOCKS} limit"
+        ));
+    }
+    let mut digests = vec![[0u8; 32]; n];
+    for d in &mut digests {
+        body.read_exact(d).await.map_err(read_err)?;
+    }
+    let mut lens = Vec::with_capacity(n);
+    for _ in 0..n {
+        lens.push(body.read_u32_le().await.map_err(read_err)? as usize);
+    }
+    let raw_len: usize = lens.iter().sum();
+    let zlen = body.read_u32_le().await.map_err(read_err)? as usize;
+    if raw_len > MAX_BATCH_BYTES
+        || zlen > MAX_BATCH_BYTES
+        || lens.iter().any(|l| *l > store::FILE_BLOCK)
+    {
+        return Err("a batch is over its size limits".into());
+    }
+    let mut packed = vec![0u8; zlen];
+    body.read_exact(&mut packed).await.map_err(read_err)?;
+    let raw = zstd::bulk::decompress(&packed, raw_len)
+        .map_err(|e| format!("a batch does not decompress: {e}"))?;
+    if raw.len() != raw_len {
+        return Err("a batch holds fewer bytes than its lengths say".into());
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut at = 0;
+    for (d, l) in digests.into_iter().zip(lens) {
+        out.push((d, raw[at..at + l].to_vec()));
+        at += l;
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_lists_are_bounded_and_exact() {
+        let d = [[1u8; 32], [2u8; 32]];
+        assert_eq!(parse_hex_list(&hex_list(&d), 2), Ok(d.to_vec()));
+        assert!(parse_hex_list(&hex_list(&d), 1).is_err());
+        assert!(parse_hex_list("abc", 10).is_err());
+        assert!(parse_hex_list(&"zz".repeat(32), 10).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_batch_round_trips_and_a_lying_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferry-batch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = store::BlockStore::open(&dir).expect("store");
+        let mut b = store.batch().expect("batch");
+        let blocks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 4096]).collect();
+        let digests: Vec<Digest> = blocks.iter().map(|b| *blake3::hash(b).as_bytes()).collect();
+        for (d, data) in digests.iter().zip(&blocks) {
+            assert!(b.add_block(*d, data).expect("add"));
+        }
+        b.finish().expect("finish");
+        let frame = encode_batch(&store, &digests).expect("encode");
+        let mut wire: &[u8] = &frame.bytes;
+        let got = read_batch(&mut wire).await.expect("read").expect("a batch");
+        assert_eq!(
+            got.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(),
+            blocks
+        );
+        // A block whose bytes do not match its digest is refused by the store.
+        let mut b = store.batch().expect("batch");
+        assert!(b.add_block([9u8; 32], &blocks[0]).is_err());
+    }
+}
