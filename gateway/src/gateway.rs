@@ -144,6 +144,12 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     ));
     engine.recover()?;
     checkpoints.schedule(cancel.clone());
+    let restarts = crate::restart::Supervisor::new(
+        Arc::clone(&workloads),
+        Arc::clone(&checkpoints),
+        Arc::clone(&plugins),
+    );
+    restarts.start(cancel.clone());
 
     let state = Arc::new(ApiState {
         token: cfg.api.token.clone(),
@@ -167,6 +173,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         workloads: Arc::clone(&workloads),
         engine: Arc::clone(&engine),
         checkpoints: Arc::clone(&checkpoints),
+        restarts,
         peers: Arc::clone(&peers),
         plugins,
         ingress: Arc::clone(&ingress),

@@ -150,6 +150,7 @@ mod tests {
             routes: Vec::new(),
             health,
             checkpoints: None,
+            restart: None,
         }
     }
 

@@ -20,6 +20,7 @@ pub mod names;
 pub mod peer;
 pub mod plugins;
 pub mod proxy;
+pub mod restart;
 pub mod spec;
 pub mod sys;
 pub mod transfer;

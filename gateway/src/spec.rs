@@ -48,6 +48,77 @@ pub struct WorkloadSpec {
     /// Periodic checkpoints and where they are replicated (none: only on demand).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<CheckpointPolicy>,
+    /// What the site does when the workload's process ends unasked (none: nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// What a decider is told about an ended workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Its exit code, when it exited (not when a signal ended it).
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Restarts since it last ran a minute or more.
+    pub restarts: u32,
+    /// Seconds since its newest checkpoint was taken (none: it has none).
+    pub checkpoint_age_secs: Option<u64>,
+}
+
+impl ExitInfo {
+    /// From a recorded code (128 + N for signal N, as the registry records it).
+    pub fn from_code(code: Option<i32>, restarts: u32, checkpoint_age_secs: Option<u64>) -> Self {
+        let (exit_code, signal) = match code {
+            Some(c) if c > 128 && c < 128 + 65 => (None, Some(c - 128)),
+            other => (other, None),
+        };
+        Self {
+            exit_code,
+            signal,
+            restarts,
+            checkpoint_age_secs,
+        }
+    }
+
+    /// A clean exit: code 0.
+    pub fn clean(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// What happens to an ended workload (the restart decider's answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartAction {
+    /// Restored from its newest checkpoint (a fresh start if it has none).
+    Restore,
+    /// Started anew from its spec.
+    Fresh,
+    /// Left stopped with its image kept, until `ferry workload start`.
+    Standby,
+}
+
+/// When a workload whose process ended is brought back, and who decides how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    pub when: RestartWhen,
+    /// A decider component (a `ferry:decider` plugin) that chooses restore, fresh start
+    /// or standby; none: the built-in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decider: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartWhen {
+    /// Never: an ended workload stays `exited`.
+    Never,
+    /// When it failed: a non-zero exit code, or killed by a signal.
+    OnFailure,
+    /// Whenever it ends, a clean exit too.
+    Always,
 }
 
 /// When a workload is checkpointed without being asked, and which peer keeps a copy of
@@ -257,6 +328,9 @@ impl WorkloadSpec {
                 names::validate("site", site)?;
             }
         }
+        if let Some(decider) = self.restart.as_ref().and_then(|r| r.decider.as_ref()) {
+            names::validate("decider", decider)?;
+        }
         if let Some(check) = &self.health {
             check.validate()?;
             if self.port.is_none() && !matches!(check, HealthCheck::Exec { .. }) {
@@ -330,6 +404,10 @@ pub struct Workload {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub restored_from: Option<Origin>,
+    /// Restarts by its restart policy since it last ran long enough (the crash-loop
+    /// backoff's count).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl Workload {
@@ -382,6 +460,7 @@ mod tests {
             routes: Vec::new(),
             health: None,
             checkpoints: None,
+            restart: None,
         }
     }
 

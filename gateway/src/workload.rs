@@ -82,6 +82,17 @@ pub struct Workloads {
     ingress: Arc<Ingress>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// Unasked ends of workloads' processes, for the restart supervisor.
+    exits: tokio::sync::broadcast::Sender<Exit>,
+}
+
+/// A workload's process ended unasked (recorded as `exited`).
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub name: String,
+    pub pid: i32,
+    /// Its exit code; 128 + N when signal N ended it.
+    pub code: Option<i32>,
 }
 
 /// How the end of a workload's process is noticed.
@@ -110,6 +121,7 @@ impl Workloads {
             ingress,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            exits: tokio::sync::broadcast::channel(64).0,
         }))
     }
 
@@ -213,6 +225,7 @@ impl Workloads {
             migration: None,
             exit_code: None,
             restored_from: origin,
+            restarts: 0,
         }
     }
 
@@ -425,19 +438,28 @@ impl Workloads {
         Ok(w)
     }
 
+    /// Unasked ends of workloads' processes from now on.
+    pub fn exits(&self) -> tokio::sync::broadcast::Receiver<Exit> {
+        self.exits.subscribe()
+    }
+
     /// Watches a workload's root process; an unexpected exit is recorded.
     pub fn watch(self: &Arc<Self>, name: String, pid: i32, waiter: Waiter) {
         let this = Arc::clone(self);
+        let log = self.placement_of(&name).log;
         let cancel = self.cancel.clone();
         let span = tracing::info_span!("workload", workload = %name, pid);
         self.tasks.spawn(tracing::Instrument::instrument(
             async move {
                 let exited = async {
                     match waiter {
-                        Waiter::Holder(mut child) => child.wait().await.ok().and_then(|s| {
-                            use std::os::unix::process::ExitStatusExt;
-                            s.code().or(s.signal().map(|sig| 128 + sig))
-                        }),
+                        Waiter::Holder(mut child) => {
+                            let code = child.wait().await.ok().and_then(|s| {
+                                use std::os::unix::process::ExitStatusExt;
+                                s.code().or(s.signal().map(|sig| 128 + sig))
+                            });
+                            holder_code(code, &log)
+                        }
                         Waiter::Pid => process::wait_exit(pid).await,
                     }
                 };
@@ -455,7 +477,10 @@ impl Workloads {
                     Ok(())
                 });
                 match recorded {
-                    Ok(_) => tracing::warn!(exit_code = ?code, "workload exited"),
+                    Ok(_) => {
+                        tracing::warn!(exit_code = ?code, "workload exited");
+                        let _ = this.exits.send(Exit { name, pid, code });
+                    }
                     // Moved on (migrated, removed, replaced): not this process's record.
                     Err(WorkloadError::NotFound(_) | WorkloadError::Changed(_)) => {}
                     Err(e) => tracing::error!(error = %e, "cannot journal the workload's exit"),
@@ -502,6 +527,34 @@ fn mkdir(p: &Path) -> Result<(), WorkloadError> {
 /// Whether `list` (`[api] allowed_commands`; `None`: any program) allows `spec`'s program:
 /// a listed name allows that program as PATH finds it, and the same program named by its
 /// path. The refusal says what was asked and what is allowed.
+/// The exit code of a workload as its holder (`unshare -p -f`) reports it. A signal that
+/// ends the namespace's init is passed on by the holder killing itself with it, except
+/// SIGKILL, which it cannot re-raise: util-linux then exits 1 after writing "sigprocmask
+/// unblock failed" to its stderr (the workload's log). That case is read as SIGKILL.
+fn holder_code(code: Option<i32>, log: &Path) -> Option<i32> {
+    if code != Some(1) {
+        return code;
+    }
+    let tail = std::fs::File::open(log).ok().and_then(|mut f| {
+        use std::io::{Read, Seek, SeekFrom};
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(512))).ok()?;
+        let mut text = String::new();
+        f.read_to_string(&mut text).ok()?;
+        Some(text)
+    });
+    let killed = tail.is_some_and(|t| {
+        t.lines()
+            .last()
+            .is_some_and(|l| l.contains("unshare: sigprocmask unblock failed"))
+    });
+    if killed {
+        Some(128 + 9)
+    } else {
+        code
+    }
+}
+
 pub fn program_allowed(spec: &WorkloadSpec, list: Option<&[String]>) -> Result<(), String> {
     let Some(list) = list else {
         return Ok(());
@@ -540,6 +593,7 @@ mod allow_tests {
             routes: Vec::new(),
             health: None,
             checkpoints: None,
+            restart: None,
         }
     }
 

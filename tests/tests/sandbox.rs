@@ -68,6 +68,7 @@ fn workload(mode: &str) -> AdapterCall {
         routes: Vec::new(),
         health: None,
         checkpoints: None,
+        restart: None,
     };
     let placement = Placement {
         work_dir: "/tmp".into(),

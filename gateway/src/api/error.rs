@@ -83,6 +83,20 @@ impl From<CheckpointError> for ApiError {
     }
 }
 
+impl From<crate::restart::RestartError> for ApiError {
+    fn from(e: crate::restart::RestartError) -> Self {
+        use crate::restart::RestartError as R;
+        match e {
+            R::Workload(w) => w.into(),
+            R::Checkpoint(c) => c.into(),
+            R::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "workload_not_found", e.to_string()),
+            R::NotStopped { .. } => {
+                Self::new(StatusCode::CONFLICT, "workload_not_stopped", e.to_string())
+            }
+        }
+    }
+}
+
 impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {
         use MigrationError as M;

@@ -168,6 +168,10 @@ impl Api {
                     .collect();
                 Ok(json(StatusCode::OK, &list))
             }
+            (Method::POST, ["v1", "workloads", name, "start"]) => {
+                let w = self.state.restarts.start_stopped(name).await?;
+                Ok(json(StatusCode::OK, &w))
+            }
             (Method::POST, ["v1", "workloads", name, "recover"]) => {
                 let body: RecoverRequest = body.json_or_default()?;
                 let w = self

@@ -574,16 +574,7 @@ impl Checkpoints {
             if w.state == WorkloadState::Running && !replace {
                 return Err(CheckpointError::Running(name.to_string()));
             }
-            let removed = self.parts.workloads.remove(name).await?;
-            // Its cgroup goes once empty (in the background): the restore takes a new one.
-            if let Some(cg) = removed.cgroup {
-                for _ in 0..50 {
-                    if !cg.exists() {
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
+            remove_for_restart(&self.parts.workloads, name).await?;
         }
         let spec = checkpoint.spec.clone();
         let workloads = &self.parts.workloads;
@@ -654,6 +645,21 @@ impl Checkpoints {
         }
         Ok(workloads.get(&c.workload).unwrap_or(w))
     }
+}
+
+/// Stops and forgets workload `name` so it can start again under the same name: its
+/// cgroup goes once empty (in the background), and the next start takes a new one.
+pub async fn remove_for_restart(workloads: &Workloads, name: &str) -> Result<(), WorkloadError> {
+    let removed = workloads.remove(name).await?;
+    if let Some(cg) = removed.cgroup {
+        for _ in 0..50 {
+            if !cg.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Runs store work on the blocking pool.

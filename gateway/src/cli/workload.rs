@@ -43,6 +43,16 @@ pub enum Cmd {
         /// is lost.
         #[arg(long, value_name = "SITE")]
         replicate_to: Option<String>,
+        /// When its process ends unasked, bring it back: never (the default), on-failure
+        /// (a non-zero exit or a signal) or always. How is the decider's call: by
+        /// default a crash by a signal restores its newest checkpoint (a fresh start
+        /// without one), a failing exit starts it fresh, a clean exit leaves it in
+        /// standby; crash loops back off (1 s, doubling, at most 60 s).
+        #[arg(long, value_enum, value_name = "WHEN")]
+        restart: Option<crate::spec::RestartWhen>,
+        /// A decider plugin (world `restart-decider`) that makes that call instead.
+        #[arg(long, value_name = "PLUGIN", requires = "restart")]
+        decider: Option<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -53,6 +63,9 @@ pub enum Cmd {
     Show { name: String },
     /// Stop and remove a workload.
     Rm { name: String },
+    /// Bring back an exited or standby workload: from its newest checkpoint if it has
+    /// one, else started fresh.
+    Start { name: String },
     /// Failover, at the site that takes over: run NAME here from the newest checkpoint
     /// its lost site replicated here (`--replicate-to`). An operator's decision:
     /// refused while that site answers, unless --force; the site, once back, stops its
@@ -115,6 +128,8 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             health,
             checkpoint_every,
             replicate_to,
+            restart,
+            decider,
             command,
         } => {
             let checkpoints = (checkpoint_every.is_some() || replicate_to.is_some()).then_some(
@@ -133,6 +148,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 routes,
                 health,
                 checkpoints,
+                restart: restart.map(|when| crate::spec::RestartPolicy { when, decider }),
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             if out == Output::Json {
@@ -191,6 +207,24 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                     || "-".to_string(),
                     |o| format!("site {} ({})", o.site, o.migration)
                 )
+            );
+            Ok(())
+        }
+        Cmd::Start { name } => {
+            let (_, w): (_, Workload) = client
+                .post(
+                    &format!("/v1/workloads/{name}/start"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if out == Output::Json {
+                return output::json(&w);
+            }
+            println!(
+                "workload {} running (pid {}) at site {}",
+                w.spec.name,
+                output::opt(w.pid),
+                w.site
             );
             Ok(())
         }

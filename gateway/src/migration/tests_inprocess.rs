@@ -485,6 +485,7 @@ impl Site {
                 routes: Vec::new(),
                 health: None,
                 checkpoints: None,
+                restart: None,
             })
             .await
             .expect("workload starts")
@@ -1035,6 +1036,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             routes: Vec::new(),
             health: None,
             checkpoints: None,
+            restart: None,
         },
         Role::Target,
         "a",
@@ -1140,6 +1142,7 @@ async fn tunnels_reach_a_workload_only_where_it_runs_unheld() {
         routes: Vec::new(),
         health: None,
         checkpoints: None,
+        restart: None,
     };
     // The ingress serves whatever listens on the workload's port here.
     pair.b().ingress.open(&spec).await.expect("open");
@@ -1489,6 +1492,7 @@ impl Fuzz {
             routes: Vec::new(),
             health: None,
             checkpoints: None,
+            restart: None,
         }
     }
 
@@ -1733,6 +1737,22 @@ impl Fuzz {
     }
 }
 
+fn checkpoints_of(b: &Site) -> Arc<crate::checkpoint::Checkpoints> {
+    crate::checkpoint::Checkpoints::open(
+        "b",
+        &b.cfg.data_dir,
+        3,
+        crate::checkpoint::Parts {
+            journal: Arc::new(Journal::open(&b.cfg.data_dir).expect("journal")),
+            peers: Arc::clone(&b.peers),
+            workloads: Arc::clone(&b.workloads),
+            plugins: Arc::clone(&b.plugins),
+            ingress: Arc::clone(&b.ingress),
+        },
+    )
+    .expect("checkpoints")
+}
+
 /// Serves `b`'s API (token "fuzz-token", `allowed` as `[api] allowed_commands`) on a
 /// loopback port: a client with the token, the site's identity, the address, and what
 /// stops it.
@@ -1763,19 +1783,12 @@ async fn api_of(
         },
         workloads: Arc::clone(&b.workloads),
         engine: Arc::clone(&b.engine),
-        checkpoints: crate::checkpoint::Checkpoints::open(
-            "b",
-            &b.cfg.data_dir,
-            3,
-            crate::checkpoint::Parts {
-                journal: Arc::new(Journal::open(&b.cfg.data_dir).expect("journal")),
-                peers: Arc::clone(&b.peers),
-                workloads: Arc::clone(&b.workloads),
-                plugins: Arc::clone(&b.plugins),
-                ingress: Arc::clone(&b.ingress),
-            },
-        )
-        .expect("checkpoints"),
+        checkpoints: checkpoints_of(b),
+        restarts: crate::restart::Supervisor::new(
+            Arc::clone(&b.workloads),
+            checkpoints_of(b),
+            Arc::clone(&b.plugins),
+        ),
         peers: Arc::clone(&b.peers),
         plugins: Arc::clone(&b.plugins),
         ingress: Arc::clone(&b.ingress),
@@ -1877,6 +1890,7 @@ async fn an_image_file_past_the_free_space_or_the_file_limit_is_refused_before_a
         routes: Vec::new(),
         health: None,
         checkpoints: None,
+        restart: None,
     };
     let prepared = pair
         .a()

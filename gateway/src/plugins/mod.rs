@@ -675,6 +675,16 @@ impl PluginHost {
     }
 
     /// Every service adapter of this site.
+    /// Asks decider plugin `name` what to do with an ended workload.
+    pub async fn decide_restart(
+        &self,
+        name: &str,
+        info: &crate::spec::ExitInfo,
+    ) -> Result<crate::spec::RestartAction, String> {
+        let _ = info;
+        Err(format!("no decider plugin {name:?} is loaded at this site"))
+    }
+
     pub fn services(&self) -> &[AdapterHandle] {
         &self.services
     }

@@ -39,6 +39,7 @@ fn workload() -> AdapterCall {
         routes: Vec::new(),
         health: None,
         checkpoints: None,
+        restart: None,
     };
     let placement = Placement {
         work_dir: "/var/lib/ferry/workdirs/redis".into(),
