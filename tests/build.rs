@@ -22,6 +22,7 @@ fn main() {
         "hostile",
         "legacy",
         "legacy2",
+        "decider-standby",
         "examples/minimal",
     ] {
         println!(

@@ -168,6 +168,16 @@ pub fn install_adapter(name: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Installs restart decider `name` (built from ../plugins/NAME) into `plugins_dir/deciders`.
+pub fn install_decider(name: &str, plugins_dir: &Path) -> Result<()> {
+    let dir = plugins_dir.join("deciders");
+    fs::create_dir_all(&dir)?;
+    let wasm = adapter_build_dir().join(format!("ferry_adapter_{}.wasm", name.replace('-', "_")));
+    fs::copy(&wasm, dir.join(format!("{name}.wasm")))
+        .with_context(|| format!("no decider at {}", wasm.display()))?;
+    Ok(())
+}
+
 pub struct Site {
     pub name: String,
     pub netns: String,

@@ -86,3 +86,30 @@ fn a_crash_loop_backs_off() -> Result<()> {
     assert!((2..=4).contains(&restarts), "{w}");
     Ok(())
 }
+
+#[test]
+fn a_decider_plugin_changes_what_a_crash_leads_to() -> Result<()> {
+    let sites = TwoSites::start(Options::new("rstdec"))?;
+    ferry_e2e::install_decider("decider-standby", &sites.a.dir.join("plugins"))?;
+    sites.run_redis_at_a_with(
+        "redis",
+        PORT,
+        &["--restart", "on-failure", "--decider", "decider-standby"],
+    )?;
+    sites.a.redis(PORT, &["SET", "kept", "in the checkpoint"])?;
+    sites.a.ferry(&["checkpoint", "redis", "--leave-running"])?;
+    let pid = workload(&sites)?["pid"].as_i64().unwrap_or(0);
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    // The built-in decider would restore it; this one keeps it in standby.
+    wait_for("standby by the decider", Duration::from_secs(20), || {
+        (workload(&sites).ok()?["state"] == "standby").then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(workload(&sites)?["state"], "standby");
+    assert!(sites.a.redis(PORT, &["PING"]).is_err());
+    sites.a.ferry(&["workload", "start", "redis"])?;
+    assert_eq!(sites.a.redis(PORT, &["GET", "kept"])?, "in the checkpoint");
+    Ok(())
+}

@@ -9,6 +9,7 @@ mod actor;
 mod bindings;
 mod call;
 mod containers;
+mod decider;
 pub mod grant;
 mod host;
 mod manifest;
@@ -310,6 +311,8 @@ pub struct PluginHost {
     by_runtime: BTreeMap<String, AdapterHandle>,
     /// Service adapters, each asked whether it knows a workload's service.
     services: Vec<AdapterHandle>,
+    /// Restart deciders (`DIR/deciders/NAME.wasm`), loaded on first use.
+    deciders: Option<decider::Deciders>,
 }
 
 fn engine() -> Result<Engine, PluginError> {
@@ -445,6 +448,7 @@ impl PluginHost {
             infos,
             by_runtime: handles.into_iter().collect(),
             services: Vec::new(),
+            deciders: None,
         })
     }
 
@@ -454,6 +458,7 @@ impl PluginHost {
             infos: shared.infos.clone(),
             by_runtime: shared.by_runtime.clone(),
             services: shared.services.clone(),
+            deciders: None,
         });
         this.services.extend(services);
         Arc::new(this)
@@ -481,9 +486,21 @@ impl PluginHost {
                 infos,
                 by_runtime,
                 services,
+                deciders: None,
             }));
         }
         let engine = engine()?;
+        let deciders = decider::Deciders::new(
+            &engine,
+            dir,
+            &cfg.cache_dir,
+            cfg.call_timeout,
+            cfg.memory_limit_mb,
+        )
+        .map_err(|detail| PluginError::Load {
+            name: "(deciders)".into(),
+            detail,
+        })?;
         let linkers = Arc::new(Linkers::new(&engine).map_err(|e| PluginError::Load {
             name: "(linker)".into(),
             detail: e.to_string(),
@@ -528,6 +545,7 @@ impl PluginHost {
             infos,
             by_runtime,
             services,
+            deciders: Some(deciders),
         }))
     }
 
@@ -681,8 +699,12 @@ impl PluginHost {
         name: &str,
         info: &crate::spec::ExitInfo,
     ) -> Result<crate::spec::RestartAction, String> {
-        let _ = info;
-        Err(format!("no decider plugin {name:?} is loaded at this site"))
+        match &self.deciders {
+            Some(d) => d.decide(name, info).await,
+            None => Err(format!(
+                "no decider {name:?}: this site has no plugin folder"
+            )),
+        }
     }
 
     pub fn services(&self) -> &[AdapterHandle] {
