@@ -97,6 +97,9 @@ pub struct SiteConfig {
     pub ingress: IngressConfig,
     #[serde(default)]
     pub migration: MigrationConfig,
+    /// Programs run after a checkpoint and before a restore (`crate::hooks`).
+    #[serde(default)]
+    pub hooks: crate::hooks::HooksConfig,
 }
 
 /// How this site lets workloads move.

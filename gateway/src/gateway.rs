@@ -107,6 +107,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
             sync_timeout: Duration::from_secs(cfg.migration.sync_timeout_secs),
             prepush: cfg.migration.prepush,
             stall_after: Duration::from_secs(cfg.migration.stall_after_secs),
+            hooks: crate::hooks::Hooks::new(cfg.hooks.clone()),
         },
         Parts {
             journal: Arc::clone(&journal),
@@ -122,6 +123,7 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         &cfg.name,
         &cfg.data_dir,
         cfg.workloads.keep_checkpoints,
+        crate::hooks::Hooks::new(cfg.hooks.clone()),
         crate::checkpoint::Parts {
             journal: Arc::clone(&journal),
             peers: Arc::clone(&peers),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod criu;
 pub mod gateway;
 pub mod health;
+pub mod hooks;
 pub mod identity;
 pub mod journal;
 pub mod metrics;

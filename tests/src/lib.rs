@@ -834,8 +834,14 @@ pub const CRIU: &str = "/usr/local/sbin/criu";
 /// process adapter; runc for runc and podman, which run CRIU through its RPC) is replaced,
 /// in B's mount namespace only, by a script that sleeps when its arguments hold `restore`.
 pub fn slow_restore(tag: &str, program: &str) -> String {
+    slow_when(tag, program, "restore", 4)
+}
+
+/// A `b_mount_setup` that makes `program` sleep `secs` s first when its arguments hold
+/// `word`, in B's mount namespace only.
+pub fn slow_when(tag: &str, program: &str, word: &str, secs: u32) -> String {
     format!(
-        r#"d=/tmp/ferry-e2e-{tag}-slow; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" restore "*) sleep 4;; esac\nexec /tmp/ferry-e2e-{tag}-slow/real "$@"\n' > $d/slow; chmod +x $d/slow; mount --bind $d/slow {program}"#
+        r#"d=/tmp/ferry-e2e-{tag}-slow; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" {word} "*) sleep {secs};; esac\nexec /tmp/ferry-e2e-{tag}-slow/real "$@"\n' > $d/slow; chmod +x $d/slow; mount --bind $d/slow {program}"#
     )
 }
 

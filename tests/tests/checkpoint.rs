@@ -162,3 +162,76 @@ fn replicated_checkpoints_send_only_what_the_peer_lacks_and_recover_there_when_t
     assert_eq!(sites.b.redis(PORT, &["GET", "after"])?, "failover");
     Ok(())
 }
+
+/// Sets `[hooks]` in a site's config (a TOML snippet of its keys; the file stays
+/// owner-only) and restarts its gateway.
+fn with_hooks(sites: &mut TwoSites, site: &str, hooks: &str) -> Result<()> {
+    let config = if site == "a" {
+        sites.a.config.clone()
+    } else {
+        sites.b.config.clone()
+    };
+    let mut cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&config)?)?;
+    cfg.insert("hooks".into(), toml::Value::Table(toml::from_str(hooks)?));
+    std::fs::write(&config, toml::to_string(&cfg)?)?;
+    if site == "a" {
+        sites.a.crash_gateway();
+        sites.start_gateway_a()
+    } else {
+        sites.b.crash_gateway();
+        sites.start_gateway_b()
+    }
+}
+
+#[test]
+fn site_hooks_run_after_a_checkpoint_and_a_failing_pre_restore_hook_rolls_a_move_back() -> Result<()>
+{
+    let mut sites = TwoSites::start(Options::new("hooks"))?;
+    let marks = sites.root.join("hook-marks");
+    with_hooks(
+        &mut sites,
+        "a",
+        &format!(
+            "post_checkpoint = [\"sh\", \"-c\", \"echo $FERRY_HOOK {{workload}} {{id}} >> {}\"]",
+            marks.display()
+        ),
+    )?;
+    with_hooks(
+        &mut sites,
+        "b",
+        "pre_restore = [\"sh\", \"-c\", \"echo the cache warmer is down >&2; exit 1\"]",
+    )?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    // A checkpoint at A runs A's post-checkpoint hook.
+    let c = checkpoint(&sites, &["--leave-running"])?;
+    let id = c["id"].as_str().unwrap_or_default().to_string();
+    let ran = std::fs::read_to_string(&marks)?;
+    assert!(
+        ran.contains(&format!("post_checkpoint redis {id}")),
+        "{ran}"
+    );
+    // A move to B: B's pre-restore hook fails, so nothing is restored there and the
+    // source runs on.
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    assert!(!ok, "{m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the cache warmer is down"),
+        "{m}"
+    );
+    assert_eq!(sites.a.redis(PORT, &["GET", "k"])?, "v");
+    assert!(sites.b.has_no_workloads()?);
+    // The source's post-checkpoint hook ran for the move too.
+    let mid = m["id"].as_str().unwrap_or_default();
+    wait_for("the hook for the move", Duration::from_secs(10), || {
+        std::fs::read_to_string(&marks)
+            .ok()?
+            .contains(&format!("post_checkpoint redis {mid}"))
+            .then_some(())
+    })?;
+    Ok(())
+}

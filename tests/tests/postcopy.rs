@@ -149,6 +149,33 @@ fn redis_in_runc_moves_post_copy_through_runcs_lazy_checkpoint() -> Result<()> {
 }
 
 #[test]
+fn a_runc_copy_that_has_every_page_before_its_restore_returns_completes() -> Result<()> {
+    // Every page goes ahead, so B's lazy-pages daemon is done at once; B's runtime then
+    // takes a second longer to report the restore (`runc state` slowed): the move must
+    // still end, completed, once the copy is adopted.
+    let mut opts = Options::new("pcearl");
+    opts.adapters.push("runc".into());
+    opts.b_mount_setup = Some(ferry_e2e::slow_when("pcearl", "/usr/sbin/runc", "state", 1));
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["SET", "greeting", "early"])?;
+    let before = sites.a.redis_dataset(PORT)?;
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "postcopy"])?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(sites.b.redis_dataset(PORT)?, before);
+    assert_eq!(
+        sites
+            .b
+            .migration_phase(m["id"].as_str().unwrap_or_default())
+            .as_deref(),
+        Some("completed")
+    );
+    sites.b.ferry(&["workload", "rm", "redis"])?;
+    Ok(())
+}
+
+#[test]
 fn post_copy_is_refused_for_an_adapter_without_the_hosts_criu() -> Result<()> {
     let mut opts = Options::new("pcref");
     // The process adapter without the criu grant cannot checkpoint at all; ask for

@@ -149,6 +149,7 @@ pub struct Checkpoints {
     /// Where an image is written before it is stored, and materialized before a restore.
     work_dir: PathBuf,
     keep: usize,
+    hooks: crate::hooks::Hooks,
     parts: Parts,
 }
 
@@ -159,6 +160,7 @@ impl Checkpoints {
         site: &str,
         data_dir: &std::path::Path,
         keep: usize,
+        hooks: crate::hooks::Hooks,
         parts: Parts,
     ) -> Result<Arc<Self>, CheckpointError> {
         let root = data_dir.join("checkpoints");
@@ -176,6 +178,7 @@ impl Checkpoints {
             store,
             work_dir,
             keep: keep.max(1),
+            hooks,
             parts,
         }))
     }
@@ -279,6 +282,18 @@ impl Checkpoints {
                 }
                 if let Err(e) = self.retain(name) {
                     tracing::warn!(workload = name, error = %e, "cannot drop old checkpoints");
+                }
+                let about = crate::hooks::About {
+                    workload: name,
+                    site: &self.site,
+                    id: &c.id,
+                };
+                if let Err(e) = self
+                    .hooks
+                    .run(crate::hooks::Hook::PostCheckpoint, &about)
+                    .await
+                {
+                    tracing::warn!(workload = name, error = %e, "post-checkpoint hook failed; the checkpoint stands");
                 }
                 Ok(c)
             }
@@ -624,6 +639,15 @@ impl Checkpoints {
             .plugins
             .adapter(&c.spec.runtime)
             .map_err(|e| failed(e.to_string()))?;
+        let about = crate::hooks::About {
+            workload: &c.workload,
+            site: &self.site,
+            id: &c.id,
+        };
+        self.hooks
+            .run(crate::hooks::Hook::PreRestore, &about)
+            .await
+            .map_err(failed)?;
         let call = AdapterCall::new(c.spec.clone(), placement.clone(), &self.site)
             .with_images(images.to_path_buf())
             .with_source_log(c.log.clone());

@@ -73,6 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         criu: CriuConfig::default(),
         ingress: Default::default(),
         migration: Default::default(),
+        hooks: Default::default(),
         plugins: PluginsConfig {
             grants: default_grants(),
             ..PluginsConfig::default()

@@ -406,6 +406,8 @@ pub struct EngineSettings {
     pub prepush: bool,
     /// A source waiting this long for a silent destination reports `stalled`.
     pub stall_after: std::time::Duration,
+    /// The site's hooks: post-checkpoint at the source, pre-restore at the destination.
+    pub hooks: crate::hooks::Hooks,
 }
 
 /// The parts of a site the engine drives.
@@ -468,6 +470,7 @@ pub struct Engine {
     sync_timeout: std::time::Duration,
     prepush: bool,
     stall_after: std::time::Duration,
+    hooks: crate::hooks::Hooks,
     migrations: DashMap<String, Migration>,
     /// Serializes record changes so none is journaled while a map lock is held.
     writes: Mutex<()>,
@@ -518,6 +521,7 @@ impl Engine {
             sync_timeout: settings.sync_timeout,
             prepush: settings.prepush,
             stall_after: settings.stall_after,
+            hooks: settings.hooks,
             migrations: DashMap::new(),
             writes: Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,

@@ -27,6 +27,9 @@ const DESTINATION_CHECK: Duration = Duration::from_secs(1);
 /// is gone), any source for its own once the destination holds every page.
 const LAZY_DUMP_END: Duration = Duration::from_secs(10);
 
+/// How long the destination's page follower waits for a restore's outcome.
+const RESTORE_OUTCOME: Duration = Duration::from_secs(180);
+
 /// How a page phase ended at the source.
 #[derive(Debug)]
 pub(super) enum Paged {
@@ -527,7 +530,17 @@ impl Engine {
             }
             let Some(engine) = this else { return };
             engine.drop_precache(&id);
-            if ok && !engine.copy_runs(&id) {
+            // With every page sent ahead, the daemon can be done before the runtime's
+            // restore returns and the copy is adopted: its outcome is waited for first
+            // (a restore that fails is cleaned up on its own path).
+            let waited = Instant::now();
+            while engine.get(&id).is_some_and(|m| m.phase == Phase::Restoring)
+                && waited.elapsed() < RESTORE_OUTCOME
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let paging = engine.get(&id).is_some_and(|m| m.phase == Phase::Paging);
+            if ok && paging && !engine.copy_runs(&id) {
                 engine
                     .fail_paging(&id, "the copy here exited before it had every page; the source, which has them all, resumes (writes made here since the switch are lost)")
                     .await;

@@ -178,6 +178,25 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             return Err(e.into());
         }
     };
+    // Off the freeze path: the site's post-checkpoint hook runs beside the move.
+    {
+        let (hooks, site, workload, id) = (
+            engine.hooks.clone(),
+            engine.site.clone(),
+            m.workload.clone(),
+            id.to_string(),
+        );
+        engine.tasks.spawn(async move {
+            let about = crate::hooks::About {
+                workload: &workload,
+                site: &site,
+                id: &id,
+            };
+            if let Err(e) = hooks.run(crate::hooks::Hook::PostCheckpoint, &about).await {
+                tracing::warn!(migration = %id, error = %e, "post-checkpoint hook failed; the move goes on");
+            }
+        });
+    }
     if postcopy {
         engine.adopt_lazy_dump(id, &images, workload.pid).await?;
         // Frozen now: which pages sent ahead were written since is found while the

@@ -357,6 +357,19 @@ impl Engine {
         postcopy: bool,
     ) -> Result<i32, MigrationError> {
         let adapter = self.plugins.adapter(&spec.runtime)?;
+        // The site's pre-restore hook (a cache warmed, a lock taken): its failure refuses
+        // the restore before anything starts, and the source resumes.
+        let hook = crate::hooks::About {
+            workload: &spec.name,
+            site: &self.site,
+            id,
+        };
+        if let Err(message) = self.hooks.run(crate::hooks::Hook::PreRestore, &hook).await {
+            return Err(MigrationError::RestoreFailed {
+                site: self.site.clone(),
+                message,
+            });
+        }
         let placement = self.workloads.place(&spec.name)?;
         // The reservation made at prepare time describes the workload as it will run here.
         let reserved = self

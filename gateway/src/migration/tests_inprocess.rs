@@ -374,6 +374,7 @@ fn site_config(name: &str, dir: &Path, listen: SocketAddr, peer: PeerConfig) -> 
         plugins: Default::default(),
         ingress: Default::default(),
         migration: Default::default(),
+        hooks: Default::default(),
     }
 }
 
@@ -431,6 +432,7 @@ impl Site {
                 sync_timeout: Duration::from_secs(1),
                 prepush: true,
                 stall_after: std::time::Duration::from_secs(60),
+                hooks: crate::hooks::Hooks::default(),
             },
             Parts {
                 journal,
@@ -1055,6 +1057,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             approaches: crate::config::APPROACHES.map(String::from).to_vec(),
             prepush: true,
             stall_after: std::time::Duration::from_secs(60),
+            hooks: crate::hooks::Hooks::default(),
             sync_timeout: Duration::from_secs(5),
         },
         Parts {
@@ -1742,6 +1745,7 @@ fn checkpoints_of(b: &Site) -> Arc<crate::checkpoint::Checkpoints> {
         "b",
         &b.cfg.data_dir,
         3,
+        crate::hooks::Hooks::default(),
         crate::checkpoint::Parts {
             journal: Arc::new(Journal::open(&b.cfg.data_dir).expect("journal")),
             peers: Arc::clone(&b.peers),
