@@ -318,6 +318,31 @@ impl Workloads {
         Ok(next)
     }
 
+    /// Holds running workload `name` for `by` (a migration's id, a checkpoint): no other
+    /// migration, checkpoint or removal takes it until the hold is lifted. A migration's
+    /// hold also shows it as `migrating`.
+    pub fn hold(&self, name: &str, by: &str, migrating: bool) -> Result<Workload, WorkloadError> {
+        self.modify(name, |w| {
+            if let Some(m) = &w.migration {
+                return Err(WorkloadError::Busy {
+                    name: name.to_string(),
+                    migration: m.clone(),
+                });
+            }
+            if w.state != WorkloadState::Running || w.pid.is_none() {
+                return Err(WorkloadError::NotRunning {
+                    name: name.to_string(),
+                    state: w.state,
+                });
+            }
+            if migrating {
+                w.state = WorkloadState::Migrating;
+            }
+            w.migration = Some(by.to_string());
+            Ok(())
+        })
+    }
+
     /// Forgets a workload's record (journal first).
     pub fn forget(&self, name: &str) -> Result<(), WorkloadError> {
         let _w = self.writer();

@@ -73,6 +73,27 @@ fn ends_with_one_copy(sites: &TwoSites, id: &str, digest: &str, within: Duration
     Ok(end)
 }
 
+/// After a rollback of move `id`: the source (`pid`) runs again, its clients are not
+/// held, and neither site keeps anything of the move (B's received files, A's image).
+fn released_everything(sites: &TwoSites, id: &str, pid: i64) -> Result<()> {
+    assert_ne!(
+        Site::process_state(pid),
+        Some('T'),
+        "the source stays frozen"
+    );
+    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
+    assert_eq!(w["state"], "running", "{w}");
+    wait_for(
+        "B to drop what it received",
+        Duration::from_secs(20),
+        || (!sites.b.dir.join("data/incoming").join(id).exists()).then_some(()),
+    )
+    .with_context(|| sites.logs())?;
+    assert!(sites.b.has_no_workloads()?);
+    assert!(!sites.a.dir.join("data/images").join(id).exists());
+    Ok(())
+}
+
 /// Ends a [`OneCopy`] watch: never two copies, and a copy served at some point.
 fn served_by_one_copy(watch: OneCopy) -> Result<()> {
     let answered = watch.finish()?;
@@ -366,18 +387,8 @@ fn a_full_disk_under_the_sources_journal_rolls_back_and_releases_everything() ->
         m["error"].as_str().unwrap_or("").contains("not journaled"),
         "{m}"
     );
-    // The source runs again with its data, its clients are not held, B kept nothing.
-    assert_ne!(Site::process_state(pid), Some('T'));
     assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
-    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
-    assert_eq!(w["state"], "running", "{w}");
-    wait_for(
-        "B to drop what it received",
-        Duration::from_secs(20),
-        || (!sites.b.dir.join("data/incoming").join(&id).exists()).then_some(()),
-    )?;
-    assert!(sites.b.has_no_workloads()?);
-    assert!(!sites.a.dir.join("data/images").join(&id).exists());
+    released_everything(&sites, &id, pid)?;
     served_by_one_copy(watch)?;
     Ok(())
 }
@@ -399,17 +410,7 @@ fn a_full_disk_under_the_destinations_journal_rolls_back_and_releases_everything
             .is_some_and(|e| e.contains("destination") && e.contains("No space left")),
         "{m}"
     );
-    assert_ne!(Site::process_state(pid), Some('T'));
-    let w = &sites.a.ferry_json(&["workload", "ls"])?[0];
-    assert_eq!(w["state"], "running", "{w}");
-    wait_for(
-        "B to drop what it received",
-        Duration::from_secs(20),
-        || (!sites.b.dir.join("data/incoming").join(&id).exists()).then_some(()),
-    )
-    .with_context(|| sites.logs())?;
-    assert!(sites.b.has_no_workloads()?);
-    assert!(!sites.a.dir.join("data/images").join(&id).exists());
+    released_everything(&sites, &id, pid)?;
     served_by_one_copy(watch)?;
     // Room again at B: the next move goes through.
     disk.free()?;

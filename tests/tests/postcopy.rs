@@ -649,6 +649,20 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// A runc Redis at A moving post-copy (no pages sent ahead) over a slow link, in its
+/// page phase: the sites, the containers' cleanup, the move's id and A's dataset.
+fn runc_in_the_page_phase(
+    tag: &str,
+) -> Result<(TwoSites, ferry_e2e::Cleanup, String, (String, String))> {
+    let mut opts = Options::new(tag);
+    opts.prepush = Some(false);
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    let (id, before) = page_phase_of_redis(&sites)?;
+    Ok((sites, cleanup, id, before))
+}
+
 /// `runc kill -9` of site `site`'s Redis container, from outside Ferry.
 fn kill_container(sites: &TwoSites, site: &str) -> Result<String> {
     sites.a.exec(
@@ -665,12 +679,7 @@ fn kill_container(sites: &TwoSites, site: &str) -> Result<String> {
 
 #[test]
 fn destination_copy_killed_in_a_runc_page_phase_resumes_the_source() -> Result<()> {
-    let mut opts = Options::new("pcbdie");
-    opts.prepush = Some(false);
-    opts.adapters.push("runc".into());
-    let sites = TwoSites::start(opts)?;
-    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
-    let (id, before) = page_phase_of_redis(&sites)?;
+    let (sites, _cleanup, id, before) = runc_in_the_page_phase("pcbdie")?;
     // B's copy dies before it has every page: its lazy-pages daemon ends as if it had
     // them all, but the copy is gone; the source, frozen with every page, resumes.
     kill_container(&sites, "b")?;
@@ -692,12 +701,7 @@ fn destination_copy_killed_in_a_runc_page_phase_resumes_the_source() -> Result<(
 
 #[test]
 fn both_copies_killed_in_a_runc_page_phase_end_the_move() -> Result<()> {
-    let mut opts = Options::new("pc2die");
-    opts.prepush = Some(false);
-    opts.adapters.push("runc".into());
-    let sites = TwoSites::start(opts)?;
-    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
-    let (id, _) = page_phase_of_redis(&sites)?;
+    let (sites, _cleanup, id, _) = runc_in_the_page_phase("pc2die")?;
     // Killed from outside at both sites (a lost service, not Ferry's doing): the source's
     // lazy dump, left with no tree and no client, must not hold the move for ever.
     kill_container(&sites, "a")?;

@@ -306,25 +306,9 @@ impl Checkpoints {
 
     /// Marks `name` as held by checkpoint `id`; it must be running and not held.
     fn hold(&self, name: &str, id: &str) -> Result<Workload, CheckpointError> {
-        let by = format!("checkpoint {id}");
         self.parts
             .workloads
-            .modify(name, |w| {
-                if let Some(m) = &w.migration {
-                    return Err(WorkloadError::Busy {
-                        name: name.to_string(),
-                        migration: m.clone(),
-                    });
-                }
-                if w.state != WorkloadState::Running || w.pid.is_none() {
-                    return Err(WorkloadError::NotRunning {
-                        name: name.to_string(),
-                        state: w.state,
-                    });
-                }
-                w.migration = Some(by.clone());
-                Ok(())
-            })
+            .hold(name, &format!("checkpoint {id}"), false)
             .map_err(|e| match e {
                 WorkloadError::NotFound(n) => CheckpointError::NotFound(n),
                 WorkloadError::Busy { name, migration } => CheckpointError::Busy {

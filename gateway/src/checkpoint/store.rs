@@ -141,6 +141,15 @@ impl BlockStore {
         self.dir.join("packs").join(format!("{id:016x}.{ext}"))
     }
 
+    /// Where block `digest` is.
+    fn locate(&self, digest: &Digest) -> Result<Location, StoreError> {
+        self.locked()
+            .index
+            .get(digest)
+            .copied()
+            .ok_or_else(|| StoreError::Missing(hex(digest)))
+    }
+
     pub fn has(&self, digest: &Digest) -> bool {
         self.locked().index.contains_key(digest)
     }
@@ -157,23 +166,13 @@ impl BlockStore {
 
     /// One block's bytes, checked against its digest.
     pub fn read_block(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        let at = self
-            .locked()
-            .index
-            .get(digest)
-            .copied()
-            .ok_or_else(|| StoreError::Missing(hex(digest)))?;
+        let at = self.locate(digest)?;
         let path = self.pack_path(at.pack, "pack");
         let mut buf = vec![0u8; at.len as usize];
         File::open(&path)
             .and_then(|f| f.read_exact_at(&mut buf, at.offset))
             .map_err(io(&path))?;
-        if blake3::hash(&buf).as_bytes() != digest {
-            return Err(StoreError::Damaged {
-                digest: hex(digest),
-                pack: path.display().to_string(),
-            });
-        }
+        checked(digest, &buf, &path)?;
         Ok(buf)
     }
 
@@ -216,12 +215,7 @@ impl BlockStore {
             let mut out = File::create(&path).map_err(io(&path))?;
             let mut buf = Vec::new();
             for digest in &f.blocks {
-                let at = self
-                    .locked()
-                    .index
-                    .get(digest)
-                    .copied()
-                    .ok_or_else(|| StoreError::Missing(hex(digest)))?;
+                let at = self.locate(digest)?;
                 let pack_path = self.pack_path(at.pack, "pack");
                 let pack = match packs.entry(at.pack) {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -232,12 +226,7 @@ impl BlockStore {
                 buf.resize(at.len as usize, 0);
                 pack.read_exact_at(&mut buf, at.offset)
                     .map_err(io(&pack_path))?;
-                if blake3::hash(&buf).as_bytes() != digest {
-                    return Err(StoreError::Damaged {
-                        digest: hex(digest),
-                        pack: pack_path.display().to_string(),
-                    });
-                }
+                checked(digest, &buf, &pack_path)?;
                 out.write_all(&buf).map_err(io(&path))?;
             }
             out.sync_data().map_err(io(&path))?;
@@ -410,6 +399,17 @@ impl<'a> Batch<'a> {
         }
         Ok(self.offset)
     }
+}
+
+/// A block read back from `pack` must match its digest.
+fn checked(digest: &Digest, data: &[u8], pack: &Path) -> Result<(), StoreError> {
+    if blake3::hash(data).as_bytes() == digest {
+        return Ok(());
+    }
+    Err(StoreError::Damaged {
+        digest: hex(digest),
+        pack: pack.display().to_string(),
+    })
 }
 
 /// Reads until `buf` is full or the file ends; the bytes read.

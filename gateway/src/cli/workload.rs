@@ -101,6 +101,20 @@ fn parse_duration(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// Prints a workload that runs now (its record as JSON with `--output json`).
+fn running(w: &Workload, out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return output::json(w);
+    }
+    println!(
+        "workload {} running (pid {}) at site {}",
+        w.spec.name,
+        output::opt(w.pid),
+        w.site
+    );
+    Ok(())
+}
+
 fn pairs(
     flag: &str,
     items: Vec<String>,
@@ -151,16 +165,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 restart: restart.map(|when| crate::spec::RestartPolicy { when, decider }),
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
-            if out == Output::Json {
-                return output::json(&w);
-            }
-            println!(
-                "workload {} running (pid {}) at site {}",
-                w.spec.name,
-                output::opt(w.pid),
-                w.site
-            );
-            Ok(())
+            running(&w, out)
         }
         Cmd::Ls => {
             let list: Vec<Workload> = client.get("/v1/workloads").await?;
@@ -217,16 +222,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                     &serde_json::json!({}),
                 )
                 .await?;
-            if out == Output::Json {
-                return output::json(&w);
-            }
-            println!(
-                "workload {} running (pid {}) at site {}",
-                w.spec.name,
-                output::opt(w.pid),
-                w.site
-            );
-            Ok(())
+            running(&w, out)
         }
         Cmd::Rm { name } => {
             let w: Workload = client.delete(&format!("/v1/workloads/{name}")).await?;

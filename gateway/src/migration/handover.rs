@@ -11,23 +11,7 @@ use crate::workload::{Waiter, WorkloadError};
 impl Engine {
     /// Hands a running workload to migration `id`.
     pub(super) fn hold_workload(&self, name: &str, id: &str) -> Result<Workload, WorkloadError> {
-        self.workloads.modify(name, |w| {
-            if let Some(m) = &w.migration {
-                return Err(WorkloadError::Busy {
-                    name: name.to_string(),
-                    migration: m.clone(),
-                });
-            }
-            if w.state != WorkloadState::Running || w.pid.is_none() {
-                return Err(WorkloadError::NotRunning {
-                    name: name.to_string(),
-                    state: w.state,
-                });
-            }
-            w.state = WorkloadState::Migrating;
-            w.migration = Some(id.to_string());
-            Ok(())
-        })
+        self.workloads.hold(name, id, true)
     }
 
     /// Drops a migration's hold on a workload that was never frozen.
