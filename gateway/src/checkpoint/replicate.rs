@@ -144,7 +144,10 @@ impl Checkpoints {
                 other => return Err(refused(format!("{peer} answered {other:?} to Blocks"))),
             }
         }
-        let record = serde_json::to_vec(c).map_err(|e| refused(e.to_string()))?;
+        let json = serde_json::to_vec(c).map_err(|e| refused(e.to_string()))?;
+        // Mostly block digests (64 hex digits a block): compressed, they travel as about
+        // their binary size.
+        let record = zstd::bulk::compress(&json, 3).map_err(|e| refused(e.to_string()))?;
         r.wire_bytes += record.len() as u64;
         let mut req = peers
             .request_with_body(
@@ -302,10 +305,13 @@ impl Checkpoints {
                 "a checkpoint record of {size} bytes is over the {MAX_RECORD} byte limit"
             ));
         }
-        let mut bytes = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
-        body.read_exact(&mut bytes)
+        let mut packed = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
+        body.read_exact(&mut packed)
             .await
             .map_err(|e| format!("reading the record: {e}"))?;
+        let bytes = zstd::bulk::decompress(&packed, MAX_RECORD as usize).map_err(|e| {
+            format!("the record does not decompress (or is over {MAX_RECORD} bytes): {e}")
+        })?;
         let mut c: Checkpoint =
             serde_json::from_slice(&bytes).map_err(|e| format!("the record is not valid: {e}"))?;
         if c.workload != workload || c.id != id || c.spec.name != workload {

@@ -110,8 +110,8 @@ pub enum Request {
     /// checked against its digest. Answered with `Kept`.
     Blocks { workload: String },
     /// Checkpoint replication: the record of checkpoint `checkpoint` of `workload` follows
-    /// (`size` bytes of JSON); every block it names must be here already. Answered with
-    /// `Kept`.
+    /// (`size` bytes: its JSON, zstd-compressed); every block it names must be here
+    /// already. Answered with `Kept`.
     Replica {
         workload: String,
         checkpoint: String,
