@@ -235,3 +235,22 @@ fn site_hooks_run_after_a_checkpoint_and_a_failing_pre_restore_hook_rolls_a_move
     })?;
     Ok(())
 }
+
+#[test]
+fn periodic_checkpoints_are_taken_while_it_runs() -> Result<()> {
+    let sites = TwoSites::start(Options::new("ckper"))?;
+    sites.run_redis_at_a_with("redis", PORT, &["--checkpoint-every", "5s"])?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    let list = wait_for("two periodic checkpoints", Duration::from_secs(30), || {
+        let list = sites.a.ferry_json(&["checkpoint", "ls", "redis"]).ok()?;
+        (list.as_array()?.len() >= 2).then_some(list)
+    })?;
+    assert!(
+        list.as_array()
+            .is_some_and(|l| l.iter().all(|c| c["left_running"] == true)),
+        "{list}"
+    );
+    // It ran on throughout.
+    assert_eq!(sites.a.redis(PORT, &["GET", "k"])?, "v");
+    Ok(())
+}
