@@ -254,3 +254,52 @@ fn periodic_checkpoints_are_taken_while_it_runs() -> Result<()> {
     assert_eq!(sites.a.redis(PORT, &["GET", "k"])?, "v");
     Ok(())
 }
+
+#[test]
+fn a_runc_container_is_checkpointed_and_restored_at_its_site() -> Result<()> {
+    let mut opts = Options::new("ckrunc");
+    opts.adapters.push("runc".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_redis_in_runc_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "100"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    checkpoint(&sites, &["--leave-running"])?;
+    sites.a.redis(PORT, &["SET", "late", "write"])?;
+    // Back to the checkpoint, in place of the running container.
+    sites.a.ferry(&["restore", "redis", "--replace"])?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    // And into standby and back.
+    checkpoint(&sites, &[])?;
+    assert!(sites.a.redis(PORT, &["PING"]).is_err());
+    sites.a.ferry(&["workload", "start", "redis"])?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    Ok(())
+}
+
+#[test]
+fn a_podman_container_is_checkpointed_and_restored_at_its_site() -> Result<()> {
+    let mut opts = Options::new("ckpod");
+    opts.adapters.push("podman".into());
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = ferry_e2e::Cleanup(vec![["podman", "rm", "-f", "-t", "0", "a-redis"]
+        .iter()
+        .map(ToString::to_string)
+        .collect()]);
+    let image = "localhost/ferry-e2e-redis:latest";
+    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    sites.run_redis_in_podman_at_a("redis", PORT, image)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "20000", "key", "100"])?;
+    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
+    checkpoint(&sites, &[])?;
+    assert!(
+        sites.a.redis(PORT, &["PING"]).is_err(),
+        "standby still answers"
+    );
+    sites.a.ferry(&["workload", "start", "redis"])?;
+    assert_eq!(sites.a.redis(PORT, &["DEBUG", "DIGEST"])?, digest);
+    Ok(())
+}
