@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{CheckpointError, Checkpoints};
+use crate::plugins::PluginHost;
 use crate::spec::{now_ms, RestartWhen, Workload, WorkloadState};
 use crate::workload::{Exit, WorkloadError, Workloads};
 
@@ -48,27 +49,12 @@ pub fn backoff(restarts: u32) -> Duration {
 /// A start that ran this long resets the crash-loop count.
 const STABLE: Duration = Duration::from_secs(60);
 
-/// Chooses the action for a workload's end: a named decider plugin, else the built-in.
-pub trait Decider: Send + Sync + 'static {
-    fn decide(
-        &self,
-        decider: &str,
-        info: &ExitInfo,
-    ) -> impl std::future::Future<Output = Result<Action, String>> + Send;
-}
-
-/// Decider plugins are hosted by the plugin host.
-impl Decider for crate::plugins::PluginHost {
-    async fn decide(&self, decider: &str, info: &ExitInfo) -> Result<Action, String> {
-        self.decide_restart(decider, info).await
-    }
-}
-
 /// Watches workloads' ends and applies their restart policies.
-pub struct Supervisor<D: Decider> {
+pub struct Supervisor {
     workloads: Arc<Workloads>,
     checkpoints: Arc<Checkpoints>,
-    deciders: Arc<D>,
+    /// Hosts the decider plugins a policy may name.
+    plugins: Arc<PluginHost>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,16 +69,16 @@ pub enum RestartError {
     Checkpoint(#[from] CheckpointError),
 }
 
-impl<D: Decider> Supervisor<D> {
+impl Supervisor {
     pub fn new(
         workloads: Arc<Workloads>,
         checkpoints: Arc<Checkpoints>,
-        deciders: Arc<D>,
+        plugins: Arc<PluginHost>,
     ) -> Arc<Self> {
         Arc::new(Self {
             workloads,
             checkpoints,
-            deciders,
+            plugins,
         })
     }
 
@@ -138,7 +124,7 @@ impl<D: Decider> Supervisor<D> {
             return;
         }
         let action = match &policy.decider {
-            Some(name) => match self.deciders.decide(name, &info).await {
+            Some(name) => match self.plugins.decide_restart(name, &info).await {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(workload = %exit.name, decider = %name, error = %e, "the decider failed; the built-in one decides");
@@ -185,12 +171,7 @@ impl<D: Decider> Supervisor<D> {
         let name = w.spec.name.as_str();
         match action {
             Action::Standby => {
-                self.workloads.modify(name, |w| {
-                    w.state = WorkloadState::Standby;
-                    w.pid = None;
-                    w.pid_start = None;
-                    Ok(())
-                })?;
+                self.workloads.standby(name)?;
                 Ok(())
             }
             Action::Restore => match self.checkpoints.restore(name, None, true).await {

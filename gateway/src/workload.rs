@@ -343,6 +343,19 @@ impl Workloads {
         })
     }
 
+    /// Records that workload `name` stands by: nothing runs (its process ended or was
+    /// stopped), its image is kept for a restore, and no hold remains. Kept in memory even
+    /// if the journal cannot take it: the process is gone either way.
+    pub fn standby(&self, name: &str) -> Result<Workload, WorkloadError> {
+        self.modify_even_unjournaled(name, |w| {
+            w.migration = None;
+            w.state = WorkloadState::Standby;
+            w.pid = None;
+            w.pid_start = None;
+            Ok(())
+        })
+    }
+
     /// Forgets a workload's record (journal first).
     pub fn forget(&self, name: &str) -> Result<(), WorkloadError> {
         let _w = self.writer();

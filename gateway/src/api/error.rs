@@ -70,12 +70,9 @@ impl From<CheckpointError> for ApiError {
             C::Workload(_) | C::Store(_) | C::Journal(_) | C::Io { .. } | C::Replication(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
-            C::NotFound(_) => (StatusCode::NOT_FOUND, "workload_not_found"),
             C::NoSuchCheckpoint { .. } => (StatusCode::NOT_FOUND, "checkpoint_not_found"),
-            C::NotRunning { .. } => (StatusCode::CONFLICT, "workload_not_running"),
             C::Running(_) => (StatusCode::CONFLICT, "workload_running"),
             C::SiteAnswers(_) => (StatusCode::CONFLICT, "site_answers"),
-            C::Busy { .. } => (StatusCode::CONFLICT, "workload_busy"),
             C::Checkpoint { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_failed"),
             C::Restore { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "restore_failed"),
         };

@@ -45,7 +45,7 @@ pub struct ApiState {
     pub workloads: Arc<Workloads>,
     pub engine: Arc<Engine>,
     pub checkpoints: Arc<crate::checkpoint::Checkpoints>,
-    pub restarts: Arc<crate::restart::Supervisor<crate::plugins::PluginHost>>,
+    pub restarts: Arc<crate::restart::Supervisor>,
     pub peers: Arc<PeerLink>,
     pub plugins: Arc<crate::plugins::PluginHost>,
     pub ingress: Arc<crate::proxy::Ingress>,

@@ -29,16 +29,10 @@ use store::{BlockStore, StoreError, StoredFile};
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
-    #[error("workload {0:?} not found on this site")]
-    NotFound(String),
     #[error("workload {name:?} has no checkpoint {id:?}; `ferry checkpoint ls {name}` lists them")]
     NoSuchCheckpoint { name: String, id: String },
-    #[error("workload {name:?} is {state}; only a running workload can be checkpointed")]
-    NotRunning { name: String, state: WorkloadState },
     #[error("workload {0:?} is running; stop it first, or restore with --replace to stop it and restore in its place")]
     Running(String),
-    #[error("workload {name:?} is held by {by}; wait for it to finish")]
-    Busy { name: String, by: String },
     #[error("the checkpoint of {name:?} failed (the workload runs on): {source}")]
     Checkpoint {
         name: String,
@@ -150,6 +144,9 @@ pub struct Checkpoints {
     work_dir: PathBuf,
     keep: usize,
     hooks: crate::hooks::Hooks,
+    /// Every checkpoint record of the site (the journal's, loaded once at start and kept
+    /// in step by `keep_record` / `drop_record`), by journal key.
+    records: std::sync::Mutex<std::collections::BTreeMap<String, Checkpoint>>,
     parts: Parts,
 }
 
@@ -173,12 +170,19 @@ impl Checkpoints {
             path: work_dir.clone(),
             source,
         })?;
+        let records = parts
+            .journal
+            .load_all::<Checkpoint>(Collection::Checkpoints)?
+            .into_iter()
+            .map(|c| (key(&c.workload, &c.id), c))
+            .collect();
         Ok(Arc::new(Self {
             site: site.to_string(),
             store,
             work_dir,
             keep: keep.max(1),
             hooks,
+            records: std::sync::Mutex::new(records),
             parts,
         }))
     }
@@ -227,23 +231,35 @@ impl Checkpoints {
     /// Every checkpoint of `workload`, oldest first.
     pub fn list(&self, workload: &str) -> Result<Vec<Checkpoint>, CheckpointError> {
         let mut all: Vec<Checkpoint> = self
-            .parts
-            .journal
-            .load_all::<Checkpoint>(Collection::Checkpoints)?
-            .into_iter()
+            .locked()
+            .values()
             .filter(|c| c.workload == workload)
+            .cloned()
             .collect();
         all.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
         Ok(all)
     }
 
-    fn peers(&self) -> Result<&Arc<crate::peer::PeerLink>, CheckpointError> {
-        Ok(&self.parts.peers)
+    fn locked(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Checkpoint>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Bytes the site's block store holds on disk.
-    pub fn store_bytes(&self) -> u64 {
-        self.store.disk_bytes()
+    /// Journals checkpoint record `c` (replacing one of the same id), then lists it.
+    fn keep_record(&self, c: &Checkpoint) -> Result<(), CheckpointError> {
+        let k = key(&c.workload, &c.id);
+        self.parts.journal.put(Collection::Checkpoints, &k, c)?;
+        self.locked().insert(k, c.clone());
+        Ok(())
+    }
+
+    /// Removes a checkpoint record from the journal, then from the list.
+    fn drop_record(&self, workload: &str, id: &str) -> Result<(), CheckpointError> {
+        let k = key(workload, id);
+        self.parts.journal.remove(Collection::Checkpoints, &k)?;
+        self.locked().remove(&k);
+        Ok(())
     }
 
     /// Takes a checkpoint of running workload `name`. The workload is frozen (its clients
@@ -255,7 +271,11 @@ impl Checkpoints {
         leave_running: bool,
     ) -> Result<Checkpoint, CheckpointError> {
         let id = format!("{:x}", now_ms() * 1000 + u64::from(rand_u16()));
-        let w = self.hold(name, &id)?;
+        // Held as a migration holds it: it must run and not be held already.
+        let w = self
+            .parts
+            .workloads
+            .hold(name, &format!("checkpoint {id}"), false)?;
         let images = self.work_dir.join(&id);
         let outcome = self.checkpoint_held(&w, &id, &images, leave_running).await;
         let _ = std::fs::remove_dir_all(&images);
@@ -272,11 +292,7 @@ impl Checkpoints {
                     let r = self.replicate(&c, &to).await;
                     tracing::info!(workload = name, checkpoint = %c.id, to = %r.to, blocks = r.blocks, bytes = r.bytes, wire_bytes = r.wire_bytes, ms = r.ms, error = ?r.error, "checkpoint replicated");
                     c.replicated = Some(r);
-                    if let Err(e) =
-                        self.parts
-                            .journal
-                            .put(Collection::Checkpoints, &key(name, &c.id), &c)
-                    {
+                    if let Err(e) = self.keep_record(&c) {
                         tracing::warn!(workload = name, error = %e, "cannot journal the replication");
                     }
                 }
@@ -302,24 +318,6 @@ impl Checkpoints {
                 Err(e)
             }
         }
-    }
-
-    /// Marks `name` as held by checkpoint `id`; it must be running and not held.
-    fn hold(&self, name: &str, id: &str) -> Result<Workload, CheckpointError> {
-        self.parts
-            .workloads
-            .hold(name, &format!("checkpoint {id}"), false)
-            .map_err(|e| match e {
-                WorkloadError::NotFound(n) => CheckpointError::NotFound(n),
-                WorkloadError::Busy { name, migration } => CheckpointError::Busy {
-                    name,
-                    by: migration,
-                },
-                WorkloadError::NotRunning { name, state } => {
-                    CheckpointError::NotRunning { name, state }
-                }
-                other => other.into(),
-            })
     }
 
     async fn checkpoint_held(
@@ -390,9 +388,7 @@ impl Checkpoints {
                 from_site: None,
                 replicated: None,
             };
-            self.parts
-                .journal
-                .put(Collection::Checkpoints, &key(name, id), &checkpoint)?;
+            self.keep_record(&checkpoint)?;
             Ok::<_, CheckpointError>(checkpoint)
         }
         .await;
@@ -415,7 +411,9 @@ impl Checkpoints {
             }
         }
         self.parts.ingress.release(name, Target::Local);
-        self.standby(name);
+        if let Err(e) = self.parts.workloads.standby(name) {
+            tracing::error!(workload = name, error = %e, "cannot record the workload's standby");
+        }
         // Frozen until here: the image was stored while it could not change.
         checkpoint.freeze_ms = ms(frozen.elapsed());
         Ok(checkpoint)
@@ -455,36 +453,18 @@ impl Checkpoints {
         }
     }
 
-    fn standby(&self, name: &str) {
-        let done = self.parts.workloads.modify_even_unjournaled(name, |w| {
-            w.migration = None;
-            w.state = WorkloadState::Standby;
-            w.pid = None;
-            w.pid_start = None;
-            Ok(())
-        });
-        if let Err(e) = done {
-            tracing::error!(workload = name, error = %e, "cannot record the workload's standby");
-        }
-    }
-
     /// Keeps each workload's newest checkpoints (`keep`) and frees blocks no kept
     /// checkpoint uses.
     fn retain(&self, name: &str) -> Result<(), CheckpointError> {
         let mine = self.list(name)?;
         let drop = mine.len().saturating_sub(self.keep);
         for c in &mine[..drop] {
-            self.parts
-                .journal
-                .remove(Collection::Checkpoints, &key(name, &c.id))?;
+            self.drop_record(name, &c.id)?;
             tracing::info!(workload = name, checkpoint = %c.id, "old checkpoint dropped");
         }
         if drop > 0 {
-            let all = self
-                .parts
-                .journal
-                .load_all::<Checkpoint>(Collection::Checkpoints)?;
-            let keep: Vec<&StoredFile> = all.iter().flat_map(|c| c.files.iter()).collect();
+            let all = self.locked();
+            let keep: Vec<&StoredFile> = all.values().flat_map(|c| c.files.iter()).collect();
             let freed = self.store.collect(&keep)?;
             tracing::debug!(freed, "block store collected");
         }
@@ -565,10 +545,11 @@ impl Checkpoints {
         let name = checkpoint.workload.as_str();
         if let Some(w) = self.parts.workloads.get(name) {
             if let Some(by) = &w.migration {
-                return Err(CheckpointError::Busy {
+                return Err(WorkloadError::Busy {
                     name: name.to_string(),
-                    by: by.clone(),
-                });
+                    migration: by.clone(),
+                }
+                .into());
             }
             if w.state == WorkloadState::Running && !replace {
                 return Err(CheckpointError::Running(name.to_string()));

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::store::{self, Digest};
-use super::{key, Checkpoint, CheckpointError, Checkpoints};
-use crate::journal::Collection;
+use super::{Checkpoint, CheckpointError, Checkpoints};
 use crate::peer::wire::{ErrorCode, Request, Response, MAX_WANTED};
 use crate::peer::Body;
 
@@ -81,7 +80,7 @@ impl Checkpoints {
         peer: &str,
         r: &mut Replication,
     ) -> Result<(), CheckpointError> {
-        let peers = self.peers()?;
+        let peers = &self.parts.peers;
         let mut seen = std::collections::HashSet::new();
         let unique: Vec<Digest> = c
             .files
@@ -332,10 +331,7 @@ impl Checkpoints {
         }
         c.from_site = Some(peer.to_string());
         c.replicated = None;
-        self.parts
-            .journal
-            .put(Collection::Checkpoints, &key(workload, id), &c)
-            .map_err(|e| e.to_string())?;
+        self.keep_record(&c).map_err(|e| e.to_string())?;
         tracing::info!(
             workload,
             checkpoint = id,

@@ -13,7 +13,7 @@ use super::bindings::{Guest, Linkers, WitVersion, World};
 use super::call::{AdapterCall, Call, Reply, Spawned};
 use super::grant::Granted;
 use super::host::{MemoryLimit, State, TunnelOpener};
-use super::{PluginError, EPOCH_TICK};
+use super::PluginError;
 use crate::criu::Criu;
 use crate::sys::process;
 
@@ -139,9 +139,7 @@ impl Actor {
     }
 
     fn deadline_ticks(&self) -> u64 {
-        (self.limits.call_timeout.as_millis() as u64)
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            .max(1)
+        super::deadline_ticks(self.limits.call_timeout)
     }
 
     /// Runs one call; returns its result and whether the instance may be reused.

@@ -14,7 +14,6 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::host::MemoryLimit;
-use super::EPOCH_TICK;
 use crate::spec::RestartAction;
 
 wasmtime::component::bindgen!({
@@ -108,10 +107,7 @@ impl Deciders {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
         store.epoch_deadline_trap();
-        let ticks = (self.call_timeout.as_millis() as u64)
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            .max(1);
-        store.set_epoch_deadline(ticks);
+        store.set_epoch_deadline(super::deadline_ticks(self.call_timeout));
         let input = ExitInfo {
             exit_code: info.exit_code,
             signal: info.signal,

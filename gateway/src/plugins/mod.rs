@@ -47,6 +47,13 @@ pub fn approach_name(a: Approach) -> &'static str {
 /// Granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Epoch ticks in a call deadline of `timeout` (at least one).
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() as u64)
+        .div_ceil(EPOCH_TICK.as_millis() as u64)
+        .max(1)
+}
+
 #[derive(Debug, Error)]
 pub enum PluginError {
     #[error("cannot read plugin folder {path}: {source}")]
