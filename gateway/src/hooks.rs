@@ -6,10 +6,17 @@
 //! `{site}`, `{id}`) and environment (`FERRY_HOOK`, `FERRY_WORKLOAD`, `FERRY_SITE`,
 //! `FERRY_ID`), under a deadline (`timeout_ms`, at most 120 s); its output goes to the
 //! gateway's log.
+//!
+//! Then the workload's adapter runs its own hook of the same name, if it exports
+//! `ferry:hooks@0.1.0` (`wit/ferry-hooks@0.1.0`): inside its instance, with its grants and
+//! under its call deadline. A failing pre-restore hook of either kind refuses the restore.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::plugins::{AdapterCall, AdapterHandle};
+pub use crate::spec::Hook;
 
 /// `[hooks]` in `site.toml`: each a program and its arguments (empty: none).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,28 +37,15 @@ fn default_timeout_ms() -> u64 {
 /// Longest any hook may run.
 const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    PostCheckpoint,
-    PreRestore,
-}
-
-impl Hook {
-    fn as_str(self) -> &'static str {
-        match self {
-            Hook::PostCheckpoint => "post_checkpoint",
-            Hook::PreRestore => "pre_restore",
-        }
-    }
-}
-
 /// What a hook is run about.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct About<'a> {
     pub workload: &'a str,
     pub site: &'a str,
     /// The checkpoint's or the migration's id.
     pub id: &'a str,
+    /// The workload's adapter, and the call about the workload it is given.
+    pub adapter: Option<(&'a AdapterHandle, &'a AdapterCall)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,8 +58,31 @@ impl Hooks {
         Self { cfg }
     }
 
-    /// Runs `hook` (nothing if none is configured); an error says why it failed.
+    /// Runs the site's `hook`, then the adapter's (nothing for either that has none); an
+    /// error says which failed and why.
     pub async fn run(&self, hook: Hook, about: &About<'_>) -> Result<(), String> {
+        self.run_site(hook, about).await?;
+        let Some((adapter, call)) = about.adapter else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let outcome = adapter
+            .hook(call.clone(), hook, about.id)
+            .await
+            .map_err(|e| e.to_string());
+        tracing::debug!(
+            hook = hook.as_str(),
+            workload = about.workload,
+            id = about.id,
+            adapter = adapter.name(),
+            ms = started.elapsed().as_millis() as u64,
+            ok = outcome.is_ok(),
+            "adapter hook called"
+        );
+        outcome
+    }
+
+    async fn run_site(&self, hook: Hook, about: &About<'_>) -> Result<(), String> {
         let argv = match hook {
             Hook::PostCheckpoint => &self.cfg.post_checkpoint,
             Hook::PreRestore => &self.cfg.pre_restore,
@@ -142,6 +159,7 @@ mod tests {
             workload: "redis",
             site: "a",
             id: "c1",
+            adapter: None,
         };
         assert_eq!(hooks.run(Hook::PostCheckpoint, &about).await, Ok(()));
         let ran = std::fs::read_to_string(&out).unwrap_or_default();

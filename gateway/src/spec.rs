@@ -87,6 +87,24 @@ impl ExitInfo {
     }
 }
 
+/// Where a workload hook runs: the site's `[hooks]` and the adapter's `ferry:hooks` exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// After a checkpoint was taken (a migration's too); a failure is logged.
+    PostCheckpoint,
+    /// Before a restore; a failure refuses it.
+    PreRestore,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::PostCheckpoint => "post_checkpoint",
+            Hook::PreRestore => "pre_restore",
+        }
+    }
+}
+
 /// What happens to an ended workload (the restart decider's answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

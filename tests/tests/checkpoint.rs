@@ -236,6 +236,84 @@ fn site_hooks_run_after_a_checkpoint_and_a_failing_pre_restore_hook_rolls_a_move
     Ok(())
 }
 
+/// The process adapter's own hooks (`ferry:hooks`): the programs a workload's settings
+/// name, run through the adapter's `exec` grant after a checkpoint at A and before the
+/// restore at B; a failing pre-restore program rolls the next move back.
+#[test]
+fn adapter_hooks_run_the_workloads_programs_and_a_failing_one_refuses_the_restore() -> Result<()> {
+    let dir = std::env::temp_dir().join("ferry-adapter-hook-script");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (script, marks, refuse) = (dir.join("hook"), dir.join("marks"), dir.join("refuse"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {marks}\nif [ -e {refuse} ]; then echo the warm-up is refused >&2; exit 3; fi\n",
+            marks = marks.display(),
+            refuse = refuse.display()
+        ),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let script = script.display().to_string();
+    let mut opts = Options::new("adhook");
+    opts.grants.push((
+        "process".into(),
+        ["log", "criu", "process", "exec"]
+            .map(String::from)
+            .to_vec(),
+        vec![script.clone()],
+    ));
+    let sites = TwoSites::start(opts)?;
+    let post = format!("post-checkpoint={script} post {{workload}} {{site}} {{id}}");
+    let pre = format!("pre-restore={script} pre {{workload}} {{site}} {{id}}");
+    sites.run_redis_at_a_with("redis", PORT, &["--setting", &post, "--setting", &pre])?;
+    sites.a.redis(PORT, &["SET", "k", "v"])?;
+    let c = checkpoint(&sites, &["--leave-running"])?;
+    let id = c["id"].as_str().unwrap_or_default().to_string();
+    let ran = std::fs::read_to_string(&marks).unwrap_or_default();
+    assert!(
+        ran.contains(&format!("post redis a {id}")),
+        "{ran}\n{}",
+        sites.logs()
+    );
+    // A move: B's adapter runs the pre-restore program before it restores.
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    assert!(ok, "{m}");
+    let mid = m["id"].as_str().unwrap_or_default().to_string();
+    let ran = std::fs::read_to_string(&marks)?;
+    assert!(ran.contains(&format!("pre redis b {mid}")), "{ran}");
+    assert_eq!(sites.b.redis(PORT, &["GET", "k"])?, "v");
+    // Refused now: the move back rolls back, and B serves on.
+    std::fs::write(&refuse, "")?;
+    let out = sites.b.ferry_output(&[
+        "--output",
+        "json",
+        "migrate",
+        "redis",
+        "--to",
+        "a",
+        "--mode",
+        "stop-and-copy",
+    ])?;
+    let m: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(!out.status.success(), "{m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the warm-up is refused"),
+        "{m}"
+    );
+    assert_eq!(sites.b.redis(PORT, &["GET", "k"])?, "v");
+    assert!(sites.a.has_no_workloads()?);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[test]
 fn periodic_checkpoints_are_taken_while_it_runs() -> Result<()> {
     let sites = TwoSites::start(Options::new("ckper"))?;

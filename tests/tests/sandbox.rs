@@ -14,7 +14,7 @@ use ferry::config::SiteConfig;
 use ferry::criu::Criu;
 use ferry::gateway::plugin_settings;
 use ferry::plugins::{AdapterCall, PluginError, PluginHost};
-use ferry::spec::{Placement, WorkloadSpec};
+use ferry::spec::{Hook, Placement, WorkloadSpec};
 
 fn site(dir: &Path, call_timeout_ms: u64, memory_limit_mb: u64) -> Result<SiteConfig> {
     let _ = std::fs::remove_dir_all(dir);
@@ -242,6 +242,71 @@ async fn a_trap_is_contained() -> Result<()> {
     let err = adapter.checkpoint(workload("trap")).await.unwrap_err();
     assert!(matches!(err, PluginError::Trap { .. }), "{err}");
     assert_eq!(adapter.describe().await?.name, "hostile");
+    Ok(())
+}
+
+/// Workload hooks (`ferry:hooks`) run inside the adapter's instance: under its deadline,
+/// with its grants; an adapter that exports none answers at once.
+#[tokio::test]
+async fn adapter_hooks_run_under_the_adapters_deadline_and_grants() -> Result<()> {
+    let host = host("hooks", 500, 64).await?;
+    let exports_hooks = |name: &str| {
+        host.list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.hooks)
+    };
+    assert_eq!(exports_hooks("hostile"), Some(true));
+    assert_eq!(exports_hooks("process"), Some(true));
+    let hostile = host.adapter("hostile")?;
+    hostile
+        .hook(workload("plain"), Hook::PostCheckpoint, "c1")
+        .await?;
+    let err = hostile
+        .hook(workload("loop"), Hook::PreRestore, "m1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PluginError::Deadline {
+                call: "pre-restore",
+                ms: 500,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = hostile
+        .hook(workload("exec"), Hook::PostCheckpoint, "c1")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("capability exec is not granted to adapter hostile"),
+        "{err}"
+    );
+    // The process adapter runs the program a setting names, through exec: not granted here.
+    let mut call = workload("plain");
+    call.spec.runtime = "process".into();
+    let process = host.adapter("process")?;
+    process
+        .hook(call.clone(), Hook::PreRestore, "m1")
+        .await
+        .map_err(|e| anyhow::anyhow!("no pre-restore setting, nothing to run: {e}"))?;
+    call.spec
+        .settings
+        .insert("pre-restore".into(), "true {workload}".into());
+    let err = process
+        .hook(call, Hook::PreRestore, "m1")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("pre-restore hook of workload victim")
+            && text.contains("capability exec is not granted to adapter process"),
+        "{text}"
+    );
     Ok(())
 }
 

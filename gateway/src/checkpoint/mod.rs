@@ -299,10 +299,13 @@ impl Checkpoints {
                 if let Err(e) = self.retain(name) {
                     tracing::warn!(workload = name, error = %e, "cannot drop old checkpoints");
                 }
+                let adapter = self.parts.plugins.adapter(&w.spec.runtime).ok();
+                let call = AdapterCall::for_workload(&w);
                 let about = crate::hooks::About {
                     workload: name,
                     site: &self.site,
                     id: &c.id,
+                    adapter: adapter.as_ref().map(|a| (a, &call)),
                 };
                 if let Err(e) = self
                     .hooks
@@ -604,18 +607,19 @@ impl Checkpoints {
             .plugins
             .adapter(&c.spec.runtime)
             .map_err(|e| failed(e.to_string()))?;
+        let call = AdapterCall::new(c.spec.clone(), placement.clone(), &self.site)
+            .with_images(images.to_path_buf())
+            .with_source_log(c.log.clone());
         let about = crate::hooks::About {
             workload: &c.workload,
             site: &self.site,
             id: &c.id,
+            adapter: Some((&adapter, &call)),
         };
         self.hooks
             .run(crate::hooks::Hook::PreRestore, &about)
             .await
             .map_err(failed)?;
-        let call = AdapterCall::new(c.spec.clone(), placement.clone(), &self.site)
-            .with_images(images.to_path_buf())
-            .with_source_log(c.log.clone());
         let pid = adapter
             .restore(call.clone(), c.notes.clone())
             .await

@@ -46,7 +46,11 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                         vec![
                             s(&p["name"]),
                             s(&p["version"]),
-                            s(&p["world"]),
+                            if p["hooks"] == true {
+                                format!("{} + hooks", s(&p["world"]))
+                            } else {
+                                s(&p["world"])
+                            },
                             join(&p["runtimes"]),
                             join(&p["approaches"]),
                             join(&p["granted"]["capabilities"]),

@@ -168,7 +168,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     } else {
         None
     };
-    let checkpoint = adapter.checkpoint(about.with_images(images.clone())).await;
+    let checkpoint = adapter
+        .checkpoint(about.clone().with_images(images.clone()))
+        .await;
     dump_over.store(true, std::sync::atomic::Ordering::Release);
     let _ = dumped.send(true);
     let notes = match checkpoint {
@@ -178,7 +180,8 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             return Err(e.into());
         }
     };
-    // Off the freeze path: the site's post-checkpoint hook runs beside the move.
+    // Off the freeze path: the site's and the adapter's post-checkpoint hooks run beside
+    // the move.
     {
         let (hooks, site, workload, id) = (
             engine.hooks.clone(),
@@ -186,11 +189,13 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             m.workload.clone(),
             id.to_string(),
         );
+        let (adapter, call) = (adapter.clone(), about.clone());
         engine.tasks.spawn(async move {
             let about = crate::hooks::About {
                 workload: &workload,
                 site: &site,
                 id: &id,
+                adapter: Some((&adapter, &call)),
             };
             if let Err(e) = hooks.run(crate::hooks::Hook::PostCheckpoint, &about).await {
                 tracing::warn!(migration = %id, error = %e, "post-checkpoint hook failed; the move goes on");

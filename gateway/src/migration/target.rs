@@ -357,19 +357,6 @@ impl Engine {
         postcopy: bool,
     ) -> Result<i32, MigrationError> {
         let adapter = self.plugins.adapter(&spec.runtime)?;
-        // The site's pre-restore hook (a cache warmed, a lock taken): its failure refuses
-        // the restore before anything starts, and the source resumes.
-        let hook = crate::hooks::About {
-            workload: &spec.name,
-            site: &self.site,
-            id,
-        };
-        if let Err(message) = self.hooks.run(crate::hooks::Hook::PreRestore, &hook).await {
-            return Err(MigrationError::RestoreFailed {
-                site: self.site.clone(),
-                message,
-            });
-        }
         let placement = self.workloads.place(&spec.name)?;
         // The reservation made at prepare time describes the workload as it will run here.
         let reserved = self
@@ -380,6 +367,20 @@ impl Engine {
             .with_peer(peer)
             .with_images(self.incoming_dir.join(id))
             .with_source_log(source_log.to_path_buf());
+        // The site's and the adapter's pre-restore hooks (a cache warmed, a lock taken):
+        // a failure refuses the restore before anything starts, and the source resumes.
+        let hook = crate::hooks::About {
+            workload: &spec.name,
+            site: &self.site,
+            id,
+            adapter: Some((&adapter, &about)),
+        };
+        if let Err(message) = self.hooks.run(crate::hooks::Hook::PreRestore, &hook).await {
+            return Err(MigrationError::RestoreFailed {
+                site: self.site.clone(),
+                message,
+            });
+        }
         if postcopy {
             // The restored tree's missing pages come from the source, through Ferry.
             let images = self.incoming_dir.join(id);

@@ -289,6 +289,8 @@ impl World {
                 }
                 Ok(Reply::Unit)
             }
+            // It exports no hooks.
+            Call::Hook(..) => Ok(Reply::Unit),
             other => Err(failed(format!("{} is not a runtime call", other.name()))),
         }
     }

@@ -9,12 +9,13 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store};
 
-use super::bindings::{Guest, Linkers, WitVersion, World};
+use super::bindings::{hooks, Guest, Linkers, WitVersion, World};
 use super::call::{AdapterCall, Call, Reply, Spawned};
 use super::grant::Granted;
 use super::host::{MemoryLimit, State, TunnelOpener};
 use super::PluginError;
 use crate::criu::Criu;
+use crate::spec::Hook;
 use crate::sys::process;
 
 /// Splits the call into what the guest is told and what the host may act on.
@@ -34,6 +35,7 @@ fn split(call: Call) -> (Option<AdapterCall>, Op) {
         Call::Unfence(c) => (Some(c), Op::Unfence),
         Call::CutOver(c, mark) => (Some(c), Op::CutOver(mark)),
         Call::AbortSync(c) => (Some(c), Op::AbortSync),
+        Call::Hook(c, hook, id) => (Some(c), Op::Hook(hook, id)),
     }
 }
 
@@ -53,6 +55,7 @@ enum Op {
     Unfence,
     CutOver(String),
     AbortSync,
+    Hook(Hook, String),
 }
 
 /// How long past its deadline a call may stay in a host function before it is abandoned.
@@ -86,6 +89,8 @@ pub struct Actor {
 struct Instance {
     store: Store<State>,
     guest: Guest,
+    /// Its `ferry:hooks` exports, if it has them.
+    hooks: Option<hooks::WorkloadHooks>,
 }
 
 impl Actor {
@@ -123,7 +128,7 @@ impl Actor {
         store.limiter(|s| &mut s.memory);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let guest = Guest::instantiate(
+        let (guest, hooks) = Guest::instantiate(
             self.wit,
             self.world,
             &mut store,
@@ -135,7 +140,11 @@ impl Actor {
             name: self.name.clone(),
             detail: format!("cannot instantiate: {e:#}"),
         })?;
-        Ok(Instance { store, guest })
+        Ok(Instance {
+            store,
+            guest,
+            hooks,
+        })
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -172,6 +181,7 @@ impl Actor {
         inst.store.data_mut().reset_wasi();
         inst.store.set_epoch_deadline(self.deadline_ticks());
         let guest = &inst.guest;
+        let hooks = inst.hooks.as_ref();
         let store = &mut inst.store;
         // The epoch deadline stops guest code; this bounds a call blocked in the host (a
         // socket read the guest waits on) too. Either way the instance is discarded.
@@ -228,6 +238,28 @@ impl Actor {
                     .abort_sync(store, &w)
                     .await
                     .map(|r| r.map(|()| Reply::Unit)),
+                (Op::Hook(hook, id), Some(w)) => {
+                    let about = hooks::About {
+                        workload: w.name,
+                        site: w.site,
+                        id,
+                        settings: w.settings,
+                    };
+                    let exports = hooks.map(hooks::WorkloadHooks::ferry_hooks_hooks);
+                    match (exports, hook) {
+                        (None, _) => Ok(Ok(())),
+                        (Some(e), Hook::PostCheckpoint) => {
+                            e.call_post_checkpoint(&mut *store, &about).await
+                        }
+                        (Some(e), Hook::PreRestore) => {
+                            e.call_pre_restore(&mut *store, &about).await
+                        }
+                    }
+                    .map(|r| {
+                        r.map(|()| Reply::Unit)
+                            .map_err(super::bindings::AdapterError::Failed)
+                    })
+                }
             }
         })
         .await;

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::spec::{Placement, Workload, WorkloadSpec};
+use crate::spec::{Hook, Placement, Workload, WorkloadSpec};
 use crate::sys::process;
 
 use super::bindings::{self, AdapterInfo, Plan, SyncState};
@@ -157,6 +157,9 @@ pub enum Call {
     /// At the destination: catch up to the source's mark, then become the primary.
     CutOver(AdapterCall, String),
     AbortSync(AdapterCall),
+    /// The adapter's own hook (`ferry:hooks`), with the checkpoint's or migration's id; an
+    /// adapter that exports none answers `Unit`.
+    Hook(AdapterCall, Hook, String),
 }
 
 impl Call {
@@ -176,6 +179,8 @@ impl Call {
             Call::Unfence(_) => "unfence",
             Call::CutOver(..) => "cut-over",
             Call::AbortSync(_) => "abort-sync",
+            Call::Hook(_, Hook::PostCheckpoint, _) => "post-checkpoint",
+            Call::Hook(_, Hook::PreRestore, _) => "pre-restore",
         }
     }
 }

@@ -149,6 +149,8 @@ pub struct PluginInfo {
     /// It runs its runtime's own lazy checkpoint through the `lazy` host interface
     /// (0.3.0 on), so it can move post-copy with the `exec` capability alone.
     pub lazy: bool,
+    /// It exports workload hooks (`ferry:hooks@0.1.0`): post-checkpoint and pre-restore.
+    pub hooks: bool,
     /// "loaded", or why it could not be.
     pub status: String,
 }
@@ -260,6 +262,19 @@ impl AdapterHandle {
 
     pub async fn release_source(&self, call: AdapterCall) -> Result<(), PluginError> {
         self.call(Call::ReleaseSource(call)).await.map(|_| ())
+    }
+
+    /// The adapter's own `hook` (`ferry:hooks`) about a checkpoint or migration `id`; Ok
+    /// when it exports none.
+    pub async fn hook(
+        &self,
+        call: AdapterCall,
+        hook: crate::spec::Hook,
+        id: &str,
+    ) -> Result<(), PluginError> {
+        self.call(Call::Hook(call, hook, id.to_string()))
+            .await
+            .map(|_| ())
     }
 
     /// Service adapters, at the destination: make the fresh instance follow the source.
@@ -448,6 +463,7 @@ impl PluginHost {
                 asks: Vec::new(),
                 granted: Granted::default(),
                 lazy: false,
+                hooks: false,
                 status: "native".into(),
             })
             .collect();
@@ -575,6 +591,7 @@ impl PluginHost {
             asks: Vec::new(),
             granted: Granted::default(),
             lazy: false,
+            hooks: false,
             status: String::new(),
         };
         // A plugin that cannot load is listed with the reason, and logged.
@@ -613,6 +630,9 @@ impl PluginHost {
         };
         // Checked at load: a component may import only host interfaces its manifest asks for.
         let ty = component.component_type();
+        info.hooks = ty
+            .exports(engine)
+            .any(|(name, _)| name == bindings::hooks::EXPORT);
         for (import, _) in ty.imports(engine) {
             info.lazy |= import.starts_with("ferry:adapter/lazy@");
             if let Some(Some(cap)) = capability_of(import) {

@@ -6,13 +6,17 @@
 //! `args` setting (split on spaces), as a runtime adapter asks runc or podman to start a
 //! container. Any other mode
 //! checkpoints normally (a `connect` that succeeds goes on to the real checkpoint).
+//! Its workload hooks (`ferry:hooks`) misbehave the same way.
 
+use ferry_adapter_sdk::hooks::{About, Hooks};
+use ferry_adapter_sdk::service::reason;
 use ferry_adapter_sdk::*;
 
 struct Hostile;
 
-fn misbehave(w: &Workload) -> Result<(), AdapterError> {
-    match setting(w, "mode") {
+fn misbehave(settings: &[(String, String)]) -> Result<(), AdapterError> {
+    let setting = |key: &str| setting_in(settings, key);
+    match setting("mode") {
         Some("loop") => {
             let mut n: u64 = 0;
             loop {
@@ -31,8 +35,8 @@ fn misbehave(w: &Workload) -> Result<(), AdapterError> {
             Ok(())
         }
         Some("container") => {
-            let program = setting(w, "program").unwrap_or("podman");
-            let args: Vec<&str> = setting(w, "args")
+            let program = setting("program").unwrap_or("podman");
+            let args: Vec<&str> = setting("args")
                 .unwrap_or_default()
                 .split_whitespace()
                 .collect();
@@ -42,7 +46,7 @@ fn misbehave(w: &Workload) -> Result<(), AdapterError> {
         Some("trap") => panic!("hostile adapter traps in checkpoint"),
         Some("hang") => {
             // Waits in the host for a reply that never comes.
-            let target = setting(w, "target").unwrap_or("127.0.0.1:9");
+            let target = setting("target").unwrap_or("127.0.0.1:9");
             let mut s = std::net::TcpStream::connect(target)
                 .map_err(|e| AdapterError::Denied(format!("socket {target}: {e}")))?;
             let mut byte = [0u8; 1];
@@ -50,7 +54,7 @@ fn misbehave(w: &Workload) -> Result<(), AdapterError> {
             Ok(())
         }
         Some("connect") => {
-            let target = setting(w, "target").unwrap_or("127.0.0.1:9");
+            let target = setting("target").unwrap_or("127.0.0.1:9");
             std::net::TcpStream::connect(target)
                 .map(|_| ())
                 .map_err(|e| AdapterError::Denied(format!("socket {target}: {e}")))
@@ -83,7 +87,7 @@ impl Adapter for Hostile {
     }
 
     fn checkpoint(w: Workload) -> Result<Notes, AdapterError> {
-        misbehave(&w)?;
+        misbehave(&w.settings)?;
         criu::dump()?;
         Ok(Vec::new())
     }
@@ -102,4 +106,15 @@ impl Adapter for Hostile {
     }
 }
 
+impl Hooks for Hostile {
+    fn post_checkpoint(about: About) -> Result<(), String> {
+        misbehave(&about.settings).map_err(reason)
+    }
+
+    fn pre_restore(about: About) -> Result<(), String> {
+        misbehave(&about.settings).map_err(reason)
+    }
+}
+
 export_adapter!(Hostile);
+ferry_adapter_sdk::export_hooks!(Hostile);

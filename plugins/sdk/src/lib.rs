@@ -34,6 +34,7 @@ wit_bindgen::generate!({
     generate_unused_types: true,
 });
 
+pub mod hooks;
 pub mod service;
 
 pub use ferry::adapter::types::{
@@ -153,7 +154,12 @@ macro_rules! export_adapter {
 
 /// A runtime-specific setting of the workload.
 pub fn setting<'a>(w: &'a Workload, key: &str) -> Option<&'a str> {
-    w.settings
+    setting_in(&w.settings, key)
+}
+
+/// The value of `key` in a list of settings (a workload's, or a hook's `about`).
+pub fn setting_in<'a>(settings: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    settings
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())

@@ -57,6 +57,7 @@ macro_rules! tunnel_open {
     };
 }
 
+pub mod hooks;
 pub mod v0_1;
 pub mod v0_2;
 pub mod v0_2_service;
@@ -245,31 +246,44 @@ macro_rules! service {
 }
 
 impl Guest {
+    /// Instantiates `component` through the bindings of `version`'s `world`, with its
+    /// workload hooks when it exports `ferry:hooks` (with other types: an error).
     pub async fn instantiate(
         version: WitVersion,
         world: World,
         store: &mut Store<State>,
         component: &Component,
         linkers: &Linkers,
-    ) -> wasmtime::Result<Self> {
-        let linker = linkers.get(version, world);
-        Ok(match (version, world) {
-            (WitVersion::V0_1, _) => Guest::V0_1(
-                v0_1::RuntimeAdapter::instantiate_async(store, component, linker).await?,
-            ),
-            (WitVersion::V0_2, World::Runtime) => Guest::V0_2(
-                v0_2::RuntimeAdapter::instantiate_async(store, component, linker).await?,
-            ),
-            (WitVersion::V0_2, World::Service) => Guest::ServiceV0_2(
-                v0_2_service::ServiceAdapter::instantiate_async(store, component, linker).await?,
-            ),
-            (WitVersion::V0_3, World::Runtime) => Guest::V0_3(
-                v0_3::RuntimeAdapter::instantiate_async(store, component, linker).await?,
-            ),
-            (WitVersion::V0_3, World::Service) => Guest::Service(
-                v0_3_service::ServiceAdapter::instantiate_async(store, component, linker).await?,
-            ),
-        })
+    ) -> wasmtime::Result<(Self, Option<hooks::WorkloadHooks>)> {
+        let instance = linkers
+            .get(version, world)
+            .instantiate_async(&mut *store, component)
+            .await?;
+        let guest = match (version, world) {
+            (WitVersion::V0_1, _) => {
+                Guest::V0_1(v0_1::RuntimeAdapter::new(&mut *store, &instance)?)
+            }
+            (WitVersion::V0_2, World::Runtime) => {
+                Guest::V0_2(v0_2::RuntimeAdapter::new(&mut *store, &instance)?)
+            }
+            (WitVersion::V0_2, World::Service) => {
+                Guest::ServiceV0_2(v0_2_service::ServiceAdapter::new(&mut *store, &instance)?)
+            }
+            (WitVersion::V0_3, World::Runtime) => {
+                Guest::V0_3(v0_3::RuntimeAdapter::new(&mut *store, &instance)?)
+            }
+            (WitVersion::V0_3, World::Service) => {
+                Guest::Service(v0_3_service::ServiceAdapter::new(&mut *store, &instance)?)
+            }
+        };
+        let hooks = if component.get_export_index(None, hooks::EXPORT).is_some() {
+            let h = hooks::WorkloadHooks::new(&mut *store, &instance)
+                .map_err(|e| e.context(format!("it exports {} with other types", hooks::EXPORT)))?;
+            Some(h)
+        } else {
+            None
+        };
+        Ok((guest, hooks))
     }
 
     /// What a service adapter answers to a runtime call, and the reverse.
