@@ -9,6 +9,7 @@ use ferry_e2e::{wait_for, Options, TwoSites};
 use serde_json::Value;
 
 const PORT: u16 = 6379;
+const ROUTE: &str = "0.0.0.0:16379";
 
 fn checkpoint(sites: &TwoSites, flags: &[&str]) -> Result<Value> {
     let mut args = vec!["checkpoint", "redis"];
@@ -105,7 +106,7 @@ fn a_checkpoint_restores_the_dataset_it_took_and_the_next_one_stores_only_what_c
 fn replicated_checkpoints_send_only_what_the_peer_lacks_and_recover_there_when_the_site_is_lost(
 ) -> Result<()> {
     let mut sites = TwoSites::start(Options::new("ckrepl"))?;
-    sites.run_redis_at_a_with("redis", PORT, &["--replicate-to", "b"])?;
+    sites.run_redis_at_a_with("redis", PORT, &["--replicate-to", "b", "--route", ROUTE])?;
     sites
         .a
         .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "100"])?;
@@ -160,6 +161,13 @@ fn replicated_checkpoints_send_only_what_the_peer_lacks_and_recover_there_when_t
         (sites.a.has_no_workloads().ok()? && sites.a.redis(PORT, &["PING"]).is_err()).then_some(())
     })?;
     assert_eq!(sites.b.redis(PORT, &["GET", "after"])?, "failover");
+    // A's route now leads to B, as after a migration.
+    let routes = sites.a.ferry_json(&["route", "ls"])?;
+    assert_eq!(routes[0]["target"], "peer:b", "{routes}");
+    let via_a = sites
+        .a
+        .exec("redis-cli", &["-p", "16379", "GET", "after"])?;
+    assert_eq!(via_a.trim(), "failover");
     Ok(())
 }
 

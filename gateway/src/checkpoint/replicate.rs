@@ -232,10 +232,16 @@ impl Checkpoints {
             if w.started_at_ms >= since || w.migration.is_some() {
                 continue;
             }
-            tracing::warn!(workload = %w.spec.name, site = %peer, since_ms = since, "this workload was recovered at another site while this one was lost; the old copy here is stopped, not resumed");
-            if let Err(e) = self.parts.workloads.remove(&w.spec.name).await {
-                tracing::error!(workload = %w.spec.name, error = %e, "cannot stop the fenced copy");
+            tracing::warn!(workload = %w.spec.name, site = %peer, since_ms = since, "this workload was recovered at another site while this one was lost; the old copy here is stopped, not resumed, and its routes lead there");
+            // As a migration's source ends: stopped before its record goes, and this
+            // site's routes forward to where it runs now.
+            self.parts.workloads.stop(&w).await;
+            if let Err(e) = self.parts.workloads.forget(&w.spec.name) {
+                tracing::error!(workload = %w.spec.name, error = %e, "cannot forget the fenced copy");
             }
+            self.parts
+                .ingress
+                .release(&w.spec.name, crate::proxy::Target::Remote(peer));
         }
     }
 
