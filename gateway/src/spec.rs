@@ -150,6 +150,10 @@ pub struct CheckpointPolicy {
     /// The peer site each checkpoint is replicated to (only the blocks it lacks travel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicate_to: Option<String>,
+    /// How many of its checkpoints a site keeps (the newest; default: the site's
+    /// `[workloads] keep_checkpoints`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
 }
 
 /// How a site decides a workload it started or restored is healthy, beyond its process
@@ -344,6 +348,9 @@ impl WorkloadSpec {
             }
             if let Some(site) = &policy.replicate_to {
                 names::validate("site", site)?;
+            }
+            if policy.keep.is_some_and(|k| !(1..=1000).contains(&k)) {
+                return Err(SpecError::Invalid("keep 1 to 1000 checkpoints".into()));
             }
         }
         if let Some(decider) = self.restart.as_ref().and_then(|r| r.decider.as_ref()) {

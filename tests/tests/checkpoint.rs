@@ -325,11 +325,24 @@ fn adapter_hooks_run_the_workloads_programs_and_a_failing_one_refuses_the_restor
 #[test]
 fn periodic_checkpoints_are_taken_while_it_runs() -> Result<()> {
     let sites = TwoSites::start(Options::new("ckper"))?;
-    sites.run_redis_at_a_with("redis", PORT, &["--checkpoint-every", "5s"])?;
+    sites.run_redis_at_a_with(
+        "redis",
+        PORT,
+        &["--checkpoint-every", "5s", "--keep-checkpoints", "1"],
+    )?;
     sites.a.redis(PORT, &["SET", "k", "v"])?;
+    // Two taken one after the other, and only the newest kept each time.
+    let mut seen = std::collections::BTreeSet::new();
     let list = wait_for("two periodic checkpoints", Duration::from_secs(30), || {
         let list = sites.a.ferry_json(&["checkpoint", "ls", "redis"]).ok()?;
-        (list.as_array()?.len() >= 2).then_some(list)
+        let ids: Vec<String> = list
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(str::to_string))
+            .collect();
+        assert!(ids.len() <= 1, "kept more than one: {list}");
+        seen.extend(ids);
+        (seen.len() >= 2).then_some(list)
     })?;
     assert!(
         list.as_array()

@@ -460,7 +460,12 @@ impl Checkpoints {
     /// checkpoint uses.
     fn retain(&self, name: &str) -> Result<(), CheckpointError> {
         let mine = self.list(name)?;
-        let drop = mine.len().saturating_sub(self.keep);
+        // The newest record's policy, as the workload asks for it now.
+        let keep = mine
+            .last()
+            .and_then(|c| c.spec.checkpoints.as_ref()?.keep)
+            .map_or(self.keep, |k| k.max(1) as usize);
+        let drop = mine.len().saturating_sub(keep);
         for c in &mine[..drop] {
             self.drop_record(name, &c.id)?;
             tracing::info!(workload = name, checkpoint = %c.id, "old checkpoint dropped");

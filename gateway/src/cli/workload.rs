@@ -43,6 +43,10 @@ pub enum Cmd {
         /// is lost.
         #[arg(long, value_name = "SITE")]
         replicate_to: Option<String>,
+        /// Keep its N newest checkpoints (here and at the replica's site); default: the
+        /// site's `[workloads] keep_checkpoints`.
+        #[arg(long, value_name = "N")]
+        keep_checkpoints: Option<u32>,
         /// When its process ends unasked, bring it back: never (the default), on-failure
         /// (a non-zero exit or a signal) or always. How is the decider's call: by
         /// default a crash by a signal restores its newest checkpoint (a fresh start
@@ -142,16 +146,19 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             health,
             checkpoint_every,
             replicate_to,
+            keep_checkpoints,
             restart,
             decider,
             command,
         } => {
-            let checkpoints = (checkpoint_every.is_some() || replicate_to.is_some()).then_some(
-                crate::spec::CheckpointPolicy {
-                    every_secs: checkpoint_every,
-                    replicate_to,
-                },
-            );
+            let checkpoints = (checkpoint_every.is_some()
+                || replicate_to.is_some()
+                || keep_checkpoints.is_some())
+            .then_some(crate::spec::CheckpointPolicy {
+                every_secs: checkpoint_every,
+                replicate_to,
+                keep: keep_checkpoints,
+            });
             let spec = WorkloadSpec {
                 name,
                 command,
