@@ -6,61 +6,64 @@ use super::output::{self, Output};
 use super::Connect;
 use crate::spec::{Workload, WorkloadSpec};
 
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    name: String,
+    /// TCP port the workload serves (checked free, then waited for).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// The adapter that runs it: process (default), runc, …
+    #[arg(long, default_value = "process")]
+    runtime: String,
+    /// Runtime-specific setting KEY=VALUE for the adapter (repeatable).
+    #[arg(long = "setting", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Ingress route at this site to --port (repeatable): ADDR:PORT or tcp:ADDR:PORT
+    /// for TCP, http:ADDR:PORT for HTTP/1.1, http-redirect:ADDR:PORT to send clients
+    /// to the new site after a move. Clients are held, not refused, during a migration.
+    #[arg(long = "route", value_name = "[MODE:]ADDR:PORT")]
+    routes: Vec<crate::spec::RouteSpec>,
+    /// What says it serves, after it starts and after every restore: tcp (the default
+    /// with --port), http:/PATH (a 2xx or 3xx answer on --port), or exec:PROGRAM ARGS
+    /// (run at the site, exit 0). Without --port and without a check: that it keeps
+    /// running. A restore that fails it is discarded and the source resumes.
+    #[arg(long, value_name = "CHECK")]
+    health: Option<crate::spec::HealthCheck>,
+    /// Checkpoint it every DURATION while it runs (30s, 5m, 1h; left running), kept as
+    /// `ferry checkpoint` keeps them.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    checkpoint_every: Option<u64>,
+    /// Replicate each of its checkpoints to peer SITE (only the blocks SITE lacks
+    /// travel), from where `ferry workload recover NAME` brings it back if this site
+    /// is lost.
+    #[arg(long, value_name = "SITE")]
+    replicate_to: Option<String>,
+    /// Keep its N newest checkpoints (here and at the replica's site); default: the
+    /// site's `[workloads] keep_checkpoints`.
+    #[arg(long, value_name = "N")]
+    keep_checkpoints: Option<u32>,
+    /// When its process ends unasked, bring it back: never (the default), on-failure
+    /// (a non-zero exit or a signal) or always. How is the decider's call: by
+    /// default a crash by a signal restores its newest checkpoint (a fresh start
+    /// without one), a failing exit starts it fresh, a clean exit leaves it in
+    /// standby; crash loops back off (1 s, doubling, at most 60 s).
+    #[arg(long, value_enum, value_name = "WHEN")]
+    restart: Option<crate::spec::RestartWhen>,
+    /// A decider plugin (world `restart-decider`) that makes that call instead.
+    #[arg(long, value_name = "PLUGIN", requires = "restart")]
+    decider: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
     /// Start a process workload: `ferry workload run NAME [--port P] -- CMD ARGS…`.
-    Run {
-        name: String,
-        /// TCP port the workload serves (checked free, then waited for).
-        #[arg(long)]
-        port: Option<u16>,
-        /// Environment variable KEY=VALUE (repeatable).
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
-        /// The adapter that runs it: process (default), runc, …
-        #[arg(long, default_value = "process")]
-        runtime: String,
-        /// Runtime-specific setting KEY=VALUE for the adapter (repeatable).
-        #[arg(long = "setting", value_name = "KEY=VALUE")]
-        settings: Vec<String>,
-        /// Ingress route at this site to --port (repeatable): ADDR:PORT or tcp:ADDR:PORT
-        /// for TCP, http:ADDR:PORT for HTTP/1.1, http-redirect:ADDR:PORT to send clients
-        /// to the new site after a move. Clients are held, not refused, during a migration.
-        #[arg(long = "route", value_name = "[MODE:]ADDR:PORT")]
-        routes: Vec<crate::spec::RouteSpec>,
-        /// What says it serves, after it starts and after every restore: tcp (the default
-        /// with --port), http:/PATH (a 2xx or 3xx answer on --port), or exec:PROGRAM ARGS
-        /// (run at the site, exit 0). Without --port and without a check: that it keeps
-        /// running. A restore that fails it is discarded and the source resumes.
-        #[arg(long, value_name = "CHECK")]
-        health: Option<crate::spec::HealthCheck>,
-        /// Checkpoint it every DURATION while it runs (30s, 5m, 1h; left running), kept as
-        /// `ferry checkpoint` keeps them.
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-        checkpoint_every: Option<u64>,
-        /// Replicate each of its checkpoints to peer SITE (only the blocks SITE lacks
-        /// travel), from where `ferry workload recover NAME` brings it back if this site
-        /// is lost.
-        #[arg(long, value_name = "SITE")]
-        replicate_to: Option<String>,
-        /// Keep its N newest checkpoints (here and at the replica's site); default: the
-        /// site's `[workloads] keep_checkpoints`.
-        #[arg(long, value_name = "N")]
-        keep_checkpoints: Option<u32>,
-        /// When its process ends unasked, bring it back: never (the default), on-failure
-        /// (a non-zero exit or a signal) or always. How is the decider's call: by
-        /// default a crash by a signal restores its newest checkpoint (a fresh start
-        /// without one), a failing exit starts it fresh, a clean exit leaves it in
-        /// standby; crash loops back off (1 s, doubling, at most 60 s).
-        #[arg(long, value_enum, value_name = "WHEN")]
-        restart: Option<crate::spec::RestartWhen>,
-        /// A decider plugin (world `restart-decider`) that makes that call instead.
-        #[arg(long, value_name = "PLUGIN", requires = "restart")]
-        decider: Option<String>,
-        /// The command and its arguments.
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    Run(Box<RunArgs>),
     /// List this site's workloads.
     Ls,
     /// Show one workload.
@@ -136,21 +139,22 @@ fn pairs(
 pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()> {
     let client = connect.client()?;
     match cmd {
-        Cmd::Run {
-            name,
-            port,
-            env,
-            runtime,
-            settings,
-            routes,
-            health,
-            checkpoint_every,
-            replicate_to,
-            keep_checkpoints,
-            restart,
-            decider,
-            command,
-        } => {
+        Cmd::Run(args) => {
+            let RunArgs {
+                name,
+                port,
+                env,
+                runtime,
+                settings,
+                routes,
+                health,
+                checkpoint_every,
+                replicate_to,
+                keep_checkpoints,
+                restart,
+                decider,
+                command,
+            } = *args;
             let checkpoints = (checkpoint_every.is_some()
                 || replicate_to.is_some()
                 || keep_checkpoints.is_some())
