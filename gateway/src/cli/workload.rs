@@ -8,6 +8,7 @@ use crate::spec::{Workload, WorkloadSpec};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Its name, unique at this site (1-63 of a-z, 0-9 and '-').
     name: String,
     /// TCP port the workload serves (checked free, then waited for).
     #[arg(long)]
