@@ -840,8 +840,21 @@ pub fn slow_restore(tag: &str, program: &str) -> String {
 /// A `b_mount_setup` that makes `program` sleep `secs` s first when its arguments hold
 /// `word`, in B's mount namespace only.
 pub fn slow_when(tag: &str, program: &str, word: &str, secs: u32) -> String {
+    wrap_when(tag, program, word, &format!("sleep {secs}"))
+}
+
+/// A `b_mount_setup` that makes `program` fail (exit 1, saying so) when its arguments
+/// hold `word`, in B's mount namespace only: the same executable, so the destination
+/// looks compatible, but that step fails there.
+pub fn fail_when(tag: &str, program: &str, word: &str) -> String {
+    wrap_when(tag, program, word, "echo injected failure >&2; exit 1")
+}
+
+/// `program` replaced in B's mount namespace by a script that runs `action` first when
+/// its arguments hold `word`, then the real program.
+fn wrap_when(tag: &str, program: &str, word: &str, action: &str) -> String {
     format!(
-        r#"d=/tmp/ferry-e2e-{tag}-slow; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" {word} "*) sleep {secs};; esac\nexec /tmp/ferry-e2e-{tag}-slow/real "$@"\n' > $d/slow; chmod +x $d/slow; mount --bind $d/slow {program}"#
+        r#"d=/tmp/ferry-e2e-{tag}-wrap; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" {word} "*) {action};; esac\nexec /tmp/ferry-e2e-{tag}-wrap/real "$@"\n' > $d/wrapper; chmod +x $d/wrapper; mount --bind $d/wrapper {program}"#
     )
 }
 

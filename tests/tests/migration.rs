@@ -120,10 +120,10 @@ fn redis_moves_between_sites_with_its_data() -> Result<()> {
 
 #[test]
 fn restore_failure_resumes_source() -> Result<()> {
-    // Site B has a different redis-server binary than A (as a differently provisioned
-    // host would): CRIU cannot restore A's image there.
+    // Site B looks able to restore (same files, same CRIU), but its CRIU fails the
+    // restore: the move rolls back after the freeze.
     let mut opts = Options::new("rfail");
-    opts.b_mount_setup = Some("mount --bind /usr/bin/true /usr/bin/redis-server".into());
+    opts.b_mount_setup = Some(ferry_e2e::fail_when("rfail", ferry_e2e::CRIU, "restore"));
     let sites = TwoSites::start(opts)?;
     sites.run_redis_at_a("redis", PORT)?;
     sites.a.redis(PORT, &["DEBUG", "POPULATE", "20000"])?;
@@ -152,6 +152,54 @@ fn restore_failure_resumes_source() -> Result<()> {
     let id = m["id"].as_str().expect("id");
     let at_b = sites.b.ferry_json(&["migration", "show", id])?;
     assert_eq!(at_b["phase"], "rolled_back");
+    Ok(())
+}
+
+/// A destination that cannot restore the workload (another redis-server binary, too little
+/// disk for the image) is refused before anything is frozen: 409 with every reason, the
+/// plan shows them, no migration starts, and the source never stops serving.
+#[test]
+fn an_incompatible_destination_is_refused_before_the_freeze() -> Result<()> {
+    let mut opts = Options::new("incomp");
+    let incoming = std::env::temp_dir().join("ferry-e2e-incomp/b/data/incoming");
+    opts.b_mount_setup = Some(format!(
+        "mount --bind /usr/bin/true /usr/bin/redis-server; mkdir -p {d}; mount -t tmpfs -o size=1m ferry-incomp {d}",
+        d = incoming.display()
+    ));
+    let sites = TwoSites::start(opts)?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites.a.redis(PORT, &["DEBUG", "POPULATE", "20000"])?;
+    let before = dataset(&sites.a)?;
+    let pid = workloads(&sites.a)?[0]["pid"].clone();
+
+    let out = sites.a.ferry_output(&["migrate", "redis", "--to", "b"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("incompatible_destination") || err.contains("cannot restore this workload"),
+        "{err}"
+    );
+    // (redis-server is a link to redis-check-rdb, the file the process maps.)
+    assert!(
+        err.contains("/usr/bin/redis-check-rdb differs here"),
+        "{err}\n{}",
+        sites.logs()
+    );
+    assert!(err.contains("not enough free disk"), "{err}");
+    // The plan says the same, per candidate.
+    let plan = sites
+        .a
+        .ferry_json(&["migrate", "redis", "--to", "b", "--plan"])?;
+    let reasons = plan["candidates"][0]["incompatible"].to_string();
+    assert!(reasons.contains("/usr/bin/redis-check-rdb"), "{plan}");
+    // Nothing started, nothing froze: the same process serves, with its data.
+    let migrations = sites.a.ferry_json(&["migration", "ls"])?;
+    assert_eq!(migrations.as_array().map(Vec::len), Some(0), "{migrations}");
+    let now = &workloads(&sites.a)?[0];
+    assert_eq!(now["pid"], pid);
+    assert_eq!(now["state"], "running");
+    assert_eq!(dataset(&sites.a)?, before);
+    assert!(workloads(&sites.b)?.is_empty());
     Ok(())
 }
 

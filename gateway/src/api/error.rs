@@ -108,6 +108,11 @@ impl From<MigrationError> for ApiError {
             M::NotReleased { .. } => {
                 Self::new(StatusCode::CONFLICT, "workload_not_released", e.to_string())
             }
+            M::Incompatible { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "incompatible_destination",
+                e.to_string(),
+            ),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }

@@ -195,6 +195,12 @@ impl Api {
             }
             (Method::POST, ["v1", "migrations"]) => {
                 let body: MigrationRequest = body.json()?;
+                // A destination that cannot restore the workload is refused here (409),
+                // before anything is held or frozen.
+                self.state
+                    .engine
+                    .refuse_incompatible(&body.workload, &body.to, &body.options())
+                    .await?;
                 let m = self
                     .state
                     .engine

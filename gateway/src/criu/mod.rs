@@ -124,6 +124,11 @@ exec "$@""#;
 const COMMON: &[&str] = &["--tcp-close", "--manage-cgroups=ignore", "--file-locks"];
 
 impl Criu {
+    /// The CRIU executable this site runs.
+    pub fn bin(&self) -> &std::path::Path {
+        &self.bin
+    }
+
     pub fn new(bin: PathBuf) -> Self {
         Self {
             bin,

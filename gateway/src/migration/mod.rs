@@ -6,6 +6,7 @@
 //! a restarted gateway finishes or rolls back what its journal says was under way
 //! ([`recovery`]).
 
+mod compat;
 mod faults;
 mod handover;
 pub mod plan;
@@ -61,6 +62,8 @@ pub enum MigrationError {
     Transfer(#[from] TransferError),
     #[error("site {site} refused the migration: {message}")]
     Refused { site: String, message: String },
+    #[error("site {site} cannot restore this workload, so nothing was frozen: {problems}")]
+    Incompatible { site: String, problems: String },
     #[error("restore at site {site} failed: {message}")]
     RestoreFailed { site: String, message: String },
     #[error(
@@ -580,6 +583,36 @@ impl Engine {
             .get(workload)
             .ok_or_else(|| WorkloadError::NotFound(workload.to_string()))?;
         self.plan(&w, to, options).await
+    }
+
+    /// Refuses a move the destination could not restore in any way (every candidate
+    /// infeasible, and the checkpoint because the destination said why): before anything
+    /// is held or frozen.
+    pub async fn refuse_incompatible(
+        &self,
+        workload: &str,
+        to: &str,
+        options: &MoveOptions,
+    ) -> Result<(), MigrationError> {
+        let plan = self.plan_only(workload, to, options).await?;
+        let problems: Vec<String> = plan
+            .candidates
+            .iter()
+            .flat_map(|c| c.incompatible.iter().cloned())
+            .collect();
+        if plan.chosen.is_none() && !problems.is_empty() {
+            tracing::info!(
+                workload,
+                to,
+                ?problems,
+                "migration refused before any freeze: the destination cannot restore it"
+            );
+            return Err(MigrationError::Incompatible {
+                site: to.to_string(),
+                problems: problems.join("; "),
+            });
+        }
+        Ok(())
     }
 
     /// Plans a migration of `workload` to `to` as `options` ask and starts driving it.

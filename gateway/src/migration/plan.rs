@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, MigrationError};
-use crate::peer::wire::{PlanInfo, Request, Response};
+use crate::peer::wire::{CheckpointNeeds, PlanInfo, Request, Response};
 use crate::plugins::{approach_name, AdapterCall, Approach};
 use crate::spec::{Workload, WorkloadSpec};
 use crate::sys::process;
@@ -53,6 +53,10 @@ pub struct Candidate {
     /// A checkpoint's mode, as chosen ("stop-and-copy" or "postcopy").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// Why the destination cannot restore this checkpoint (its answer to the source's
+    /// measured needs: versions, CPU, files, disk, memory); empty when it can.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incompatible: Vec<String>,
 }
 
 /// The candidates and the choice.
@@ -238,14 +242,34 @@ impl Engine {
                     stop_and_copy,
                     postcopy_predicted,
                 );
+                // Before any freeze: can the destination restore it at all?
+                let incompatible = match (feasible, w.pid) {
+                    (true, Some(pid)) => {
+                        let needs = super::compat::measure(pid, self.criu.bin()).await;
+                        self.probe_peer(to, &destination, None, Some(needs))
+                            .await
+                            .err()
+                            .unwrap_or_default()
+                    }
+                    _ => Vec::new(),
+                };
+                let (feasible, reason) = if incompatible.is_empty() {
+                    (feasible, format!("{reason}; {how}"))
+                } else {
+                    (
+                        false,
+                        format!("{to} cannot restore it: {}", incompatible.join("; ")),
+                    )
+                };
                 candidates.push(Candidate {
                     approach: approach.to_string(),
                     adapter: adapter.name().to_string(),
                     feasible,
                     allowed: true,
                     predicted_stall_ms: stall,
-                    reason: format!("{reason}; {how}"),
+                    reason,
                     mode: Some(mode),
+                    incompatible,
                 });
             }
             Err(e) => candidates.push(Candidate {
@@ -256,6 +280,7 @@ impl Engine {
                 predicted_stall_ms: None,
                 reason: e.to_string(),
                 mode: None,
+                incompatible: Vec::new(),
             }),
         }
 
@@ -272,6 +297,7 @@ impl Engine {
                         predicted_stall_ms: None,
                         reason: e.to_string(),
                         mode: None,
+                        incompatible: Vec::new(),
                     });
                     continue;
                 }
@@ -284,10 +310,14 @@ impl Engine {
                 predicted_stall_ms: plan.expected_downtime_ms,
                 reason: plan.reason,
                 mode: None,
+                incompatible: Vec::new(),
             };
             if candidate.feasible {
                 // The destination must be able to run the service too.
-                match self.probe_peer(to, &destination, service.name()).await {
+                match self
+                    .probe_peer(to, &destination, Some(service.name()), None)
+                    .await
+                {
                     Ok(()) => {
                         // The switch costs round trips the adapter cannot know (the
                         // fence and the catch-up are local to each site).
@@ -301,7 +331,8 @@ impl Engine {
                     }
                     Err(why) => {
                         candidate.feasible = false;
-                        candidate.reason = format!("{}; but at {to}: {why}", candidate.reason);
+                        candidate.reason =
+                            format!("{}; but at {to}: {}", candidate.reason, why.join("; "));
                     }
                 }
             }
@@ -339,29 +370,45 @@ impl Engine {
         })
     }
 
-    /// Asks `peer` whether it could run `spec` with service adapter `service`.
+    /// Asks `peer` whether it could run `spec`: with service adapter `service`, or
+    /// restore a checkpoint that `needs` what the source measured. `Err` holds why not.
     async fn probe_peer(
         &self,
         peer: &str,
         spec: &WorkloadSpec,
-        service: &str,
-    ) -> Result<(), String> {
+        service: Option<&str>,
+        needs: Option<CheckpointNeeds>,
+    ) -> Result<(), Vec<String>> {
+        let checkpoint = needs.is_some();
         let answer = self
             .peers
             .request(
                 peer,
                 &Request::Probe {
                     workload: spec.clone(),
-                    service: Some(service.to_string()),
+                    service: service.map(str::to_string),
+                    needs,
                 },
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
+        let answer = match answer {
+            Ok(a) => a,
+            // A checkpoint's move finds an unreachable peer out at its prepare, as before.
+            Err(_) if checkpoint => return Ok(()),
+            Err(e) => return Err(vec![e.to_string()]),
+        };
         match answer {
+            Response::Probed { incompatible, .. } if checkpoint => {
+                if incompatible.is_empty() {
+                    Ok(())
+                } else {
+                    Err(incompatible)
+                }
+            }
             Response::Probed {
                 runtime_error: Some(e),
                 ..
-            } => Err(e),
+            } => Err(vec![e]),
             Response::Probed {
                 service:
                     Some(PlanInfo {
@@ -370,13 +417,15 @@ impl Engine {
                         ..
                     }),
                 ..
-            } => Err(reason),
-            Response::Probed { service: None, .. } => {
-                Err(format!("no service adapter {service} there"))
-            }
+            } => Err(vec![reason]),
+            Response::Probed { service: None, .. } => Err(vec![format!(
+                "no service adapter {} there",
+                service.unwrap_or("?")
+            )]),
             Response::Probed { .. } => Ok(()),
-            Response::Error { message, .. } => Err(message),
-            other => Err(format!("unexpected answer {other:?}")),
+            Response::Error { message, .. } if !checkpoint => Err(vec![message]),
+            _ if checkpoint => Ok(()),
+            other => Err(vec![format!("unexpected answer {other:?}")]),
         }
     }
 }
@@ -451,6 +500,7 @@ mod tests {
             predicted_stall_ms: stall,
             reason: format!("{approach} reason"),
             mode: None,
+            incompatible: Vec::new(),
         }
     }
 

@@ -7,57 +7,13 @@
 use std::time::Instant;
 
 use super::{locked, remove_dir, Engine, Migration, Phase, Role};
-use crate::peer::wire::{ErrorCode, PlanInfo, Response, SyncInfo};
+use crate::peer::wire::{ErrorCode, Response, SyncInfo};
 use crate::plugins::{AdapterCall, AdapterHandle, PluginError};
 use crate::spec::{Origin, Workload, WorkloadSpec};
 use crate::sys::process;
 use crate::workload::Waiter;
 
 impl Engine {
-    /// Could this site run `spec` (and, with `service`, could that adapter sync it here)?
-    pub(super) async fn probe_here(
-        &self,
-        peer: &str,
-        spec: &WorkloadSpec,
-        service: Option<&str>,
-    ) -> Response {
-        let runtime_error = match self.plugins.adapter(&spec.runtime) {
-            Err(e) => Some(e.to_string()),
-            Ok(_) => self.workloads.check_free(spec).err().map(|e| e.to_string()),
-        };
-        let service = match service {
-            None => None,
-            Some(name) => Some(match self.plugins.service(name) {
-                Err(e) => PlanInfo {
-                    feasible: false,
-                    reason: e.to_string(),
-                    expected_downtime_ms: None,
-                },
-                Ok(adapter) => {
-                    let placement = self.workloads.placement_of(&spec.name);
-                    let about =
-                        AdapterCall::new(spec.clone(), placement, &self.site).with_peer(peer);
-                    match adapter.probe(about).await {
-                        Ok(p) => PlanInfo {
-                            feasible: p.feasible,
-                            reason: p.reason,
-                            expected_downtime_ms: p.expected_downtime_ms,
-                        },
-                        Err(e) => PlanInfo {
-                            feasible: false,
-                            reason: e.to_string(),
-                            expected_downtime_ms: None,
-                        },
-                    }
-                }
-            }),
-        };
-        Response::Probed {
-            runtime_error,
-            service,
-        }
-    }
-
     /// Reserves the name, starts a fresh instance with its runtime adapter and waits for
     /// its port; journals the replica before answering `Ready`.
     pub(super) async fn prepare_replica(

@@ -41,8 +41,13 @@ impl Handler for Engine {
                 self.prepare_replica(&peer, &migration, workload, &service)
                     .await
             }
-            Request::Probe { workload, service } => {
-                self.probe_here(&peer, &workload, service.as_deref()).await
+            Request::Probe {
+                workload,
+                service,
+                needs,
+            } => {
+                self.probe_here(&peer, &workload, service.as_deref(), needs.as_ref())
+                    .await
             }
             Request::StartSync { migration } => self.start_sync(&peer, &migration).await,
             Request::SyncStatus { migration } => self.sync_status(&peer, &migration).await,
@@ -734,11 +739,11 @@ impl Engine {
     }
 }
 
-/// Is there room in `dir` for a file of `size` bytes (unknown: a growing file), besides
-/// [`DISK_RESERVE`]?
 /// Image files one migration may send (CRIU writes a few dozen per process).
 pub(super) const MAX_IMAGE_FILES: u32 = 8192;
 
+/// Is there room in `dir` for a file of `size` bytes (unknown: a growing file), besides
+/// [`DISK_RESERVE`]?
 fn room_for(dir: &std::path::Path, size: Option<u64>) -> Result<(), String> {
     let free = process::free_bytes(dir)
         .map_err(|e| format!("cannot see the free space in {}: {e}", dir.display()))?;

@@ -1509,6 +1509,14 @@ impl Fuzz {
             9 => Request::Probe {
                 workload: self.spec(),
                 service: (self.below(2) == 0).then(|| self.name()),
+                needs: (self.below(2) == 0).then(|| crate::peer::wire::CheckpointNeeds {
+                    kernel: self.name(),
+                    criu: (self.below(2) == 0).then(|| self.name()),
+                    cpu_flags: vec![self.name()],
+                    files: vec![(format!("/{}", self.name()), self.below(4096))],
+                    memory_bytes: self.below(u64::MAX),
+                    image_bytes: self.below(u64::MAX),
+                }),
             },
             10 => Request::SyncStatus {
                 migration: self.name(),

@@ -17,6 +17,28 @@ pub const MAX_HEADER: usize = 1 << 20;
 /// Most block digests one `BlocksWanted` may ask about (512 KiB of hex).
 pub const MAX_WANTED: usize = 8192;
 
+/// What restoring a workload's checkpoint needs of the destination, as the source measured
+/// it before the freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointNeeds {
+    /// The source's kernel release (`uname -r`).
+    pub kernel: String,
+    /// The source's CRIU version, when it could tell.
+    #[serde(default)]
+    pub criu: Option<String>,
+    /// The source CPU's feature flags (`/proc/cpuinfo`): a restored process may use any.
+    pub cpu_flags: Vec<String>,
+    /// Files the tree maps (its executables and libraries) with their sizes, when it sees
+    /// the host's filesystem (a container's come with its image): CRIU restores them only
+    /// from the same path with the same size.
+    pub files: Vec<(String, u64)>,
+    /// The tree's resident memory.
+    pub memory_bytes: u64,
+    /// Disk its image takes at the destination.
+    pub image_bytes: u64,
+}
+
 /// Connection close codes.
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
@@ -45,6 +67,10 @@ pub enum Request {
         workload: WorkloadSpec,
         #[serde(default)]
         service: Option<String>,
+        /// With a checkpoint: what restoring it needs of this site (checked before the
+        /// source freezes; a mismatch is a `runtime_error`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        needs: Option<CheckpointNeeds>,
     },
     /// Service approach: make the prepared instance follow the source.
     StartSync { migration: String },
@@ -193,6 +219,10 @@ pub enum Response {
     Probed {
         /// Why the runtime cannot run here, if it cannot.
         runtime_error: Option<String>,
+        /// Asked with a checkpoint's needs: why this site cannot restore it (empty: it
+        /// can).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        incompatible: Vec<String>,
         /// The service adapter's plan at this site, when asked.
         service: Option<PlanInfo>,
     },

@@ -271,15 +271,21 @@ pub fn group_alive(pgid: i32) -> bool {
     pgid > 0 && unsafe { libc::kill(-pgid, 0) } == 0
 }
 
-/// Resident memory of `init`'s tree in bytes: every process of its PID namespace when it
-/// has one of its own, else the process alone.
-pub fn tree_rss_bytes(init: i32) -> Option<u64> {
+/// The processes of `init`'s tree: every process of its PID namespace when it has one of
+/// its own, else the process alone.
+pub fn tree_pids(init: i32) -> Vec<i32> {
     let own_ns = pid_ns(std::process::id() as i32);
-    let pids = if pid_ns(init).is_some() && pid_ns(init) != own_ns {
+    if pid_ns(init).is_some() && pid_ns(init) != own_ns {
         tree(init)
     } else {
         vec![init]
-    };
+    }
+}
+
+/// Resident memory of `init`'s tree in bytes: every process of its PID namespace when it
+/// has one of its own, else the process alone.
+pub fn tree_rss_bytes(init: i32) -> Option<u64> {
+    let pids = tree_pids(init);
     let rss = |pid: i32| -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
