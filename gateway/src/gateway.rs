@@ -98,6 +98,19 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
         Arc::clone(&ingress),
     )?;
     workloads.recover()?;
+    let checkpoints = crate::checkpoint::Checkpoints::open(
+        &cfg.name,
+        &cfg.data_dir,
+        cfg.workloads.keep_checkpoints,
+        crate::hooks::Hooks::new(cfg.hooks.clone()),
+        crate::checkpoint::Parts {
+            journal: Arc::clone(&journal),
+            peers: Arc::clone(&peers),
+            workloads: Arc::clone(&workloads),
+            plugins: Arc::clone(&plugins),
+            ingress: Arc::clone(&ingress),
+        },
+    )?;
     let engine = Engine::new(
         EngineSettings {
             site: cfg.name.clone(),
@@ -116,21 +129,9 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
             plugins: Arc::clone(&plugins),
             ingress: Arc::clone(&ingress),
             criu,
+            checkpoints: Some(Arc::clone(&checkpoints)),
         },
         cancel.clone(),
-    )?;
-    let checkpoints = crate::checkpoint::Checkpoints::open(
-        &cfg.name,
-        &cfg.data_dir,
-        cfg.workloads.keep_checkpoints,
-        crate::hooks::Hooks::new(cfg.hooks.clone()),
-        crate::checkpoint::Parts {
-            journal: Arc::clone(&journal),
-            peers: Arc::clone(&peers),
-            workloads: Arc::clone(&workloads),
-            plugins: Arc::clone(&plugins),
-            ingress: Arc::clone(&ingress),
-        },
     )?;
     let api = ApiServer::bind(cfg.api.listen, &identity).await?;
     let api_addr = api.local_addr().unwrap_or(cfg.api.listen);
@@ -261,6 +262,7 @@ impl crate::peer::Handler for SiteRequests {
             Request::BlocksWanted { .. }
             | Request::Blocks { .. }
             | Request::Replica { .. }
+            | Request::Volumes { .. }
             | Request::Fence { .. } => self.checkpoints.handle_peer(&peer, req, body).await,
             other => self.engine.handle(peer, other, body).await,
         }

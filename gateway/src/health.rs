@@ -151,6 +151,7 @@ mod tests {
             health,
             checkpoints: None,
             restart: None,
+            volumes: Vec::new(),
         }
     }
 

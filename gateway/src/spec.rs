@@ -19,6 +19,18 @@ pub enum SpecError {
     Invalid(String),
 }
 
+/// Is `path` absolute, one name for one place (no empty, `.` or `..` part, no trailing
+/// `/`), and not the root itself?
+pub fn plain_absolute_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
 /// What to run, as given to `POST /v1/workloads`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +63,10 @@ pub struct WorkloadSpec {
     /// What the site does when the workload's process ends unasked (none: nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartPolicy>,
+    /// Directories it keeps state in (absolute paths): a migration moves their files with
+    /// it, to the same paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
 }
 
 /// What a decider is told about an ended workload.
@@ -353,6 +369,16 @@ impl WorkloadSpec {
                 return Err(SpecError::Invalid("keep 1 to 1000 checkpoints".into()));
             }
         }
+        if self.volumes.len() > 16 {
+            return Err(SpecError::Invalid("at most 16 volumes".into()));
+        }
+        for v in &self.volumes {
+            if !plain_absolute_path(v) {
+                return Err(SpecError::Invalid(format!(
+                    "volume {v:?}: an absolute path without '.', '..' or a trailing '/'"
+                )));
+            }
+        }
         if let Some(decider) = self.restart.as_ref().and_then(|r| r.decider.as_ref()) {
             names::validate("decider", decider)?;
         }
@@ -486,6 +512,7 @@ mod tests {
             health: None,
             checkpoints: None,
             restart: None,
+            volumes: Vec::new(),
         }
     }
 

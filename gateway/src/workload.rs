@@ -632,6 +632,7 @@ mod allow_tests {
             health: None,
             checkpoints: None,
             restart: None,
+            volumes: Vec::new(),
         }
     }
 

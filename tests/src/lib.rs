@@ -536,6 +536,18 @@ impl TwoSites {
         Ok(cleanup)
     }
 
+    /// As [`Self::run_redis_at_a_with`], with more arguments for redis-server (later
+    /// ones override the defaults: `--appendonly yes --dir …`).
+    pub fn run_redis_at_a_with_args(
+        &self,
+        name: &str,
+        port: u16,
+        flags: &[&str],
+        redis_args: &[&str],
+    ) -> Result<()> {
+        self.run_redis_at_a_full(name, port, flags, redis_args)
+    }
+
     /// As [`Self::run_redis_at_a`], with its `CONFIG` command disabled (a hardened
     /// server: no adapter can change its settings).
     pub fn run_redis_at_a_without_config(&self, name: &str, port: u16) -> Result<()> {

@@ -204,9 +204,10 @@ fn post_copy_is_refused_for_an_adapter_without_the_hosts_criu() -> Result<()> {
 
 #[test]
 fn a_failed_post_copy_restore_resumes_the_source_with_its_data() -> Result<()> {
-    // Site B has another redis-server binary: CRIU cannot restore A's image there.
+    // Site B looks able to restore (same files, same CRIU), but its CRIU fails the
+    // restore (another binary would be refused before the freeze).
     let mut opts = Options::new("pcfail");
-    opts.b_mount_setup = Some("mount --bind /usr/bin/true /usr/bin/redis-server".into());
+    opts.b_mount_setup = Some(ferry_e2e::fail_when("pcfail", ferry_e2e::CRIU, "restore"));
     let sites = TwoSites::start(opts)?;
     sites.run_redis_at_a("redis", PORT)?;
     sites
@@ -281,7 +282,18 @@ fn ask(site: &ferry_e2e::Site, port: u16) -> Result<Vec<String>> {
 
 #[test]
 fn a_pre_forked_server_moves_post_copy_with_every_process_and_its_memory() -> Result<()> {
-    let sites = TwoSites::start(Options::new("pcfork"))?;
+    moves_a_pre_forked_server("pcfork", "postcopy")
+}
+
+/// The same service, stop-and-copy (issue: multi-process services move with every
+/// process, its shared memory and its files).
+#[test]
+fn a_pre_forked_server_moves_stop_and_copy_with_every_process_and_its_memory() -> Result<()> {
+    moves_a_pre_forked_server("scfork", "stop-and-copy")
+}
+
+fn moves_a_pre_forked_server(tag: &str, mode: &str) -> Result<()> {
+    let sites = TwoSites::start(Options::new(tag))?;
     let p = PORT.to_string();
     let workers = WORKERS.to_string();
     sites.a.ferry(&[
@@ -303,10 +315,13 @@ fn a_pre_forked_server_moves_post_copy_with_every_process_and_its_memory() -> Re
             .ok()
             .filter(|seen| seen.len() == WORKERS)
     })?;
-    let (ok, m) = sites.migrate_with("forked", "b", &["--mode", "postcopy"])?;
+    let (ok, m) = sites.migrate_with("forked", "b", &["--mode", mode])?;
     assert!(ok, "{m}\n{}", sites.logs());
     assert_eq!(m["phase"], "completed", "{m}");
-    assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
+    assert_eq!(m["options"]["mode"], mode, "{m}");
+    if mode == "postcopy" {
+        assert!(m["timings"]["postcopy_ms"].is_u64(), "{m}");
+    }
     // At B the same workers answer with the same memory, private and shared.
     let after = wait_for(
         "every worker to answer at B",

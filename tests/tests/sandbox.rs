@@ -69,6 +69,7 @@ fn workload(mode: &str) -> AdapterCall {
         health: None,
         checkpoints: None,
         restart: None,
+        volumes: Vec::new(),
     };
     let placement = Placement {
         work_dir: "/tmp".into(),

@@ -12,6 +12,7 @@
 
 pub mod replicate;
 pub mod store;
+pub mod volume;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -147,6 +148,11 @@ pub struct Checkpoints {
     /// Every checkpoint record of the site (the journal's, loaded once at start and kept
     /// in step by `keep_record` / `drop_record`), by journal key.
     records: std::sync::Mutex<std::collections::BTreeMap<String, Checkpoint>>,
+    /// Volume manifests that arrived for incoming migrations, until their restore.
+    staged: std::sync::Mutex<std::collections::HashMap<String, (String, volume::Manifest)>>,
+    /// Each workload's newest volume manifest: its blocks survive collection, so the next
+    /// move sends only what changed.
+    pins: std::sync::Mutex<std::collections::HashMap<String, Vec<StoredFile>>>,
     parts: Parts,
 }
 
@@ -183,6 +189,8 @@ impl Checkpoints {
             keep: keep.max(1),
             hooks,
             records: std::sync::Mutex::new(records),
+            staged: std::sync::Mutex::default(),
+            pins: std::sync::Mutex::default(),
             parts,
         }))
     }
@@ -471,8 +479,13 @@ impl Checkpoints {
             tracing::info!(workload = name, checkpoint = %c.id, "old checkpoint dropped");
         }
         if drop > 0 {
+            let pinned = self.pinned();
             let all = self.locked();
-            let keep: Vec<&StoredFile> = all.values().flat_map(|c| c.files.iter()).collect();
+            let keep: Vec<&StoredFile> = all
+                .values()
+                .flat_map(|c| c.files.iter())
+                .chain(pinned.iter())
+                .collect();
             let freed = self.store.collect(&keep)?;
             tracing::debug!(freed, "block store collected");
         }

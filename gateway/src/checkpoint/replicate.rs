@@ -10,6 +10,16 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::store::{self, Digest};
 use super::{Checkpoint, CheckpointError, Checkpoints};
+
+/// Blocks one [`Checkpoints::send_missing`] sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Sent {
+    pub blocks: u64,
+    /// Their bytes, uncompressed.
+    pub bytes: u64,
+    /// What crossed the link.
+    pub wire_bytes: u64,
+}
 use crate::peer::wire::{ErrorCode, Request, Response, MAX_WANTED};
 use crate::peer::Body;
 
@@ -32,7 +42,7 @@ pub struct Replication {
     pub error: Option<String>,
 }
 
-fn refused(message: impl Into<String>) -> CheckpointError {
+pub(super) fn refused(message: impl Into<String>) -> CheckpointError {
     CheckpointError::Replication(message.into())
 }
 
@@ -81,68 +91,15 @@ impl Checkpoints {
         r: &mut Replication,
     ) -> Result<(), CheckpointError> {
         let peers = &self.parts.peers;
-        let mut seen = std::collections::HashSet::new();
-        let unique: Vec<Digest> = c
+        let digests: Vec<Digest> = c
             .files
             .iter()
             .flat_map(|f| f.blocks.iter().copied())
-            .filter(|d| seen.insert(*d))
             .collect();
-        let mut missing = Vec::new();
-        for chunk in unique.chunks(MAX_WANTED) {
-            let asked = Request::BlocksWanted {
-                workload: c.workload.clone(),
-                digests: hex_list(chunk),
-            };
-            match peers
-                .request(peer, &asked)
-                .await
-                .map_err(|e| refused(e.to_string()))?
-            {
-                Response::Missing { digests } => {
-                    missing.extend(parse_hex_list(&digests, MAX_WANTED).map_err(refused)?);
-                }
-                other => {
-                    return Err(refused(format!(
-                        "{peer} answered {other:?} to BlocksWanted"
-                    )))
-                }
-            }
-        }
-        if !missing.is_empty() {
-            let mut req = peers
-                .request_with_body(
-                    peer,
-                    &Request::Blocks {
-                        workload: c.workload.clone(),
-                    },
-                )
-                .await
-                .map_err(|e| refused(e.to_string()))?;
-            for batch in missing.chunks(BATCH_BLOCKS) {
-                let store = std::sync::Arc::clone(&self.store);
-                let digests = batch.to_vec();
-                let frame = super::blocking(move || encode_batch(&store, &digests)).await?;
-                r.blocks += batch.len() as u64;
-                r.bytes += frame.raw;
-                r.wire_bytes += frame.bytes.len() as u64;
-                req.body()
-                    .write_all(&frame.bytes)
-                    .await
-                    .map_err(|e| refused(format!("sending blocks to {peer}: {e}")))?;
-            }
-            req.body()
-                .write_all(&0u32.to_le_bytes())
-                .await
-                .map_err(|e| refused(format!("sending blocks to {peer}: {e}")))?;
-            match req.response().await.map_err(|e| refused(e.to_string()))? {
-                Response::Kept { .. } => {}
-                Response::Error { message, .. } => {
-                    return Err(refused(format!("{peer}: {message}")))
-                }
-                other => return Err(refused(format!("{peer} answered {other:?} to Blocks"))),
-            }
-        }
+        let sent = self.send_missing(peer, &c.workload, &digests).await?;
+        r.blocks += sent.blocks;
+        r.bytes += sent.bytes;
+        r.wire_bytes += sent.wire_bytes;
         let json = serde_json::to_vec(c).map_err(|e| refused(e.to_string()))?;
         // Mostly block digests (64 hex digits a block): compressed, they travel as about
         // their binary size.
@@ -170,6 +127,78 @@ impl Checkpoints {
         }
     }
 
+    /// Sends `peer` those of `digests` (blocks of `workload`, in this site's store) it
+    /// lacks: asked first, then sent zstd-compressed in batches, checked there.
+    pub(super) async fn send_missing(
+        &self,
+        peer: &str,
+        workload: &str,
+        digests: &[Digest],
+    ) -> Result<Sent, CheckpointError> {
+        let peers = &self.parts.peers;
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<Digest> = digests
+            .iter()
+            .copied()
+            .filter(|d| seen.insert(*d))
+            .collect();
+        let mut sent = Sent::default();
+        let mut missing = Vec::new();
+        for chunk in unique.chunks(MAX_WANTED) {
+            let asked = Request::BlocksWanted {
+                workload: workload.to_string(),
+                digests: hex_list(chunk),
+            };
+            match peers
+                .request(peer, &asked)
+                .await
+                .map_err(|e| refused(e.to_string()))?
+            {
+                Response::Missing { digests } => {
+                    missing.extend(parse_hex_list(&digests, MAX_WANTED).map_err(refused)?);
+                }
+                other => {
+                    return Err(refused(format!(
+                        "{peer} answered {other:?} to BlocksWanted"
+                    )))
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(sent);
+        }
+        let mut req = peers
+            .request_with_body(
+                peer,
+                &Request::Blocks {
+                    workload: workload.to_string(),
+                },
+            )
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        for batch in missing.chunks(BATCH_BLOCKS) {
+            let store = std::sync::Arc::clone(&self.store);
+            let digests = batch.to_vec();
+            let frame = super::blocking(move || encode_batch(&store, &digests)).await?;
+            sent.blocks += batch.len() as u64;
+            sent.bytes += frame.raw;
+            sent.wire_bytes += frame.bytes.len() as u64;
+            req.body()
+                .write_all(&frame.bytes)
+                .await
+                .map_err(|e| refused(format!("sending blocks to {peer}: {e}")))?;
+        }
+        req.body()
+            .write_all(&0u32.to_le_bytes())
+            .await
+            .map_err(|e| refused(format!("sending blocks to {peer}: {e}")))?;
+        match req.response().await.map_err(|e| refused(e.to_string()))? {
+            Response::Kept { .. } => Ok(sent),
+            Response::Error { message, .. } => Err(refused(format!("{peer}: {message}"))),
+            other => Err(refused(format!("{peer} answered {other:?} to Blocks"))),
+        }
+    }
+
     /// A peer's replication request (`BlocksWanted`, `Blocks`, `Replica`).
     pub async fn handle_peer(&self, peer: &str, req: Request, body: Body<'_>) -> Response {
         let answered = match req {
@@ -186,6 +215,14 @@ impl Checkpoints {
             Request::Fence { workload } => Ok(Response::Recovered {
                 since_ms: self.recovered_here(peer, &workload),
             }),
+            Request::Volumes {
+                workload,
+                migration,
+                size,
+            } => {
+                self.receive_volumes(peer, &workload, &migration, size, body)
+                    .await
+            }
             _ => Err("not a replication request".to_string()),
         };
         answered.unwrap_or_else(|message| {

@@ -211,27 +211,36 @@ impl BlockStore {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut packs: HashMap<u64, File> = HashMap::new();
         for f in files {
-            let path = dir.join(&f.name);
-            let mut out = File::create(&path).map_err(io(&path))?;
-            let mut buf = Vec::new();
-            for digest in &f.blocks {
-                let at = self.locate(digest)?;
-                let pack_path = self.pack_path(at.pack, "pack");
-                let pack = match packs.entry(at.pack) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(File::open(&pack_path).map_err(io(&pack_path))?)
-                    }
-                };
-                buf.resize(at.len as usize, 0);
-                pack.read_exact_at(&mut buf, at.offset)
-                    .map_err(io(&pack_path))?;
-                checked(digest, &buf, &pack_path)?;
-                out.write_all(&buf).map_err(io(&path))?;
-            }
-            out.sync_data().map_err(io(&path))?;
+            self.write_file(f, &dir.join(&f.name), &mut packs)?;
         }
         Ok(())
+    }
+
+    /// Writes file `f` at `path` from its blocks (each checked), synced.
+    pub fn write_file(
+        &self,
+        f: &StoredFile,
+        path: &Path,
+        packs: &mut HashMap<u64, File>,
+    ) -> Result<(), StoreError> {
+        let mut out = File::create(path).map_err(io(path))?;
+        let mut buf = Vec::new();
+        for digest in &f.blocks {
+            let at = self.locate(digest)?;
+            let pack_path = self.pack_path(at.pack, "pack");
+            let pack = match packs.entry(at.pack) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(File::open(&pack_path).map_err(io(&pack_path))?)
+                }
+            };
+            buf.resize(at.len as usize, 0);
+            pack.read_exact_at(&mut buf, at.offset)
+                .map_err(io(&pack_path))?;
+            checked(digest, &buf, &pack_path)?;
+            out.write_all(&buf).map_err(io(path))?;
+        }
+        out.sync_data().map_err(io(path))
     }
 
     /// Removes every pack none of whose blocks `keep` references; returns the bytes freed.
@@ -318,7 +327,8 @@ impl<'a> Batch<'a> {
         Ok(true)
     }
 
-    fn add_file(
+    /// Stores file `path` (as `name`) in blocks of `block` bytes; its record.
+    pub fn add_file(
         &mut self,
         name: &str,
         path: &Path,

@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// A decider plugin (world `restart-decider`) that makes that call instead.
     #[arg(long, value_name = "PLUGIN", requires = "restart")]
     decider: Option<String>,
+    /// A directory it keeps state in (absolute path, repeatable): a migration moves its
+    /// files to the same path at the destination (copied while it runs, then only what
+    /// changed, while it is frozen).
+    #[arg(long = "volume", value_name = "PATH")]
+    volumes: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -154,6 +159,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 keep_checkpoints,
                 restart,
                 decider,
+                volumes,
                 command,
             } = *args;
             let checkpoints = (checkpoint_every.is_some()
@@ -175,6 +181,7 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
                 health,
                 checkpoints,
                 restart: restart.map(|when| crate::spec::RestartPolicy { when, decider }),
+                volumes,
             };
             let (_, w): (_, Workload) = client.post("/v1/workloads", &spec).await?;
             running(&w, out)

@@ -171,7 +171,23 @@ pub struct Timings {
     /// Post-copy: sending the pages ahead, before the freeze.
     #[serde(default)]
     pub prepush_ms: Option<u64>,
+    /// Volumes: the pass while the workload was frozen (what changed since the pre-copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_delta_ms: Option<u64>,
     pub total_ms: Option<u64>,
+}
+
+/// How a migration moved the workload's volumes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStats {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy: Option<crate::checkpoint::volume::VolumeSync>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<crate::checkpoint::volume::VolumeSync>,
+    /// Destination: bytes written into the volumes before the restore (files already
+    /// there with the same content are not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes: Option<u64>,
 }
 
 /// Post-copy's pages: sent ahead, stale at the freeze, pushed after the switch, and how the
@@ -266,6 +282,10 @@ pub struct Migration {
     /// Post-copy: how the pages travelled (each site records its side).
     #[serde(default)]
     pub pages: Option<PageStats>,
+    /// The workload's volumes: the pass while it ran (pre-copy) and the one while it was
+    /// frozen (delta), at the source; what was written, at the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<VolumeStats>,
     /// Target, service level: the replica's process, until it is confirmed or discarded
     /// (so a restarted gateway can discard it).
     #[serde(default)]
@@ -334,6 +354,7 @@ impl Migration {
             destination: None,
             sync: None,
             pages: None,
+            volumes: None,
             replica_pid: None,
             replica_pid_start: None,
             page_server: None,
@@ -423,6 +444,9 @@ pub struct Parts {
     /// The CRIU driver the plugin host uses (post-copy takes over the processes it leaves
     /// running).
     pub criu: crate::criu::Criu,
+    /// The site's checkpoints and block store: workloads' volumes travel through it (none:
+    /// a workload with volumes cannot move from or to this engine).
+    pub checkpoints: Option<Arc<crate::checkpoint::Checkpoints>>,
 }
 
 /// Why `m` cannot be aborted now, if it cannot.
@@ -455,6 +479,7 @@ pub struct Engine {
     plugins: Arc<PluginHost>,
     ingress: Arc<Ingress>,
     criu: crate::criu::Criu,
+    checkpoints: Option<Arc<crate::checkpoint::Checkpoints>>,
     /// Post-copy: the CRIU processes serving or fetching pages, by migration.
     lazy: Mutex<std::collections::HashMap<String, crate::criu::Running>>,
     /// Post-copy, source: Ferry's end of the page path, by migration.
@@ -512,6 +537,7 @@ impl Engine {
             plugins: parts.plugins,
             ingress: parts.ingress,
             criu: parts.criu,
+            checkpoints: parts.checkpoints,
             lazy: Mutex::new(std::collections::HashMap::new()),
             page_sources: Mutex::new(std::collections::HashMap::new()),
             prepushed: Mutex::new(std::collections::HashMap::new()),

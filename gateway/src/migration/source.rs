@@ -134,6 +134,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         source,
     })?;
 
+    // While it still runs: its volumes' files go ahead, so only what changes is left.
+    let mut volume_scan = volumes_precopy(engine, id, &target, &m.spec).await?;
+
     if postcopy && engine.prepush {
         // While it still runs: its pages go ahead, so few are left for the switch.
         if let Some(pid) = workload.pid {
@@ -216,12 +219,15 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     }
     let t = Instant::now();
     let abort = sending.abort_handle();
-    let sent = engine
-        .abortable(id, async {
+    // Frozen: what changed in its volumes since the pre-copy goes beside the image.
+    let (sent, delta) = tokio::join!(
+        engine.abortable(id, async {
             Ok(sending.await.map_err(transfer::TransferError::Task)??)
-        })
-        .await
-        .inspect_err(|_| abort.abort())?;
+        }),
+        volumes_delta(engine, id, &target, &m.spec, volume_scan.as_mut())
+    );
+    let sent = sent.inspect_err(|_| abort.abort())?;
+    delta?;
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved += sent.iter().map(|f| f.meta.size).sum::<u64>();
@@ -242,10 +248,87 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             manifest,
             notes,
             postcopy,
+            volumes: volume_scan.is_some(),
         },
     )
     .await?;
     Ok(freeze)
+}
+
+/// The site's checkpoints, through which volumes travel.
+fn volume_store(engine: &Engine) -> Result<&Arc<crate::checkpoint::Checkpoints>, MigrationError> {
+    engine
+        .checkpoints
+        .as_ref()
+        .ok_or_else(|| MigrationError::Refused {
+            site: engine.site.clone(),
+            message: "this site has no block store to move volumes through".into(),
+        })
+}
+
+fn volume_error(engine: &Engine, e: &crate::checkpoint::CheckpointError) -> MigrationError {
+    MigrationError::Refused {
+        site: engine.site.clone(),
+        message: format!("moving the volumes: {e}"),
+    }
+}
+
+/// Before the freeze: every file of the workload's volumes stored here, the blocks the
+/// destination lacks sent (none: it has no volumes).
+async fn volumes_precopy(
+    engine: &Arc<Engine>,
+    id: &str,
+    target: &str,
+    spec: &WorkloadSpec,
+) -> Result<Option<crate::checkpoint::volume::Scan>, MigrationError> {
+    if spec.volumes.is_empty() {
+        return Ok(None);
+    }
+    let store = volume_store(engine)?;
+    let mut scan = crate::checkpoint::volume::Scan::default();
+    let sync = engine
+        .abortable(id, async {
+            store
+                .sync_volumes(&spec.name, &spec.volumes, target, &mut scan)
+                .await
+                .map_err(|e| volume_error(engine, &e))
+        })
+        .await?
+        .1;
+    engine.update(id, |m| {
+        m.volumes.get_or_insert_with(Default::default).precopy = Some(sync);
+        m.bytes_on_wire += sync.wire_bytes;
+    })?;
+    Ok(Some(scan))
+}
+
+/// While frozen: what changed in the volumes since the pre-copy, then the manifest.
+async fn volumes_delta(
+    engine: &Arc<Engine>,
+    id: &str,
+    target: &str,
+    spec: &WorkloadSpec,
+    scan: Option<&mut crate::checkpoint::volume::Scan>,
+) -> Result<(), MigrationError> {
+    let Some(scan) = scan else {
+        return Ok(());
+    };
+    let store = volume_store(engine)?;
+    let started = Instant::now();
+    let (files, sync) = store
+        .sync_volumes(&spec.name, &spec.volumes, target, scan)
+        .await
+        .map_err(|e| volume_error(engine, &e))?;
+    let wire = store
+        .send_manifest(target, &spec.name, id, &files)
+        .await
+        .map_err(|e| volume_error(engine, &e))?;
+    engine.update(id, |m| {
+        m.timings.volume_delta_ms = Some(ms(started.elapsed()));
+        m.volumes.get_or_insert_with(Default::default).delta = Some(sync);
+        m.bytes_on_wire += sync.wire_bytes + wire;
+    })?;
+    Ok(())
 }
 
 /// Holds the workload's client traffic (the freeze starts); returns when it started.

@@ -25,6 +25,7 @@ impl Handler for Engine {
             Request::BlocksWanted { .. }
             | Request::Blocks { .. }
             | Request::Replica { .. }
+            | Request::Volumes { .. }
             | Request::Fence { .. } => {
                 Response::error(ErrorCode::BadRequest, "answered by the site's checkpoints")
             }
@@ -70,6 +71,7 @@ impl Handler for Engine {
                 manifest,
                 notes,
                 postcopy,
+                volumes,
             } => {
                 let ask = RestoreAsk {
                     spec: workload,
@@ -77,6 +79,7 @@ impl Handler for Engine {
                     manifest,
                     notes,
                     postcopy,
+                    volumes,
                 };
                 self.restore(&peer, &migration, ask).await
             }
@@ -99,6 +102,8 @@ struct RestoreAsk {
     manifest: Vec<FileMeta>,
     notes: Vec<(String, String)>,
     postcopy: bool,
+    /// Its volumes' manifest was sent: place them first.
+    volumes: bool,
 }
 
 fn bad_id(id: &str) -> bool {
@@ -250,6 +255,7 @@ impl Engine {
             manifest,
             notes,
             postcopy,
+            volumes,
         } = ask;
         let (spec, source_log, manifest) = (&spec, source_log.as_path(), manifest.as_slice());
         let m = match self.incoming(peer, id) {
@@ -311,6 +317,13 @@ impl Engine {
             ms = checked.elapsed().as_millis() as u64,
             "image re-verified and synced to disk"
         );
+        if volumes || !spec.volumes.is_empty() {
+            // Its files at the same paths as at the source, before anything reads them.
+            if let Err(reason) = self.place_volumes(id, spec).await {
+                self.abort_local(id, &m.workload, &reason);
+                return Response::error(ErrorCode::RestoreFailed, reason);
+            }
+        }
         if let Err(e) = self.set_phase(id, Phase::Restoring) {
             return Response::error(ErrorCode::Internal, e.to_string());
         }
@@ -349,6 +362,30 @@ impl Engine {
                 Response::error(ErrorCode::RestoreFailed, reason)
             }
         }
+    }
+
+    /// Writes the volumes' files the source's manifest lists (their blocks are here).
+    async fn place_volumes(&self, id: &str, spec: &WorkloadSpec) -> Result<(), String> {
+        let store = self
+            .checkpoints
+            .as_ref()
+            .ok_or("this site has no block store to place volumes from")?;
+        let started = Instant::now();
+        let written = store
+            .place_volumes(id, &spec.name, &spec.volumes)
+            .await
+            .map_err(|e| format!("placing the volumes at {}: {e}", self.site))?;
+        tracing::info!(
+            migration = id,
+            written,
+            ms = started.elapsed().as_millis() as u64,
+            "volumes placed"
+        );
+        self.update(id, |m| {
+            m.volumes.get_or_insert_with(Default::default).written_bytes = Some(written);
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Restores the image, waits for the workload to answer, and adopts it.

@@ -443,6 +443,7 @@ impl Site {
                 plugins: Arc::clone(&plugins),
                 ingress: Arc::clone(&ingress),
                 criu: crate::criu::Criu::new("criu".into()),
+                checkpoints: None,
             },
             cancel.clone(),
         )
@@ -490,6 +491,7 @@ impl Site {
                 health: None,
                 checkpoints: None,
                 restart: None,
+                volumes: Vec::new(),
             })
             .await
             .expect("workload starts")
@@ -1041,6 +1043,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             health: None,
             checkpoints: None,
             restart: None,
+            volumes: Vec::new(),
         },
         Role::Target,
         "a",
@@ -1069,6 +1072,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
             plugins: PluginHost::from_handles(Vec::new()),
             ingress: Arc::clone(&pair.b().ingress),
             criu: crate::criu::Criu::new("criu".into()),
+            checkpoints: None,
         },
         CancellationToken::new(),
     )
@@ -1148,6 +1152,7 @@ async fn tunnels_reach_a_workload_only_where_it_runs_unheld() {
         health: None,
         checkpoints: None,
         restart: None,
+        volumes: Vec::new(),
     };
     // The ingress serves whatever listens on the workload's port here.
     pair.b().ingress.open(&spec).await.expect("open");
@@ -1498,6 +1503,7 @@ impl Fuzz {
             health: None,
             checkpoints: None,
             restart: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -1562,6 +1568,7 @@ impl Fuzz {
                 manifest: Vec::new(),
                 notes: Vec::new(),
                 postcopy: self.below(2) == 0,
+                volumes: self.below(2) == 0,
             },
             _ => Request::Tunnel {
                 workload: self.name(),
@@ -1905,6 +1912,7 @@ async fn an_image_file_past_the_free_space_or_the_file_limit_is_refused_before_a
         health: None,
         checkpoints: None,
         restart: None,
+        volumes: Vec::new(),
     };
     let prepared = pair
         .a()

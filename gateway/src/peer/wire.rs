@@ -126,6 +126,9 @@ pub enum Request {
         /// server through a tunnel as the restored tree faults on them.
         #[serde(default)]
         postcopy: bool,
+        /// The workload's volumes were sent (`Volumes`): place them before restoring.
+        #[serde(default)]
+        volumes: bool,
     },
     /// Checkpoint replication: which of these blocks (64 hex digits each, at most
     /// [`MAX_WANTED`]) of `workload`'s checkpoints does this site lack? Answered with
@@ -141,6 +144,14 @@ pub enum Request {
     Replica {
         workload: String,
         checkpoint: String,
+        size: u64,
+    },
+    /// A migration's volume manifest (`size` bytes of zstd JSON follow): which files, at
+    /// which paths, from which blocks (sent before with `Blocks`); the restore places them
+    /// first. Answered with `Kept`.
+    Volumes {
+        workload: String,
+        migration: String,
         size: u64,
     },
     /// Failover fence: does this site run `workload` recovered from a checkpoint the

@@ -40,6 +40,7 @@ fn workload() -> AdapterCall {
         health: None,
         checkpoints: None,
         restart: None,
+        volumes: Vec::new(),
     };
     let placement = Placement {
         work_dir: "/var/lib/ferry/workdirs/redis".into(),

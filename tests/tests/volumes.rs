@@ -1,0 +1,118 @@
+//! Volumes move with the workload (issue: state beyond memory): Redis keeping an
+//! append-only file on a volume moves with every acknowledged write in memory and on disk
+//! at the destination, whose view of the volume's path is its own (as another host's
+//! would be); a second move to the same site sends only what changed.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferry_e2e::{Options, TwoSites};
+use serde_json::Value;
+
+const PORT: u16 = 6379;
+const ROUTE: &str = "0.0.0.0:16379";
+
+fn sent(m: &Value, pass: &str) -> u64 {
+    m["volumes"][pass]["sent_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+#[test]
+fn redis_with_its_aof_on_a_volume_moves_with_every_acknowledged_write_on_disk() -> Result<()> {
+    let vol = std::env::temp_dir().join("ferry-volume-aof");
+    let _ = std::fs::remove_dir_all(&vol);
+    std::fs::create_dir_all(&vol)?;
+    let v = vol.display().to_string();
+    let mut opts = Options::new("volaof");
+    // B is another host: its view of the volume's path starts empty.
+    opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-volaof {v}"));
+    let sites = TwoSites::start(opts)?;
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--dir",
+        &v,
+    ];
+    sites.run_redis_at_a_with_args("redis", PORT, &["--volume", &v, "--route", ROUTE], &aof)?;
+
+    // Writes go on through A's route while it moves: each acknowledged one is in the AOF.
+    let acked = sites.root.join("acked.txt");
+    let client = sites
+        .a
+        .start_load("redis", "127.0.0.1:16379", "300", "4", "2", &acked)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    let out = client.finish()?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.summary["failed"], 0, "{}", out.summary);
+    eprintln!("volumes: {}\ntimings: {}", m["volumes"], m["timings"]);
+    assert!(m["volumes"]["precopy"]["files"].as_u64() >= Some(1), "{m}");
+    assert!(sent(&m, "precopy") > 0, "{m}");
+    // The AOF grew after the pre-copy: the delta re-read it, while frozen.
+    assert!(
+        m["volumes"]["delta"]["read_bytes"].as_u64() > Some(0),
+        "{m}"
+    );
+    assert!(m["timings"]["volume_delta_ms"].is_u64(), "{m}");
+    let id = m["id"].as_str().unwrap_or_default();
+    let at_b = sites.b.ferry_json(&["migration", "show", id])?;
+    assert!(
+        at_b["volumes"]["written_bytes"].as_u64() > Some(0),
+        "{at_b}"
+    );
+
+    let keys: Vec<String> = std::fs::read_to_string(&acked)?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(keys.len() > 500, "{} acknowledged writes", keys.len());
+    let exists = |port: u16| -> Result<()> {
+        for chunk in keys.chunks(500) {
+            let mut args = vec!["EXISTS"];
+            args.extend(chunk.iter().map(String::as_str));
+            assert_eq!(sites.b.redis(port, &args)?, chunk.len().to_string());
+        }
+        Ok(())
+    };
+    // In memory at B.
+    exists(PORT)?;
+    // And on disk at B: a Redis started there from the volume alone loads every one.
+    sites.b.ferry(&["workload", "rm", "redis"])?;
+    let check = (PORT + 1).to_string();
+    let mut run = vec!["workload", "run", "check", "--port", &check, "--"];
+    let server = ferry_e2e::redis_process_args(PORT + 1);
+    run.extend(server.iter().map(String::as_str));
+    run.extend_from_slice(&["--daemonize", "no"]);
+    run.extend_from_slice(&aof);
+    sites.b.ferry(&run)?;
+    exists(PORT + 1)?;
+    sites.b.ferry(&["workload", "rm", "check"])?;
+
+    // A second move to B of the same volume (Redis started again at A from what its
+    // volume holds there): B kept the blocks it had, so it gets only what changed.
+    let mut run = vec![
+        "workload", "run", "redis", "--port", "6379", "--volume", &v, "--",
+    ];
+    let server = ferry_e2e::redis_process_args(PORT);
+    run.extend(server.iter().map(String::as_str));
+    run.extend_from_slice(&["--daemonize", "no"]);
+    run.extend_from_slice(&aof);
+    sites.a.ferry(&run)?;
+    sites.a.redis(PORT, &["SET", "second-move", "1"])?;
+    let (ok, again) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    assert!(ok, "{again}\n{}", sites.logs());
+    let total = |m: &Value| sent(m, "precopy") + sent(m, "delta");
+    eprintln!(
+        "volume blocks sent: first move to b {} bytes, the second {}",
+        total(&m),
+        total(&again)
+    );
+    assert!(total(&again) < total(&m), "first {m}\nagain {again}");
+    assert_eq!(sites.b.redis(PORT, &["GET", "second-move"])?, "1");
+    let _ = std::fs::remove_dir_all(&vol);
+    Ok(())
+}
