@@ -134,6 +134,23 @@ pub fn print_migration(m: &Migration) {
             );
         }
     }
+    if let Some(v) = &m.volumes {
+        let pass = |name: &str, p: &crate::checkpoint::volume::VolumeSync| {
+            println!(
+                "{name}{} files, {} bytes: {} read, {} sent ({} on the wire) in {} ms",
+                p.files, p.bytes, p.read_bytes, p.sent_bytes, p.wire_bytes, p.ms
+            );
+        };
+        if let Some(p) = &v.precopy {
+            pass("volumes     while running: ", p);
+        }
+        if let Some(p) = &v.delta {
+            pass("            while frozen:  ", p);
+        }
+        if let Some(w) = v.written_bytes {
+            println!("volumes     {w} bytes written here before the restore");
+        }
+    }
     println!("total       {}", ms(t.total_ms));
     if m.bytes_on_wire > 0 {
         println!(
