@@ -58,6 +58,11 @@ fn redis_with_its_aof_on_a_volume_moves_with_every_acknowledged_write_on_disk() 
         "{m}"
     );
     assert!(m["timings"]["volume_delta_ms"].is_u64(), "{m}");
+    // The pre-copy is in the prepare time, before the freeze.
+    assert!(
+        m["timings"]["prepare_ms"].as_u64() >= m["volumes"]["precopy"]["ms"].as_u64(),
+        "{m}"
+    );
     let id = m["id"].as_str().unwrap_or_default();
     let at_b = sites.b.ferry_json(&["migration", "show", id])?;
     assert!(

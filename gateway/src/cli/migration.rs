@@ -99,6 +99,12 @@ pub fn print_migration(m: &Migration) {
         println!("reason      {e}");
     }
     let t = &m.timings;
+    if t.prepare_ms.is_some() {
+        println!(
+            "prepare     {}   (before the freeze, clients served: destination prepared, volumes and pages sent ahead)",
+            ms(t.prepare_ms)
+        );
+    }
     println!(
         "downtime    {}   (checkpoint start -> destination confirmed)",
         ms(t.freeze_ms)
@@ -110,6 +116,12 @@ pub fn print_migration(m: &Migration) {
         );
     }
     println!("  dump      {}", ms(t.dump_ms));
+    if t.volume_delta_ms.is_some() {
+        println!(
+            "  volumes   {}   (beside the transfer)",
+            ms(t.volume_delta_ms)
+        );
+    }
     println!("  transfer  {}", ms(t.transfer_ms));
     println!("  restore   {}", ms(t.restore_ms));
     if t.postcopy_ms.is_some() {

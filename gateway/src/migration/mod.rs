@@ -157,6 +157,10 @@ impl std::fmt::Display for Phase {
 /// start of the checkpoint until the destination confirmed a healthy restore.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
+    /// Before the freeze, while clients were served: the plan, the destination prepared
+    /// (name, port, reservation), volumes and pages sent ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_ms: Option<u64>,
     pub freeze_ms: Option<u64>,
     pub dump_ms: Option<u64>,
     /// Service level: from the start of the sync until the replica was in sync.

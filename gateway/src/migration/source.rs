@@ -69,6 +69,7 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
 
 /// Runs the forward path; returns the freeze start once the destination has confirmed.
 async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError> {
+    let started = Instant::now();
     let m = engine
         .get(id)
         .ok_or_else(|| MigrationError::NotFound(id.to_string()))?;
@@ -148,6 +149,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
                 .await?;
         }
     }
+    engine.update(id, |m| m.timings.prepare_ms = Some(ms(started.elapsed())))?;
     // Clients see the pause from here: their traffic is held until the workload runs again.
     let freeze = hold_clients(engine, &m.workload).await;
     engine.enter_phase(id, Phase::Checkpointing).await?;
