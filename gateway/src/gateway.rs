@@ -203,6 +203,7 @@ pub fn plugin_settings(cfg: &SiteConfig) -> crate::plugins::HostSettings {
         call_timeout: std::time::Duration::from_millis(cfg.plugins.call_timeout_ms),
         memory_limit_mb: cfg.plugins.memory_limit_mb,
         grants: cfg.plugins.grants.clone(),
+        inflight_dir: Some(cfg.data_dir.join("plugins-inflight")),
     }
 }
 

@@ -84,6 +84,8 @@ pub struct Actor {
     pub granted: Arc<Granted>,
     pub criu: Criu,
     pub limits: Limits,
+    /// Where its `exec` programs are recorded while they run.
+    pub inflight: Option<Arc<super::inflight::Inflight>>,
 }
 
 struct Instance {
@@ -123,6 +125,7 @@ impl Actor {
             call: None,
             spawned: None,
             dump_port: None,
+            inflight: self.inflight.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);

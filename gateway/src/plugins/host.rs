@@ -86,6 +86,8 @@ pub struct State {
     pub spawned: Option<Started>,
     /// The loopback port `lazy.dump-spec` gave this call's lazy dump.
     pub dump_port: Option<u16>,
+    /// Where the programs `exec.run` starts are recorded while they run.
+    pub inflight: Option<Arc<super::inflight::Inflight>>,
 }
 
 impl WasiView for State {
@@ -222,11 +224,13 @@ impl State {
             let Some(log) = self.call.as_ref().map(|c| c.placement.log.clone()) else {
                 return Err(HostError::Invalid("no workload log for this call".into()));
             };
-            return run_into_log(&plugin, cmd, &log)
+            return run_into_log(&plugin, cmd, &log, self.inflight.as_deref())
                 .await
                 .map_err(HostError::Failed);
         }
-        run_program(&plugin, cmd).await.map_err(HostError::Failed)
+        run_program(&plugin, cmd, self.inflight.as_deref())
+            .await
+            .map_err(HostError::Failed)
     }
 
     /// May this adapter run `cmd`: the exec capability, the program on its allow-list, no
@@ -450,8 +454,19 @@ fn command(cmd: &exec::Command) -> tokio::process::Command {
         .env("PATH", WORKLOAD_PATH)
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
+        // Its own process group: what it starts can be found and ended with it.
+        .process_group(0)
         .kill_on_drop(true);
     c
+}
+
+/// Records a program `exec.run` started, until the call is done with it.
+fn record(
+    inflight: Option<&super::inflight::Inflight>,
+    child: &tokio::process::Child,
+) -> Option<super::inflight::Record> {
+    let pid = i32::try_from(child.id()?).ok()?;
+    inflight?.record(pid)
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
@@ -468,6 +483,7 @@ async fn run_into_log(
     plugin: &str,
     cmd: exec::Command,
     log: &std::path::Path,
+    inflight: Option<&super::inflight::Inflight>,
 ) -> Result<exec::Output, String> {
     let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
     let mut file = std::fs::OpenOptions::new()
@@ -484,6 +500,7 @@ async fn run_into_log(
     let mut child = c
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", cmd.program))?;
+    let _recorded = record(inflight, &child);
     // Our copies of the write end went into the child; the drain ends when the last
     // holder (the workload) closes it. A plain thread: it may outlive any runtime task.
     let mut reader = reader;
@@ -518,13 +535,18 @@ async fn run_into_log(
     })
 }
 
-async fn run_program(plugin: &str, cmd: exec::Command) -> Result<exec::Output, String> {
+async fn run_program(
+    plugin: &str,
+    cmd: exec::Command,
+    inflight: Option<&super::inflight::Inflight>,
+) -> Result<exec::Output, String> {
     let mut c = command(&cmd);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     tracing::debug!(plugin, program = %cmd.program, args = ?cmd.args, "adapter runs a program");
     let mut child = c
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", cmd.program))?;
+    let _recorded = record(inflight, &child);
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     // Both pipes are drained at once to their end (a program filling one while the other
     // is read would block), keeping a bounded part of each.

@@ -12,6 +12,7 @@ mod containers;
 mod decider;
 pub mod grant;
 mod host;
+mod inflight;
 mod manifest;
 
 use std::collections::BTreeMap;
@@ -325,6 +326,18 @@ pub struct HostSettings {
     pub memory_limit_mb: u64,
     /// What the site grants each adapter, by name.
     pub grants: BTreeMap<String, Grant>,
+    /// Where programs adapters run are recorded while they run (none: not recorded); at
+    /// load, those a previous gateway left running are killed.
+    pub inflight_dir: Option<PathBuf>,
+}
+
+/// What every adapter of a site is loaded with.
+struct Common<'a> {
+    engine: &'a Engine,
+    linkers: &'a Arc<Linkers>,
+    criu: &'a Criu,
+    tunnels: &'a Option<Arc<dyn TunnelOpener>>,
+    inflight: Option<Arc<inflight::Inflight>>,
 }
 
 /// All adapters of a site.
@@ -528,6 +541,31 @@ impl PluginHost {
             name: "(linker)".into(),
             detail: e.to_string(),
         })?);
+        // Programs a previous gateway's adapters left running: their answers have no
+        // reader any more, and what they would still do (start a container) is stale.
+        let inflight = cfg.inflight_dir.as_deref().and_then(|d| {
+            inflight::Inflight::open(d)
+                .inspect_err(|e| {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot keep a record of running adapter programs");
+                })
+                .ok()
+        });
+        if let Some(i) = &inflight {
+            let killed = i.reap_orphans();
+            if killed > 0 {
+                tracing::warn!(
+                    killed,
+                    "killed adapter programs a previous gateway left running"
+                );
+            }
+        }
+        let common = Common {
+            engine: &engine,
+            linkers: &linkers,
+            criu: &criu,
+            tunnels: &tunnels,
+            inflight: inflight.map(Arc::new),
+        };
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| PluginError::Dir {
                 path: dir.clone(),
@@ -543,7 +581,7 @@ impl PluginHost {
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
                 .to_string();
-            match Self::load_one(cfg, &engine, &linkers, &criu, &tunnels, &wasm, &stem).await {
+            match Self::load_one(cfg, &common, &wasm, &stem).await {
                 Ok((info, handle)) if info.world == World::Service.as_str() => {
                     tracing::info!(plugin = %info.name, version = %info.version, services = ?info.runtimes, granted = ?info.granted.capabilities, "service adapter loaded");
                     services.push(handle);
@@ -574,13 +612,19 @@ impl PluginHost {
 
     async fn load_one(
         cfg: &HostSettings,
-        engine: &Engine,
-        linkers: &Arc<Linkers>,
-        criu: &Criu,
-        tunnels: &Option<Arc<dyn TunnelOpener>>,
+        common: &Common<'_>,
         wasm: &Path,
         stem: &str,
     ) -> Result<(PluginInfo, AdapterHandle), Box<PluginInfo>> {
+        let Common {
+            engine,
+            linkers,
+            criu,
+            tunnels,
+            inflight,
+        } = common;
+        let (engine, criu, tunnels): (&Engine, &Criu, &Option<Arc<dyn TunnelOpener>>) =
+            (engine, criu, tunnels);
         let mut info = PluginInfo {
             name: stem.to_string(),
             version: String::new(),
@@ -670,6 +714,7 @@ impl PluginHost {
             tunnels: tunnels.clone(),
             granted: Arc::new(granted),
             criu: criu.clone(),
+            inflight: inflight.clone(),
             limits: Limits {
                 call_timeout: cfg.call_timeout,
                 memory_bytes: (cfg.memory_limit_mb as usize) << 20,

@@ -1,0 +1,169 @@
+//! `ferry-volume-bench`: what moving a workload's disk state adds to a migration. For each
+//! size, two stop-and-copy moves of Redis filled with `DEBUG POPULATE` to about that much
+//! memory (values of FERRY_BENCH_VALUE bytes, default 1024), in the same run: without
+//! persistence, and with its AOF (`appendfsync everysec`, rewritten once so its base file
+//! holds the whole dataset) on a volume that B sees on its own tmpfs. A client writes 1,000
+//! keys/s through A's route during each move. Prints the freeze, the volume's pre-copy and
+//! delta, and checks that every acknowledged write is at B, in memory and in the AOF.
+//! Needs root (namespaces, CRIU), like the tests.
+//!
+//! Usage: ferry-volume-bench [MIB…]   (default 256)
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_e2e::{wait_for, Options, TwoSites};
+use serde_json::Value;
+
+const PORT: u16 = 6379;
+const ROUTE: &str = "0.0.0.0:16379";
+
+fn main() -> Result<()> {
+    let sizes: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().context("sizes are MiB"))
+        .collect::<Result<_>>()?;
+    let sizes = if sizes.is_empty() { vec![256] } else { sizes };
+    let value: u64 = std::env::var("FERRY_BENCH_VALUE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    println!("| memory | volume | requests / failed | freeze | volume pre-copy (bytes, ms) | volume delta (read, sent, ms) | acked writes at B (memory / AOF) |");
+    println!("|---|---|---|---|---|---|---|");
+    for mib in sizes {
+        let keys = mib * 1024 * 1024 / (value + 80);
+        for with_volume in [false, true] {
+            let row = run(mib, keys, value, with_volume)?;
+            println!("{row}");
+        }
+    }
+    Ok(())
+}
+
+fn run(mib: u64, keys: u64, value: u64, with_volume: bool) -> Result<String> {
+    let tag = format!("vb{}{mib}", if with_volume { "v" } else { "n" });
+    let vol = std::env::temp_dir().join(format!("ferry-volume-bench-{mib}"));
+    let _ = std::fs::remove_dir_all(&vol);
+    std::fs::create_dir_all(&vol)?;
+    let v = vol.display().to_string();
+    let mut opts = Options::new(&tag[..tag.len().min(6)]);
+    if with_volume {
+        opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-vbench {v}"));
+    }
+    let sites = TwoSites::start(opts)?;
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--dir",
+        &v,
+    ];
+    if with_volume {
+        sites.run_redis_at_a_with_args("redis", PORT, &["--volume", &v, "--route", ROUTE], &aof)?;
+    } else {
+        sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
+    }
+    sites.a.redis(
+        PORT,
+        &[
+            "DEBUG",
+            "POPULATE",
+            &keys.to_string(),
+            "key",
+            &value.to_string(),
+        ],
+    )?;
+    if with_volume {
+        // The dataset goes into the AOF's base file.
+        sites.a.redis(PORT, &["BGREWRITEAOF"])?;
+        wait_for("the AOF rewrite", Duration::from_secs(300), || {
+            let info = sites.a.redis(PORT, &["INFO", "persistence"]).ok()?;
+            info.contains("aof_rewrite_in_progress:0")
+                .then_some(())
+                .filter(|()| !info.contains("aof_rewrite_scheduled:1"))
+        })?;
+    }
+    let acked = sites.root.join("acked.txt");
+    let client = sites
+        .a
+        .start_load("redis", "127.0.0.1:16379", "1000", "12", "8", &acked)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    let took = started.elapsed();
+    let out = client.finish()?;
+    if !ok {
+        bail!("the move failed: {m}\n{}", sites.logs());
+    }
+    let acked: Vec<String> = std::fs::read_to_string(&acked)?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let in_memory = count_present(&sites, PORT, &acked)?;
+    let on_disk = if with_volume {
+        // A Redis started at B from the volume alone.
+        sites.b.ferry(&["workload", "rm", "redis"])?;
+        let check = (PORT + 1).to_string();
+        let mut run = vec!["workload", "run", "check", "--port", &check, "--"];
+        let server = ferry_e2e::redis_process_args(PORT + 1);
+        run.extend(server.iter().map(String::as_str));
+        run.extend_from_slice(&["--daemonize", "no"]);
+        run.extend_from_slice(&aof);
+        sites.b.ferry(&run)?;
+        wait_for("the AOF loaded at B", Duration::from_secs(300), || {
+            let info = sites.b.redis(PORT + 1, &["INFO", "persistence"]).ok()?;
+            info.contains("loading:0").then_some(())
+        })?;
+        format!("{}", count_present(&sites, PORT + 1, &acked)?)
+    } else {
+        "-".into()
+    };
+    let _ = std::fs::remove_dir_all(&vol);
+    let vols = &m["volumes"];
+    let mb = |v: &Value| format!("{:.1} MB", v.as_u64().unwrap_or(0) as f64 / 1e6);
+    Ok(format!(
+        "| {mib} MiB | {} | {} / {} | {} ms | {} | {} |  {} / {} of {} |",
+        if with_volume {
+            "AOF on a volume"
+        } else {
+            "none"
+        },
+        out.summary["requests"],
+        out.summary["failed"],
+        m["timings"]["freeze_ms"],
+        if with_volume {
+            format!(
+                "{}, {} ms",
+                mb(&vols["precopy"]["sent_bytes"]),
+                vols["precopy"]["ms"]
+            )
+        } else {
+            "-".into()
+        },
+        if with_volume {
+            format!(
+                "{}, {}, {} ms",
+                mb(&vols["delta"]["read_bytes"]),
+                mb(&vols["delta"]["sent_bytes"]),
+                m["timings"]["volume_delta_ms"]
+            )
+        } else {
+            "-".into()
+        },
+        in_memory,
+        on_disk,
+        acked.len(),
+    ) + &format!(" <!-- move {} ms -->", took.as_millis()))
+}
+
+/// How many of `keys` the Redis at B on `port` holds.
+fn count_present(sites: &TwoSites, port: u16, keys: &[String]) -> Result<u64> {
+    let mut n = 0;
+    for chunk in keys.chunks(500) {
+        let mut args = vec!["EXISTS"];
+        args.extend(chunk.iter().map(String::as_str));
+        n += sites.b.redis(port, &args)?.trim().parse::<u64>()?;
+    }
+    Ok(n)
+}
