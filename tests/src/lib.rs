@@ -36,8 +36,13 @@ pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 /// Runs a command to its end (at most [`COMMAND_LIMIT`]) and returns its output; a command
 /// still running then is killed and reported.
 pub fn output(cmd: &mut Command) -> Result<Output> {
+    output_from(cmd, Stdio::null())
+}
+
+/// [`output`], with `stdin` as the command's standard input.
+pub fn output_from(cmd: &mut Command, stdin: Stdio) -> Result<Output> {
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -868,6 +873,54 @@ fn wrap_when(tag: &str, program: &str, word: &str, action: &str) -> String {
     format!(
         r#"d=/tmp/ferry-e2e-{tag}-wrap; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" {word} "*) {action};; esac\nexec /tmp/ferry-e2e-{tag}-wrap/real "$@"\n' > $d/wrapper; chmod +x $d/wrapper; mount --bind $d/wrapper {program}"#
     )
+}
+
+/// Fills the Redis on `port` at `site` with `keys` keys (`bulk:N`) of `value` random bytes
+/// each (incompressible), through one `redis-cli --pipe`; `scratch` holds the command file
+/// meanwhile.
+pub fn redis_fill_random(
+    site: &Site,
+    scratch: &Path,
+    port: u16,
+    keys: u64,
+    value: usize,
+) -> Result<()> {
+    use std::io::Write;
+    let path = scratch.join(format!("fill-{port}.resp"));
+    let mut out = std::io::BufWriter::new(fs::File::create(&path)?);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut bytes = vec![0u8; value];
+    for k in 0..keys {
+        for b in &mut bytes {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let key = format!("bulk:{k}");
+        write!(
+            out,
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${value}\r\n",
+            key.len()
+        )?;
+        out.write_all(&bytes)?;
+        out.write_all(b"\r\n")?;
+    }
+    out.flush()?;
+    drop(out);
+    let out = output_from(
+        site.command("redis-cli")
+            .args(["-p", &port.to_string(), "--pipe"]),
+        Stdio::from(fs::File::open(&path)?),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "redis-cli --pipe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fs::remove_file(&path)?;
+    Ok(())
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.

@@ -149,7 +149,7 @@ pub struct Checkpoints {
     /// in step by `keep_record` / `drop_record`), by journal key.
     records: std::sync::Mutex<std::collections::BTreeMap<String, Checkpoint>>,
     /// Volume manifests that arrived for incoming migrations, until their restore.
-    staged: std::sync::Mutex<std::collections::HashMap<String, (String, volume::Manifest)>>,
+    staged: std::sync::Mutex<std::collections::HashMap<String, volume::Incoming>>,
     /// Each workload's newest volume manifest: its blocks survive collection, so the next
     /// move sends only what changed.
     pins: std::sync::Mutex<std::collections::HashMap<String, Vec<StoredFile>>>,

@@ -176,11 +176,13 @@ impl Checkpoints {
             )
             .await
             .map_err(|e| refused(e.to_string()))?;
-        for batch in missing.chunks(BATCH_BLOCKS) {
+        let mut rest = missing.as_slice();
+        while !rest.is_empty() {
             let store = std::sync::Arc::clone(&self.store);
-            let digests = batch.to_vec();
+            let digests = rest[..rest.len().min(BATCH_BLOCKS)].to_vec();
             let frame = super::blocking(move || encode_batch(&store, &digests)).await?;
-            sent.blocks += batch.len() as u64;
+            rest = &rest[frame.blocks.max(1).min(rest.len())..];
+            sent.blocks += frame.blocks as u64;
             sent.bytes += frame.raw;
             sent.wire_bytes += frame.bytes.len() as u64;
             req.body()
@@ -219,9 +221,15 @@ impl Checkpoints {
                 workload,
                 migration,
                 size,
+                precopy,
             } => {
-                self.receive_volumes(peer, &workload, &migration, size, body)
-                    .await
+                let ask = super::volume::VolumesAsk {
+                    workload: &workload,
+                    migration: &migration,
+                    size,
+                    precopy,
+                };
+                self.receive_volumes(peer, ask, body).await
             }
             _ => Err("not a replication request".to_string()),
         };
@@ -392,20 +400,31 @@ impl Checkpoints {
     }
 }
 
-/// One batch as it goes on the wire, and the raw bytes it carries.
+/// One batch as it goes on the wire, the raw bytes it carries, and how many of the
+/// digests it was given it holds.
 struct Frame {
     bytes: Vec<u8>,
     raw: u64,
+    blocks: usize,
 }
 
+/// Raw bytes one batch holds at most: under the receiver's bound with room for zstd's
+/// worst case on incompressible blocks.
+const BATCH_RAW_BYTES: usize = MAX_BATCH_BYTES - store::FILE_BLOCK;
+
+/// A batch of the first of `digests` (at least one) that fit [`BATCH_RAW_BYTES`].
 fn encode_batch(store: &store::BlockStore, digests: &[Digest]) -> Result<Frame, store::StoreError> {
     let mut raw = Vec::new();
     let mut lens = Vec::with_capacity(digests.len());
     for d in digests {
         let block = store.read_block(d)?;
+        if !lens.is_empty() && raw.len() + block.len() > BATCH_RAW_BYTES {
+            break;
+        }
         lens.push(u32::try_from(block.len()).unwrap_or(u32::MAX));
         raw.extend_from_slice(&block);
     }
+    let digests = &digests[..lens.len()];
     let packed = zstd::bulk::compress(&raw, 1).map_err(|source| store::StoreError::Io {
         path: "zstd".into(),
         source,
@@ -427,6 +446,7 @@ fn encode_batch(store: &store::BlockStore, digests: &[Digest]) -> Result<Frame, 
     Ok(Frame {
         bytes,
         raw: raw.len() as u64,
+        blocks: lens.len(),
     })
 }
 
@@ -511,5 +531,23 @@ mod tests {
         // A block whose bytes do not match its digest is refused by the store.
         let mut b = store.batch().expect("batch");
         assert!(b.add_block([9u8; 32], &blocks[0]).is_err());
+        // Blocks of 1 MiB (a volume's, a large image file's): a batch takes only what
+        // the receiver accepts, and what it leaves goes in the next.
+        let mut b = store.batch().expect("batch");
+        let big: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; store::FILE_BLOCK]).collect();
+        let big_digests: Vec<Digest> = big.iter().map(|b| *blake3::hash(b).as_bytes()).collect();
+        for (d, data) in big_digests.iter().zip(&big) {
+            b.add_block(*d, data).expect("add");
+        }
+        b.finish().expect("finish");
+        let frame = encode_batch(&store, &big_digests).expect("encode");
+        assert_eq!(frame.blocks, BATCH_RAW_BYTES / store::FILE_BLOCK);
+        let mut wire: &[u8] = &frame.bytes;
+        let got = read_batch(&mut wire)
+            .await
+            .expect("accepted")
+            .expect("a batch");
+        assert_eq!(got.len(), frame.blocks);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -143,7 +143,7 @@ fn store_volumes(
             source,
         })?;
         let key = p.display().to_string();
-        let sig = (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino());
+        let sig = signature(&meta);
         let vf = match prev.get(&key) {
             Some((seen, vf)) if *seen == sig => vf.clone(),
             _ => {
@@ -192,11 +192,20 @@ fn holds(path: &Path, f: &StoredFile) -> bool {
 
 /// Writes `files` at their paths (unless already there), removes the other files of
 /// `volumes`; the bytes written.
+/// Files this site wrote for a migration (during its pre-copy): what each was written from,
+/// and how it looked right after, so a later pass skips it unread if nothing touched it.
+pub type Placed = HashMap<String, (Signature, StoredFile)>;
+
+fn signature(meta: &std::fs::Metadata) -> Signature {
+    (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino())
+}
+
 fn place(
     store: &store::BlockStore,
     migration: &str,
     volumes: &[String],
     manifest: &Manifest,
+    placed: &mut Placed,
 ) -> Result<u64, StoreError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -213,7 +222,10 @@ fn place(
     let mut written = 0;
     for vf in files {
         let path = Path::new(&vf.path);
-        if holds(path, &vf.file) {
+        let untouched = placed.get(&vf.path).is_some_and(|(sig, f)| {
+            f == &vf.file && std::fs::symlink_metadata(path).is_ok_and(|m| signature(&m) == *sig)
+        });
+        if untouched || holds(path, &vf.file) {
             continue;
         }
         let dir = path.parent().unwrap_or(Path::new("/"));
@@ -223,6 +235,9 @@ fn place(
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(vf.mode))
             .map_err(io(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io(path))?;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            placed.insert(vf.path.clone(), (signature(&meta), vf.file.clone()));
+        }
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir))?;
@@ -239,6 +254,47 @@ fn place(
         }
     }
     Ok(written)
+}
+
+/// What a `Volumes` request names.
+pub struct VolumesAsk<'a> {
+    pub workload: &'a str,
+    pub migration: &'a str,
+    pub size: u64,
+    /// The pre-copy's manifest (placed at once), or the final one (placed at the restore).
+    pub precopy: bool,
+}
+
+/// A migration's volumes at the destination: what the pre-copy placed, and the final
+/// manifest once it arrived.
+#[derive(Debug)]
+pub struct Incoming {
+    workload: String,
+    manifest: Option<Manifest>,
+    placed: Placed,
+}
+
+/// Is every path of `manifest` inside one of `volumes` (files below a root, directories
+/// below or at one)?
+fn check_within(volumes: &[String], manifest: &Manifest) -> Result<(), String> {
+    let within = |p: &str, strictly: bool| {
+        volumes
+            .iter()
+            .any(|v| Path::new(p).starts_with(Path::new(v)) && (!strictly || p != v))
+    };
+    let outside = manifest
+        .dirs
+        .iter()
+        .map(|d| (&d.path, false))
+        .chain(manifest.files.iter().map(|f| (&f.path, true)))
+        .find(|(p, strictly)| !within(p, *strictly))
+        .map(|(p, _)| p);
+    match outside {
+        Some(p) => Err(format!(
+            "volume path {p} is outside the workload's volumes {volumes:?}"
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Checkpoints {
@@ -296,6 +352,7 @@ impl Checkpoints {
         workload: &str,
         migration: &str,
         manifest: &Manifest,
+        precopy: bool,
     ) -> Result<u64, CheckpointError> {
         let json = serde_json::to_vec(manifest).map_err(|e| refused(e.to_string()))?;
         let packed = zstd::bulk::compress(&json, 3).map_err(|e| refused(e.to_string()))?;
@@ -308,6 +365,7 @@ impl Checkpoints {
                     workload: workload.to_string(),
                     migration: migration.to_string(),
                     size: packed.len() as u64,
+                    precopy,
                 },
             )
             .await
@@ -323,16 +381,22 @@ impl Checkpoints {
         }
     }
 
-    /// A peer's volume manifest for one of its migrations: checked (paths, every block
-    /// here) and kept until that migration's restore places it.
+    /// A peer's volume manifest for one of its migrations, checked (paths, every block
+    /// here). The pre-copy's is placed at once, while the workload still runs at the
+    /// source (into the volumes of the workload reserved here); the final one is kept
+    /// until the migration's restore places it.
     pub(super) async fn receive_volumes(
         &self,
         peer: &str,
-        workload: &str,
-        migration: &str,
-        size: u64,
+        ask: VolumesAsk<'_>,
         body: Body<'_>,
     ) -> Result<Response, String> {
+        let VolumesAsk {
+            workload,
+            migration,
+            size,
+            precopy,
+        } = ask;
         crate::names::validate("workload", workload).map_err(|e| e.to_string())?;
         if migration.is_empty()
             || migration.len() > 64
@@ -383,16 +447,64 @@ impl Checkpoints {
         let blocks = named.len() as u64;
         let bytes = files.iter().map(|f| f.file.size).sum();
         self.pin(workload, files);
-        tracing::info!(
-            peer,
-            workload,
-            migration,
-            files = files.len(),
-            bytes,
-            "volume manifest kept for the restore"
-        );
-        self.locked_staged()
-            .insert(migration.to_string(), (workload.to_string(), manifest));
+        if precopy {
+            let volumes = self
+                .parts
+                .workloads
+                .get(workload)
+                .map(|w| w.spec.volumes)
+                .unwrap_or_default();
+            check_within(&volumes, &manifest)?;
+            let mut placed = Placed::new();
+            let started = Instant::now();
+            let (store, id, vols) = (
+                Arc::clone(&self.store),
+                migration.to_string(),
+                volumes.clone(),
+            );
+            let (written, placed) = blocking(move || {
+                place(&store, &id, &vols, &manifest, &mut placed).map(|w| (w, placed))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            tracing::info!(
+                peer,
+                workload,
+                migration,
+                written,
+                ms = started.elapsed().as_millis() as u64,
+                "volumes placed ahead of the freeze"
+            );
+            self.locked_staged().insert(
+                migration.to_string(),
+                Incoming {
+                    workload: workload.to_string(),
+                    manifest: None,
+                    placed,
+                },
+            );
+        } else {
+            tracing::info!(
+                peer,
+                workload,
+                migration,
+                files = files.len(),
+                bytes,
+                "volume manifest kept for the restore"
+            );
+            let mut staged = self.locked_staged();
+            let incoming = staged
+                .entry(migration.to_string())
+                .or_insert_with(|| Incoming {
+                    workload: workload.to_string(),
+                    manifest: None,
+                    placed: Placed::new(),
+                });
+            if incoming.workload != workload {
+                return Err(format!("migration {migration} moves another workload"));
+            }
+            incoming.manifest = Some(manifest);
+        }
         Ok(Response::Kept { blocks, bytes })
     }
 
@@ -405,36 +517,23 @@ impl Checkpoints {
         volumes: &[String],
     ) -> Result<u64, CheckpointError> {
         let staged = self.locked_staged().remove(migration);
-        let Some((named, manifest)) = staged.filter(|(w, _)| w == workload) else {
+        let Some(Incoming {
+            manifest: Some(manifest),
+            mut placed,
+            ..
+        }) = staged.filter(|i| i.workload == workload)
+        else {
             return Err(refused(format!(
                 "no volume manifest arrived for migration {migration}"
             )));
         };
-        debug_assert_eq!(named, workload);
-        // Files below a volume; directories there too, or a volume's root.
-        let within = |p: &str, strictly: bool| {
-            volumes
-                .iter()
-                .any(|v| Path::new(p).starts_with(Path::new(v)) && (!strictly || p != v))
-        };
-        let outside = manifest
-            .dirs
-            .iter()
-            .map(|d| (&d.path, false))
-            .chain(manifest.files.iter().map(|f| (&f.path, true)))
-            .find(|(p, strictly)| !within(p, *strictly))
-            .map(|(p, _)| p);
-        if let Some(outside) = outside {
-            return Err(refused(format!(
-                "volume path {outside} is outside the workload's volumes {volumes:?}"
-            )));
-        }
+        check_within(volumes, &manifest).map_err(refused)?;
         let (store, migration, volumes) = (
             Arc::clone(&self.store),
             migration.to_string(),
             volumes.to_vec(),
         );
-        blocking(move || place(&store, &migration, &volumes, &manifest)).await
+        blocking(move || place(&store, &migration, &volumes, &manifest, &mut placed)).await
     }
 
     /// Keeps the blocks of `workload`'s newest volume manifest from the next collection.
@@ -459,7 +558,7 @@ impl Checkpoints {
             .collect()
     }
 
-    fn locked_staged(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Manifest)>> {
+    fn locked_staged(&self) -> std::sync::MutexGuard<'_, HashMap<String, Incoming>> {
         self.staged
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -520,7 +619,15 @@ mod tests {
             }],
             files: moved,
         };
-        let written = place(&store, "m1", &[dst.display().to_string()], &moved).unwrap();
+        let mut placed = Placed::new();
+        let written = place(
+            &store,
+            "m1",
+            &[dst.display().to_string()],
+            &moved,
+            &mut placed,
+        )
+        .unwrap();
         assert_eq!(written, (3 << 20) + 4);
         assert_eq!(std::fs::read(dst.join("sub/b")).unwrap(), b"bees");
         assert_eq!(std::fs::read(dst.join("a")).unwrap().len(), 3 << 20);
@@ -531,7 +638,14 @@ mod tests {
         );
         // Placed again: nothing to write, the content is there.
         assert_eq!(
-            place(&store, "m2", &[dst.display().to_string()], &moved).unwrap(),
+            place(
+                &store,
+                "m2",
+                &[dst.display().to_string()],
+                &moved,
+                &mut placed
+            )
+            .unwrap(),
             0
         );
         let _ = std::fs::remove_dir_all(&root);

@@ -288,15 +288,25 @@ async fn volumes_precopy(
     }
     let store = volume_store(engine)?;
     let mut scan = crate::checkpoint::volume::Scan::default();
-    let sync = engine
+    let started = Instant::now();
+    let mut sync = engine
         .abortable(id, async {
-            store
+            let (manifest, sync) = store
                 .sync_volumes(&spec.name, &spec.volumes, target, &mut scan)
                 .await
-                .map_err(|e| volume_error(engine, &e))
+                .map_err(|e| volume_error(engine, &e))?;
+            // The destination writes the files now, so the freeze only adds the delta.
+            let wire = store
+                .send_manifest(target, &spec.name, id, &manifest, true)
+                .await
+                .map_err(|e| volume_error(engine, &e))?;
+            Ok(crate::checkpoint::volume::VolumeSync {
+                wire_bytes: sync.wire_bytes + wire,
+                ..sync
+            })
         })
-        .await?
-        .1;
+        .await?;
+    sync.ms = ms(started.elapsed());
     engine.update(id, |m| {
         m.volumes.get_or_insert_with(Default::default).precopy = Some(sync);
         m.bytes_on_wire += sync.wire_bytes;
@@ -322,7 +332,7 @@ async fn volumes_delta(
         .await
         .map_err(|e| volume_error(engine, &e))?;
     let wire = store
-        .send_manifest(target, &spec.name, id, &files)
+        .send_manifest(target, &spec.name, id, &files, false)
         .await
         .map_err(|e| volume_error(engine, &e))?;
     engine.update(id, |m| {

@@ -153,6 +153,10 @@ pub enum Request {
         workload: String,
         migration: String,
         size: u64,
+        /// The pre-copy's manifest: placed at once, while the workload still runs at the
+        /// source (the final one is placed at the restore).
+        #[serde(default)]
+        precopy: bool,
     },
     /// Failover fence: does this site run `workload` recovered from a checkpoint the
     /// asking site replicated here (a failover while it was lost)? Answered with

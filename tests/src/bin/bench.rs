@@ -30,7 +30,6 @@
 //!
 //! Internal subcommands (run inside a site's namespace): udp-relay, tcp-relay, send, recv.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -518,35 +517,7 @@ fn populate(sites: &TwoSites, port: u16, mib: u64) -> Result<()> {
         )?;
         return Ok(());
     }
-    let path = sites.root.join(format!("fill-{port}.resp"));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut value = vec![0u8; 1000];
-    for k in 0..keys {
-        for b in &mut value {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        let key = format!("bulk:{k}");
-        write!(
-            out,
-            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$1000\r\n",
-            key.len()
-        )?;
-        out.write_all(&value)?;
-        out.write_all(b"\r\n")?;
-    }
-    out.flush()?;
-    drop(out);
-    run(sites
-        .a
-        .command("redis-cli")
-        .args(["-p", &port.to_string(), "--pipe"])
-        .stdin(std::fs::File::open(&path)?))?;
-    std::fs::remove_file(&path)?;
-    Ok(())
+    ferry_e2e::redis_fill_random(&sites.a, &sites.root, port, keys, 1000)
 }
 
 /// The port Ferry's Redis listens on: the one the redis adapter's default grant lets its

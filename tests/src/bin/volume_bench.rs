@@ -1,5 +1,5 @@
 //! `ferry-volume-bench`: what moving a workload's disk state adds to a migration. For each
-//! size, two stop-and-copy moves of Redis filled with `DEBUG POPULATE` to about that much
+//! size, two stop-and-copy moves of Redis filled with random values to about that much
 //! memory (values of FERRY_BENCH_VALUE bytes, default 1024), in the same run: without
 //! persistence, and with its AOF (`appendfsync everysec`, rewritten once so its base file
 //! holds the whole dataset) on a volume that B sees on its own tmpfs. A client writes 1,000
@@ -64,24 +64,43 @@ fn run(mib: u64, keys: u64, value: u64, with_volume: bool) -> Result<String> {
     } else {
         sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
     }
-    sites.a.redis(
-        PORT,
-        &[
-            "DEBUG",
-            "POPULATE",
-            &keys.to_string(),
-            "key",
-            &value.to_string(),
-        ],
-    )?;
+    // Random values: the AOF's base file is as large as the dataset.
+    ferry_e2e::redis_fill_random(&sites.a, &sites.root, PORT, keys, value as usize)?;
+    let filled = sites.a.redis(PORT, &["DBSIZE"])?;
+    if filled.trim() != keys.to_string() {
+        bail!("Redis holds {filled} keys, not the {keys} written");
+    }
     if with_volume {
-        // The dataset goes into the AOF's base file.
-        sites.a.redis(PORT, &["BGREWRITEAOF"])?;
-        wait_for("the AOF rewrite", Duration::from_secs(300), || {
+        // The dataset goes into the AOF's base file: rewritten (again, if Redis was
+        // already rewriting it while it filled) until the incremental file is small.
+        wait_for("the AOF rewrite", Duration::from_secs(600), || {
             let info = sites.a.redis(PORT, &["INFO", "persistence"]).ok()?;
-            info.contains("aof_rewrite_in_progress:0")
-                .then_some(())
-                .filter(|()| !info.contains("aof_rewrite_scheduled:1"))
+            let field = |name: &str| -> Option<u64> {
+                info.lines()
+                    .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))?
+                    .parse()
+                    .ok()
+            };
+            let busy =
+                field("aof_rewrite_in_progress")? == 1 || field("aof_rewrite_scheduled")? == 1;
+            // What the incremental files hold (not the base).
+            let appended: u64 = std::fs::read_dir(vol.join("appendonlydir"))
+                .ok()?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".incr.aof"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            if busy {
+                std::thread::sleep(Duration::from_millis(200));
+                return None;
+            }
+            if appended < (1 << 20) {
+                return Some(());
+            }
+            let _ = sites.a.redis(PORT, &["BGREWRITEAOF"]);
+            std::thread::sleep(Duration::from_millis(200));
+            None
         })?;
     }
     let acked = sites.root.join("acked.txt");
@@ -113,7 +132,7 @@ fn run(mib: u64, keys: u64, value: u64, with_volume: bool) -> Result<String> {
         sites.b.ferry(&run)?;
         wait_for("the AOF loaded at B", Duration::from_secs(300), || {
             let info = sites.b.redis(PORT + 1, &["INFO", "persistence"]).ok()?;
-            info.contains("loading:0").then_some(())
+            info.lines().any(|l| l.trim() == "loading:0").then_some(())
         })?;
         format!("{}", count_present(&sites, PORT + 1, &acked)?)
     } else {
@@ -163,7 +182,11 @@ fn count_present(sites: &TwoSites, port: u16, keys: &[String]) -> Result<u64> {
     for chunk in keys.chunks(500) {
         let mut args = vec!["EXISTS"];
         args.extend(chunk.iter().map(String::as_str));
-        n += sites.b.redis(port, &args)?.trim().parse::<u64>()?;
+        let answer = sites.b.redis(port, &args)?;
+        n += answer
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("EXISTS on port {port} at b answered {answer:?}"))?;
     }
     Ok(n)
 }
