@@ -173,7 +173,13 @@ fn run(mib: u64, keys: u64, value: u64, with_volume: bool) -> Result<String> {
         in_memory,
         on_disk,
         acked.len(),
-    ) + &format!(" <!-- move {} ms -->", took.as_millis()))
+    ) + &format!(
+        " <!-- move {} ms; dump {} transfer {} restore {} -->",
+        took.as_millis(),
+        m["timings"]["dump_ms"],
+        m["timings"]["transfer_ms"],
+        m["timings"]["restore_ms"]
+    ))
 }
 
 /// How many of `keys` the Redis at B on `port` holds.
