@@ -266,6 +266,35 @@ impl Site {
         ))
     }
 
+    /// Runs Redis here as workload `name` on `port`, keeping its AOF (`appendfsync
+    /// everysec`) in `dir`, with more `workload run` flags (`--volume`, `--route`).
+    pub fn run_redis_with_aof(
+        &self,
+        name: &str,
+        port: u16,
+        dir: &str,
+        flags: &[&str],
+    ) -> Result<()> {
+        let p = port.to_string();
+        let mut args = vec!["workload", "run", name, "--port", &p];
+        args.extend_from_slice(flags);
+        args.push("--");
+        let server = redis_process_args(port);
+        args.extend(server.iter().map(String::as_str));
+        args.extend_from_slice(&[
+            "--daemonize",
+            "no",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            dir,
+        ]);
+        self.ferry(&args)?;
+        Ok(())
+    }
+
     /// `redis-cli -p PORT ARGS…` at this site; the reply, trimmed.
     pub fn redis(&self, port: u16, args: &[&str]) -> Result<String> {
         let p = port.to_string();
@@ -539,18 +568,6 @@ impl TwoSites {
             "redis-server",
         ])?;
         Ok(cleanup)
-    }
-
-    /// As [`Self::run_redis_at_a_with`], with more arguments for redis-server (later
-    /// ones override the defaults: `--appendonly yes --dir …`).
-    pub fn run_redis_at_a_with_args(
-        &self,
-        name: &str,
-        port: u16,
-        flags: &[&str],
-        redis_args: &[&str],
-    ) -> Result<()> {
-        self.run_redis_at_a_full(name, port, flags, redis_args)
     }
 
     /// As [`Self::run_redis_at_a`], with its `CONFIG` command disabled (a hardened
@@ -921,6 +938,21 @@ pub fn redis_fill_random(
     }
     fs::remove_file(&path)?;
     Ok(())
+}
+
+/// A benchmark's arguments: the sizes in MiB (default 256) and FERRY_BENCH_VALUE, the
+/// bytes of each Redis value (default 1024).
+pub fn bench_sizes_and_value() -> Result<(Vec<u64>, u64)> {
+    let sizes: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().context("sizes are MiB"))
+        .collect::<Result<_>>()?;
+    let sizes = if sizes.is_empty() { vec![256] } else { sizes };
+    let value = std::env::var("FERRY_BENCH_VALUE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    Ok((sizes, value))
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.

@@ -28,15 +28,9 @@ fn redis_with_its_aof_on_a_volume_moves_with_every_acknowledged_write_on_disk() 
     // B is another host: its view of the volume's path starts empty.
     opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-volaof {v}"));
     let sites = TwoSites::start(opts)?;
-    let aof = [
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--dir",
-        &v,
-    ];
-    sites.run_redis_at_a_with_args("redis", PORT, &["--volume", &v, "--route", ROUTE], &aof)?;
+    sites
+        .a
+        .run_redis_with_aof("redis", PORT, &v, &["--volume", &v, "--route", ROUTE])?;
 
     // Writes go on through A's route while it moves: each acknowledged one is in the AOF.
     let acked = sites.root.join("acked.txt");
@@ -87,26 +81,15 @@ fn redis_with_its_aof_on_a_volume_moves_with_every_acknowledged_write_on_disk() 
     exists(PORT)?;
     // And on disk at B: a Redis started there from the volume alone loads every one.
     sites.b.ferry(&["workload", "rm", "redis"])?;
-    let check = (PORT + 1).to_string();
-    let mut run = vec!["workload", "run", "check", "--port", &check, "--"];
-    let server = ferry_e2e::redis_process_args(PORT + 1);
-    run.extend(server.iter().map(String::as_str));
-    run.extend_from_slice(&["--daemonize", "no"]);
-    run.extend_from_slice(&aof);
-    sites.b.ferry(&run)?;
+    sites.b.run_redis_with_aof("check", PORT + 1, &v, &[])?;
     exists(PORT + 1)?;
     sites.b.ferry(&["workload", "rm", "check"])?;
 
     // A second move to B of the same volume (Redis started again at A from what its
     // volume holds there): B kept the blocks it had, so it gets only what changed.
-    let mut run = vec![
-        "workload", "run", "redis", "--port", "6379", "--volume", &v, "--",
-    ];
-    let server = ferry_e2e::redis_process_args(PORT);
-    run.extend(server.iter().map(String::as_str));
-    run.extend_from_slice(&["--daemonize", "no"]);
-    run.extend_from_slice(&aof);
-    sites.a.ferry(&run)?;
+    sites
+        .a
+        .run_redis_with_aof("redis", PORT, &v, &["--volume", &v])?;
     sites.a.redis(PORT, &["SET", "second-move", "1"])?;
     let (ok, again) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
     assert!(ok, "{again}\n{}", sites.logs());

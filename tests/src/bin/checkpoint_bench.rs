@@ -18,15 +18,7 @@ use serde_json::Value;
 const PORT: u16 = 6379;
 
 fn main() -> Result<()> {
-    let sizes: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().context("sizes are MiB"))
-        .collect::<Result<_>>()?;
-    let sizes = if sizes.is_empty() { vec![256] } else { sizes };
-    let value: u64 = std::env::var("FERRY_BENCH_VALUE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let (sizes, value) = ferry_e2e::bench_sizes_and_value()?;
     println!("| memory | keys | checkpoint | image | new to the store | replicated (blocks / wire) | freeze | store |");
     println!("|---|---|---|---|---|---|---|---|");
     for mib in sizes {

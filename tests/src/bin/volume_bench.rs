@@ -19,15 +19,7 @@ const PORT: u16 = 6379;
 const ROUTE: &str = "0.0.0.0:16379";
 
 fn main() -> Result<()> {
-    let sizes: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().context("sizes are MiB"))
-        .collect::<Result<_>>()?;
-    let sizes = if sizes.is_empty() { vec![256] } else { sizes };
-    let value: u64 = std::env::var("FERRY_BENCH_VALUE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let (sizes, value) = ferry_e2e::bench_sizes_and_value()?;
     println!("| memory | volume | requests / failed | freeze | volume pre-copy (bytes, ms) | volume delta (read, sent, ms) | acked writes at B (memory / AOF) |");
     println!("|---|---|---|---|---|---|---|");
     for mib in sizes {
@@ -51,16 +43,10 @@ fn run(mib: u64, keys: u64, value: u64, with_volume: bool) -> Result<String> {
         opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-vbench {v}"));
     }
     let sites = TwoSites::start(opts)?;
-    let aof = [
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--dir",
-        &v,
-    ];
     if with_volume {
-        sites.run_redis_at_a_with_args("redis", PORT, &["--volume", &v, "--route", ROUTE], &aof)?;
+        sites
+            .a
+            .run_redis_with_aof("redis", PORT, &v, &["--volume", &v, "--route", ROUTE])?;
     } else {
         sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
     }
@@ -123,13 +109,7 @@ fn run(mib: u64, keys: u64, value: u64, with_volume: bool) -> Result<String> {
     let on_disk = if with_volume {
         // A Redis started at B from the volume alone.
         sites.b.ferry(&["workload", "rm", "redis"])?;
-        let check = (PORT + 1).to_string();
-        let mut run = vec!["workload", "run", "check", "--port", &check, "--"];
-        let server = ferry_e2e::redis_process_args(PORT + 1);
-        run.extend(server.iter().map(String::as_str));
-        run.extend_from_slice(&["--daemonize", "no"]);
-        run.extend_from_slice(&aof);
-        sites.b.ferry(&run)?;
+        sites.b.run_redis_with_aof("check", PORT + 1, &v, &[])?;
         wait_for("the AOF loaded at B", Duration::from_secs(300), || {
             let info = sites.b.redis(PORT + 1, &["INFO", "persistence"]).ok()?;
             info.lines().any(|l| l.trim() == "loading:0").then_some(())
