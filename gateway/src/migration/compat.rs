@@ -95,8 +95,25 @@ fn mapped_files(pids: &[i32]) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// What restoring a checkpoint of the tree rooted at `pid` needs of a destination.
-pub(super) async fn measure(pid: i32, criu_bin: &Path) -> CheckpointNeeds {
+/// The capabilities (but `log`) and programs `granted` allows, as the needs carry them.
+fn grant_lists(granted: &crate::plugins::Granted) -> (Vec<String>, Vec<String>) {
+    let caps = granted
+        .capabilities
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .filter(|c| c != "log")
+        .collect();
+    (caps, granted.exec.clone())
+}
+
+/// What restoring a checkpoint of the tree rooted at `pid` needs of a destination, whose
+/// adapter is granted as the source's (`granted`).
+pub(super) async fn measure(
+    pid: i32,
+    criu_bin: &Path,
+    granted: Option<&crate::plugins::Granted>,
+) -> CheckpointNeeds {
+    let (adapter_capabilities, adapter_exec) = granted.map(grant_lists).unwrap_or_default();
     let criu = criu_version(criu_bin).await;
     tokio::task::spawn_blocking(move || {
         let pids = process::tree_pids(pid);
@@ -113,6 +130,8 @@ pub(super) async fn measure(pid: i32, criu_bin: &Path) -> CheckpointNeeds {
             files,
             memory_bytes,
             image_bytes: memory_bytes,
+            adapter_capabilities,
+            adapter_exec,
         }
     })
     .await
@@ -123,6 +142,8 @@ pub(super) async fn measure(pid: i32, criu_bin: &Path) -> CheckpointNeeds {
         files: Vec::new(),
         memory_bytes: 0,
         image_bytes: 0,
+        adapter_capabilities: Vec::new(),
+        adapter_exec: Vec::new(),
     })
 }
 
@@ -136,11 +157,23 @@ pub(super) struct Here {
     pub files: BTreeMap<String, u64>,
     pub free_disk: Option<u64>,
     pub free_memory: Option<u64>,
+    /// The adapter here for the workload's runtime: its name and what it is granted
+    /// (capabilities but `log`, `exec` programs).
+    pub adapter: Option<(String, Vec<String>, Vec<String>)>,
 }
 
 impl Here {
     /// This site, for `needs`, with images going to `incoming`.
-    pub(super) async fn measure(needs: &CheckpointNeeds, incoming: &Path, criu_bin: &Path) -> Self {
+    pub(super) async fn measure(
+        needs: &CheckpointNeeds,
+        incoming: &Path,
+        criu_bin: &Path,
+        adapter: Option<(String, &crate::plugins::Granted)>,
+    ) -> Self {
+        let adapter = adapter.map(|(name, g)| {
+            let (caps, exec) = grant_lists(g);
+            (name, caps, exec)
+        });
         let criu = criu_version(criu_bin).await;
         let (paths, incoming) = (
             needs
@@ -166,6 +199,7 @@ impl Here {
             files: measured.0,
             free_disk: measured.1,
             free_memory: memory::available_bytes(),
+            adapter,
         }
     }
 }
@@ -189,7 +223,17 @@ impl Engine {
             if let Err(e) = &adapter {
                 incompatible.push(e.to_string());
             }
-            let here = Here::measure(needs, &self.incoming_dir, self.criu.bin()).await;
+            let granted = adapter
+                .as_ref()
+                .ok()
+                .and_then(|a| Some((a.name().to_string(), self.plugins.granted_to(a.name())?)));
+            let here = Here::measure(
+                needs,
+                &self.incoming_dir,
+                self.criu.bin(),
+                granted.as_ref().map(|(n, g)| (n.clone(), g)),
+            )
+            .await;
             incompatible.extend(problems(needs, &here));
             if !incompatible.is_empty() {
                 tracing::info!(peer, workload = %spec.name, problems = ?incompatible, "this site cannot restore the workload's checkpoint");
@@ -290,6 +334,27 @@ pub(super) fn problems(needs: &CheckpointNeeds, here: &Here) -> Vec<String> {
             ));
         }
     }
+    if let Some((name, caps, exec)) = &here.adapter {
+        let lacking: Vec<&str> = needs
+            .adapter_capabilities
+            .iter()
+            .filter(|c| !caps.contains(c))
+            .map(String::as_str)
+            .chain(
+                needs
+                    .adapter_exec
+                    .iter()
+                    .filter(|p| !exec.contains(p))
+                    .map(String::as_str),
+            )
+            .collect();
+        if !lacking.is_empty() {
+            out.push(format!(
+                "adapter {name} here is not granted what it is at the source: {}; add it to [plugins.grants.{name}]",
+                lacking.join(", ")
+            ));
+        }
+    }
     if let Some(free) = here.free_memory {
         if free < needs.memory_bytes {
             out.push(format!(
@@ -314,6 +379,8 @@ mod tests {
             files: vec![("/usr/bin/redis-server".into(), 1000)],
             memory_bytes: 100 << 20,
             image_bytes: 100 << 20,
+            adapter_capabilities: vec!["criu".into(), "process".into()],
+            adapter_exec: Vec::new(),
         }
     }
 
@@ -325,6 +392,11 @@ mod tests {
             files: [("/usr/bin/redis-server".to_string(), 1000)].into(),
             free_disk: Some(10 << 30),
             free_memory: Some(10 << 30),
+            adapter: Some((
+                "process".into(),
+                vec!["criu".into(), "process".into(), "exec".into()],
+                vec!["/usr/bin/true".into()],
+            )),
         }
     }
 
@@ -360,6 +432,18 @@ mod tests {
         assert_eq!(
             p,
             ["/usr/bin/redis-server differs here (999 bytes, 1000 at the source)"]
+        );
+    }
+
+    #[test]
+    fn an_adapter_granted_less_than_at_the_source_is_a_reason() {
+        let mut n = needs();
+        n.adapter_exec = vec!["runc".into()];
+        let mut h = here();
+        h.adapter = Some(("process".into(), vec!["process".into()], Vec::new()));
+        assert_eq!(
+            problems(&n, &h),
+            ["adapter process here is not granted what it is at the source: criu, runc; add it to [plugins.grants.process]"]
         );
     }
 

@@ -245,7 +245,9 @@ impl Engine {
                 // Before any freeze: can the destination restore it at all?
                 let incompatible = match (feasible, w.pid) {
                     (true, Some(pid)) => {
-                        let needs = super::compat::measure(pid, self.criu.bin()).await;
+                        let granted = self.plugins.granted_to(adapter.name());
+                        let needs =
+                            super::compat::measure(pid, self.criu.bin(), granted.as_ref()).await;
                         self.probe_peer(to, &destination, None, Some(needs))
                             .await
                             .err()

@@ -1522,6 +1522,8 @@ impl Fuzz {
                     files: vec![(format!("/{}", self.name()), self.below(4096))],
                     memory_bytes: self.below(u64::MAX),
                     image_bytes: self.below(u64::MAX),
+                    adapter_capabilities: vec![self.name()],
+                    adapter_exec: vec![self.name()],
                 }),
             },
             10 => Request::SyncStatus {

@@ -37,6 +37,13 @@ pub struct CheckpointNeeds {
     pub memory_bytes: u64,
     /// Disk its image takes at the destination.
     pub image_bytes: u64,
+    /// What the source's adapter for the workload's runtime is granted (capabilities
+    /// other than `log`, and its `exec` allow-list): the restore through the same adapter
+    /// needs no less.
+    #[serde(default)]
+    pub adapter_capabilities: Vec<String>,
+    #[serde(default)]
+    pub adapter_exec: Vec<String>,
 }
 
 /// Connection close codes.

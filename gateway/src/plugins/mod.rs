@@ -743,6 +743,14 @@ impl PluginHost {
         }
     }
 
+    /// What the site grants the adapter named `name` (none: no such adapter loaded).
+    pub fn granted_to(&self, name: &str) -> Option<Granted> {
+        self.infos
+            .iter()
+            .find(|p| p.name == name && p.status == "loaded")
+            .map(|p| p.granted.clone())
+    }
+
     pub fn list(&self) -> Vec<PluginInfo> {
         self.infos.clone()
     }
