@@ -10,9 +10,8 @@ use serde_json::Value;
 
 const PORT: u16 = 6379;
 
-/// Redis at A with ~20 MB of data, a 40 Mbit/s link A→B, and a migration under way in
-/// its transfer phase. Returns (migration id, source pid, dataset digest).
-fn start_slow_migration(sites: &TwoSites) -> Result<(String, i64, String)> {
+/// Redis at A with 100,000 keys (~20 MB); its dataset digest and pid.
+fn redis_with_data(sites: &TwoSites) -> Result<(String, i64)> {
     sites.run_redis_at_a("redis", PORT)?;
     sites
         .a
@@ -21,6 +20,13 @@ fn start_slow_migration(sites: &TwoSites) -> Result<(String, i64, String)> {
     let pid = sites.a.ferry_json(&["workload", "ls"])?[0]["pid"]
         .as_i64()
         .unwrap_or(0);
+    Ok((digest, pid))
+}
+
+/// Redis at A with ~20 MB of data, a 40 Mbit/s link A→B, and a migration under way in
+/// its transfer phase. Returns (migration id, source pid, dataset digest).
+fn start_slow_migration(sites: &TwoSites) -> Result<(String, i64, String)> {
+    let (digest, pid) = redis_with_data(sites)?;
     sites.a.limit_egress("40mbit")?;
     let id = start_move_until(sites, &sites.a, "transferring", Duration::from_secs(20))?;
     Ok((id, pid, digest))
@@ -397,14 +403,7 @@ fn a_full_disk_under_the_sources_journal_rolls_back_and_releases_everything() ->
 fn a_full_disk_under_the_destinations_journal_refuses_the_move_and_keeps_nothing() -> Result<()> {
     let sites = TwoSites::start(Options::new("dskfub"))?;
     let disk = SmallJournal::mount(&sites, &sites.b)?;
-    sites.run_redis_at_a("redis", PORT)?;
-    sites
-        .a
-        .redis(PORT, &["DEBUG", "POPULATE", "100000", "key", "100"])?;
-    let digest = sites.a.redis(PORT, &["DEBUG", "DIGEST"])?;
-    let pid = sites.a.ferry_json(&["workload", "ls"])?[0]["pid"]
-        .as_i64()
-        .unwrap_or(0);
+    let (digest, pid) = redis_with_data(&sites)?;
     let watch = OneCopy::watch(&sites, PORT);
     // B can record nothing: the move cannot start there (its first record fails), and
     // the source runs on. (Filled mid-move instead, the outcome depends on which of B's

@@ -90,7 +90,6 @@ impl Checkpoints {
         peer: &str,
         r: &mut Replication,
     ) -> Result<(), CheckpointError> {
-        let peers = &self.parts.peers;
         let digests: Vec<Digest> = c
             .files
             .iter()
@@ -100,30 +99,44 @@ impl Checkpoints {
         r.blocks += sent.blocks;
         r.bytes += sent.bytes;
         r.wire_bytes += sent.wire_bytes;
-        let json = serde_json::to_vec(c).map_err(|e| refused(e.to_string()))?;
         // Mostly block digests (64 hex digits a block): compressed, they travel as about
         // their binary size.
-        let record = zstd::bulk::compress(&json, 3).map_err(|e| refused(e.to_string()))?;
-        r.wire_bytes += record.len() as u64;
-        let mut req = peers
-            .request_with_body(
-                peer,
-                &Request::Replica {
-                    workload: c.workload.clone(),
-                    checkpoint: c.id.clone(),
-                    size: record.len() as u64,
-                },
-            )
+        r.wire_bytes += self
+            .send_packed(peer, c, "the record", |size| Request::Replica {
+                workload: c.workload.clone(),
+                checkpoint: c.id.clone(),
+                size,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sends `peer` `value` as zstd-compressed JSON in the body of the request `ask`
+    /// makes from its size (`Replica`, `Volumes`), which it must answer `Kept`; the bytes
+    /// on the wire.
+    pub(super) async fn send_packed(
+        &self,
+        peer: &str,
+        value: &impl Serialize,
+        what: &str,
+        ask: impl FnOnce(u64) -> Request,
+    ) -> Result<u64, CheckpointError> {
+        let json = serde_json::to_vec(value).map_err(|e| refused(e.to_string()))?;
+        let packed = zstd::bulk::compress(&json, 3).map_err(|e| refused(e.to_string()))?;
+        let mut req = self
+            .parts
+            .peers
+            .request_with_body(peer, &ask(packed.len() as u64))
             .await
             .map_err(|e| refused(e.to_string()))?;
         req.body()
-            .write_all(&record)
+            .write_all(&packed)
             .await
-            .map_err(|e| refused(format!("sending the record to {peer}: {e}")))?;
+            .map_err(|e| refused(format!("sending {what} to {peer}: {e}")))?;
         match req.response().await.map_err(|e| refused(e.to_string()))? {
-            Response::Kept { .. } => Ok(()),
+            Response::Kept { .. } => Ok(packed.len() as u64),
             Response::Error { message, .. } => Err(refused(format!("{peer}: {message}"))),
-            other => Err(refused(format!("{peer} answered {other:?} to Replica"))),
+            other => Err(refused(format!("{peer} answered {other:?} to {what}"))),
         }
     }
 
@@ -350,20 +363,7 @@ impl Checkpoints {
         if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("bad checkpoint id {id:?}"));
         }
-        if size > MAX_RECORD {
-            return Err(format!(
-                "a checkpoint record of {size} bytes is over the {MAX_RECORD} byte limit"
-            ));
-        }
-        let mut packed = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
-        body.read_exact(&mut packed)
-            .await
-            .map_err(|e| format!("reading the record: {e}"))?;
-        let bytes = zstd::bulk::decompress(&packed, MAX_RECORD as usize).map_err(|e| {
-            format!("the record does not decompress (or is over {MAX_RECORD} bytes): {e}")
-        })?;
-        let mut c: Checkpoint =
-            serde_json::from_slice(&bytes).map_err(|e| format!("the record is not valid: {e}"))?;
+        let mut c: Checkpoint = read_packed(body, size, "checkpoint record").await?;
         if c.workload != workload || c.id != id || c.spec.name != workload {
             return Err("the record names another workload or checkpoint".into());
         }
@@ -398,6 +398,28 @@ impl Checkpoints {
             bytes: c.bytes,
         })
     }
+}
+
+/// Reads a body of `size` bytes of zstd-compressed JSON (a `Replica`'s record, a
+/// `Volumes` manifest), at most [`MAX_RECORD`] bytes either way.
+pub(super) async fn read_packed<T: serde::de::DeserializeOwned>(
+    body: Body<'_>,
+    size: u64,
+    what: &str,
+) -> Result<T, String> {
+    if size > MAX_RECORD {
+        return Err(format!(
+            "a {what} of {size} bytes is over the {MAX_RECORD} byte limit"
+        ));
+    }
+    let mut packed = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
+    body.read_exact(&mut packed)
+        .await
+        .map_err(|e| format!("reading the {what}: {e}"))?;
+    let bytes = zstd::bulk::decompress(&packed, MAX_RECORD as usize).map_err(|e| {
+        format!("the {what} does not decompress (or is over {MAX_RECORD} bytes): {e}")
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("the {what} is not valid: {e}"))
 }
 
 /// One batch as it goes on the wire, the raw bytes it carries, and how many of the

@@ -15,19 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
-
-use super::replicate::refused;
+use super::replicate::{read_packed, refused};
 use super::store::{self, Digest, StoreError, StoredFile};
 use super::{blocking, CheckpointError, Checkpoints};
 use crate::peer::wire::{Request, Response};
 use crate::peer::Body;
+use serde::{Deserialize, Serialize};
 
 /// Most files a workload's volumes may hold.
 const MAX_FILES: usize = 100_000;
-/// Largest manifest a peer may send (zstd JSON, decompressed).
-const MAX_MANIFEST: u64 = 64 << 20;
 
 /// One file of a volume, as a manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,31 +350,15 @@ impl Checkpoints {
         manifest: &Manifest,
         precopy: bool,
     ) -> Result<u64, CheckpointError> {
-        let json = serde_json::to_vec(manifest).map_err(|e| refused(e.to_string()))?;
-        let packed = zstd::bulk::compress(&json, 3).map_err(|e| refused(e.to_string()))?;
-        let mut req = self
-            .parts
-            .peers
-            .request_with_body(
-                peer,
-                &Request::Volumes {
-                    workload: workload.to_string(),
-                    migration: migration.to_string(),
-                    size: packed.len() as u64,
-                    precopy,
-                },
-            )
-            .await
-            .map_err(|e| refused(e.to_string()))?;
-        req.body()
-            .write_all(&packed)
-            .await
-            .map_err(|e| refused(format!("sending the volume manifest to {peer}: {e}")))?;
-        match req.response().await.map_err(|e| refused(e.to_string()))? {
-            Response::Kept { .. } => Ok(packed.len() as u64),
-            Response::Error { message, .. } => Err(refused(format!("{peer}: {message}"))),
-            other => Err(refused(format!("{peer} answered {other:?} to Volumes"))),
-        }
+        self.send_packed(peer, manifest, "the volume manifest", |size| {
+            Request::Volumes {
+                workload: workload.to_string(),
+                migration: migration.to_string(),
+                size,
+                precopy,
+            }
+        })
+        .await
     }
 
     /// A peer's volume manifest for one of its migrations, checked (paths, every block
@@ -406,19 +386,7 @@ impl Checkpoints {
         {
             return Err(format!("bad migration id {migration:?}"));
         }
-        if size > MAX_MANIFEST {
-            return Err(format!(
-                "a volume manifest of {size} bytes is over the {MAX_MANIFEST} byte limit"
-            ));
-        }
-        let mut packed = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
-        body.read_exact(&mut packed)
-            .await
-            .map_err(|e| format!("reading the volume manifest: {e}"))?;
-        let json = zstd::bulk::decompress(&packed, MAX_MANIFEST as usize)
-            .map_err(|e| format!("the volume manifest does not decompress: {e}"))?;
-        let manifest: Manifest = serde_json::from_slice(&json)
-            .map_err(|e| format!("the volume manifest is not valid: {e}"))?;
+        let manifest: Manifest = read_packed(body, size, "volume manifest").await?;
         let files = &manifest.files;
         if files.len() > MAX_FILES {
             return Err(format!("more than {MAX_FILES} volume files"));
