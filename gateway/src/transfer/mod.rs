@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod manifest;
+pub mod order;
 pub mod pages;
 
 use std::collections::HashSet;

@@ -5,7 +5,7 @@
 //! connections from the destination on loopback, through tunnels over the peer link: a
 //! *priority* connection for the pages a fault is waiting for, which always go to CRIU
 //! before any bulk request, and a *bulk* connection that pushes every lazy page in large
-//! batches. At the destination, [`PageCache`] holds what arrived and [`serve_daemon`]
+//! batches, in address order from the last faulted address ([`super::order`]). At the destination, [`PageCache`] holds what arrived and [`serve_daemon`]
 //! stands in as the page server of the `criu lazy-pages` daemon: it answers from the
 //! cache, and asks the priority connection for what is not there yet.
 //!
@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::order::{LastFault, PushOrder};
 use super::Compression;
 use crate::criu::image::{PageRun, PAGE_SIZE};
 use crate::criu::pageproto::{Header, CMD_CLOSE, CMD_FORCE_CLOSE, CMD_GET, HEADER_LEN};
@@ -365,6 +366,8 @@ pub struct PageSource {
     wire: std::sync::atomic::AtomicU64,
     /// How long the last complete bulk push ran, in ms (0: none yet).
     push_ms: std::sync::atomic::AtomicU64,
+    /// Where the destination last faulted: the bulk push goes on from there.
+    faults: LastFault,
 }
 
 impl PageSource {
@@ -398,6 +401,7 @@ impl PageSource {
             sent: std::sync::atomic::AtomicU64::new(0),
             wire: std::sync::atomic::AtomicU64::new(0),
             push_ms: std::sync::atomic::AtomicU64::new(0),
+            faults: LastFault::default(),
         });
         let serving = Arc::downgrade(&this);
         tokio::spawn(async move {
@@ -476,6 +480,7 @@ impl PageSource {
                     nr_pages: run.nr_pages.clamp(1, MAX_GET_PAGES),
                     ..run
                 };
+                self.faults.set(run.pid, run.vaddr);
                 let chunk = self.fetch(&self.priority, run).await?;
                 write_chunk(&mut conn, &chunk).await?;
                 self.count(chunk.data.len(), 20 + chunk.data.len());
@@ -544,9 +549,10 @@ impl PageSource {
                 // Reading and compressing run ahead of the link, on a thread of their own.
                 let (ready_tx, mut ready) = mpsc::channel(BULK_READ_AHEAD);
                 let memory = self.memory.clone();
+                let faults = self.faults.clone();
                 let producer = tokio::task::spawn_blocking(move || {
                     if let Ok(runs) = runs_rx.blocking_recv() {
-                        prepare_bulk(&memory, runs, compressed, &ready_tx);
+                        prepare_bulk(&memory, runs, faults, compressed, &ready_tx);
                     }
                 });
                 let mut wr = tokio::io::BufWriter::with_capacity(1 << 20, wr);
@@ -717,15 +723,17 @@ enum Prepared {
 
 /// Blocking: reads every run from the frozen tree's memory in chunks of at most
 /// [`MAX_GET_PAGES`] (short runs gathered into one chunk), compresses them, and hands them
-/// to the sender, in order; a run it cannot read goes to CRIU. Ends early when the sender
-/// is gone.
+/// to the sender, in address order from the last fault served ([`PushOrder`]); a run it
+/// cannot read goes to CRIU. Ends early when the sender is gone.
 fn prepare_bulk(
     memory: &HashMap<u32, Arc<Memory>>,
     runs: Vec<PageRun>,
+    faults: LastFault,
     compressed: bool,
     out: &mpsc::Sender<Prepared>,
 ) {
-    prepare(memory, runs, compressed, |item| {
+    let order = PushOrder::new(runs, faults, MAX_GET_PAGES);
+    prepare(memory, order, compressed, |item| {
         out.blocking_send(item).is_ok()
     });
 }
@@ -733,7 +741,7 @@ fn prepare_bulk(
 /// [`prepare_bulk`], handing each item to `out` (false: stop).
 fn prepare(
     memory: &HashMap<u32, Arc<Memory>>,
-    runs: Vec<PageRun>,
+    runs: impl IntoIterator<Item = PageRun>,
     compressed: bool,
     mut out: impl FnMut(Prepared) -> bool,
 ) {
@@ -2265,9 +2273,11 @@ mod tests {
         for compressed in [false, true] {
             let (tx, mut rx) = mpsc::channel(64);
             let (m, r) = (memory.clone(), runs.clone());
-            tokio::task::spawn_blocking(move || prepare_bulk(&m, r, compressed, &tx))
-                .await
-                .unwrap();
+            tokio::task::spawn_blocking(move || {
+                prepare_bulk(&m, r, LastFault::default(), compressed, &tx)
+            })
+            .await
+            .unwrap();
             let mut wire: Vec<u8> = Vec::new();
             let mut chunks = 0;
             while let Ok(Prepared::Read { chunk, packed }) = rx.try_recv() {
@@ -2314,9 +2324,11 @@ mod tests {
             },
         ];
         let m = memory.clone();
-        tokio::task::spawn_blocking(move || prepare_bulk(&m, back, true, &tx))
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            prepare_bulk(&m, back, LastFault::default(), true, &tx)
+        })
+        .await
+        .unwrap();
         let mut wire: Vec<u8> = Vec::new();
         while let Ok(Prepared::Read { chunk, packed }) = rx.try_recv() {
             write_chunk_packed(&mut wire, &chunk, packed.as_deref())
