@@ -2274,7 +2274,7 @@ mod tests {
             let (tx, mut rx) = mpsc::channel(64);
             let (m, r) = (memory.clone(), runs.clone());
             tokio::task::spawn_blocking(move || {
-                prepare_bulk(&m, r, LastFault::default(), compressed, &tx)
+                prepare_bulk(&m, r, LastFault::default(), compressed, &tx);
             })
             .await
             .unwrap();
@@ -2325,7 +2325,7 @@ mod tests {
         ];
         let m = memory.clone();
         tokio::task::spawn_blocking(move || {
-            prepare_bulk(&m, back, LastFault::default(), true, &tx)
+            prepare_bulk(&m, back, LastFault::default(), true, &tx);
         })
         .await
         .unwrap();
