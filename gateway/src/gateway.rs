@@ -264,7 +264,8 @@ impl crate::peer::Handler for SiteRequests {
             | Request::Blocks { .. }
             | Request::Replica { .. }
             | Request::Volumes { .. }
-            | Request::Fence { .. } => self.checkpoints.handle_peer(&peer, req, body).await,
+            | Request::Fence { .. }
+            | Request::HeldPages { .. } => self.checkpoints.handle_peer(&peer, req, body).await,
             other => self.engine.handle(peer, other, body).await,
         }
     }

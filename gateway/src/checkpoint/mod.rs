@@ -13,6 +13,7 @@
 pub mod replicate;
 pub mod store;
 pub mod volume;
+pub mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,6 +154,8 @@ pub struct Checkpoints {
     /// Each workload's newest volume manifest: its blocks survive collection, so the next
     /// move sends only what changed.
     pins: std::sync::Mutex<std::collections::HashMap<String, Vec<StoredFile>>>,
+    /// Received migration images kept for the next move here ([`warm`]).
+    warm: std::sync::Mutex<warm::Warm>,
     parts: Parts,
 }
 
@@ -191,6 +194,7 @@ impl Checkpoints {
             records: std::sync::Mutex::new(records),
             staged: std::sync::Mutex::default(),
             pins: std::sync::Mutex::default(),
+            warm: std::sync::Mutex::default(),
             parts,
         }))
     }
@@ -479,7 +483,8 @@ impl Checkpoints {
             tracing::info!(workload = name, checkpoint = %c.id, "old checkpoint dropped");
         }
         if drop > 0 {
-            let pinned = self.pinned();
+            let mut pinned = self.pinned();
+            pinned.extend(self.received_pins());
             let all = self.locked();
             let keep: Vec<&StoredFile> = all
                 .values()

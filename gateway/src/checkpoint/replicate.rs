@@ -46,11 +46,11 @@ pub(super) fn refused(message: impl Into<String>) -> CheckpointError {
     CheckpointError::Replication(message.into())
 }
 
-fn hex_list(digests: &[Digest]) -> String {
+pub(super) fn hex_list(digests: &[Digest]) -> String {
     digests.iter().map(store::hex).collect()
 }
 
-fn parse_hex_list(text: &str, most: usize) -> Result<Vec<Digest>, String> {
+pub(super) fn parse_hex_list(text: &str, most: usize) -> Result<Vec<Digest>, String> {
     if !text.len().is_multiple_of(64) || text.len() / 64 > most {
         return Err(format!(
             "a digest list is a multiple of 64 hex digits, at most {most} digests"
@@ -230,6 +230,7 @@ impl Checkpoints {
             Request::Fence { workload } => Ok(Response::Recovered {
                 since_ms: self.recovered_here(peer, &workload),
             }),
+            Request::HeldPages { workload, page } => self.answer_held(&workload, page),
             Request::Volumes {
                 workload,
                 migration,

@@ -183,11 +183,21 @@ impl BlockStore {
 
     /// Stores every regular file of `dir` (not below it), in name order.
     pub fn put_dir(&self, dir: &Path) -> Result<Put, StoreError> {
+        self.put_dir_where(dir, |_| true)
+    }
+
+    /// [`Self::put_dir`] for the files whose names `keep` accepts.
+    pub fn put_dir_where(
+        &self,
+        dir: &Path,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Put, StoreError> {
         let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
             .map_err(io(dir))?
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+            .filter(|(name, _)| keep(name))
             .collect();
         names.sort();
         let mut batch = Batch::new(self)?;
@@ -444,6 +454,12 @@ fn pack_id(path: &Path, ext: &str) -> Option<u64> {
 }
 
 /// CRIU's page images, stored page by page.
+impl crate::transfer::Held for BlockStore {
+    fn block(&self, digest: &[u8; 32]) -> Option<Vec<u8>> {
+        self.read_block(digest).ok()
+    }
+}
+
 pub fn is_page_image(name: &str) -> bool {
     name.starts_with("pages-") && name.ends_with(".img")
 }

@@ -172,4 +172,10 @@ pub fn print_migration(m: &Migration) {
     } else {
         println!("moved       {} bytes in {} files", m.bytes_moved, m.files);
     }
+    if m.bytes_deduped > 0 {
+        println!(
+            "warm        {} bytes of pages the destination held went as their digests",
+            m.bytes_deduped
+        );
+    }
 }

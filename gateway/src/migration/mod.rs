@@ -253,6 +253,10 @@ pub struct Migration {
     /// What the image took on the link (framing and compression included); source only.
     #[serde(default)]
     pub bytes_on_wire: u64,
+    /// Bytes of the image that went as digests of page blocks the destination already
+    /// held (a warm destination); source only.
+    #[serde(default)]
+    pub bytes_deduped: u64,
     #[serde(default)]
     pub files: u32,
     pub spec: WorkloadSpec,
@@ -346,6 +350,7 @@ impl Migration {
             timings: Timings::default(),
             bytes_moved: 0,
             bytes_on_wire: 0,
+            bytes_deduped: 0,
             files: 0,
             spec,
             restore_requested: false,

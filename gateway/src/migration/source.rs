@@ -137,6 +137,12 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
 
     // While it still runs: its volumes' files go ahead, so only what changes is left.
     let mut volume_scan = volumes_precopy(engine, id, &target, &m.spec).await?;
+    // A warm destination: the pages it holds for this workload go as their digests.
+    let held = if postcopy {
+        None
+    } else {
+        held_at(engine, &target, &m.workload).await
+    };
 
     if postcopy && engine.prepush {
         // While it still runs: its pages go ahead, so few are left for the switch.
@@ -155,7 +161,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     engine.enter_phase(id, Phase::Checkpointing).await?;
     // Page images go to the destination while the checkpoint writes them.
     let (dumped, dumping) = watch::channel(false);
-    let channel = Arc::new(engine.peers.files(&target, id)?);
+    let channel = Arc::new(engine.peers.files(&target, id)?.with_held(held));
     let layout = transfer::Layout {
         grows: layout::is_page_image,
         local_only: layout::is_local_only,
@@ -234,6 +240,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved += sent.iter().map(|f| f.meta.size).sum::<u64>();
         m.bytes_on_wire += sent.iter().map(|f| f.wire_bytes).sum::<u64>();
+        m.bytes_deduped += sent.iter().map(|f| f.deduped).sum::<u64>();
         m.files = u32::try_from(sent.len()).unwrap_or(u32::MAX);
     })?;
     let manifest: Vec<FileMeta> = sent.into_iter().map(|f| f.meta).collect();
@@ -255,6 +262,24 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     )
     .await?;
     Ok(freeze)
+}
+
+/// The page blocks `target` holds for `workload` (none when it holds none or cannot say:
+/// every page then goes whole).
+async fn held_at(engine: &Engine, target: &str, workload: &str) -> Option<Arc<transfer::HeldSet>> {
+    let checkpoints = engine.checkpoints.as_ref()?;
+    let started = Instant::now();
+    match checkpoints.ask_held(target, workload).await {
+        Ok(held) if held.is_empty() => None,
+        Ok(held) => {
+            tracing::info!(%target, %workload, blocks = held.len(), ms = ms(started.elapsed()), "the destination holds pages of this workload; they go as digests");
+            Some(Arc::new(held))
+        }
+        Err(e) => {
+            tracing::warn!(%target, %workload, error = %e, "cannot learn which pages the destination holds; every page goes whole");
+            None
+        }
+    }
 }
 
 /// The site's checkpoints, through which volumes travel.

@@ -26,7 +26,8 @@ impl Handler for Engine {
             | Request::Blocks { .. }
             | Request::Replica { .. }
             | Request::Volumes { .. }
-            | Request::Fence { .. } => {
+            | Request::Fence { .. }
+            | Request::HeldPages { .. } => {
                 Response::error(ErrorCode::BadRequest, "answered by the site's checkpoints")
             }
             Request::Prepare {
@@ -221,7 +222,8 @@ impl Engine {
         if let Err(why) = room_for(&dir, size) {
             return Response::error(ErrorCode::Refused, why);
         }
-        match transfer::receive(&self.incoming_dir.join(id), name, size, compression, body).await {
+        let held = self.checkpoints.as_ref().map(|c| c.held());
+        match transfer::receive(&dir, name, size, compression, held, body).await {
             Ok(_) if self.incoming(peer, id).map(|m| m.phase) != Some(Phase::Preparing) => {
                 Response::error(ErrorCode::Refused, format!("migration {id} was aborted"))
             }
@@ -347,7 +349,7 @@ impl Engine {
                 });
                 if !postcopy {
                     // (Post-copy: the lazy-pages daemon still reads it; removed when done.)
-                    remove_dir(&self.incoming_dir.join(id));
+                    self.keep_received(id, &spec.name);
                 }
                 if let Err(e) = done {
                     tracing::error!(error = %e, "restored, but cannot journal the migration's end");
@@ -491,6 +493,25 @@ impl Engine {
             return Err(e.into());
         }
         Ok(pid)
+    }
+
+    /// After a confirmed restore, off its path: the image's pages go into the block store
+    /// (the next move of the workload here sends only other pages), then the image goes.
+    fn keep_received(&self, id: &str, workload: &str) {
+        let dir = self.incoming_dir.join(id);
+        let Some(checkpoints) = self.checkpoints.clone() else {
+            remove_dir(&dir);
+            return;
+        };
+        let (id, workload) = (id.to_string(), workload.to_string());
+        self.tasks.spawn(async move {
+            let started = Instant::now();
+            match checkpoints.keep_received(&workload, &dir).await {
+                Ok(new_bytes) => tracing::info!(migration = %id, %workload, new_bytes, ms = started.elapsed().as_millis() as u64, "received pages kept for the next move here"),
+                Err(e) => tracing::warn!(migration = %id, %workload, error = %e, "cannot keep the received pages; the next move here sends them all"),
+            }
+            remove_dir(&dir);
+        });
     }
 
     /// Ends a restored copy that will not be confirmed: through its adapter (which knows

@@ -11,7 +11,7 @@ use tokio::io::AsyncWrite;
 
 use super::wire::{Request, Response};
 use super::{finish, read_frame, write_frame, PeerError, PeerLink};
-use crate::transfer::{Announce, Channel, Compression, TransferError};
+use crate::transfer::{Announce, Channel, Compression, HeldSet, TransferError};
 
 /// The image files of one migration, going to one peer.
 pub struct PeerFiles {
@@ -19,6 +19,15 @@ pub struct PeerFiles {
     peer: String,
     migration: String,
     compression: Compression,
+    held: Option<Arc<HeldSet>>,
+}
+
+impl PeerFiles {
+    /// Pages among `held` (blocks the peer holds) go as their digests.
+    pub fn with_held(mut self, held: Option<Arc<HeldSet>>) -> Self {
+        self.held = held;
+        self
+    }
 }
 
 impl PeerLink {
@@ -30,6 +39,7 @@ impl PeerLink {
             link: Arc::clone(self),
             peer: peer.to_string(),
             migration: migration.to_string(),
+            held: None,
         })
     }
 }
@@ -68,6 +78,10 @@ impl Channel for PeerFiles {
 
     fn compression(&self) -> Compression {
         self.compression
+    }
+
+    fn held(&self) -> Option<Arc<HeldSet>> {
+        self.held.clone()
     }
 
     async fn open(&self, file: &Announce) -> Result<FileStream, TransferError> {

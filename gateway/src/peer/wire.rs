@@ -169,6 +169,10 @@ pub enum Request {
     /// asking site replicated here (a failover while it was lost)? Answered with
     /// `Recovered`.
     Fence { workload: String },
+    /// A warm destination: page `page` (of [`MAX_WANTED`] digests each) of the page blocks
+    /// this site holds for `workload` (its checkpoints, the last image it received).
+    /// Answered with `HeldPages`; a migration's source sends those pages as digests.
+    HeldPages { workload: String, page: u32 },
     /// What is the destination's state for this migration?
     Status { migration: String },
     /// Give up this migration (refused once the destination has confirmed).
@@ -267,6 +271,12 @@ pub enum Response {
     /// The blocks asked about that this site lacks (64 hex digits each).
     Missing {
         digests: String,
+    },
+    /// One page of the page blocks held for a workload (64 hex digits each), and how many
+    /// pages the whole list takes.
+    HeldPages {
+        digests: String,
+        pages: u32,
     },
     /// The answer to `Fence`: since when this site runs the workload recovered from the
     /// asking site's checkpoint (none: it does not).

@@ -5,6 +5,11 @@
 //! always covers the file's own bytes, so it checks the decompression too. A file still
 //! being written (a checkpoint's pages while CRIU dumps them) travels as it grows: always
 //! in blocks, its size sent after the end block.
+//!
+//! Pages the receiver already holds ([`Held`]: blocks of its store, named by the BLAKE3
+//! of their 4 KiB) travel as their digest: a *dedup* block is `[3][length u32]`, then
+//! `[pages u16]`, a bitmap of which of those whole pages are digests, the digests, and
+//! the other pages (and any tail shorter than a page) as `[kind u8]` raw or zstd bytes.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +27,18 @@ const CHUNK: usize = 1 << 20;
 const BLOCK_END: u8 = 0;
 const BLOCK_RAW: u8 = 1;
 const BLOCK_ZSTD: u8 = 2;
+const BLOCK_DEDUP: u8 = 3;
+/// The unit a dedup block names by digest: one memory page, as the block store keeps it.
+pub const PAGE: usize = 4096;
+
+/// The digests of the page blocks a receiver holds (the sender's view of it).
+pub type HeldSet = std::collections::HashSet<[u8; 32]>;
+
+/// Where a receiver finds a page a dedup block names by its digest.
+pub trait Held: Send + Sync {
+    /// The block's bytes, or None when it is not (or no longer) here.
+    fn block(&self, digest: &[u8; 32]) -> Option<Vec<u8>>;
+}
 /// Fast enough to outrun a 1 Gbit/s link on one core with room to spare.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -97,9 +114,13 @@ struct BodyWriter<'a, W> {
     out: &'a mut W,
     compression: Compression,
     blocks: bool,
+    /// Pages the receiver holds: sent as their digest.
+    held: Option<std::sync::Arc<HeldSet>>,
     hasher: blake3::Hasher,
     size: u64,
     wire: u64,
+    /// Bytes sent as digests.
+    deduped: u64,
 }
 
 impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
@@ -108,9 +129,11 @@ impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
             out,
             compression,
             blocks,
+            held: None,
             hasher: blake3::Hasher::new(),
             size: 0,
             wire: 0,
+            deduped: 0,
         }
     }
 
@@ -123,6 +146,31 @@ impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
             self.write(&buf[..len]).await?;
             return Ok(buf);
         }
+        let buf = match self.held.clone().filter(|h| !h.is_empty()) {
+            Some(held) => {
+                let compression = self.compression;
+                let (buf, framed) = tokio::task::spawn_blocking(move || {
+                    let framed = dedup_block(&buf[..len], &held, compression);
+                    (buf, framed)
+                })
+                .await
+                .map_err(|e| BodyError::Read(std::io::Error::other(e)))?;
+                if let Some((payload, deduped)) = framed {
+                    self.deduped += deduped;
+                    self.write(&[BLOCK_DEDUP]).await?;
+                    self.write(&(payload.len() as u32).to_be_bytes()).await?;
+                    self.write(&payload).await?;
+                    return Ok(buf);
+                }
+                buf
+            }
+            None => buf,
+        };
+        self.framed(buf, len).await
+    }
+
+    /// Sends the first `len` bytes of `buf` as a raw or zstd block; hands `buf` back.
+    async fn framed(&mut self, buf: Vec<u8>, len: usize) -> Result<Vec<u8>, BodyError> {
         let (buf, packed) = match self.compression {
             Compression::None => (buf, None),
             Compression::Zstd => tokio::task::spawn_blocking(move || {
@@ -132,19 +180,24 @@ impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
             .await
             .map_err(|e| BodyError::Read(std::io::Error::other(e)))?,
         };
-        let (kind, block) = match &packed {
-            Some(p) if p.len() < len => (BLOCK_ZSTD, p.as_slice()),
-            _ => (BLOCK_RAW, &buf[..len]),
-        };
-        self.write(&[kind]).await?;
-        self.write(&(block.len() as u32).to_be_bytes()).await?;
-        self.write(block).await?;
+        self.block(&buf[..len], packed.as_deref()).await?;
         Ok(buf)
     }
 
+    /// One raw block, or zstd when `packed` is smaller.
+    async fn block(&mut self, data: &[u8], packed: Option<&[u8]>) -> Result<(), BodyError> {
+        let (kind, block) = match packed {
+            Some(p) if p.len() < data.len() => (BLOCK_ZSTD, p),
+            _ => (BLOCK_RAW, data),
+        };
+        self.write(&[kind]).await?;
+        self.write(&(block.len() as u32).to_be_bytes()).await?;
+        self.write(block).await
+    }
+
     /// Ends the body: the end block and, when the peer does not know it yet, the size;
-    /// then the digest. Returns the digest, the size and the bytes written.
-    async fn finish(mut self, send_size: bool) -> Result<(blake3::Hash, u64, u64), BodyError> {
+    /// then the digest.
+    async fn finish(mut self, send_size: bool) -> Result<Written, BodyError> {
         if self.blocks {
             self.write(&[BLOCK_END]).await?;
         }
@@ -153,7 +206,12 @@ impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
         }
         let digest = self.hasher.finalize();
         self.write(digest.as_bytes()).await?;
-        Ok((digest, self.size, self.wire))
+        Ok(Written {
+            digest,
+            size: self.size,
+            wire: self.wire,
+            deduped: self.deduped,
+        })
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), BodyError> {
@@ -163,15 +221,134 @@ impl<'a, W: AsyncWrite + Unpin> BodyWriter<'a, W> {
     }
 }
 
+/// A file body as it went out.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// BLAKE3 of the file's bytes.
+    pub digest: blake3::Hash,
+    pub size: u64,
+    /// Bytes on the wire.
+    pub wire: u64,
+    /// Bytes of the file sent as the digests of pages the receiver holds.
+    pub deduped: u64,
+}
+
+/// `data` (a chunk of a page image) as a dedup block's payload, if the receiver holds any
+/// of its whole pages; with how many bytes went as digests.
+fn dedup_block(data: &[u8], held: &HeldSet, compression: Compression) -> Option<(Vec<u8>, u64)> {
+    let pages = data.len() / PAGE;
+    let digests: Vec<[u8; 32]> = data
+        .chunks_exact(PAGE)
+        .map(|p| *blake3::hash(p).as_bytes())
+        .collect();
+    if !digests.iter().any(|d| held.contains(d)) {
+        return None;
+    }
+    let mut bitmap = vec![0u8; pages.div_ceil(8)];
+    let mut refs = Vec::new();
+    let mut literal = Vec::with_capacity(data.len());
+    for (i, d) in digests.iter().enumerate() {
+        if held.contains(d) {
+            bitmap[i / 8] |= 1 << (i % 8);
+            refs.extend_from_slice(d);
+        } else {
+            literal.extend_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
+        }
+    }
+    literal.extend_from_slice(&data[pages * PAGE..]);
+    let deduped = (refs.len() / 32 * PAGE) as u64;
+    let mut payload = Vec::with_capacity(2 + bitmap.len() + refs.len() + 1 + literal.len());
+    payload.extend_from_slice(&u16::try_from(pages).ok()?.to_be_bytes());
+    payload.extend_from_slice(&bitmap);
+    payload.extend_from_slice(&refs);
+    let packed = match compression {
+        Compression::Zstd if !literal.is_empty() => compress(&literal),
+        _ => None,
+    };
+    match packed {
+        Some(p) if p.len() < literal.len() => {
+            payload.push(BLOCK_ZSTD);
+            payload.extend_from_slice(&p);
+        }
+        _ => {
+            payload.push(BLOCK_RAW);
+            payload.extend_from_slice(&literal);
+        }
+    }
+    Some((payload, deduped))
+}
+
+/// A dedup block's payload back as the bytes it stands for, its pages found in `held`.
+fn undedup(payload: &[u8], held: Option<&dyn Held>) -> std::io::Result<Vec<u8>> {
+    let bad = |what: &str| std::io::Error::other(format!("bad dedup block: {what}"));
+    let held = held.ok_or_else(|| bad("this site has no block store to resolve it"))?;
+    let (count, rest) = payload
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("too short"))?;
+    let pages = usize::from(u16::from_be_bytes(*count));
+    if pages * PAGE > CHUNK {
+        return Err(bad("more pages than a block holds"));
+    }
+    let (bitmap, rest) = rest
+        .split_at_checked(pages.div_ceil(8))
+        .ok_or_else(|| bad("no bitmap"))?;
+    let named = (0..pages)
+        .filter(|i| bitmap[i / 8] & (1 << (i % 8)) != 0)
+        .count();
+    let (refs, rest) = rest
+        .split_at_checked(named * 32)
+        .ok_or_else(|| bad("digests missing"))?;
+    let (kind, rest) = rest.split_first().ok_or_else(|| bad("no literal kind"))?;
+    let literal = match *kind {
+        BLOCK_RAW => rest.to_vec(),
+        BLOCK_ZSTD => decompress(rest, CHUNK)?,
+        other => return Err(bad(&format!("literal kind {other}"))),
+    };
+    if literal.len() + named * PAGE > CHUNK || literal.len() < (pages - named) * PAGE {
+        return Err(bad("literal bytes do not fit its pages"));
+    }
+    let mut out = Vec::with_capacity(literal.len() + named * PAGE);
+    let (mut lit, mut refs) = (literal.as_slice(), refs.chunks_exact(32));
+    for i in 0..pages {
+        if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+            let d: [u8; 32] = refs
+                .next()
+                .and_then(|r| r.try_into().ok())
+                .ok_or_else(|| bad("digests missing"))?;
+            let block = held.block(&d).ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "page block {} is not in this site's store (removed since it was offered?)",
+                    blake3::Hash::from_bytes(d).to_hex()
+                ))
+            })?;
+            if block.len() != PAGE || *blake3::hash(&block).as_bytes() != d {
+                return Err(std::io::Error::other(format!(
+                    "page block {} in this site's store is damaged",
+                    blake3::Hash::from_bytes(d).to_hex()
+                )));
+            }
+            out.extend_from_slice(&block);
+        } else {
+            let (page, rest) = lit.split_at(PAGE);
+            out.extend_from_slice(page);
+            lit = rest;
+        }
+    }
+    out.extend_from_slice(lit);
+    Ok(out)
+}
+
 /// Writes a file that is still growing, in blocks, until `done` and end-of-file; then the
-/// end block, the size and the digest. Returns the digest, the size and the bytes written.
+/// end block, the size and the digest. Pages `held` names go as their digests.
 pub async fn write_growing(
     file: &mut (impl AsyncRead + Unpin),
     mut done: watch::Receiver<bool>,
     compression: Compression,
+    held: Option<std::sync::Arc<HeldSet>>,
     out: &mut (impl AsyncWrite + Unpin),
-) -> Result<(blake3::Hash, u64, u64), BodyError> {
+) -> Result<Written, BodyError> {
     let mut body = BodyWriter::new(out, compression, true);
+    body.held = held;
     let mut buf = vec![0u8; CHUNK];
     let mut filled = 0usize;
     loop {
@@ -202,13 +379,13 @@ pub async fn write_growing(
 }
 
 /// Writes `size` bytes of `file` to `out` as `compression` frames them, then the BLAKE3
-/// trailer; returns the digest, the size and the bytes written.
+/// trailer.
 pub async fn write_body(
     file: &mut (impl AsyncRead + Unpin),
     size: u64,
     compression: Compression,
     out: &mut (impl AsyncWrite + Unpin),
-) -> Result<(blake3::Hash, u64, u64), BodyError> {
+) -> Result<Written, BodyError> {
     let mut body = BodyWriter::new(out, compression, compression == Compression::Zstd);
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
@@ -252,11 +429,13 @@ pub enum ReceiveError {
 
 /// Receives one file announced as `name` into `dir`, verifying its digest: `size` bytes
 /// framed as `compression` says, or (`size` None) a growing file's blocks and then its size.
+/// Dedup blocks take their pages from `held`.
 pub async fn receive<R: AsyncRead + Unpin + ?Sized>(
     dir: &Path,
     name: &str,
     size: Option<u64>,
     compression: Compression,
+    held: Option<std::sync::Arc<dyn Held>>,
     body: &mut R,
 ) -> Result<FileMeta, ReceiveError> {
     names::validate_file_name(name)?;
@@ -297,15 +476,28 @@ pub async fn receive<R: AsyncRead + Unpin + ?Sized>(
                     break;
                 }
                 let len = body.read_u32().await.map_err(stream)? as usize;
-                if len > CHUNK {
+                // A dedup block carries a chunk's page digests beside its bytes.
+                let limit = if kind == BLOCK_DEDUP {
+                    CHUNK + CHUNK / PAGE * 33 + 3
+                } else {
+                    CHUNK
+                };
+                if len > limit {
                     return Err(ReceiveError::Stream(format!(
-                        "block of {len} bytes exceeds the 1 MiB limit"
+                        "block of {len} bytes exceeds the {limit}-byte limit"
                     )));
                 }
                 buf.resize(len, 0);
                 body.read_exact(&mut buf).await.map_err(stream)?;
                 match kind {
                     BLOCK_RAW => {}
+                    BLOCK_DEDUP => {
+                        let held = held.clone();
+                        buf = tokio::task::spawn_blocking(move || undedup(&buf, held.as_deref()))
+                            .await
+                            .map_err(|e| ReceiveError::Stream(e.to_string()))?
+                            .map_err(|e| ReceiveError::Stream(e.to_string()))?;
+                    }
                     BLOCK_ZSTD => {
                         buf = tokio::task::spawn_blocking(move || decompress(&buf, CHUNK))
                             .await
@@ -391,16 +583,17 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let mut wire = Vec::new();
-        let (_, _, wire_bytes) =
-            write_body(&mut &data[..], data.len() as u64, compression, &mut wire)
-                .await
-                .unwrap();
+        let wire_bytes = write_body(&mut &data[..], data.len() as u64, compression, &mut wire)
+            .await
+            .unwrap()
+            .wire;
         assert_eq!(wire_bytes, wire.len() as u64);
         let got = receive(
             &dir,
             "pages-1.img",
             Some(data.len() as u64),
             compression,
+            None,
             &mut &wire[..],
         )
         .await;
@@ -463,9 +656,16 @@ mod tests {
     async fn receive_raw(wire: &[u8], size: u64) -> ReceiveError {
         let dir = std::env::temp_dir().join(format!("ferry-files-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let e = receive(&dir, "x.img", Some(size), Compression::Zstd, &mut &wire[..])
-            .await
-            .unwrap_err();
+        let e = receive(
+            &dir,
+            "x.img",
+            Some(size),
+            Compression::Zstd,
+            None,
+            &mut &wire[..],
+        )
+        .await
+        .unwrap_err();
         let _ = std::fs::remove_dir_all(dir);
         e
     }
@@ -513,9 +713,16 @@ mod tests {
         wire[last] ^= 1;
         let dir = std::env::temp_dir().join(format!("ferry-files-digest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let e = receive(&dir, "x.img", Some(1000), Compression::Zstd, &mut &wire[..])
-            .await
-            .unwrap_err();
+        let e = receive(
+            &dir,
+            "x.img",
+            Some(1000),
+            Compression::Zstd,
+            None,
+            &mut &wire[..],
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, ReceiveError::Digest { .. }), "{e}");
         assert!(!dir.join("x.img").exists() && !dir.join("x.img.part").exists());
         std::fs::remove_dir_all(dir).unwrap();
@@ -532,13 +739,21 @@ mod tests {
         let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
         let mut file = tokio::fs::File::open(&src).await.unwrap();
         let sender = tokio::spawn(async move {
-            write_growing(&mut file, done, Compression::Zstd, &mut tx)
+            write_growing(&mut file, done, Compression::Zstd, None, &mut tx)
                 .await
                 .unwrap()
         });
         let target = dir.join("in");
         let receiver = tokio::spawn(async move {
-            receive(&target, "pages-1.img", None, Compression::Zstd, &mut rx).await
+            receive(
+                &target,
+                "pages-1.img",
+                None,
+                Compression::Zstd,
+                None,
+                &mut rx,
+            )
+            .await
         });
         // The writer appends in pieces while the sender follows, then says it is done.
         let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
@@ -547,11 +762,11 @@ mod tests {
             std::io::Write::write_all(&mut f, piece).unwrap();
         }
         done_tx.send(true).unwrap();
-        let (digest, size, _) = sender.await.unwrap();
+        let written = sender.await.unwrap();
         let meta = receiver.await.unwrap().unwrap();
-        assert_eq!(size, data.len() as u64);
+        assert_eq!(written.size, data.len() as u64);
         assert_eq!(meta.size, data.len() as u64);
-        assert_eq!(meta.blake3, digest.to_hex().as_str());
+        assert_eq!(meta.blake3, written.digest.to_hex().as_str());
         assert_eq!(std::fs::read(dir.join("in/pages-1.img")).unwrap(), data);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -562,10 +777,137 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let mut w = vec![BLOCK_RAW, 0, 0, 0, 3, 1, 2, 3, BLOCK_END];
         w.extend_from_slice(&5u64.to_be_bytes());
-        let e = receive(&dir, "x.img", None, Compression::Zstd, &mut &w[..])
+        let e = receive(&dir, "x.img", None, Compression::Zstd, None, &mut &w[..])
             .await
             .unwrap_err();
         assert!(e.to_string().contains("2 bytes missing"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A receiver's store of page blocks, by digest.
+    struct Blocks(std::collections::HashMap<[u8; 32], Vec<u8>>);
+
+    impl Held for Blocks {
+        fn block(&self, digest: &[u8; 32]) -> Option<Vec<u8>> {
+            self.0.get(digest).cloned()
+        }
+    }
+
+    /// Sends `data` as a growing page image to a receiver holding `held`'s pages.
+    async fn dedup_round_trip(
+        data: &[u8],
+        offered: &HeldSet,
+        held: Arc<dyn Held>,
+        tag: &str,
+    ) -> (Result<FileMeta, ReceiveError>, Written, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ferry-dedup-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_done_tx, done) = watch::channel(true);
+        let mut wire = Vec::new();
+        let written = write_growing(
+            &mut &data[..],
+            done,
+            Compression::Zstd,
+            Some(Arc::new(offered.clone())),
+            &mut wire,
+        )
+        .await
+        .unwrap();
+        assert_eq!(written.wire, wire.len() as u64);
+        let got = receive(
+            &dir,
+            "pages-1.img",
+            None,
+            Compression::Zstd,
+            Some(held),
+            &mut &wire[..],
+        )
+        .await;
+        (got, written, dir)
+    }
+
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn pages_the_receiver_holds_go_as_digests_and_the_file_arrives_whole() {
+        // 600 pages of noise and a tail; the receiver holds every third page.
+        let data = noise(600 * PAGE + 100);
+        let pages: Vec<&[u8]> = data.chunks_exact(PAGE).collect();
+        let blocks: std::collections::HashMap<[u8; 32], Vec<u8>> = pages
+            .iter()
+            .step_by(3)
+            .map(|p| (*blake3::hash(p).as_bytes(), p.to_vec()))
+            .collect();
+        let offered: HeldSet = blocks.keys().copied().collect();
+        let (got, written, dir) =
+            dedup_round_trip(&data, &offered, Arc::new(Blocks(blocks)), "some").await;
+        let meta = got.unwrap();
+        assert_eq!(meta.size, data.len() as u64);
+        assert_eq!(std::fs::read(dir.join("pages-1.img")).unwrap(), data);
+        assert_eq!(written.deduped, 200 * PAGE as u64);
+        // Noise does not compress: the wire holds the other 400 pages, not the 200.
+        assert!(
+            written.wire < 401 * PAGE as u64 + 100 + 200 * 40,
+            "{} on the wire",
+            written.wire
+        );
+        assert!(
+            written.wire > 400 * PAGE as u64,
+            "{} on the wire",
+            written.wire
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_page_offered_but_gone_at_the_receiver_fails_the_file_naming_it() {
+        let data = noise(8 * PAGE);
+        let digest = *blake3::hash(&data[..PAGE]).as_bytes();
+        let offered: HeldSet = [digest].into();
+        // Gone from the store since it was offered.
+        let (got, _, dir) = dedup_round_trip(
+            &data,
+            &offered,
+            Arc::new(Blocks(Default::default())),
+            "gone",
+        )
+        .await;
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("is not in this site's store"), "{e}");
+        assert!(!dir.join("pages-1.img").exists());
+        // Damaged in the store: refused too.
+        let damaged = Blocks([(digest, vec![0u8; PAGE])].into());
+        let (got, _, dir) = dedup_round_trip(&data, &offered, Arc::new(damaged), "damaged").await;
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("damaged"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dedup_block_without_a_store_or_malformed_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferry-dedup-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let payload = [0u8, 1, 1];
+        let mut w = vec![BLOCK_DEDUP];
+        w.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        w.extend_from_slice(&payload);
+        let e = receive(&dir, "x.img", None, Compression::Zstd, None, &mut &w[..])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no block store"), "{e}");
+        let held: Arc<dyn Held> = Arc::new(Blocks(Default::default()));
+        let e = receive(
+            &dir,
+            "x.img",
+            None,
+            Compression::Zstd,
+            Some(held),
+            &mut &w[..],
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("digests missing"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -23,7 +23,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-pub use codec::{receive, Compression, ReceiveError};
+pub use codec::{receive, Compression, Held, HeldSet, ReceiveError};
 pub use manifest::FileMeta;
 
 /// Files up to this size travel without waiting for one of the `parallel` slots.
@@ -82,6 +82,12 @@ pub trait Channel: Send + Sync + 'static {
     /// How files travel on this channel.
     fn compression(&self) -> Compression;
 
+    /// The page blocks the receiver holds: pages of a growing page image among them go
+    /// as their digests. None: every page goes whole.
+    fn held(&self) -> Option<Arc<HeldSet>> {
+        None
+    }
+
     /// Opens a stream for one file and announces it.
     fn open(
         &self,
@@ -101,6 +107,8 @@ pub trait Channel: Send + Sync + 'static {
 pub struct Sent {
     pub meta: FileMeta,
     pub wire_bytes: u64,
+    /// Bytes of the file that went as digests of blocks the receiver holds.
+    pub deduped: u64,
 }
 
 /// What an image directory holds and how to send it.
@@ -144,12 +152,15 @@ pub async fn send_file<C: Channel>(
         })
         .await?;
     let written = match (growing, size) {
-        (Some(done), _) => codec::write_growing(&mut file, done, compression, &mut stream).await,
+        (Some(done), _) => {
+            let held = channel.held();
+            codec::write_growing(&mut file, done, compression, held, &mut stream).await
+        }
         (None, size) => {
             codec::write_body(&mut file, size.unwrap_or(0), compression, &mut stream).await
         }
     };
-    let (digest, size, wire_bytes) = written.map_err(|e| match e {
+    let written = written.map_err(|e| match e {
         codec::BodyError::Read(source) => read(source),
         codec::BodyError::Write(source) => TransferError::Link {
             file: name.clone(),
@@ -157,7 +168,7 @@ pub async fn send_file<C: Channel>(
         },
     })?;
     let stored = channel.close(&name, stream).await?;
-    let blake3 = digest.to_hex().to_string();
+    let blake3 = written.digest.to_hex().to_string();
     if stored != blake3 {
         return Err(TransferError::Digest {
             file: name,
@@ -166,8 +177,13 @@ pub async fn send_file<C: Channel>(
         });
     }
     Ok(Sent {
-        meta: FileMeta { name, size, blake3 },
-        wire_bytes,
+        meta: FileMeta {
+            name,
+            size: written.size,
+            blake3,
+        },
+        wire_bytes: written.wire,
+        deduped: written.deduped,
     })
 }
 
@@ -303,7 +319,7 @@ mod tests {
             let (done, verdict) = oneshot::channel();
             let (dir, a) = (self.dir.clone(), file.clone());
             tokio::spawn(async move {
-                let r = receive(&dir, &a.name, a.size, a.compression, &mut rx).await;
+                let r = receive(&dir, &a.name, a.size, a.compression, None, &mut rx).await;
                 let _ = done.send(r);
             });
             self.verdicts
