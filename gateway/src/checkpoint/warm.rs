@@ -53,6 +53,12 @@ impl Checkpoints {
         Ok(put.new_bytes)
     }
 
+    /// Where a received image waits to be kept (the checkpoints' work directory: emptied
+    /// when the gateway starts).
+    pub fn received_dir(&self, migration: &str) -> std::path::PathBuf {
+        self.work_dir.join(format!("received-{migration}"))
+    }
+
     /// The blocks every kept received image needs (kept from collection).
     pub(super) fn received_pins(&self) -> Vec<StoredFile> {
         self.warm().received.values().flatten().cloned().collect()

@@ -498,11 +498,18 @@ impl Engine {
     /// After a confirmed restore, off its path: the image's pages go into the block store
     /// (the next move of the workload here sends only other pages), then the image goes.
     fn keep_received(&self, id: &str, workload: &str) {
-        let dir = self.incoming_dir.join(id);
+        let incoming = self.incoming_dir.join(id);
         let Some(checkpoints) = self.checkpoints.clone() else {
-            remove_dir(&dir);
+            remove_dir(&incoming);
             return;
         };
+        // Out of the incoming directory at once (the move is over); stored from there.
+        let dir = checkpoints.received_dir(id);
+        if let Err(e) = std::fs::rename(&incoming, &dir) {
+            tracing::warn!(migration = id, error = %e, "cannot keep the received image; the next move here sends every page");
+            remove_dir(&incoming);
+            return;
+        }
         let (id, workload) = (id.to_string(), workload.to_string());
         self.tasks.spawn(async move {
             let started = Instant::now();
