@@ -8,7 +8,7 @@
 //!   FERRY_BENCH_LOAD=1000     client requests/s (SET, 16 connections, timeout 5 s)
 //!   FERRY_BENCH_DATA=populate  Redis values: populate (DEBUG POPULATE, compressible) or
 //!                             random (incompressible)
-//!   FERRY_BENCH_WAYS=plain,criu-lazy,container,postcopy,service   which ways run (default: all)
+//!   FERRY_BENCH_WAYS=plain,criu-lazy,container,postcopy,service,warm   which ways run (default: all)
 //!
 //! Each size, each way on fresh sites (both with the `redis` service adapter):
 //! - plain: the client talks to Redis at A directly; CRIU dumps it to disk, the image is
@@ -21,6 +21,9 @@
 //!   carries the pages from the frozen source after the switch.
 //! - service: the same route; `ferry migrate --approach service`: a replica at B follows
 //!   A through a tunnel over the peer link and is promoted while A's ingress holds clients.
+//! - warm: `container` again, to a destination that holds the pages of an earlier move of
+//!   the workload (moved to B, back to A, 1 % of its keys rewritten, then measured moving
+//!   to B); its detail puts the cold first move and the warm one side by side.
 //!
 //! For each: the longest stall a client saw, failed requests, whether every acknowledged
 //! write is at B, total migration time, bytes moved; for the service level the sync time
@@ -367,15 +370,20 @@ enum Way {
     /// B, the daemon fetching pages from A's page server through a delay relay; the client
     /// fails over to B.
     CriuLazy,
+    /// `container` to a warm destination: the workload moved to B once (cold), back to
+    /// A, 1 % of its keys rewritten, then to B again, which still holds the pages of the
+    /// first move; the row is the second move to B, its detail both moves side by side.
+    Warm,
 }
 
 impl Way {
-    const ALL: [Way; 5] = [
+    const ALL: [Way; 6] = [
         Way::Plain,
         Way::CriuLazy,
         Way::Container,
         Way::Postcopy,
         Way::Service,
+        Way::Warm,
     ];
 
     /// The ways named in a comma-separated list (all of them for an empty one).
@@ -389,7 +397,7 @@ impl Way {
                     .into_iter()
                     .find(|w| w.name() == name.trim())
                     .with_context(|| {
-                        format!("no way named {name:?} (FERRY_BENCH_WAYS takes plain, criu-lazy, container, postcopy, service)")
+                        format!("no way named {name:?} (FERRY_BENCH_WAYS takes plain, criu-lazy, container, postcopy, service, warm)")
                     })
             })
             .collect()
@@ -402,6 +410,7 @@ impl Way {
             Way::Postcopy => "postcopy",
             Way::Service => "service",
             Way::CriuLazy => "criu-lazy",
+            Way::Warm => "warm",
         }
     }
 
@@ -409,7 +418,7 @@ impl Way {
     fn flags(self) -> &'static [&'static str] {
         match self {
             Way::Plain | Way::CriuLazy => &["--approach", "container"],
-            Way::Container => &["--approach", "container", "--mode", "stop-and-copy"],
+            Way::Container | Way::Warm => &["--approach", "container", "--mode", "stop-and-copy"],
             Way::Postcopy => &["--approach", "container", "--mode", "postcopy"],
             Way::Service => &["--approach", "service"],
         }
@@ -564,6 +573,74 @@ fn ferry_run(
         wire,
         detail: freeze_detail(&m, link, redis.as_ref()),
         plan: Some(plan),
+    })
+}
+
+/// The warm way: a cold move to B, back to A, 1 % of the keys rewritten, then the measured
+/// move to B, which holds the first move's pages.
+fn warm_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, link: &Link) -> Result<Outcome> {
+    sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
+    populate(sites, PORT, mib)?;
+    let flags = Way::Warm.flags();
+    let (ok, cold) = sites.migrate_with("redis", "b", flags)?;
+    if !ok {
+        bail!("the cold move failed: {cold}");
+    }
+    ferry_e2e::wait_for(
+        "B to keep the received pages",
+        Duration::from_secs(600),
+        || {
+            sites
+                .b
+                .log()
+                .contains("received pages kept for the next move here")
+                .then_some(())
+        },
+    )?;
+    let mut back = vec!["--output", "json", "migrate", "redis", "--to", "a"];
+    back.extend_from_slice(flags);
+    if !sites.b.ferry_output(&back)?.status.success() {
+        bail!("the move back to A failed");
+    }
+    let keys = mib * 1024 * 1024 / 1000;
+    let changed: Vec<u64> = (0..keys).step_by(100).collect();
+    for batch in changed.chunks(500) {
+        let pairs: Vec<String> = batch
+            .iter()
+            .flat_map(|k| [format!("bulk:{k}"), format!("{k:0>1000}")])
+            .collect();
+        let mut mset = vec!["MSET"];
+        mset.extend(pairs.iter().map(String::as_str));
+        sites.a.redis(PORT, &mset)?;
+    }
+    let client = Client::start(sites, ROUTE_AT_A, load, seconds)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, m) = sites.migrate_with("redis", "b", flags)?;
+    let (client, client_too_short) = client.finish(Instant::now())?;
+    if !ok {
+        bail!("the warm move failed: {m}");
+    }
+    let n = |m: &Value, k: &str| m[k].as_u64().unwrap_or(0);
+    let mb = |b: u64| b as f64 / 1e6;
+    let side_by_side = format!(
+        "   cold: {:.1} MB on the wire, freeze {} ms | warm ({} keys of {keys} rewritten): {:.1} MB on the wire ({:.1} % of cold), {:.1} MB as digests, freeze {} ms",
+        mb(n(&cold, "bytes_on_wire")),
+        cold["timings"]["freeze_ms"],
+        changed.len(),
+        mb(n(&m, "bytes_on_wire")),
+        100.0 * n(&m, "bytes_on_wire") as f64 / n(&cold, "bytes_on_wire").max(1) as f64,
+        mb(n(&m, "bytes_deduped")),
+        m["timings"]["freeze_ms"],
+    );
+    Ok(Outcome {
+        client,
+        client_too_short,
+        acked: acked_at_b(sites, PORT)?,
+        total_ms: m["timings"]["total_ms"].as_u64().unwrap_or(0),
+        image: Some(n(&m, "bytes_moved")),
+        wire: n(&m, "bytes_on_wire"),
+        detail: format!("{}{side_by_side}", freeze_detail(&m, link, None)),
+        plan: None,
     })
 }
 
@@ -1087,6 +1164,7 @@ fn measure(
         Way::Container | Way::Postcopy | Way::Service => {
             ferry_run(&sites, way, mib, load, seconds, link)
         }
+        Way::Warm => warm_run(&sites, mib, load, seconds, link),
     };
     std::fs::write(
         logs.join(format!("{mib}mib-{}.log", way.name())),
