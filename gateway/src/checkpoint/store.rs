@@ -176,6 +176,29 @@ impl BlockStore {
         Ok(buf)
     }
 
+    /// Many blocks, each checked against its digest (None: absent, unreadable or
+    /// damaged), each pack opened once.
+    pub fn read_blocks(&self, digests: &[Digest]) -> Vec<Option<Vec<u8>>> {
+        let at: Vec<Option<Location>> = digests.iter().map(|d| self.locate(d).ok()).collect();
+        let mut packs: HashMap<u64, Option<File>> = HashMap::new();
+        digests
+            .iter()
+            .zip(at)
+            .map(|(digest, at)| {
+                let at = at?;
+                let path = self.pack_path(at.pack, "pack");
+                let file = packs
+                    .entry(at.pack)
+                    .or_insert_with(|| File::open(&path).ok())
+                    .as_ref()?;
+                let mut buf = vec![0u8; at.len as usize];
+                file.read_exact_at(&mut buf, at.offset).ok()?;
+                checked(digest, &buf, &path).ok()?;
+                Some(buf)
+            })
+            .collect()
+    }
+
     /// A batch of blocks arriving one by one (replication): stored in one pack.
     pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
         Batch::new(self)
@@ -455,8 +478,8 @@ fn pack_id(path: &Path, ext: &str) -> Option<u64> {
 
 /// CRIU's page images, stored page by page.
 impl crate::transfer::Held for BlockStore {
-    fn block(&self, digest: &[u8; 32]) -> Option<Vec<u8>> {
-        self.read_block(digest).ok()
+    fn blocks(&self, digests: &[[u8; 32]]) -> Vec<Option<Vec<u8>>> {
+        self.read_blocks(digests)
     }
 }
 
@@ -574,6 +597,36 @@ mod tests {
         std::fs::write(&pack, bytes).map_err(io(&pack))?;
         let err = store.materialize(&put.files, &root.join("out"));
         assert!(matches!(err, Err(StoreError::Damaged { .. })), "{err:?}");
+        // Asked for many at once, the damaged block and an unknown one are None.
+        let asked = [put.files[0].blocks[0], [3u8; 32]];
+        assert_eq!(store.read_blocks(&asked), vec![None, None]);
+        Ok(())
+    }
+
+    #[test]
+    fn many_blocks_read_at_once_come_back_in_order() -> Result<(), StoreError> {
+        let root = scratch("many");
+        let store = BlockStore::open(&root.join("store"))?;
+        let src = root.join("src");
+        std::fs::create_dir_all(&src).map_err(io(&src))?;
+        let pages: Vec<u8> = (0..8 * PAGE_BLOCK)
+            .map(|i| (i / PAGE_BLOCK * 31 + i % 7) as u8)
+            .collect();
+        std::fs::write(src.join("pages-1.img"), &pages).map_err(io(&src))?;
+        let put = store.put_dir(&src)?;
+        let mut asked = put.files[0].blocks.clone();
+        asked.reverse();
+        asked.push([1u8; 32]);
+        let got = store.read_blocks(&asked);
+        assert_eq!(got.len(), 9);
+        for (i, block) in got[..8].iter().enumerate() {
+            let page = 7 - i;
+            assert_eq!(
+                block.as_deref(),
+                Some(&pages[page * PAGE_BLOCK..(page + 1) * PAGE_BLOCK])
+            );
+        }
+        assert_eq!(got[8], None);
         Ok(())
     }
 

@@ -34,10 +34,11 @@ pub const PAGE: usize = 4096;
 /// The digests of the page blocks a receiver holds (the sender's view of it).
 pub type HeldSet = std::collections::HashSet<[u8; 32]>;
 
-/// Where a receiver finds a page a dedup block names by its digest.
+/// Where a receiver finds the pages a dedup block names by their digests.
 pub trait Held: Send + Sync {
-    /// The block's bytes, or None when it is not (or no longer) here.
-    fn block(&self, digest: &[u8; 32]) -> Option<Vec<u8>>;
+    /// Each block's bytes, checked against its digest (None: not, or no longer, here, or
+    /// damaged), in the order asked.
+    fn blocks(&self, digests: &[[u8; 32]]) -> Vec<Option<Vec<u8>>>;
 }
 /// Fast enough to outrun a 1 Gbit/s link on one core with room to spare.
 const ZSTD_LEVEL: i32 = 1;
@@ -237,10 +238,7 @@ pub struct Written {
 /// of its whole pages; with how many bytes went as digests.
 fn dedup_block(data: &[u8], held: &HeldSet, compression: Compression) -> Option<(Vec<u8>, u64)> {
     let pages = data.len() / PAGE;
-    let digests: Vec<[u8; 32]> = data
-        .chunks_exact(PAGE)
-        .map(|p| *blake3::hash(p).as_bytes())
-        .collect();
+    let digests = page_digests(&data[..pages * PAGE]);
     if !digests.iter().any(|d| held.contains(d)) {
         return None;
     }
@@ -278,6 +276,29 @@ fn dedup_block(data: &[u8], held: &HeldSet, compression: Compression) -> Option<
     Some((payload, deduped))
 }
 
+/// The BLAKE3 digest of each page of `data`, on up to two threads (a chunk is 256 pages).
+fn page_digests(data: &[u8]) -> Vec<[u8; 32]> {
+    let hash = |part: &[u8]| -> Vec<[u8; 32]> {
+        part.chunks_exact(PAGE)
+            .map(|p| *blake3::hash(p).as_bytes())
+            .collect()
+    };
+    let pages = data.len() / PAGE;
+    if pages < 64 {
+        return hash(data);
+    }
+    let (front, back) = data.split_at(pages / 2 * PAGE);
+    std::thread::scope(|s| {
+        let back = s.spawn(|| hash(back));
+        let mut all = hash(front);
+        match back.join() {
+            Ok(rest) => all.extend(rest),
+            Err(_) => all.extend(hash(data.split_at(pages / 2 * PAGE).1)),
+        }
+        all
+    })
+}
+
 /// A dedup block's payload back as the bytes it stands for, its pages found in `held`.
 fn undedup(payload: &[u8], held: Option<&dyn Held>) -> std::io::Result<Vec<u8>> {
     let bad = |what: &str| std::io::Error::other(format!("bad dedup block: {what}"));
@@ -307,25 +328,25 @@ fn undedup(payload: &[u8], held: Option<&dyn Held>) -> std::io::Result<Vec<u8>> 
     if literal.len() + named * PAGE > CHUNK || literal.len() < (pages - named) * PAGE {
         return Err(bad("literal bytes do not fit its pages"));
     }
-    let mut out = Vec::with_capacity(literal.len() + named * PAGE);
-    let (mut lit, mut refs) = (literal.as_slice(), refs.chunks_exact(32));
+    let digests: Vec<[u8; 32]> = refs
+        .chunks_exact(32)
+        .filter_map(|r| r.try_into().ok())
+        .collect();
+    let mut found = held.blocks(&digests).into_iter();
+    let mut named = digests.iter();
+    let mut out = Vec::with_capacity(literal.len() + digests.len() * PAGE);
+    let mut lit = literal.as_slice();
     for i in 0..pages {
         if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            let d: [u8; 32] = refs
-                .next()
-                .and_then(|r| r.try_into().ok())
-                .ok_or_else(|| bad("digests missing"))?;
-            let block = held.block(&d).ok_or_else(|| {
+            let d = named.next().ok_or_else(|| bad("digests missing"))?;
+            let block = found.next().flatten().ok_or_else(|| {
                 std::io::Error::other(format!(
-                    "page block {} is not in this site's store (removed since it was offered?)",
-                    blake3::Hash::from_bytes(d).to_hex()
+                    "page block {} is not in this site's store (removed or damaged since it was offered)",
+                    blake3::Hash::from_bytes(*d).to_hex()
                 ))
             })?;
-            if block.len() != PAGE || *blake3::hash(&block).as_bytes() != d {
-                return Err(std::io::Error::other(format!(
-                    "page block {} in this site's store is damaged",
-                    blake3::Hash::from_bytes(d).to_hex()
-                )));
+            if block.len() != PAGE {
+                return Err(bad("a named block is not one page"));
             }
             out.extend_from_slice(&block);
         } else {
@@ -788,8 +809,16 @@ mod tests {
     struct Blocks(std::collections::HashMap<[u8; 32], Vec<u8>>);
 
     impl Held for Blocks {
-        fn block(&self, digest: &[u8; 32]) -> Option<Vec<u8>> {
-            self.0.get(digest).cloned()
+        fn blocks(&self, digests: &[[u8; 32]]) -> Vec<Option<Vec<u8>>> {
+            digests
+                .iter()
+                .map(|d| {
+                    self.0
+                        .get(d)
+                        .filter(|b| blake3::hash(b).as_bytes() == d)
+                        .cloned()
+                })
+                .collect()
         }
     }
 
@@ -880,7 +909,7 @@ mod tests {
         let damaged = Blocks([(digest, vec![0u8; PAGE])].into());
         let (got, _, dir) = dedup_round_trip(&data, &offered, Arc::new(damaged), "damaged").await;
         let e = got.unwrap_err().to_string();
-        assert!(e.contains("damaged"), "{e}");
+        assert!(e.contains("removed or damaged"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
