@@ -36,8 +36,8 @@ pub type HeldSet = std::collections::HashSet<[u8; 32]>;
 
 /// Where a receiver finds the pages a dedup block names by their digests.
 pub trait Held: Send + Sync {
-    /// Each block's bytes, checked against its digest (None: not, or no longer, here, or
-    /// damaged), in the order asked.
+    /// Each block's bytes (None: not, or no longer, here), in the order asked. A wrong
+    /// block fails the file's own digest check.
     fn blocks(&self, digests: &[[u8; 32]]) -> Vec<Option<Vec<u8>>>;
 }
 /// Fast enough to outrun a 1 Gbit/s link on one core with room to spare.
@@ -341,7 +341,7 @@ fn undedup(payload: &[u8], held: Option<&dyn Held>) -> std::io::Result<Vec<u8>> 
             let d = named.next().ok_or_else(|| bad("digests missing"))?;
             let block = found.next().flatten().ok_or_else(|| {
                 std::io::Error::other(format!(
-                    "page block {} is not in this site's store (removed or damaged since it was offered)",
+                    "page block {} is not in this site's store (removed since it was offered, or unreadable)",
                     blake3::Hash::from_bytes(*d).to_hex()
                 ))
             })?;
@@ -909,7 +909,7 @@ mod tests {
         let damaged = Blocks([(digest, vec![0u8; PAGE])].into());
         let (got, _, dir) = dedup_round_trip(&data, &offered, Arc::new(damaged), "damaged").await;
         let e = got.unwrap_err().to_string();
-        assert!(e.contains("removed or damaged"), "{e}");
+        assert!(e.contains("removed since it was offered"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
