@@ -627,6 +627,55 @@ impl TwoSites {
         Ok((out.status.success(), value))
     }
 
+    /// Makes B warm: `workload` (Redis on `port`, filled with keys `bulk:0…keys`) moves to
+    /// B (cold), back to A once B has kept its pages, and has every 100th key rewritten
+    /// with a `value`-byte value; each move with `flags`. The next move to B is warm.
+    /// Returns the cold move's record.
+    pub fn warm_up(
+        &self,
+        workload: &str,
+        port: u16,
+        keys: u64,
+        value: usize,
+        flags: &[&str],
+    ) -> Result<Value> {
+        let (ok, cold) = self.migrate_with(workload, "b", flags)?;
+        if !ok {
+            bail!("the cold move failed: {cold}\n{}", self.logs());
+        }
+        wait_for(
+            "B to keep the received pages",
+            Duration::from_secs(600),
+            || {
+                self.b
+                    .log()
+                    .contains("received pages kept for the next move here")
+                    .then_some(())
+            },
+        )?;
+        let mut back = vec!["--output", "json", "migrate", workload, "--to", "a"];
+        back.extend_from_slice(flags);
+        let out = self.b.ferry_output(&back)?;
+        if !out.status.success() {
+            bail!(
+                "the move back to A failed: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                self.logs()
+            );
+        }
+        let changed: Vec<u64> = (0..keys).step_by(100).collect();
+        for batch in changed.chunks(500) {
+            let pairs: Vec<String> = batch
+                .iter()
+                .flat_map(|k| [format!("bulk:{k}"), format!("{k:0>value$}")])
+                .collect();
+            let mut mset = vec!["MSET"];
+            mset.extend(pairs.iter().map(String::as_str));
+            self.a.redis(port, &mset)?;
+        }
+        Ok(cold)
+    }
+
     /// Gateway logs of both sites (printed when a test fails).
     pub fn logs(&self) -> String {
         format!(
@@ -1102,6 +1151,35 @@ pub fn redis_podman_image(dir: &Path, reference: &str) -> Result<()> {
         .arg(&tar)
         .arg(reference))?;
     Ok(())
+}
+
+/// A warm move (after [`TwoSites::warm_up`]) sent most of its image as digests, and less
+/// than half the bytes the cold one put on the wire.
+pub fn assert_warm(cold: &Value, warm: &Value) {
+    let n = |m: &Value, k: &str| m[k].as_u64().unwrap_or(0);
+    eprintln!(
+        "cold: {} bytes, {} on the wire; warm: {} bytes, {} on the wire, {} as digests",
+        n(cold, "bytes_moved"),
+        n(cold, "bytes_on_wire"),
+        n(warm, "bytes_moved"),
+        n(warm, "bytes_on_wire"),
+        n(warm, "bytes_deduped")
+    );
+    assert_eq!(
+        n(cold, "bytes_deduped"),
+        0,
+        "the cold move had pages as digests: {cold}"
+    );
+    assert!(
+        n(warm, "bytes_deduped") > n(warm, "bytes_moved") / 2,
+        "the warm move sent too few pages as digests: {warm}"
+    );
+    assert!(
+        n(warm, "bytes_on_wire") < n(cold, "bytes_on_wire") / 2,
+        "the warm move sent {} bytes, the cold one {}",
+        n(warm, "bytes_on_wire"),
+        n(cold, "bytes_on_wire")
+    );
 }
 
 /// Checks, every 50 ms on its own thread, that the Redis on `port` never answers at both

@@ -178,6 +178,8 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
     sites
         .a
         .redis(PORT, &["SET", "greeting", "from a podman container"])?;
+    // A file the container wrote into its own root filesystem (its /data).
+    sites.a.redis(PORT, &["SAVE"])?;
     let before = sites.a.redis_dataset(PORT)?;
 
     let (ok, m) = sites.migrate("redis", "b")?;
@@ -200,6 +202,12 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
         "source container left: {containers}"
     );
     assert!(containers.lines().any(|c| c == "b-redis"), "{containers}");
+    // The container's root filesystem changes came along (podman's rootfs diff).
+    let mounted = ferry_e2e::run(std::process::Command::new("podman").args(["mount", "b-redis"]))?;
+    let rdb = std::path::Path::new(mounted.trim()).join("data/dump.rdb");
+    let size = std::fs::metadata(&rdb).map_or(0, |m| m.len());
+    let _ = ferry_e2e::run(std::process::Command::new("podman").args(["umount", "b-redis"]));
+    assert!(size > 1000, "{} at B holds {size} bytes", rdb.display());
     assert!(sites.a.has_no_workloads()?);
     // No CRIU firewall chain is left in the source's namespace.
     let rules = sites.a.exec("iptables", &["-S"]).unwrap_or_default();

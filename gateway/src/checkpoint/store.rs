@@ -355,6 +355,12 @@ impl<'a> Batch<'a> {
                 pack: "the incoming batch".into(),
             });
         }
+        self.add_hashed(digest, data)
+    }
+
+    /// Adds one block whose digest this site just computed from `data`. Whether it was
+    /// new.
+    pub fn add_hashed(&mut self, digest: Digest, data: &[u8]) -> Result<bool, StoreError> {
         if self.store.has(&digest) || !self.fresh.insert(digest) {
             return Ok(false);
         }

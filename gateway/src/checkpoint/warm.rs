@@ -53,6 +53,38 @@ impl Checkpoints {
         Ok(put.new_bytes)
     }
 
+    /// Keeps the pages a post-copy move brought here for `workload` (as a page image
+    /// would be kept, in place of the previous one). Returns the bytes new to the store.
+    pub async fn keep_received_pages(
+        &self,
+        workload: &str,
+        pages: Vec<crate::transfer::pages::CachedPage>,
+    ) -> Result<u64, CheckpointError> {
+        let store = Arc::clone(&self.store);
+        let (file, new_bytes) = blocking(move || {
+            let mut batch = store.batch()?;
+            let mut blocks = Vec::with_capacity(pages.len());
+            for page in &pages {
+                let digest = *blake3::hash(page.bytes()).as_bytes();
+                batch.add_hashed(digest, page.bytes())?;
+                blocks.push(digest);
+            }
+            let new_bytes = batch.finish()?;
+            let file = StoredFile {
+                name: "pages-postcopy.img".into(),
+                size: (blocks.len() * super::store::PAGE_BLOCK) as u64,
+                block_size: super::store::PAGE_BLOCK as u32,
+                blocks,
+            };
+            Ok((file, new_bytes))
+        })
+        .await?;
+        let mut warm = self.warm();
+        warm.received.insert(workload.to_string(), vec![file]);
+        warm.offered = None;
+        Ok(new_bytes)
+    }
+
     /// Where a received image waits to be kept (the checkpoints' work directory: emptied
     /// when the gateway starts).
     pub fn received_dir(&self, migration: &str) -> std::path::PathBuf {

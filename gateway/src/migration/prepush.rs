@@ -108,7 +108,13 @@ impl Engine {
 
     /// Source, before the freeze: sends the running tree's pages ahead. Best effort: a
     /// failure only means the destination gets every page after the switch.
-    pub(super) async fn prepush(&self, id: &str, target: &str, init: i32) {
+    pub(super) async fn prepush(
+        &self,
+        id: &str,
+        target: &str,
+        init: i32,
+        held: Option<Arc<crate::transfer::HeldSet>>,
+    ) {
         let started = Instant::now();
         let tree = tree_of(init);
         let req = Request::Prepush {
@@ -121,7 +127,7 @@ impl Engine {
                 let (mut sent, tracked) = tokio::task::spawn_blocking({
                     let tree = tree.clone();
                     move || {
-                        let mut sent = Prepushed::default();
+                        let mut sent = Prepushed::with_held(held);
                         let tracked = sent.track(&tree);
                         (sent, tracked)
                     }
@@ -156,6 +162,7 @@ impl Engine {
                 );
                 let ahead = sent.pages() as u64;
                 let pages = ahead * memory::PAGE;
+                let deduped = sent.deduped();
                 locked(&self.prepushed).insert(id.to_string(), sent);
                 let _ = self.update(id, |m| {
                     m.timings.prepush_ms = Some(ms);
@@ -164,6 +171,7 @@ impl Engine {
                     p.ahead_wire = wire;
                     m.bytes_moved += pages;
                     m.bytes_on_wire += wire;
+                    m.bytes_deduped += deduped;
                 });
             }
             Err(e) => {
@@ -349,7 +357,8 @@ impl Engine {
         let max_pages = memory::available_bytes().map_or(0, |b| b / 2 / memory::PAGE);
         let cache = Arc::new(PageCache::held());
         locked(&self.precaches).insert(id.to_string(), Arc::clone(&cache));
-        match pages::receive_prepush(&mut body, &cache, max_pages).await {
+        let held = self.checkpoints.as_ref().map(|c| c.held());
+        match pages::receive_prepush(&mut body, &cache, max_pages, held).await {
             Ok(pages) => {
                 tracing::info!(migration = id, pages, "pages received ahead");
                 Response::Ready

@@ -138,18 +138,14 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     // While it still runs: its volumes' files go ahead, so only what changes is left.
     let mut volume_scan = volumes_precopy(engine, id, &target, &m.spec).await?;
     // A warm destination: the pages it holds for this workload go as their digests.
-    let held = if postcopy {
-        None
-    } else {
-        held_at(engine, &target, &m.workload).await
-    };
+    let held = held_at(engine, &target, &m.workload).await;
 
     if postcopy && engine.prepush {
         // While it still runs: its pages go ahead, so few are left for the switch.
         if let Some(pid) = workload.pid {
             engine
                 .abortable(id, async {
-                    engine.prepush(id, &target, pid).await;
+                    engine.prepush(id, &target, pid, held.clone()).await;
                     Ok(())
                 })
                 .await?;

@@ -23,7 +23,7 @@ use crate::names;
 /// Largest image file a peer may send.
 pub const MAX_FILE: u64 = 256 << 30;
 
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 const BLOCK_END: u8 = 0;
 const BLOCK_RAW: u8 = 1;
 const BLOCK_ZSTD: u8 = 2;
@@ -236,7 +236,11 @@ pub struct Written {
 
 /// `data` (a chunk of a page image) as a dedup block's payload, if the receiver holds any
 /// of its whole pages; with how many bytes went as digests.
-fn dedup_block(data: &[u8], held: &HeldSet, compression: Compression) -> Option<(Vec<u8>, u64)> {
+pub(crate) fn dedup_block(
+    data: &[u8],
+    held: &HeldSet,
+    compression: Compression,
+) -> Option<(Vec<u8>, u64)> {
     let pages = data.len() / PAGE;
     let digests = page_digests(&data[..pages * PAGE]);
     if !digests.iter().any(|d| held.contains(d)) {
@@ -300,7 +304,8 @@ fn page_digests(data: &[u8]) -> Vec<[u8; 32]> {
 }
 
 /// A dedup block's payload back as the bytes it stands for, its pages found in `held`.
-fn undedup(payload: &[u8], held: Option<&dyn Held>) -> std::io::Result<Vec<u8>> {
+/// Its size is bounded by a chunk (1 MiB).
+pub(crate) fn undedup(payload: &[u8], held: Option<&dyn Held>) -> std::io::Result<Vec<u8>> {
     let bad = |what: &str| std::io::Error::other(format!("bad dedup block: {what}"));
     let held = held.ok_or_else(|| bad("this site has no block store to resolve it"))?;
     let (count, rest) = payload

@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::codec::{Held, HeldSet};
 use super::order::{LastFault, PushOrder};
 use super::Compression;
 use crate::criu::image::{PageRun, PAGE_SIZE};
@@ -61,6 +62,9 @@ const BLOCK_ZSTD: u8 = 2;
 /// A gathered chunk's block (its pages' addresses, then the pages), raw or compressed.
 const BLOCK_RAW_GATHERED: u8 = 3;
 const BLOCK_ZSTD_GATHERED: u8 = 4;
+/// A run's pages, some as the digests of blocks the destination holds
+/// ([`super::codec`]'s dedup payload); only pages sent ahead go so.
+const BLOCK_DEDUP: u8 = 5;
 /// Runs shorter than this are gathered with others into one chunk on a bulk push: the
 /// pages written after they went ahead lie scattered one or two at a time, and as
 /// chunks of their own each cost a header, a compression, a hand-over and an
@@ -162,6 +166,28 @@ async fn write_chunk_packed(
     Ok(20 + 5 + body.len())
 }
 
+/// A run chunk whose block is a dedup payload (pages the destination holds as digests).
+async fn write_chunk_dedup(
+    out: &mut (impl AsyncWrite + Unpin),
+    c: &Chunk,
+    payload: &[u8],
+) -> std::io::Result<usize> {
+    write_run(
+        out,
+        &PageRun {
+            pid: c.pid,
+            vaddr: c.vaddr,
+            nr_pages: c.data.len() as u64 / PAGE_SIZE,
+        },
+    )
+    .await?;
+    out.write_u8(BLOCK_DEDUP).await?;
+    out.write_u32(u32::try_from(payload.len()).map_err(std::io::Error::other)?)
+        .await?;
+    out.write_all(payload).await?;
+    Ok(20 + 5 + payload.len())
+}
+
 /// Compresses a chunk's pages off the async threads; `None` if zstd fails (sent raw).
 async fn pack(data: Vec<u8>) -> std::io::Result<(Vec<u8>, Option<Vec<u8>>)> {
     tokio::task::spawn_blocking(move || {
@@ -173,6 +199,14 @@ async fn pack(data: Vec<u8>) -> std::io::Result<(Vec<u8>, Option<Vec<u8>>)> {
 }
 
 async fn read_chunk_packed(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Chunk> {
+    read_chunk_held(inp, None).await
+}
+
+/// [`read_chunk_packed`], taking a dedup block's pages from `held`.
+async fn read_chunk_held(
+    inp: &mut (impl AsyncRead + Unpin),
+    held: Option<&Arc<dyn Held>>,
+) -> std::io::Result<Chunk> {
     let run = read_run(inp).await?;
     if run.nr_pages > MAX_GET_PAGES {
         return Err(std::io::Error::other(format!(
@@ -182,7 +216,7 @@ async fn read_chunk_packed(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Resul
     }
     let kind = inp.read_u8().await?;
     let gathered = match kind {
-        BLOCK_RAW | BLOCK_ZSTD => false,
+        BLOCK_RAW | BLOCK_ZSTD | BLOCK_DEDUP => false,
         BLOCK_RAW_GATHERED | BLOCK_ZSTD_GATHERED => true,
         other => {
             return Err(std::io::Error::other(format!("unknown block kind {other}")));
@@ -195,7 +229,13 @@ async fn read_chunk_packed(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Resul
     };
     let want = heads + page_bytes(run.nr_pages);
     let len = inp.read_u32().await? as usize;
-    if len > want {
+    // A dedup payload: a count, a bitmap and a digest per page besides the pages.
+    let most = if kind == BLOCK_DEDUP {
+        want + run.nr_pages as usize * 33 + 3
+    } else {
+        want
+    };
+    if len > most {
         return Err(std::io::Error::other(format!(
             "a block of {len} bytes for {} pages",
             run.nr_pages
@@ -209,6 +249,12 @@ async fn read_chunk_packed(inp: &mut (impl AsyncRead + Unpin)) -> std::io::Resul
         }
         BLOCK_ZSTD | BLOCK_ZSTD_GATHERED => {
             tokio::task::spawn_blocking(move || super::codec::decompress(&body, want))
+                .await
+                .map_err(std::io::Error::other)??
+        }
+        BLOCK_DEDUP => {
+            let held = held.cloned();
+            tokio::task::spawn_blocking(move || super::codec::undedup(&body, held.as_deref()))
                 .await
                 .map_err(std::io::Error::other)??
         }
@@ -863,6 +909,16 @@ async fn get(criu: &mut TcpStream, run: PageRun) -> std::io::Result<Chunk> {
 /// Where a cached page is: the chunk it arrived in and its index there.
 type PageAt = (Arc<Vec<u8>>, usize);
 
+/// One page of a [`PageCache::snapshot`].
+pub struct CachedPage(Arc<Vec<u8>>, usize);
+
+impl CachedPage {
+    pub fn bytes(&self) -> &[u8] {
+        let start = self.1 * page_bytes(1);
+        &self.0[start..start + page_bytes(1)]
+    }
+}
+
 /// The destination's pages, as they arrive.
 pub struct PageCache {
     pages: Mutex<HashMap<(u32, u64), PageAt>>,
@@ -950,6 +1006,20 @@ impl PageCache {
     }
 
     /// The cached pages of `pid` from `vaddr`, contiguous, at most `max`.
+    /// Every page held, in address order by process (shared with the cache, not copied).
+    pub fn snapshot(&self) -> Vec<CachedPage> {
+        let map = self
+            .pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keys: Vec<&(u32, u64)> = map.keys().collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .filter_map(|k| map.get(k))
+            .map(|(data, at)| CachedPage(Arc::clone(data), *at))
+            .collect()
+    }
+
     fn run_from(&self, pid: u32, vaddr: u64, max: u64) -> Vec<u8> {
         let map = self
             .pages
@@ -1182,6 +1252,32 @@ pub struct Prepushed {
     trackers: HashMap<u32, crate::sys::dirty::Tracker>,
     /// Passes made over the tree.
     passes: usize,
+    /// Pages the destination holds (blocks of its store): sent as their digests.
+    held: Option<Arc<HeldSet>>,
+    /// Bytes of pages that went as digests.
+    deduped: u64,
+}
+
+/// A chunk's block as it goes out: compressed (when that was smaller), or with the pages
+/// the destination holds as digests (and how many bytes those were).
+enum Packed {
+    Zstd(Option<Vec<u8>>),
+    Dedup(Vec<u8>, u64),
+}
+
+impl Prepushed {
+    /// Pages among `held` go as their digests.
+    pub fn with_held(held: Option<Arc<HeldSet>>) -> Self {
+        Self {
+            held,
+            ..Self::default()
+        }
+    }
+
+    /// Bytes of pages that went as digests.
+    pub fn deduped(&self) -> u64 {
+        self.deduped
+    }
 }
 
 /// The memory of each process of `tree` that can be opened, by its id in CRIU's images.
@@ -1514,6 +1610,7 @@ pub async fn prepush(
                 let known: Vec<Option<[u8; 16]>> = (0..n)
                     .map(|k| sent.digests.get(&(p.id, vaddr + k * PAGE_SIZE)).copied())
                     .collect();
+                let held = sent.held.clone();
                 // Read, digest and compress off the async threads: the runs of pages not
                 // sent yet as they are now. A page that cannot be read (unmapped
                 // meanwhile) is not sent ahead.
@@ -1530,11 +1627,17 @@ pub async fn prepush(
                             _ => runs.push((k as u64, 1)),
                         }
                     }
-                    let chunks: Vec<(Chunk, Option<Vec<u8>>)> = runs
+                    let chunks: Vec<(Chunk, Packed)> = runs
                         .into_iter()
                         .map(|(first, count)| {
                             let bytes = data[page_bytes(first)..page_bytes(first + count)].to_vec();
-                            let packed = super::codec::compress(&bytes);
+                            let dedup = held.as_deref().and_then(|h| {
+                                super::codec::dedup_block(&bytes, h, Compression::Zstd)
+                            });
+                            let packed = match dedup {
+                                Some((payload, deduped)) => Packed::Dedup(payload, deduped),
+                                None => Packed::Zstd(super::codec::compress(&bytes)),
+                            };
                             let chunk = Chunk::run(0, vaddr + first * PAGE_SIZE, bytes);
                             (chunk, packed)
                         })
@@ -1550,7 +1653,15 @@ pub async fn prepush(
                     for (chunk, packed) in chunks {
                         let chunk = Chunk { pid: p.id, ..chunk };
                         pages += chunk.data.len() as u64 / PAGE_SIZE;
-                        wire += write_chunk_packed(out, &chunk, packed.as_deref()).await? as u64;
+                        wire += match packed {
+                            Packed::Zstd(packed) => {
+                                write_chunk_packed(out, &chunk, packed.as_deref()).await?
+                            }
+                            Packed::Dedup(payload, deduped) => {
+                                sent.deduped += deduped;
+                                write_chunk_dedup(out, &chunk, &payload).await?
+                            }
+                        } as u64;
                     }
                 }
                 vaddr += n * PAGE_SIZE;
@@ -1571,10 +1682,11 @@ pub async fn receive_prepush(
     inp: &mut (impl AsyncRead + Unpin),
     cache: &PageCache,
     max_pages: u64,
+    held: Option<Arc<dyn Held>>,
 ) -> std::io::Result<u64> {
     let mut pages = 0;
     loop {
-        let chunk = read_chunk_packed(inp).await?;
+        let chunk = read_chunk_held(inp, held.as_ref()).await?;
         if chunk.data.is_empty() {
             return Ok(pages);
         }
@@ -1985,6 +2097,49 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_sent_ahead_that_the_destination_holds_go_as_digests_and_arrive_whole() {
+        struct One(Vec<u8>);
+        impl Held for One {
+            fn blocks(&self, digests: &[[u8; 32]]) -> Vec<Option<Vec<u8>>> {
+                digests
+                    .iter()
+                    .map(|d| (blake3::hash(&self.0).as_bytes() == d).then(|| self.0.clone()))
+                    .collect()
+            }
+        }
+        let me = std::process::id() as i32;
+        let tree = [TreeProcess { pid: me, id: 1 }];
+        // A buffer of pages whose content the destination holds.
+        let pattern: Vec<u8> = (0..page_bytes(1)).map(|i| (i % 253) as u8 ^ 0x5a).collect();
+        let mut held_here = vec![0u8; 9 * page_bytes(1)];
+        let at = (held_here.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let from = usize::try_from(at - held_here.as_ptr() as u64).unwrap();
+        for page in held_here[from..from + 8 * page_bytes(1)].chunks_exact_mut(page_bytes(1)) {
+            page.copy_from_slice(&pattern);
+        }
+        let offered: HeldSet = [*blake3::hash(&pattern).as_bytes()].into();
+        let cache = Arc::new(PageCache::held());
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        let receiving = {
+            let (cache, held) = (Arc::clone(&cache), Arc::new(One(pattern.clone())));
+            tokio::spawn(async move {
+                receive_prepush(&mut rx, &cache, u64::MAX, Some(held as Arc<dyn Held>)).await
+            })
+        };
+        let mut sent = Prepushed::with_held(Some(Arc::new(offered)));
+        let (pages, _) = prepush(&mut tx, &tree, &mut sent).await.unwrap();
+        end_prepush(&mut tx).await.unwrap();
+        assert_eq!(receiving.await.unwrap().unwrap(), pages);
+        assert!(
+            sent.deduped() >= 8 * PAGE_SIZE,
+            "{} bytes went as digests",
+            sent.deduped()
+        );
+        assert_eq!(cache.run_from(1, at, 8), pattern.repeat(8));
+        std::hint::black_box(&held_here);
+    }
+
+    #[tokio::test]
     async fn pages_sent_ahead_arrive_and_those_written_since_are_stale() {
         let me = std::process::id() as i32;
         let tree = [TreeProcess { pid: me, id: 1 }];
@@ -1998,7 +2153,7 @@ mod tests {
         let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
         let receiving = {
             let cache = Arc::clone(&cache);
-            tokio::spawn(async move { receive_prepush(&mut rx, &cache, u64::MAX).await })
+            tokio::spawn(async move { receive_prepush(&mut rx, &cache, u64::MAX, None).await })
         };
         let mut sent = Prepushed::default();
         let (first, wire) = prepush(&mut tx, &tree, &mut sent).await.unwrap();
@@ -2367,13 +2522,13 @@ mod tests {
         }
         end_prepush(&mut stream).await.unwrap();
         let cache = PageCache::default();
-        let e = receive_prepush(&mut stream.as_slice(), &cache, 2)
+        let e = receive_prepush(&mut stream.as_slice(), &cache, 2, None)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("more than 2 pages"), "{e}");
         let cache = PageCache::default();
         assert_eq!(
-            receive_prepush(&mut stream.as_slice(), &cache, 3)
+            receive_prepush(&mut stream.as_slice(), &cache, 3, None)
                 .await
                 .unwrap(),
             3

@@ -581,38 +581,9 @@ fn ferry_run(
 fn warm_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, link: &Link) -> Result<Outcome> {
     sites.run_redis_at_a_with("redis", PORT, &["--route", ROUTE])?;
     populate(sites, PORT, mib)?;
-    let flags = Way::Warm.flags();
-    let (ok, cold) = sites.migrate_with("redis", "b", flags)?;
-    if !ok {
-        bail!("the cold move failed: {cold}");
-    }
-    ferry_e2e::wait_for(
-        "B to keep the received pages",
-        Duration::from_secs(600),
-        || {
-            sites
-                .b
-                .log()
-                .contains("received pages kept for the next move here")
-                .then_some(())
-        },
-    )?;
-    let mut back = vec!["--output", "json", "migrate", "redis", "--to", "a"];
-    back.extend_from_slice(flags);
-    if !sites.b.ferry_output(&back)?.status.success() {
-        bail!("the move back to A failed");
-    }
     let keys = mib * 1024 * 1024 / 1000;
-    let changed: Vec<u64> = (0..keys).step_by(100).collect();
-    for batch in changed.chunks(500) {
-        let pairs: Vec<String> = batch
-            .iter()
-            .flat_map(|k| [format!("bulk:{k}"), format!("{k:0>1000}")])
-            .collect();
-        let mut mset = vec!["MSET"];
-        mset.extend(pairs.iter().map(String::as_str));
-        sites.a.redis(PORT, &mset)?;
-    }
+    let flags = Way::Warm.flags();
+    let cold = sites.warm_up("redis", PORT, keys, 1000, flags)?;
     let client = Client::start(sites, ROUTE_AT_A, load, seconds)?;
     std::thread::sleep(Duration::from_secs(1));
     let (ok, m) = sites.migrate_with("redis", "b", flags)?;
@@ -620,13 +591,14 @@ fn warm_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, link: &Link) -
     if !ok {
         bail!("the warm move failed: {m}");
     }
+    let changed = keys.div_ceil(100);
     let n = |m: &Value, k: &str| m[k].as_u64().unwrap_or(0);
     let mb = |b: u64| b as f64 / 1e6;
     let side_by_side = format!(
         "   cold: {:.1} MB on the wire, freeze {} ms | warm ({} keys of {keys} rewritten): {:.1} MB on the wire ({:.1} % of cold), {:.1} MB as digests, freeze {} ms",
         mb(n(&cold, "bytes_on_wire")),
         cold["timings"]["freeze_ms"],
-        changed.len(),
+        changed,
         mb(n(&m, "bytes_on_wire")),
         100.0 * n(&m, "bytes_on_wire") as f64 / n(&cold, "bytes_on_wire").max(1) as f64,
         mb(n(&m, "bytes_deduped")),
