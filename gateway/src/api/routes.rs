@@ -197,14 +197,17 @@ impl Api {
                 let body: MigrationRequest = body.json()?;
                 // A destination that cannot restore the workload is refused here (409),
                 // before anything is held or frozen.
-                self.state
+                let plan = self
+                    .state
                     .engine
                     .refuse_incompatible(&body.workload, &body.to, &body.options())
                     .await?;
-                let m = self
-                    .state
-                    .engine
-                    .start_with(&body.workload, &body.to, body.options())?;
+                let m = self.state.engine.start_planned(
+                    &body.workload,
+                    &body.to,
+                    body.options(),
+                    Some(plan),
+                )?;
                 let mut r = json(StatusCode::ACCEPTED, &m);
                 set_location(&mut r, &format!("/v1/migrations/{}", m.id));
                 Ok(r)

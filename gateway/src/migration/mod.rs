@@ -497,6 +497,9 @@ pub struct Engine {
     prepushed: Mutex<std::collections::HashMap<String, crate::transfer::pages::Prepushed>>,
     /// Source: wakes a migration's long waits when an operator aborts it.
     aborts: Mutex<std::collections::HashMap<String, CancellationToken>>,
+    /// Source: the plan a move was checked with before it started, by migration (its
+    /// driver takes it instead of planning again).
+    early_plans: Mutex<std::collections::HashMap<String, MovePlan>>,
     /// Post-copy, destination: the pages the source sent ahead, by migration.
     precaches: Mutex<std::collections::HashMap<String, Arc<crate::transfer::pages::PageCache>>>,
     images_dir: PathBuf,
@@ -551,6 +554,7 @@ impl Engine {
             page_sources: Mutex::new(std::collections::HashMap::new()),
             prepushed: Mutex::new(std::collections::HashMap::new()),
             precaches: Mutex::new(std::collections::HashMap::new()),
+            early_plans: Mutex::new(std::collections::HashMap::new()),
             aborts: Mutex::new(std::collections::HashMap::new()),
             images_dir,
             incoming_dir,
@@ -605,6 +609,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The plan a move was checked with before it started, if any (once).
+    fn take_early_plan(&self, id: &str) -> Option<MovePlan> {
+        locked(&self.early_plans).remove(id)
+    }
+
     /// The plan for moving `workload` to `to`, without moving anything (`--plan`).
     pub async fn plan_only(
         &self,
@@ -622,13 +631,13 @@ impl Engine {
 
     /// Refuses a move the destination could not restore in any way (every candidate
     /// infeasible, and the checkpoint because the destination said why): before anything
-    /// is held or frozen.
+    /// is held or frozen. Returns the plan, for [`Self::start_planned`].
     pub async fn refuse_incompatible(
         &self,
         workload: &str,
         to: &str,
         options: &MoveOptions,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<MovePlan, MigrationError> {
         let plan = self.plan_only(workload, to, options).await?;
         let problems: Vec<String> = plan
             .candidates
@@ -647,7 +656,7 @@ impl Engine {
                 problems: problems.join("; "),
             });
         }
-        Ok(())
+        Ok(plan)
     }
 
     /// Plans a migration of `workload` to `to` as `options` ask and starts driving it.
@@ -656,6 +665,18 @@ impl Engine {
         workload: &str,
         to: &str,
         options: MoveOptions,
+    ) -> Result<Migration, MigrationError> {
+        self.start_planned(workload, to, options, None)
+    }
+
+    /// [`Self::start_with`], with the plan the move was just checked with (taken instead
+    /// of planning again: the probes of both sites are not repeated).
+    pub fn start_planned(
+        self: &Arc<Self>,
+        workload: &str,
+        to: &str,
+        options: MoveOptions,
+        plan: Option<MovePlan>,
     ) -> Result<Migration, MigrationError> {
         self.check_destination(to)?;
         if let Some(mode) = options
@@ -683,6 +704,9 @@ impl Engine {
             return Err(e);
         }
         tracing::info!(migration = %id, workload, to, "migration planned");
+        if let Some(plan) = plan {
+            locked(&self.early_plans).insert(id.clone(), plan);
+        }
         let this = Arc::clone(self);
         self.tasks.spawn(tracing::Instrument::instrument(
             async move { source::run(this, id).await },

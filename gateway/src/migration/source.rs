@@ -84,7 +84,11 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             state: workload.state,
         }));
     }
-    let plan = engine.plan(&workload, &target, &m.options).await?;
+    // Checked (and planned) as the move was asked for; planned here otherwise.
+    let plan = match engine.take_early_plan(id) {
+        Some(plan) => plan,
+        None => engine.plan(&workload, &target, &m.options).await?,
+    };
     let chosen = plan.chosen().cloned();
     engine.update(id, |m| {
         m.candidates.clone_from(&plan.candidates);
