@@ -21,8 +21,8 @@ use crate::transfer::{Held, HeldSet};
 /// Most pages of digests a source asks for at once.
 const PAGES_AT_ONCE: u32 = 8;
 
-/// The received images kept per workload, and the last list offered (pages of one list
-/// are asked one after the other; it is computed once per workload).
+/// The received images kept per workload, and the last list offered (a move asks for its
+/// pages one after the other: listed at its first page, kept for the rest).
 #[derive(Default)]
 pub(super) struct Warm {
     received: HashMap<String, Vec<StoredFile>>,
@@ -96,9 +96,11 @@ impl Checkpoints {
         self.warm().received.values().flatten().cloned().collect()
     }
 
-    /// The digests of every page block held here for `workload`, each once.
-    fn held_pages(&self, workload: &str) -> Arc<Vec<Digest>> {
-        if let Some((w, list)) = &self.warm().offered {
+    /// The digests of every page block held here for `workload`, each once: listed anew
+    /// for a move's first page (what was collected since is not offered), kept for the
+    /// pages that follow.
+    fn held_pages(&self, workload: &str, first: bool) -> Arc<Vec<Digest>> {
+        if let Some((w, list)) = self.warm().offered.as_ref().filter(|_| !first) {
             if w == workload {
                 return Arc::clone(list);
             }
@@ -131,7 +133,7 @@ impl Checkpoints {
     /// A peer's `HeldPages`: one page of the list.
     pub(super) fn answer_held(&self, workload: &str, page: u32) -> Result<Response, String> {
         crate::names::validate("workload", workload).map_err(|e| e.to_string())?;
-        let list = self.held_pages(workload);
+        let list = self.held_pages(workload, page == 0);
         let pages = list.len().div_ceil(MAX_WANTED);
         let from = (page as usize).saturating_mul(MAX_WANTED).min(list.len());
         let to = (from + MAX_WANTED).min(list.len());
