@@ -128,6 +128,9 @@ pub struct Options {
     pub sync_timeout_secs: Option<u64>,
     /// Extra tunnel grants: (adapter, ports), added to the adapter's grant.
     pub tunnel_ports: Vec<(String, Vec<u16>)>,
+    /// Host paths an adapter's containers may bind-mount: (adapter, paths), added to its
+    /// grant's `mounts`.
+    pub mounts: Vec<(String, Vec<String>)>,
     /// `[migration] prepush` at both sites (post-copy's pages sent ahead).
     pub prepush: Option<bool>,
     /// `[migration] stall_after_secs` at both sites.
@@ -149,6 +152,7 @@ impl Options {
             compression: "zstd".into(),
             sync_timeout_secs: None,
             tunnel_ports: Vec::new(),
+            mounts: Vec::new(),
             prepush: None,
             stall_after_secs: None,
         }
@@ -747,19 +751,12 @@ fn init_site(
         grants.insert(adapter.clone(), g.into());
     }
     for (adapter, ports) in &opts.tunnel_ports {
-        let mut g = grants
-            .get(adapter)
-            .and_then(|v| v.as_table())
-            .cloned()
-            .unwrap_or_default();
-        let mut list: Vec<toml::Value> = g
-            .get("tunnel_ports")
-            .and_then(|v| v.as_array())
-            .cloned()
-            .unwrap_or_default();
-        list.extend(ports.iter().map(|p| toml::Value::from(i64::from(*p))));
-        g.insert("tunnel_ports".into(), list.into());
-        grants.insert(adapter.clone(), g.into());
+        let ports = ports.iter().map(|p| toml::Value::from(i64::from(*p)));
+        extend_grant(&mut grants, adapter, "tunnel_ports", ports);
+    }
+    for (adapter, paths) in &opts.mounts {
+        let paths = paths.iter().map(|p| toml::Value::from(p.as_str()));
+        extend_grant(&mut grants, adapter, "mounts", paths);
     }
     plugins.insert("grants".into(), grants.into());
     if let Some(ms) = opts.ingress_max_hold_ms {
@@ -1151,6 +1148,28 @@ pub fn redis_podman_image(dir: &Path, reference: &str) -> Result<()> {
         .arg(&tar)
         .arg(reference))?;
     Ok(())
+}
+
+/// Adds `values` to the list `key` of `adapter`'s grant in `grants`.
+fn extend_grant(
+    grants: &mut toml::Table,
+    adapter: &str,
+    key: &str,
+    values: impl Iterator<Item = toml::Value>,
+) {
+    let mut g = grants
+        .get(adapter)
+        .and_then(|v| v.as_table())
+        .cloned()
+        .unwrap_or_default();
+    let mut list: Vec<toml::Value> = g
+        .get(key)
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    list.extend(values);
+    g.insert(key.into(), list.into());
+    grants.insert(adapter.to_string(), g.into());
 }
 
 /// A warm move (after [`TwoSites::warm_up`]) sent most of its image as digests, and less

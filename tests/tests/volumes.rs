@@ -104,3 +104,79 @@ fn redis_with_its_aof_on_a_volume_moves_with_every_acknowledged_write_on_disk() 
     let _ = std::fs::remove_dir_all(&vol);
     Ok(())
 }
+
+#[test]
+fn redis_in_podman_with_its_aof_on_a_bind_mount_moves_with_its_writes_on_disk() -> Result<()> {
+    let vol = std::env::temp_dir().join("ferry-volume-podman");
+    let _ = std::fs::remove_dir_all(&vol);
+    std::fs::create_dir_all(&vol)?;
+    let v = vol.display().to_string();
+    let mut opts = Options::new("volpod");
+    opts.adapters.push("podman".into());
+    opts.mounts.push(("podman".into(), vec![v.clone()]));
+    // B is another host: its view of the volume's path starts empty.
+    opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-volpod {v}"));
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = ferry_e2e::Cleanup(
+        ["a-redis", "b-redis"]
+            .iter()
+            .map(|c| {
+                ["podman", "rm", "-f", "-t", "0", c]
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .collect(),
+    );
+    let image = "localhost/ferry-e2e-redis:latest";
+    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let (setting, mounts, p) = (
+        format!("image={image}"),
+        format!("mounts={v}:/data"),
+        PORT.to_string(),
+    );
+    let mut args = vec![
+        "workload",
+        "run",
+        "redis",
+        "--runtime",
+        "podman",
+        "--setting",
+        &setting,
+        "--setting",
+        &mounts,
+        "--volume",
+        &v,
+        "--port",
+        &p,
+        "--",
+    ];
+    let server = ferry_e2e::redis_container_args(PORT);
+    args.extend(server.iter().map(String::as_str));
+    // The AOF in /data, the bind-mounted volume.
+    args.extend(["--appendonly", "yes", "--appendfsync", "everysec"]);
+    sites.a.ferry(&args)?;
+    ferry_e2e::wait_for("Redis in podman at A", Duration::from_secs(30), || {
+        sites.a.redis(PORT, &["PING"]).ok().filter(|r| r == "PONG")
+    })?;
+    sites
+        .a
+        .redis(PORT, &["SET", "on-disk", "in a podman volume"])?;
+    // appendfsync everysec: on disk within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert!(sent(&m, "precopy") > 0, "{m}");
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "on-disk"])?,
+        "in a podman volume"
+    );
+    // B's own view of the volume holds the AOF: reloaded from it alone, the key is there.
+    sites.b.redis(PORT, &["DEBUG", "LOADAOF"])?;
+    assert_eq!(
+        sites.b.redis(PORT, &["GET", "on-disk"])?,
+        "in a podman volume"
+    );
+    let _ = std::fs::remove_dir_all(&vol);
+    Ok(())
+}

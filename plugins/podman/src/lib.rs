@@ -8,6 +8,10 @@
 //! annotation, a file in the workload's work directory (the same path at every site).
 //! The checkpoint stops the source and keeps its image: a failed migration restores it
 //! locally; a confirmed one removes it.
+//!
+//! Bind mounts: `--setting mounts=HOST:CONTAINER[,HOST:CONTAINER…]` (each host path under
+//! the grant's `mounts`). Name the host paths with `--volume` too, and their files move
+//! with the container.
 
 use ferry_adapter_sdk::*;
 
@@ -27,6 +31,27 @@ fn image(w: &Workload) -> Result<&str, AdapterError> {
             "podman workloads need --setting image=REF (present at every site)".into(),
         )
     })
+}
+
+/// The bind mounts the workload asks for (`mounts=HOST:CONTAINER,…`), as `-v` values.
+fn mounts(w: &Workload) -> Result<Vec<String>, AdapterError> {
+    let Some(list) = setting(w, "mounts") else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| {
+            let m = m.trim();
+            match m.split_once(':') {
+                Some((host, inside)) if host.starts_with('/') && inside.starts_with('/') => {
+                    Ok(m.to_string())
+                }
+                _ => Err(AdapterError::Unsupported(format!(
+                    "mount {m:?}: write mounts=/host/path:/container/path[,…]"
+                ))),
+            }
+        })
+        .collect()
 }
 
 fn archive(w: &Workload) -> Result<String, AdapterError> {
@@ -126,6 +151,10 @@ impl Adapter for Podman {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for m in mounts(&w)? {
+            args.push("-v".into());
+            args.push(m);
+        }
         for (k, v) in &w.env {
             args.push("-e".into());
             args.push(format!("{k}={v}"));
