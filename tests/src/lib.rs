@@ -256,6 +256,26 @@ impl Site {
         c
     }
 
+    /// The size of the file at `path` as this site's gateway sees it (its own mount
+    /// namespace, when the test gave it one); None if it has no such file.
+    pub fn file_size_here(&self, path: &str) -> Result<Option<u64>> {
+        let Some(gateway) = self.gateway.as_ref() else {
+            bail!("site {} has no gateway running", self.name);
+        };
+        let out = output_from(
+            Command::new("nsenter")
+                .arg("-t")
+                .arg(gateway.id().to_string())
+                .args(["-m", "stat", "-c", "%s", path]),
+            Stdio::null(),
+        )?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .flatten())
+    }
+
     /// Any command inside the site's network namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         run(self.command(program).args(args))
@@ -538,6 +558,19 @@ impl TwoSites {
     /// returned guard deletes both sites' `NAME` containers (`a-NAME`, `b-NAME`) however the
     /// test ends.
     pub fn run_redis_in_runc_at_a(&self, name: &str, port: u16) -> Result<Cleanup> {
+        let bundle = redis_oci_bundle(&self.root.join("bundle"), port)?;
+        self.run_in_runc_bundle_at_a(name, port, &bundle, &[])
+    }
+
+    /// As [`Self::run_redis_in_runc_at_a`], from the OCI bundle `bundle`, with `flags`
+    /// for `workload run`.
+    pub fn run_in_runc_bundle_at_a(
+        &self,
+        name: &str,
+        port: u16,
+        bundle: &Path,
+        flags: &[&str],
+    ) -> Result<Cleanup> {
         let cleanup = Cleanup(
             ["a", "b"]
                 .iter()
@@ -556,9 +589,8 @@ impl TwoSites {
                 })
                 .collect(),
         );
-        let bundle = redis_oci_bundle(&self.root.join("bundle"), port)?;
         let (setting, p) = (format!("bundle={}", bundle.display()), port.to_string());
-        self.a.ferry(&[
+        let mut args = vec![
             "workload",
             "run",
             name,
@@ -568,9 +600,10 @@ impl TwoSites {
             &setting,
             "--port",
             &p,
-            "--",
-            "redis-server",
-        ])?;
+        ];
+        args.extend_from_slice(flags);
+        args.extend(["--", "redis-server"]);
+        self.a.ferry(&args)?;
         Ok(cleanup)
     }
 

@@ -180,3 +180,35 @@ fn redis_in_podman_with_its_aof_on_a_bind_mount_moves_with_its_writes_on_disk() 
     let _ = std::fs::remove_dir_all(&vol);
     Ok(())
 }
+
+#[test]
+fn what_a_runc_container_writes_in_its_rootfs_moves_when_named_as_a_volume() -> Result<()> {
+    // The bundle first: B's view of the container's /data is its own from the start.
+    let bundle = std::env::temp_dir().join("ferry-volume-runc-bundle");
+    let bundle = ferry_e2e::redis_oci_bundle(&bundle, PORT)?;
+    let data = bundle.join("rootfs/data").display().to_string();
+    let mut opts = Options::new("volrnc");
+    opts.adapters.push("runc".into());
+    opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-volrnc {data}"));
+    let sites = TwoSites::start(opts)?;
+    let _cleanup = sites.run_in_runc_bundle_at_a("redis", PORT, &bundle, &["--volume", &data])?;
+    ferry_e2e::wait_for("Redis in runc at A", Duration::from_secs(30), || {
+        sites.a.redis(PORT, &["PING"]).ok().filter(|r| r == "PONG")
+    })?;
+    // Written into the container's root filesystem: /data/dump.rdb.
+    sites.a.redis(PORT, &["SET", "saved", "in the rootfs"])?;
+    sites.a.redis(PORT, &["SAVE"])?;
+    let (ok, m) = sites.migrate_with("redis", "b", &["--mode", "stop-and-copy"])?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    assert!(sent(&m, "precopy") > 0, "{m}");
+    assert_eq!(sites.b.redis(PORT, &["GET", "saved"])?, "in the rootfs");
+    // B's own view of the rootfs's /data holds the file now. (On one host the restored
+    // container's root is a plain bind of the bundle's rootfs, so it sees the host's
+    // directory, not B's view; on a second host that directory is B's own.)
+    let rdb = format!("{data}/dump.rdb");
+    let at_b = sites.b.file_size_here(&rdb)?;
+    assert!(at_b.is_some_and(|n| n > 0), "{rdb} at B: {at_b:?}");
+    drop(sites);
+    let _ = std::fs::remove_dir_all(&bundle);
+    Ok(())
+}
