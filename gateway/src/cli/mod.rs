@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and dispatch, one file per verb.
 
 mod checkpoint;
+mod docs;
 mod gateway;
 mod init;
 mod lazy_guard;
@@ -88,6 +89,10 @@ enum Command {
     Checkpoint(checkpoint::Args),
     /// Restore a workload at this site from one of its checkpoints.
     Restore(checkpoint::RestoreArgs),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Write the manual pages (ferry.1 and one per verb) into a directory.
+    Man(docs::ManArgs),
     /// The guard of a post-copy restore's userfaultfds, started by the gateway.
     #[command(hide = true)]
     LazyGuard(lazy_guard::Args),
@@ -124,9 +129,12 @@ impl Connect {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The guard is small and runs without the async runtime.
-    if let Command::LazyGuard(args) = &cli.command {
-        return lazy_guard::run(args);
+    // The guard is small and runs without the async runtime; so do the generated docs.
+    match &cli.command {
+        Command::LazyGuard(args) => return lazy_guard::run(args),
+        Command::Completions(args) => return finish(docs::completions(args)),
+        Command::Man(args) => return finish(docs::man(args)),
+        _ => {}
     }
     let is_gateway = matches!(cli.command, Command::Gateway(_));
     init_tracing(
@@ -143,7 +151,12 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    finish(runtime.block_on(dispatch(cli)))
+}
+
+/// The exit code of a verb's outcome; an error is printed with its causes.
+fn finish(outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -181,6 +194,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoint(args) => checkpoint::run(args, &cli.connect, out).await,
         Command::Restore(args) => checkpoint::restore(args, &cli.connect, out).await,
         // Handled in main, before the runtime starts.
-        Command::LazyGuard(_) => Ok(()),
+        Command::LazyGuard(_) | Command::Completions(_) | Command::Man(_) => Ok(()),
     }
 }
