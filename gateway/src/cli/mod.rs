@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod docs;
+mod doctor;
 mod gateway;
 mod init;
 mod lazy_guard;
@@ -89,6 +90,10 @@ enum Command {
     Checkpoint(checkpoint::Args),
     /// Restore a workload at this site from one of its checkpoints.
     Restore(checkpoint::RestoreArgs),
+    /// Check this site: config and key modes, CRIU and `criu check`, userfaultfd,
+    /// fs.pipe-max-size, cgroups, adapters and grants, ports, and (with the gateway
+    /// running) each peer.
+    Doctor,
     /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
     Completions(docs::CompletionsArgs),
     /// Write the manual pages (ferry.1 and one per verb) into a directory.
@@ -193,6 +198,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Migration(cmd) => migration::run(cmd, &cli.connect, out).await,
         Command::Checkpoint(args) => checkpoint::run(args, &cli.connect, out).await,
         Command::Restore(args) => checkpoint::restore(args, &cli.connect, out).await,
+        Command::Doctor => doctor::run(&cli.connect, out).await,
         // Handled in main, before the runtime starts.
         Command::LazyGuard(_) | Command::Completions(_) | Command::Man(_) => Ok(()),
     }

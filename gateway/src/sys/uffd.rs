@@ -218,6 +218,21 @@ fn decode(msg: &[u8]) -> Option<Event> {
     })
 }
 
+/// Can this process make a userfaultfd, as a post-copy restore does? Makes one and closes
+/// it.
+pub fn available() -> io::Result<()> {
+    // SAFETY: userfaultfd(2) takes flags only; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    let fd =
+        i32::try_from(fd).map_err(|_| io::Error::other("userfaultfd returned no descriptor"))?;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just made by this call and nothing else owns it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
+
 /// One descriptor sent with `SCM_RIGHTS` (and a byte of data, as CRIU's `send_fd` does).
 pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut byte = [0u8; 1];
