@@ -9,7 +9,12 @@ pub enum Cmd {
     /// List this site's migrations (outgoing and incoming).
     Ls,
     /// Show one migration with its phase timings.
-    Show { id: String },
+    Show {
+        id: String,
+        /// Also draw its phases on a time axis, with bytes on the wire, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        timeline: Option<std::path::PathBuf>,
+    },
     /// Abort a migration this site drives: before the destination was asked to run the
     /// workload it rolls back and the source runs on; after that it is refused (only the
     /// destination's word can end it then).
@@ -57,12 +62,20 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             );
             Ok(())
         }
-        Cmd::Show { id } => {
+        Cmd::Show { id, timeline } => {
             let m: Migration = client.get(&format!("/v1/migrations/{id}")).await?;
+            if let Some(path) = &timeline {
+                std::fs::write(path, super::timeline::svg(&m)).map_err(|e| {
+                    anyhow::anyhow!("cannot write the timeline to {}: {e}", path.display())
+                })?;
+            }
             if out == Output::Json {
                 return output::json(&m);
             }
             print_migration(&m);
+            if let Some(path) = &timeline {
+                println!("timeline    {}", path.display());
+            }
             Ok(())
         }
     }

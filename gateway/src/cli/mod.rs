@@ -13,6 +13,7 @@ mod peer;
 mod plugin;
 mod route;
 mod site;
+mod timeline;
 mod workload;
 
 use std::path::PathBuf;

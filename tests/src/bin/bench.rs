@@ -455,6 +455,8 @@ struct Outcome {
     detail: String,
     /// `ferry migrate --plan` for the workload just before it moved (Ferry only).
     plan: Option<Value>,
+    /// The migration's id at A (Ferry only): its timeline is drawn into the logs.
+    id: Option<String>,
 }
 
 /// The constant-rate client (`ferry-load`) and when its last request is due.
@@ -573,6 +575,7 @@ fn ferry_run(
         wire,
         detail: freeze_detail(&m, link, redis.as_ref()),
         plan: Some(plan),
+        id: m["id"].as_str().map(str::to_string),
     })
 }
 
@@ -613,6 +616,7 @@ fn warm_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, link: &Link) -
         wire: n(&m, "bytes_on_wire"),
         detail: format!("{}{side_by_side}", freeze_detail(&m, link, None)),
         plan: None,
+        id: m["id"].as_str().map(str::to_string),
     })
 }
 
@@ -897,6 +901,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
         wire: bytes,
         detail: String::new(),
         plan: None,
+        id: None,
     })
 }
 
@@ -1071,6 +1076,7 @@ fn criu_lazy_run(
             total.as_millis()
         ),
         plan: None,
+        id: None,
     })
 }
 
@@ -1142,6 +1148,14 @@ fn measure(
         logs.join(format!("{mib}mib-{}.log", way.name())),
         sites.logs(),
     )?;
+    // Ferry's moves: the migration's timeline, drawn from its record.
+    if let Some(id) = outcome.as_ref().ok().and_then(|o| o.id.as_deref()) {
+        let svg = logs.join(format!("{mib}mib-{}-timeline.svg", way.name()));
+        let svg = svg.display().to_string();
+        if let Err(e) = sites.a.ferry(&["migration", "show", id, "--timeline", &svg]) {
+            println!("(no timeline for {id}: {e:#})");
+        }
+    }
     outcome
 }
 
