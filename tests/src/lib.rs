@@ -528,6 +528,24 @@ impl TwoSites {
         self.run_redis_at_a_full(name, port, flags, &[])
     }
 
+    /// Builds the Redis image podman runs ([`PODMAN_REDIS`]); the returned guard removes
+    /// both sites' `NAME` containers (`a-NAME`, `b-NAME`) however the test ends.
+    pub fn podman_redis(&self, name: &str) -> Result<Cleanup> {
+        let cleanup = Cleanup(
+            ["a", "b"]
+                .iter()
+                .map(|s| {
+                    ["podman", "rm", "-f", "-t", "0", &format!("{s}-{name}")]
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
+                })
+                .collect(),
+        );
+        redis_podman_image(&self.root.join("image"), PODMAN_REDIS)?;
+        Ok(cleanup)
+    }
+
     /// Starts Redis on `port` at site A in a podman container of `image` (built with
     /// [`redis_podman_image`]).
     pub fn run_redis_in_podman_at_a(&self, name: &str, port: u16, image: &str) -> Result<()> {
@@ -1164,6 +1182,9 @@ pub fn redis_oci_bundle(dir: &Path, port: u16) -> Result<PathBuf> {
     fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
     Ok(dir.to_path_buf())
 }
+
+/// The image the tests run Redis from in podman.
+pub const PODMAN_REDIS: &str = "localhost/ferry-e2e-redis:latest";
 
 /// Imports a Redis root filesystem into Podman's local storage as `reference`.
 pub fn redis_podman_image(dir: &Path, reference: &str) -> Result<()> {

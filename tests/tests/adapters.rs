@@ -158,19 +158,8 @@ fn redis_in_podman_moves_between_sites() -> Result<()> {
     let mut opts = Options::new("podman");
     opts.adapters.push("podman".into());
     let sites = TwoSites::start(opts)?;
-    let _cleanup = ferry_e2e::Cleanup(
-        ["a-redis", "b-redis"]
-            .iter()
-            .map(|c| {
-                ["podman", "rm", "-f", "-t", "0", c]
-                    .iter()
-                    .map(std::string::ToString::to_string)
-                    .collect()
-            })
-            .collect(),
-    );
-    let image = "localhost/ferry-e2e-redis:latest";
-    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let _cleanup = sites.podman_redis("redis")?;
+    let image = ferry_e2e::PODMAN_REDIS;
     sites.run_redis_in_podman_at_a("redis", PORT, image)?;
     sites
         .a

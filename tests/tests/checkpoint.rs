@@ -382,12 +382,8 @@ fn a_podman_container_is_checkpointed_and_restored_at_its_site() -> Result<()> {
     let mut opts = Options::new("ckpod");
     opts.adapters.push("podman".into());
     let sites = TwoSites::start(opts)?;
-    let _cleanup = ferry_e2e::Cleanup(vec![["podman", "rm", "-f", "-t", "0", "a-redis"]
-        .iter()
-        .map(ToString::to_string)
-        .collect()]);
-    let image = "localhost/ferry-e2e-redis:latest";
-    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let _cleanup = sites.podman_redis("redis")?;
+    let image = ferry_e2e::PODMAN_REDIS;
     sites.run_redis_in_podman_at_a("redis", PORT, image)?;
     sites
         .a

@@ -536,19 +536,8 @@ fn destination_killed_while_restoring(runtime: &str, tag: &str, after: Duration)
     match runtime {
         "runc" => cleanup = Some(sites.run_redis_in_runc_at_a("redis", PORT)?),
         "podman" => {
-            cleanup = Some(ferry_e2e::Cleanup(
-                ["a-redis", "b-redis"]
-                    .iter()
-                    .map(|c| {
-                        ["podman", "rm", "-f", "-t", "0", c]
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect()
-                    })
-                    .collect(),
-            ));
-            let image = "localhost/ferry-e2e-redis:latest";
-            ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+            cleanup = Some(sites.podman_redis("redis")?);
+            let image = ferry_e2e::PODMAN_REDIS;
             sites.run_redis_in_podman_at_a("redis", PORT, image)?;
         }
         _ => sites.run_redis_at_a("redis", PORT)?,

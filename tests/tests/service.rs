@@ -218,12 +218,8 @@ fn redis_in_podman_moves_to_a_plain_process_through_the_service_level() -> Resul
     let mut opts = options("xrt");
     opts.adapters.push("podman".into());
     let sites = TwoSites::start(opts)?;
-    let _cleanup = ferry_e2e::Cleanup(vec![["podman", "rm", "-f", "-t", "0", "a-redis"]
-        .iter()
-        .map(std::string::ToString::to_string)
-        .collect()]);
-    let image = "localhost/ferry-e2e-redis:latest";
-    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let _cleanup = sites.podman_redis("redis")?;
+    let image = ferry_e2e::PODMAN_REDIS;
     sites.run_redis_in_podman_at_a("redis", PORT, image)?;
     sites
         .a

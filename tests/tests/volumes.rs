@@ -117,19 +117,8 @@ fn redis_in_podman_with_its_aof_on_a_bind_mount_moves_with_its_writes_on_disk() 
     // B is another host: its view of the volume's path starts empty.
     opts.b_mount_setup = Some(format!("mount -t tmpfs ferry-volpod {v}"));
     let sites = TwoSites::start(opts)?;
-    let _cleanup = ferry_e2e::Cleanup(
-        ["a-redis", "b-redis"]
-            .iter()
-            .map(|c| {
-                ["podman", "rm", "-f", "-t", "0", c]
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect()
-            })
-            .collect(),
-    );
-    let image = "localhost/ferry-e2e-redis:latest";
-    ferry_e2e::redis_podman_image(&sites.root.join("image"), image)?;
+    let _cleanup = sites.podman_redis("redis")?;
+    let image = ferry_e2e::PODMAN_REDIS;
     let (setting, mounts, p) = (
         format!("image={image}"),
         format!("mounts={v}:/data"),

@@ -1152,7 +1152,10 @@ fn measure(
     if let Some(id) = outcome.as_ref().ok().and_then(|o| o.id.as_deref()) {
         let svg = logs.join(format!("{mib}mib-{}-timeline.svg", way.name()));
         let svg = svg.display().to_string();
-        if let Err(e) = sites.a.ferry(&["migration", "show", id, "--timeline", &svg]) {
+        if let Err(e) = sites
+            .a
+            .ferry(&["migration", "show", id, "--timeline", &svg])
+        {
             println!("(no timeline for {id}: {e:#})");
         }
     }
