@@ -32,8 +32,8 @@ pub struct Args {
     /// `--plan` shows the predictions), stop-and-copy, or postcopy: the pages go ahead
     /// while the source runs (unless [migration] prepush = false), the destination runs as
     /// soon as the small state has moved and gets the pages written since from the frozen
-    /// source. Post-copy needs an adapter that checkpoints through the gateway's CRIU
-    /// (process). Until the destination holds every page, a destination crash loses the
+    /// source. Post-copy needs an adapter that checkpoints through the gateway's CRIU or
+    /// its lazy interface (process, runc; podman cannot). Until the destination holds every page, a destination crash loses the
     /// writes made there since the switch (its copy is stopped, the source resumes); the
     /// window is recorded (postcopy_ms). A source gateway restarted meanwhile serves the
     /// rest of the pages from the frozen tree.

@@ -5,16 +5,18 @@ use std::fmt::Write;
 
 use crate::migration::Migration;
 
-const WIDTH: f64 = 900.0;
-const LEFT: f64 = 150.0;
-const RIGHT: f64 = 30.0;
+const WIDTH: f64 = 960.0;
+/// Room for the phase names (left) and each bar's time and bytes (right).
+const LEFT: f64 = 170.0;
+const RIGHT: f64 = 230.0;
 const ROW: f64 = 34.0;
 const TOP: f64 = 70.0;
 
-/// One bar: a phase from `start` for `ms`, in a row of its own.
+/// One bar: a phase from `start` for `ms`, in a row of its own; `note` follows its time.
 struct Bar {
     phase: &'static str,
-    label: String,
+    label: &'static str,
+    note: String,
     start: u64,
     ms: u64,
     color: &'static str,
@@ -24,11 +26,12 @@ struct Bar {
 fn bars(m: &Migration) -> Vec<Bar> {
     let t = &m.timings;
     let mut bars = Vec::new();
-    let mut bar = |phase, label: String, start, ms: Option<u64>, color| {
+    let mut bar = |phase, label, note: String, start, ms: Option<u64>, color| {
         if let Some(ms) = ms {
             bars.push(Bar {
                 phase,
                 label,
+                note,
                 start,
                 ms,
                 color,
@@ -36,34 +39,54 @@ fn bars(m: &Migration) -> Vec<Bar> {
         }
     };
     let prepare = t.prepare_ms.unwrap_or(0);
-    let mut ahead = String::new();
-    if let Some(p) = m.pages.as_ref().filter(|p| p.ahead_wire > 0) {
-        ahead = format!(", pages ahead {}", mb(p.ahead_wire));
-    }
+    let ahead = m
+        .pages
+        .as_ref()
+        .filter(|p| p.ahead_wire > 0)
+        .map_or_else(String::new, |p| {
+            format!(", {} on the wire", mb(p.ahead_wire))
+        });
     bar(
         "prepare",
-        format!("prepare{ahead}"),
+        "prepare",
+        String::new(),
         0,
         t.prepare_ms,
         "#8fb8de",
     );
-    bar("sync", "replica sync".into(), 0, t.sync_ms, "#9ccc9c");
+    bar(
+        "sync",
+        "replica sync",
+        String::new(),
+        0,
+        t.sync_ms,
+        "#9ccc9c",
+    );
     bar(
         "prepush",
-        "pages sent ahead".into(),
+        "pages sent ahead",
+        ahead,
         0,
         t.prepush_ms,
         "#b7d3ee",
     );
     bar(
         "freeze",
-        "freeze (clients held)".into(),
+        "freeze (clients held)",
+        String::new(),
         prepare,
         t.freeze_ms,
         "#e07b6a",
     );
     let dump = t.dump_ms.unwrap_or(0);
-    bar("dump", "checkpoint".into(), prepare, t.dump_ms, "#f0a35e");
+    bar(
+        "dump",
+        "checkpoint",
+        String::new(),
+        prepare,
+        t.dump_ms,
+        "#f0a35e",
+    );
     let wire = if m.bytes_on_wire > 0 {
         format!(", {} on the wire", mb(m.bytes_on_wire))
     } else {
@@ -71,14 +94,16 @@ fn bars(m: &Migration) -> Vec<Bar> {
     };
     bar(
         "transfer",
-        format!("transfer{wire}"),
+        "transfer",
+        wire,
         prepare + dump,
         t.transfer_ms,
         "#f2c14e",
     );
     bar(
         "volume_delta",
-        "volume delta".into(),
+        "volume delta",
+        String::new(),
         prepare + dump,
         t.volume_delta_ms,
         "#c9a0dc",
@@ -86,7 +111,8 @@ fn bars(m: &Migration) -> Vec<Bar> {
     let restore_at = prepare + dump + t.transfer_ms.unwrap_or(0);
     bar(
         "restore",
-        "restore".into(),
+        "restore",
+        String::new(),
         restore_at,
         t.restore_ms,
         "#7bc67b",
@@ -94,12 +120,13 @@ fn bars(m: &Migration) -> Vec<Bar> {
     let switched = prepare + t.freeze_ms.unwrap_or(0);
     bar(
         "postcopy",
-        "post-copy window".into(),
+        "post-copy window",
+        String::new(),
         switched,
         t.postcopy_ms,
         "#a3a3d9",
     );
-    bar("total", "total".into(), 0, t.total_ms, "#c8c8c8");
+    bar("total", "total", String::new(), 0, t.total_ms, "#c8c8c8");
     bars
 }
 
@@ -172,7 +199,7 @@ pub fn svg(m: &Migration) -> String {
             s,
             r#"<text x="10" y="{:.1}">{}</text>"#,
             y + 17.0,
-            escape(&b.label)
+            escape(b.label)
         );
         let _ = writeln!(
             s,
@@ -182,10 +209,11 @@ pub fn svg(m: &Migration) -> String {
         );
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}">{} ms</text>"#,
-            (x + w + 4.0).min(WIDTH - 60.0),
+            r#"<text x="{:.1}" y="{:.1}">{} ms{}</text>"#,
+            x + w + 6.0,
             y + 17.0,
-            b.ms
+            b.ms,
+            escape(&b.note)
         );
         let _ = writeln!(s, "</g>");
     }
