@@ -254,3 +254,44 @@ fn unknown_peer_certificates_are_refused() -> Result<()> {
     assert_eq!(peers[0]["reachable"], true, "{peers}");
     Ok(())
 }
+
+#[test]
+fn doctor_checks_a_running_site_and_measures_its_peer() -> Result<()> {
+    let sites = TwoSites::start(Options::new("doctor"))?;
+    // JSON: one finding per check (doctor exits 1 if any failed; the findings say which).
+    let out = sites.a.ferry_output(&["--output", "json", "doctor"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let findings: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("not JSON ({e}): {text}"))?;
+    let find = |check: &str| -> Vec<Value> {
+        findings
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["check"] == check)
+            .cloned()
+            .collect()
+    };
+    for check in ["config", "config mode", "key mode", "criu", "criu check", "api port"] {
+        let f = find(check);
+        assert_eq!(f.len(), 1, "{check}: {findings}");
+        assert_eq!(f[0]["status"], "ok", "{check}: {findings}");
+    }
+    assert!(
+        find("api port")[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("the gateway answers")),
+        "{findings}"
+    );
+    // Its peer, through the gateway: reachable, with a measured rate and clock offset.
+    let peer = find("peer");
+    assert_eq!(peer.len(), 1, "{findings}");
+    assert_eq!(peer[0]["status"], "ok", "{findings}");
+    let detail = peer[0]["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("b at "), "{detail}");
+    assert!(detail.contains("Mbit/s") && detail.contains("clock"), "{detail}");
+    // The link check itself, through the API.
+    let link = sites.a.ferry_json(&["peer", "ls"])?;
+    assert_eq!(link[0]["reachable"], true, "{link}");
+    Ok(())
+}

@@ -27,6 +27,9 @@ const MAX_DRAIN: usize = 1024 * 1024;
 
 type Reply = Result<Response<Full<Bytes>>, ApiError>;
 
+/// Bytes a link check (`GET /v1/peers/{name}/link`) sends.
+const LINK_CHECK_BYTES: u64 = 8 << 20;
+
 #[derive(Clone)]
 pub struct Api {
     state: Arc<ApiState>,
@@ -96,6 +99,29 @@ impl Api {
                 Ok(json(StatusCode::OK, &self.state.plugins.list()))
             }
             (Method::GET, ["v1", "peers"]) => Ok(json(StatusCode::OK, &self.peer_status().await)),
+            (Method::GET, ["v1", "peers", name, "link"]) => {
+                if !self.state.peers.peers().iter().any(|p| p.name == *name) {
+                    return Err(ApiError::not_found(format!(
+                        "no peer {name:?}; `ferry peer ls` lists them"
+                    )));
+                }
+                let measured = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    self.state.peers.measure(name, LINK_CHECK_BYTES),
+                )
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "peer_unreachable",
+                        format!("the link check to {name} did not finish within 30 s"),
+                    )
+                })?
+                .map_err(|e| {
+                    ApiError::new(StatusCode::BAD_GATEWAY, "peer_unreachable", e.to_string())
+                })?;
+                Ok(json(StatusCode::OK, &measured))
+            }
             (Method::GET, ["v1", "routes"]) => {
                 let routes: Vec<RouteInfo> = self
                     .state

@@ -12,6 +12,10 @@ use serde::Serialize;
 use super::{Connect, Output};
 use crate::api::types::PeerStatus;
 use crate::config::SiteConfig;
+use crate::peer::LinkMeasure;
+
+/// Clocks further apart than this are worth fixing (records compare times across sites).
+const MAX_SKEW_MS: u64 = 1000;
 
 /// CRIU before this cannot dump TCP sockets on Linux 6.16 and later.
 const CRIU_AT_LEAST: (u32, u32) = (4, 2);
@@ -460,19 +464,10 @@ async fn peers(cfg: &SiteConfig, gateway: Option<crate::api::client::ApiClient>)
             "see the gateway's log",
         )];
     };
-    listed
-        .into_iter()
-        .map(|p| match (p.reachable, p.rtt_ms) {
-            (true, rtt) => Finding::ok(
-                "peer",
-                format!(
-                    "{} at {}: reachable, round trip {}",
-                    p.name,
-                    p.address,
-                    rtt.map_or_else(|| "?".to_string(), |r| format!("{r:.1} ms"))
-                ),
-            ),
-            (false, _) => Finding::bad(
+    let mut out = Vec::new();
+    for p in listed {
+        if !p.reachable {
+            out.push(Finding::bad(
                 "peer",
                 Status::Fail,
                 format!(
@@ -482,9 +477,36 @@ async fn peers(cfg: &SiteConfig, gateway: Option<crate::api::client::ApiClient>)
                     p.error.as_deref().unwrap_or("no answer")
                 ),
                 "check the address, the firewall (UDP), and that both sites list each other's fingerprint",
-            ),
-        })
-        .collect()
+            ));
+            continue;
+        }
+        let link: Result<LinkMeasure, _> = client.get(&format!("/v1/peers/{}/link", p.name)).await;
+        match link {
+            Ok(l) if l.skew_ms.unsigned_abs() > MAX_SKEW_MS => out.push(Finding::bad(
+                "peer",
+                Status::Warn,
+                format!(
+                    "{} at {}: round trip {:.1} ms, {:.0} Mbit/s, clock {:+} ms off",
+                    p.name, p.address, l.rtt_ms, l.mbit_s, l.skew_ms
+                ),
+                "synchronize both sites' clocks (chrony or systemd-timesyncd): records and logs compare times across them",
+            )),
+            Ok(l) => out.push(Finding::ok(
+                "peer",
+                format!(
+                    "{} at {}: round trip {:.1} ms, {:.0} Mbit/s, clock {:+} ms off",
+                    p.name, p.address, l.rtt_ms, l.mbit_s, l.skew_ms
+                ),
+            )),
+            Err(e) => out.push(Finding::bad(
+                "peer",
+                Status::Warn,
+                format!("{} at {}: reachable, but the link check failed: {e}", p.name, p.address),
+                "see both gateways' logs",
+            )),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

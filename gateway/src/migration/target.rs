@@ -22,6 +22,9 @@ impl Handler for Engine {
             Request::Hello | Request::Tunnel { .. } => {
                 Response::error(ErrorCode::BadRequest, "answered by the link")
             }
+            Request::Measure { .. } => {
+                Response::error(ErrorCode::BadRequest, "answered by the site")
+            }
             Request::BlocksWanted { .. }
             | Request::Blocks { .. }
             | Request::Replica { .. }

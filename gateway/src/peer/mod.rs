@@ -209,6 +209,57 @@ impl PeerLink {
             .map(|c| c.rtt())
     }
 
+    /// Measures the link to `peer`: sends `bytes` bytes (a `Measure`), and from the
+    /// answer's time and the peer's clock derives the rate and the clock skew.
+    pub async fn measure(&self, peer: &str, bytes: u64) -> Result<LinkMeasure, PeerError> {
+        let bytes = bytes.min(wire::MAX_MEASURE);
+        // One round trip first: the QUIC connection is up and its RTT known.
+        self.request(peer, &Request::Hello).await?;
+        let rtt = self.rtt(peer).unwrap_or_default();
+        let started = std::time::Instant::now();
+        let mut req = self
+            .request_with_body(peer, &Request::Measure { bytes })
+            .await?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+            req.body()
+                .write_all(&chunk[..n])
+                .await
+                .map_err(|e| PeerError::Link {
+                    peer: peer.to_string(),
+                    detail: e.to_string(),
+                })?;
+            left -= n as u64;
+        }
+        let answer = req.response().await?;
+        let took = started.elapsed();
+        let now = crate::spec::now_ms();
+        match answer {
+            Response::Measured {
+                bytes: got,
+                unix_ms,
+            } if got == bytes => {
+                // The peer read its clock about half a round trip before the answer came.
+                let half = i64::try_from(rtt.as_millis() / 2).unwrap_or(0);
+                let local = i64::try_from(now).unwrap_or(i64::MAX) - half;
+                let skew_ms = i64::try_from(unix_ms).unwrap_or(i64::MAX) - local;
+                let secs = took.saturating_sub(rtt).as_secs_f64().max(1e-6);
+                Ok(LinkMeasure {
+                    rtt_ms: rtt.as_secs_f64() * 1000.0,
+                    mbit_s: bytes as f64 * 8.0 / secs / 1e6,
+                    skew_ms,
+                    bytes,
+                })
+            }
+            other => Err(PeerError::Protocol {
+                peer: peer.to_string(),
+                detail: format!("unexpected answer to a link check: {other:?}"),
+            }),
+        }
+    }
+
     /// The live connection to `peer`, dialled if needed.
     pub async fn connection(&self, peer: &str) -> Result<quinn::Connection, PeerError> {
         if let Some(c) = self.connections.get(peer) {
@@ -556,6 +607,19 @@ async fn pipe(peer: &str, mut tcp: tokio::net::TcpStream, mut send: SendStream, 
         Ok((up, down)) => tracing::debug!(peer, up, down, "tunnel closed"),
         Err(e) => tracing::debug!(peer, error = %e, "tunnel ended"),
     }
+}
+
+/// What [`PeerLink::measure`] found.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct LinkMeasure {
+    /// Round trip QUIC measures.
+    pub rtt_ms: f64,
+    /// The rate the test bytes reached, less one round trip.
+    pub mbit_s: f64,
+    /// The peer's clock minus this site's (positive: the peer is ahead).
+    pub skew_ms: i64,
+    /// Bytes sent.
+    pub bytes: u64,
 }
 
 /// A request under way whose body the caller writes (see

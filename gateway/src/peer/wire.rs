@@ -14,6 +14,8 @@ pub const ALPN: &[u8] = b"ferry/1";
 
 /// Largest header a peer may send.
 pub const MAX_HEADER: usize = 1 << 20;
+/// Most bytes one `Measure` may send.
+pub const MAX_MEASURE: u64 = 64 << 20;
 /// Most block digests one `BlocksWanted` may ask about (512 KiB of hex).
 pub const MAX_WANTED: usize = 8192;
 
@@ -59,6 +61,9 @@ pub enum CloseCode {
 pub enum Request {
     /// Liveness and identity check.
     Hello,
+    /// A link check: `bytes` bytes follow (at most [`MAX_MEASURE`]), read and dropped;
+    /// answered with `Measured` (this site's clock) once all arrived.
+    Measure { bytes: u64 },
     /// Reserve the workload's name and port for an incoming migration. With the service
     /// approach, also start a fresh instance of `workload` there (under its runtime, which
     /// may differ from the source's) for `service` (a service adapter) to sync.
@@ -229,6 +234,12 @@ pub enum Response {
         version: String,
     },
     Ready,
+    /// The answer to `Measure`: the bytes read, and this site's clock (ms since the Unix
+    /// epoch) when the last arrived.
+    Measured {
+        bytes: u64,
+        unix_ms: u64,
+    },
     /// The answer to `Prepare`: ready, and the destination journal's generation after it
     /// recorded the migration (see `Status`).
     Prepared {
