@@ -683,8 +683,9 @@ impl TwoSites {
     }
 
     /// Makes B warm: `workload` (Redis on `port`, filled with keys `bulk:0…keys`) moves to
-    /// B (cold), back to A once B has kept its pages, and has every 100th key rewritten
-    /// with a `value`-byte value; each move with `flags`. The next move to B is warm.
+    /// B (cold), back to A once B has kept its pages, and, once A has kept the pages it
+    /// received, has every 100th key rewritten with a `value`-byte value; each move with
+    /// `flags`. The next move to B is warm.
     /// Returns the cold move's record.
     pub fn warm_up(
         &self,
@@ -718,6 +719,18 @@ impl TwoSites {
                 self.logs()
             );
         }
+        // A keeps what it received too, in the background: done before the next move,
+        // which it would otherwise compete with for the CPUs and the disk.
+        wait_for(
+            "A to keep the received pages",
+            Duration::from_secs(600),
+            || {
+                self.a
+                    .log()
+                    .contains("received pages kept for the next move here")
+                    .then_some(())
+            },
+        )?;
         let changed: Vec<u64> = (0..keys).step_by(100).collect();
         for batch in changed.chunks(500) {
             let pairs: Vec<String> = batch

@@ -272,7 +272,14 @@ fn doctor_checks_a_running_site_and_measures_its_peer() -> Result<()> {
             .cloned()
             .collect()
     };
-    for check in ["config", "config mode", "key mode", "criu", "criu check", "api port"] {
+    for check in [
+        "config",
+        "config mode",
+        "key mode",
+        "criu",
+        "criu check",
+        "api port",
+    ] {
         let f = find(check);
         assert_eq!(f.len(), 1, "{check}: {findings}");
         assert_eq!(f[0]["status"], "ok", "{check}: {findings}");
@@ -289,7 +296,10 @@ fn doctor_checks_a_running_site_and_measures_its_peer() -> Result<()> {
     assert_eq!(peer[0]["status"], "ok", "{findings}");
     let detail = peer[0]["detail"].as_str().unwrap_or_default();
     assert!(detail.starts_with("b at "), "{detail}");
-    assert!(detail.contains("Mbit/s") && detail.contains("clock"), "{detail}");
+    assert!(
+        detail.contains("Mbit/s") && detail.contains("clock"),
+        "{detail}"
+    );
     // The link check itself, through the API.
     let link = sites.a.ferry_json(&["peer", "ls"])?;
     assert_eq!(link[0]["reachable"], true, "{link}");

@@ -87,8 +87,23 @@ fn bars(m: &Migration) -> Vec<Bar> {
         t.dump_ms,
         "#f0a35e",
     );
-    let wire = if m.bytes_on_wire > 0 {
-        format!(", {} on the wire", mb(m.bytes_on_wire))
+    // The image's files while frozen: what the pages sent ahead and after the switch took
+    // is shown on their own bars.
+    let (ahead_wire, after_wire) = m
+        .pages
+        .as_ref()
+        .map_or((0, 0), |p| (p.ahead_wire, p.after_wire));
+    let frozen_wire = m
+        .bytes_on_wire
+        .saturating_sub(ahead_wire)
+        .saturating_sub(after_wire);
+    let wire = if frozen_wire > 0 {
+        format!(", {} on the wire", mb(frozen_wire))
+    } else {
+        String::new()
+    };
+    let after = if after_wire > 0 {
+        format!(", {} on the wire", mb(after_wire))
     } else {
         String::new()
     };
@@ -121,7 +136,7 @@ fn bars(m: &Migration) -> Vec<Bar> {
     bar(
         "postcopy",
         "post-copy window",
-        String::new(),
+        after,
         switched,
         t.postcopy_ms,
         "#a3a3d9",
