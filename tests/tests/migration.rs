@@ -373,3 +373,57 @@ fn a_second_move_to_a_site_sends_only_the_pages_it_lacks() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_migration_is_followed_through_its_events() -> Result<()> {
+    let sites = TwoSites::start(Options::new("events"))?;
+    sites.run_redis_at_a("redis", PORT)?;
+    sites
+        .a
+        .redis(PORT, &["DEBUG", "POPULATE", "50000", "key", "100"])?;
+    let accepted = sites.a.ferry_json(&[
+        "migrate",
+        "redis",
+        "--to",
+        "b",
+        "--no-wait",
+        "--mode",
+        "stop-and-copy",
+    ])?;
+    let id = accepted["id"].as_str().unwrap_or_default().to_string();
+    // One JSON event per line, as they come, until the end.
+    let text = sites
+        .a
+        .ferry(&["--output", "json", "migration", "watch", &id])?;
+    let events: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let progress: Vec<&Value> = events.iter().filter(|e| e["event"] == "progress").collect();
+    assert!(!progress.is_empty(), "{text}");
+    assert!(
+        progress.iter().all(|e| e["data"]["id"] == id.as_str()),
+        "{text}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|e| e["data"]["bytes_sent"].as_u64() > Some(0)),
+        "{text}"
+    );
+    let last = events.last().cloned().unwrap_or_default();
+    assert_eq!(last["event"], "end", "{text}");
+    assert_eq!(last["data"]["phase"], "completed", "{text}");
+    assert_eq!(sites.b.redis(PORT, &["DBSIZE"])?, "50000");
+    // Watching an ended migration prints its summary at once; an unknown one is a 404.
+    let summary = sites.a.ferry(&["migration", "watch", &id])?;
+    assert!(summary.contains("completed"), "{summary}");
+    let out = sites.a.ferry_output(&["migration", "watch", "nosuch"])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no migration nosuch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

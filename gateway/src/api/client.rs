@@ -110,15 +110,7 @@ impl ApiClient {
         };
         let (status, body) = self.exchange(method, path, bytes).await?;
         if !status.is_success() {
-            let err: ErrorBody = serde_json::from_slice(&body).unwrap_or(ErrorBody {
-                code: "unknown".into(),
-                message: String::from_utf8_lossy(&body).into_owned(),
-            });
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                code: err.code,
-                message: err.message,
-            });
+            return Err(api_error(status, &body));
         }
         let value =
             serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))?;
@@ -131,6 +123,59 @@ impl ApiClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (response, driver) = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, bytes))
+    }
+
+    /// A migration's server-sent events (`GET /v1/migrations/{id}/events`), as they come.
+    pub async fn events(&self, id: &str) -> Result<EventStream, ClientError> {
+        let (response, driver) = self
+            .send(
+                Method::GET,
+                &format!("/v1/migrations/{id}/events"),
+                Vec::new(),
+            )
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            driver.abort();
+            return Err(api_error(status, &body));
+        }
+        Ok(EventStream {
+            body: response.into_body(),
+            buf: String::new(),
+            _driver: AbortOnDrop(driver),
+        })
+    }
+
+    /// Sends one request on a new connection; the response, and the task driving the
+    /// connection (abort it when done).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<
+        (
+            hyper::Response<hyper::body::Incoming>,
+            tokio::task::JoinHandle<()>,
+        ),
+        ClientError,
+    > {
         let connect = |detail: String| ClientError::Connect {
             url: self.url.clone(),
             detail,
@@ -175,14 +220,70 @@ impl ApiClient {
             .send_request(req)
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        driver.abort();
-        Ok((status, bytes))
+        Ok((response, driver))
+    }
+}
+
+/// The error an API answer of `status` with `body` (an [`ErrorBody`]) stands for.
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let err: ErrorBody = serde_json::from_slice(body).unwrap_or(ErrorBody {
+        code: "unknown".into(),
+        message: String::from_utf8_lossy(body).into_owned(),
+    });
+    ClientError::Api {
+        status: status.as_u16(),
+        code: err.code,
+        message: err.message,
+    }
+}
+
+/// Aborts a task when dropped (the connection behind a stream).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Server-sent events as they arrive: `(event, data)` pairs.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buf: String,
+    _driver: AbortOnDrop,
+}
+
+impl EventStream {
+    /// The next event (None: the stream ended).
+    pub async fn next(&mut self) -> Result<Option<(String, String)>, ClientError> {
+        loop {
+            if let Some(at) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..at + 2).collect();
+                let (mut event, mut data) = (String::from("message"), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        if !data.is_empty() {
+                            data.push('\n');
+                        }
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a comment (keep-alive)
+                }
+                return Ok(Some((event, data)));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(ClientError::Http(e.to_string())),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+            }
+        }
     }
 }

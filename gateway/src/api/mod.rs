@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod error;
+mod events;
 mod routes;
 pub mod types;
 
@@ -103,7 +104,14 @@ impl ApiServer {
                     };
                     let service = hyper::service::service_fn(move |req| {
                         let api = api.clone();
-                        async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+                        async move {
+                            use http_body_util::BodyExt;
+                            // A migration's events stream; every other answer is whole.
+                            if let Some(stream) = api.events(&req) {
+                                return Ok::<_, std::convert::Infallible>(stream);
+                            }
+                            Ok(api.handle(req).await.map(BodyExt::boxed))
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())

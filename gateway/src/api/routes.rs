@@ -56,8 +56,45 @@ impl Api {
         response
     }
 
-    fn authorized(&self, req: &hyper::http::request::Parts) -> bool {
-        let Some(value) = req.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    /// `GET /v1/migrations/{id}/events`, if `req` asks for it: the event stream, or the
+    /// error (401, 404) as a whole answer.
+    pub fn events(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Option<Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>>
+    {
+        use http_body_util::BodyExt;
+        let path = req.uri().path().trim_end_matches('/');
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let ["v1", "migrations", id, "events"] = segments.as_slice() else {
+            return None;
+        };
+        if req.method() != Method::GET {
+            return None;
+        }
+        if !self.authorized(req.headers()) {
+            let e = unauthorized();
+            return Some(json(e.status, &e.body()).map(BodyExt::boxed));
+        }
+        if self.state.engine.get(id).is_none() {
+            let e = ApiError::not_found(format!("no migration {id}"));
+            return Some(json(e.status, &e.body()).map(BodyExt::boxed));
+        }
+        let body = super::events::follow(Arc::clone(&self.state.engine), (*id).to_string());
+        let mut r = Response::new(body.boxed());
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/event-stream"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CACHE_CONTROL,
+            hyper::header::HeaderValue::from_static("no-cache"),
+        );
+        Some(r)
+    }
+
+    fn authorized(&self, headers: &hyper::HeaderMap) -> bool {
+        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return false;
         };
         let Some(token) = value.strip_prefix("Bearer ") else {
@@ -72,12 +109,8 @@ impl Api {
         if segments == ["healthz"] {
             return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
         }
-        if !self.authorized(req) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong bearer token; pass the api.token from site.toml as 'Authorization: Bearer TOKEN'",
-            ));
+        if !self.authorized(&req.headers) {
+            return Err(unauthorized());
         }
         let method = req.method.clone();
         match (method.clone(), segments.as_slice()) {
@@ -374,6 +407,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong bearer token; pass the api.token from site.toml as 'Authorization: Bearer TOKEN'",
+    )
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {

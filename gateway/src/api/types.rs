@@ -134,3 +134,24 @@ pub struct RecoverRequest {
     #[serde(default)]
     pub force: bool,
 }
+
+/// One `progress` event of `GET /v1/migrations/{id}/events`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationEvent {
+    pub id: String,
+    pub workload: String,
+    pub phase: String,
+    /// Since the stream began.
+    pub elapsed_ms: u64,
+    /// What the move has put on the peer link so far (the image while it streams, the
+    /// pages sent ahead and after the switch once counted).
+    pub bytes_sent: u64,
+    /// `bytes_sent`'s rate over the last half second.
+    pub rate_mbit_s: f64,
+    pub bytes_moved: u64,
+    pub bytes_deduped: u64,
+    #[serde(default)]
+    pub pages: Option<crate::migration::PageStats>,
+    #[serde(default)]
+    pub error: Option<String>,
+}

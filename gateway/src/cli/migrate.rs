@@ -74,6 +74,26 @@ fn request(args: &Args) -> anyhow::Result<MigrationRequest> {
     })
 }
 
+/// Follows a migration by polling its record until it ends.
+async fn poll(
+    client: &crate::api::client::ApiClient,
+    mut m: Migration,
+) -> anyhow::Result<Migration> {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    while !m.phase.is_terminal() {
+        bar.set_message(format!("{} -> {}: {}", m.source, m.target, m.phase));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = client.get(&format!("/v1/migrations/{}", m.id)).await?;
+    }
+    bar.finish_and_clear();
+    Ok(m)
+}
+
 /// The plan as a table and the choice.
 fn print_plan(plan: &MovePlan) {
     output::table(
@@ -118,7 +138,7 @@ pub async fn run(args: Args, connect: &Connect, out: Output) -> anyhow::Result<(
             Ok(())
         };
     }
-    let (_, mut m): (_, Migration) = client.post("/v1/migrations", &body).await?;
+    let (_, m): (_, Migration) = client.post("/v1/migrations", &body).await?;
     if args.no_wait {
         return if out == Output::Json {
             output::json(&m)
@@ -127,29 +147,15 @@ pub async fn run(args: Args, connect: &Connect, out: Output) -> anyhow::Result<(
             Ok(())
         };
     }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
-    let mut last = None;
-    loop {
-        if last != Some(m.phase) {
-            let line = format!("{} -> {}: {}", m.source, m.target, m.phase);
-            if bar.is_hidden() {
-                eprintln!("{line}");
-            }
-            bar.set_message(line);
-            last = Some(m.phase);
+    // Followed through its events (phase, bytes, rate), or by polling its record if the
+    // gateway cannot stream them.
+    let m = match super::migration::follow(&client, &m.id, Output::Text).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::debug!(error = %e, "no event stream; polling the record");
+            poll(&client, m).await?
         }
-        if m.phase.is_terminal() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        m = client.get(&format!("/v1/migrations/{}", m.id)).await?;
-    }
-    bar.finish_and_clear();
+    };
     if out == Output::Json {
         output::json(&m)?;
     } else {

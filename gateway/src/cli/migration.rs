@@ -15,6 +15,10 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE.svg")]
         timeline: Option<std::path::PathBuf>,
     },
+    /// Follow a migration until it ends: a progress line (phase, bytes sent, rate) on a
+    /// terminal, plain lines otherwise; with --output json, one JSON event per line (the
+    /// last one, `"event":"end"`, holds the final record).
+    Watch { id: String },
     /// Abort a migration this site drives: before the destination was asked to run the
     /// workload it rolls back and the source runs on; after that it is refused (only the
     /// destination's word can end it then).
@@ -51,6 +55,13 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             );
             Ok(())
         }
+        Cmd::Watch { id } => {
+            let m = follow(&client, &id, out).await?;
+            if out == Output::Text {
+                print_migration(&m);
+            }
+            Ok(())
+        }
         Cmd::Abort { id } => {
             let m: Migration = client.delete(&format!("/v1/migrations/{id}")).await?;
             if out == Output::Json {
@@ -78,6 +89,68 @@ pub async fn run(cmd: Cmd, connect: &Connect, out: Output) -> anyhow::Result<()>
             }
             Ok(())
         }
+    }
+}
+
+/// Follows migration `id` through its events until it ends; returns its final record.
+/// Text: a progress line on a terminal (plain lines when stderr is not one); JSON: each
+/// event on its own line on stdout.
+pub async fn follow(
+    client: &crate::api::client::ApiClient,
+    id: &str,
+    out: Output,
+) -> anyhow::Result<Migration> {
+    use crate::api::types::MigrationEvent;
+    let mut events = client.events(id).await?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let mut last_phase = String::new();
+    let mut last_line = std::time::Instant::now();
+    let end = loop {
+        let Some((event, data)) = events.next().await? else {
+            break None;
+        };
+        if out == Output::Json {
+            println!(
+                "{{\"event\":{},\"data\":{data}}}",
+                serde_json::to_string(&event)?
+            );
+        }
+        match event.as_str() {
+            "progress" => {
+                let Ok(e) = serde_json::from_str::<MigrationEvent>(&data) else {
+                    continue;
+                };
+                let line = format!(
+                    "{}: {}, {:.1} MB sent, {:.0} Mbit/s",
+                    e.workload,
+                    e.phase,
+                    e.bytes_sent as f64 / 1e6,
+                    e.rate_mbit_s
+                );
+                if bar.is_hidden()
+                    && out == Output::Text
+                    && (e.phase != last_phase || last_line.elapsed().as_secs() >= 1)
+                {
+                    eprintln!("{line}");
+                    last_line = std::time::Instant::now();
+                }
+                last_phase = e.phase;
+                bar.set_message(line);
+            }
+            "end" => break serde_json::from_str::<Migration>(&data).ok(),
+            _ => {}
+        }
+    };
+    bar.finish_and_clear();
+    match end {
+        Some(m) => Ok(m),
+        // The stream ended early (the gateway restarted): the record as it is now.
+        None => Ok(client.get(&format!("/v1/migrations/{id}")).await?),
     }
 }
 

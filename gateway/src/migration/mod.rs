@@ -497,6 +497,9 @@ pub struct Engine {
     prepushed: Mutex<std::collections::HashMap<String, crate::transfer::pages::Prepushed>>,
     /// Source: wakes a migration's long waits when an operator aborts it.
     aborts: Mutex<std::collections::HashMap<String, CancellationToken>>,
+    /// Source: bytes the image transfer under way has put on the link, by migration (its
+    /// record counts them once the transfer is over).
+    sending: DashMap<String, Arc<std::sync::atomic::AtomicU64>>,
     /// Source: the plan a move was checked with before it started, by migration (its
     /// driver takes it instead of planning again).
     early_plans: Mutex<std::collections::HashMap<String, MovePlan>>,
@@ -555,6 +558,7 @@ impl Engine {
             prepushed: Mutex::new(std::collections::HashMap::new()),
             precaches: Mutex::new(std::collections::HashMap::new()),
             early_plans: Mutex::new(std::collections::HashMap::new()),
+            sending: DashMap::new(),
             aborts: Mutex::new(std::collections::HashMap::new()),
             images_dir,
             incoming_dir,
@@ -607,6 +611,18 @@ impl Engine {
             return Err(MigrationError::UnknownSite(to.to_string()));
         }
         Ok(())
+    }
+
+    /// Bytes the image transfer of `id` has put on the link so far (0 when none runs).
+    pub fn sending_now(&self, id: &str) -> u64 {
+        self.sending
+            .get(id)
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The counter the image transfer of `id` adds its bytes to.
+    fn sending_counter(&self, id: &str) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(self.sending.entry(id.to_string()).or_default().value())
     }
 
     /// The plan a move was checked with before it started, if any (once).

@@ -28,6 +28,8 @@ pub(super) async fn run(engine: Arc<Engine>, id: String) {
     let driven = drive(&engine, &id).await;
     // Past this point an abort is refused: its token has nothing left to wake.
     super::locked(&engine.aborts).remove(&id);
+    // A transfer that failed leaves its live counter behind.
+    engine.sending.remove(&id);
     match driven {
         Ok(freeze) => {
             let postcopy = engine
@@ -161,7 +163,13 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     engine.enter_phase(id, Phase::Checkpointing).await?;
     // Page images go to the destination while the checkpoint writes them.
     let (dumped, dumping) = watch::channel(false);
-    let channel = Arc::new(engine.peers.files(&target, id)?.with_held(held));
+    let channel = Arc::new(
+        engine
+            .peers
+            .files(&target, id)?
+            .with_held(held)
+            .with_counter(engine.sending_counter(id)),
+    );
     let layout = transfer::Layout {
         grows: layout::is_page_image,
         local_only: layout::is_local_only,
@@ -236,6 +244,8 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     );
     let sent = sent.inspect_err(|_| abort.abort())?;
     delta?;
+    // The record counts the transfer now; its live counter goes.
+    engine.sending.remove(id);
     engine.update(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved += sent.iter().map(|f| f.meta.size).sum::<u64>();

@@ -20,12 +20,20 @@ pub struct PeerFiles {
     migration: String,
     compression: Compression,
     held: Option<Arc<HeldSet>>,
+    /// Bytes written on every file's stream (live progress).
+    counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl PeerFiles {
     /// Pages among `held` (blocks the peer holds) go as their digests.
     pub fn with_held(mut self, held: Option<Arc<HeldSet>>) -> Self {
         self.held = held;
+        self
+    }
+
+    /// Every byte written on the files' streams is added to `counter`.
+    pub fn with_counter(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.counter = Some(counter);
         self
     }
 }
@@ -40,6 +48,7 @@ impl PeerLink {
             peer: peer.to_string(),
             migration: migration.to_string(),
             held: None,
+            counter: None,
         })
     }
 }
@@ -48,6 +57,7 @@ impl PeerLink {
 pub struct FileStream {
     send: SendStream,
     recv: RecvStream,
+    counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl AsyncWrite for FileStream {
@@ -56,7 +66,12 @@ impl AsyncWrite for FileStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.get_mut().send), cx, buf)
+        let this = self.get_mut();
+        let written = AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(c)) = (&written, &this.counter) {
+            c.fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        written
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().send), cx)
@@ -103,7 +118,11 @@ impl Channel for PeerFiles {
         )
         .await
         .map_err(|e| link_error(&file.name, e))?;
-        Ok(FileStream { send, recv })
+        Ok(FileStream {
+            send,
+            recv,
+            counter: self.counter.clone(),
+        })
     }
 
     async fn close(&self, file: &str, mut stream: FileStream) -> Result<String, TransferError> {

@@ -1,0 +1,97 @@
+//! A migration's progress as server-sent events: `GET /v1/migrations/{id}/events` streams
+//! `progress` events (phase, bytes sent so far, rate, the record's counters) when something
+//! changed, at most every 100 ms and at least every second, then one `end` event with the
+//! final record once the migration has ended.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Bytes, Frame};
+use tokio::sync::mpsc;
+
+use super::types::MigrationEvent;
+use crate::migration::Engine;
+
+/// How often the record is looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// Longest quiet time between two events (the client sees the stream is alive).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Window the rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+/// A response body fed by a channel: each message is one chunk.
+pub struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn sse(event: &str, data: &str) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// Starts following migration `id` of `engine`; the body streams its events.
+pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last: Option<(String, u64, Option<String>)> = None;
+        let mut last_sent_at = Instant::now();
+        let (mut window_bytes, mut window_at, mut rate) = (0u64, Instant::now(), 0.0f64);
+        loop {
+            let Some(m) = engine.get(&id) else {
+                let _ = tx
+                    .send(sse("end", &format!("{{\"id\":\"{id}\",\"gone\":true}}")))
+                    .await;
+                return;
+            };
+            let sent = m.bytes_on_wire + engine.sending_now(&id);
+            if window_at.elapsed() >= RATE_WINDOW {
+                let secs = window_at.elapsed().as_secs_f64();
+                rate = sent.saturating_sub(window_bytes) as f64 * 8.0 / secs / 1e6;
+                (window_bytes, window_at) = (sent, Instant::now());
+            }
+            let key = (m.phase.to_string(), sent, m.error.clone());
+            if last.as_ref() != Some(&key) || last_sent_at.elapsed() >= HEARTBEAT {
+                let event = MigrationEvent {
+                    id: m.id.clone(),
+                    workload: m.workload.clone(),
+                    phase: m.phase.to_string(),
+                    elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    bytes_sent: sent,
+                    rate_mbit_s: (rate * 10.0).round() / 10.0,
+                    bytes_moved: m.bytes_moved,
+                    bytes_deduped: m.bytes_deduped,
+                    pages: m.pages.clone(),
+                    error: m.error.clone(),
+                };
+                let data = serde_json::to_string(&event).unwrap_or_default();
+                if tx.send(sse("progress", &data)).await.is_err() {
+                    return; // the client went away
+                }
+                last = Some(key);
+                last_sent_at = Instant::now();
+            }
+            if m.phase.is_terminal() {
+                let data = serde_json::to_string(&m).unwrap_or_default();
+                let _ = tx.send(sse("end", &data)).await;
+                return;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    });
+    ChannelBody(rx)
+}
