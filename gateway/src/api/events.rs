@@ -19,7 +19,7 @@ use crate::migration::Engine;
 const TICK: Duration = Duration::from_millis(100);
 /// Longest quiet time between two events (the client sees the stream is alive).
 const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Window the rate is measured over.
+/// Window the rate is measured over (the ticks of the last half second).
 const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 /// A response body fed by a channel: each message is one chunk.
@@ -39,6 +39,18 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// The rate from `from` to `to` in Mbit/s (0 over less than a tick).
+fn rate_mbit_s(from: Option<(Instant, u64)>, to: (Instant, u64)) -> f64 {
+    let Some((at, bytes)) = from else {
+        return 0.0;
+    };
+    let secs = to.0.duration_since(at).as_secs_f64();
+    if secs < TICK.as_secs_f64() / 2.0 {
+        return 0.0;
+    }
+    to.1.saturating_sub(bytes) as f64 * 8.0 / secs / 1e6
+}
+
 fn sse(event: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
@@ -50,7 +62,9 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
         let started = Instant::now();
         let mut last: Option<(String, u64, Option<String>)> = None;
         let mut last_sent_at = Instant::now();
-        let (mut window_bytes, mut window_at, mut rate) = (0u64, Instant::now(), 0.0f64);
+        // (when, bytes sent) of the ticks of the last RATE_WINDOW, oldest first.
+        let mut samples: std::collections::VecDeque<(Instant, u64)> =
+            std::collections::VecDeque::new();
         loop {
             let Some(m) = engine.get(&id) else {
                 let _ = tx
@@ -59,11 +73,12 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
                 return;
             };
             let sent = m.bytes_on_wire + engine.sending_now(&id);
-            if window_at.elapsed() >= RATE_WINDOW {
-                let secs = window_at.elapsed().as_secs_f64();
-                rate = sent.saturating_sub(window_bytes) as f64 * 8.0 / secs / 1e6;
-                (window_bytes, window_at) = (sent, Instant::now());
+            let now = Instant::now();
+            samples.push_back((now, sent));
+            while samples.len() > 2 && samples[1].0 + RATE_WINDOW <= now {
+                samples.pop_front();
             }
+            let rate = rate_mbit_s(samples.front().copied(), (now, sent));
             let key = (m.phase.to_string(), sent, m.error.clone());
             if last.as_ref() != Some(&key) || last_sent_at.elapsed() >= HEARTBEAT {
                 let event = MigrationEvent {
@@ -94,4 +109,20 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
         }
     });
     ChannelBody(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_over_the_samples_span_and_nothing_under_a_tick() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(200);
+        // 2.5 MB in 200 ms: 100 Mbit/s.
+        let r = rate_mbit_s(Some((t0, 0)), (later, 2_500_000));
+        assert!((r - 100.0).abs() < 0.01, "{r}");
+        assert_eq!(rate_mbit_s(Some((t0, 0)), (t0, 5)), 0.0);
+        assert_eq!(rate_mbit_s(None, (later, 5)), 0.0);
+    }
 }
