@@ -260,24 +260,6 @@ impl crate::peer::Handler for SiteRequests {
     ) -> crate::peer::wire::Response {
         use crate::peer::wire::Request;
         match req {
-            Request::Measure { bytes } => {
-                let want = bytes.min(crate::peer::wire::MAX_MEASURE);
-                let read = tokio::io::copy(
-                    &mut tokio::io::AsyncReadExt::take(body, want),
-                    &mut tokio::io::sink(),
-                )
-                .await;
-                match read {
-                    Ok(got) => crate::peer::wire::Response::Measured {
-                        bytes: got,
-                        unix_ms: crate::spec::now_ms(),
-                    },
-                    Err(e) => crate::peer::wire::Response::error(
-                        crate::peer::wire::ErrorCode::BadRequest,
-                        format!("link check: {e}"),
-                    ),
-                }
-            }
             Request::BlocksWanted { .. }
             | Request::Blocks { .. }
             | Request::Replica { .. }

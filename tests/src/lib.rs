@@ -744,6 +744,27 @@ impl TwoSites {
         Ok(cold)
     }
 
+    /// A warm destination's round on Redis at A (port `port`, 40,000 random values of
+    /// 1,000 bytes, which do not compress): [`Self::warm_up`], then the warm move to B,
+    /// both with `flags`. Checks that it went warm ([`assert_warm`]) and that B holds every
+    /// key, the rewritten ones included. Returns the cold and the warm move's records.
+    pub fn warm_redis_round(&self, port: u16, flags: &[&str]) -> Result<(Value, Value)> {
+        let (keys, value) = (40_000, 1000);
+        self.run_redis_at_a("redis", port)?;
+        redis_fill_random(&self.a, &self.root, port, keys, value)?;
+        let cold = self.warm_up("redis", port, keys, value, flags)?;
+        let (ok, warm) = self.migrate_with("redis", "b", flags)?;
+        assert!(ok, "the warm move failed: {warm}\n{}", self.logs());
+        assert_warm(&cold, &warm);
+        assert_eq!(self.b.redis(port, &["DBSIZE"])?, keys.to_string());
+        let last = (keys - 1) / 100 * 100;
+        assert_eq!(
+            self.b.redis(port, &["GET", &format!("bulk:{last}")])?,
+            format!("{last:0>value$}")
+        );
+        Ok((cold, warm))
+    }
+
     /// Gateway logs of both sites (printed when a test fails).
     pub fn logs(&self) -> String {
         format!(

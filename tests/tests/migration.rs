@@ -353,24 +353,12 @@ fn an_operator_abort_rolls_back_before_the_switch_and_is_refused_after() -> Resu
 #[test]
 fn a_second_move_to_a_site_sends_only_the_pages_it_lacks() -> Result<()> {
     let sites = TwoSites::start(Options::new("warm"))?;
-    sites.run_redis_at_a("redis", PORT)?;
-    // Random values: the pages do not compress, so what the link carries is what is sent.
-    ferry_e2e::redis_fill_random(&sites.a, &sites.root, PORT, 40_000, 1000)?;
-    let flags = &["--mode", "stop-and-copy"];
-    let cold = sites.warm_up("redis", PORT, 40_000, 1000, flags)?;
-    let (ok, warm) = sites.migrate_with("redis", "b", flags)?;
-    assert!(ok, "the warm move failed: {warm}\n{}", sites.logs());
-    ferry_e2e::assert_warm(&cold, &warm);
+    // Checks the warm move's record against the cold one's, and every key at B.
+    let (_, warm) = sites.warm_redis_round(PORT, &["--mode", "stop-and-copy"])?;
     let show = sites
         .a
         .ferry(&["migration", "show", warm["id"].as_str().unwrap_or("")])?;
     assert!(show.contains("went as their digests"), "{show}");
-    // What B restored is what A had: every key, the rewritten ones included.
-    assert_eq!(sites.b.redis(PORT, &["DBSIZE"])?, "40000");
-    assert_eq!(
-        sites.b.redis(PORT, &["GET", "bulk:39900"])?,
-        format!("{:0>1000}", 39900)
-    );
     Ok(())
 }
 

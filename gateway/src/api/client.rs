@@ -124,15 +124,7 @@ impl ApiClient {
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let (response, driver) = self.send(method, path, body).await?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        driver.abort();
-        Ok((status, bytes))
+        whole(response, driver).await
     }
 
     /// A migration's server-sent events (`GET /v1/migrations/{id}/events`), as they come.
@@ -144,15 +136,8 @@ impl ApiClient {
                 Vec::new(),
             )
             .await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
-            driver.abort();
+        if !response.status().is_success() {
+            let (status, body) = whole(response, driver).await?;
             return Err(api_error(status, &body));
         }
         Ok(EventStream {
@@ -222,6 +207,22 @@ impl ApiClient {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         Ok((response, driver))
     }
+}
+
+/// A response read whole; its connection's task ends then.
+async fn whole(
+    response: hyper::Response<hyper::body::Incoming>,
+    driver: tokio::task::JoinHandle<()>,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    driver.abort();
+    Ok((status, bytes))
 }
 
 /// The error an API answer of `status` with `body` (an [`ErrorBody`]) stands for.

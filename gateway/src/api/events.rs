@@ -67,9 +67,8 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
             std::collections::VecDeque::new();
         loop {
             let Some(m) = engine.get(&id) else {
-                let _ = tx
-                    .send(sse("end", &format!("{{\"id\":\"{id}\",\"gone\":true}}")))
-                    .await;
+                let gone = serde_json::json!({"id": id, "gone": true}).to_string();
+                let _ = tx.send(sse("end", &gone)).await;
                 return;
             };
             let sent = m.bytes_on_wire + engine.sending_now(&id);

@@ -186,8 +186,6 @@ fn holds(path: &Path, f: &StoredFile) -> bool {
     true
 }
 
-/// Writes `files` at their paths (unless already there), removes the other files of
-/// `volumes`; the bytes written.
 /// Files this site wrote for a migration (during its pre-copy): what each was written from,
 /// and how it looked right after, so a later pass skips it unread if nothing touched it.
 pub type Placed = HashMap<String, (Signature, StoredFile)>;
@@ -196,6 +194,8 @@ fn signature(meta: &std::fs::Metadata) -> Signature {
     (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino())
 }
 
+/// Writes `files` at their paths (unless already there, or placed by this site and
+/// untouched since), removes the other files of `volumes`; the bytes written.
 fn place(
     store: &store::BlockStore,
     migration: &str,

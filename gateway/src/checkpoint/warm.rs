@@ -9,14 +9,21 @@
 //! restart the next move is cold until the site receives or checkpoints again.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 
 use super::replicate::{hex_list, parse_hex_list, refused};
-use super::store::{is_page_image, Digest, StoredFile};
+use super::store::{is_page_image, Digest, StoredFile, PAGE_BLOCK};
 use super::{blocking, CheckpointError, Checkpoints};
 use crate::peer::wire::{Request, Response, MAX_WANTED};
 use crate::transfer::{Held, HeldSet};
+
+/// What a migration brought to this site, to keep.
+pub enum Received {
+    /// A stop-and-copy image's directory (its page files are kept).
+    Image(std::path::PathBuf),
+    /// The pages a post-copy move placed.
+    Pages(Vec<crate::transfer::pages::CachedPage>),
+}
 
 /// Most pages of digests a source asks for at once.
 const PAGES_AT_ONCE: u32 = 8;
@@ -41,46 +48,41 @@ impl Checkpoints {
         Arc::clone(&self.store) as Arc<dyn Held>
     }
 
-    /// Keeps the page images of a migration image received for `workload` (in `dir`) as
-    /// blocks, in place of the previous one: a later move here sends only other pages.
-    /// Returns the bytes that were new to the store.
-    pub async fn keep_received(&self, workload: &str, dir: &Path) -> Result<u64, CheckpointError> {
-        let (store, dir) = (Arc::clone(&self.store), dir.to_path_buf());
-        let put = blocking(move || store.put_dir_where(&dir, is_page_image)).await?;
-        let mut warm = self.warm();
-        warm.received.insert(workload.to_string(), put.files);
-        warm.offered = None;
-        Ok(put.new_bytes)
-    }
-
-    /// Keeps the pages a post-copy move brought here for `workload` (as a page image
-    /// would be kept, in place of the previous one). Returns the bytes new to the store.
-    pub async fn keep_received_pages(
+    /// Keeps the pages a migration brought here for `workload` as blocks, in place of
+    /// the previous ones: a later move here sends only other pages. Returns the bytes
+    /// that were new to the store.
+    pub async fn keep_received(
         &self,
         workload: &str,
-        pages: Vec<crate::transfer::pages::CachedPage>,
+        received: Received,
     ) -> Result<u64, CheckpointError> {
         let store = Arc::clone(&self.store);
-        let (file, new_bytes) = blocking(move || {
-            let mut batch = store.batch()?;
-            let mut blocks = Vec::with_capacity(pages.len());
-            for page in &pages {
-                let digest = *blake3::hash(page.bytes()).as_bytes();
-                batch.add_hashed(digest, page.bytes())?;
-                blocks.push(digest);
+        let (files, new_bytes) = blocking(move || match received {
+            Received::Image(dir) => {
+                let put = store.put_dir_where(&dir, is_page_image)?;
+                Ok((put.files, put.new_bytes))
             }
-            let new_bytes = batch.finish()?;
-            let file = StoredFile {
-                name: "pages-postcopy.img".into(),
-                size: (blocks.len() * super::store::PAGE_BLOCK) as u64,
-                block_size: super::store::PAGE_BLOCK as u32,
-                blocks,
-            };
-            Ok((file, new_bytes))
+            Received::Pages(pages) => {
+                let mut batch = store.batch()?;
+                let mut blocks = Vec::with_capacity(pages.len());
+                for page in &pages {
+                    let digest = *blake3::hash(page.bytes()).as_bytes();
+                    batch.add_hashed(digest, page.bytes())?;
+                    blocks.push(digest);
+                }
+                let new_bytes = batch.finish()?;
+                let file = StoredFile {
+                    name: "pages-postcopy.img".into(),
+                    size: (blocks.len() * PAGE_BLOCK) as u64,
+                    block_size: PAGE_BLOCK as u32,
+                    blocks,
+                };
+                Ok((vec![file], new_bytes))
+            }
         })
         .await?;
         let mut warm = self.warm();
-        warm.received.insert(workload.to_string(), vec![file]);
+        warm.received.insert(workload.to_string(), files);
         warm.offered = None;
         Ok(new_bytes)
     }
@@ -106,25 +108,23 @@ impl Checkpoints {
             }
         }
         let mut seen = HashSet::new();
-        let checkpoints: Vec<StoredFile> = self
-            .locked()
+        let mut list: Vec<Digest> = Vec::new();
+        let mut take = |f: &StoredFile| {
+            if is_page_image(&f.name) {
+                list.extend(f.blocks.iter().copied().filter(|d| seen.insert(*d)));
+            }
+        };
+        self.locked()
             .values()
             .filter(|c| c.workload == workload)
-            .flat_map(|c| c.files.iter().cloned())
-            .collect();
-        let received = self
-            .warm()
+            .flat_map(|c| c.files.iter())
+            .for_each(&mut take);
+        self.warm()
             .received
             .get(workload)
-            .cloned()
-            .unwrap_or_default();
-        let list: Vec<Digest> = checkpoints
-            .iter()
-            .chain(received.iter())
-            .filter(|f| is_page_image(&f.name))
-            .flat_map(|f| f.blocks.iter().copied())
-            .filter(|d| seen.insert(*d))
-            .collect();
+            .into_iter()
+            .flatten()
+            .for_each(&mut take);
         let list = Arc::new(list);
         self.warm().offered = Some((workload.to_string(), Arc::clone(&list)));
         list

@@ -131,12 +131,10 @@ pub async fn check_site(path: &Path, connect: &Connect) -> Vec<Finding> {
 /// The config (it holds the API token) and the private key: readable by their owner only.
 fn file_modes(config: &Path, cfg: &SiteConfig) -> Vec<Finding> {
     let mut out = Vec::new();
-    for (what, path) in [("config", config), ("key", cfg.identity.key.as_path())] {
-        let check = if what == "key" {
-            "key mode"
-        } else {
-            "config mode"
-        };
+    for (check, path) in [
+        ("config mode", config),
+        ("key mode", cfg.identity.key.as_path()),
+    ] {
         match std::fs::metadata(path) {
             Ok(m) if m.permissions().mode() & 0o077 == 0 => out.push(Finding::ok(
                 check,
@@ -189,24 +187,7 @@ fn major_minor(version: &str) -> Option<(u32, u32)> {
 async fn criu(bin: &Path) -> Vec<Finding> {
     let fix_build =
         "run scripts/setup (it builds CRIU 4.2.1 into /usr/local/sbin/criu), or set [criu] path";
-    let version = tokio::process::Command::new(bin)
-        .arg("--version")
-        .output()
-        .await;
-    let version = match version {
-        Ok(out) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("Version:"))
-            .map(|v| v.trim().to_string()),
-        Err(e) => {
-            return vec![Finding::bad(
-                "criu",
-                Status::Fail,
-                format!("{}: {e}", bin.display()),
-                fix_build,
-            )]
-        }
-    };
+    let version = crate::migration::criu_version(bin).await;
     let mut out = Vec::new();
     match version.as_deref().and_then(|v| Some((v, major_minor(v)?))) {
         Some((v, mm)) if mm >= CRIU_AT_LEAST => {
@@ -226,7 +207,7 @@ async fn criu(bin: &Path) -> Vec<Finding> {
         None => out.push(Finding::bad(
             "criu",
             Status::Fail,
-            format!("{} printed no version", bin.display()),
+            format!("{} does not run or prints no version", bin.display()),
             fix_build,
         )),
     }

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use super::migration::print_migration;
 use super::output::{self, Output};
 use super::Connect;
@@ -79,12 +77,7 @@ async fn poll(
     client: &crate::api::client::ApiClient,
     mut m: Migration,
 ) -> anyhow::Result<Migration> {
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
+    let bar = output::spinner();
     while !m.phase.is_terminal() {
         bar.set_message(format!("{} -> {}: {}", m.source, m.target, m.phase));
         tokio::time::sleep(Duration::from_millis(50)).await;

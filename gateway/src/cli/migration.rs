@@ -102,12 +102,7 @@ pub async fn follow(
 ) -> anyhow::Result<Migration> {
     use crate::api::types::MigrationEvent;
     let mut events = client.events(id).await?;
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let bar = output::spinner();
     let mut last_phase = String::new();
     let mut last_line = std::time::Instant::now();
     let end = loop {

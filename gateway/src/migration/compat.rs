@@ -38,7 +38,7 @@ fn cpu_flags() -> Vec<String> {
 }
 
 /// The CRIU version `bin` reports (`Version: 4.2.1`), asked once per gateway.
-pub(super) async fn criu_version(bin: &Path) -> Option<String> {
+pub async fn criu_version(bin: &Path) -> Option<String> {
     static VERSION: tokio::sync::OnceCell<Option<String>> = tokio::sync::OnceCell::const_new();
     VERSION
         .get_or_init(|| async {

@@ -21,6 +21,7 @@ mod target;
 mod tests_inprocess;
 mod tunnels;
 
+pub use compat::criu_version;
 pub use faults::{Fault, Faults};
 pub use plan::{Candidate, MoveOptions, MovePlan};
 

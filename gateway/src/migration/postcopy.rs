@@ -403,8 +403,13 @@ impl Engine {
             let (kept, workload) = (Arc::clone(&cache), workload.to_string());
             move |stats: pages::ServeStats| {
                 placed.cancel();
+                // Off the page path: the pages stay for a later move here.
                 if let Some(engine) = &this {
-                    engine.keep_received_pages(&id, &workload, &kept);
+                    engine.keep_in_background(
+                        &id,
+                        &workload,
+                        crate::checkpoint::warm::Received::Pages(kept.snapshot()),
+                    );
                 }
                 tracing::info!(
                     migration = %id,
@@ -512,24 +517,6 @@ impl Engine {
             }
         });
         Ok(local)
-    }
-
-    /// Destination, once the daemon has every page, off the page path: the pages go into
-    /// the block store, so a later move of the workload here sends only other pages.
-    fn keep_received_pages(&self, id: &str, workload: &str, cache: &PageCache) {
-        let Some(checkpoints) = self.checkpoints.clone() else {
-            return;
-        };
-        let pages = cache.snapshot();
-        let (id, workload) = (id.to_string(), workload.to_string());
-        self.tasks.spawn(async move {
-            let started = Instant::now();
-            let count = pages.len();
-            match checkpoints.keep_received_pages(&workload, pages).await {
-                Ok(new_bytes) => tracing::info!(migration = %id, %workload, pages = count, new_bytes, ms = started.elapsed().as_millis() as u64, "received pages kept for the next move here"),
-                Err(e) => tracing::warn!(migration = %id, %workload, error = %e, "cannot keep the received pages; the next move here sends them all"),
-            }
-        });
     }
 
     /// Destination, after a lazy restore: the `criu lazy-pages` daemon fetching the pages

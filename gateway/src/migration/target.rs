@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
+use crate::checkpoint::warm::Received;
 use crate::peer::wire::{ErrorCode, Request, Response, TargetState};
 use crate::peer::{Body, Handler};
 use crate::plugins::{AdapterCall, AdapterHandle};
@@ -19,11 +20,8 @@ impl Handler for Engine {
         // Nothing is answered from a journal not yet loaded: "unknown" must mean unknown.
         self.wait_recovered().await;
         match req {
-            Request::Hello | Request::Tunnel { .. } => {
+            Request::Hello | Request::Tunnel { .. } | Request::Measure { .. } => {
                 Response::error(ErrorCode::BadRequest, "answered by the link")
-            }
-            Request::Measure { .. } => {
-                Response::error(ErrorCode::BadRequest, "answered by the site")
             }
             Request::BlocksWanted { .. }
             | Request::Blocks { .. }
@@ -513,14 +511,30 @@ impl Engine {
             remove_dir(&incoming);
             return;
         }
+        self.keep_in_background(id, workload, Received::Image(dir));
+    }
+
+    /// Destination, off the move's path: what it brought goes into the block store (a
+    /// later move of the workload here sends only other pages); a kept image's directory
+    /// goes then.
+    pub(super) fn keep_in_background(&self, id: &str, workload: &str, received: Received) {
+        let Some(checkpoints) = self.checkpoints.clone() else {
+            return;
+        };
+        let dir = match &received {
+            Received::Image(dir) => Some(dir.clone()),
+            Received::Pages(_) => None,
+        };
         let (id, workload) = (id.to_string(), workload.to_string());
         self.tasks.spawn(async move {
             let started = Instant::now();
-            match checkpoints.keep_received(&workload, &dir).await {
+            match checkpoints.keep_received(&workload, received).await {
                 Ok(new_bytes) => tracing::info!(migration = %id, %workload, new_bytes, ms = started.elapsed().as_millis() as u64, "received pages kept for the next move here"),
                 Err(e) => tracing::warn!(migration = %id, %workload, error = %e, "cannot keep the received pages; the next move here sends them all"),
             }
-            remove_dir(&dir);
+            if let Some(dir) = dir {
+                remove_dir(&dir);
+            }
         });
     }
 

@@ -519,6 +519,7 @@ impl PeerLink {
                             site,
                             version: crate::VERSION.to_string(),
                         },
+                        Ok(Request::Measure { bytes }) => measured(&mut recv, bytes).await,
                         Ok(Request::Tunnel {
                             workload,
                             migration,
@@ -606,6 +607,18 @@ async fn pipe(peer: &str, mut tcp: tokio::net::TcpStream, mut send: SendStream, 
     match splice(&mut tcp, recv, send).await {
         Ok((up, down)) => tracing::debug!(peer, up, down, "tunnel closed"),
         Err(e) => tracing::debug!(peer, error = %e, "tunnel ended"),
+    }
+}
+
+/// A peer's link check (`Measure`): its bytes read and dropped, then this site's clock.
+async fn measured(recv: &mut RecvStream, bytes: u64) -> Response {
+    let mut body = tokio::io::AsyncReadExt::take(recv, bytes.min(wire::MAX_MEASURE));
+    match tokio::io::copy(&mut body, &mut tokio::io::sink()).await {
+        Ok(got) => Response::Measured {
+            bytes: got,
+            unix_ms: crate::spec::now_ms(),
+        },
+        Err(e) => Response::error(ErrorCode::BadRequest, format!("link check: {e}")),
     }
 }
 

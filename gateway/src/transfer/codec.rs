@@ -29,7 +29,7 @@ const BLOCK_RAW: u8 = 1;
 const BLOCK_ZSTD: u8 = 2;
 const BLOCK_DEDUP: u8 = 3;
 /// The unit a dedup block names by digest: one memory page, as the block store keeps it.
-pub const PAGE: usize = 4096;
+pub const PAGE: usize = crate::criu::image::PAGE_SIZE as usize;
 
 /// The digests of the page blocks a receiver holds (the sender's view of it).
 pub type HeldSet = std::collections::HashSet<[u8; 32]>;
@@ -242,20 +242,19 @@ pub(crate) fn dedup_block(
     compression: Compression,
 ) -> Option<(Vec<u8>, u64)> {
     let pages = data.len() / PAGE;
-    let digests = page_digests(&data[..pages * PAGE]);
-    if !digests.iter().any(|d| held.contains(d)) {
-        return None;
-    }
     let mut bitmap = vec![0u8; pages.div_ceil(8)];
     let mut refs = Vec::new();
     let mut literal = Vec::with_capacity(data.len());
-    for (i, d) in digests.iter().enumerate() {
+    for (i, d) in page_digests(&data[..pages * PAGE]).iter().enumerate() {
         if held.contains(d) {
             bitmap[i / 8] |= 1 << (i % 8);
             refs.extend_from_slice(d);
         } else {
             literal.extend_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
         }
+    }
+    if refs.is_empty() {
+        return None;
     }
     literal.extend_from_slice(&data[pages * PAGE..]);
     let deduped = (refs.len() / 32 * PAGE) as u64;
@@ -293,12 +292,9 @@ fn page_digests(data: &[u8]) -> Vec<[u8; 32]> {
     }
     let (front, back) = data.split_at(pages / 2 * PAGE);
     std::thread::scope(|s| {
-        let back = s.spawn(|| hash(back));
+        let rest = s.spawn(|| hash(back));
         let mut all = hash(front);
-        match back.join() {
-            Ok(rest) => all.extend(rest),
-            Err(_) => all.extend(hash(data.split_at(pages / 2 * PAGE).1)),
-        }
+        all.extend(rest.join().unwrap_or_else(|_| hash(back)));
         all
     })
 }

@@ -142,16 +142,6 @@ async fn write_chunk_packed(
     c: &Chunk,
     packed: Option<&[u8]>,
 ) -> std::io::Result<usize> {
-    let pages = c.data.len() as u64 / PAGE_SIZE;
-    write_run(
-        out,
-        &PageRun {
-            pid: c.pid,
-            vaddr: if c.gathered() { 0 } else { c.vaddr },
-            nr_pages: pages,
-        },
-    )
-    .await?;
     let body = c.body();
     let (kind, body) = match (packed, c.gathered()) {
         (Some(p), false) if p.len() < body.len() => (BLOCK_ZSTD, p),
@@ -159,11 +149,7 @@ async fn write_chunk_packed(
         (_, false) => (BLOCK_RAW, &*body),
         (_, true) => (BLOCK_RAW_GATHERED, &*body),
     };
-    out.write_u8(kind).await?;
-    out.write_u32(u32::try_from(body.len()).map_err(std::io::Error::other)?)
-        .await?;
-    out.write_all(body).await?;
-    Ok(20 + 5 + body.len())
+    write_block(out, c, kind, body).await
 }
 
 /// A run chunk whose block is a dedup payload (pages the destination holds as digests).
@@ -172,20 +158,30 @@ async fn write_chunk_dedup(
     c: &Chunk,
     payload: &[u8],
 ) -> std::io::Result<usize> {
+    write_block(out, c, BLOCK_DEDUP, payload).await
+}
+
+/// `c`'s header, then its block `body` of `kind`; the bytes written.
+async fn write_block(
+    out: &mut (impl AsyncWrite + Unpin),
+    c: &Chunk,
+    kind: u8,
+    body: &[u8],
+) -> std::io::Result<usize> {
     write_run(
         out,
         &PageRun {
             pid: c.pid,
-            vaddr: c.vaddr,
+            vaddr: if c.gathered() { 0 } else { c.vaddr },
             nr_pages: c.data.len() as u64 / PAGE_SIZE,
         },
     )
     .await?;
-    out.write_u8(BLOCK_DEDUP).await?;
-    out.write_u32(u32::try_from(payload.len()).map_err(std::io::Error::other)?)
+    out.write_u8(kind).await?;
+    out.write_u32(u32::try_from(body.len()).map_err(std::io::Error::other)?)
         .await?;
-    out.write_all(payload).await?;
-    Ok(20 + 5 + payload.len())
+    out.write_all(body).await?;
+    Ok(20 + 5 + body.len())
 }
 
 /// Compresses a chunk's pages off the async threads; `None` if zstd fails (sent raw).
