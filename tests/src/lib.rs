@@ -135,6 +135,9 @@ pub struct Options {
     pub prepush: Option<bool>,
     /// `[migration] stall_after_secs` at both sites.
     pub stall_after_secs: Option<u64>,
+    /// Both sites' files on a tmpfs of this many MiB of their own, so that a test with a
+    /// large image does not depend on the free disk of the machine that runs it.
+    pub disk_mb: Option<u64>,
 }
 
 impl Options {
@@ -155,6 +158,7 @@ impl Options {
             mounts: Vec::new(),
             prepush: None,
             stall_after_secs: None,
+            disk_mb: None,
         }
     }
 }
@@ -442,8 +446,15 @@ impl TwoSites {
         assert!(opts.tag.len() <= 6, "tag must be at most 6 characters");
         let runtimes = runtime_locks(&opts.adapters)?;
         let root = std::env::temp_dir().join(format!("ferry-e2e-{}", opts.tag));
+        // A tmpfs an interrupted earlier run left mounted.
+        let _ = Command::new("umount").arg("-l").arg(&root).status();
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
+        if let Some(mb) = opts.disk_mb {
+            run(Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+                .arg(&root))?;
+        }
         let work_root = root.join("work");
         let cgroup_parent = format!("ferry-e2e-{}", opts.tag);
         let ns_a = format!("fy-{}-a", opts.tag);
@@ -968,6 +979,12 @@ impl Drop for TwoSites {
         let _ = ip(&["netns", "del", &self.b.netns]);
         // FERRY_E2E_KEEP=1 keeps the sites' files (configs, journals, logs) for a look.
         if !std::thread::panicking() && std::env::var_os("FERRY_E2E_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+        // A tmpfs of the sites' own is unmounted even after a failure (its logs were
+        // printed above): it holds memory.
+        if self.opts.disk_mb.is_some() && std::env::var_os("FERRY_E2E_KEEP").is_none() {
+            let _ = Command::new("umount").arg("-l").arg(&self.root).status();
             let _ = fs::remove_dir_all(&self.root);
         }
     }

@@ -281,7 +281,11 @@ fn workload_held_by_an_unknown_migration_is_released_on_restart() -> Result<()> 
 
 #[test]
 fn source_gateway_killed_mid_dump_leaves_the_source_running_after_its_restart() -> Result<()> {
-    let mut sites = TwoSites::start(Options::new("crdump"))?;
+    // The image (~660 MB) needs room at both sites whatever the machine's free disk.
+    let mut sites = TwoSites::start(Options {
+        disk_mb: Some(2048),
+        ..Options::new("crdump")
+    })?;
     sites.run_redis_at_a("redis", PORT)?;
     // Enough memory that the dump lasts well beyond the moment the gateway dies.
     sites
