@@ -32,7 +32,7 @@ pub fn plain_absolute_path(path: &str) -> bool {
 }
 
 /// What to run, as given to `POST /v1/workloads`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     pub name: String,
@@ -122,7 +122,7 @@ impl Hook {
 }
 
 /// What happens to an ended workload (the restart decider's answer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RestartAction {
     /// Restored from its newest checkpoint (a fresh start if it has none).
@@ -134,7 +134,7 @@ pub enum RestartAction {
 }
 
 /// When a workload whose process ended is brought back, and who decides how.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestartPolicy {
     pub when: RestartWhen,
@@ -144,7 +144,9 @@ pub struct RestartPolicy {
     pub decider: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartWhen {
     /// Never: an ended workload stays `exited`.
@@ -157,7 +159,7 @@ pub enum RestartWhen {
 
 /// When a workload is checkpointed without being asked, and which peer keeps a copy of
 /// each checkpoint (to recover it there if this site is lost).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointPolicy {
     /// Seconds between checkpoints taken while it runs (left running).
@@ -174,7 +176,7 @@ pub struct CheckpointPolicy {
 
 /// How a site decides a workload it started or restored is healthy, beyond its process
 /// running (which is always required).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HealthCheck {
     /// The port accepts a TCP connection.
@@ -252,9 +254,10 @@ impl HealthCheck {
 }
 
 /// A listen address at the site whose traffic goes to the workload's `port`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
+    #[schema(value_type = String)]
     pub listen: std::net::SocketAddr,
     #[serde(default)]
     pub mode: RouteMode,
@@ -296,7 +299,7 @@ impl std::str::FromStr for RouteSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteMode {
     /// Bytes, connection by connection; held connections are re-bound after the move.
@@ -404,7 +407,7 @@ impl WorkloadSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkloadState {
     Running,
@@ -427,14 +430,14 @@ impl std::fmt::Display for WorkloadState {
 }
 
 /// Where a workload came from when it was restored here.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Origin {
     pub site: String,
     pub migration: String,
 }
 
 /// A workload's durable record, also what the API returns.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Workload {
     #[serde(flatten)]
     pub spec: WorkloadSpec,
@@ -446,8 +449,11 @@ pub struct Workload {
     /// for the workload after a gateway restart.
     pub pid_start: Option<u64>,
     pub started_at_ms: u64,
+    #[schema(value_type = String)]
     pub work_dir: PathBuf,
+    #[schema(value_type = String)]
     pub log: PathBuf,
+    #[schema(value_type = Option<String>)]
     pub cgroup: Option<PathBuf>,
     #[serde(default)]
     pub migration: Option<String>,

@@ -1,7 +1,7 @@
 //! A migration's progress as server-sent events: `GET /v1/migrations/{id}/events` streams
 //! `progress` events (phase, bytes sent so far, rate, the record's counters) when something
 //! changed, at most every 100 ms and at least every second, then one `end` event with the
-//! final record once the migration has ended.
+//! final record once the migration has ended (an `error` event if it is no longer recorded).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hyper::body::{Bytes, Frame};
 use tokio::sync::mpsc;
 
-use super::types::MigrationEvent;
+use super::types::{ErrorBody, MigrationEvent};
 use crate::migration::Engine;
 
 /// How often the record is looked at.
@@ -67,8 +67,12 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
             std::collections::VecDeque::new();
         loop {
             let Some(m) = engine.get(&id) else {
-                let gone = serde_json::json!({"id": id, "gone": true}).to_string();
-                let _ = tx.send(sse("end", &gone)).await;
+                let gone = ErrorBody {
+                    code: "not_found".into(),
+                    message: format!("migration {id} is no longer recorded on this site"),
+                };
+                let data = serde_json::to_string(&gone).unwrap_or_default();
+                let _ = tx.send(sse("error", &data)).await;
                 return;
             };
             let sent = m.bytes_on_wire + engine.sending_now(&id);

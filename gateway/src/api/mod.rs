@@ -1,8 +1,10 @@
 //! The REST API over HTTPS: the TLS listener and one task per connection.
 
 pub mod client;
+mod endpoints;
 pub mod error;
 mod events;
+mod openapi;
 mod routes;
 pub mod types;
 

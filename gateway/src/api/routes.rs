@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::endpoints::{resolve, Op, Resolved};
 use super::error::ApiError;
 use super::types::{
-    CheckpointRequest, MigrationRequest, PeerStatus, RecoverRequest, RestoreRequest, RouteInfo,
+    CheckpointRequest, Health, MigrationRequest, PeerStatus, RecoverRequest, RestoreRequest,
+    RouteClosed, RouteInfo,
 };
 use super::ApiState;
 use crate::checkpoint::CheckpointInfo;
@@ -64,14 +66,13 @@ impl Api {
     ) -> Option<Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>>
     {
         use http_body_util::BodyExt;
-        let path = req.uri().path().trim_end_matches('/');
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
-        let ["v1", "migrations", id, "events"] = segments.as_slice() else {
+        let Resolved::Found(endpoint, params) = resolve(req.method(), req.uri().path()) else {
             return None;
         };
-        if req.method() != Method::GET {
+        if endpoint.op != Op::MigrationEvents {
             return None;
         }
+        let id = params.first().copied().unwrap_or_default();
         if !self.authorized(req.headers()) {
             let e = unauthorized();
             return Some(json(e.status, &e.body()).map(BodyExt::boxed));
@@ -104,17 +105,40 @@ impl Api {
     }
 
     async fn route(&self, req: &hyper::http::request::Parts, body: Body) -> Reply {
-        let path = req.uri.path().trim_end_matches('/').to_string();
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
-        if segments == ["healthz"] {
-            return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
-        }
-        if !self.authorized(&req.headers) {
+        let path = req.uri.path();
+        let resolved = resolve(&req.method, path);
+        // Only the public endpoints answer without the token (an unknown path too gets
+        // 401 first).
+        let public = matches!(resolved, Resolved::Found(e, _) if !e.auth);
+        if !public && !self.authorized(&req.headers) {
             return Err(unauthorized());
         }
-        let method = req.method.clone();
-        match (method.clone(), segments.as_slice()) {
-            (Method::GET, ["metrics"]) => {
+        let (endpoint, params) = match resolved {
+            Resolved::Found(e, params) => (e, params),
+            Resolved::WrongMethod => {
+                return Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{} is not allowed on {path}", req.method),
+                ))
+            }
+            Resolved::NotFound => {
+                return Err(ApiError::not_found(format!("no such endpoint: {path}")))
+            }
+        };
+        // The table's templates give each endpoint its parameters, in order.
+        // Every template has at most one: a workload's or peer's name, or a migration's id.
+        let param = params.first().copied().unwrap_or_default();
+        let (name, workload, id) = (param, param, param);
+        match endpoint.op {
+            Op::Healthz => Ok(json(
+                StatusCode::OK,
+                &Health {
+                    status: "ok".into(),
+                },
+            )),
+            Op::OpenApi => Ok(json(StatusCode::OK, &super::openapi::document())),
+            Op::Metrics => {
                 let text = crate::metrics::render(
                     &self.state.workloads.list(),
                     &self.state.engine.list(),
@@ -127,12 +151,10 @@ impl Api {
                 );
                 Ok(r)
             }
-            (Method::GET, ["v1", "site"]) => Ok(json(StatusCode::OK, &self.state.site)),
-            (Method::GET, ["v1", "plugins"]) => {
-                Ok(json(StatusCode::OK, &self.state.plugins.list()))
-            }
-            (Method::GET, ["v1", "peers"]) => Ok(json(StatusCode::OK, &self.peer_status().await)),
-            (Method::GET, ["v1", "peers", name, "link"]) => {
+            Op::Site => Ok(json(StatusCode::OK, &self.state.site)),
+            Op::Plugins => Ok(json(StatusCode::OK, &self.state.plugins.list())),
+            Op::Peers => Ok(json(StatusCode::OK, &self.peer_status().await)),
+            Op::PeerLink => {
                 if !self.state.peers.peers().iter().any(|p| p.name == *name) {
                     return Err(ApiError::not_found(format!(
                         "no peer {name:?}; `ferry peer ls` lists them"
@@ -155,7 +177,7 @@ impl Api {
                 })?;
                 Ok(json(StatusCode::OK, &measured))
             }
-            (Method::GET, ["v1", "routes"]) => {
+            Op::Routes => {
                 let routes: Vec<RouteInfo> = self
                     .state
                     .ingress
@@ -165,24 +187,23 @@ impl Api {
                     .collect();
                 Ok(json(StatusCode::OK, &routes))
             }
-            (Method::DELETE, ["v1", "routes", workload]) => {
-                match self.state.ingress.close_forwarded(workload) {
-                    Ok(()) => Ok(json(
-                        StatusCode::OK,
-                        &serde_json::json!({"workload": workload, "closed": true}),
-                    )),
-                    Err(e @ ProxyError::NoRoutes(_)) => Err(ApiError::not_found(e.to_string())),
-                    Err(e) => Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "conflict",
-                        e.to_string(),
-                    )),
-                }
-            }
-            (Method::GET, ["v1", "workloads"]) => {
-                Ok(json(StatusCode::OK, &self.state.workloads.list()))
-            }
-            (Method::POST, ["v1", "workloads"]) => {
+            Op::CloseRoute => match self.state.ingress.close_forwarded(workload) {
+                Ok(()) => Ok(json(
+                    StatusCode::OK,
+                    &RouteClosed {
+                        workload: workload.to_string(),
+                        closed: true,
+                    },
+                )),
+                Err(e @ ProxyError::NoRoutes(_)) => Err(ApiError::not_found(e.to_string())),
+                Err(e) => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    e.to_string(),
+                )),
+            },
+            Op::Workloads => Ok(json(StatusCode::OK, &self.state.workloads.list())),
+            Op::RunWorkload => {
                 let spec: WorkloadSpec = body.json()?;
                 allowed(&spec, self.state.allowed_commands.as_deref())?;
                 let w = self.state.workloads.run(spec).await?;
@@ -190,7 +211,7 @@ impl Api {
                 set_location(&mut r, &format!("/v1/workloads/{}", w.spec.name));
                 Ok(r)
             }
-            (Method::GET, ["v1", "workloads", name]) => self
+            Op::Workload => self
                 .state
                 .workloads
                 .get(name)
@@ -198,12 +219,12 @@ impl Api {
                 .ok_or_else(|| {
                     ApiError::not_found(format!("workload {name:?} not found on this site"))
                 }),
-            (Method::DELETE, ["v1", "workloads", name]) => {
+            Op::RemoveWorkload => {
                 self.state.engine.check_removable(name).await?;
                 let w = self.state.workloads.remove(name).await?;
                 Ok(json(StatusCode::OK, &w))
             }
-            (Method::POST, ["v1", "workloads", name, "checkpoints"]) => {
+            Op::TakeCheckpoint => {
                 let body: CheckpointRequest = body.json_or_default()?;
                 let c = self
                     .state
@@ -217,7 +238,7 @@ impl Api {
                 );
                 Ok(r)
             }
-            (Method::GET, ["v1", "workloads", name, "checkpoints"]) => {
+            Op::Checkpoints => {
                 let list: Vec<CheckpointInfo> = self
                     .state
                     .checkpoints
@@ -227,11 +248,11 @@ impl Api {
                     .collect();
                 Ok(json(StatusCode::OK, &list))
             }
-            (Method::POST, ["v1", "workloads", name, "start"]) => {
+            Op::StartWorkload => {
                 let w = self.state.restarts.start_stopped(name).await?;
                 Ok(json(StatusCode::OK, &w))
             }
-            (Method::POST, ["v1", "workloads", name, "recover"]) => {
+            Op::RecoverWorkload => {
                 let body: RecoverRequest = body.json_or_default()?;
                 let w = self
                     .state
@@ -240,7 +261,7 @@ impl Api {
                     .await?;
                 Ok(json(StatusCode::OK, &w))
             }
-            (Method::POST, ["v1", "workloads", name, "restore"]) => {
+            Op::RestoreWorkload => {
                 let body: RestoreRequest = body.json_or_default()?;
                 let w = self
                     .state
@@ -249,10 +270,8 @@ impl Api {
                     .await?;
                 Ok(json(StatusCode::OK, &w))
             }
-            (Method::GET, ["v1", "migrations"]) => {
-                Ok(json(StatusCode::OK, &self.state.engine.list()))
-            }
-            (Method::POST, ["v1", "migrations"]) => {
+            Op::Migrations => Ok(json(StatusCode::OK, &self.state.engine.list())),
+            Op::StartMigration => {
                 let body: MigrationRequest = body.json()?;
                 // A destination that cannot restore the workload is refused here (409),
                 // before anything is held or frozen.
@@ -271,7 +290,7 @@ impl Api {
                 set_location(&mut r, &format!("/v1/migrations/{}", m.id));
                 Ok(r)
             }
-            (Method::POST, ["v1", "migrations", "plan"]) => {
+            Op::PlanMigration => {
                 let body: MigrationRequest = body.json()?;
                 let plan = self
                     .state
@@ -280,11 +299,11 @@ impl Api {
                     .await?;
                 Ok(json(StatusCode::OK, &plan))
             }
-            (Method::DELETE, ["v1", "migrations", id]) => {
+            Op::AbortMigration => {
                 let m = self.state.engine.operator_abort(id)?;
                 Ok(json(StatusCode::ACCEPTED, &m))
             }
-            (Method::GET, ["v1", "migrations", id]) => self
+            Op::Migration => self
                 .state
                 .engine
                 .get(id)
@@ -292,16 +311,10 @@ impl Api {
                 .ok_or_else(|| {
                     ApiError::not_found(format!("migration {id:?} not found on this site"))
                 }),
-            (
-                _,
-                ["metrics"]
-                | ["v1", "site" | "peers" | "plugins" | "routes" | "workloads" | "migrations", ..],
-            ) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {path}"),
+            // Streamed by `events`, before a whole answer is read.
+            Op::MigrationEvents => Err(ApiError::bad_request(
+                "the event stream is served on its own connection path; retry the request",
             )),
-            _ => Err(ApiError::not_found(format!("no such endpoint: {path}"))),
         }
     }
 

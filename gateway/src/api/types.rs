@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/migrations`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationRequest {
     pub workload: String,
@@ -41,27 +41,31 @@ impl MigrationRequest {
 }
 
 /// `GET /v1/site`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SiteInfo {
     pub name: String,
     pub version: String,
     pub fingerprint: String,
+    #[schema(value_type = String)]
     pub api: SocketAddr,
+    #[schema(value_type = String)]
     pub peer_listen: SocketAddr,
     pub peers: Vec<PeerInfo>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerInfo {
     pub name: String,
+    #[schema(value_type = String)]
     pub address: SocketAddr,
     pub fingerprint: String,
 }
 
 /// `GET /v1/peers`: each configured peer, probed now.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerStatus {
     pub name: String,
+    #[schema(value_type = String)]
     pub address: SocketAddr,
     pub reachable: bool,
     #[serde(default)]
@@ -73,14 +77,14 @@ pub struct PeerStatus {
 }
 
 /// Every error response: a stable machine-readable `code` and a human `message`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
 }
 
 /// `GET /v1/routes`: a workload's ingress routes at this site and where they lead now.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RouteInfo {
     pub workload: String,
     pub routes: Vec<crate::spec::RouteSpec>,
@@ -103,7 +107,7 @@ impl From<crate::proxy::RouteStats> for RouteInfo {
 }
 
 /// `POST /v1/workloads/{name}/checkpoints`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
     /// Let the workload run on after the checkpoint (else it goes to standby).
@@ -112,7 +116,7 @@ pub struct CheckpointRequest {
 }
 
 /// `POST /v1/workloads/{name}/restore`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// The checkpoint's id (default: the newest).
@@ -124,7 +128,7 @@ pub struct RestoreRequest {
 }
 
 /// `POST /v1/workloads/{name}/recover`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecoverRequest {
     /// The replicated checkpoint's id (default: the newest replicated here).
@@ -136,7 +140,7 @@ pub struct RecoverRequest {
 }
 
 /// One `progress` event of `GET /v1/migrations/{id}/events`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationEvent {
     pub id: String,
     pub workload: String,
@@ -154,4 +158,18 @@ pub struct MigrationEvent {
     pub pages: Option<crate::migration::PageStats>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always "ok".
+    pub status: String,
+}
+
+/// `DELETE /v1/routes/{workload}`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RouteClosed {
+    pub workload: String,
+    pub closed: bool,
 }

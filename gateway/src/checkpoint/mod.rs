@@ -96,7 +96,7 @@ pub struct Checkpoint {
 }
 
 /// What the API lists of a checkpoint (its block lists left out).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointInfo {
     pub id: String,
     pub workload: String,

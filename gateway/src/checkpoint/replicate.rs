@@ -30,7 +30,7 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 const MAX_RECORD: u64 = 64 << 20;
 
 /// How a checkpoint's replication went (in the source's record).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Replication {
     pub to: String,
     /// Blocks and bytes the peer lacked (those that travelled), and bytes on the wire.

@@ -52,7 +52,7 @@ pub struct Manifest {
 }
 
 /// One pass over a workload's volumes, as the migration record shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeSync {
     /// Files in the volumes, and their bytes.
     pub files: u64,

@@ -90,7 +90,7 @@ pub enum MigrationError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Source,
@@ -106,7 +106,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Planned,
@@ -156,7 +156,7 @@ impl std::fmt::Display for Phase {
 
 /// Phase durations in milliseconds. `freeze_ms` is the service's downtime: from the
 /// start of the checkpoint until the destination confirmed a healthy restore.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {
     /// Before the freeze, while clients were served: the plan, the destination prepared
     /// (name, port, reservation), volumes and pages sent ahead.
@@ -183,7 +183,7 @@ pub struct Timings {
 }
 
 /// How a migration moved the workload's volumes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precopy: Option<crate::checkpoint::volume::VolumeSync>,
@@ -197,7 +197,7 @@ pub struct VolumeStats {
 
 /// Post-copy's pages: sent ahead, stale at the freeze, pushed after the switch, and how the
 /// destination's faults were answered.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PageStats {
     /// Pages sent ahead of the freeze (source), or kept of them (destination).
     pub ahead: u64,
@@ -231,7 +231,7 @@ pub struct PageStats {
 }
 
 /// A migration's durable record, also what the API returns.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Migration {
     pub id: String,
     pub workload: String,
@@ -303,6 +303,7 @@ pub struct Migration {
     pub replica_pid_start: Option<u64>,
     /// Post-copy (source): the lazy dump serving the frozen source's pages, on loopback.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub page_server: Option<std::net::SocketAddr>,
     #[serde(default)]
     pub lazy_dump_pid: Option<i32>,

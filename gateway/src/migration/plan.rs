@@ -13,7 +13,7 @@ use crate::spec::{Workload, WorkloadSpec};
 use crate::sys::process;
 
 /// What a caller asks of a migration beyond "move it there".
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoveOptions {
     /// Run this approach, or fail saying why it cannot run.
@@ -37,7 +37,7 @@ pub struct MoveOptions {
 }
 
 /// One way the workload could move, as the plan shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Candidate {
     /// "orchestrator", "container" or "service".
     pub approach: String,
@@ -60,7 +60,7 @@ pub struct Candidate {
 }
 
 /// The candidates and the choice.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MovePlan {
     pub candidates: Vec<Candidate>,
     /// Index into `candidates` of the approach that runs, if any can.

@@ -623,7 +623,7 @@ async fn measured(recv: &mut RecvStream, bytes: u64) -> Response {
 }
 
 /// What [`PeerLink::measure`] found.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LinkMeasure {
     /// Round trip QUIC measures.
     pub rtt_ms: f64,

@@ -315,7 +315,7 @@ pub struct PlanInfo {
 }
 
 /// A replica's state, on the wire and in the migration record.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncInfo {
     pub bytes: u64,

@@ -32,7 +32,19 @@ pub struct Grant {
 }
 
 /// A host capability an adapter can be granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Capability {
     Log,
@@ -69,12 +81,14 @@ impl std::fmt::Display for Capability {
 }
 
 /// What an adapter may actually do: asked for by its manifest AND granted by the site.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Granted {
     pub capabilities: Vec<Capability>,
     pub exec: Vec<String>,
+    #[schema(value_type = Vec<String>)]
     pub sockets: Vec<SocketAddr>,
     pub tunnel_ports: Vec<u16>,
+    #[schema(value_type = Vec<String>)]
     pub mounts: Vec<std::path::PathBuf>,
 }
 

@@ -135,10 +135,11 @@ impl PluginError {
 }
 
 /// A loaded adapter, as `GET /v1/plugins` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginInfo {
     pub name: String,
     pub version: String,
+    #[schema(value_type = String)]
     pub file: PathBuf,
     /// "runtime-adapter" or "service-adapter".
     pub world: String,
