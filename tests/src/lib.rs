@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod docker;
+
 /// Where the `ferry` binary is: `FERRY_BIN`, else next to this executable's target dir.
 pub fn ferry_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("FERRY_BIN") {
@@ -683,10 +685,10 @@ impl TwoSites {
         let mut args = vec!["--output", "json", "migrate", workload, "--to", to];
         args.extend_from_slice(flags);
         let out = self.a.ferry_output(&args)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let value: Value = serde_json::from_str(&text).with_context(|| {
+        let value = migrate_record(&out.stdout).with_context(|| {
             format!(
-                "migrate printed no JSON: {text} {}",
+                "migrate printed no final record: {} {}",
+                String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
@@ -1007,6 +1009,22 @@ fn runtime_locks(adapters: &[String]) -> Result<Vec<fs::File>> {
         }
     }
     Ok(held)
+}
+
+/// The final record in what `ferry --output json migrate` printed: one JSON event per
+/// line, the last (`"event":"end"`) holding it.
+pub fn migrate_record(stdout: &[u8]) -> Result<Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("nothing printed")?;
+    let event: Value = serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))?;
+    if event["event"] != "end" {
+        bail!("the last line is not the end event: {last}");
+    }
+    Ok(event["data"].clone())
 }
 
 /// Where the tests' CRIU is (scripts/setup builds it there).

@@ -306,7 +306,7 @@ fn adapter_hooks_run_the_workloads_programs_and_a_failing_one_refuses_the_restor
         "--mode",
         "stop-and-copy",
     ])?;
-    let m: Value = serde_json::from_slice(&out.stdout)?;
+    let m = ferry_e2e::migrate_record(&out.stdout)?;
     assert!(!out.status.success(), "{m}");
     assert_eq!(m["phase"], "rolled_back", "{m}");
     assert!(

@@ -322,8 +322,7 @@ fn many_forwarded_clients_do_not_starve_the_peer_link() -> Result<()> {
         let out = sites
             .b
             .ferry_output(&["--output", "json", "migrate", "redis", "--to", "a"])?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let m: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        let m = ferry_e2e::migrate_record(&out.stdout).unwrap_or(serde_json::Value::Null);
         (m["phase"] == "completed", m)
     } else {
         (false, serde_json::Value::Null)

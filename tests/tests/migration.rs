@@ -109,7 +109,7 @@ fn redis_moves_between_sites_with_its_data() -> Result<()> {
             .ferry_output(&["--output", "json", "migrate", "redis", "--to", "a"])?;
         (
             out.status.success(),
-            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+            ferry_e2e::migrate_record(&out.stdout).unwrap_or(Value::Null),
         )
     };
     assert!(ok, "migration back failed: {back}\n{}", sites.logs());
@@ -403,6 +403,42 @@ fn a_migration_is_followed_through_its_events() -> Result<()> {
     assert_eq!(last["event"], "end", "{text}");
     assert_eq!(last["data"]["phase"], "completed", "{text}");
     assert_eq!(sites.b.redis(PORT, &["DBSIZE"])?, "50000");
+    // `ferry migrate --output json` streams the same events, one per line: the source
+    // estimates what it will send (its memory) and the time left at the current rate.
+    let out = sites.b.ferry_output(&[
+        "--output",
+        "json",
+        "migrate",
+        "redis",
+        "--to",
+        "a",
+        "--mode",
+        "stop-and-copy",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let events: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let progress: Vec<&Value> = events.iter().filter(|e| e["event"] == "progress").collect();
+    assert!(
+        progress
+            .iter()
+            .any(|e| e["data"]["expected_bytes"].as_u64() > Some(5 << 20)),
+        "no estimate of Redis's memory: {text}"
+    );
+    for e in progress.iter().map(|e| &e["data"]) {
+        if let (Some(eta), Some(expected)) = (e["eta_ms"].as_u64(), e["expected_bytes"].as_u64()) {
+            let sent = e["bytes_sent"].as_u64().unwrap_or(0);
+            let rate = e["rate_mbit_s"].as_f64().unwrap_or(0.0);
+            let want = expected.saturating_sub(sent) as f64 * 8.0 / 1e6 / rate * 1e3;
+            assert!((eta as f64 - want).abs() <= want * 0.02 + 100.0, "{e}");
+        }
+    }
+    let end = ferry_e2e::migrate_record(&out.stdout)?;
+    assert_eq!(end["phase"], "completed", "{text}");
+    assert_eq!(sites.a.redis(PORT, &["DBSIZE"])?, "50000");
     // Watching an ended migration prints its summary at once; an unknown one is a 404.
     let summary = sites.a.ferry(&["migration", "watch", &id])?;
     assert!(summary.contains("completed"), "{summary}");

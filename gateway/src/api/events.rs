@@ -13,7 +13,7 @@ use hyper::body::{Bytes, Frame};
 use tokio::sync::mpsc;
 
 use super::types::{ErrorBody, MigrationEvent};
-use crate::migration::Engine;
+use crate::migration::{Engine, Phase};
 
 /// How often the record is looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -51,6 +51,20 @@ fn rate_mbit_s(from: Option<(Instant, u64)>, to: (Instant, u64)) -> f64 {
     to.1.saturating_sub(bytes) as f64 * 8.0 / secs / 1e6
 }
 
+/// Time left until `expected` bytes are on the link at `rate_mbit_s`, while the move is
+/// sending (none before the rate is known or once it stopped sending).
+fn eta_ms(expected: Option<u64>, sent: u64, rate_mbit_s: f64, phase: Phase) -> Option<u64> {
+    let sending = matches!(
+        phase,
+        Phase::Preparing | Phase::Checkpointing | Phase::Transferring | Phase::Paging
+    );
+    if !sending || rate_mbit_s < 1.0 {
+        return None;
+    }
+    let left = expected?.saturating_sub(sent) as f64 * 8.0 / 1e6;
+    Some((left / rate_mbit_s * 1000.0).round() as u64)
+}
+
 fn sse(event: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
@@ -60,6 +74,10 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let started = Instant::now();
+        let expected = match engine.get(&id) {
+            Some(m) => engine.expected_bytes(&m).await,
+            None => None,
+        };
         let mut last: Option<(String, u64, Option<String>)> = None;
         let mut last_sent_at = Instant::now();
         // (when, bytes sent) of the ticks of the last RATE_WINDOW, oldest first.
@@ -91,6 +109,8 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
                     elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     bytes_sent: sent,
                     rate_mbit_s: (rate * 10.0).round() / 10.0,
+                    expected_bytes: expected,
+                    eta_ms: eta_ms(expected, sent, rate, m.phase),
                     bytes_moved: m.bytes_moved,
                     bytes_deduped: m.bytes_deduped,
                     pages: m.pages.clone(),
@@ -117,6 +137,23 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eta_is_what_is_left_at_the_current_rate_while_sending() {
+        // 100 MB left at 800 Mbit/s: 1 s.
+        assert_eq!(
+            eta_ms(Some(150_000_000), 50_000_000, 800.0, Phase::Transferring),
+            Some(1000)
+        );
+        assert_eq!(
+            eta_ms(Some(10), 50, 800.0, Phase::Checkpointing),
+            Some(0),
+            "more sent than expected (framing): nothing left"
+        );
+        assert_eq!(eta_ms(None, 0, 800.0, Phase::Transferring), None);
+        assert_eq!(eta_ms(Some(10), 0, 0.0, Phase::Transferring), None);
+        assert_eq!(eta_ms(Some(10), 0, 800.0, Phase::Restoring), None);
+    }
 
     #[test]
     fn the_rate_is_over_the_samples_span_and_nothing_under_a_tick() {

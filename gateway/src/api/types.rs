@@ -152,6 +152,14 @@ pub struct MigrationEvent {
     pub bytes_sent: u64,
     /// `bytes_sent`'s rate over the last half second.
     pub rate_mbit_s: f64,
+    /// What the move should put on the link, as the source estimates it (its resident
+    /// memory, before compression: compression makes the estimate high); none at the
+    /// destination.
+    #[serde(default)]
+    pub expected_bytes: Option<u64>,
+    /// Time left until `expected_bytes` are sent at `rate_mbit_s`, while sending.
+    #[serde(default)]
+    pub eta_ms: Option<u64>,
     pub bytes_moved: u64,
     pub bytes_deduped: u64,
     #[serde(default)]

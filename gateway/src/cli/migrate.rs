@@ -140,18 +140,24 @@ pub async fn run(args: Args, connect: &Connect, out: Output) -> anyhow::Result<(
             Ok(())
         };
     }
-    // Followed through its events (phase, bytes, rate), or by polling its record if the
-    // gateway cannot stream them.
-    let m = match super::migration::follow(&client, &m.id, Output::Text).await {
+    // Followed through its events (phase, bytes, rate, ETA), or by polling its record if
+    // the gateway cannot stream them. With --output json every event is a JSON line as it
+    // comes, the last one (`"event":"end"`) holding the final record.
+    let m = match super::migration::follow(&client, &m.id, out).await {
         Ok(done) => done,
         Err(e) => {
             tracing::debug!(error = %e, "no event stream; polling the record");
-            poll(&client, m).await?
+            let m = poll(&client, m).await?;
+            if out == Output::Json {
+                println!(
+                    "{{\"event\":\"end\",\"data\":{}}}",
+                    serde_json::to_string(&m)?
+                );
+            }
+            m
         }
     };
-    if out == Output::Json {
-        output::json(&m)?;
-    } else {
+    if out != Output::Json {
         print_migration(&m);
     }
     match m.phase {

@@ -120,8 +120,14 @@ pub async fn follow(
                 let Ok(e) = serde_json::from_str::<MigrationEvent>(&data) else {
                     continue;
                 };
+                let of = e
+                    .expected_bytes
+                    .map_or_else(String::new, |x| format!(" of ~{:.1}", x as f64 / 1e6));
+                let eta = e
+                    .eta_ms
+                    .map_or_else(String::new, |ms| format!(", ETA {:.1} s", ms as f64 / 1e3));
                 let line = format!(
-                    "{}: {}, {:.1} MB sent, {:.0} Mbit/s",
+                    "{}: {}, {:.1}{of} MB sent, {:.0} Mbit/s{eta}",
                     e.workload,
                     e.phase,
                     e.bytes_sent as f64 / 1e6,

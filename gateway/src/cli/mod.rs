@@ -81,7 +81,9 @@ enum Command {
     /// The site's ingress routes: served here, held, or forwarded to another site.
     #[command(subcommand)]
     Route(route::Cmd),
-    /// Move a workload to another site, showing progress until it is done.
+    /// Move a workload to another site, showing progress until it is done (phase, bytes
+    /// sent, rate, ETA); with --output json, one JSON event per line as they come, the last
+    /// one (`"event":"end"`) holding the final record.
     Migrate(migrate::Args),
     /// List and inspect migrations.
     #[command(subcommand)]

@@ -622,6 +622,20 @@ impl Engine {
             .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// What moving `m` should put on the link, as far as this site can tell before it is
+    /// done: the source's resident memory now (the image before compression); unknown at
+    /// the destination.
+    pub async fn expected_bytes(&self, m: &Migration) -> Option<u64> {
+        if m.role != Role::Source {
+            return None;
+        }
+        let pid = self.workloads.get(&m.workload)?.pid?;
+        tokio::task::spawn_blocking(move || crate::sys::process::tree_rss_bytes(pid))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// The counter the image transfer of `id` adds its bytes to.
     fn sending_counter(&self, id: &str) -> Arc<std::sync::atomic::AtomicU64> {
         Arc::clone(self.sending.entry(id.to_string()).or_default().value())
