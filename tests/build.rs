@@ -16,6 +16,7 @@ fn main() {
         "process",
         "runc",
         "podman",
+        "docker",
         "redis",
         "http-state",
         "postgres",

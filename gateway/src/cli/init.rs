@@ -118,6 +118,9 @@ fn default_grants() -> std::collections::BTreeMap<String, Grant> {
         ("process", grant(&[Log, Criu, Process], &[])),
         ("runc", grant(&[Log, Exec], &["runc"])),
         ("podman", grant(&[Log, Exec, Files], &["podman"])),
+        // `cp` places a received checkpoint where Docker restores from (the one shape
+        // `plugins::containers` lets through).
+        ("docker", grant(&[Log, Exec, Files], &["docker", "cp"])),
         ("redis", redis),
         ("postgres", postgres),
     ]

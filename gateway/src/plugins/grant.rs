@@ -146,7 +146,10 @@ impl Granted {
 
 /// Environment variables an adapter may not set for a program it runs: they change which
 /// code the program loads or how its shell and C library behave (`LD_PRELOAD`, `PATH`,
-/// `GLIBC_TUNABLES`…), so an allow-listed program would run something else.
+/// `GLIBC_TUNABLES`…), so an allow-listed program would run something else; or which
+/// engine and configuration a container CLI talks to (`DOCKER_HOST=ssh://…`,
+/// `DOCKER_CONFIG`, `CONTAINER_HOST`, `CONTAINERS_CONF`), which the argument checks of
+/// `plugins::containers` cannot see.
 pub fn env_refused(name: &str) -> bool {
     const REFUSED: [&str; 10] = [
         "PATH",
@@ -160,7 +163,8 @@ pub fn env_refused(name: &str) -> bool {
         "IFS",
         "SHELLOPTS",
     ];
-    name.starts_with("LD_") || name.starts_with("MALLOC_") || REFUSED.contains(&name)
+    const PREFIXES: [&str; 5] = ["LD_", "MALLOC_", "DOCKER_", "CONTAINER_", "CONTAINERS_"];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || REFUSED.contains(&name)
 }
 
 /// How an interface of the `ferry:adapter` package maps to a capability: `None` if the
@@ -235,6 +239,11 @@ mod tests {
             "PATH",
             "GLIBC_TUNABLES",
             "BASH_ENV",
+            "DOCKER_HOST",
+            "DOCKER_CONFIG",
+            "DOCKER_CONTEXT",
+            "CONTAINER_HOST",
+            "CONTAINERS_CONF",
         ] {
             assert!(env_refused(name), "{name}");
         }
