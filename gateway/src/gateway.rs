@@ -62,6 +62,9 @@ fn restrict_data_dir(dir: &std::path::Path) -> Result<(), GatewayError> {
 
 /// Runs the gateway until `cancel` fires.
 pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), GatewayError> {
+    if let Err(e) = process::close_inherited_on_exec() {
+        tracing::warn!(error = %e, "cannot mark inherited descriptors close-on-exec; workloads may inherit them");
+    }
     let identity = Arc::new(Identity::load(&cfg.identity.cert, &cfg.identity.key)?);
     let journal = Arc::new(Journal::open(&cfg.data_dir)?);
     restrict_data_dir(&cfg.data_dir)?;

@@ -140,5 +140,10 @@ fn the_install_puts_a_site_in_place_and_doctor_finds_it_ready() -> Result<()> {
     assert!(line(&report, "key mode").starts_with("FAIL"), "{report}");
     assert!(report.contains("chmod 600"), "{report}");
     let _ = std::fs::remove_dir_all(&root);
+    // The site's workload group its gateway made (empty: it ran no workload).
+    for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let _ = std::fs::remove_dir(Path::new(mount).join("ferry/inst"));
+        let _ = std::fs::remove_dir(Path::new(mount).join("ferry"));
+    }
     Ok(())
 }

@@ -421,6 +421,27 @@ pub fn become_subreaper() -> std::io::Result<()> {
     }
 }
 
+/// Marks every descriptor from 3 up close-on-exec: what the gateway inherited from whoever
+/// started it (a shell's spare descriptors) must not reach the workloads it starts, where
+/// CRIU would have to dump them (and cannot, when they were opened in another mount
+/// namespace). Descriptors the gateway opens later are unaffected.
+pub fn close_inherited_on_exec() -> std::io::Result<()> {
+    // SAFETY: close_range with integer arguments only changes descriptor flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// The cgroup v2 mount point, if any (`/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Option<PathBuf> {
