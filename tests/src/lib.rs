@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub mod docker;
+pub mod latency_svg;
 
 /// Where the `ferry` binary is: `FERRY_BIN`, else next to this executable's target dir.
 pub fn ferry_bin() -> Result<PathBuf> {

@@ -1,7 +1,8 @@
 //! `ferry-bench`: what clients see when a Redis server moves between two sites, the plain
 //! way and Ferry's ways side by side, on the same link in the same run.
 //!
-//! Usage: ferry-bench [MIB…]   (default: 64 256)
+//! Usage: ferry-bench [--svg FILE] [MIB…]   (default: 64 256)
+//!   --svg FILE                the client's latency over time, a panel per way and size
 //!   FERRY_BENCH_RATE=1gbit    link bandwidth (tc tbf on both sites' links)
 //!   FERRY_BENCH_RTT_MS=10     round trip added by userspace delay relays (no netem here;
 //!                             0 = no relay)
@@ -457,6 +458,8 @@ struct Outcome {
     plan: Option<Value>,
     /// The migration's id at A (Ferry only): its timeline is drawn into the logs.
     id: Option<String>,
+    /// Every request the client made (`ferry-load`'s trace), for `--svg`.
+    trace: Vec<ferry_e2e::latency_svg::Sample>,
 }
 
 /// The constant-rate client (`ferry-load`) and when its last request is due.
@@ -472,6 +475,7 @@ impl Client {
             .command(ferry_e2e::ferry_bin()?.with_file_name("ferry-load"))
             .args(["redis", addrs, load, &seconds.to_string(), "16"])
             .arg(sites.root.join("acked.txt"))
+            .env("FERRY_LOAD_TRACE", sites.root.join("trace.txt"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -567,6 +571,7 @@ fn ferry_run(
         (Some(bytes("bytes_moved")), bytes("bytes_on_wire"), None)
     };
     Ok(Outcome {
+        trace: Vec::new(),
         client,
         client_too_short,
         acked: acked_at_b(sites, PORT)?,
@@ -608,6 +613,7 @@ fn warm_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, link: &Link) -
         m["timings"]["freeze_ms"],
     );
     Ok(Outcome {
+        trace: Vec::new(),
         client,
         client_too_short,
         acked: acked_at_b(sites, PORT)?,
@@ -893,6 +899,7 @@ fn plain_run(sites: &TwoSites, mib: u64, load: &str, seconds: u64, rtt: u64) -> 
     // The restored Redis at B: stop it.
     let _ = sites.b.redis(6380, &["SHUTDOWN", "NOSAVE"]);
     Ok(Outcome {
+        trace: Vec::new(),
         client,
         client_too_short,
         acked,
@@ -1064,6 +1071,7 @@ fn criu_lazy_run(
     let lazy = memory;
     let _ = sites.b.redis(6380, &["SHUTDOWN", "NOSAVE"]);
     Ok(Outcome {
+        trace: Vec::new(),
         client,
         client_too_short,
         acked,
@@ -1136,7 +1144,7 @@ fn measure(
     logs: &Path,
 ) -> Result<Outcome> {
     let (sites, _relays) = start_sites(link)?;
-    let outcome = match way {
+    let mut outcome = match way {
         Way::Plain => plain_run(&sites, mib, load, seconds, link.rtt_ms),
         Way::CriuLazy => criu_lazy_run(&sites, mib, load, seconds, link.rtt_ms),
         Way::Container | Way::Postcopy | Way::Service => {
@@ -1144,6 +1152,10 @@ fn measure(
         }
         Way::Warm => warm_run(&sites, mib, load, seconds, link),
     };
+    if let Ok(o) = outcome.as_mut() {
+        let trace = std::fs::read_to_string(sites.root.join("trace.txt")).unwrap_or_default();
+        o.trace = ferry_e2e::latency_svg::parse_trace(&trace);
+    }
     std::fs::write(
         logs.join(format!("{mib}mib-{}.log", way.name())),
         sites.logs(),
@@ -1188,6 +1200,19 @@ fn print_row(mib: u64, way: Way, o: &Outcome) {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    let mut args = args.to_vec();
+    let svg = match args.iter().position(|a| a == "--svg") {
+        Some(i) => {
+            if i + 1 >= args.len() {
+                bail!("--svg needs a file name");
+            }
+            let file = PathBuf::from(args.remove(i + 1));
+            args.remove(i);
+            Some(file)
+        }
+        None => None,
+    };
+    let mut panels = Vec::new();
     let sizes: Vec<u64> = if args.is_empty() {
         vec![64, 256]
     } else {
@@ -1235,6 +1260,10 @@ fn bench(args: &[String]) -> Result<()> {
             match measure(way, mib, &load, seconds, &link, &logs) {
                 Ok(o) => {
                     print_row(mib, way, &o);
+                    panels.push(ferry_e2e::latency_svg::Series {
+                        name: format!("{mib} MiB, {}", way.name()),
+                        samples: o.trace,
+                    });
                     plan = plan.or(o.plan);
                 }
                 Err(e) => println!(
@@ -1248,6 +1277,14 @@ fn bench(args: &[String]) -> Result<()> {
         if let Some(plan) = plan {
             println!("{:<8} {}", format!("{mib} MiB"), choice(&plan));
         }
+    }
+    if let Some(file) = svg {
+        let title = format!(
+            "What a client saw: Redis moved from A to B, {load} requests/s, link {} +{} ms RTT, data: {data}",
+            link.rate, link.rtt_ms
+        );
+        std::fs::write(&file, ferry_e2e::latency_svg::render(&title, &panels))?;
+        println!("client latency over time: {}", file.display());
     }
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! acknowledged requests to ACKED_FILE, prints a JSON summary: requests, ok, failed,
 //! unavailable (HTTP 503 carrying Retry-After), and latency measured from each request's
 //! scheduled time (so a stall shows in full, including the requests queued behind it).
+//! With FERRY_LOAD_TRACE=FILE it also writes every request there, in the order they were
+//! due: `DUE_MS LATENCY_MS`, or `DUE_MS failed`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -221,6 +223,19 @@ async fn main() -> Result<()> {
                     .copied()
                     .unwrap_or(0.0)
             });
+    if let Ok(path) = std::env::var("FERRY_LOAD_TRACE") {
+        let mut lines: Vec<(u64, String)> =
+            r.ok.iter()
+                .map(|(i, d)| (*i, format!("{:.3}", d.as_secs_f64() * 1e3)))
+                .chain(r.failed.iter().map(|(i, _)| (*i, "failed".to_string())))
+                .collect();
+        lines.sort_by_key(|(i, _)| *i);
+        let text: String = lines
+            .iter()
+            .map(|(i, v)| format!("{:.1} {v}\n", *i as f64 * 1e3 / rate))
+            .collect();
+        std::fs::write(&path, text)?;
+    }
     let first_errors: Vec<String> = r
         .failed
         .iter()
