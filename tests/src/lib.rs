@@ -450,7 +450,11 @@ impl TwoSites {
         let runtimes = runtime_locks(&opts.adapters)?;
         let root = std::env::temp_dir().join(format!("ferry-e2e-{}", opts.tag));
         // A tmpfs an interrupted earlier run left mounted.
-        let _ = Command::new("umount").arg("-l").arg(&root).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&root)
+            .stderr(Stdio::null())
+            .status();
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
         if let Some(mb) = opts.disk_mb {
