@@ -141,6 +141,10 @@ pub async fn follow(
                     last_line = std::time::Instant::now();
                 }
                 last_phase = e.phase;
+                if let Some(expected) = e.expected_bytes.filter(|x| *x > 0) {
+                    output::as_bar(&bar, expected);
+                    bar.set_position(e.bytes_sent.min(expected));
+                }
                 bar.set_message(line);
             }
             "end" => break serde_json::from_str::<Migration>(&data).ok(),

@@ -20,6 +20,19 @@ pub fn spinner() -> indicatif::ProgressBar {
     bar
 }
 
+/// Turns a [`spinner`] into a bar of `len` units (once the total is known).
+pub fn as_bar(bar: &indicatif::ProgressBar, len: u64) {
+    if bar.length() == Some(len) {
+        return;
+    }
+    bar.set_length(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:24}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+}
+
 /// Prints `value` as pretty JSON.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
