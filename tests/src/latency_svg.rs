@@ -116,17 +116,28 @@ pub fn render(title: &str, series: &[Series]) -> String {
                 None => failed_in[b] += 1,
             }
         }
-        let points: Vec<String> = worst_in
-            .iter()
-            .enumerate()
-            .filter_map(|(b, w)| {
-                w.map(|ms| format!("{:.1},{:.1}", x(b as f64 * BUCKET_MS), y(top, ms)))
-            })
-            .collect();
+        // A bucket without an answer (all failed, or none due) breaks the line.
+        let mut d = String::new();
+        let mut drawing = false;
+        for (b, w) in worst_in.iter().enumerate() {
+            match w {
+                Some(ms) => {
+                    let _ = write!(
+                        d,
+                        "{}{:.1},{:.1} ",
+                        if drawing { "L" } else { "M" },
+                        x(b as f64 * BUCKET_MS),
+                        y(top, *ms)
+                    );
+                    drawing = true;
+                }
+                None => drawing = false,
+            }
+        }
         let _ = writeln!(
             out,
-            r##"<polyline class="latency" fill="none" stroke="#1f77b4" stroke-width="1.2" points="{}"/>"##,
-            points.join(" ")
+            r##"<path class="latency" fill="none" stroke="#1f77b4" stroke-width="1.2" d="{}"/>"##,
+            d.trim_end()
         );
         for (b, n) in failed_in.iter().enumerate().filter(|(_, n)| **n > 0) {
             let fx = x(b as f64 * BUCKET_MS);
@@ -173,10 +184,18 @@ mod tests {
 
     #[test]
     fn each_way_is_a_panel_with_its_latency_line_and_its_failures() {
-        let trace = "0.0 1.5\n1.0 2.0\n1000.0 failed\n1001.0 3000.0\n2000.0 0.9\n";
-        let samples = parse_trace(trace);
-        assert_eq!(samples.len(), 5);
-        assert_eq!(samples[2].latency_ms, None);
+        // A request every 10 ms for 2 s; those due in [1000, 1100) failed, the one due at
+        // 1100 waited 3 s.
+        let trace: String = (0..200)
+            .map(|i| match i * 10 {
+                t @ 1000..=1090 => format!("{t}.0 failed\n"),
+                1100 => "1100.0 3000.0\n".to_string(),
+                t => format!("{t}.0 1.5\n"),
+            })
+            .collect();
+        let samples = parse_trace(&trace);
+        assert_eq!(samples.len(), 200);
+        assert_eq!(samples[100].latency_ms, None);
         let series = [
             Series {
                 name: "plain <criu>".into(),
@@ -202,12 +221,15 @@ mod tests {
             .descendants()
             .filter(|n| n.attribute("class") == Some("failed"))
             .count();
-        assert_eq!(failed, 1);
-        let lines = doc
+        assert_eq!(failed, 2, "two 50 ms buckets hold failures");
+        let lines: Vec<&str> = doc
             .descendants()
             .filter(|n| n.attribute("class") == Some("latency"))
-            .count();
-        assert_eq!(lines, 2);
+            .filter_map(|n| n.attribute("d"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        // The buckets from 1000 ms have no answer: the line breaks there and starts again.
+        assert_eq!(lines[0].matches('M').count(), 2, "{}", lines[0]);
         assert!(svg.contains("slowest answer 3000 ms"), "{svg}");
     }
 }
