@@ -352,6 +352,41 @@ impl Site {
         stat[stat.rfind(')')? + 2..].chars().next()
     }
 
+    /// Calls the site's REST API with curl (from inside its namespace): `method path`,
+    /// with the bearer `token` and a JSON `body` if given; returns the status and the body.
+    /// Event streams are read until the gateway ends them (at most 120 s).
+    pub fn curl(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<(u16, String)> {
+        let url = format!("https://127.0.0.1:7443{path}");
+        let auth;
+        let mut args = vec![
+            "-sk",
+            "-N",
+            "--max-time",
+            "120",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ];
+        if let Some(t) = token {
+            auth = format!("Authorization: Bearer {t}");
+            args.extend_from_slice(&["-H", &auth]);
+        }
+        if let Some(b) = body {
+            args.extend_from_slice(&["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let out = self.exec("curl", &args)?;
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse()?, body.to_string()))
+    }
+
     /// The API token from the site's config.
     pub fn token(&self) -> Result<String> {
         fs::read_to_string(&self.config)?

@@ -6,32 +6,10 @@ use ferry_e2e::{Options, TwoSites};
 use serde_json::Value;
 
 /// `curl` inside site A's namespace; returns (HTTP status, body).
-fn curl(
-    sites: &TwoSites,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Result<(u16, String)> {
-    let url = format!("https://127.0.0.1:7443{path}");
-    let auth;
-    let mut args = vec!["-sk", "-X", method, "-w", "\n%{http_code}", &url];
-    if let Some(t) = token {
-        auth = format!("Authorization: Bearer {t}");
-        args.extend_from_slice(&["-H", &auth]);
-    }
-    if let Some(b) = body {
-        args.extend_from_slice(&["-H", "Content-Type: application/json", "--data-binary", b]);
-    }
-    let out = sites.a.exec("curl", &args)?;
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-    Ok((code.trim().parse()?, body.to_string()))
-}
-
 #[test]
 fn api_calls_without_the_token_get_401() -> Result<()> {
     let sites = TwoSites::start(Options::new("auth"))?;
-    let (code, body) = curl(&sites, "GET", "/v1/workloads", None, None)?;
+    let (code, body) = sites.a.curl("GET", "/v1/workloads", None, None)?;
     assert_eq!(code, 401, "{body}");
     let err: Value = serde_json::from_str(&body)?;
     assert_eq!(err["code"], "unauthorized");
@@ -39,21 +17,19 @@ fn api_calls_without_the_token_get_401() -> Result<()> {
         .as_str()
         .unwrap_or("")
         .contains("bearer token"));
-    let (code, _) = curl(
-        &sites,
-        "GET",
-        "/v1/workloads",
-        Some("wrong-token-0123456789"),
-        None,
-    )?;
+    let (code, _) = sites
+        .a
+        .curl("GET", "/v1/workloads", Some("wrong-token-0123456789"), None)?;
     assert_eq!(code, 401);
     // Metrics need the token too.
-    assert_eq!(curl(&sites, "GET", "/metrics", None, None)?.0, 401);
-    let (code, text) = curl(&sites, "GET", "/metrics", Some(&sites.a.token()?), None)?;
+    assert_eq!(sites.a.curl("GET", "/metrics", None, None)?.0, 401);
+    let (code, text) = sites
+        .a
+        .curl("GET", "/metrics", Some(&sites.a.token()?), None)?;
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("# TYPE ferry_migrations gauge"), "{text}");
     // Health needs no token; the CLI with a wrong token fails and says why.
-    assert_eq!(curl(&sites, "GET", "/healthz", None, None)?.0, 200);
+    assert_eq!(sites.a.curl("GET", "/healthz", None, None)?.0, 200);
     let out = sites
         .a
         .ferry_output(&["--token", "wrong-token-0123456789", "workload", "ls"])?;
@@ -158,7 +134,7 @@ fn bad_api_input_gets_a_clear_4xx_and_loses_nothing() -> Result<()> {
         ("GET", "/v1/nothing", None, 404, "no such endpoint"),
     ];
     for (method, path, body, want, needle) in cases {
-        let (code, text) = curl(&sites, method, path, Some(&t), *body)?;
+        let (code, text) = sites.a.curl(method, path, Some(&t), *body)?;
         assert_eq!(code, *want, "{method} {path} {body:?}: {text}");
         let err: Value = serde_json::from_str(&text)?;
         let msg = err["message"].as_str().unwrap_or_default();
@@ -169,7 +145,9 @@ fn bad_api_input_gets_a_clear_4xx_and_loses_nothing() -> Result<()> {
         assert!(err["code"].is_string());
     }
     let huge = format!(r#"{{"name":"x","command":["{}"]}}"#, "a".repeat(100_000));
-    let (code, text) = curl(&sites, "POST", "/v1/workloads", Some(&t), Some(&huge))?;
+    let (code, text) = sites
+        .a
+        .curl("POST", "/v1/workloads", Some(&t), Some(&huge))?;
     assert_eq!(code, 413, "{text}");
     // Nothing was lost or added.
     let list = sites.a.ferry_json(&["workload", "ls"])?;

@@ -22,7 +22,7 @@ struct Api<'a> {
 
 impl<'a> Api<'a> {
     fn new(site: &'a Site) -> Result<Self> {
-        let (code, text) = curl(site, "GET", "/v1/openapi.json", None, None)?;
+        let (code, text) = site.curl("GET", "/v1/openapi.json", None, None)?;
         if code != 200 {
             bail!("GET /v1/openapi.json answered {code}: {text}");
         }
@@ -58,13 +58,9 @@ impl<'a> Api<'a> {
             path.replace_range(start..=end, p);
         }
         let auth = !op["security"].is_null();
-        let (code, text) = curl(
-            self.site,
-            method,
-            &path,
-            auth.then_some(self.token.as_str()),
-            body,
-        )?;
+        let (code, text) =
+            self.site
+                .curl(method, &path, auth.then_some(self.token.as_str()), body)?;
         if code == 405 || (code == 404 && text.contains("no such endpoint")) {
             bail!("{method} {path}: documented, but the router answered {code}: {text}");
         }
@@ -124,38 +120,6 @@ impl<'a> Api<'a> {
         }
         out
     }
-}
-
-fn curl(
-    site: &Site,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Result<(u16, String)> {
-    let url = format!("https://127.0.0.1:7443{path}");
-    let auth;
-    let mut args = vec![
-        "-sk",
-        "-N",
-        "--max-time",
-        "120",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-        &url,
-    ];
-    if let Some(t) = token {
-        auth = format!("Authorization: Bearer {t}");
-        args.extend_from_slice(&["-H", &auth]);
-    }
-    if let Some(b) = body {
-        args.extend_from_slice(&["-H", "Content-Type: application/json", "--data-binary", b]);
-    }
-    let out = site.exec("curl", &args)?;
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-    Ok((code.trim().parse()?, body.to_string()))
 }
 
 #[test]
