@@ -87,6 +87,19 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// The next change of the target `rx` watches, and `rx` back.
+type NextChange = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (Result<(), watch::error::RecvError>, watch::Receiver<Target>),
+            > + Send,
+    >,
+>;
+
+fn next_change(mut rx: watch::Receiver<Target>) -> NextChange {
+    Box::pin(async move { (rx.changed().await, rx) })
+}
+
 async fn pump(
     client: &mut TcpStream,
     mut br: Reader,
@@ -96,6 +109,9 @@ async fn pump(
     limits: &HoldLimits,
 ) -> Outcome {
     let (mut cr, mut cw) = client.split();
+    // The target's next change, armed once (not once per read: that registers and
+    // unregisters a waiter on the watch each time).
+    let mut changed = next_change(rx.clone());
     let mut cbuf = vec![0u8; 32 * 1024];
     let mut bbuf = vec![0u8; 32 * 1024];
     // Sent something the backend has not answered yet.
@@ -138,12 +154,15 @@ async fn pump(
                     last_backend = Instant::now();
                 }
             },
-            changed = rx.changed(), if holding.is_none() => {
-                if changed.is_err() {
+            (result, watching) = &mut changed, if holding.is_none() => {
+                if result.is_err() {
                     return Outcome::Done;
                 }
                 if &*rx.borrow_and_update() != bound_to {
+                    // Not polled again: the arm is off while holding, until the return.
                     holding = Some(Instant::now());
+                } else {
+                    changed = next_change(watching);
                 }
             },
             () = sleep_until(check), if check.is_some() => {
