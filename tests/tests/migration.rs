@@ -429,15 +429,21 @@ fn a_migration_is_followed_through_its_events() -> Result<()> {
         "no estimate of Redis's memory: {text}"
     );
     for e in progress.iter().map(|e| &e["data"]) {
+        let read = e["bytes_read"].as_u64().unwrap_or(0);
         if let (Some(eta), Some(expected)) = (e["eta_ms"].as_u64(), e["expected_bytes"].as_u64()) {
-            let sent = e["bytes_sent"].as_u64().unwrap_or(0);
-            let rate = e["rate_mbit_s"].as_f64().unwrap_or(0.0);
-            let want = expected.saturating_sub(sent) as f64 * 8.0 / 1e6 / rate * 1e3;
-            assert!((eta as f64 - want).abs() <= want * 0.02 + 100.0, "{e}");
+            assert!(read <= expected || eta == 0, "{e}");
+            assert!(eta < 60_000, "{e}");
         }
     }
     let end = ferry_e2e::migrate_record(&out.stdout)?;
     assert_eq!(end["phase"], "completed", "{text}");
+    // Once sent, what was read of the image is the image.
+    let last = progress
+        .last()
+        .map(|e| &e["data"])
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["bytes_read"], end["bytes_moved"], "{text}");
     assert_eq!(sites.a.redis(PORT, &["DBSIZE"])?, "50000");
     // Watching an ended migration prints its summary at once; an unknown one is a 404.
     let summary = sites.a.ferry(&["migration", "watch", &id])?;

@@ -51,9 +51,10 @@ fn rate_mbit_s(from: Option<(Instant, u64)>, to: (Instant, u64)) -> f64 {
     to.1.saturating_sub(bytes) as f64 * 8.0 / secs / 1e6
 }
 
-/// Time left until `expected` bytes are on the link at `rate_mbit_s`, while the move is
-/// sending (none before the rate is known or once it stopped sending).
-fn eta_ms(expected: Option<u64>, sent: u64, rate_mbit_s: f64, phase: Phase) -> Option<u64> {
+/// Time left until `expected` bytes of the image are read and sent at `rate_mbit_s` (the
+/// rate they are read at), while the move is sending (none before the rate is known or
+/// once it stopped sending).
+fn eta_ms(expected: Option<u64>, read: u64, rate_mbit_s: f64, phase: Phase) -> Option<u64> {
     let sending = matches!(
         phase,
         Phase::Preparing | Phase::Checkpointing | Phase::Transferring | Phase::Paging
@@ -61,7 +62,7 @@ fn eta_ms(expected: Option<u64>, sent: u64, rate_mbit_s: f64, phase: Phase) -> O
     if !sending || rate_mbit_s < 1.0 {
         return None;
     }
-    let left = expected?.saturating_sub(sent) as f64 * 8.0 / 1e6;
+    let left = expected?.saturating_sub(read) as f64 * 8.0 / 1e6;
     Some((left / rate_mbit_s * 1000.0).round() as u64)
 }
 
@@ -80,8 +81,9 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
         };
         let mut last: Option<(String, u64, Option<String>)> = None;
         let mut last_sent_at = Instant::now();
-        // (when, bytes sent) of the ticks of the last RATE_WINDOW, oldest first.
-        let mut samples: std::collections::VecDeque<(Instant, u64)> =
+        // (when, bytes sent, bytes of the image read) of the ticks of the last
+        // RATE_WINDOW, oldest first.
+        let mut samples: std::collections::VecDeque<(Instant, u64, u64)> =
             std::collections::VecDeque::new();
         loop {
             let Some(m) = engine.get(&id) else {
@@ -93,13 +95,17 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
                 let _ = tx.send(sse("error", &data)).await;
                 return;
             };
-            let sent = m.bytes_on_wire + engine.sending_now(&id);
+            let (wire_now, read_now) = engine.sending_now(&id);
+            let sent = m.bytes_on_wire + wire_now;
+            let read = m.bytes_moved + read_now;
             let now = Instant::now();
-            samples.push_back((now, sent));
+            samples.push_back((now, sent, read));
             while samples.len() > 2 && samples[1].0 + RATE_WINDOW <= now {
                 samples.pop_front();
             }
-            let rate = rate_mbit_s(samples.front().copied(), (now, sent));
+            let oldest = samples.front().copied();
+            let rate = rate_mbit_s(oldest.map(|(at, s, _)| (at, s)), (now, sent));
+            let read_rate = rate_mbit_s(oldest.map(|(at, _, r)| (at, r)), (now, read));
             let key = (m.phase.to_string(), sent, m.error.clone());
             if last.as_ref() != Some(&key) || last_sent_at.elapsed() >= HEARTBEAT {
                 let event = MigrationEvent {
@@ -109,8 +115,9 @@ pub fn follow(engine: Arc<Engine>, id: String) -> ChannelBody {
                     elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     bytes_sent: sent,
                     rate_mbit_s: (rate * 10.0).round() / 10.0,
+                    bytes_read: read,
                     expected_bytes: expected,
-                    eta_ms: eta_ms(expected, sent, rate, m.phase),
+                    eta_ms: eta_ms(expected, read, read_rate, m.phase),
                     bytes_moved: m.bytes_moved,
                     bytes_deduped: m.bytes_deduped,
                     pages: m.pages.clone(),

@@ -152,12 +152,15 @@ pub struct MigrationEvent {
     pub bytes_sent: u64,
     /// `bytes_sent`'s rate over the last half second.
     pub rate_mbit_s: f64,
-    /// What the move should put on the link, as the source estimates it (its resident
-    /// memory, before compression: compression makes the estimate high); none at the
-    /// destination.
+    /// Bytes of the image read and sent so far (before compression and deduplication).
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// How big the image should be, as the source estimates it: its resident memory. None
+    /// at the destination.
     #[serde(default)]
     pub expected_bytes: Option<u64>,
-    /// Time left until `expected_bytes` are sent at `rate_mbit_s`, while sending.
+    /// Time left until `expected_bytes` are read and sent, at the rate of the last half
+    /// second, while the image is being sent.
     #[serde(default)]
     pub eta_ms: Option<u64>,
     pub bytes_moved: u64,

@@ -120,14 +120,18 @@ pub async fn follow(
                 let Ok(e) = serde_json::from_str::<MigrationEvent>(&data) else {
                     continue;
                 };
-                let of = e
-                    .expected_bytes
-                    .map_or_else(String::new, |x| format!(" of ~{:.1}", x as f64 / 1e6));
+                let of = e.expected_bytes.map_or_else(String::new, |x| {
+                    format!(
+                        " ({:.1} of ~{:.1} MB of image)",
+                        e.bytes_read as f64 / 1e6,
+                        x as f64 / 1e6
+                    )
+                });
                 let eta = e
                     .eta_ms
                     .map_or_else(String::new, |ms| format!(", ETA {:.1} s", ms as f64 / 1e3));
                 let line = format!(
-                    "{}: {}, {:.1}{of} MB sent, {:.0} Mbit/s{eta}",
+                    "{}: {}, {:.1} MB sent{of}, {:.0} Mbit/s{eta}",
                     e.workload,
                     e.phase,
                     e.bytes_sent as f64 / 1e6,
@@ -143,7 +147,7 @@ pub async fn follow(
                 last_phase = e.phase;
                 if let Some(expected) = e.expected_bytes.filter(|x| *x > 0) {
                     output::as_bar(&bar, expected);
-                    bar.set_position(e.bytes_sent.min(expected));
+                    bar.set_position(e.bytes_read.min(expected));
                 }
                 bar.set_message(line);
             }

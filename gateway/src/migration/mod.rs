@@ -501,7 +501,7 @@ pub struct Engine {
     aborts: Mutex<std::collections::HashMap<String, CancellationToken>>,
     /// Source: bytes the image transfer under way has put on the link, by migration (its
     /// record counts them once the transfer is over).
-    sending: DashMap<String, Arc<std::sync::atomic::AtomicU64>>,
+    sending: DashMap<String, Arc<crate::transfer::Progress>>,
     /// Source: the plan a move was checked with before it started, by migration (its
     /// driver takes it instead of planning again).
     early_plans: Mutex<std::collections::HashMap<String, MovePlan>>,
@@ -615,11 +615,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Bytes the image transfer of `id` has put on the link so far (0 when none runs).
-    pub fn sending_now(&self, id: &str) -> u64 {
+    /// What the image transfer of `id` has done so far (zeros when none runs): bytes put
+    /// on the link, and bytes of the image read and sent.
+    pub fn sending_now(&self, id: &str) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
         self.sending
             .get(id)
-            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .map_or((0, 0), |p| (p.wire.load(Relaxed), p.read.load(Relaxed)))
     }
 
     /// What moving `m` should put on the link, as far as this site can tell before it is
@@ -636,8 +638,8 @@ impl Engine {
             .flatten()
     }
 
-    /// The counter the image transfer of `id` adds its bytes to.
-    fn sending_counter(&self, id: &str) -> Arc<std::sync::atomic::AtomicU64> {
+    /// Where the image transfer of `id` counts its progress.
+    fn sending_progress(&self, id: &str) -> Arc<crate::transfer::Progress> {
         Arc::clone(self.sending.entry(id.to_string()).or_default().value())
     }
 

@@ -168,7 +168,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
             .peers
             .files(&target, id)?
             .with_held(held)
-            .with_counter(engine.sending_counter(id)),
+            .with_progress(engine.sending_progress(id)),
     );
     let layout = transfer::Layout {
         grows: layout::is_page_image,

@@ -11,7 +11,7 @@ use tokio::io::AsyncWrite;
 
 use super::wire::{Request, Response};
 use super::{finish, read_frame, write_frame, PeerError, PeerLink};
-use crate::transfer::{Announce, Channel, Compression, HeldSet, TransferError};
+use crate::transfer::{Announce, Channel, Compression, HeldSet, Progress, TransferError};
 
 /// The image files of one migration, going to one peer.
 pub struct PeerFiles {
@@ -20,8 +20,8 @@ pub struct PeerFiles {
     migration: String,
     compression: Compression,
     held: Option<Arc<HeldSet>>,
-    /// Bytes written on every file's stream (live progress).
-    counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Live progress: bytes read of the files and written on their streams.
+    progress: Option<Arc<Progress>>,
 }
 
 impl PeerFiles {
@@ -31,9 +31,9 @@ impl PeerFiles {
         self
     }
 
-    /// Every byte written on the files' streams is added to `counter`.
-    pub fn with_counter(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
-        self.counter = Some(counter);
+    /// What the files' transfer reads and writes is counted into `progress`.
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
         self
     }
 }
@@ -48,7 +48,7 @@ impl PeerLink {
             peer: peer.to_string(),
             migration: migration.to_string(),
             held: None,
-            counter: None,
+            progress: None,
         })
     }
 }
@@ -57,7 +57,7 @@ impl PeerLink {
 pub struct FileStream {
     send: SendStream,
     recv: RecvStream,
-    counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    progress: Option<Arc<Progress>>,
 }
 
 impl AsyncWrite for FileStream {
@@ -68,8 +68,9 @@ impl AsyncWrite for FileStream {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf);
-        if let (Poll::Ready(Ok(n)), Some(c)) = (&written, &this.counter) {
-            c.fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        if let (Poll::Ready(Ok(n)), Some(p)) = (&written, &this.progress) {
+            p.wire
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
         }
         written
     }
@@ -99,6 +100,10 @@ impl Channel for PeerFiles {
         self.held.clone()
     }
 
+    fn progress(&self) -> Option<Arc<Progress>> {
+        self.progress.clone()
+    }
+
     async fn open(&self, file: &Announce) -> Result<FileStream, TransferError> {
         let (mut send, recv) = self
             .link
@@ -121,7 +126,7 @@ impl Channel for PeerFiles {
         Ok(FileStream {
             send,
             recv,
-            counter: self.counter.clone(),
+            progress: self.progress.clone(),
         })
     }
 

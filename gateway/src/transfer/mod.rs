@@ -88,6 +88,11 @@ pub trait Channel: Send + Sync + 'static {
         None
     }
 
+    /// Where the transfer's progress is counted, if anywhere.
+    fn progress(&self) -> Option<Arc<Progress>> {
+        None
+    }
+
     /// Opens a stream for one file and announces it.
     fn open(
         &self,
@@ -100,6 +105,38 @@ pub trait Channel: Send + Sync + 'static {
         file: &str,
         stream: Self::Stream,
     ) -> impl Future<Output = Result<String, TransferError>> + Send;
+}
+
+/// What an image transfer has done so far, for live progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes put on the channel's streams (framing and compression included).
+    pub wire: std::sync::atomic::AtomicU64,
+    /// Bytes of the image's files read and sent (before compression).
+    pub read: std::sync::atomic::AtomicU64,
+}
+
+/// A file being sent, counting what is read of it into [`Progress::read`].
+struct Counted<R> {
+    inner: R,
+    progress: Option<Arc<Progress>>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (std::task::Poll::Ready(Ok(())), Some(p)) = (&polled, &this.progress) {
+            let n = (buf.filled().len() - before) as u64;
+            p.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 /// A file the receiver verified and stored, and what it cost on the wire.
@@ -139,10 +176,14 @@ pub async fn send_file<C: Channel>(
         .unwrap_or_default()
         .to_string();
     let compression = channel.compression();
-    let mut file = tokio::fs::File::open(path).await.map_err(read)?;
+    let file = tokio::fs::File::open(path).await.map_err(read)?;
     let size = match growing {
         Some(_) => None,
         None => Some(file.metadata().await.map_err(read)?.len()),
+    };
+    let mut file = Counted {
+        inner: file,
+        progress: channel.progress(),
     };
     let mut stream = channel
         .open(&Announce {
