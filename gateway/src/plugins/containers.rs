@@ -17,11 +17,12 @@
 //!   `--debug`; subcommands that run, stop, inspect, checkpoint and restore containers. `run`
 //!   / `create` take the podman rules' options (no `--env-file`, which the CLI reads from
 //!   the host, no `--mount` with `volume-opt`, which binds a host path as a volume; no
-//!   `--uts`/`--cgroupns host` either); `start` takes a checkpoint by name only.
+//!   `--uts`/`--cgroupns host` either); `start` takes a checkpoint by name only;
+//!   `checkpoint --checkpoint-dir` only the call's own image directory.
 //! - **cp**: only a Docker checkpoint placed for `docker start --checkpoint` (Docker
-//!   restores only from the container's own directory): `cp -a SRC DST` with SRC a CRIU
-//!   image directory (it holds `inventory.img`) and DST a new entry of a Docker container's
-//!   `checkpoints` directory.
+//!   restores only from the container's own directory): `cp -a SRC DST` with SRC the
+//!   call's image directory (a CRIU image: it holds `inventory.img`) and DST a new entry
+//!   of a Docker container's `checkpoints` directory.
 //!
 //! Other podman and runc subcommands (checkpoint, restore of an exported podman container,
 //! inspect, rm…) start nothing new from the adapter's arguments and pass.
@@ -49,8 +50,15 @@ const DEFAULT_CAPS: [&str; 14] = [
 ];
 
 /// Checks a program an adapter asked to run with `args`; `mounts` are the host paths
-/// the site lets its containers bind. The error says what was refused and why.
-pub fn check(program: &str, args: &[String], mounts: &[PathBuf]) -> Result<(), String> {
+/// the site lets its containers bind, `images` the image directory of the call it runs
+/// in (the only one a checkpoint may be written to or copied from). The error says what
+/// was refused and why.
+pub fn check(
+    program: &str,
+    args: &[String],
+    mounts: &[PathBuf],
+    images: Option<&Path>,
+) -> Result<(), String> {
     let name = Path::new(program)
         .file_name()
         .and_then(|n| n.to_str())
@@ -58,8 +66,8 @@ pub fn check(program: &str, args: &[String], mounts: &[PathBuf]) -> Result<(), S
     match name {
         "podman" => podman(args, mounts),
         "runc" => runc(args, mounts),
-        "docker" => docker(args, mounts),
-        "cp" => cp(args),
+        "docker" => docker(args, mounts, images),
+        "cp" => cp(args, images),
         _ => Ok(()),
     }
 }
@@ -395,7 +403,7 @@ const DOCKER_RUN: RunRules = RunRules {
     namespaces: &DOCKER_NAMESPACES,
 };
 
-fn docker(args: &[String], mounts: &[PathBuf]) -> Result<(), String> {
+fn docker(args: &[String], mounts: &[PathBuf], images: Option<&Path>) -> Result<(), String> {
     let mut i = 0;
     while let Some(a) = args.get(i) {
         if !a.starts_with('-') {
@@ -450,7 +458,7 @@ fn docker(args: &[String], mounts: &[PathBuf]) -> Result<(), String> {
     match sub {
         "run" | "create" => run_options(&DOCKER_RUN, rest, mounts),
         "start" => docker_start(rest),
-        "checkpoint" => docker_checkpoint(rest),
+        "checkpoint" => docker_checkpoint(rest, images),
         "image" => match rest.first().map(String::as_str) {
             Some("inspect" | "ls") => Ok(()),
             other => Err(format!(
@@ -508,10 +516,10 @@ fn docker_start(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `docker checkpoint create|ls|rm`: names Docker accepts; a `--checkpoint-dir` absolute
-/// and without `..` (the daemon makes a new `NAME` directory there and writes CRIU's
-/// image into it; it never overwrites an existing one).
-fn docker_checkpoint(args: &[String]) -> Result<(), String> {
+/// `docker checkpoint create|ls|rm`: names Docker accepts; a `--checkpoint-dir` only the
+/// call's own image directory (the daemon makes a new `NAME` directory there and writes
+/// CRIU's image into it; it never overwrites an existing one).
+fn docker_checkpoint(args: &[String], images: Option<&Path>) -> Result<(), String> {
     let Some((verb, rest)) = args.split_first() else {
         return Ok(());
     };
@@ -547,6 +555,13 @@ fn docker_checkpoint(args: &[String]) -> Result<(), String> {
                         "docker checkpoint --checkpoint-dir {dir}: an absolute path without .."
                     ));
                 }
+                if images != Some(Path::new(&dir)) {
+                    return Err(format!(
+                        "docker checkpoint --checkpoint-dir {dir}: only this call's image \
+                         directory ({})",
+                        images.map_or_else(|| "none".into(), |d| d.display().to_string())
+                    ));
+                }
             }
             _ => return Err(format!("docker checkpoint option {flag} is not allowed")),
         }
@@ -563,10 +578,11 @@ fn docker_checkpoint(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `cp`: only `cp -a SRC DST` placing a CRIU image directory (it holds `inventory.img`)
-/// as a new checkpoint of a Docker container (`…/containers/ID/checkpoints/NAME`, where
-/// `…/containers/ID` holds the container's `config.v2.json`).
-fn cp(args: &[String]) -> Result<(), String> {
+/// `cp`: only `cp -a SRC DST` placing the call's image directory (SRC, a CRIU image: it
+/// holds `inventory.img`) as a new checkpoint of a Docker container
+/// (`…/containers/ID/checkpoints/NAME`, where `…/containers/ID` holds the container's
+/// `config.v2.json`).
+fn cp(args: &[String], images: Option<&Path>) -> Result<(), String> {
     let [flag, src, dst] = args else {
         return Err("cp may only run as `cp -a SRC DST` (a Docker checkpoint)".into());
     };
@@ -578,6 +594,12 @@ fn cp(args: &[String]) -> Result<(), String> {
         if !inside(p, Path::new("/")) || p.components().any(|c| c == Component::ParentDir) {
             return Err(format!("cp {}: an absolute path without ..", p.display()));
         }
+    }
+    if images != Some(src) {
+        return Err(format!(
+            "cp {}: only this call's image directory may be copied",
+            src.display()
+        ));
     }
     let image = src.join("inventory.img");
     if !src.is_dir() || src.is_symlink() || !image.is_file() {
@@ -809,6 +831,7 @@ mod tests {
     #[test]
     fn docker_runs_what_the_adapter_runs_and_nothing_privileged() {
         let sock = "-H unix:///run/ferry-docker/a/docker.sock";
+        let m1 = Path::new("/var/lib/ferry/images/m1");
         for ok in [
             "run -d --name a-redis --network host --ulimit nofile=20000:20000 -e K=V img redis-server --privileged",
             "container create --name b-redis --network=host img redis-server",
@@ -823,8 +846,8 @@ mod tests {
             "run -d --mount type=tmpfs,target=/tmp img",
         ] {
             let line = format!("{sock} {ok}");
-            assert_eq!(docker(&args(&line), &[]), Ok(()), "{line}");
-            assert_eq!(docker(&args(ok), &[]), Ok(()), "{ok}");
+            assert_eq!(docker(&args(&line), &[], Some(m1)), Ok(()), "{line}");
+            assert_eq!(docker(&args(ok), &[], Some(m1)), Ok(()), "{ok}");
         }
         for (bad, word) in [
             ("run --privileged img", "--privileged"),
@@ -866,27 +889,36 @@ mod tests {
             ("start --checkpoint ../../../../tmp/x b-redis", "checkpoint name"),
             ("checkpoint create a-redis ../x", "checkpoint name"),
             ("checkpoint create --checkpoint-dir ../x a-redis c", "absolute"),
+            (
+                "checkpoint create --checkpoint-dir /var/lib/ferry/images/m2 a-redis c",
+                "this call's image directory",
+            ),
+            (
+                "checkpoint create --checkpoint-dir=/etc/cron.d a-redis c",
+                "this call's image directory",
+            ),
             ("-H ssh://root@elsewhere ps", "ssh"),
             ("--host=tcp://10.0.0.1:2375 ps", "unix"),
             ("--config /work/evil ps", "--config"),
             ("--context evil ps", "--context"),
         ] {
-            let err = docker(&args(bad), &[]).expect_err(bad);
+            let err = docker(&args(bad), &[], Some(m1)).expect_err(bad);
             assert!(err.contains(word), "{bad}: {err}");
         }
         let data = [PathBuf::from("/srv/data")];
         assert_eq!(
-            docker(&args("run -v /srv/data/redis:/data img"), &data),
+            docker(&args("run -v /srv/data/redis:/data img"), &data, None),
             Ok(())
         );
         assert_eq!(
             docker(
                 &args("run --mount type=bind,src=/srv/data/r,target=/data img"),
-                &data
+                &data,
+                None
             ),
             Ok(())
         );
-        assert!(docker(&args("run -v /srv/data/../etc:/data img"), &data).is_err());
+        assert!(docker(&args("run -v /srv/data/../etc:/data img"), &data, None).is_err());
     }
 
     #[test]
@@ -907,7 +939,11 @@ mod tests {
             ]
         };
         let into = container.join("checkpoints/ferry");
-        assert_eq!(cp(&cp_args(&images, &into)), Ok(()));
+        let mine = Some(images.as_path());
+        assert_eq!(cp(&cp_args(&images, &into), mine), Ok(()));
+        // Another call's image (or none) is not this call's to copy.
+        assert!(cp(&cp_args(&images, &into), Some(dir.as_path())).is_err());
+        assert!(cp(&cp_args(&images, &into), None).is_err());
         let refused = [
             cp_args(&dir.join("docker"), &into),
             cp_args(&images, &dir.join("elsewhere")),
@@ -926,11 +962,11 @@ mod tests {
             vec!["/etc/shadow".into(), "/tmp/x".into()],
         ];
         for a in refused {
-            assert!(cp(&a).is_err(), "{a:?}");
+            assert!(cp(&a, mine).is_err(), "{a:?}");
         }
         std::fs::create_dir_all(&into).expect("mkdir checkpoint");
         assert!(
-            cp(&cp_args(&images, &into)).is_err(),
+            cp(&cp_args(&images, &into), mine).is_err(),
             "an existing checkpoint is not overwritten"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -251,7 +251,10 @@ impl State {
                 self.plugin, cmd.program
             )));
         }
-        if let Err(why) = super::containers::check(&cmd.program, &cmd.args, &self.granted.mounts) {
+        let images = self.call.as_ref().and_then(|c| c.images.as_deref());
+        if let Err(why) =
+            super::containers::check(&cmd.program, &cmd.args, &self.granted.mounts, images)
+        {
             tracing::warn!(plugin = %self.plugin, program = %cmd.program, args = ?cmd.args, %why, "adapter denied a container");
             return Err(HostError::Denied(format!(
                 "adapter {} may not run {} so: {why}",
