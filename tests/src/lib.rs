@@ -1001,19 +1001,7 @@ impl Drop for TwoSites {
                 continue;
             }
             for site in ["a", "b"] {
-                let base = parent.join(site);
-                if let Ok(entries) = fs::read_dir(&base) {
-                    for e in entries.flatten().filter(|e| e.path().is_dir()) {
-                        let _ = fs::write(e.path().join("cgroup.kill"), "1");
-                        for _ in 0..50 {
-                            if fs::remove_dir(e.path()).is_ok() {
-                                break;
-                            }
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                    }
-                }
-                let _ = fs::remove_dir(&base);
+                kill_workload_groups(&parent.join(site));
             }
             let _ = fs::remove_dir(&parent);
         }
@@ -1030,6 +1018,23 @@ impl Drop for TwoSites {
             let _ = fs::remove_dir_all(&self.root);
         }
     }
+}
+
+/// Kills every workload a site's gateway started, by the groups under `base` (its
+/// `cgroup_parent/SITE`), and removes them and `base`.
+pub fn kill_workload_groups(base: &Path) {
+    if let Ok(entries) = fs::read_dir(base) {
+        for e in entries.flatten().filter(|e| e.path().is_dir()) {
+            let _ = fs::write(e.path().join("cgroup.kill"), "1");
+            for _ in 0..50 {
+                if fs::remove_dir(e.path()).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let _ = fs::remove_dir(base);
 }
 
 /// One test at a time per container runtime: every test's sites are named `a` and `b`, so

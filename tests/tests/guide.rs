@@ -123,19 +123,7 @@ impl Drop for Host {
         }
         // The workloads the gateways started, by their group.
         for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-            let parent = Path::new(mount).join("ferry").join(self.name);
-            if let Ok(entries) = std::fs::read_dir(&parent) {
-                for e in entries.flatten().filter(|e| e.path().is_dir()) {
-                    let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                    for _ in 0..50 {
-                        if std::fs::remove_dir(e.path()).is_ok() {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(&parent);
+            ferry_e2e::kill_workload_groups(&Path::new(mount).join("ferry").join(self.name));
             let _ = std::fs::remove_dir(Path::new(mount).join("ferry"));
         }
         let _ = self.holder.kill();
