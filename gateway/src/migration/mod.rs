@@ -521,6 +521,8 @@ pub struct Engine {
     writes: Mutex<()>,
     /// Answers to peers wait until the journal is loaded.
     recovered: tokio::sync::watch::Sender<bool>,
+    /// Counts the changes to records: a peer's status request waits on it.
+    changes: tokio::sync::watch::Sender<u64>,
     faults: Faults,
     /// Holders of replicas this site started for service-level moves (their PID
     /// namespace's parent), reaped once the replica is adopted or discarded.
@@ -573,6 +575,7 @@ impl Engine {
             migrations: DashMap::new(),
             writes: Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
+            changes: tokio::sync::watch::channel(0).0,
             faults: Faults::default(),
             holders: Mutex::new(std::collections::HashMap::new()),
             tasks: TaskTracker::new(),
@@ -794,6 +797,7 @@ impl Engine {
             ));
         }
         self.migrations.insert(id.to_string(), next.clone());
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(next)
     }
 

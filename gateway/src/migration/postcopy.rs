@@ -298,8 +298,10 @@ impl Engine {
         (pages, wire)
     }
 
-    /// Asks the destination about `id` every [`DESTINATION_CHECK`] until its answer is
-    /// one `wanted` accepts (never, once this gateway shuts down).
+    /// Asks the destination about `id` until its answer is one `wanted` accepts (never,
+    /// once this gateway shuts down). A copy in its page phase answers when the phase
+    /// ends (or after [`DESTINATION_CHECK`]); other answers are asked again after a
+    /// pause that grows to [`DESTINATION_CHECK`].
     async fn destination_says(
         &self,
         id: &str,
@@ -321,13 +323,16 @@ impl Engine {
         stall: &super::StallWatch,
     ) -> TargetState {
         let mut pause = Duration::from_millis(100);
+        let wait_ms = u32::try_from(DESTINATION_CHECK.as_millis()).unwrap_or(u32::MAX);
         loop {
+            let asking = Instant::now();
             let asked = self
                 .peers
                 .request(
                     target,
                     &Request::Status {
                         migration: id.to_string(),
+                        wait_ms,
                     },
                 )
                 .await;
@@ -339,7 +344,7 @@ impl Engine {
             }
             tokio::select! {
                 () = self.cancel.cancelled() => std::future::pending::<()>().await,
-                () = tokio::time::sleep(pause) => {}
+                () = tokio::time::sleep(pause.saturating_sub(asking.elapsed())) => {}
             }
             pause = (pause * 2).min(DESTINATION_CHECK);
         }

@@ -318,6 +318,9 @@ impl Engine {
         };
         let outcome = self
             .with_body(target, &req, async |send| {
+                // The restore needs the image first; the stale pages only once the copy
+                // runs (the destination serves nothing sent ahead until they came).
+                let _ = send.set_priority(crate::peer::BESIDE_IMAGE);
                 source.send_settlement(send, settled).await
             })
             .await;

@@ -539,6 +539,7 @@ async fn resolve_waiting(
                 target,
                 &Request::Status {
                     migration: id.to_string(),
+                    wait_ms: 0,
                 },
             )
             .await

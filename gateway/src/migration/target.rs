@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{remove_dir, Engine, Migration, MigrationError, Phase, Role};
 use crate::checkpoint::warm::Received;
-use crate::peer::wire::{ErrorCode, Request, Response, TargetState};
+use crate::peer::wire::{ErrorCode, Request, Response, TargetState, MAX_STATUS_WAIT_MS};
 use crate::peer::{Body, Handler};
 use crate::plugins::{AdapterCall, AdapterHandle};
 use crate::spec::{Origin, Workload, WorkloadSpec, WorkloadState};
@@ -88,8 +88,8 @@ impl Handler for Engine {
             Request::Prepush { migration } => self.receive_prepush(&peer, &migration, body).await,
             Request::Settle { migration } => self.receive_settled(&peer, &migration, body).await,
             Request::SourceState { migration } => self.source_state(&peer, &migration),
-            Request::Status { migration } => Response::Status {
-                state: self.target_state(&peer, &migration),
+            Request::Status { migration, wait_ms } => Response::Status {
+                state: self.status_after(&peer, &migration, wait_ms).await,
                 generation: Some(self.journal.generation()),
             },
             Request::Abort { migration } => self.abort(&peer, &migration).await,
@@ -702,6 +702,29 @@ impl Engine {
                 .as_ref()
                 .is_some_and(|o| o.migration == id && o.site == peer)
         })
+    }
+
+    /// The state of `id` here; with `wait_ms`, that of a copy in its page phase once the
+    /// phase ended, or once the wait (at most [`MAX_STATUS_WAIT_MS`]) is over: the
+    /// source learns at once that every page is here.
+    async fn status_after(&self, peer: &str, id: &str, wait_ms: u32) -> TargetState {
+        let mut changes = self.changes.subscribe();
+        let wait = Duration::from_millis(u64::from(wait_ms.min(MAX_STATUS_WAIT_MS)));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let state = self.target_state(peer, id);
+            if state != TargetState::Paging {
+                return state;
+            }
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, changes.changed()) => {
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return self.target_state(peer, id);
+                    }
+                }
+                () = self.cancel.cancelled() => return state,
+            }
+        }
     }
 
     fn target_state(&self, peer: &str, id: &str) -> TargetState {

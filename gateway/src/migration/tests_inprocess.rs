@@ -1085,6 +1085,7 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
                 "a".into(),
                 crate::peer::wire::Request::Status {
                     migration: "feedbeef".into(),
+                    wait_ms: 0,
                 },
                 &mut empty,
             )
@@ -1541,6 +1542,7 @@ impl Fuzz {
             },
             1 => Request::Status {
                 migration: self.name(),
+                wait_ms: 0,
             },
             2 => Request::Abort {
                 migration: self.name(),

@@ -119,6 +119,10 @@ pub struct PeerLink {
 const URGENT: i32 = 100;
 /// Stream priority of bulk page tunnels: behind clients' traffic and everything else.
 const BULK: i32 = -10;
+/// Stream priority of data that goes beside a frozen workload's image but is not needed
+/// before its restore starts (post-copy's stale pages): behind the image and clients'
+/// traffic (priority 0), ahead of bulk pages.
+pub const BESIDE_IMAGE: i32 = -5;
 
 /// Streams a peer may have open at once on the link.
 const MAX_STREAMS: u32 = 4096;

@@ -178,8 +178,14 @@ pub enum Request {
     /// this site holds for `workload` (its checkpoints, the last image it received).
     /// Answered with `HeldPages`; a migration's source sends those pages as digests.
     HeldPages { workload: String, page: u32 },
-    /// What is the destination's state for this migration?
-    Status { migration: String },
+    /// What is the destination's state for this migration? With `wait_ms`, a copy in its
+    /// page phase answers once that phase ends, or after `wait_ms` (at most
+    /// [`MAX_STATUS_WAIT_MS`]) if it has not.
+    Status {
+        migration: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        wait_ms: u32,
+    },
     /// Give up this migration (refused once the destination has confirmed).
     Abort { migration: String },
     /// Carry one connection to `workload` at the peer: after the `TunnelOpen` answer the
@@ -200,6 +206,14 @@ pub enum Request {
         #[serde(default)]
         urgent: bool,
     },
+}
+
+/// The longest a `Status` request waits for a page phase to end.
+pub const MAX_STATUS_WAIT_MS: u32 = 2_000;
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The destination's view of a migration.
@@ -350,12 +364,18 @@ mod tests {
     fn requests_round_trip_and_reject_unknown_fields() {
         let req = Request::Status {
             migration: "m1".into(),
+            wait_ms: 0,
         };
         let frame = encode(&req).expect("encode");
         let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
         assert_eq!(len, frame.len() - 4);
         let back: Request = serde_json::from_slice(&frame[4..]).expect("decode");
-        assert!(matches!(back, Request::Status { migration } if migration == "m1"));
+        assert!(matches!(back, Request::Status { migration, wait_ms: 0 } if migration == "m1"));
+        // A plain status request is as it always was; the wait is optional.
+        assert_eq!(
+            serde_json::to_string(&req).expect("json"),
+            r#"{"type":"status","migration":"m1"}"#
+        );
         let bad = br#"{"type":"status","migration":"m1","extra":1}"#;
         assert!(serde_json::from_slice::<Request>(bad).is_err());
         assert!(serde_json::from_slice::<Request>(br#"{"type":"launch"}"#).is_err());

@@ -679,7 +679,12 @@ impl PageSource {
                 has_all
                     .await
                     .map_err(|_| std::io::Error::other("the destination went away"))?;
+                let closing = std::time::Instant::now();
                 self.finish().await;
+                tracing::debug!(
+                    us = u64::try_from(closing.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    "the destination has every page; the lazy dump is closed"
+                );
                 wr.write_u8(1).await?;
                 wr.flush().await?;
                 Ok(())
@@ -865,9 +870,12 @@ async fn drive_criu(
             Some(f) = priority.recv() => f,
             Some(f) = bulk.recv() => f,
             done = &mut close => {
+                // CRIU corks its answer and, before it flushes it, waits for this end to
+                // close: the write side ends first, or the answer waits out the cork
+                // (200 ms).
                 let _ = criu.write_all(&Header::close().encode()).await;
-                let _ = criu.read_i32().await;
                 let _ = criu.shutdown().await;
+                let _ = criu.read_i32().await;
                 drop(criu);
                 if let Ok(done) = done {
                     let _ = done.send(());
@@ -1215,7 +1223,12 @@ async fn bulk_attempt(
         conn.write_u8(ACK).await?;
     }
     conn.write_u8(HAS_ALL).await?;
+    let asked = std::time::Instant::now();
     conn.read_u8().await?;
+    tracing::debug!(
+        us = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "the source closed its lazy dump"
+    );
     Ok(())
 }
 
@@ -2051,7 +2064,8 @@ mod tests {
     }
 
     /// A stand-in for CRIU's lazy page server: one connection, answers GETs in order
-    /// (at most 5 pages at once, as a page pipe's end clamps them), then CLOSE.
+    /// (at most 5 pages at once, as a page pipe's end clamps them), then CLOSE, whose
+    /// answer (corked in CRIU) goes only once the client closed its end.
     async fn fake_criu() -> (SocketAddr, tokio::task::JoinHandle<(u64, bool)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -2065,8 +2079,13 @@ mod tests {
                 }
                 let h = Header::decode(&head);
                 if h.command() == CMD_CLOSE {
+                    let mut rest = [0u8; 1];
+                    let closed =
+                        tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut rest))
+                            .await
+                            .is_ok_and(|r| matches!(r, Ok(0)));
                     s.write_all(&0i32.to_ne_bytes()).await.unwrap();
-                    return (gets, true);
+                    return (gets, closed);
                 }
                 gets += 1;
                 let n = h.nr_pages.min(5);
