@@ -379,6 +379,18 @@ impl Migration {
     }
 }
 
+/// How a change to a migration's record reaches the journal ([`Engine::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    /// Journaled first; a journal failure is an error.
+    Required,
+    /// Journaled if the journal takes it; otherwise the failure is noted in the record's
+    /// reason, and the record listed anyway.
+    Tried,
+    /// Listed only.
+    No,
+}
+
 /// A source's wait for a destination's word: once the destination has said nothing for
 /// the site's bound, the migration is reported `stalled` (its record and `/metrics`),
 /// until it answers again.
@@ -758,23 +770,29 @@ impl Engine {
         id: &str,
         f: impl FnOnce(&mut Migration),
     ) -> Result<Migration, MigrationError> {
-        self.apply(id, f, true)
+        self.apply(id, f, Durable::Required)
+    }
+
+    /// As [`Self::update`], but only in memory: for what a restart need not know (it
+    /// ends the step anyway) and the next journaled step writes (a destination's received
+    /// files, which a restart before the restore request aborts).
+    fn note(&self, id: &str, f: impl FnOnce(&mut Migration)) -> Result<Migration, MigrationError> {
+        self.apply(id, f, Durable::No)
     }
 
     /// As [`Self::update`], but a record the journal cannot take (a full disk) is still
     /// updated in memory, with the journal's error in its reason: for the steps that must
     /// happen anyway (a rollback releasing the source). `None` if there is no such record.
     fn update_unjournaled_ok(&self, id: &str, f: impl FnOnce(&mut Migration)) -> Option<Migration> {
-        self.apply(id, f, false).ok()
+        self.apply(id, f, Durable::Tried).ok()
     }
 
-    /// Applies `f` to the record of `id`, journals it and lists it. A journal failure is
-    /// an error, or (not `journaled`) noted in the reason, and the record listed anyway.
+    /// Applies `f` to the record of `id`, journals it (as `durable` says) and lists it.
     fn apply(
         &self,
         id: &str,
         f: impl FnOnce(&mut Migration),
-        journaled: bool,
+        durable: Durable,
     ) -> Result<Migration, MigrationError> {
         let _w = self.writer();
         let mut next = self
@@ -786,8 +804,14 @@ impl Engine {
             next.finished_at_ms = Some(next.updated_at_ms);
             next.timings.total_ms = Some(next.updated_at_ms.saturating_sub(next.created_at_ms));
         }
-        if let Err(e) = self.journal.put(Collection::Migrations, id, &next) {
-            if journaled {
+        let journaled = match durable {
+            Durable::No => Ok(()),
+            Durable::Required | Durable::Tried => {
+                self.journal.put(Collection::Migrations, id, &next)
+            }
+        };
+        if let Err(e) = journaled {
+            if durable == Durable::Required {
                 return Err(e.into());
             }
             tracing::error!(migration = id, error = %e, "cannot journal this step; going on");

@@ -227,7 +227,9 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
         // destination restores, and opens its bulk page connection.
         engine.settle_stale(id, &target, workload.pid, early);
     }
-    engine.update(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
+    // Timings and counts go to the journal with the next step (one write less while
+    // frozen).
+    engine.note(id, |m| m.timings.dump_ms = Some(ms(freeze.elapsed())))?;
 
     if let Err(e) = engine.enter_phase(id, Phase::Transferring).await {
         sending.abort();
@@ -246,7 +248,7 @@ async fn drive(engine: &Arc<Engine>, id: &str) -> Result<Instant, MigrationError
     delta?;
     // The record counts the transfer now; its live counter goes.
     engine.sending.remove(id);
-    engine.update(id, |m| {
+    engine.note(id, |m| {
         m.timings.transfer_ms = Some(ms(t.elapsed()));
         m.bytes_moved += sent.iter().map(|f| f.meta.size).sum::<u64>();
         m.bytes_on_wire += sent.iter().map(|f| f.wire_bytes).sum::<u64>();
@@ -484,7 +486,7 @@ pub(super) async fn confirm(
                 restore_ms,
                 "destination confirmed the restore"
             );
-            engine.update(id, |m| m.timings.restore_ms = Some(restore_ms))?;
+            engine.note(id, |m| m.timings.restore_ms = Some(restore_ms))?;
             Ok(())
         }
         Ok(Response::Error { message, .. }) => Err(MigrationError::RestoreFailed {

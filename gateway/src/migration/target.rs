@@ -230,7 +230,8 @@ impl Engine {
             }
             Ok(meta) => {
                 let blake3 = meta.blake3.clone();
-                let stored = self.update(id, |m| {
+                // In memory: the restore request journals the list with its phase.
+                let stored = self.note(id, |m| {
                     m.bytes_moved += meta.size;
                     m.files += 1;
                     m.received.retain(|f| f.name != meta.name);
