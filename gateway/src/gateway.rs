@@ -80,7 +80,12 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     let ingress = Ingress::new(Arc::clone(&peers), hold_limits(&cfg), cancel.clone());
     // Service adapters open their tunnels through the ingress.
     let tunnels: Arc<dyn crate::plugins::TunnelOpener> = ingress.clone();
-    let mut criu = Criu::new(cfg.criu_path());
+    let mut criu = Criu::new(cfg.criu_path()).probe_lazy_pages_in_tasks();
+    if criu.lazy_pages_in_tasks() {
+        tracing::info!("CRIU leaves a lazy dump's pages in the frozen tasks (post-copy's freeze does not splice them)");
+    } else {
+        tracing::info!("CRIU lacks --lazy-pages-in-tasks: post-copy's freeze splices every page into pipes (scripts/setup builds CRIU with Ferry's patch)");
+    }
     if cfg.migration.lazy_pages == "ferry" {
         match std::env::current_exe() {
             Ok(exe) => criu = criu.with_lazy_daemon(exe),

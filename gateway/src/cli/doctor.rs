@@ -192,6 +192,7 @@ async fn criu(bin: &Path) -> Vec<Finding> {
     match version.as_deref().and_then(|v| Some((v, major_minor(v)?))) {
         Some((v, mm)) if mm >= CRIU_AT_LEAST => {
             out.push(Finding::ok("criu", format!("{} {v}", bin.display())));
+            out.push(lazy_pages_in_tasks(bin).await);
         }
         Some((v, _)) => out.push(Finding::bad(
             "criu",
@@ -248,6 +249,31 @@ async fn criu(bin: &Path) -> Vec<Finding> {
         )),
     }
     out
+}
+
+/// Does this CRIU leave a lazy dump's pages in the frozen tasks (Ferry's patch)?
+async fn lazy_pages_in_tasks(bin: &Path) -> Finding {
+    let bin = bin.to_path_buf();
+    let patched = tokio::task::spawn_blocking(move || {
+        crate::criu::Criu::new(bin)
+            .probe_lazy_pages_in_tasks()
+            .lazy_pages_in_tasks()
+    })
+    .await
+    .unwrap_or(false);
+    if patched {
+        Finding::ok(
+            "lazy dump",
+            "CRIU leaves a lazy dump's pages in the frozen tasks (Ferry's patch)",
+        )
+    } else {
+        Finding::bad(
+            "lazy dump",
+            Status::Warn,
+            "CRIU lacks --lazy-pages-in-tasks: a post-copy freeze splices every page into pipes, and grows with memory",
+            "run scripts/setup (it builds CRIU with Ferry's patch, scripts/criu-lazy-pages-in-tasks.patch)",
+        )
+    }
 }
 
 fn userfaultfd() -> Finding {

@@ -76,7 +76,14 @@ pub struct Criu {
     /// serving the frozen source's pages, a lazy-pages daemon fetching them), by image
     /// directory, until the migration engine takes them.
     running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, Running>>>,
+    /// This CRIU leaves a lazy dump's pages in the frozen tasks (`--lazy-pages-in-tasks`,
+    /// Ferry's patch, which `scripts/setup` applies) rather than splicing each into a
+    /// pipe while the tree is frozen: Ferry's page source reads them in the tasks.
+    lazy_pages_in_tasks: bool,
 }
+
+/// The option of Ferry's CRIU patch (`scripts/criu-lazy-pages-in-tasks.patch`).
+const LAZY_PAGES_IN_TASKS: &str = "--lazy-pages-in-tasks";
 
 /// Page supplies by image directory.
 #[derive(Default)]
@@ -135,7 +142,28 @@ impl Criu {
             lazy_daemon: None,
             supplies: std::sync::Arc::default(),
             running: std::sync::Arc::default(),
+            lazy_pages_in_tasks: false,
         }
+    }
+
+    /// Asks the CRIU executable (`--help`) whether it can leave a lazy dump's pages in
+    /// the frozen tasks, and uses that in lazy dumps if so: the freeze then no longer
+    /// grows with the memory spliced into page pipes.
+    #[must_use]
+    pub fn probe_lazy_pages_in_tasks(mut self) -> Self {
+        let help = std::process::Command::new(&self.bin)
+            .arg("--help")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output();
+        self.lazy_pages_in_tasks = help
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(LAZY_PAGES_IN_TASKS));
+        self
+    }
+
+    /// Do lazy dumps here leave their pages in the frozen tasks?
+    pub fn lazy_pages_in_tasks(&self) -> bool {
+        self.lazy_pages_in_tasks
     }
 
     /// The pages of the lazy restore from `images` come from `supply` (with Ferry's
@@ -192,8 +220,10 @@ impl Criu {
 
     /// Post-copy checkpoint: dumps everything but the lazy pages (private anonymous
     /// memory) and returns once CRIU serves those from the frozen tree on a loopback page
-    /// server; that `criu dump` keeps running (see [`Self::take_running`]) until its one
-    /// client has fetched every page, and then leaves the tree stopped, never killed.
+    /// server (with [`Self::lazy_pages_in_tasks`], it leaves them unspliced in the tree,
+    /// and serves only the others: its client reads them there); that `criu dump` keeps
+    /// running (see [`Self::take_running`]) until its one client has fetched every page,
+    /// and then leaves the tree stopped, never killed.
     pub async fn dump_lazy(&self, req: DumpRequest<'_>) -> Result<Duration, CriuError> {
         let start = Instant::now();
         let port = free_loopback_port().map_err(|e| {
@@ -202,6 +232,10 @@ impl Criu {
         let mut cmd = self.dump_command(&req);
         cmd.args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
             .arg(port.to_string());
+        // Ferry's page source, the dump's one client, reads them in the tree.
+        if self.lazy_pages_in_tasks {
+            cmd.arg(LAZY_PAGES_IN_TASKS);
+        }
         let log = req.images.join(layout::DUMP_LOG);
         let child = self.start_with_status(cmd, "dump", &log).await?;
         self.keep_running(
@@ -686,6 +720,38 @@ pub fn error_tail(log: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_criu_whose_help_names_the_option_leaves_lazy_pages_in_tasks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-criu-help-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = |name: &str, help: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\nprintf '%s\\n' '{help}'\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let patched = fake("patched", "  --lazy-pages-in-tasks dump: leave lazy pages");
+        let released = fake(
+            "released",
+            "  --lazy-pages          restore pages on demand",
+        );
+        assert!(Criu::new(patched)
+            .probe_lazy_pages_in_tasks()
+            .lazy_pages_in_tasks());
+        assert!(!Criu::new(released)
+            .probe_lazy_pages_in_tasks()
+            .lazy_pages_in_tasks());
+        assert!(!Criu::new(dir.join("missing"))
+            .probe_lazy_pages_in_tasks()
+            .lazy_pages_in_tasks());
+        assert!(
+            !Criu::new(dir.join("missing")).lazy_pages_in_tasks(),
+            "not probed"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[tokio::test]
     async fn a_program_given_up_on_before_it_is_ready_is_ended_with_its_group() {

@@ -1025,13 +1025,10 @@ async fn a_destination_crash_before_restoring_rolls_the_source_back() {
     assert_eq!(finished(pair.b(), &m.id).await.phase, Phase::RolledBack);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peers_get_no_answer_before_the_journal_is_loaded() {
-    let pair = Pair::new("gate").await;
-    // A record from "before a crash" of b, written straight into a fresh engine's journal.
-    let journal = Journal::open(&pair.b().dir).expect("journal");
-    let mut m = Migration::new(
-        "feedbeef",
+/// A record of migration `id` into b from a, in `phase`.
+fn incoming_record(id: &str, phase: Phase) -> Migration {
+    Migration::new(
+        id,
         WorkloadSpec {
             name: "svc".into(),
             command: vec!["sleep".into()],
@@ -1048,13 +1045,13 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
         Role::Target,
         "a",
         "b",
-        Phase::Completed,
-    );
-    m.timings.restore_ms = Some(1);
-    journal
-        .put(Collection::Migrations, "feedbeef", &m)
-        .expect("put");
-    let engine = Engine::new(
+        phase,
+    )
+}
+
+/// A second engine for b (as after a restart) on `journal`, sharing b's other parts.
+fn engine_b(pair: &Pair, journal: Journal) -> Arc<Engine> {
+    Engine::new(
         EngineSettings {
             site: "b".into(),
             data_dir: pair.b().dir.clone(),
@@ -1076,7 +1073,20 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
         },
         CancellationToken::new(),
     )
-    .expect("engine");
+    .expect("engine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_get_no_answer_before_the_journal_is_loaded() {
+    let pair = Pair::new("gate").await;
+    // A record from "before a crash" of b, written straight into a fresh engine's journal.
+    let journal = Journal::open(&pair.b().dir).expect("journal");
+    let mut m = incoming_record("feedbeef", Phase::Completed);
+    m.timings.restore_ms = Some(1);
+    journal
+        .put(Collection::Migrations, "feedbeef", &m)
+        .expect("put");
+    let engine = engine_b(&pair, journal);
     let ask = || async {
         use crate::peer::Handler;
         let mut empty: &[u8] = &[];
@@ -1111,6 +1121,55 @@ async fn peers_get_no_answer_before_the_journal_is_loaded() {
         ),
         "{answer:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_asked_with_a_wait_is_answered_as_the_page_phase_ends() {
+    let pair = Pair::new("lpoll").await;
+    let journal = Journal::open(&pair.b().dir).expect("journal");
+    let engine = engine_b(&pair, journal);
+    engine.recover().expect("recover");
+    engine
+        .insert(&incoming_record("pagingid", Phase::Paging))
+        .expect("insert");
+    let ask = |wait_ms| {
+        let engine = Arc::clone(&engine);
+        async move {
+            use crate::peer::Handler;
+            let mut empty: &[u8] = &[];
+            let asked = Instant::now();
+            let answer = engine
+                .handle(
+                    "a".into(),
+                    crate::peer::wire::Request::Status {
+                        migration: "pagingid".into(),
+                        wait_ms,
+                    },
+                    &mut empty,
+                )
+                .await;
+            match answer {
+                crate::peer::wire::Response::Status { state, .. } => (state, asked.elapsed()),
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+    };
+    use crate::peer::wire::TargetState;
+    // Without a wait: the state now.
+    let (state, took) = ask(0).await;
+    assert_eq!(state, TargetState::Paging);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // With one: answered once the phase ends, not at the end of the wait.
+    let waiting = tokio::spawn(ask(5_000));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "answered while still paging");
+    engine
+        .update("pagingid", |m| m.phase = Phase::Completed)
+        .expect("update");
+    let (state, took) = waiting.await.expect("ask");
+    assert_eq!(state, TargetState::Confirmed);
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
