@@ -351,7 +351,9 @@ impl Criu {
     }
 
     /// `criu dump` of the tree rooted at `req.pid` into `req.images`, leaving it stopped
-    /// (never killed), without firewall rules.
+    /// (never killed), without firewall rules. A connection not yet accepted (a client
+    /// reaching the workload's port directly, not through the ingress, as the tree froze)
+    /// is left out rather than failing the checkpoint: its client sees it reset.
     fn dump_command(&self, req: &DumpRequest<'_>) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("dump")
@@ -365,6 +367,7 @@ impl Criu {
                 "--leave-stopped",
                 "--network-lock",
                 "skip",
+                "--skip-in-flight",
             ])
             .args(COMMON);
         cmd
