@@ -189,8 +189,14 @@ impl Engine {
                     return Ok(Paged::DestinationLost(lost_reason(&m.target, state)));
                 }
                 // The destination holds every page (or its copy ended with them): the
-                // dump has nothing left to serve. One that does not end on its own (its
-                // page client gone, its tree killed under it) is ended below.
+                // dump has nothing left to serve, and is closed here if the bulk
+                // connection did not get to (the destination's copy may have every page
+                // in place before that connection's last word). One that does not end
+                // even so (its tree killed under it) is ended below.
+                let source = locked(&self.page_sources).get(id).map(Arc::clone);
+                if let Some(source) = source {
+                    source.finish().await;
+                }
                 if let Ok(ok) = tokio::time::timeout(LAZY_DUMP_END, &mut dump_ended).await {
                     ok
                 } else {
