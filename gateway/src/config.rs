@@ -231,6 +231,37 @@ pub struct ApiConfig {
 pub struct PeerListenConfig {
     /// UDP listen address of the QUIC peer link.
     pub listen: SocketAddr,
+    /// The peer link's initial congestion window, in bytes. Sites are joined by
+    /// provisioned links, and the pages post-copy sends ahead start on a link that was
+    /// idle: QUIC's usual 14,720 bytes take some ten round trips to grow to a
+    /// 1 Gbit/s × 10 ms link's share. Lower it on a shared path.
+    #[serde(
+        default = "default_initial_window",
+        skip_serializing_if = "is_default_initial_window"
+    )]
+    pub initial_window_bytes: u64,
+}
+
+/// The smallest and largest initial congestion windows a site may set.
+pub const INITIAL_WINDOW_RANGE: std::ops::RangeInclusive<u64> = 14_720..=(16 << 20);
+
+fn default_initial_window() -> u64 {
+    1 << 20
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_default_initial_window(w: &u64) -> bool {
+    *w == default_initial_window()
+}
+
+impl PeerListenConfig {
+    /// Listening on `listen`, with the default initial window.
+    pub fn on(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            initial_window_bytes: default_initial_window(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -439,6 +470,13 @@ impl SiteConfig {
             return Err("api.token must be at least 16 characters".into());
         }
         let mut seen = HashSet::new();
+        if !INITIAL_WINDOW_RANGE.contains(&self.peer.initial_window_bytes) {
+            return Err(format!(
+                "peer.initial_window_bytes must be between {} and {}",
+                INITIAL_WINDOW_RANGE.start(),
+                INITIAL_WINDOW_RANGE.end()
+            ));
+        }
         for p in &self.peers {
             names::validate("peer", &p.name).map_err(|e| e.to_string())?;
             if p.name == self.name {
@@ -577,6 +615,27 @@ fingerprint = "aa:bb"
     fn a_bad_fingerprint_is_rejected_with_the_field() {
         let err = load_str(&sample()).unwrap_err().to_string();
         assert!(err.contains("fingerprint"), "{err}");
+    }
+
+    #[test]
+    fn the_peer_links_initial_window_defaults_to_1_mib_and_is_bounded() {
+        let valid = sample().replace("aa:bb", &"ab".repeat(32));
+        let cfg = load_str(&valid).expect("valid");
+        assert_eq!(cfg.peer.initial_window_bytes, 1 << 20);
+        let set = valid.replace(
+            "listen = \"0.0.0.0:7444\"",
+            "listen = \"0.0.0.0:7444\"\ninitial_window_bytes = 14720",
+        );
+        assert_eq!(
+            load_str(&set).expect("valid").peer.initial_window_bytes,
+            14720
+        );
+        let tiny = valid.replace(
+            "listen = \"0.0.0.0:7444\"",
+            "listen = \"0.0.0.0:7444\"\ninitial_window_bytes = 1000",
+        );
+        let err = load_str(&tiny).unwrap_err().to_string();
+        assert!(err.contains("peer.initial_window_bytes"), "{err}");
     }
 
     #[test]

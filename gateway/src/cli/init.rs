@@ -65,9 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             token: new_token()?,
             allowed_commands: Some(args.allow_commands.clone()),
         },
-        peer: PeerListenConfig {
-            listen: args.peer_listen,
-        },
+        peer: PeerListenConfig::on(args.peer_listen),
         peers: Vec::new(),
         workloads: WorkloadConfig::default(),
         criu: CriuConfig::default(),

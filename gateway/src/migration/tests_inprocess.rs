@@ -366,7 +366,7 @@ fn site_config(name: &str, dir: &Path, listen: SocketAddr, peer: PeerConfig) -> 
             token: "0123456789abcdef0123".into(),
             allowed_commands: None,
         },
-        peer: PeerListenConfig { listen },
+        peer: PeerListenConfig::on(listen),
         peers: vec![peer],
         workloads: WorkloadConfig {
             work_root: dir.join("work"),

@@ -134,7 +134,7 @@ const CONTROL_STREAMS: u32 = 256;
 /// Socket buffer size for the UDP socket: the kernel default drops packets at 1 Gbit/s.
 const UDP_BUFFER: usize = 16 << 20;
 
-fn transport() -> quinn::TransportConfig {
+fn transport(initial_window: u64) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Windows sized for 1 Gbit/s at up to ~100 ms round trip.
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
@@ -143,6 +143,9 @@ fn transport() -> quinn::TransportConfig {
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(2)));
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(initial_window);
+    t.congestion_controller_factory(Arc::new(cubic));
     // A dead peer is noticed within 10 s; keep-alives keep a quiet healthy link open.
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
@@ -157,7 +160,7 @@ impl PeerLink {
         let tls = identity::server_config(&identity, Some(allowed), ALPN)?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| PeerError::Quic(e.to_string()))?;
-        let transport = Arc::new(transport());
+        let transport = Arc::new(transport(cfg.peer.initial_window_bytes));
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server.transport_config(Arc::clone(&transport));
         let addr = cfg.peer.listen;
