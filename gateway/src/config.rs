@@ -469,7 +469,6 @@ impl SiteConfig {
         if self.api.token.len() < 16 {
             return Err("api.token must be at least 16 characters".into());
         }
-        let mut seen = HashSet::new();
         if !INITIAL_WINDOW_RANGE.contains(&self.peer.initial_window_bytes) {
             return Err(format!(
                 "peer.initial_window_bytes must be between {} and {}",
@@ -477,6 +476,7 @@ impl SiteConfig {
                 INITIAL_WINDOW_RANGE.end()
             ));
         }
+        let mut seen = HashSet::new();
         for p in &self.peers {
             names::validate("peer", &p.name).map_err(|e| e.to_string())?;
             if p.name == self.name {

@@ -254,13 +254,10 @@ async fn criu(bin: &Path) -> Vec<Finding> {
 /// Does this CRIU leave a lazy dump's pages in the frozen tasks (Ferry's patch)?
 async fn lazy_pages_in_tasks(bin: &Path) -> Finding {
     let bin = bin.to_path_buf();
-    let patched = tokio::task::spawn_blocking(move || {
-        crate::criu::Criu::new(bin)
-            .probe_lazy_pages_in_tasks()
-            .lazy_pages_in_tasks()
-    })
-    .await
-    .unwrap_or(false);
+    let patched =
+        tokio::task::spawn_blocking(move || crate::criu::leaves_lazy_pages_in_tasks(&bin))
+            .await
+            .unwrap_or(false);
     if patched {
         Finding::ok(
             "lazy dump",

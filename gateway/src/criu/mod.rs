@@ -151,13 +151,7 @@ impl Criu {
     /// grows with the memory spliced into page pipes.
     #[must_use]
     pub fn probe_lazy_pages_in_tasks(mut self) -> Self {
-        let help = std::process::Command::new(&self.bin)
-            .arg("--help")
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .output();
-        self.lazy_pages_in_tasks = help
-            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(LAZY_PAGES_IN_TASKS));
+        self.lazy_pages_in_tasks = leaves_lazy_pages_in_tasks(&self.bin);
         self
     }
 
@@ -663,6 +657,17 @@ pub fn dumps_of(pid: i32) -> Vec<(i32, bool)> {
     .into_iter()
     .map(|(p, args)| (p, args.iter().any(|a| a == "--lazy-pages")))
     .collect()
+}
+
+/// Does the CRIU executable `bin` have Ferry's `--lazy-pages-in-tasks` (its `--help`
+/// names it)?
+pub fn leaves_lazy_pages_in_tasks(bin: &Path) -> bool {
+    std::process::Command::new(bin)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(LAZY_PAGES_IN_TASKS))
 }
 
 /// Pipe size a lazy dump asks for (CRIU's PIPE_MAX_SIZE pages, rounded up by the kernel).

@@ -91,16 +91,6 @@ impl Engine {
             message: format!("cannot reach the lazy dump's page server: {e}"),
         })?;
         locked(&self.page_sources).insert(id.to_string(), source);
-        // Off the freeze's path: a lazy dump that left no page in the source has nothing
-        // to serve (the move then has no page phase). Said, as it should not happen.
-        let (dir, id_owned) = (images.to_path_buf(), id.to_string());
-        self.tasks.spawn_blocking(move || {
-            if let Ok(runs) = crate::criu::image::lazy_runs(&dir) {
-                if runs.is_empty() {
-                    tracing::warn!(migration = %id_owned, "the lazy dump left no page in the source: CRIU wrote every page into the image, so the move has no page phase");
-                }
-            }
-        });
         self.update(id, |m| {
             m.page_server = Some(page_server);
             m.lazy_dump_pid = pid;
@@ -411,6 +401,13 @@ impl Engine {
             .await?;
         let runs = crate::criu::image::lazy_runs(images).map_err(|e| e.to_string())?;
         let total: u64 = runs.iter().map(|r| r.nr_pages).sum();
+        if total == 0 {
+            // Said, as it should not happen: the move then has no page phase.
+            tracing::warn!(
+                migration = id,
+                "the lazy dump left no page in the source: CRIU wrote every page into the image"
+            );
+        }
         // Pages the source sent ahead (less those written since) are served at once; the
         // bulk push brings the rest.
         let cache = self

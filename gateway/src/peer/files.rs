@@ -57,7 +57,6 @@ impl PeerLink {
 pub struct FileStream {
     send: SendStream,
     recv: RecvStream,
-    progress: Option<Arc<Progress>>,
 }
 
 impl AsyncWrite for FileStream {
@@ -66,13 +65,7 @@ impl AsyncWrite for FileStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let written = AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf);
-        if let (Poll::Ready(Ok(n)), Some(p)) = (&written, &this.progress) {
-            p.wire
-                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-        written
+        AsyncWrite::poll_write(Pin::new(&mut self.get_mut().send), cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().send), cx)
@@ -123,11 +116,7 @@ impl Channel for PeerFiles {
         )
         .await
         .map_err(|e| link_error(&file.name, e))?;
-        Ok(FileStream {
-            send,
-            recv,
-            progress: self.progress.clone(),
-        })
+        Ok(FileStream { send, recv })
     }
 
     async fn close(&self, file: &str, mut stream: FileStream) -> Result<String, TransferError> {

@@ -116,9 +116,10 @@ pub struct Progress {
     pub read: std::sync::atomic::AtomicU64,
 }
 
-/// A file being sent, counting what is read of it into [`Progress::read`].
-struct Counted<R> {
-    inner: R,
+/// A file being sent, or its stream: what is read of the file counts into
+/// [`Progress::read`], what is written on the stream into [`Progress::wire`].
+struct Counted<T> {
+    inner: T,
     progress: Option<Arc<Progress>>,
 }
 
@@ -136,6 +137,36 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<R> {
             p.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
         polled
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let (std::task::Poll::Ready(Ok(n)), Some(p)) = (&written, &this.progress) {
+            p.wire
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        written
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -181,17 +212,21 @@ pub async fn send_file<C: Channel>(
         Some(_) => None,
         None => Some(file.metadata().await.map_err(read)?.len()),
     };
+    let progress = channel.progress();
     let mut file = Counted {
         inner: file,
-        progress: channel.progress(),
+        progress: progress.clone(),
     };
-    let mut stream = channel
-        .open(&Announce {
-            name: name.clone(),
-            size,
-            compression,
-        })
-        .await?;
+    let mut stream = Counted {
+        inner: channel
+            .open(&Announce {
+                name: name.clone(),
+                size,
+                compression,
+            })
+            .await?,
+        progress,
+    };
     let written = match (growing, size) {
         (Some(done), _) => {
             let held = channel.held();
@@ -208,7 +243,7 @@ pub async fn send_file<C: Channel>(
             source: Box::new(source),
         },
     })?;
-    let stored = channel.close(&name, stream).await?;
+    let stored = channel.close(&name, stream.inner).await?;
     let blake3 = written.digest.to_hex().to_string();
     if stored != blake3 {
         return Err(TransferError::Digest {
