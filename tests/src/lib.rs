@@ -1096,10 +1096,12 @@ pub fn fail_when(tag: &str, program: &str, word: &str) -> String {
 }
 
 /// `program` replaced in B's mount namespace by a script that runs `action` first when
-/// its arguments hold `word`, then the real program.
+/// its arguments hold `word`, then the real program. Safe to run again while a wrapped
+/// run still executes (a gateway restarted mid-restore): the copy is renamed into place,
+/// never written over a running executable.
 fn wrap_when(tag: &str, program: &str, word: &str, action: &str) -> String {
     format!(
-        r#"d=/tmp/ferry-e2e-{tag}-wrap; mkdir -p $d; cp {program} $d/real; printf '#!/bin/sh\ncase " $* " in *" {word} "*) {action};; esac\nexec /tmp/ferry-e2e-{tag}-wrap/real "$@"\n' > $d/wrapper; chmod +x $d/wrapper; mount --bind $d/wrapper {program}"#
+        r#"d=/tmp/ferry-e2e-{tag}-wrap; mkdir -p $d; cp {program} $d/real.new; mv -f $d/real.new $d/real; printf '#!/bin/sh\ncase " $* " in *" {word} "*) {action};; esac\nexec /tmp/ferry-e2e-{tag}-wrap/real "$@"\n' > $d/wrapper; chmod +x $d/wrapper; mount --bind $d/wrapper {program}"#
     )
 }
 
