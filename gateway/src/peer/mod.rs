@@ -153,6 +153,15 @@ fn transport(initial_window: u64) -> quinn::TransportConfig {
     t
 }
 
+/// What a peer connection has put on the wire (UDP payload bytes, its packets' headers
+/// included) and its round-trip time as measured now (queues on the way included: what
+/// was sent reaches the peer within about that long).
+#[derive(Debug, Clone, Copy)]
+pub struct LinkSent {
+    pub bytes: u64,
+    pub rtt: Duration,
+}
+
 impl PeerLink {
     /// Binds the peer endpoint. Only the configured peers' certificates are accepted.
     pub fn bind(cfg: &SiteConfig, identity: Arc<Identity>) -> Result<Arc<Self>, PeerError> {
@@ -214,6 +223,20 @@ impl PeerLink {
             .get(peer)
             .filter(|c| c.close_reason().is_none())
             .map(|c| c.rtt())
+    }
+
+    /// What the live connection to `peer` has sent so far, if there is one.
+    pub fn sent(&self, peer: &str) -> Option<LinkSent> {
+        self.connections
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .map(|c| {
+                let stats = c.stats();
+                LinkSent {
+                    bytes: stats.udp_tx.bytes,
+                    rtt: stats.path.rtt,
+                }
+            })
     }
 
     /// Measures the link to `peer`: sends `bytes` bytes (a `Measure`), and from the

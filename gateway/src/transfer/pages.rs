@@ -930,6 +930,10 @@ pub struct PageCache {
     /// Holding pages sent ahead that may be stale: nothing is served until the source's
     /// stale list came ([`bulk_fetch`] releases it).
     held: tokio::sync::watch::Sender<bool>,
+    /// Pages sent ahead still arriving (the source starts its freeze once it has written
+    /// them, not once they came): no stale list is applied before the last one came, or
+    /// a page that came after the list would be served stale.
+    arriving: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for PageCache {
@@ -938,7 +942,17 @@ impl Default for PageCache {
             pages: Mutex::default(),
             arrived: Notify::new(),
             held: tokio::sync::watch::Sender::new(false),
+            arriving: tokio::sync::watch::Sender::new(false),
         }
+    }
+}
+
+/// Marks the pages sent ahead as all come (or never to come) when dropped.
+struct ArrivalEnds<'a>(&'a PageCache);
+
+impl Drop for ArrivalEnds<'_> {
+    fn drop(&mut self) {
+        self.0.arriving.send_replace(false);
     }
 }
 
@@ -948,6 +962,32 @@ impl PageCache {
         let cache = Self::default();
         cache.held.send_replace(true);
         cache
+    }
+
+    /// A held cache whose pages sent ahead are about to arrive ([`receive_prepush`]
+    /// fills it): a stale list waits until they all came.
+    pub fn arriving() -> Self {
+        let cache = Self::held();
+        cache.arriving.send_replace(true);
+        cache
+    }
+
+    /// Waits until no page sent ahead is still on its way (the stream ended, whole or
+    /// not), so that a stale list applied next forgets every stale page.
+    async fn all_arrived(&self) -> std::io::Result<()> {
+        if !*self.arriving.borrow() {
+            return Ok(());
+        }
+        let mut arriving = self.arriving.subscribe();
+        tokio::time::timeout(STALE_DEADLINE, arriving.wait_for(|a| !*a))
+            .await
+            .map_err(|_| {
+                std::io::Error::other(
+                    "the pages sent ahead never finished arriving; the stale list cannot be applied",
+                )
+            })?
+            .map_err(|_| std::io::Error::other("the page cache is gone"))?;
+        Ok(())
     }
 
     /// Applies the source's stale list and serves from then on; true if it did. A cache
@@ -1191,6 +1231,7 @@ async fn bulk_attempt(
     })
     .await?;
     let stale = read_stale(&mut conn).await?;
+    cache.all_arrived().await?;
     if cache.settle(&stale) || settled.is_some() {
         pushed.stale = match &stale {
             Stale::All => 0,
@@ -1693,6 +1734,7 @@ pub async fn receive_prepush(
     max_pages: u64,
     held: Option<Arc<dyn Held>>,
 ) -> std::io::Result<u64> {
+    let _ends = ArrivalEnds(cache);
     let mut pages = 0;
     loop {
         let chunk = read_chunk_held(inp, held.as_ref()).await?;
@@ -1722,6 +1764,7 @@ pub async fn receive_settled(
         Stale::All => 0,
         Stale::Only(keys) => keys.len() as u64,
     };
+    cache.all_arrived().await?;
     cache.settle(&stale);
     let mut pages = 0;
     loop {
@@ -2415,6 +2458,75 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("more pages than the 1"), "{e}");
         std::hint::black_box(&now);
+    }
+
+    #[tokio::test]
+    async fn a_stale_list_waits_for_the_pages_sent_ahead_still_on_their_way() {
+        let at = 0x7000_0000u64;
+        let cache = Arc::new(PageCache::arriving());
+        // The push is written but its last page is still on the link.
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        let arriving = tokio::spawn({
+            let cache = Arc::clone(&cache);
+            async move { receive_prepush(&mut rx, &cache, u64::MAX, None).await }
+        });
+        // Meanwhile the stale list names that page, with its content as frozen.
+        let mut settle: Vec<u8> = Vec::new();
+        write_stale(&mut settle, &Stale::Only(vec![(4, at)]))
+            .await
+            .unwrap();
+        write_chunk_packed(
+            &mut settle,
+            &Chunk::run(4, at, vec![2u8; page_bytes(1)]),
+            None,
+        )
+        .await
+        .unwrap();
+        write_chunk_packed(&mut settle, &Chunk::end(), None)
+            .await
+            .unwrap();
+        let settling = tokio::spawn({
+            let cache = Arc::clone(&cache);
+            async move { receive_settled(&mut settle.as_slice(), &cache).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !settling.is_finished(),
+            "the list was applied before the push came"
+        );
+        // The old content arrives last, then the push ends.
+        write_chunk_packed(&mut tx, &Chunk::run(4, at, vec![1u8; page_bytes(1)]), None)
+            .await
+            .unwrap();
+        write_chunk_packed(&mut tx, &Chunk::end(), None)
+            .await
+            .unwrap();
+        assert_eq!(arriving.await.unwrap().unwrap(), 1);
+        assert_eq!(settling.await.unwrap().unwrap(), (1, 1));
+        cache.ready().await.unwrap();
+        assert_eq!(
+            cache.run_from(4, at, 1),
+            vec![2u8; page_bytes(1)],
+            "served stale"
+        );
+        // A push that breaks off also lets the list through.
+        let cache = Arc::new(PageCache::arriving());
+        let (tx, mut rx) = tokio::io::duplex(1 << 10);
+        let arriving = tokio::spawn({
+            let cache = Arc::clone(&cache);
+            async move { receive_prepush(&mut rx, &cache, u64::MAX, None).await }
+        });
+        drop(tx);
+        assert!(arriving.await.unwrap().is_err());
+        let mut settle: Vec<u8> = Vec::new();
+        write_stale(&mut settle, &Stale::All).await.unwrap();
+        write_chunk_packed(&mut settle, &Chunk::end(), None)
+            .await
+            .unwrap();
+        receive_settled(&mut settle.as_slice(), &cache)
+            .await
+            .unwrap();
+        cache.ready().await.unwrap();
     }
 
     #[tokio::test]
