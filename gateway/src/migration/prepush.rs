@@ -34,9 +34,9 @@ impl Drop for ReleaseLater {
 
 /// About what holding the clients and the lazy dump take before the image starts to
 /// travel, for a tree of `bytes` sent ahead (measured here: 45-55 ms at 64 MiB, 62-92 ms at
-/// 1 GiB): the freeze starts that long before the link should have carried the last page
-/// sent ahead, so the dump overlaps the end of the push and the image then travels on a
-/// link the push has just left.
+/// 1 GiB): the freeze starts that long before the last page sent ahead should have left
+/// the link's queue, so the dump overlaps the end of the push and the image then goes
+/// out on a link the push has just left.
 fn lead(bytes: u64) -> Duration {
     Duration::from_millis(50 + bytes / (32 << 20))
 }
@@ -283,8 +283,8 @@ impl Engine {
         let Some(before) = before else {
             return Duration::ZERO;
         };
-        // Once all is sent, the last byte is across a round trip later at most (the
-        // round trip measured now: with the queues the push filled on the way).
+        // Once all is sent, the last byte leaves the queue the push filled on the way
+        // (at the bottleneck) as long after as the queue holds.
         let mut all_sent: Option<Instant> = None;
         let mut last = (Instant::now(), 0u64);
         while waiting.elapsed() < TAIL_WAIT_MAX {
@@ -309,7 +309,7 @@ impl Engine {
             }
             last = (Instant::now(), sent);
             let travelling = now
-                .rtt
+                .queued()
                 .saturating_sub(all_sent.map_or(Duration::ZERO, |t| t.elapsed()));
             if unsent + travelling <= lead {
                 break;

@@ -189,6 +189,15 @@ impl Engine {
             }
         };
         tracing::info!(migration = id, workload = %m.workload, from = peer, generation, "incoming migration prepared");
+        // This site's own connection to the source (a post-copy page phase, the status
+        // it reports) is set up now, not as the copy starts to need pages.
+        let peers = Arc::clone(&self.peers);
+        let source = peer.to_string();
+        self.tasks.spawn(async move {
+            if let Err(e) = peers.connection(&source).await {
+                tracing::debug!(peer = %source, error = %e, "no connection to the source yet; made when needed");
+            }
+        });
         Response::Prepared { generation }
     }
 

@@ -154,12 +154,20 @@ fn transport(initial_window: u64) -> quinn::TransportConfig {
 }
 
 /// What a peer connection has put on the wire (UDP payload bytes, its packets' headers
-/// included) and its round-trip time as measured now (queues on the way included: what
-/// was sent reaches the peer within about that long).
+/// included), its round-trip time as measured now (with the queues on the way) and the
+/// least it measured (without them).
 #[derive(Debug, Clone, Copy)]
 pub struct LinkSent {
     pub bytes: u64,
     pub rtt: Duration,
+    pub min_rtt: Duration,
+}
+
+impl LinkSent {
+    /// How long what is sent now waits in the queues on the way (the bottleneck's).
+    pub fn queued(&self) -> Duration {
+        self.rtt.saturating_sub(self.min_rtt)
+    }
 }
 
 impl PeerLink {
@@ -235,6 +243,7 @@ impl PeerLink {
                 LinkSent {
                     bytes: stats.udp_tx.bytes,
                     rtt: stats.path.rtt,
+                    min_rtt: stats.path.min_rtt,
                 }
             })
     }
