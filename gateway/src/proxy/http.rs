@@ -51,6 +51,28 @@ impl ClientState {
     }
 }
 
+/// The client's address as the workload is told it, made once per connection.
+struct Forwarding {
+    ip: IpAddr,
+    /// `X-Forwarded-For` when the request names no proxy before.
+    xff: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl Forwarding {
+    fn new(ip: IpAddr) -> Option<Self> {
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        Some(Self {
+            ip,
+            xff: HeaderValue::from_str(&ip.to_string()).ok()?,
+            forwarded: HeaderValue::from_str(&format!("for={node};proto=http")).ok()?,
+        })
+    }
+}
+
 pub(super) async fn serve(
     conn: TcpStream,
     route: RouteSpec,
@@ -58,12 +80,17 @@ pub(super) async fn serve(
     peers: Arc<PeerLink>,
     limits: HoldLimits,
 ) {
-    let client = conn.peer_addr().ok().map(|a| a.ip());
+    let client = conn
+        .peer_addr()
+        .ok()
+        .and_then(|a| Forwarding::new(a.ip()))
+        .map(Arc::new);
     let state = Arc::new(Mutex::new(ClientState::new(&routed)));
+    let route = Arc::new(route);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        proxy_headers(req.headers_mut(), client);
+        proxy_headers(req.headers_mut(), client.as_deref());
         let (route, routed, peers, limits, state) = (
-            route.clone(),
+            Arc::clone(&route),
             Arc::clone(&routed),
             Arc::clone(&peers),
             limits.clone(),
@@ -116,7 +143,7 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// A request's headers as the workload gets them: without the hop-by-hop ones, with
 /// the client's address appended to `X-Forwarded-For` and in `Forwarded`.
-fn proxy_headers(headers: &mut HeaderMap, client: Option<IpAddr>) {
+fn proxy_headers(headers: &mut HeaderMap, client: Option<&Forwarding>) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -130,21 +157,16 @@ fn proxy_headers(headers: &mut HeaderMap, client: Option<IpAddr>) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    let Some(ip) = client else { return };
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(before) => format!("{before}, {ip}"),
-        None => ip.to_string(),
+    let Some(client) = client else { return };
+    let xff = match headers.get("x-forwarded-for").map(HeaderValue::to_str) {
+        Some(Ok(before)) => HeaderValue::from_str(&format!("{before}, {}", client.ip)).ok(),
+        // Not text: replaced by the one address this proxy knows.
+        Some(Err(_)) | None => Some(client.xff.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert("x-forwarded-for", v);
     }
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto=http")) {
-        headers.append("forwarded", v);
-    }
+    headers.append("forwarded", client.forwarded.clone());
 }
 
 fn plain(status: StatusCode, text: String) -> Response<Body> {
@@ -298,7 +320,10 @@ mod tests {
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.7"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
-        proxy_headers(&mut h, Some("10.213.0.9".parse().unwrap()));
+        proxy_headers(
+            &mut h,
+            Forwarding::new("10.213.0.9".parse().unwrap()).as_ref(),
+        );
         for gone in ["connection", "keep-alive", "x-secret", "upgrade"] {
             assert!(!h.contains_key(gone), "{gone}");
         }
@@ -306,7 +331,10 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "192.0.2.7, 10.213.0.9");
         assert_eq!(h["forwarded"], "for=10.213.0.9;proto=http");
         let mut h = HeaderMap::new();
-        proxy_headers(&mut h, Some("2001:db8::1".parse().unwrap()));
+        proxy_headers(
+            &mut h,
+            Forwarding::new("2001:db8::1".parse().unwrap()).as_ref(),
+        );
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
     }
 
