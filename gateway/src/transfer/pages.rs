@@ -947,6 +947,23 @@ impl Default for PageCache {
     }
 }
 
+/// Waits (at most [`STALE_DEADLINE`], else `late` is the error) until `flag` is false.
+/// Every page request asks: once cleared, no subscription.
+async fn cleared(
+    flag: &tokio::sync::watch::Sender<bool>,
+    late: &'static str,
+) -> std::io::Result<()> {
+    if !*flag.borrow() {
+        return Ok(());
+    }
+    let mut set = flag.subscribe();
+    tokio::time::timeout(STALE_DEADLINE, set.wait_for(|on| !*on))
+        .await
+        .map_err(|_| std::io::Error::other(late))?
+        .map_err(|_| std::io::Error::other("the page cache is gone"))?;
+    Ok(())
+}
+
 /// Marks the pages sent ahead as all come (or never to come) when dropped.
 struct ArrivalEnds<'a>(&'a PageCache);
 
@@ -975,19 +992,11 @@ impl PageCache {
     /// Waits until no page sent ahead is still on its way (the stream ended, whole or
     /// not), so that a stale list applied next forgets every stale page.
     async fn all_arrived(&self) -> std::io::Result<()> {
-        if !*self.arriving.borrow() {
-            return Ok(());
-        }
-        let mut arriving = self.arriving.subscribe();
-        tokio::time::timeout(STALE_DEADLINE, arriving.wait_for(|a| !*a))
-            .await
-            .map_err(|_| {
-                std::io::Error::other(
-                    "the pages sent ahead never finished arriving; the stale list cannot be applied",
-                )
-            })?
-            .map_err(|_| std::io::Error::other("the page cache is gone"))?;
-        Ok(())
+        cleared(
+            &self.arriving,
+            "the pages sent ahead never finished arriving; the stale list cannot be applied",
+        )
+        .await
     }
 
     /// Applies the source's stale list and serves from then on; true if it did. A cache
@@ -1017,20 +1026,11 @@ impl PageCache {
 
     /// Waits until the cache may be served from.
     async fn ready(&self) -> std::io::Result<()> {
-        // Every page request asks: once released, no subscription.
-        if !*self.held.borrow() {
-            return Ok(());
-        }
-        let mut held = self.held.subscribe();
-        tokio::time::timeout(STALE_DEADLINE, held.wait_for(|h| !*h))
-            .await
-            .map_err(|_| {
-                std::io::Error::other(
-                    "the source never said which pages sent ahead are stale; none may be served",
-                )
-            })?
-            .map_err(|_| std::io::Error::other("the page cache is gone"))?;
-        Ok(())
+        cleared(
+            &self.held,
+            "the source never said which pages sent ahead are stale; none may be served",
+        )
+        .await
     }
 
     fn insert(&self, chunk: Chunk) {
