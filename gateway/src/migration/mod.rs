@@ -543,6 +543,11 @@ pub struct Engine {
     cancel: CancellationToken,
 }
 
+/// Milliseconds of `d`, for records and logs (saturating).
+pub(crate) fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Engine {
     pub fn new(
         settings: EngineSettings,

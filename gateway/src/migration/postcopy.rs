@@ -220,7 +220,7 @@ impl Engine {
             return Ok(Paged::DestinationLost(lost_reason(&m.target, state)));
         }
         let (pages, wire) = self.stop_page_source(id);
-        let window = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let window = super::ms(started.elapsed());
         // The pages crossed the link too, after the switch.
         self.update(id, |m| {
             m.timings.postcopy_ms = Some(window);
@@ -520,7 +520,7 @@ impl Engine {
                         migration = %id_owned,
                         pages,
                         of = total,
-                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        ms = super::ms(started.elapsed()),
                         "every lazy page pushed"
                     );
                     if let Some(engine) = this {

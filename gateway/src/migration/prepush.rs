@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{locked, Engine};
+use super::{locked, ms, Engine};
 use crate::peer::wire::{ErrorCode, Request, Response};
 use crate::peer::Body;
 use crate::sys::{memory, process};
@@ -60,6 +60,21 @@ fn unsent_for(written: u64, sent: u64, elapsed: Duration) -> Option<Duration> {
     let rate = sent as f64 / secs;
     let unsent = (written as f64 * WIRE_OVERHEAD - sent as f64).max(0.0);
     Some(Duration::from_secs_f64(unsent / rate))
+}
+
+/// `target`'s answer to a request whose body went on `send`: `Ready`, else why not.
+async fn ready(
+    peers: &crate::peer::PeerLink,
+    target: &str,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), String> {
+    match peers.answer(target, send, recv).await {
+        Ok(Response::Ready) => Ok(()),
+        Ok(Response::Error { message, .. }) => Err(message),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Whether a link that sent `step` bytes in the last `dt` went idle: under a tenth of its
@@ -122,25 +137,32 @@ fn stacks_first(
 
 impl Engine {
     /// Sends `req` to `target` with the body `write` puts on its stream; the body's
-    /// result once `target` answers `Ready`, else why not.
-    async fn with_body<T>(
+    /// result and the open stream, whose answer [`ready`] reads.
+    async fn write_body<T>(
         &self,
         target: &str,
         req: &Request,
         write: impl AsyncFnOnce(&mut quinn::SendStream) -> std::io::Result<T>,
-    ) -> Result<T, String> {
+    ) -> Result<(T, quinn::SendStream, quinn::RecvStream), String> {
         let (mut send, recv) = self
             .peers
             .open_request(target, req)
             .await
             .map_err(|e| e.to_string())?;
         let out = write(&mut send).await.map_err(|e| e.to_string())?;
-        match self.peers.answer(target, send, recv).await {
-            Ok(Response::Ready) => Ok(out),
-            Ok(Response::Error { message, .. }) => Err(message),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        Ok((out, send, recv))
+    }
+
+    /// As [`Self::write_body`], then `target`'s answer: the body's result once it
+    /// answers `Ready`, else why not.
+    async fn with_body<T>(
+        &self,
+        target: &str,
+        req: &Request,
+        write: impl AsyncFnOnce(&mut quinn::SendStream) -> std::io::Result<T>,
+    ) -> Result<T, String> {
+        let (out, send, recv) = self.write_body(target, req, write).await?;
+        ready(&self.peers, target, send, recv).await.map(|()| out)
     }
 
     /// Source, before the freeze: sends the running tree's pages ahead, and returns once
@@ -157,70 +179,61 @@ impl Engine {
         held: Option<Arc<crate::transfer::HeldSet>>,
     ) {
         let started = Instant::now();
-        let elapsed = move || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let tree = tree_of(init);
         let req = Request::Prepush {
             migration: id.to_string(),
         };
-        let written = async {
-            let (mut send, recv) = self
-                .peers
-                .open_request(target, &req)
+        let written = self
+            .write_body(target, &req, async |send| {
+                let before = self.peers.sent(target);
+                // The kernel tracks writes from here (where it can), before any page is
+                // read.
+                let (mut sent, tracked) = tokio::task::spawn_blocking({
+                    let tree = tree.clone();
+                    move || {
+                        let mut sent = Prepushed::with_held(held);
+                        let tracked = sent.track(&tree);
+                        (sent, tracked)
+                    }
+                })
                 .await
                 .map_err(std::io::Error::other)?;
-            let before = self.peers.sent(target);
-            // The kernel tracks writes from here (where it can), before any page is read.
-            let (mut sent, tracked) = tokio::task::spawn_blocking({
-                let tree = tree.clone();
-                move || {
-                    let mut sent = Prepushed::with_held(held);
-                    let tracked = sent.track(&tree);
-                    (sent, tracked)
-                }
-            })
-            .await
-            .map_err(std::io::Error::other)?;
-            tracing::debug!(
-                migration = id,
-                processes = tree.len(),
-                tracked,
-                "write tracking"
-            );
-            // A first pass sends every page; a second only those written during the
-            // first, so the freeze finds few written since.
-            let mut wire = 0;
-            for pass in 0..PASSES {
-                let (pages, bytes) = pages::prepush(&mut send, &tree, &mut sent).await?;
-                wire += bytes;
                 tracing::debug!(
                     migration = id,
-                    pass,
-                    pages,
-                    wire = bytes,
-                    ms = elapsed(),
-                    "pass over the running tree written"
+                    processes = tree.len(),
+                    tracked,
+                    "write tracking"
                 );
-            }
-            wire += pages::end_prepush(&mut send).await?;
-            let waited = self
-                .until_tail_within(
-                    target,
-                    before,
-                    started,
-                    wire,
-                    lead(sent.pages() as u64 * memory::PAGE),
-                )
-                .await;
-            tracing::debug!(
-                migration = id,
-                ms = elapsed(),
-                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                "pages sent ahead written; the freeze starts while the last of them travel"
-            );
-            Ok::<_, std::io::Error>((sent, wire, send, recv))
-        }
-        .await;
-        let (sent, wire, send, recv) = match written {
+                // A first pass sends every page; a second only those written during the
+                // first, so the freeze finds few written since.
+                let mut wire = 0;
+                for pass in 0..PASSES {
+                    let (pages, bytes) = pages::prepush(send, &tree, &mut sent).await?;
+                    wire += bytes;
+                    tracing::debug!(
+                        migration = id,
+                        pass,
+                        pages,
+                        wire = bytes,
+                        ms = ms(started.elapsed()),
+                        "pass over the running tree written"
+                    );
+                }
+                wire += pages::end_prepush(send).await?;
+                let lead = lead(sent.pages() as u64 * memory::PAGE);
+                let waited = self
+                    .until_tail_within(target, before, started, wire, lead)
+                    .await;
+                tracing::debug!(
+                    migration = id,
+                    ms = ms(started.elapsed()),
+                    waited_ms = ms(waited),
+                    "pages sent ahead written; the freeze starts while the last of them travel"
+                );
+                Ok((sent, wire))
+            })
+            .await;
+        let ((sent, wire), send, recv) = match written {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(migration = id, error = %e, "could not send pages ahead; they all follow the switch");
@@ -243,9 +256,9 @@ impl Engine {
         };
         let (id, target) = (id.to_string(), target.to_string());
         self.tasks.spawn(async move {
-            match engine.peers.answer(&target, send, recv).await {
-                Ok(Response::Ready) => {
-                    let ms = elapsed();
+            match ready(&engine.peers, &target, send, recv).await {
+                Ok(()) => {
+                    let ms = ms(started.elapsed());
                     tracing::info!(
                         migration = %id,
                         pages = ahead,
@@ -255,14 +268,8 @@ impl Engine {
                     );
                     let _ = engine.note(&id, |m| m.timings.prepush_ms = Some(ms));
                 }
-                Ok(Response::Error { message, .. }) => {
-                    tracing::warn!(migration = %id, error = %message, "the destination did not keep the pages sent ahead; they follow the switch");
-                }
-                Ok(other) => {
-                    tracing::warn!(migration = %id, answer = ?other, "unexpected answer to the pages sent ahead; they follow the switch");
-                }
                 Err(e) => {
-                    tracing::warn!(migration = %id, error = %e, "the pages sent ahead were not acknowledged; they follow the switch");
+                    tracing::warn!(migration = %id, error = %e, "the destination did not keep the pages sent ahead; they follow the switch");
                 }
             }
         });
@@ -286,7 +293,7 @@ impl Engine {
         // Once all is sent, the last byte leaves the queue the push filled on the way
         // (at the bottleneck) as long after as the queue holds.
         let mut all_sent: Option<Instant> = None;
-        let mut last = (Instant::now(), 0u64);
+        let mut last: Option<(Instant, u64)> = None;
         while waiting.elapsed() < TAIL_WAIT_MAX {
             let Some(now) = self.peers.sent(target) else {
                 break;
@@ -297,17 +304,18 @@ impl Engine {
             };
             // All is sent when the estimate says so, or when the link, busy so far,
             // went idle (the estimate of the headers is only an estimate).
-            let idle = last.1 > 0
-                && went_idle(
-                    sent.saturating_sub(last.1),
-                    last.0.elapsed(),
+            let idle = last.is_some_and(|(at, then)| {
+                went_idle(
+                    sent.saturating_sub(then),
+                    at.elapsed(),
                     sent,
                     started.elapsed(),
-                );
+                )
+            });
             if unsent.is_zero() || idle {
                 all_sent.get_or_insert_with(Instant::now);
             }
-            last = (Instant::now(), sent);
+            last = Some((Instant::now(), sent));
             let travelling = now
                 .queued()
                 .saturating_sub(all_sent.map_or(Duration::ZERO, |t| t.elapsed()));
@@ -348,7 +356,7 @@ impl Engine {
                 if stopped(&tree) {
                     let settled = sent.settle(&tree, |r| stacks_first(r, &tree), compressed);
                     tracing::debug!(
-                        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        ms = ms(started.elapsed()),
                         stale = settled.as_ref().map(|s| s.stale.len()),
                         "stale pages found while the dump ran"
                     );
@@ -418,7 +426,7 @@ impl Engine {
                 ahead = sent.pages(),
                 stale = settled.stale.len(),
                 found_while_dumping = !fresh,
-                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ms = ms(started.elapsed()),
                 "pages written since they went ahead"
             );
             let stale = Stale::Only(settled.stale.clone());
@@ -469,7 +477,7 @@ impl Engine {
                     migration = id,
                     pages,
                     wire,
-                    ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    ms = ms(started.elapsed()),
                     "stale list and pages sent"
                 );
             }

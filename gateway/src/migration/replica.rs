@@ -249,7 +249,7 @@ impl Engine {
             self.discard_replica(id).await;
             return Response::error(ErrorCode::RestoreFailed, reason);
         }
-        let restore_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let restore_ms = super::ms(started.elapsed());
         if let Err(e) = self.update(id, |m| {
             m.phase = Phase::Completed;
             m.timings.restore_ms = Some(restore_ms);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::source::{confirm, hold_clients, prepare, prepare_destination, request_switch};
-use super::{Engine, MigrationError, Phase};
+use super::{ms, Engine, MigrationError, Phase};
 use crate::peer::wire::{Request, Response};
 use crate::plugins::AdapterCall;
 use crate::spec::WorkloadSpec;
@@ -180,8 +180,4 @@ async fn wait_in_sync(
             () = tokio::time::sleep(SYNC_POLL) => {}
         }
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{remove_dir, Engine, MigrationError, Phase, Role};
+use super::{ms, remove_dir, Engine, MigrationError, Phase, Role};
 use crate::criu::layout;
 use crate::peer::wire::{Request, Response, TargetState};
 use crate::plugins::AdapterCall;
@@ -730,8 +730,4 @@ pub(super) async fn finish_rollback(
         Some(m) => tracing::info!(phase = %m.phase, "rolled back"),
         None => tracing::error!("no record of this migration to end"),
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
 }

@@ -227,25 +227,27 @@ impl PeerLink {
 
     /// The round-trip time QUIC measures on the live connection to `peer`, if any.
     pub fn rtt(&self, peer: &str) -> Option<Duration> {
+        self.live(peer).map(|c| c.rtt())
+    }
+
+    /// The connection to `peer` if it is open (none is dialled).
+    fn live(&self, peer: &str) -> Option<quinn::Connection> {
         self.connections
             .get(peer)
             .filter(|c| c.close_reason().is_none())
-            .map(|c| c.rtt())
+            .map(|c| c.clone())
     }
 
     /// What the live connection to `peer` has sent so far, if there is one.
     pub fn sent(&self, peer: &str) -> Option<LinkSent> {
-        self.connections
-            .get(peer)
-            .filter(|c| c.close_reason().is_none())
-            .map(|c| {
-                let stats = c.stats();
-                LinkSent {
-                    bytes: stats.udp_tx.bytes,
-                    rtt: stats.path.rtt,
-                    min_rtt: stats.path.min_rtt,
-                }
-            })
+        self.live(peer).map(|c| {
+            let stats = c.stats();
+            LinkSent {
+                bytes: stats.udp_tx.bytes,
+                rtt: stats.path.rtt,
+                min_rtt: stats.path.min_rtt,
+            }
+        })
     }
 
     /// Measures the link to `peer`: sends `bytes` bytes (a `Measure`), and from the
@@ -301,10 +303,8 @@ impl PeerLink {
 
     /// The live connection to `peer`, dialled if needed.
     pub async fn connection(&self, peer: &str) -> Result<quinn::Connection, PeerError> {
-        if let Some(c) = self.connections.get(peer) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.live(peer) {
+            return Ok(c);
         }
         let pc = self.peer_config(peer)?;
         let tls = identity::client_config(pc.fingerprint, Some(&self.identity), ALPN)?;
