@@ -436,6 +436,11 @@ impl Site {
         }
     }
 
+    /// The running gateway's process id (nsenter execs it, so it is the gateway's own).
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.as_ref().map(Child::id)
+    }
+
     /// Stops the gateway (SIGTERM, then SIGKILL) and waits for it.
     pub fn stop_gateway(&mut self) {
         if let Some(mut child) = self.gateway.take() {

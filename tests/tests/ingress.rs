@@ -341,3 +341,187 @@ fn many_forwarded_clients_do_not_starve_the_peer_link() -> Result<()> {
     );
     Ok(())
 }
+
+/// An HTTP/1.1 workload that frames its answers every way: `/echo` answers the request's
+/// body chunked, with a trailer; `/big` 1 MiB with a length; `/close` a body that runs
+/// to the end of the connection; anything else says what it was told
+/// (version, X-Forwarded-For, Expect).
+const FRAMINGS_SERVER: &str = r#"
+import socket, sys, threading
+def head(f):
+    lines = []
+    while True:
+        l = f.readline()
+        if not l:
+            return None
+        if l == b"\r\n":
+            return lines
+        lines.append(l.decode().rstrip("\r\n"))
+def body(f, h):
+    if h.get("transfer-encoding", "").endswith("chunked"):
+        out = b""
+        while True:
+            size = int(f.readline().split(b";")[0], 16)
+            if size == 0:
+                while f.readline() not in (b"\r\n", b""):
+                    pass
+                return out
+            out += f.read(size)
+            f.readline()
+    return f.read(int(h.get("content-length", "0")))
+def serve(c):
+    f = c.makefile("rb")
+    while True:
+        lines = head(f)
+        if lines is None:
+            return
+        method, path, version = lines[0].split(" ")
+        h = {}
+        for l in lines[1:]:
+            k, v = l.split(":", 1)
+            h[k.strip().lower()] = v.strip()
+        data = body(f, h)
+        if path == "/echo":
+            c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                      + b"%x\r\n" % len(data) + data + b"\r\n0\r\nX-Sum: %d\r\n\r\n" % len(data))
+        elif path == "/big":
+            big = b"x" * 1048576
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n" % len(big)
+                      + (b"" if method == "HEAD" else big))
+        elif path == "/close":
+            c.sendall(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+            c.close()
+            return
+        else:
+            seen = ("%s %s %s" % (version, h.get("x-forwarded-for"), h.get("expect"))).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(seen) + seen)
+        if version == "HTTP/1.0":
+            c.close()
+            return
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A client that sends requests of every framing through the route on port argv[1] and
+/// checks each answer; prints "ok".
+const FRAMINGS_CLIENT: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+def conn():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s, s.makefile("rb")
+def response(f, head_only=False):
+    status = f.readline()
+    assert status, "connection closed"
+    h = {}
+    while True:
+        l = f.readline()
+        if l in (b"\r\n", b""):
+            break
+        k, v = l.decode().split(":", 1)
+        h[k.strip().lower()] = v.strip()
+    code = int(status.split()[1])
+    trailers = {}
+    if head_only or code < 200:
+        data = b""
+    elif "content-length" in h:
+        data = f.read(int(h["content-length"]))
+    elif h.get("transfer-encoding") == "chunked":
+        data = b""
+        while True:
+            size = int(f.readline(), 16)
+            if size == 0:
+                break
+            data += f.read(size)
+            f.readline()
+        while True:
+            l = f.readline()
+            if l == b"\r\n":
+                break
+            k, v = l.decode().split(":", 1)
+            trailers[k.strip().lower()] = v.strip()
+    else:
+        data = f.read()
+    return code, h, data, trailers
+s, f = conn()
+# Two requests in one write; the second has a chunked body, echoed chunked with a trailer.
+s.sendall(b"GET /seen HTTP/1.1\r\nHost: t\r\n\r\n"
+          b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+          b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n")
+code, h, data, _ = response(f)
+assert (code, data) == (200, b"HTTP/1.1 127.0.0.1 None"), (code, data)
+code, h, data, trailers = response(f)
+assert (code, data, trailers) == (200, b"hello world", {"x-sum": "11"}), (code, data, trailers)
+# Expect: 100-continue is answered before the body is sent.
+s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+code, _, _, _ = response(f)
+assert code == 100, code
+s.sendall(b"ping")
+code, _, data, _ = response(f)
+assert (code, data) == (200, b"ping"), (code, data)
+# A large answer with a length; the workload's hop-by-hop fields stop at the ingress.
+s.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+code, h, data, _ = response(f)
+assert (code, len(data)) == (200, 1048576) and "connection" not in h, (code, len(data), h)
+s.sendall(b"HEAD /big HTTP/1.1\r\nHost: t\r\n\r\n")
+code, h, data, _ = response(f, head_only=True)
+assert (code, h["content-length"]) == (200, "1048576"), (code, h)
+# A body framed two ways is refused, and the connection closes.
+s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+code, h, _, _ = response(f)
+assert code == 400 and h.get("connection") == "close", (code, h)
+assert f.read() == b""
+# An answer that runs to the end of its connection ends the client's connection too.
+s, f = conn()
+s.sendall(b"GET /close HTTP/1.1\r\nHost: t\r\n\r\n")
+code, h, data, _ = response(f)
+assert (code, data, h.get("connection")) == (200, b"until close", "close"), (code, data, h)
+# HTTP/1.0: answered, then closed.
+s, f = conn()
+s.sendall(b"GET /seen HTTP/1.0\r\n\r\n")
+code, h, data, _ = response(f)
+assert (code, data) == (200, b"HTTP/1.0 127.0.0.1 None"), (code, data)
+assert f.read() == b""
+print("ok")
+"#;
+
+#[test]
+fn http_messages_of_every_framing_pass_the_ingress_whole() -> Result<()> {
+    let sites = TwoSites::start(Options::new("ih1"))?;
+    std::fs::create_dir_all(&sites.work_root)?;
+    let server = sites.work_root.join("framings.py");
+    std::fs::write(&server, FRAMINGS_SERVER)?;
+    let server = server.display().to_string();
+    sites.a.ferry(&[
+        "workload",
+        "run",
+        "framings",
+        "--port",
+        "8080",
+        "--route",
+        "http:0.0.0.0:18080",
+        "--",
+        "python3",
+        &server,
+        "8080",
+    ])?;
+    ferry_e2e::wait_for("the workload's port", Duration::from_secs(10), || {
+        sites
+            .a
+            .exec("curl", &["-sf", "-m", "1", "http://127.0.0.1:18080/seen"])
+            .ok()
+    })?;
+    // To the workload's port here, then through the peer link once it runs at B.
+    let out = sites.a.exec("python3", &["-c", FRAMINGS_CLIENT, "18080"])?;
+    assert_eq!(out.trim(), "ok", "{out}");
+    let (ok, m) = sites.migrate("framings", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    let out = sites.a.exec("python3", &["-c", FRAMINGS_CLIENT, "18080"])?;
+    assert_eq!(out.trim(), "ok", "{out}");
+    Ok(())
+}

@@ -1,14 +1,14 @@
-//! One client connection in HTTP mode (HTTP/1.1, or HTTP/2 with prior knowledge, which
-//! goes to the workload as HTTP/1.1): each request goes to where the workload
-//! runs now. While it moves, requests wait (bounded); a request that cannot wait any
-//! longer, or finds the queue full, gets 503 with Retry-After: never a silent drop. After
-//! the move a route may answer 307 with the new site's address instead of forwarding.
-//! Each client connection keeps one backend connection (keep-alive) while the route's
-//! target stays the same; any change of target drops it, so nothing outlives a move.
-//! As a proxy it drops the hop-by-hop headers (RFC 9110 §7.6.1) and tells the workload
-//! who the client is (`X-Forwarded-For`, `Forwarded`); a client gets 30 s to send a
-//! request's headers (a slow or silent one is closed), and an HTTP/2 connection at most
-//! 128 requests at once.
+//! One client connection in HTTP mode that speaks HTTP/2 (prior knowledge; HTTP/1.x
+//! connections are forwarded by `h1`): served by hyper, each stream goes to the workload
+//! as an HTTP/1.1 request. Each request goes to where the workload runs now; while it
+//! moves, requests wait (bounded), and one that cannot wait any longer, or finds the
+//! queue full, gets 503 with Retry-After: never a silent drop. After the move a route may
+//! answer 307 with the new site's address instead of forwarding. The connection keeps one
+//! backend connection (keep-alive) while the route's target stays the same; any change of
+//! target drops it, so nothing outlives a move. As a proxy it drops the hop-by-hop
+//! headers (RFC 9110 §7.6.1) and tells the workload who the client is
+//! (`X-Forwarded-For`, `Forwarded`); a connection may have at most 128 requests at once.
+//! What both paths say to clients (texts, redirect address, client address) is here.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -22,7 +22,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Mutex};
 
 use super::tcp::dial;
@@ -52,15 +52,15 @@ impl ClientState {
 }
 
 /// The client's address as the workload is told it, made once per connection.
-struct Forwarding {
-    ip: IpAddr,
+pub(super) struct Forwarding {
+    pub(super) ip: IpAddr,
     /// `X-Forwarded-For` when the request names no proxy before.
-    xff: HeaderValue,
-    forwarded: HeaderValue,
+    pub(super) xff: HeaderValue,
+    pub(super) forwarded: HeaderValue,
 }
 
 impl Forwarding {
-    fn new(ip: IpAddr) -> Option<Self> {
+    pub(super) fn new(ip: IpAddr) -> Option<Self> {
         let node = match ip {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
@@ -73,20 +73,18 @@ impl Forwarding {
     }
 }
 
-pub(super) async fn serve(
-    conn: TcpStream,
-    route: RouteSpec,
+/// Serves an HTTP/2 client connection (`io` replays the preface already read).
+pub(super) async fn serve_h2<I>(
+    io: I,
+    client: Option<Arc<Forwarding>>,
+    route: Arc<RouteSpec>,
     routed: Arc<Routed>,
     peers: Arc<PeerLink>,
     limits: HoldLimits,
-) {
-    let client = conn
-        .peer_addr()
-        .ok()
-        .and_then(|a| Forwarding::new(a.ip()))
-        .map(Arc::new);
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let state = Arc::new(Mutex::new(ClientState::new(&routed)));
-    let route = Arc::new(route);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         proxy_headers(req.headers_mut(), client.as_deref());
         let (route, routed, peers, limits, state) = (
@@ -107,17 +105,12 @@ pub(super) async fn serve(
             Ok::<_, Infallible>(answer)
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .keep_alive(true)
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS);
-    if let Err(e) = builder.serve_connection(TokioIo::new(conn), service).await {
+        .max_concurrent_streams(MAX_STREAMS)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = served {
         tracing::debug!(error = %e, "client connection ended");
     }
 }
@@ -127,10 +120,10 @@ pub(super) async fn serve(
 const MAX_STREAMS: u32 = 128;
 
 /// Longest a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Headers for one hop only (RFC 9110 §7.6.1), besides those `Connection` names.
-const HOP_BY_HOP: [&str; 8] = [
+pub(super) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -193,10 +186,7 @@ async fn handle(
     let Some(target) = wait_for_target(&mut state.rx, routed, limits).await else {
         let mut r = plain(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "{} is moving to another site and did not resume in time; retry shortly\n",
-                routed.workload
-            ),
+            unavailable_text(&routed.workload),
         );
         r.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -213,8 +203,29 @@ async fn handle(
     routed.unbound.notify_waiters();
     answer.unwrap_or_else(|e| {
         tracing::warn!(workload = %routed.workload, ?target, error = %e, "cannot forward a request");
-        plain(StatusCode::BAD_GATEWAY, format!("{} cannot be reached: {e}\n", routed.workload))
+        plain(StatusCode::BAD_GATEWAY, unreachable_text(&routed.workload, &e))
     })
+}
+
+/// The answer to a request held past the bound (503).
+pub(super) fn unavailable_text(workload: &str) -> String {
+    format!("{workload} is moving to another site and did not resume in time; retry shortly\n")
+}
+
+/// The answer to a request the workload did not take (502).
+pub(super) fn unreachable_text(workload: &str, reason: &str) -> String {
+    format!("{workload} cannot be reached: {reason}\n")
+}
+
+/// Where a redirect route sends clients of a workload now at `peer`: the peer's address
+/// with the route's port.
+pub(super) fn redirect_authority(
+    route: &RouteSpec,
+    peer: &str,
+    peers: &PeerLink,
+) -> Option<std::net::SocketAddr> {
+    let ip = peers.peers().iter().find(|p| p.name == peer)?.address.ip();
+    Some(std::net::SocketAddr::new(ip, route.listen.port()))
 }
 
 /// 307 to the same path at the peer site's route, with Alt-Svc naming it.
@@ -224,8 +235,7 @@ fn redirect(
     peer: &str,
     peers: &PeerLink,
 ) -> Option<Response<Body>> {
-    let ip = peers.peers().iter().find(|p| p.name == peer)?.address.ip();
-    let authority = std::net::SocketAddr::new(ip, route.listen.port());
+    let authority = redirect_authority(route, peer, peers)?;
     let path = req
         .uri()
         .path_and_query()

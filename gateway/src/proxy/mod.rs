@@ -4,6 +4,7 @@
 //! holds traffic: connections stop at a quiet point, wait, and are re-bound to wherever
 //! the workload runs next, so clients keep their connections and see a pause, not an error.
 
+mod h1;
 mod http;
 mod tcp;
 mod tunnel;
@@ -207,6 +208,7 @@ impl Ingress {
     }
 
     async fn accept(self: Arc<Self>, listener: TcpListener, route: RouteSpec, routed: Arc<Routed>) {
+        let route = Arc::new(route);
         loop {
             let (conn, remote) = tokio::select! {
                 _ = routed.cancel.cancelled() => return,
@@ -229,7 +231,7 @@ impl Ingress {
                     .tasks
                     .spawn(tcp::serve(conn, routed, peers, limits).instrument(span)),
                 RouteMode::Http => self.tasks.spawn(
-                    http::serve(conn, route.clone(), routed, peers, limits).instrument(span),
+                    h1::serve(conn, Arc::clone(&route), routed, peers, limits).instrument(span),
                 ),
             };
         }

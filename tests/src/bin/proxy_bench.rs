@@ -177,7 +177,53 @@ impl Drop for Nginx {
     }
 }
 
-fn measure(sites: &TwoSites, addr: &str, conns: usize, seconds: f64) -> Result<Value> {
+/// The unit of /proc's CPU times: fixed at 100 per second in Linux's ABI.
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system, in clock ticks) used so far by process `pid` and its
+/// children (nginx's workers); 0 for a process that is gone.
+fn cpu_ticks(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The fields after the command name, which is in parentheses and may hold spaces.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .map(cpu_ticks)
+        .sum::<u64>();
+    own + children
+}
+
+/// One measurement: the load's summary, plus the CPU the proxy (`proxy`, with its
+/// children) spent per request, in microseconds.
+fn measure(
+    sites: &TwoSites,
+    addr: &str,
+    conns: usize,
+    seconds: f64,
+    proxy: Option<u32>,
+) -> Result<Value> {
+    let before = proxy.map(cpu_ticks);
+    let mut r = load_from_site(sites, addr, conns, seconds)?;
+    if let (Some(pid), Some(before)) = (proxy, before) {
+        let used_us = cpu_ticks(pid).saturating_sub(before) as f64 / USER_HZ * 1e6;
+        // Warm-up requests count too: the CPU was measured over the whole run.
+        let total = r["requests"].as_f64().unwrap_or(0.0) * (seconds + 1.0) / seconds;
+        if total > 0.0 {
+            r["cpu_us"] = json!(used_us / total);
+        }
+    }
+    Ok(r)
+}
+
+fn load_from_site(sites: &TwoSites, addr: &str, conns: usize, seconds: f64) -> Result<Value> {
     let out = sites
         .a
         .command(std::env::current_exe()?)
@@ -248,7 +294,7 @@ fn bench(args: &[String]) -> Result<()> {
         ),
     )?;
     let proxy = nginx_args(&proxy_dir, &proxy_conf);
-    let _proxy = Nginx(
+    let nginx_proxy = Nginx(
         sites
             .a
             .command(&proxy[0])
@@ -266,25 +312,30 @@ fn bench(args: &[String]) -> Result<()> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "{:<22} {:>6} {:>11} {:>9} {:>9}",
-        "way", "conns", "requests/s", "p50", "p99"
+        "{:<22} {:>6} {:>11} {:>9} {:>9} {:>12}",
+        "way", "conns", "requests/s", "p50", "p99", "proxy CPU"
     );
+    let gateway = sites.a.gateway_pid();
     let ways = [
-        ("direct", backend_addr.as_str()),
-        ("nginx reverse proxy", NGINX_PROXY),
-        ("ferry ingress http", FERRY_HTTP),
-        ("ferry ingress tcp", FERRY_TCP),
+        ("direct", backend_addr.as_str(), None),
+        ("nginx reverse proxy", NGINX_PROXY, Some(nginx_proxy.0.id())),
+        ("ferry ingress http", FERRY_HTTP, gateway),
+        ("ferry ingress tcp", FERRY_TCP, gateway),
     ];
     for &c in &conns {
-        for (way, addr) in ways {
-            let r = measure(&sites, addr, c, seconds)?;
+        for (way, addr, proxy) in ways {
+            let r = measure(&sites, addr, c, seconds, proxy)?;
+            let cpu = r["cpu_us"]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |us| format!("{us:.1} us/req"));
             println!(
-                "{:<22} {:>6} {:>11.0} {:>6.3} ms {:>6.3} ms",
+                "{:<22} {:>6} {:>11.0} {:>6.3} ms {:>6.3} ms {:>12}",
                 way,
                 c,
                 r["rps"].as_f64().unwrap_or(0.0),
                 r["p50_ms"].as_f64().unwrap_or(0.0),
                 r["p99_ms"].as_f64().unwrap_or(0.0),
+                cpu,
             );
         }
     }
