@@ -3,11 +3,13 @@
 //! the peer gateway now running it, through the QUIC link. During a migration the ingress
 //! holds traffic: connections stop at a quiet point, wait, and are re-bound to wherever
 //! the workload runs next, so clients keep their connections and see a pause, not an error.
+//! Accepted connections are carried by `workers`, one single-threaded runtime per core.
 
 mod h1;
 mod http;
 mod tcp;
 mod tunnel;
+mod workers;
 
 pub use tunnel::connect_port;
 
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -108,6 +110,8 @@ pub struct Ingress {
     limits: HoldLimits,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// The threads that carry client connections.
+    workers: workers::Workers,
     /// Itself, for tasks started through a shared reference.
     me: std::sync::Weak<Ingress>,
 }
@@ -137,6 +141,7 @@ impl Ingress {
             routed: DashMap::new(),
             tunnels: DashMap::new(),
             limits,
+            workers: workers::Workers::start(),
             cancel,
             tasks: TaskTracker::new(),
             me: me.clone(),
@@ -225,15 +230,31 @@ impl Ingress {
             let routed = Arc::clone(&routed);
             let peers = Arc::clone(&self.peers);
             let limits = self.limits.clone();
+            let route = Arc::clone(&route);
             let span = tracing::debug_span!("client", %remote);
-            match route.mode {
-                RouteMode::Tcp => self
-                    .tasks
-                    .spawn(tcp::serve(conn, routed, peers, limits).instrument(span)),
-                RouteMode::Http => self.tasks.spawn(
-                    h1::serve(conn, Arc::clone(&route), routed, peers, limits).instrument(span),
-                ),
+            let Some(worker) = self.workers.next() else {
+                self.tasks
+                    .spawn(serve(conn, route, routed, peers, limits).instrument(span));
+                continue;
             };
+            // The socket moves to the worker's runtime: registered there, polled there.
+            let conn = match conn.into_std() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand a client connection to a worker");
+                    continue;
+                }
+            };
+            self.tasks.spawn_on(
+                async move {
+                    match TcpStream::from_std(conn) {
+                        Ok(conn) => serve(conn, route, routed, peers, limits).await,
+                        Err(e) => tracing::warn!(error = %e, "cannot take a client connection"),
+                    }
+                }
+                .instrument(span),
+                worker,
+            );
         }
     }
 
@@ -326,6 +347,7 @@ impl Ingress {
         self.cancel.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(timeout, self.tasks.wait()).await;
+        self.workers.stop();
     }
 
     /// Each workload's routes: target and connections.
@@ -344,6 +366,20 @@ impl Ingress {
             .collect();
         v.sort_by(|a, b| a.workload.cmp(&b.workload));
         v
+    }
+}
+
+/// One client connection of a route, in the route's mode.
+async fn serve(
+    conn: TcpStream,
+    route: Arc<RouteSpec>,
+    routed: Arc<Routed>,
+    peers: Arc<PeerLink>,
+    limits: HoldLimits,
+) {
+    match route.mode {
+        RouteMode::Tcp => tcp::serve(conn, routed, peers, limits).await,
+        RouteMode::Http => h1::serve(conn, route, routed, peers, limits).await,
     }
 }
 

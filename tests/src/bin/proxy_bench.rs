@@ -7,8 +7,13 @@
 //! on keep-alive connections send `GET /` for a fixed time; the run prints requests/s and
 //! p50/p99 latency for each way and each concurrency.
 //!
+//! The ways take turns: each round measures every way once, and a row gives the median
+//! of the rounds (and the range of requests/s), so a slow moment of the machine falls on
+//! every way alike rather than on one.
+//!
 //! Usage: ferry-proxy-bench [SECONDS]   (default 5, after 1 s of warm-up)
-//!   FERRY_PROXY_BENCH_CONNS=1,32   concurrent connections, one measurement each
+//!   FERRY_PROXY_BENCH_CONNS=1,32   concurrent connections
+//!   FERRY_PROXY_BENCH_ROUNDS=3     measurements of each way at each concurrency
 //!
 //! Internal subcommand (run inside site A's namespace): load ADDR CONNS SECONDS.
 
@@ -236,6 +241,16 @@ fn load_from_site(sites: &TwoSites, addr: &str, conns: usize, seconds: f64) -> R
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The middle value of sorted `v` (the mean of the two middle ones for an even count).
+fn median(v: &[f64]) -> Option<f64> {
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some(f64::midpoint(v[n / 2 - 1], v[n / 2])),
+    }
+}
+
 fn wait_for_http(sites: &TwoSites, addr: &str) -> Result<()> {
     ferry_e2e::wait_for(addr, Duration::from_secs(10), || {
         sites
@@ -254,6 +269,12 @@ fn bench(args: &[String]) -> Result<()> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
+    let rounds: usize = std::env::var("FERRY_PROXY_BENCH_ROUNDS")
+        .ok()
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(3);
+    anyhow::ensure!(rounds > 0, "FERRY_PROXY_BENCH_ROUNDS must be at least 1");
     anyhow::ensure!(
         Path::new("/usr/sbin/nginx").exists(),
         "nginx is missing: run scripts/setup"
@@ -308,12 +329,13 @@ fn bench(args: &[String]) -> Result<()> {
     }
     println!(
         "GET / answered by nginx (1 worker) at site A; closed-loop keep-alive clients \
-         (1 thread), {seconds} s per row after 1 s warm-up; all on this machine's {} cores",
+         (1 thread), {seconds} s per measurement after 1 s warm-up, the median of {rounds} \
+         rounds taken in turns; all on this machine's {} cores",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "{:<22} {:>6} {:>11} {:>9} {:>9} {:>12}",
-        "way", "conns", "requests/s", "p50", "p99", "proxy CPU"
+        "{:<22} {:>6} {:>11} {:>15} {:>9} {:>9} {:>12}",
+        "way", "conns", "requests/s", "range", "p50", "p99", "proxy CPU"
     );
     let gateway = sites.a.gateway_pid();
     let ways = [
@@ -323,18 +345,33 @@ fn bench(args: &[String]) -> Result<()> {
         ("ferry ingress tcp", FERRY_TCP, gateway),
     ];
     for &c in &conns {
-        for (way, addr, proxy) in ways {
-            let r = measure(&sites, addr, c, seconds, proxy)?;
-            let cpu = r["cpu_us"]
-                .as_f64()
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); ways.len()];
+        for _ in 0..rounds {
+            for ((_, addr, proxy), got) in ways.iter().zip(runs.iter_mut()) {
+                got.push(measure(&sites, addr, c, seconds, *proxy)?);
+            }
+        }
+        for ((way, _, _), got) in ways.iter().zip(&runs) {
+            let field = |k: &str| -> Vec<f64> {
+                let mut v: Vec<f64> = got.iter().filter_map(|r| r[k].as_f64()).collect();
+                v.sort_by(f64::total_cmp);
+                v
+            };
+            let rps = field("rps");
+            let cpu = median(&field("cpu_us"))
                 .map_or_else(|| "-".to_string(), |us| format!("{us:.1} us/req"));
             println!(
-                "{:<22} {:>6} {:>11.0} {:>6.3} ms {:>6.3} ms {:>12}",
+                "{:<22} {:>6} {:>11.0} {:>15} {:>6.3} ms {:>6.3} ms {:>12}",
                 way,
                 c,
-                r["rps"].as_f64().unwrap_or(0.0),
-                r["p50_ms"].as_f64().unwrap_or(0.0),
-                r["p99_ms"].as_f64().unwrap_or(0.0),
+                median(&rps).unwrap_or(0.0),
+                format!(
+                    "{:.0}-{:.0}",
+                    rps.first().unwrap_or(&0.0),
+                    rps.last().unwrap_or(&0.0)
+                ),
+                median(&field("p50_ms")).unwrap_or(0.0),
+                median(&field("p99_ms")).unwrap_or(0.0),
                 cpu,
             );
         }
