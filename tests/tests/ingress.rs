@@ -344,7 +344,8 @@ fn many_forwarded_clients_do_not_starve_the_peer_link() -> Result<()> {
 
 /// An HTTP/1.1 workload that frames its answers every way: `/echo` answers the request's
 /// body chunked, with a trailer; `/big` 1 MiB with a length; `/close` a body that runs
-/// to the end of the connection; anything else says what it was told
+/// to the end of the connection; `/bye` answers, then closes the connection as an idle
+/// timeout would; anything else says what it was told
 /// (version, X-Forwarded-For, Expect).
 const FRAMINGS_SERVER: &str = r#"
 import socket, sys, threading
@@ -392,6 +393,11 @@ def serve(c):
             c.sendall(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
             c.close()
             return
+        elif path == "/bye":
+            # Answered as if the connection stayed open, then closed (an idle timeout).
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+            c.close()
+            return
         else:
             seen = ("%s %s %s" % (version, h.get("x-forwarded-for"), h.get("expect"))).encode()
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(seen) + seen)
@@ -410,7 +416,7 @@ while True:
 /// A client that sends requests of every framing through the route on port argv[1] and
 /// checks each answer; prints "ok".
 const FRAMINGS_CLIENT: &str = r#"
-import socket, sys
+import socket, sys, time
 port = int(sys.argv[1])
 def conn():
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -464,6 +470,15 @@ assert code == 100, code
 s.sendall(b"ping")
 code, _, data, _ = response(f)
 assert (code, data) == (200, b"ping"), (code, data)
+# The workload closes its side after an answer: the next request, not one to repeat,
+# still reaches it (on a new connection).
+s.sendall(b"GET /bye HTTP/1.1\r\nHost: t\r\n\r\n")
+code, _, data, _ = response(f)
+assert (code, data) == (200, b"bye"), (code, data)
+time.sleep(0.3)
+s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nagain")
+code, _, data, _ = response(f)
+assert (code, data) == (200, b"again"), (code, data)
 # A large answer with a length; the workload's hop-by-hop fields stop at the ingress.
 s.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
 code, h, data, _ = response(f)

@@ -637,6 +637,20 @@ struct Backend {
     buf: Buffer,
 }
 
+impl Backend {
+    /// The workload closed this kept connection (or sent bytes nobody asked for) since
+    /// its last answer: it takes no more requests. Looks without waiting: a connection
+    /// with nothing to read, the usual case, costs no syscall.
+    fn went_away(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        let mut probe = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(&mut self.r)
+            .poll_read(&mut cx, &mut probe)
+            .is_ready()
+    }
+}
+
 /// Why a request got no answer from the workload.
 enum Failed {
     /// Before any byte of the answer reached the client: it can be told (502).
@@ -763,7 +777,11 @@ impl Conn {
     /// Sends `req` to `target` and relays the answer. A kept connection that fails
     /// before answering is dialled again once, for a request that may be repeated.
     async fn forward(&mut self, mut req: Request, target: &Target) -> Result<bool, Failed> {
-        if self.backend.as_ref().is_some_and(|b| b.target != *target) {
+        if self
+            .backend
+            .as_mut()
+            .is_some_and(|b| b.target != *target || b.went_away())
+        {
             self.backend = None;
         }
         let mut retried = false;
@@ -1096,6 +1114,29 @@ mod tests {
         ] {
             assert!(Chunked::default().scan(bad).is_err(), "{:?}", text(bad));
         }
+    }
+
+    #[tokio::test]
+    async fn a_kept_backend_the_workload_closed_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = |s: TcpStream| {
+            let (r, w) = s.into_split();
+            Backend {
+                target: Target::Local,
+                r: Box::new(r),
+                w: Box::new(w),
+                buf: Buffer::new(),
+            }
+        };
+        let mut open = backend(TcpStream::connect(addr).await.unwrap());
+        let (kept, _) = listener.accept().await.unwrap();
+        let mut closed = backend(TcpStream::connect(addr).await.unwrap());
+        drop(listener.accept().await.unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!open.went_away());
+        assert!(closed.went_away());
+        drop(kept);
     }
 
     #[tokio::test]
