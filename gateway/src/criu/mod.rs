@@ -731,13 +731,26 @@ mod tests {
 
     #[test]
     fn a_criu_whose_help_names_the_option_leaves_lazy_pages_in_tasks() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("ferry-criu-help-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Each fake is written by a shell of its own, not by this process: a file this
+        // process held open for writing could be inherited by a child another test
+        // thread forks at that moment, and running it would then fail with "Text file
+        // busy".
         let fake = |name: &str, help: &str| {
             let path = dir.join(name);
-            std::fs::write(&path, format!("#!/bin/sh\nprintf '%s\\n' '{help}'\n")).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let script = format!("#!/bin/sh\nprintf '%s\\n' '{help}'\n");
+            let written = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    "printf '%s' \"$1\" > \"$2\" && chmod 755 \"$2\"",
+                    "sh",
+                ])
+                .arg(&script)
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(written.success());
             path
         };
         let patched = fake("patched", "  --lazy-pages-in-tasks dump: leave lazy pages");
