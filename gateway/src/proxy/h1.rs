@@ -77,11 +77,9 @@ pub(super) async fn serve(
                 limits,
                 ..
             } = c;
-            let io = Prefixed {
-                prefix: cbuf.filled().to_vec(),
-                at: 0,
-                io: client,
-            };
+            // What was read already is read again first.
+            let (r, w) = client.into_split();
+            let io = tokio::io::join(std::io::Cursor::new(cbuf.filled().to_vec()).chain(r), w);
             http::serve_h2(io, fwd, route, routed, peers, limits).await;
         }
         Err(e) => tracing::debug!(error = %e, "client connection ended"),
@@ -163,8 +161,8 @@ struct Request {
     head: Vec<u8>,
     head_len: usize,
     body: Framing,
-    /// The request target, as the client sent it.
-    target: String,
+    /// Where the request target, as the client sent it, stands in `head`.
+    target: std::ops::Range<usize>,
     /// `HEAD`: the answer has no body whatever it says.
     is_head: bool,
     /// May be sent again if a kept backend connection turns out closed.
@@ -209,17 +207,30 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A `Content-Length` value: digits only.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let v = value.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// A `Transfer-Encoding` value whose last coding is chunked.
+fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|b| *b == b',')
+        .next()
+        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 /// The body framing that `Content-Length` and `Transfer-Encoding` fields give a request.
 fn request_framing(headers: &[httparse::Header<'_>]) -> Result<Framing, Refused> {
     let mut length: Option<u64> = None;
     let mut te: Option<&[u8]> = None;
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(Refused(400, "invalid Content-Length"))?;
+            let n = content_length(h.value).ok_or(Refused(400, "invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Refused(400, "conflicting Content-Length fields"));
             }
@@ -236,17 +247,11 @@ fn request_framing(headers: &[httparse::Header<'_>]) -> Result<Framing, Refused>
             400,
             "both Content-Length and Transfer-Encoding are set",
         )),
-        (Some(te), None) => {
-            let last = te.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
-            if last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
-                Ok(Framing::Chunked)
-            } else {
-                Err(Refused(
-                    400,
-                    "a request body must end with chunked encoding",
-                ))
-            }
-        }
+        (Some(te), None) if ends_chunked(te) => Ok(Framing::Chunked),
+        (Some(_), None) => Err(Refused(
+            400,
+            "a request body must end with chunked encoding",
+        )),
         (None, Some(0) | None) => Ok(Framing::Empty),
         (None, Some(n)) => Ok(Framing::Length(n)),
     }
@@ -313,7 +318,7 @@ fn parse_request(buf: &[u8], fwd: Option<&Forwarding>) -> Result<Option<Request>
         match xff {
             Some(mut before) => {
                 before.extend_from_slice(b", ");
-                before.extend_from_slice(fwd.ip.to_string().as_bytes());
+                before.extend_from_slice(fwd.xff.as_bytes());
                 push_header(&mut head, "x-forwarded-for", &before);
             }
             None => push_header(&mut head, "x-forwarded-for", fwd.xff.as_bytes()),
@@ -330,7 +335,7 @@ fn parse_request(buf: &[u8], fwd: Option<&Forwarding>) -> Result<Option<Request>
         head,
         head_len,
         body,
-        target: target.to_string(),
+        target: method.len() + 1..method.len() + 1 + target.len(),
         is_head: method == "HEAD",
         repeatable: body == Framing::Empty
             && matches!(
@@ -387,21 +392,13 @@ fn parse_response(
     let mut backend_close = version == 0;
     for h in headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or("the workload sent an invalid Content-Length")?;
+            let n = content_length(h.value).ok_or("the workload sent an invalid Content-Length")?;
             if length.is_some_and(|l| l != n) {
                 return Err("the workload sent conflicting Content-Length fields".into());
             }
             length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .map(<[u8]>::trim_ascii);
-            chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+            chunked = Some(ends_chunked(h.value));
         } else if h.name.eq_ignore_ascii_case("connection") {
             if has_token(h.value, "close") {
                 backend_close = true;
@@ -741,9 +738,10 @@ impl Conn {
             return Ok(!(req.close || with_body));
         };
         if let (Target::Remote(peer), true) = (&target, self.route.redirect) {
-            if let Some(at) = http::redirect_authority(&self.route, peer, &self.peers) {
-                let location = format!("http://{at}{}", req.target);
-                let alt_svc = format!("http/1.1=\"{at}\"; ma=3600");
+            let path = std::str::from_utf8(&req.head[req.target.clone()]).unwrap_or("/");
+            if let Some((location, alt_svc)) =
+                http::redirect_to(&self.route, peer, &self.peers, path)
+            {
                 let close = req.close || with_body;
                 self.answer(
                     307,
@@ -914,66 +912,6 @@ impl Conn {
     }
 }
 
-/// A connection whose first bytes were already read: they are read again first.
-struct Prefixed {
-    prefix: Vec<u8>,
-    at: usize,
-    io: TcpStream,
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = (self.prefix.len() - self.at).min(buf.remaining());
-            let at = self.at;
-            buf.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -998,6 +936,7 @@ mod tests {
             "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Kept: yes\r\n\
              x-forwarded-for: 192.0.2.7, 10.213.0.9\r\nforwarded: for=10.213.0.9;proto=http\r\n\r\n"
         );
+        assert_eq!(&r.head[r.target.clone()], b"/a?b=1");
         assert_eq!(r.body, Framing::Empty);
         assert!(r.repeatable && !r.close && !r.is_head);
         // Not complete yet.

@@ -217,15 +217,20 @@ pub(super) fn unreachable_text(workload: &str, reason: &str) -> String {
     format!("{workload} cannot be reached: {reason}\n")
 }
 
-/// Where a redirect route sends clients of a workload now at `peer`: the peer's address
-/// with the route's port.
-pub(super) fn redirect_authority(
+/// Where a redirect route sends a request for `path` of a workload now at `peer`: its
+/// `Location` (the peer's address with the route's port) and `Alt-Svc` values.
+pub(super) fn redirect_to(
     route: &RouteSpec,
     peer: &str,
     peers: &PeerLink,
-) -> Option<std::net::SocketAddr> {
+    path: &str,
+) -> Option<(String, String)> {
     let ip = peers.peers().iter().find(|p| p.name == peer)?.address.ip();
-    Some(std::net::SocketAddr::new(ip, route.listen.port()))
+    let authority = std::net::SocketAddr::new(ip, route.listen.port());
+    Some((
+        format!("http://{authority}{path}"),
+        format!("http/1.1=\"{authority}\"; ma=3600"),
+    ))
 }
 
 /// 307 to the same path at the peer site's route, with Alt-Svc naming it.
@@ -235,23 +240,19 @@ fn redirect(
     peer: &str,
     peers: &PeerLink,
 ) -> Option<Response<Body>> {
-    let authority = redirect_authority(route, peer, peers)?;
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+    let (location, alt_svc) = redirect_to(route, peer, peers, path)?;
     let mut r = plain(
         StatusCode::TEMPORARY_REDIRECT,
         format!("moved to site {peer}\n"),
     );
-    r.headers_mut().insert(
-        LOCATION,
-        HeaderValue::from_str(&format!("http://{authority}{path}")).ok()?,
-    );
-    r.headers_mut().insert(
-        "alt-svc",
-        HeaderValue::from_str(&format!("http/1.1=\"{authority}\"; ma=3600")).ok()?,
-    );
+    r.headers_mut()
+        .insert(LOCATION, HeaderValue::from_str(&location).ok()?);
+    r.headers_mut()
+        .insert("alt-svc", HeaderValue::from_str(&alt_svc).ok()?);
     Some(r)
 }
 
