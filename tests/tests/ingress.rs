@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferry_e2e::{Options, TwoSites};
 
 const PORT: u16 = 6379;
@@ -345,10 +345,11 @@ fn many_forwarded_clients_do_not_starve_the_peer_link() -> Result<()> {
 /// An HTTP/1.1 workload that frames its answers every way: `/echo` answers the request's
 /// body chunked, with a trailer; `/big` 1 MiB with a length; `/close` a body that runs
 /// to the end of the connection; `/bye` answers, then closes the connection as an idle
-/// timeout would; anything else says what it was told
+/// timeout would; `/ws` accepts a WebSocket handshake, says "hi" in the same write, and
+/// then echoes what it gets; anything else says what it was told
 /// (version, X-Forwarded-For, Expect).
 const FRAMINGS_SERVER: &str = r#"
-import socket, sys, threading
+import base64, hashlib, socket, sys, threading
 def head(f):
     lines = []
     while True:
@@ -382,6 +383,17 @@ def serve(c):
             k, v = l.split(":", 1)
             h[k.strip().lower()] = v.strip()
         data = body(f, h)
+        if path == "/ws" and "upgrade" in h.get("connection", "").lower():
+            magic = h["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            accept = base64.b64encode(hashlib.sha1(magic.encode()).digest())
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\nhi")
+            while True:
+                got = f.read1(65536)
+                if not got:
+                    c.close()
+                    return
+                c.sendall(got)
         if path == "/echo":
             c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
                       + b"%x\r\n" % len(data) + data + b"\r\n0\r\nX-Sum: %d\r\n\r\n" % len(data))
@@ -413,13 +425,13 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// A client that sends requests of every framing through the route on port argv[1] and
-/// checks each answer; prints "ok".
-const FRAMINGS_CLIENT: &str = r#"
+/// What the Python clients of the route on port argv[1] share: `conn()` opens a
+/// connection, `response(f)` reads one answer (code, head fields, body, trailers).
+const CLIENT_HELPERS: &str = r#"
 import socket, sys, time
 port = int(sys.argv[1])
 def conn():
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
     return s, s.makefile("rb")
 def response(f, head_only=False):
     status = f.readline()
@@ -454,6 +466,10 @@ def response(f, head_only=False):
     else:
         data = f.read()
     return code, h, data, trailers
+"#;
+
+/// A client that sends requests of every framing and checks each answer; prints "ok".
+const FRAMINGS_CLIENT: &str = r#"
 s, f = conn()
 # Two requests in one write; the second has a chunked body, echoed chunked with a trailer.
 s.sendall(b"GET /seen HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -505,9 +521,45 @@ assert f.read() == b""
 print("ok")
 "#;
 
-#[test]
-fn http_messages_of_every_framing_pass_the_ingress_whole() -> Result<()> {
-    let sites = TwoSites::start(Options::new("ih1"))?;
+/// A WebSocket client of the route on port argv[1]: the handshake (RFC 6455's sample key),
+/// the server's greeting sent with the 101, then two messages echoed (the first sent
+/// with the handshake, before its answer). Prints "ok"; with argv[2] == "hold" it prints
+/// "open", waits for the connection to end and prints "closed".
+const WEBSOCKET_CLIENT: &str = r#"
+s, f = conn()
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nearly")
+code, h, _, _ = response(f, head_only=True)
+assert code == 101, (code, h)
+assert h.get("upgrade") == "websocket" and h.get("connection", "").lower() == "upgrade", h
+assert h.get("sec-websocket-accept") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", h
+assert f.read(2) == b"hi"
+assert f.read(5) == b"early"
+big = bytes(range(256)) * 4096
+s.sendall(big)
+assert f.read(len(big)) == big
+if sys.argv[2:] == ["hold"]:
+    print("open", flush=True)
+    rest = f.read()
+    print("closed", len(rest), flush=True)
+else:
+    print("ok")
+"#;
+
+/// A Python client's program: the shared helpers, then `script`.
+fn client(script: &str) -> String {
+    format!("{CLIENT_HELPERS}{script}")
+}
+
+/// Runs the Python client `script` at A against the route on port 18080: it must say "ok".
+fn passes(sites: &TwoSites, script: &str) -> Result<()> {
+    let out = sites.a.exec("python3", &["-c", &client(script), "18080"])?;
+    anyhow::ensure!(out.trim() == "ok", "the client said: {out}");
+    Ok(())
+}
+
+/// Starts the framings workload at A behind the HTTP route on port 18080.
+fn run_framings(sites: &TwoSites) -> Result<()> {
     std::fs::create_dir_all(&sites.work_root)?;
     let server = sites.work_root.join("framings.py");
     std::fs::write(&server, FRAMINGS_SERVER)?;
@@ -531,13 +583,54 @@ fn http_messages_of_every_framing_pass_the_ingress_whole() -> Result<()> {
             .exec("curl", &["-sf", "-m", "1", "http://127.0.0.1:18080/seen"])
             .ok()
     })?;
+    Ok(())
+}
+
+#[test]
+fn http_messages_of_every_framing_pass_the_ingress_whole() -> Result<()> {
+    let sites = TwoSites::start(Options::new("ih1"))?;
+    run_framings(&sites)?;
     // To the workload's port here, then through the peer link once it runs at B.
-    let out = sites.a.exec("python3", &["-c", FRAMINGS_CLIENT, "18080"])?;
-    assert_eq!(out.trim(), "ok", "{out}");
+    passes(&sites, FRAMINGS_CLIENT)?;
     let (ok, m) = sites.migrate("framings", "b")?;
     assert!(ok, "{m}\n{}", sites.logs());
-    let out = sites.a.exec("python3", &["-c", FRAMINGS_CLIENT, "18080"])?;
-    assert_eq!(out.trim(), "ok", "{out}");
+    passes(&sites, FRAMINGS_CLIENT)?;
+    Ok(())
+}
+
+#[test]
+fn a_websocket_passes_the_ingress_and_is_reopened_after_a_move() -> Result<()> {
+    let sites = TwoSites::start(Options::new("iws"))?;
+    run_framings(&sites)?;
+    passes(&sites, WEBSOCKET_CLIENT)?;
+    // An open WebSocket when the workload moves: closed at the hold (its session cannot
+    // go on at another copy) without holding up the freeze; a new one reaches B.
+    let mut holder = sites
+        .a
+        .command("python3")
+        .args(["-c", &client(WEBSOCKET_CLIENT), "18080", "hold"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        holder.stdout.take().context("the client's output")?,
+    ));
+    let first = lines.next().transpose()?.unwrap_or_default();
+    assert_eq!(first, "open");
+    let (ok, m) = sites.migrate("framings", "b")?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    let last = lines.next().transpose()?.unwrap_or_default();
+    let status = holder.wait()?;
+    assert!(status.success() && last == "closed 0", "{last}");
+    let logs = ferry_e2e::strip_ansi(&sites.a.log());
+    let held = logs
+        .lines()
+        .find(|l| l.contains("traffic held") && l.contains("framings"))
+        .context("A logged no hold")?;
+    assert!(
+        held.contains("connections=1") && held.contains("drained=true"),
+        "{held}"
+    );
+    passes(&sites, WEBSOCKET_CLIENT)?;
     Ok(())
 }
 

@@ -609,7 +609,7 @@ fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
     );
     assert!(ahead > 10_000, "{m}");
     assert!(stale > 0, "no page was written after it went ahead: {m}");
-    let logs = strip_ansi(&sites.logs());
+    let logs = ferry_e2e::strip_ansi(&sites.logs());
     let listed: u64 = logs
         .lines()
         .filter(|l| l.contains("pages written since they went ahead"))
@@ -657,24 +657,6 @@ fn pages_written_after_they_went_ahead_reach_b_as_written() -> Result<()> {
         "a populated value changed"
     );
     Ok(())
-}
-
-/// A log without its terminal colours.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A runc Redis at A moving post-copy (no pages sent ahead) over a slow link, in its

@@ -15,7 +15,10 @@
 //! §7.6.1), tells the workload who the client is (`X-Forwarded-For`, `Forwarded`), and
 //! gives a client 30 s to send a request's headers (a slow or silent one is closed).
 //! Requests with both `Content-Length` and `Transfer-Encoding`, or with conflicting
-//! lengths, are refused (400), so no two parsers can disagree on where one ends.
+//! lengths, are refused (400), so no two parsers can disagree on where one ends. A
+//! protocol switch the client asks for (`Connection: upgrade`, as a WebSocket opens)
+//! reaches the workload; after its 101 the connection carries bytes both ways (as the
+//! TCP mode does) and is closed, not re-bound, when the workload moves.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -27,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::http::{self, Forwarding, HEADER_READ_TIMEOUT, HOP_BY_HOP};
-use super::tcp::{dial, Reader, Writer};
+use super::tcp::{self, dial, Reader, Writer};
 use super::{wait_for_target, HoldLimits, Routed, Target};
 use crate::peer::PeerLink;
 use crate::spec::RouteSpec;
@@ -170,6 +173,9 @@ struct Request {
     /// The client's connection closes after the answer (HTTP/1.0, `Connection: close`).
     close: bool,
     expects_continue: bool,
+    /// The client asks to switch protocols (`Connection: upgrade` with `Upgrade`, as a
+    /// WebSocket handshake does): both fields go to the workload.
+    upgrade: bool,
 }
 
 /// Why a request is refused before it is forwarded.
@@ -277,6 +283,11 @@ fn parse_request(buf: &[u8], fwd: Option<&Forwarding>) -> Result<Option<Request>
     let body = request_framing(headers)?;
     let named = connection_names(headers);
     let http10 = version == 0;
+    let upgrade = !http10
+        && named.iter().any(|n| n.eq_ignore_ascii_case(b"upgrade"))
+        && headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && !h.value.is_empty());
     let close = if http10 {
         true
     } else {
@@ -296,6 +307,10 @@ fn parse_request(buf: &[u8], fwd: Option<&Forwarding>) -> Result<Option<Request>
     });
     let mut xff: Option<Vec<u8>> = None;
     for h in headers.iter() {
+        if upgrade && h.name.eq_ignore_ascii_case("upgrade") {
+            push_header(&mut head, h.name, h.value);
+            continue;
+        }
         if hop_by_hop(h.name, &named) {
             continue;
         }
@@ -329,6 +344,8 @@ fn parse_request(buf: &[u8], fwd: Option<&Forwarding>) -> Result<Option<Request>
     }
     if http10 {
         push_header(&mut head, "connection", b"close");
+    } else if upgrade {
+        push_header(&mut head, "connection", b"upgrade");
     }
     head.extend_from_slice(b"\r\n");
     Ok(Some(Request {
@@ -344,6 +361,7 @@ fn parse_request(buf: &[u8], fwd: Option<&Forwarding>) -> Result<Option<Request>
             ),
         close,
         expects_continue: expects_continue && body != Framing::Empty,
+        upgrade,
     }))
 }
 
@@ -356,15 +374,23 @@ struct Response {
     body: Framing,
     /// The backend connection can take another request after this answer.
     reusable: bool,
+    /// 101: the connection now carries the protocol the client asked for.
+    switched: bool,
+}
+
+/// What a response answers, as far as its framing goes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Asked {
+    /// `HEAD`: no body, whatever the head says.
+    head: bool,
+    /// The client's connection closes after the answer (said in the head).
+    close: bool,
+    /// The client asked to switch protocols: a 101 is carried.
+    upgrade: bool,
 }
 
 /// Parses a response head at the start of `buf`; None while it is incomplete.
-/// `client_close`: the client's connection closes after it (said in the head).
-fn parse_response(
-    buf: &[u8],
-    to_head: bool,
-    client_close: bool,
-) -> Result<Option<Response>, String> {
+fn parse_response(buf: &[u8], asked: Asked) -> Result<Option<Response>, String> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let head_len = match resp.parse(buf) {
@@ -383,10 +409,11 @@ fn parse_response(
         .windows(2)
         .position(|w| w == b"\r\n")
         .map_or(&buf[..0], |end| &buf[..end + 2]);
-    if code == 101 {
-        return Err("the workload switched protocols, which this route does not carry".into());
+    let switched = code == 101;
+    if switched && !asked.upgrade {
+        return Err("the workload switched protocols the client did not ask for".into());
     }
-    let interim = (100..200).contains(&code);
+    let interim = !switched && (100..200).contains(&code);
     let mut length: Option<u64> = None;
     let mut chunked: Option<bool> = None;
     let mut backend_close = version == 0;
@@ -407,7 +434,7 @@ fn parse_response(
             }
         }
     }
-    let body = if interim || to_head || code == 204 || code == 304 {
+    let body = if interim || switched || asked.head || code == 204 || code == 304 {
         Framing::Empty
     } else {
         match (chunked, length) {
@@ -419,17 +446,21 @@ fn parse_response(
     };
     // A length beside a transfer coding: the coding wins, and the connection is not
     // trusted with another request.
-    let reusable =
-        !backend_close && body != Framing::UntilClose && !(chunked.is_some() && length.is_some());
+    let reusable = !(switched
+        || backend_close
+        || body == Framing::UntilClose
+        || (chunked.is_some() && length.is_some()));
     let named = connection_names(headers);
     let mut head = Vec::with_capacity(head_len + 32);
     head.extend_from_slice(status_line);
     for h in headers.iter() {
-        if !hop_by_hop(h.name, &named) {
+        if !hop_by_hop(h.name, &named) || (switched && h.name.eq_ignore_ascii_case("upgrade")) {
             push_header(&mut head, h.name, h.value);
         }
     }
-    if !interim && (client_close || body == Framing::UntilClose) {
+    if switched {
+        push_header(&mut head, "connection", b"upgrade");
+    } else if !interim && (asked.close || body == Framing::UntilClose) {
         push_header(&mut head, "connection", b"close");
     }
     head.extend_from_slice(b"\r\n");
@@ -439,6 +470,7 @@ fn parse_response(
         interim,
         body,
         reusable,
+        switched,
     }))
 }
 
@@ -848,11 +880,16 @@ impl Conn {
                 other => Failed::Late(format!("client request body: {other}")),
             })?;
         }
+        let asked = Asked {
+            head: req.is_head,
+            close: req.close,
+            upgrade: req.upgrade,
+        };
         let mut received = false;
         loop {
             let resp = loop {
                 if !b.buf.is_empty() {
-                    match parse_response(b.buf.filled(), req.is_head, req.close) {
+                    match parse_response(b.buf.filled(), asked) {
                         Ok(Some(r)) => break r,
                         Ok(None) => {}
                         Err(reason) => return Err(early(reason, false)),
@@ -877,11 +914,45 @@ impl Conn {
             if resp.interim {
                 continue;
             }
+            if resp.switched {
+                self.carry_switched(b).await;
+                return Ok(false);
+            }
             if resp.reusable && b.buf.is_empty() {
                 self.backend = Some(b);
             }
             return Ok(!req.close && resp.body != Framing::UntilClose);
         }
+    }
+
+    /// After a 101: the connection carries the new protocol (a WebSocket, say) both ways,
+    /// bytes as they come, until either side ends it. When the workload is about to move
+    /// the client's bytes stop reaching it, what it already sent reaches the client (up
+    /// to its next quiet moment, bounded by the drain limit), and the connection closes:
+    /// a switched protocol's session cannot go on at another copy, and a closed
+    /// connection tells the client to open a new one, which is held until the move ends.
+    async fn carry_switched(&mut self, mut b: Backend) {
+        // Bytes that came with the handshake, either way, go first.
+        if !b.buf.is_empty() && self.client.write_all(b.buf.filled()).await.is_err() {
+            return;
+        }
+        if !self.cbuf.is_empty() && b.w.write_all(self.cbuf.filled()).await.is_err() {
+            return;
+        }
+        self.cbuf.consume(self.cbuf.filled().len());
+        let outcome = tcp::pump(
+            &mut self.client,
+            b.r,
+            b.w,
+            &mut self.rx,
+            &b.target,
+            &self.limits,
+        )
+        .await;
+        if let tcp::Outcome::Rebind = outcome {
+            tracing::debug!(workload = %self.routed.workload, "switched-protocol connection closed: the workload moves");
+        }
+        let _ = self.client.shutdown().await;
     }
 
     /// A short answer from the proxy itself.
@@ -918,6 +989,14 @@ mod tests {
 
     fn fwd() -> Forwarding {
         Forwarding::new("10.213.0.9".parse().unwrap()).unwrap()
+    }
+
+    fn asked(head: bool, close: bool) -> Asked {
+        Asked {
+            head,
+            close,
+            upgrade: false,
+        }
     }
 
     fn text(v: &[u8]) -> &str {
@@ -978,11 +1057,7 @@ mod tests {
 
     #[test]
     fn a_response_head_is_framed_and_says_whether_the_backend_can_be_kept() {
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok\n",
-            false,
-            false,
-        )
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok\n", asked(false, false))
         .unwrap()
         .unwrap();
         assert_eq!(
@@ -992,26 +1067,28 @@ mod tests {
         assert_eq!(r.body, Framing::Length(3));
         assert!(r.reusable && !r.interim);
         // No length: the body runs to the end, and both connections close after it.
-        let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\n", false, false)
+        let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\n", asked(false, false))
             .unwrap()
             .unwrap();
         assert_eq!(r.body, Framing::UntilClose);
         assert!(!r.reusable);
         assert!(text(&r.head).ends_with("connection: close\r\n\r\n"));
         // An answer to HEAD has no body, whatever its length says.
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, true)
-            .unwrap()
-            .unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            asked(true, true),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.body, Framing::Empty);
         assert!(text(&r.head).ends_with("connection: close\r\n\r\n"));
-        let r = parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false, false)
+        let r = parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", asked(false, false))
             .unwrap()
             .unwrap();
         assert!(r.interim);
         let r = parse_response(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-            false,
-            false,
+            asked(false, false),
         )
         .unwrap()
         .unwrap();
@@ -1019,10 +1096,48 @@ mod tests {
         assert!(!r.reusable);
         assert!(parse_response(
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-            false,
-            false
+            asked(false, false)
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_protocol_switch_keeps_its_upgrade_fields_both_ways() {
+        let raw = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\
+                    Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n";
+        let r = parse_request(raw, None).unwrap().unwrap();
+        assert!(r.upgrade);
+        assert_eq!(
+            text(&r.head),
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\
+             connection: upgrade\r\n\r\n"
+        );
+        // `Upgrade` alone, not named by `Connection`, is a hop-by-hop field like any other;
+        // and HTTP/1.0 cannot switch.
+        for raw in [
+            &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let r = parse_request(raw, None).unwrap().unwrap();
+            assert!(!r.upgrade && !text(&r.head).to_ascii_lowercase().contains("upgrade"));
+        }
+        let switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                       Connection: Upgrade\r\nSec-WebSocket-Accept: a\r\n\r\nframes";
+        let asked_upgrade = Asked {
+            upgrade: true,
+            ..Asked::default()
+        };
+        let r = parse_response(switch, asked_upgrade).unwrap().unwrap();
+        assert!(r.switched && !r.interim && !r.reusable);
+        assert_eq!(r.body, Framing::Empty);
+        assert_eq!(r.head_len, switch.len() - b"frames".len());
+        assert_eq!(
+            text(&r.head),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Accept: a\r\nconnection: upgrade\r\n\r\n"
+        );
+        // A switch nobody asked for is the workload's error.
+        assert!(parse_response(switch, asked(false, false)).is_err());
     }
 
     #[test]

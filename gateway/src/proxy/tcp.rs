@@ -23,7 +23,7 @@ const QUIET: Duration = Duration::from_millis(5);
 pub(super) type Reader = Box<dyn AsyncRead + Unpin + Send>;
 pub(super) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
-enum Outcome {
+pub(super) enum Outcome {
     /// The client is gone (or the backend closed on it): the connection ends.
     Done,
     /// The target changed and the connection is quiet: bind it to the new target.
@@ -100,7 +100,7 @@ fn next_change(mut rx: watch::Receiver<Target>) -> NextChange {
     Box::pin(async move { (rx.changed().await, rx) })
 }
 
-async fn pump(
+pub(super) async fn pump(
     client: &mut TcpStream,
     mut br: Reader,
     mut bw: Writer,
