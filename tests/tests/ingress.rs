@@ -345,7 +345,8 @@ fn many_forwarded_clients_do_not_starve_the_peer_link() -> Result<()> {
 /// An HTTP/1.1 workload that frames its answers every way: `/echo` answers the request's
 /// body chunked, with a trailer; `/big` 1 MiB with a length; `/close` a body that runs
 /// to the end of the connection; `/bye` answers, then closes the connection as an idle
-/// timeout would; `/ws` accepts a WebSocket handshake, says "hi" in the same write, and
+/// timeout would; `/small` answers 413 at once and closes without reading the body;
+/// `/ws` accepts a WebSocket handshake, says "hi" in the same write, and
 /// then echoes what it gets; anything else says what it was told
 /// (version, X-Forwarded-For, Expect).
 const FRAMINGS_SERVER: &str = r#"
@@ -382,6 +383,11 @@ def serve(c):
         for l in lines[1:]:
             k, v = l.split(":", 1)
             h[k.strip().lower()] = v.strip()
+        if path == "/small":
+            c.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+            f.close()
+            c.close()
+            return
         data = body(f, h)
         if path == "/ws" and "upgrade" in h.get("connection", "").lower():
             magic = h["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -428,7 +434,7 @@ while True:
 /// What the Python clients of the route on port argv[1] share: `conn()` opens a
 /// connection, `response(f)` reads one answer (code, head fields, body, trailers).
 const CLIENT_HELPERS: &str = r#"
-import socket, sys, time
+import socket, sys, threading, time
 port = int(sys.argv[1])
 def conn():
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -502,6 +508,17 @@ assert (code, len(data)) == (200, 1048576) and "connection" not in h, (code, len
 s.sendall(b"HEAD /big HTTP/1.1\r\nHost: t\r\n\r\n")
 code, h, data, _ = response(f, head_only=True)
 assert (code, h["content-length"]) == (200, "1048576"), (code, h)
+# A workload that answers before it reads the body, and closes: its answer reaches the
+# client, whose body is still on its way.
+s2, f2 = conn()
+def send_body():
+    try:
+        s2.sendall(b"POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: 8388608\r\n\r\n" + b"x" * 8388608)
+    except OSError:
+        pass
+threading.Thread(target=send_body, daemon=True).start()
+code, h, data, _ = response(f2)
+assert (code, data) == (413, b"too large"), (code, data, h)
 # A body framed two ways is refused, and the connection closes.
 s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
 code, h, _, _ = response(f)

@@ -623,15 +623,44 @@ impl PeerLink {
 /// every 8 KiB.
 const TUNNEL_BUFFER: usize = 256 * 1024;
 
-/// Copies bytes both ways between a TCP connection and a tunnel's streams until either
-/// side ends; the bytes each way (up: TCP to tunnel).
+/// Copies bytes both ways between a TCP connection and a tunnel's streams until both
+/// ends are done; the bytes each way (up: TCP to tunnel). Each way ends on its own: an
+/// end of input is passed on (half-close), and a TCP side that stops taking bytes stops
+/// the tunnel's sender while what the TCP side still says goes on up (a workload that
+/// answers a request early and closes before it has read the body: the answer gets
+/// through). A TCP side that cannot be read, or a tunnel that cannot be written, ends
+/// both ways.
 pub async fn splice(
     tcp: &mut tokio::net::TcpStream,
     recv: impl AsyncRead + Unpin,
-    send: SendStream,
+    mut send: SendStream,
 ) -> std::io::Result<(u64, u64)> {
-    let mut stream = tokio::io::join(recv, send);
-    tokio::io::copy_bidirectional_with_sizes(tcp, &mut stream, TUNNEL_BUFFER, TUNNEL_BUFFER).await
+    use tokio::io::{AsyncWriteExt, BufReader};
+    let (tr, mut tw) = tcp.split();
+    let down = async move {
+        // Dropped at the end of this block: the peer is told to stop sending.
+        let mut recv = BufReader::with_capacity(TUNNEL_BUFFER, recv);
+        let copied = tokio::io::copy_buf(&mut recv, &mut tw).await?;
+        tw.shutdown().await?;
+        Ok::<u64, std::io::Error>(copied)
+    };
+    let up = async move {
+        let mut tr = BufReader::with_capacity(TUNNEL_BUFFER, tr);
+        let copied = tokio::io::copy_buf(&mut tr, &mut send).await?;
+        send.shutdown().await?;
+        Ok::<u64, std::io::Error>(copied)
+    };
+    tokio::pin!(down, up);
+    tokio::select! {
+        u = &mut up => {
+            let u = u?;
+            Ok((u, down.await?))
+        }
+        d = &mut down => {
+            let u = up.await?;
+            Ok((u, d?))
+        }
+    }
 }
 
 /// Answers a tunnel request, then copies bytes both ways until either side ends.

@@ -15,7 +15,10 @@
 //! §7.6.1), tells the workload who the client is (`X-Forwarded-For`, `Forwarded`), and
 //! gives a client 30 s to send a request's headers (a slow or silent one is closed).
 //! Requests with both `Content-Length` and `Transfer-Encoding`, or with conflicting
-//! lengths, are refused (400), so no two parsers can disagree on where one ends. A
+//! lengths, are refused (400), so no two parsers can disagree on where one ends. An
+//! answer the workload gives before it has read the body, and closes, reaches the
+//! client, whose connection then closes; a connection closed on a body not read lingers
+//! (reads and drops) for a while first, so the client reads its answer. A
 //! protocol switch the client asks for (`Connection: upgrade`, as a WebSocket opens)
 //! reaches the workload; after its 101 the connection carries bytes both ways (as the
 //! TCP mode does) and is closed, not re-bound, when the workload moves.
@@ -41,6 +44,12 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// What a read asks for at a time.
 const CHUNK: usize = 16 * 1024;
+/// How long a workload that stopped taking a request body has to show its answer.
+const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most time a closing connection's late input is read and dropped ([`Conn::linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+/// A closing connection quiet for this long is closed at once.
+const LINGER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// How an HTTP/2 connection with prior knowledge opens.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -60,6 +69,7 @@ pub(super) async fn serve(
         rx: routed.target.subscribe(),
         client: conn,
         cbuf: Buffer::new(),
+        unread: false,
         backend: None,
         fwd,
         route,
@@ -68,6 +78,7 @@ pub(super) async fn serve(
         limits,
     };
     match c.run().await {
+        Ok(End::Closed) if c.unread => c.linger().await,
         Ok(End::Closed) => {}
         Ok(End::Http2) => {
             let Conn {
@@ -692,6 +703,9 @@ enum Failed {
 struct Conn {
     client: TcpStream,
     cbuf: Buffer,
+    /// The connection is closed with a request's body (or more) maybe still coming: the
+    /// client gets time to read its answer before the close (see [`Conn::linger`]).
+    unread: bool,
     backend: Option<Backend>,
     rx: watch::Receiver<Target>,
     fwd: Option<Arc<Forwarding>>,
@@ -729,6 +743,7 @@ impl Conn {
                         Ok(None) => {}
                         Err(Refused(status, why)) => {
                             self.answer(status, why, &[], true).await?;
+                            self.unread = true;
                             return Ok(End::Closed);
                         }
                     }
@@ -767,6 +782,7 @@ impl Conn {
             let text = http::unavailable_text(&self.routed.workload);
             self.answer(503, &text, &[("retry-after", "1")], req.close || with_body)
                 .await?;
+            self.unread = with_body;
             return Ok(!(req.close || with_body));
         };
         if let (Target::Remote(peer), true) = (&target, self.route.redirect) {
@@ -782,6 +798,7 @@ impl Conn {
                     close,
                 )
                 .await?;
+                self.unread = with_body;
                 return Ok(!close);
             }
         }
@@ -867,18 +884,23 @@ impl Conn {
                     .map_err(|e| Failed::Late(e.to_string()))?;
             }
             let mut head = std::mem::take(&mut req.head);
-            relay(
+            let sent = relay(
                 &mut head,
                 req.body,
                 &mut self.client,
                 &mut self.cbuf,
                 &mut b.w,
             )
-            .await
-            .map_err(|e| match e {
-                Broke::Dst(e) => early(format!("sending the request: {e}"), false),
-                other => Failed::Late(format!("client request body: {other}")),
-            })?;
+            .await;
+            match sent {
+                Ok(()) => {}
+                Err(Broke::Dst(e)) => {
+                    // The workload stopped taking the body: it may have answered first.
+                    let reason = format!("sending the request: {e}");
+                    return self.relay_early_answer(b, req.is_head, reason).await;
+                }
+                Err(other) => return Err(Failed::Late(format!("client request body: {other}"))),
+            }
         }
         let asked = Asked {
             head: req.is_head,
@@ -922,6 +944,71 @@ impl Conn {
                 self.backend = Some(b);
             }
             return Ok(!req.close && resp.body != Framing::UntilClose);
+        }
+    }
+
+    /// The workload closed its side before it had the whole request body: if it
+    /// answered first (an early 413, say), the client gets that answer and the connection
+    /// closes after it; otherwise 502 (`reason`).
+    async fn relay_early_answer(
+        &mut self,
+        mut b: Backend,
+        is_head: bool,
+        reason: String,
+    ) -> Result<bool, Failed> {
+        let asked = Asked {
+            head: is_head,
+            close: true,
+            upgrade: false,
+        };
+        let resp = loop {
+            match parse_response(b.buf.filled(), asked) {
+                Ok(Some(r)) if r.interim => b.buf.consume(r.head_len),
+                Ok(Some(r)) => break Some(r),
+                Ok(None) => {}
+                Err(_) => break None,
+            }
+            // What it sent before it closed is in the socket already.
+            match tokio::time::timeout(EARLY_ANSWER_WAIT, b.buf.fill(&mut b.r)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break None,
+            }
+        };
+        let Some(resp) = resp else {
+            return Err(Failed::Early {
+                reason,
+                retry: false,
+            });
+        };
+        tracing::debug!(workload = %self.routed.workload, "the workload answered before it read the whole request body");
+        self.unread = true;
+        b.buf.consume(resp.head_len);
+        let mut head = resp.head;
+        relay(&mut head, resp.body, &mut b.r, &mut b.buf, &mut self.client)
+            .await
+            .map_err(|e| Failed::Late(format!("relaying the answer: {e}")))?;
+        Ok(false)
+    }
+
+    /// Closes a connection whose client may still be sending (a body nobody reads):
+    /// the write side first, then what still comes is read and dropped, for a while,
+    /// so the kernel does not answer it with a reset that could destroy the answer
+    /// before the client has read it.
+    async fn linger(&mut self) {
+        if self.client.shutdown().await.is_err() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + LINGER;
+        let mut scratch = vec![0u8; CHUNK];
+        while let Ok(Ok(n)) = tokio::time::timeout_at(
+            until.min(tokio::time::Instant::now() + LINGER_IDLE),
+            self.client.read(&mut scratch),
+        )
+        .await
+        {
+            if n == 0 {
+                break;
+            }
         }
     }
 
