@@ -651,38 +651,62 @@ fn a_websocket_passes_the_ingress_and_is_reopened_after_a_move() -> Result<()> {
     Ok(())
 }
 
-/// The ingress benchmark against nginx runs (briefly, in a debug build): every way
-/// answers every request with 200 at 1 and 4 connections, and the proxies' CPU is
-/// measured. Its speed is the benchmark's to print, not this test's to judge.
+/// The ingress benchmark against nginx runs (briefly, in a debug build) with HTTP/1.1
+/// and HTTP/2 clients: every way answers every request with 200 at 1 and 4 connections,
+/// and the proxies' CPU is measured. Its speed is the benchmark's to print, not this
+/// test's to judge.
 #[test]
 fn the_ingress_benchmark_measures_every_way() -> Result<()> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-proxy-bench"))
-        .arg("1")
-        .env("FERRY_PROXY_BENCH_CONNS", "1,4")
-        .env("FERRY_PROXY_BENCH_ROUNDS", "1")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for way in [
-        "direct",
-        "nginx reverse proxy",
-        "ferry ingress http",
-        "ferry ingress tcp",
+    for (http, ways) in [
+        (
+            "1.1",
+            &[
+                "direct",
+                "nginx reverse proxy",
+                "ferry ingress http",
+                "ferry ingress tcp",
+            ][..],
+        ),
+        (
+            "2",
+            &["direct", "nginx reverse proxy", "ferry ingress http"][..],
+        ),
     ] {
-        let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with(way)).collect();
-        assert_eq!(rows.len(), 2, "{way}:\n{stdout}");
-        for row in rows {
-            let rps: f64 = row[way.len()..]
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
-            assert!(rps > 0.0, "{row}");
-            assert_eq!(row.contains("us/req"), way != "direct", "{row}");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-proxy-bench"))
+            .arg("1")
+            .env("FERRY_PROXY_BENCH_CONNS", "1,4")
+            .env("FERRY_PROXY_BENCH_ROUNDS", "1")
+            .env("FERRY_PROXY_BENCH_HTTP", http)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "HTTP/{http}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows = |way: &str| -> Vec<String> {
+            stdout
+                .lines()
+                .filter(|l| l.starts_with(way))
+                .map(str::to_string)
+                .collect()
+        };
+        assert!(
+            rows("ferry ingress tcp").is_empty() == (http == "2"),
+            "{stdout}"
+        );
+        for way in ways {
+            let rows = rows(way);
+            assert_eq!(rows.len(), 2, "HTTP/{http} {way}:\n{stdout}");
+            for row in rows {
+                let rps: f64 = row[way.len()..]
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                assert!(rps > 0.0, "{row}");
+                assert_eq!(row.contains("us/req"), *way != "direct", "{row}");
+            }
         }
     }
     Ok(())

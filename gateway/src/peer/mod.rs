@@ -628,39 +628,70 @@ const TUNNEL_BUFFER: usize = 256 * 1024;
 /// end of input is passed on (half-close), and a TCP side that stops taking bytes stops
 /// the tunnel's sender while what the TCP side still says goes on up (a workload that
 /// answers a request early and closes before it has read the body: the answer gets
-/// through). A TCP side that cannot be read, or a tunnel that cannot be written, ends
-/// both ways.
+/// through). Any other failure (a side that cannot be read, a tunnel that cannot be
+/// written) ends both ways.
 pub async fn splice(
     tcp: &mut tokio::net::TcpStream,
     recv: impl AsyncRead + Unpin,
     mut send: SendStream,
 ) -> std::io::Result<(u64, u64)> {
-    use tokio::io::{AsyncWriteExt, BufReader};
     let (tr, mut tw) = tcp.split();
-    let down = async move {
-        // Dropped at the end of this block: the peer is told to stop sending.
-        let mut recv = BufReader::with_capacity(TUNNEL_BUFFER, recv);
-        let copied = tokio::io::copy_buf(&mut recv, &mut tw).await?;
-        tw.shutdown().await?;
-        Ok::<u64, std::io::Error>(copied)
-    };
-    let up = async move {
-        let mut tr = BufReader::with_capacity(TUNNEL_BUFFER, tr);
-        let copied = tokio::io::copy_buf(&mut tr, &mut send).await?;
-        send.shutdown().await?;
-        Ok::<u64, std::io::Error>(copied)
-    };
-    tokio::pin!(down, up);
+    // Its end drops the tunnel's receiver: the peer is told to stop sending.
+    let down = async move { one_way(recv, &mut tw).await };
+    tokio::pin!(down);
+    let up = one_way(tr, &mut send);
+    tokio::pin!(up);
     tokio::select! {
         u = &mut up => {
-            let u = u?;
-            Ok((u, down.await?))
+            let u = u.map_err(Broken::error)?;
+            Ok((u, down.await.map_err(Broken::error)?))
         }
-        d = &mut down => {
-            let u = up.await?;
-            Ok((u, d?))
+        d = &mut down => match d {
+            Ok(d) => Ok((up.await.map_err(Broken::error)?, d)),
+            // The TCP side takes no more: what it still says goes on up.
+            Err(Broken::Writing(e)) => {
+                up.await.map_err(Broken::error)?;
+                Err(e)
+            }
+            Err(Broken::Reading(e)) => Err(e),
+        },
+    }
+}
+
+/// Where one way of a [`splice`] broke.
+enum Broken {
+    Reading(std::io::Error),
+    Writing(std::io::Error),
+}
+
+impl Broken {
+    fn error(self) -> std::io::Error {
+        match self {
+            Broken::Reading(e) | Broken::Writing(e) => e,
         }
     }
+}
+
+/// Copies `from` to `to` until `from` ends, then shuts `to` for writing; the bytes copied.
+async fn one_way(
+    from: impl AsyncRead + Unpin,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<u64, Broken> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut from = tokio::io::BufReader::with_capacity(TUNNEL_BUFFER, from);
+    let mut copied = 0u64;
+    loop {
+        let chunk = from.fill_buf().await.map_err(Broken::Reading)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let n = chunk.len();
+        to.write_all(chunk).await.map_err(Broken::Writing)?;
+        from.consume(n);
+        copied += n as u64;
+    }
+    to.shutdown().await.map_err(Broken::Writing)?;
+    Ok(copied)
 }
 
 /// Answers a tunnel request, then copies bytes both ways until either side ends.

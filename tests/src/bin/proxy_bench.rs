@@ -11,11 +11,17 @@
 //! of the rounds (and the range of requests/s), so a slow moment of the machine falls on
 //! every way alike rather than on one.
 //!
+//! With `FERRY_PROXY_BENCH_HTTP=2` the clients speak HTTP/2 with prior knowledge (h2c),
+//! one request at a time per connection: directly to the backend's HTTP/2 listener, to
+//! nginx's HTTP/2 listener and to Ferry's HTTP route (the backends still get HTTP/1.1);
+//! the TCP mode, which passes bytes, is left out.
+//!
 //! Usage: ferry-proxy-bench [SECONDS]   (default 5, after 1 s of warm-up)
 //!   FERRY_PROXY_BENCH_CONNS=1,32   concurrent connections
 //!   FERRY_PROXY_BENCH_ROUNDS=3     measurements of each way at each concurrency
+//!   FERRY_PROXY_BENCH_HTTP=1.1     the clients' HTTP version: 1.1 or 2
 //!
-//! Internal subcommand (run inside site A's namespace): load ADDR CONNS SECONDS.
+//! Internal subcommand (run inside site A's namespace): load ADDR CONNS SECONDS [h2].
 
 use std::path::Path;
 use std::process::Stdio;
@@ -28,7 +34,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BACKEND_PORT: u16 = 8080;
+/// The backend's HTTP/2 (h2c) listener, for the direct way of an HTTP/2 run.
+const BACKEND_H2: &str = "127.0.0.1:8082";
 const NGINX_PROXY: &str = "127.0.0.1:18090";
+const NGINX_PROXY_H2: &str = "127.0.0.1:18092";
 const FERRY_HTTP: &str = "127.0.0.1:18080";
 const FERRY_TCP: &str = "127.0.0.1:18081";
 
@@ -36,11 +45,15 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("load") => {
-            anyhow::ensure!(args.len() == 4, "usage: load ADDR CONNS SECONDS");
+            anyhow::ensure!(
+                (4..=5).contains(&args.len()),
+                "usage: load ADDR CONNS SECONDS [h2]"
+            );
+            let h2 = args.get(4).is_some_and(|a| a == "h2");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let summary = rt.block_on(load(&args[1], args[2].parse()?, args[3].parse()?))?;
+            let summary = rt.block_on(load(&args[1], args[2].parse()?, args[3].parse()?, h2))?;
             println!("{summary}");
             Ok(())
         }
@@ -112,12 +125,56 @@ async fn client(addr: String, measure_from: Instant, until: Instant) -> Result<V
     }
 }
 
-/// Closed-loop load: `conns` connections for 1 s of warm-up and then `seconds`.
-async fn load(addr: &str, conns: usize, seconds: f64) -> Result<Value> {
+/// [`client`] over HTTP/2 with prior knowledge (hyper's client): one stream at a time.
+async fn client_h2(addr: String, measure_from: Instant, until: Instant) -> Result<Vec<u32>> {
+    use http_body_util::{BodyExt, Empty};
+    let conn = TcpStream::connect(&addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    conn.set_nodelay(true)?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(conn),
+    )
+    .await
+    .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
+    tokio::spawn(connection);
+    let uri: hyper::Uri = format!("http://{addr}/").parse()?;
+    let mut lat = Vec::new();
+    loop {
+        let sent = Instant::now();
+        if sent >= until {
+            return Ok(lat);
+        }
+        let request = hyper::Request::get(uri.clone())
+            .body(Empty::<hyper::body::Bytes>::new())
+            .context("request")?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        if status != hyper::StatusCode::OK {
+            bail!("{addr} answered HTTP {status}");
+        }
+        if sent >= measure_from {
+            lat.push(sent.elapsed().as_micros() as u32);
+        }
+    }
+}
+
+/// Closed-loop load: `conns` connections (HTTP/2 ones with `h2`) for 1 s of warm-up and
+/// then `seconds`.
+async fn load(addr: &str, conns: usize, seconds: f64, h2: bool) -> Result<Value> {
     let measure_from = Instant::now() + Duration::from_secs(1);
     let until = measure_from + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..conns)
-        .map(|_| tokio::spawn(client(addr.to_string(), measure_from, until)))
+        .map(|_| {
+            let addr = addr.to_string();
+            if h2 {
+                tokio::spawn(client_h2(addr, measure_from, until))
+            } else {
+                tokio::spawn(client(addr, measure_from, until))
+            }
+        })
         .collect();
     let mut lat = Vec::new();
     for t in tasks {
@@ -214,9 +271,10 @@ fn measure(
     conns: usize,
     seconds: f64,
     proxy: Option<u32>,
+    h2: bool,
 ) -> Result<Value> {
     let before = proxy.map(cpu_ticks);
-    let mut r = load_from_site(sites, addr, conns, seconds)?;
+    let mut r = load_from_site(sites, addr, conns, seconds, h2)?;
     if let (Some(pid), Some(before)) = (proxy, before) {
         let used_us = cpu_ticks(pid).saturating_sub(before) as f64 / USER_HZ * 1e6;
         // Warm-up requests count too: the CPU was measured over the whole run.
@@ -228,11 +286,18 @@ fn measure(
     Ok(r)
 }
 
-fn load_from_site(sites: &TwoSites, addr: &str, conns: usize, seconds: f64) -> Result<Value> {
+fn load_from_site(
+    sites: &TwoSites,
+    addr: &str,
+    conns: usize,
+    seconds: f64,
+    h2: bool,
+) -> Result<Value> {
     let out = sites
         .a
         .command(std::env::current_exe()?)
         .args(["load", addr, &conns.to_string(), &seconds.to_string()])
+        .args(h2.then_some("h2"))
         .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {
@@ -251,11 +316,19 @@ fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
-fn wait_for_http(sites: &TwoSites, addr: &str) -> Result<()> {
+fn wait_for_http(sites: &TwoSites, addr: &str, h2: bool) -> Result<()> {
+    let version = if h2 {
+        "--http2-prior-knowledge"
+    } else {
+        "--http1.1"
+    };
     ferry_e2e::wait_for(addr, Duration::from_secs(10), || {
         sites
             .a
-            .exec("curl", &["-sf", "-m", "1", &format!("http://{addr}/")])
+            .exec(
+                "curl",
+                &["-sf", "-m", "1", version, &format!("http://{addr}/")],
+            )
             .ok()
             .filter(|body| body.trim() == "ok")
     })?;
@@ -275,6 +348,11 @@ fn bench(args: &[String]) -> Result<()> {
         .transpose()?
         .unwrap_or(3);
     anyhow::ensure!(rounds > 0, "FERRY_PROXY_BENCH_ROUNDS must be at least 1");
+    let h2 = match std::env::var("FERRY_PROXY_BENCH_HTTP").as_deref() {
+        Ok("2") => true,
+        Ok("1.1") | Err(_) => false,
+        Ok(other) => bail!("FERRY_PROXY_BENCH_HTTP is 1.1 or 2, not {other}"),
+    };
     anyhow::ensure!(
         Path::new("/usr/sbin/nginx").exists(),
         "nginx is missing: run scripts/setup"
@@ -285,7 +363,8 @@ fn bench(args: &[String]) -> Result<()> {
         &backend_dir,
         1,
         &format!(
-            "  server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 \"ok\\n\"; }} }}"
+            "  server {{ listen 127.0.0.1:{BACKEND_PORT}; listen {BACKEND_H2} http2; \
+             location / {{ return 200 \"ok\\n\"; }} }}"
         ),
     )?;
     let port = BACKEND_PORT.to_string();
@@ -310,7 +389,8 @@ fn bench(args: &[String]) -> Result<()> {
         2,
         &format!(
             "  upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}\n  \
-             server {{ listen {NGINX_PROXY}; location / {{ proxy_pass http://backend; \
+             server {{ listen {NGINX_PROXY}; listen {NGINX_PROXY_H2} http2; \
+             location / {{ proxy_pass http://backend; \
              proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
         ),
     )?;
@@ -324,31 +404,45 @@ fn bench(args: &[String]) -> Result<()> {
             .spawn()?,
     );
     let backend_addr = format!("127.0.0.1:{BACKEND_PORT}");
-    for addr in [backend_addr.as_str(), NGINX_PROXY, FERRY_HTTP, FERRY_TCP] {
-        wait_for_http(&sites, addr)?;
+    let gateway = sites.a.gateway_pid();
+    let nginx = Some(nginx_proxy.0.id());
+    let ways = if h2 {
+        vec![
+            ("direct", BACKEND_H2, None),
+            ("nginx reverse proxy", NGINX_PROXY_H2, nginx),
+            ("ferry ingress http", FERRY_HTTP, gateway),
+        ]
+    } else {
+        vec![
+            ("direct", backend_addr.as_str(), None),
+            ("nginx reverse proxy", NGINX_PROXY, nginx),
+            ("ferry ingress http", FERRY_HTTP, gateway),
+            ("ferry ingress tcp", FERRY_TCP, gateway),
+        ]
+    };
+    for (_, addr, _) in &ways {
+        wait_for_http(&sites, addr, h2)?;
     }
     println!(
         "GET / answered by nginx (1 worker) at site A; closed-loop keep-alive clients \
-         (1 thread), {seconds} s per measurement after 1 s warm-up, the median of {rounds} \
-         rounds taken in turns; all on this machine's {} cores",
+         (1 thread, {}), {seconds} s per measurement after 1 s warm-up, the median of \
+         {rounds} rounds taken in turns; all on this machine's {} cores",
+        if h2 {
+            "HTTP/2 with prior knowledge, one stream at a time per connection"
+        } else {
+            "HTTP/1.1"
+        },
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
         "{:<22} {:>6} {:>11} {:>15} {:>9} {:>9} {:>12}",
         "way", "conns", "requests/s", "range", "p50", "p99", "proxy CPU"
     );
-    let gateway = sites.a.gateway_pid();
-    let ways = [
-        ("direct", backend_addr.as_str(), None),
-        ("nginx reverse proxy", NGINX_PROXY, Some(nginx_proxy.0.id())),
-        ("ferry ingress http", FERRY_HTTP, gateway),
-        ("ferry ingress tcp", FERRY_TCP, gateway),
-    ];
     for &c in &conns {
         let mut runs: Vec<Vec<Value>> = vec![Vec::new(); ways.len()];
         for _ in 0..rounds {
             for ((_, addr, proxy), got) in ways.iter().zip(runs.iter_mut()) {
-                got.push(measure(&sites, addr, c, seconds, *proxy)?);
+                got.push(measure(&sites, addr, c, seconds, *proxy, h2)?);
             }
         }
         for ((way, _, _), got) in ways.iter().zip(&runs) {
