@@ -575,8 +575,9 @@ fn passes(sites: &TwoSites, script: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts the framings workload at A behind the HTTP route on port 18080.
-fn run_framings(sites: &TwoSites) -> Result<()> {
+/// Starts the framings workload at A behind an HTTP route (`kind`: `http` or
+/// `http-redirect`) on port 18080.
+fn run_framings(sites: &TwoSites, kind: &str) -> Result<()> {
     std::fs::create_dir_all(&sites.work_root)?;
     let server = sites.work_root.join("framings.py");
     std::fs::write(&server, FRAMINGS_SERVER)?;
@@ -588,7 +589,7 @@ fn run_framings(sites: &TwoSites) -> Result<()> {
         "--port",
         "8080",
         "--route",
-        "http:0.0.0.0:18080",
+        &format!("{kind}:0.0.0.0:18080"),
         "--",
         "python3",
         &server,
@@ -606,7 +607,7 @@ fn run_framings(sites: &TwoSites) -> Result<()> {
 #[test]
 fn http_messages_of_every_framing_pass_the_ingress_whole() -> Result<()> {
     let sites = TwoSites::start(Options::new("ih1"))?;
-    run_framings(&sites)?;
+    run_framings(&sites, "http")?;
     // To the workload's port here, then through the peer link once it runs at B.
     passes(&sites, FRAMINGS_CLIENT)?;
     let (ok, m) = sites.migrate("framings", "b")?;
@@ -618,7 +619,9 @@ fn http_messages_of_every_framing_pass_the_ingress_whole() -> Result<()> {
 #[test]
 fn a_websocket_passes_the_ingress_and_is_reopened_after_a_move() -> Result<()> {
     let sites = TwoSites::start(Options::new("iws"))?;
-    run_framings(&sites)?;
+    // A redirect route: after the move it sends plain requests to B, but carries a
+    // WebSocket's handshake there (WebSocket clients do not follow redirects).
+    run_framings(&sites, "http-redirect")?;
     passes(&sites, WEBSOCKET_CLIENT)?;
     // An open WebSocket when the workload moves: closed at the hold (its session cannot
     // go on at another copy) without holding up the freeze; a new one reaches B.
@@ -647,6 +650,18 @@ fn a_websocket_passes_the_ingress_and_is_reopened_after_a_move() -> Result<()> {
         held.contains("connections=1") && held.contains("drained=true"),
         "{held}"
     );
+    let head = sites.a.exec(
+        "curl",
+        &[
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "http://127.0.0.1:18080/seen",
+        ],
+    )?;
+    assert!(head.starts_with("HTTP/1.1 307"), "{head}");
     passes(&sites, WEBSOCKET_CLIENT)?;
     Ok(())
 }

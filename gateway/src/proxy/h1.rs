@@ -785,7 +785,9 @@ impl Conn {
             self.unread = with_body;
             return Ok(!(req.close || with_body));
         };
-        if let (Target::Remote(peer), true) = (&target, self.route.redirect) {
+        // A protocol switch is carried, not redirected: WebSocket clients do not follow
+        // redirects.
+        if let (Target::Remote(peer), true) = (&target, self.route.redirect && !req.upgrade) {
             let path = std::str::from_utf8(&req.head[req.target.clone()]).unwrap_or("/");
             if let Some((location, alt_svc)) =
                 http::redirect_to(&self.route, peer, &self.peers, path)
