@@ -131,6 +131,11 @@ impl Buffer {
         self.start == self.end
     }
 
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
     fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
         if self.start == self.end {
@@ -187,6 +192,17 @@ struct Request {
     /// The client asks to switch protocols (`Connection: upgrade` with `Upgrade`, as a
     /// WebSocket handshake does): both fields go to the workload.
     upgrade: bool,
+}
+
+impl Request {
+    /// What its answer must be read as.
+    fn asked(&self) -> Asked {
+        Asked {
+            head: self.is_head,
+            close: self.close,
+            upgrade: self.upgrade,
+        }
+    }
 }
 
 /// Why a request is refused before it is forwarded.
@@ -899,16 +915,12 @@ impl Conn {
                 Err(Broke::Dst(e)) => {
                     // The workload stopped taking the body: it may have answered first.
                     let reason = format!("sending the request: {e}");
-                    return self.relay_early_answer(b, req.is_head, reason).await;
+                    return self.relay_early_answer(b, req.asked(), reason).await;
                 }
                 Err(other) => return Err(Failed::Late(format!("client request body: {other}"))),
             }
         }
-        let asked = Asked {
-            head: req.is_head,
-            close: req.close,
-            upgrade: req.upgrade,
-        };
+        let asked = req.asked();
         let mut received = false;
         loop {
             let resp = loop {
@@ -955,13 +967,13 @@ impl Conn {
     async fn relay_early_answer(
         &mut self,
         mut b: Backend,
-        is_head: bool,
+        asked: Asked,
         reason: String,
     ) -> Result<bool, Failed> {
         let asked = Asked {
-            head: is_head,
             close: true,
             upgrade: false,
+            ..asked
         };
         let resp = loop {
             match parse_response(b.buf.filled(), asked) {
@@ -1001,14 +1013,13 @@ impl Conn {
             return;
         }
         let until = tokio::time::Instant::now() + LINGER;
-        let mut scratch = vec![0u8; CHUNK];
-        while let Ok(Ok(n)) = tokio::time::timeout_at(
-            until.min(tokio::time::Instant::now() + LINGER_IDLE),
-            self.client.read(&mut scratch),
-        )
-        .await
-        {
-            if n == 0 {
+        loop {
+            self.cbuf.clear();
+            let read = tokio::time::timeout_at(
+                until.min(tokio::time::Instant::now() + LINGER_IDLE),
+                self.cbuf.fill(&mut self.client),
+            );
+            if !matches!(read.await, Ok(Ok(n)) if n > 0) {
                 break;
             }
         }
@@ -1028,7 +1039,7 @@ impl Conn {
         if !self.cbuf.is_empty() && b.w.write_all(self.cbuf.filled()).await.is_err() {
             return;
         }
-        self.cbuf.consume(self.cbuf.filled().len());
+        self.cbuf.clear();
         let outcome = tcp::pump(
             &mut self.client,
             b.r,

@@ -99,60 +99,79 @@ async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// One keep-alive connection sending requests back to back until `until`; latencies of
-/// the requests answered after `measure_from`, in microseconds.
-async fn client(addr: String, measure_from: Instant, until: Instant) -> Result<Vec<u32>> {
-    let mut conn = TcpStream::connect(&addr)
+/// A keep-alive client connection, HTTP/1.1 or HTTP/2 (prior knowledge, one stream at a
+/// time).
+enum Conn {
+    H1 {
+        conn: TcpStream,
+        request: String,
+        buf: Vec<u8>,
+    },
+    H2 {
+        sender: hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>,
+        uri: hyper::Uri,
+    },
+}
+
+impl Conn {
+    async fn open(addr: &str, h2: bool) -> Result<Self> {
+        let conn = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        conn.set_nodelay(true)?;
+        if !h2 {
+            return Ok(Conn::H1 {
+                conn,
+                request: format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+                buf: Vec::with_capacity(8192),
+            });
+        }
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(conn),
+        )
         .await
-        .with_context(|| format!("connect {addr}"))?;
-    conn.set_nodelay(true)?;
-    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    let mut buf = Vec::with_capacity(8192);
-    let mut lat = Vec::new();
-    loop {
-        let sent = Instant::now();
-        if sent >= until {
-            return Ok(lat);
-        }
-        conn.write_all(request.as_bytes()).await?;
-        let status = read_response(&mut conn, &mut buf).await?;
-        if status != 200 {
-            bail!("{addr} answered HTTP {status}");
-        }
-        if sent >= measure_from {
-            lat.push(sent.elapsed().as_micros() as u32);
+        .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
+        tokio::spawn(connection);
+        Ok(Conn::H2 {
+            sender,
+            uri: format!("http://{addr}/").parse()?,
+        })
+    }
+
+    /// Sends `GET /` and reads the whole answer; returns its status code.
+    async fn get(&mut self) -> Result<u16> {
+        match self {
+            Conn::H1 { conn, request, buf } => {
+                conn.write_all(request.as_bytes()).await?;
+                read_response(conn, buf).await
+            }
+            Conn::H2 { sender, uri } => {
+                use http_body_util::BodyExt;
+                let request = hyper::Request::get(uri.clone())
+                    .body(http_body_util::Empty::new())
+                    .context("request")?;
+                let response = sender.send_request(request).await?;
+                let status = response.status().as_u16();
+                response.into_body().collect().await?;
+                Ok(status)
+            }
         }
     }
 }
 
-/// [`client`] over HTTP/2 with prior knowledge (hyper's client): one stream at a time.
-async fn client_h2(addr: String, measure_from: Instant, until: Instant) -> Result<Vec<u32>> {
-    use http_body_util::{BodyExt, Empty};
-    let conn = TcpStream::connect(&addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
-    conn.set_nodelay(true)?;
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(conn),
-    )
-    .await
-    .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
-    tokio::spawn(connection);
-    let uri: hyper::Uri = format!("http://{addr}/").parse()?;
+/// One keep-alive connection sending requests back to back until `until`; latencies of
+/// the requests answered after `measure_from`, in microseconds.
+async fn client(addr: String, h2: bool, measure_from: Instant, until: Instant) -> Result<Vec<u32>> {
+    let mut conn = Conn::open(&addr, h2).await?;
     let mut lat = Vec::new();
     loop {
         let sent = Instant::now();
         if sent >= until {
             return Ok(lat);
         }
-        let request = hyper::Request::get(uri.clone())
-            .body(Empty::<hyper::body::Bytes>::new())
-            .context("request")?;
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        response.into_body().collect().await?;
-        if status != hyper::StatusCode::OK {
+        let status = conn.get().await?;
+        if status != 200 {
             bail!("{addr} answered HTTP {status}");
         }
         if sent >= measure_from {
@@ -167,14 +186,7 @@ async fn load(addr: &str, conns: usize, seconds: f64, h2: bool) -> Result<Value>
     let measure_from = Instant::now() + Duration::from_secs(1);
     let until = measure_from + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..conns)
-        .map(|_| {
-            let addr = addr.to_string();
-            if h2 {
-                tokio::spawn(client_h2(addr, measure_from, until))
-            } else {
-                tokio::spawn(client(addr, measure_from, until))
-            }
-        })
+        .map(|_| tokio::spawn(client(addr.to_string(), h2, measure_from, until)))
         .collect();
     let mut lat = Vec::new();
     for t in tasks {
