@@ -70,7 +70,11 @@ fn write_page(
     let path = dir.join(format!("{name}.1"));
     std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     written.push(path);
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    // Not the `help` verbs clap adds to every command with verbs: they have no page.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         write_page(sub, &format!("{name}-{}", sub.get_name()), dir, written)?;
     }
     Ok(())
@@ -107,6 +111,12 @@ mod tests {
         assert!(
             !dir.join("ferry-lazy-guard.1").exists(),
             "a hidden verb has a page"
+        );
+        assert!(
+            written.iter().all(|p| !p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("-help"))),
+            "clap's help verbs have pages: {written:?}"
         );
         assert!(written.len() > 10, "{} pages", written.len());
         std::fs::remove_dir_all(&dir)?;
