@@ -81,7 +81,9 @@ pub async fn run(cfg: SiteConfig, cancel: CancellationToken) -> Result<(), Gatew
     // Service adapters open their tunnels through the ingress.
     let tunnels: Arc<dyn crate::plugins::TunnelOpener> = ingress.clone();
     let mut criu = Criu::new(cfg.criu_path()).probe_lazy_pages_in_tasks();
-    if criu.lazy_pages_in_tasks() {
+    if criu.patch() == crate::criu::FerryPatch::LazyPagesInTasks {
+        tracing::warn!("CRIU lacks the second change of Ferry's patch: a lazy dump leaves no page lazy whenever a thread's stack pointer is page-aligned, and post-copy then copies every page in the freeze (run scripts/setup: it rebuilds CRIU)");
+    } else if criu.lazy_pages_in_tasks() {
         tracing::info!("CRIU leaves a lazy dump's pages in the frozen tasks (post-copy's freeze does not splice them)");
     } else {
         tracing::info!("CRIU lacks --lazy-pages-in-tasks: post-copy's freeze splices every page into pipes (scripts/setup builds CRIU with Ferry's patch)");

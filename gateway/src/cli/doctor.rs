@@ -251,25 +251,32 @@ async fn criu(bin: &Path) -> Vec<Finding> {
     out
 }
 
-/// Does this CRIU leave a lazy dump's pages in the frozen tasks (Ferry's patch)?
+/// Does this CRIU leave a lazy dump's pages in the frozen tasks, and only the stack
+/// pointers' pages out of the lazy ones (Ferry's patch)?
 async fn lazy_pages_in_tasks(bin: &Path) -> Finding {
+    use crate::criu::FerryPatch;
     let bin = bin.to_path_buf();
-    let patched =
-        tokio::task::spawn_blocking(move || crate::criu::leaves_lazy_pages_in_tasks(&bin))
-            .await
-            .unwrap_or(false);
-    if patched {
-        Finding::ok(
+    let patch = tokio::task::spawn_blocking(move || crate::criu::ferry_patch(&bin))
+        .await
+        .unwrap_or(FerryPatch::None);
+    let fix = "run scripts/setup (it builds CRIU with Ferry's patch, scripts/criu-lazy-pages-in-tasks.patch)";
+    match patch {
+        FerryPatch::Current => Finding::ok(
             "lazy dump",
             "CRIU leaves a lazy dump's pages in the frozen tasks (Ferry's patch)",
-        )
-    } else {
-        Finding::bad(
+        ),
+        FerryPatch::LazyPagesInTasks => Finding::bad(
+            "lazy dump",
+            Status::Warn,
+            "CRIU lacks the second change of Ferry's patch: a lazy dump leaves no page lazy whenever a thread's stack pointer is page-aligned (post-copy then copies every page in the freeze)",
+            fix,
+        ),
+        FerryPatch::None => Finding::bad(
             "lazy dump",
             Status::Warn,
             "CRIU lacks --lazy-pages-in-tasks: a post-copy freeze splices every page into pipes, and grows with memory",
-            "run scripts/setup (it builds CRIU with Ferry's patch, scripts/criu-lazy-pages-in-tasks.patch)",
-        )
+            fix,
+        ),
     }
 }
 

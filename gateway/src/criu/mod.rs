@@ -76,14 +76,32 @@ pub struct Criu {
     /// serving the frozen source's pages, a lazy-pages daemon fetching them), by image
     /// directory, until the migration engine takes them.
     running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, Running>>>,
-    /// This CRIU leaves a lazy dump's pages in the frozen tasks (`--lazy-pages-in-tasks`,
-    /// Ferry's patch, which `scripts/setup` applies) rather than splicing each into a
-    /// pipe while the tree is frozen: Ferry's page source reads them in the tasks.
-    lazy_pages_in_tasks: bool,
+    /// How much of Ferry's CRIU patch (which `scripts/setup` applies) this CRIU carries.
+    /// With it, a lazy dump leaves its pages in the frozen tasks (`--lazy-pages-in-tasks`)
+    /// rather than splicing each into a pipe while the tree is frozen: Ferry's page
+    /// source reads them in the tasks.
+    patch: FerryPatch,
 }
 
 /// The option of Ferry's CRIU patch (`scripts/criu-lazy-pages-in-tasks.patch`).
 const LAZY_PAGES_IN_TASKS: &str = "--lazy-pages-in-tasks";
+/// What the `--help` of a CRIU with the patch's second change (the stack pointers' pages)
+/// says.
+const STACK_FIX: &str = "Ferry's patch 2";
+
+/// How much of Ferry's CRIU patch (`scripts/criu-lazy-pages-in-tasks.patch`) a CRIU
+/// executable carries, as its `--help` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FerryPatch {
+    /// None: released CRIU.
+    None,
+    /// `--lazy-pages-in-tasks` only. Its lazy dumps leave no page lazy whenever a thread's
+    /// stack pointer is page-aligned (about 1 Redis start in 256): post-copy then copies
+    /// every page in the freeze.
+    LazyPagesInTasks,
+    /// Both changes: also only the stack pointers' own pages are never lazy.
+    Current,
+}
 
 /// Page supplies by image directory.
 #[derive(Default)]
@@ -142,7 +160,7 @@ impl Criu {
             lazy_daemon: None,
             supplies: std::sync::Arc::default(),
             running: std::sync::Arc::default(),
-            lazy_pages_in_tasks: false,
+            patch: FerryPatch::None,
         }
     }
 
@@ -151,13 +169,18 @@ impl Criu {
     /// grows with the memory spliced into page pipes.
     #[must_use]
     pub fn probe_lazy_pages_in_tasks(mut self) -> Self {
-        self.lazy_pages_in_tasks = leaves_lazy_pages_in_tasks(&self.bin);
+        self.patch = ferry_patch(&self.bin);
         self
     }
 
     /// Do lazy dumps here leave their pages in the frozen tasks?
     pub fn lazy_pages_in_tasks(&self) -> bool {
-        self.lazy_pages_in_tasks
+        self.patch >= FerryPatch::LazyPagesInTasks
+    }
+
+    /// How much of Ferry's CRIU patch this CRIU carries (as probed).
+    pub fn patch(&self) -> FerryPatch {
+        self.patch
     }
 
     /// The pages of the lazy restore from `images` come from `supply` (with Ferry's
@@ -227,7 +250,7 @@ impl Criu {
         cmd.args(["--lazy-pages", "--address", "127.0.0.1", "--port"])
             .arg(port.to_string());
         // Ferry's page source, the dump's one client, reads them in the tree.
-        if self.lazy_pages_in_tasks {
+        if self.lazy_pages_in_tasks() {
             cmd.arg(LAZY_PAGES_IN_TASKS);
         }
         let log = req.images.join(layout::DUMP_LOG);
@@ -659,15 +682,23 @@ pub fn dumps_of(pid: i32) -> Vec<(i32, bool)> {
     .collect()
 }
 
-/// Does the CRIU executable `bin` have Ferry's `--lazy-pages-in-tasks` (its `--help`
-/// names it)?
-pub fn leaves_lazy_pages_in_tasks(bin: &Path) -> bool {
-    std::process::Command::new(bin)
+/// How much of Ferry's patch the CRIU executable `bin` carries (its `--help` names
+/// `--lazy-pages-in-tasks`, and the second change); `None` if it does not run.
+pub fn ferry_patch(bin: &Path) -> FerryPatch {
+    let Ok(out) = std::process::Command::new(bin)
         .arg("--help")
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(LAZY_PAGES_IN_TASKS))
+    else {
+        return FerryPatch::None;
+    };
+    let help = String::from_utf8_lossy(&out.stdout);
+    match (help.contains(LAZY_PAGES_IN_TASKS), help.contains(STACK_FIX)) {
+        (false, _) => FerryPatch::None,
+        (true, false) => FerryPatch::LazyPagesInTasks,
+        (true, true) => FerryPatch::Current,
+    }
 }
 
 /// Pipe size a lazy dump asks for (CRIU's PIPE_MAX_SIZE pages, rounded up by the kernel).
@@ -753,14 +784,22 @@ mod tests {
             assert!(written.success());
             path
         };
-        let patched = fake("patched", "  --lazy-pages-in-tasks dump: leave lazy pages");
+        let patched = fake(
+            "patched",
+            // (the quote closed, escaped and opened again: the fake prints it in quotes)
+            "  --lazy-pages-in-tasks dump: leave lazy pages (Ferry'\\''s patch 2: only",
+        );
+        let first = fake("first", "  --lazy-pages-in-tasks dump: leave lazy pages");
         let released = fake(
             "released",
             "  --lazy-pages          restore pages on demand",
         );
-        assert!(Criu::new(patched)
-            .probe_lazy_pages_in_tasks()
-            .lazy_pages_in_tasks());
+        let probed = Criu::new(patched).probe_lazy_pages_in_tasks();
+        assert!(probed.lazy_pages_in_tasks());
+        assert_eq!(probed.patch(), FerryPatch::Current);
+        let probed = Criu::new(first).probe_lazy_pages_in_tasks();
+        assert!(probed.lazy_pages_in_tasks());
+        assert_eq!(probed.patch(), FerryPatch::LazyPagesInTasks);
         assert!(!Criu::new(released)
             .probe_lazy_pages_in_tasks()
             .lazy_pages_in_tasks());
