@@ -39,11 +39,11 @@ use crate::peer::PeerLink;
 use crate::spec::RouteSpec;
 
 /// Most bytes one request or response head may take.
-const MAX_HEAD: usize = 64 * 1024;
+pub(super) const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
-const MAX_HEADERS: usize = 100;
+pub(super) const MAX_HEADERS: usize = 100;
 /// What a read asks for at a time.
-const CHUNK: usize = 16 * 1024;
+pub(super) const CHUNK: usize = 16 * 1024;
 /// How long a workload that stopped taking a request body has to show its answer.
 const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most time a closing connection's late input is read and dropped ([`Conn::linger`]).
@@ -94,7 +94,7 @@ pub(super) async fn serve(
             // What was read already is read again first.
             let (r, w) = client.into_split();
             let io = tokio::io::join(std::io::Cursor::new(cbuf.filled().to_vec()).chain(r), w);
-            http::serve_h2(io, fwd, route, routed, peers, limits).await;
+            super::h2::serve(io, fwd, route, routed, peers, limits).await;
         }
         Err(e) => tracing::debug!(error = %e, "client connection ended"),
     }
@@ -108,14 +108,14 @@ enum End {
 }
 
 /// A byte buffer read into at its end and consumed from its start.
-struct Buffer {
+pub(super) struct Buffer {
     data: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 impl Buffer {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             data: vec![0; CHUNK],
             start: 0,
@@ -123,11 +123,11 @@ impl Buffer {
         }
     }
 
-    fn filled(&self) -> &[u8] {
+    pub(super) fn filled(&self) -> &[u8] {
         &self.data[self.start..self.end]
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.start == self.end
     }
 
@@ -136,7 +136,7 @@ impl Buffer {
         self.end = 0;
     }
 
-    fn consume(&mut self, n: usize) {
+    pub(super) fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
         if self.start == self.end {
             self.start = 0;
@@ -146,7 +146,10 @@ impl Buffer {
 
     /// Reads once more (room is made by moving the unread bytes to the front, or, for a
     /// head that needs it, by growing up to `MAX_HEAD`); returns the bytes read.
-    async fn fill<R: AsyncRead + Unpin + ?Sized>(&mut self, r: &mut R) -> io::Result<usize> {
+    pub(super) async fn fill<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        r: &mut R,
+    ) -> io::Result<usize> {
         if self.end == self.data.len() {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -166,7 +169,7 @@ impl Buffer {
 
 /// How a message's body ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(super) enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -209,14 +212,14 @@ impl Request {
 #[derive(Debug, PartialEq, Eq)]
 struct Refused(u16, &'static str);
 
-fn has_token(value: &[u8], token: &str) -> bool {
+pub(super) fn has_token(value: &[u8], token: &str) -> bool {
     value
         .split(|b| *b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Header names the `Connection` fields list (each hop-by-hop too).
-fn connection_names<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
+pub(super) fn connection_names<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
@@ -226,14 +229,14 @@ fn connection_names<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
         .collect()
 }
 
-fn hop_by_hop(name: &str, named: &[&[u8]]) -> bool {
+pub(super) fn hop_by_hop(name: &str, named: &[&[u8]]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || named
             .iter()
             .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
 }
 
-fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+pub(super) fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -241,7 +244,7 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// A `Content-Length` value: digits only.
-fn content_length(value: &[u8]) -> Option<u64> {
+pub(super) fn content_length(value: &[u8]) -> Option<u64> {
     let v = value.trim_ascii();
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
@@ -250,7 +253,7 @@ fn content_length(value: &[u8]) -> Option<u64> {
 }
 
 /// A `Transfer-Encoding` value whose last coding is chunked.
-fn ends_chunked(value: &[u8]) -> bool {
+pub(super) fn ends_chunked(value: &[u8]) -> bool {
     value
         .rsplit(|b| *b == b',')
         .next()
@@ -686,18 +689,18 @@ where
 
 /// A connection to the workload (its port here, or a tunnel to its peer), kept between
 /// requests while the route's target stays the same.
-struct Backend {
-    target: Target,
-    r: Reader,
-    w: Writer,
-    buf: Buffer,
+pub(super) struct Backend {
+    pub(super) target: Target,
+    pub(super) r: Reader,
+    pub(super) w: Writer,
+    pub(super) buf: Buffer,
 }
 
 impl Backend {
     /// The workload closed this kept connection (or sent bytes nobody asked for) since
     /// its last answer: it takes no more requests. Looks without waiting: a connection
     /// with nothing to read, the usual case, costs no syscall.
-    fn went_away(&mut self) -> bool {
+    pub(super) fn went_away(&mut self) -> bool {
         let mut byte = [0u8; 1];
         let mut probe = tokio::io::ReadBuf::new(&mut byte);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());

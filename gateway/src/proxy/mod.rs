@@ -6,6 +6,7 @@
 //! Accepted connections are carried by `workers`, one single-threaded runtime per core.
 
 mod h1;
+mod h2;
 mod http;
 mod tcp;
 mod tunnel;
