@@ -419,11 +419,22 @@ struct Asked {
     upgrade: bool,
 }
 
-/// Parses a response head at the start of `buf`; None while it is incomplete.
-fn parse_response(buf: &[u8], asked: Asked) -> Result<Option<Response>, String> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let head_len = match resp.parse(buf) {
+/// A response head as parsed: its length, status code, minor version and fields.
+pub(super) struct Head<'h, 'b> {
+    pub(super) len: usize,
+    pub(super) code: u16,
+    pub(super) version: u8,
+    pub(super) headers: &'h [httparse::Header<'b>],
+}
+
+/// Parses the response head at the start of `buf` into `fields`; None while it is
+/// incomplete.
+pub(super) fn parse_head<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut [httparse::Header<'b>],
+) -> Result<Option<Head<'h, 'b>>, String> {
+    let mut resp = httparse::Response::new(fields);
+    let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err("the workload's response head is too large".into())
@@ -434,7 +445,26 @@ fn parse_response(buf: &[u8], asked: Asked) -> Result<Option<Response>, String> 
     let (Some(code), Some(version)) = (resp.code, resp.version) else {
         return Err("the workload sent a malformed response".into());
     };
-    let headers = resp.headers;
+    Ok(Some(Head {
+        len,
+        code,
+        version,
+        headers: resp.headers,
+    }))
+}
+
+/// Parses a response head at the start of `buf`; None while it is incomplete.
+fn parse_response(buf: &[u8], asked: Asked) -> Result<Option<Response>, String> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Some(Head {
+        len: head_len,
+        code,
+        version,
+        headers,
+    }) = parse_head(buf, &mut fields)?
+    else {
+        return Ok(None);
+    };
     let status_line = buf
         .windows(2)
         .position(|w| w == b"\r\n")
@@ -444,46 +474,16 @@ fn parse_response(buf: &[u8], asked: Asked) -> Result<Option<Response>, String> 
         return Err("the workload switched protocols the client did not ask for".into());
     }
     let interim = !switched && (100..200).contains(&code);
-    let mut length: Option<u64> = None;
-    let mut chunked: Option<bool> = None;
-    let mut backend_close = version == 0;
-    for h in headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = content_length(h.value).ok_or("the workload sent an invalid Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("the workload sent conflicting Content-Length fields".into());
-            }
-            length = Some(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = Some(ends_chunked(h.value));
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if has_token(h.value, "close") {
-                backend_close = true;
-            } else if version == 0 && has_token(h.value, "keep-alive") {
-                backend_close = false;
-            }
-        }
-    }
-    let body = if interim || switched || asked.head || code == 204 || code == 304 {
-        Framing::Empty
-    } else {
-        match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) | (None, None) => Framing::UntilClose,
-            (None, Some(0)) => Framing::Empty,
-            (None, Some(n)) => Framing::Length(n),
-        }
-    };
-    // A length beside a transfer coding: the coding wins, and the connection is not
-    // trusted with another request.
-    let reusable = !(switched
-        || backend_close
-        || body == Framing::UntilClose
-        || (chunked.is_some() && length.is_some()));
+    let AnswerFraming {
+        body,
+        reusable,
+        coded: _,
+    } = answer_framing(code, version, headers, interim || switched || asked.head)?;
+    let reusable = reusable && !switched;
     let named = connection_names(headers);
     let mut head = Vec::with_capacity(head_len + 32);
     head.extend_from_slice(status_line);
-    for h in headers.iter() {
+    for h in headers {
         if !hop_by_hop(h.name, &named) || (switched && h.name.eq_ignore_ascii_case("upgrade")) {
             push_header(&mut head, h.name, h.value);
         }
@@ -502,6 +502,64 @@ fn parse_response(buf: &[u8], asked: Asked) -> Result<Option<Response>, String> 
         reusable,
         switched,
     }))
+}
+
+/// What a response head's fields say of its body and of the connection after it.
+pub(super) struct AnswerFraming {
+    pub(super) body: Framing,
+    /// The backend connection can take another request after this answer.
+    pub(super) reusable: bool,
+    /// The body has a transfer coding (any `Content-Length` beside it does not count).
+    pub(super) coded: bool,
+}
+
+/// Reads a response head's framing fields. `no_body`: the answer has none whatever its
+/// fields say (a HEAD's, an interim one, a switch); a 204 or 304 never has one.
+pub(super) fn answer_framing(
+    code: u16,
+    version: u8,
+    headers: &[httparse::Header<'_>],
+    no_body: bool,
+) -> Result<AnswerFraming, String> {
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    let mut close = version == 0;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = content_length(h.value).ok_or("the workload sent an invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("the workload sent conflicting Content-Length fields".into());
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = Some(ends_chunked(h.value));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if has_token(h.value, "close") {
+                close = true;
+            } else if version == 0 && has_token(h.value, "keep-alive") {
+                close = false;
+            }
+        }
+    }
+    let body = if no_body || code == 204 || code == 304 {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) | (None, None) => Framing::UntilClose,
+            (None, Some(0)) => Framing::Empty,
+            (None, Some(n)) => Framing::Length(n),
+        }
+    };
+    // A length beside a transfer coding: the coding wins, and the connection is not
+    // trusted with another request.
+    let reusable =
+        !(close || body == Framing::UntilClose || (chunked.is_some() && length.is_some()));
+    Ok(AnswerFraming {
+        body,
+        reusable,
+        coded: chunked.is_some(),
+    })
 }
 
 /// Finds where a chunked body ends, a byte at a time as it streams past.

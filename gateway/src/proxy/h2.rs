@@ -29,8 +29,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::h1::{
-    connection_names, content_length, ends_chunked, has_token, hop_by_hop, push_header, Backend,
-    Buffer, Framing, MAX_HEAD, MAX_HEADERS,
+    answer_framing, connection_names, hop_by_hop, parse_head, push_header, AnswerFraming, Backend,
+    Buffer, Framing, Head, MAX_HEAD, MAX_HEADERS,
 };
 use super::http::{
     proxy_headers, redirect_to, unavailable_text, unreachable_text, Forwarding, HEADER_READ_TIMEOUT,
@@ -455,18 +455,12 @@ async fn read_answer(b: &mut Backend, is_head: bool) -> Result<Answer, (String, 
 /// an interim 1xx, which the client does not get); None while it is incomplete.
 fn parse_answer(buf: &[u8], is_head: bool) -> Result<Option<(usize, Option<Answer>)>, String> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err("the workload's response head is too large".into())
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("the workload sent a malformed response: {e}")),
+    let Some(head) = parse_head(buf, &mut fields)? else {
+        return Ok(None);
     };
-    let (Some(code), Some(version)) = (resp.code, resp.version) else {
-        return Err("the workload sent a malformed response".into());
-    };
+    let Head {
+        len, code, headers, ..
+    } = head;
     if code == 101 {
         return Err("the workload switched protocols, which HTTP/2 cannot carry".into());
     }
@@ -475,44 +469,17 @@ fn parse_answer(buf: &[u8], is_head: bool) -> Result<Option<(usize, Option<Answe
     }
     let status = StatusCode::from_u16(code)
         .map_err(|_| format!("the workload answered with status {code}"))?;
-    let mut length: Option<u64> = None;
-    let mut chunked: Option<bool> = None;
-    let mut close = version == 0;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = content_length(h.value).ok_or("the workload sent an invalid Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("the workload sent conflicting Content-Length fields".into());
-            }
-            length = Some(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = Some(ends_chunked(h.value));
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if has_token(h.value, "close") {
-                close = true;
-            } else if version == 0 && has_token(h.value, "keep-alive") {
-                close = false;
-            }
-        }
-    }
-    let body = if is_head || code == 204 || code == 304 {
-        Framing::Empty
-    } else {
-        match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) | (None, None) => Framing::UntilClose,
-            (None, Some(0)) => Framing::Empty,
-            (None, Some(n)) => Framing::Length(n),
-        }
-    };
-    let reusable =
-        !(close || body == Framing::UntilClose || (chunked.is_some() && length.is_some()));
-    let named = connection_names(resp.headers);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
+    let AnswerFraming {
+        body,
+        reusable,
+        coded,
+    } = answer_framing(code, head.version, headers, is_head)?;
+    let named = connection_names(headers);
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for h in headers {
         if hop_by_hop(h.name, &named)
             || h.name.eq_ignore_ascii_case("transfer-encoding")
-            || (chunked.is_some() && h.name.eq_ignore_ascii_case("content-length"))
+            || (coded && h.name.eq_ignore_ascii_case("content-length"))
         {
             continue;
         }
@@ -520,13 +487,13 @@ fn parse_answer(buf: &[u8], is_head: bool) -> Result<Option<(usize, Option<Answe
             .map_err(|_| format!("the workload sent an invalid header name {:?}", h.name))?;
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| format!("the workload sent an invalid value for {}", h.name))?;
-        headers.append(name, value);
+        kept.append(name, value);
     }
     Ok(Some((
         len,
         Some(Answer {
             status,
-            headers,
+            headers: kept,
             body,
             reusable,
         }),
