@@ -209,6 +209,31 @@ fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
 }
 
 #[test]
+fn http2_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
+    let sites = TwoSites::start(Options::new("ih2mv"))?;
+    run_counter(&sites, "http:0.0.0.0:18080")?;
+    // Four HTTP/2 connections (prior knowledge), one stream at a time each: the streams
+    // due during the freeze are held, then answered by B through the peer link.
+    let acked = sites.root.join("acked-http2.txt");
+    let client = sites
+        .a
+        .start_load("http2", "127.0.0.1:18080", "300", "4", "4", &acked)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let (ok, m) = sites.migrate("counter", "b")?;
+    let out = client.finish()?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    let summary = out.summary;
+    eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["unavailable"], 0, "{summary}");
+    assert_eq!(summary["ok"], summary["requests"], "{summary}");
+    // Every acknowledged increment happened, exactly once: the counter at B says so.
+    let count = sites.b.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
+    assert_eq!(count.trim(), summary["ok"].to_string());
+    Ok(())
+}
+
+#[test]
 fn requests_held_past_the_bound_get_503_with_retry_after() -> Result<()> {
     let mut opts = Options::new("i503");
     opts.ingress_max_hold_ms = Some(100);

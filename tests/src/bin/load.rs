@@ -1,10 +1,11 @@
 //! `ferry-load`: a constant-rate Redis client that records every request, to show what
 //! clients see during a migration.
 //!
-//! Usage: ferry-load redis|http ADDR[,ADDR…] RATE SECONDS CONNECTIONS ACKED_FILE
+//! Usage: ferry-load redis|http|http2 ADDR[,ADDR…] RATE SECONDS CONNECTIONS ACKED_FILE
 //! (a failed connection reconnects to the next address: a client that fails over.)
 //! Sends requests at RATE requests/s for SECONDS over CONNECTIONS keep-alive connections,
-//! each with a 5 s timeout: `SET k<i> <i>` (redis) or `POST /inc` (http). Writes the
+//! each with a 5 s timeout: `SET k<i> <i>` (redis) or `POST /inc` (http; http2: HTTP/2
+//! with prior knowledge, one stream at a time per connection). Writes the
 //! acknowledged requests to ACKED_FILE, prints a JSON summary: requests, ok, failed,
 //! unavailable (HTTP 503 carrying Retry-After), and latency measured from each request's
 //! scheduled time (so a stall shows in full, including the requests queued behind it).
@@ -41,6 +42,15 @@ struct Results {
 enum Proto {
     Redis,
     Http,
+    Http2,
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>;
+
+/// One client connection.
+enum Conn {
+    Stream(BufReader<TcpStream>),
+    H2(H2Sender),
 }
 
 enum Answer {
@@ -51,7 +61,7 @@ enum Answer {
 
 /// Connects to the first address of a comma-separated list that answers, starting after
 /// the one that failed last (so a client fails over to the next site).
-async fn connect(addrs: &str, start: &mut usize) -> Result<BufReader<TcpStream>> {
+async fn connect(addrs: &str, start: &mut usize, proto: Proto) -> Result<Conn> {
     let list: Vec<&str> = addrs.split(',').collect();
     let mut last = anyhow::anyhow!("no address");
     for k in 0..list.len() {
@@ -60,7 +70,16 @@ async fn connect(addrs: &str, start: &mut usize) -> Result<BufReader<TcpStream>>
             Ok(Ok(s)) => {
                 s.set_nodelay(true)?;
                 *start = (*start + k) % list.len();
-                return Ok(BufReader::new(s));
+                if proto != Proto::Http2 {
+                    return Ok(Conn::Stream(BufReader::new(s)));
+                }
+                let (sender, connection) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(s),
+                )
+                .await?;
+                tokio::spawn(connection);
+                return Ok(Conn::H2(sender));
             }
             Ok(Err(e)) => last = anyhow::Error::new(e).context(format!("connect {addr}")),
             Err(_) => last = anyhow::anyhow!("connect {addr}: timed out"),
@@ -107,6 +126,24 @@ async fn http_post(conn: &mut BufReader<TcpStream>) -> Result<Answer> {
     }
 }
 
+/// `POST /inc` on an HTTP/2 connection.
+async fn h2_post(sender: &mut H2Sender) -> Result<Answer> {
+    use http_body_util::BodyExt;
+    sender.ready().await?;
+    let req = hyper::Request::post("http://ferry-load/inc").body(http_body_util::Empty::new())?;
+    let resp = sender.send_request(req).await?;
+    let (status, retry_after) = (
+        resp.status().as_u16(),
+        resp.headers().contains_key("retry-after"),
+    );
+    let body = resp.into_body().collect().await?.to_bytes();
+    match status {
+        200 => Ok(Answer::Ok),
+        503 if retry_after => Ok(Answer::Unavailable),
+        other => anyhow::bail!("HTTP {other}: {}", String::from_utf8_lossy(&body).trim()),
+    }
+}
+
 async fn request(conn: &mut BufReader<TcpStream>, i: u64) -> Result<()> {
     let key = format!("k{i}");
     let val = i.to_string();
@@ -128,12 +165,13 @@ async fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(
         args.len() == 6,
-        "usage: ferry-load redis|http ADDR RATE SECONDS CONNECTIONS ACKED_FILE"
+        "usage: ferry-load redis|http|http2 ADDR RATE SECONDS CONNECTIONS ACKED_FILE"
     );
     let proto = match args.remove(0).as_str() {
         "redis" => Proto::Redis,
         "http" => Proto::Http,
-        other => anyhow::bail!("unknown protocol {other}: redis or http"),
+        "http2" => Proto::Http2,
+        other => anyhow::bail!("unknown protocol {other}: redis, http or http2"),
     };
     let addr = args[0].clone();
     let rate: f64 = args[1].parse()?;
@@ -148,16 +186,19 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut at = 0usize;
             let mut last_answer = Instant::now();
-            let mut conn = connect(&addr, &mut at).await.ok();
+            let mut conn = connect(&addr, &mut at, proto).await.ok();
             let mut i = c;
             while i < total {
                 let due = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let outcome = match conn.as_mut() {
                     Some(cn) => tokio::time::timeout(timeout(), async {
-                        match proto {
-                            Proto::Redis => request(cn, i).await.map(|_| Answer::Ok),
-                            Proto::Http => http_post(cn).await,
+                        match cn {
+                            Conn::Stream(cn) if proto == Proto::Redis => {
+                                request(cn, i).await.map(|_| Answer::Ok)
+                            }
+                            Conn::Stream(cn) => http_post(cn).await,
+                            Conn::H2(sender) => h2_post(sender).await,
                         }
                     })
                     .await
@@ -180,7 +221,7 @@ async fn main() -> Result<()> {
                         r.failed.push((i, e.to_string()));
                         drop(r);
                         at += 1;
-                        conn = connect(&addr, &mut at).await.ok();
+                        conn = connect(&addr, &mut at, proto).await.ok();
                     }
                 }
                 i += conns;
