@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_e2e::{Options, TwoSites};
+use serde_json::Value;
 
 const PORT: u16 = 6379;
 const ROUTE: &str = "0.0.0.0:16379";
@@ -141,10 +142,34 @@ fn run_counter(sites: &TwoSites, route: &str) -> Result<()> {
 }
 
 fn http_load(sites: &TwoSites, rate: &str, seconds: &str) -> Result<ferry_e2e::Load> {
-    let acked = sites.root.join("acked-http.txt");
+    load_as(sites, "http", rate, seconds)
+}
+
+/// `ferry-load` in `mode` (`http` or `http2`) over 4 connections to A's route on 18080.
+fn load_as(sites: &TwoSites, mode: &str, rate: &str, seconds: &str) -> Result<ferry_e2e::Load> {
+    let acked = sites.root.join(format!("acked-{mode}.txt"));
     sites
         .a
-        .start_load("http", "127.0.0.1:18080", rate, seconds, "4", &acked)
+        .start_load(mode, "127.0.0.1:18080", rate, seconds, "4", &acked)
+}
+
+/// Moves the counter to B while `mode` clients send 300 requests/s for 4 s: none fails
+/// or is turned away, and the count at B is the acknowledged increments, each once.
+/// Returns the client's summary and the migration record.
+fn counter_moves_under_load(sites: &TwoSites, mode: &str) -> Result<(Value, Value)> {
+    let client = load_as(sites, mode, "300", "4")?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let (ok, m) = sites.migrate("counter", "b")?;
+    let out = client.finish()?;
+    assert!(ok, "{m}\n{}", sites.logs());
+    let summary = out.summary;
+    eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["unavailable"], 0, "{summary}");
+    assert_eq!(summary["ok"], summary["requests"], "{summary}");
+    let count = sites.b.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
+    assert_eq!(count.trim(), summary["ok"].to_string());
+    Ok((summary, m))
 }
 
 #[test]
@@ -154,23 +179,11 @@ fn http_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
     opts.compression = "none".into();
     let sites = TwoSites::start(opts)?;
     run_counter(&sites, "http:0.0.0.0:18080")?;
-    let client = http_load(&sites, "300", "4")?;
-    std::thread::sleep(Duration::from_millis(1200));
-    let (ok, m) = sites.migrate("counter", "b")?;
-    let out = client.finish()?;
-    assert!(ok, "{m}\n{}", sites.logs());
+    let (summary, m) = counter_moves_under_load(&sites, "http")?;
     assert!(
         m["bytes_on_wire"].as_u64() > m["bytes_moved"].as_u64(),
         "uncompressed: every byte plus framing travels: {m}"
     );
-    let summary = out.summary;
-    eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
-    assert_eq!(summary["failed"], 0, "{summary}");
-    assert_eq!(summary["unavailable"], 0, "{summary}");
-    assert_eq!(summary["ok"], summary["requests"], "{summary}");
-    // Every acknowledged increment happened, exactly once: the counter at B says so.
-    let count = sites.b.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
-    assert_eq!(count.trim(), summary["ok"].to_string());
     // Through A's route, clients reach B over the peer link.
     let via_a = sites.a.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
     assert_eq!(via_a.trim(), summary["ok"].to_string());
@@ -214,22 +227,7 @@ fn http2_clients_see_no_failed_request_while_the_service_moves() -> Result<()> {
     run_counter(&sites, "http:0.0.0.0:18080")?;
     // Four HTTP/2 connections (prior knowledge), one stream at a time each: the streams
     // due during the freeze are held, then answered by B through the peer link.
-    let acked = sites.root.join("acked-http2.txt");
-    let client = sites
-        .a
-        .start_load("http2", "127.0.0.1:18080", "300", "4", "4", &acked)?;
-    std::thread::sleep(Duration::from_millis(1200));
-    let (ok, m) = sites.migrate("counter", "b")?;
-    let out = client.finish()?;
-    assert!(ok, "{m}\n{}", sites.logs());
-    let summary = out.summary;
-    eprintln!("client: {summary}\nmigration timings: {}", m["timings"]);
-    assert_eq!(summary["failed"], 0, "{summary}");
-    assert_eq!(summary["unavailable"], 0, "{summary}");
-    assert_eq!(summary["ok"], summary["requests"], "{summary}");
-    // Every acknowledged increment happened, exactly once: the counter at B says so.
-    let count = sites.b.exec("curl", &["-s", "http://127.0.0.1:18080/"])?;
-    assert_eq!(count.trim(), summary["ok"].to_string());
+    counter_moves_under_load(&sites, "http2")?;
     Ok(())
 }
 
